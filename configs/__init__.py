@@ -1,0 +1,1 @@
+"""Experiment configs (``get_config(arg)`` files with a ``:smoke`` variant)."""

@@ -1,0 +1,108 @@
+"""File decoding with errors that name the file and say what was expected."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+import scipy.ndimage
+
+FLOW_HELP = (
+    'Flows are produced offline with FlowNet2 (as in DA-VSN/TPS) and stored '
+    'as np.save(name, np.int16(10 * F)) with F of shape [H, W, 2] on frame '
+    "t's grid pointing into the earlier frame (channel 0 = dx). The built-in "
+    'synthetic world writes exact flows in this format.')
+
+
+class DataError(ValueError):
+  """A dataset file is missing, unreadable or not what the layout requires."""
+
+
+def _open(path: str, what: str) -> Image.Image:
+  if not os.path.exists(path):
+    raise DataError(f'Missing {what}: {path}')
+  try:
+    img = Image.open(path)
+    img.load()
+  except Exception as e:  # PIL raises many types on corrupt files.
+    raise DataError(f'Cannot decode {what} {path}: {e}. Expected a complete '
+                    'PNG or JPEG file.') from e
+  return img
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """Reads an image as ``[H, W, 3]`` uint8 RGB."""
+  img = _open(path, 'image')
+  if img.mode not in ('RGB', 'RGBA', 'L', 'P'):
+    raise DataError(f'Image {path} has PIL mode {img.mode!r}; expected an '
+                    '8-bit RGB image.')
+  return np.asarray(img.convert('RGB'))
+
+
+def read_label(path: str) -> np.ndarray:
+  """Reads a single-channel 8-bit id map (``L`` or palette ``P`` PNG).
+
+  Returns:
+    ``[H, W]`` uint8 raw ids.
+  """
+  img = _open(path, 'label')
+  if img.mode not in ('L', 'P'):
+    raise DataError(f'Label {path} has PIL mode {img.mode!r}; expected a '
+                    'single-channel 8-bit id map (mode L or P).')
+  return np.asarray(img)
+
+
+def check_ids(label: np.ndarray, valid: np.ndarray, path: str) -> None:
+  """Raises if ``label`` holds ids outside the boolean table ``valid``."""
+  present = np.unique(label)
+  bad = present[~valid[present]]
+  if bad.size:
+    raise DataError(f'Label {path} contains unexpected ids {bad.tolist()}; '
+                    f'expected ids in {np.flatnonzero(valid).tolist()}.')
+
+
+def read_flow(path: str, expected_hw: tuple[int, int] | None = None
+              ) -> np.ndarray:
+  """Reads an ``int16(10 F)`` flow file as ``[H, W, 2]`` float32 pixels."""
+  if not os.path.exists(path):
+    raise DataError(f'Missing flow file: {path}. {FLOW_HELP}')
+  try:
+    arr = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise DataError(f'Cannot read flow {path}: {e}. {FLOW_HELP}') from e
+  if arr.ndim != 3 or arr.shape[-1] != 2:
+    raise DataError(f'Flow {path} has shape {arr.shape}; expected '
+                    '[H, W, 2].')
+  if arr.dtype != np.int16:
+    raise DataError(f'Flow {path} has dtype {arr.dtype}; expected int16 '
+                    '(10x the flow in pixels).')
+  if expected_hw is not None and tuple(arr.shape[:2]) != tuple(expected_hw):
+    raise DataError(f'Flow {path} is {arr.shape[:2]}; expected '
+                    f'{tuple(expected_hw)} like its frame.')
+  return arr.astype(np.float32) / 10.0
+
+
+def remove_ego_vehicle(raw: np.ndarray, car_id: int,
+                       replacement: int = 0) -> np.ndarray:
+  """Relabels the car component touching the bottom-row centre pixel.
+
+  VIPER labels the player's own vehicle as car; the reference removes the
+  4-connected component of ``raw == car_id`` that contains the bottom-row
+  centre pixel (method.md §2.2).
+
+  Args:
+    raw: ``[H, W]`` raw ids.
+    car_id: raw id of car.
+    replacement: raw id written over the ego vehicle (one that maps to 255).
+
+  Returns:
+    A copy of ``raw`` without the ego vehicle.
+  """
+  h, w = raw.shape
+  if raw[h - 1, w // 2] != car_id:
+    return raw
+  components, _ = scipy.ndimage.label(raw == car_id)
+  out = raw.copy()
+  out[components == components[h - 1, w // 2]] = replacement
+  return out

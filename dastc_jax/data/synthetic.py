@@ -1,0 +1,196 @@
+"""The built-in synthetic domain-shift world, written in the real layouts.
+
+Source = VIPER layout (JPEG frames, raw-id PNG class maps including the ego
+vehicle as ``car``), target = Cityscapes-Seq layout (``leftImg8bit_sequence``
+frames t-2..t, ``gtFine`` labelIds on the annotated frame only), and exact
+flows as ``*_int16_x10.npy`` with the original file names. It is read back by
+the same loaders as the real datasets.
+
+Generation is deterministic from ``config.seed`` (every clip has its own
+seed, so the result does not depend on the number of workers), atomic (built
+in a temporary folder, then renamed) and cached: a folder whose
+``world.json`` matches the parameters is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from dastc_jax.data import layouts
+from dastc_jax.data import synthetic_scene as scn
+from dastc_jax.data import synthetic_style as sty
+
+VERSION = 1
+STRIDE = 10  # VIPER samples every 10th frame.
+ANNOTATED = 19  # Cityscapes annotates the 20th frame of each snippet.
+
+VIPER_RAW = {'sky': 2, 'road': 3, 'sidewalk': 4, 'terrain': 6, 'tree': 7,
+             'vegetation': 8, 'building': 9, 'pole': 10, 'fence': 11,
+             'light': 13, 'sign': 14, 'person': 20, 'bicycle': 22,
+             'motorcycle': 23, 'car': 24, 'bus': 26, 'truck': 27, 'ego': 24}
+CITYSCAPES_ID = {'ego': 1, 'road': 7, 'sidewalk': 8, 'building': 11,
+                 'fence': 13, 'pole': 17, 'light': 19, 'sign': 20,
+                 'vegetation': 21, 'tree': 21, 'terrain': 22, 'sky': 23,
+                 'person': 24, 'car': 26, 'truck': 27, 'bus': 28,
+                 'motorcycle': 32, 'bicycle': 33}
+_TO_VIPER = np.array([VIPER_RAW[c] for c in scn.CLASSES], np.uint8)
+_TO_CS = np.array([CITYSCAPES_ID[c] for c in scn.CLASSES], np.uint8)
+_DOMAIN = {'viper': 1, 'cityscapes': 2}
+_SPLIT = {'train': 1, 'val': 2}
+CITIES = {'train': ('synthtown', 'synthburg'), 'val': ('synthville',)}
+
+
+def world_params(config: Any) -> dict[str, Any]:
+  """The parameters that define a world (and its cache key)."""
+  keys = ('seed', 'source_size', 'target_size', 'source_train_seqs',
+          'source_val_seqs', 'samples_per_seq', 'target_train_clips',
+          'target_val_clips')
+  params = {k: config[k] for k in keys}
+  for k in ('source_size', 'target_size'):
+    params[k] = [int(v) for v in params[k]]
+  params['version'] = VERSION
+  return params
+
+
+def world_dir(cache_dir: str, params: dict[str, Any]) -> str:
+  digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()
+  return os.path.join(os.path.expanduser(cache_dir), f'world-{digest[:12]}')
+
+
+def _save_flow(path: str, flow: np.ndarray) -> None:
+  np.save(path, np.int16(np.clip(flow * 10.0, -32768, 32767)))
+
+
+def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
+  root, params, split, seq = job
+  rng = np.random.default_rng([params['seed'], _DOMAIN['viper'],
+                               _SPLIT[split], seq])
+  h, w = params['source_size']
+  n = params['samples_per_seq']
+  cam = scn.sample_camera(rng, h, w, z0=0.0)
+  last = STRIDE * n
+  scene = scn.sample_scene(rng, cam.z0, cam.position(last)[1] + scn.ZFAR,
+                           (0, last))
+  vroot = os.path.join(root, 'Viper')
+  flow_dir = os.path.join(root, f'estimated_optical_flow_viper_{split}')
+  for k in range(1, n + 1):
+    t = STRIDE * k
+    for frame, earlier in ((t, (t - 1,)), (t - 1, ())):
+      r = scn.render(scene, cam, frame, earlier)
+      img_path = layouts.viper_image(vroot, split, seq, frame)
+      cls_path = layouts.viper_label(vroot, split, seq, frame)
+      os.makedirs(os.path.dirname(img_path), exist_ok=True)
+      os.makedirs(os.path.dirname(cls_path), exist_ok=True)
+      Image.fromarray(sty.source_style(r)).save(img_path, quality=95)
+      Image.fromarray(_TO_VIPER[r.sem]).save(cls_path)
+      if earlier:
+        _save_flow(layouts.viper_flow(flow_dir, seq, t), r.flows[t - 1])
+  return n
+
+
+def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
+  root, params, split, index = job
+  rng = np.random.default_rng([params['seed'], _DOMAIN['cityscapes'],
+                               _SPLIT[split], index])
+  cities = CITIES[split]
+  city, seq = cities[index % len(cities)], index // len(cities)
+  h, w = params['target_size']
+  t = ANNOTATED
+  cam = scn.sample_camera(rng, h, w, z0=rng.uniform(0, 50))
+  scene = scn.sample_scene(rng, cam.z0, cam.position(t)[1] + scn.ZFAR,
+                           (t - 2, t))
+  look = sty.sample_target_look(rng)
+  croot = os.path.join(root, 'Cityscapes')
+  flow_dir = os.path.join(root,
+                          f'estimated_optical_flow_cityscapes_seq_{split}')
+  frames = (t, t - 1, t - 2) if split == 'train' else (t, t - 1)
+  for frame in frames:
+    earlier = tuple(s for s in frames if s < frame)
+    if split == 'val' or frame == t - 2:
+      earlier = earlier[:1] if frame == t else ()
+    r = scn.render(scene, cam, frame, earlier)
+    img_path = layouts.cs_image(croot, split, city, seq, frame)
+    os.makedirs(os.path.dirname(img_path), exist_ok=True)
+    noise_rng = np.random.default_rng([params['seed'], 7, _SPLIT[split],
+                                       index, frame])
+    Image.fromarray(sty.target_style(r, look, noise_rng)).save(img_path)
+    if frame == t:
+      gt_path = layouts.cs_label(croot, split, city, seq, frame)
+      os.makedirs(os.path.dirname(gt_path), exist_ok=True)
+      Image.fromarray(_TO_CS[r.sem]).save(gt_path)
+    for s in earlier:
+      _save_flow(layouts.cs_flow(flow_dir, city, seq, frame, s), r.flows[s])
+  return 1
+
+
+def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
+  """Writes a complete world into the (new) folder ``root``."""
+  for name in ('viper_train', 'viper_val', 'cityscapes_seq_train',
+               'cityscapes_seq_val'):
+    os.makedirs(os.path.join(root, f'estimated_optical_flow_{name}'),
+                exist_ok=True)
+  jobs = ([(_viper_sequence, (root, params, 'train', s))
+           for s in range(1, params['source_train_seqs'] + 1)] +
+          [(_viper_sequence, (root, params, 'val', s))
+           for s in range(1, params['source_val_seqs'] + 1)] +
+          [(_cityscapes_clip, (root, params, 'train', i))
+           for i in range(params['target_train_clips'])] +
+          [(_cityscapes_clip, (root, params, 'val', i))
+           for i in range(params['target_val_clips'])])
+  if num_workers > 1:
+    ctx = multiprocessing.get_context('spawn')
+    with ctx.Pool(num_workers) as pool:
+      results = [pool.apply_async(fn, (arg,)) for fn, arg in jobs]
+      for r in results:
+        r.get()
+  else:
+    for fn, arg in jobs:
+      fn(arg)
+  with open(os.path.join(root, 'world.json'), 'w') as f:
+    json.dump(params, f, indent=2, sort_keys=True)
+
+
+def ensure_world(config: Any, num_workers: int = 1) -> str:
+  """Returns the folder of the world described by ``config``, generating it.
+
+  Args:
+    config: the ``data.synthetic`` config section (``cache_dir`` plus the
+      keys of ``world_params``).
+    num_workers: generation processes.
+
+  Returns:
+    The world folder, holding ``Viper/``, ``Cityscapes/`` and the flow
+    folders.
+  """
+  params = world_params(config)
+  root = world_dir(config.cache_dir, params)
+  marker = os.path.join(root, 'world.json')
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if json.load(f) == params:
+        logging.info('Using the cached synthetic world at %s', root)
+        return root
+    raise RuntimeError(f'{root} holds a different world than its name says; '
+                       'delete it to regenerate.')
+  tmp = f'{root}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  logging.info('Generating the synthetic world into %s ...', root)
+  generate(tmp, params, num_workers)
+  try:
+    os.rename(tmp, root)
+  except OSError:
+    # Another process finished first; keep its copy.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(marker):
+      raise
+  logging.info('Synthetic world ready at %s', root)
+  return root

@@ -1,0 +1,138 @@
+"""Evaluation on a val split: global confusion matrix, IoU tables, overlays."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from dastc_jax import metrics as metrics_lib
+from dastc_jax import sharding as sharding_lib
+from dastc_jax import visualize
+from dastc_jax.data import labels as labels_lib
+from dastc_jax.data import pipeline
+
+
+@dataclasses.dataclass
+class SplitResult:
+  """Scores of one evaluated split."""
+  name: str
+  confusion: np.ndarray
+  num_images: int
+  class_set: labels_lib.ClassSet
+
+  @property
+  def iou(self) -> np.ndarray:
+    return metrics_lib.iou_per_class(self.confusion)
+
+  @property
+  def miou(self) -> float:
+    return metrics_lib.mean_iou(self.confusion, self.class_set.scored)
+
+  def to_json(self) -> dict[str, Any]:
+    iou = self.iou
+    return {
+        'miou': _pct(self.miou),
+        'iou': {c: _pct(iou[i]) for i, c in enumerate(self.class_set.classes)
+                if i in self.class_set.scored},
+        'pixel_accuracy': _pct(metrics_lib.pixel_accuracy(self.confusion)),
+        'num_images': self.num_images,
+        'scored_classes': len(self.class_set.scored),
+    }
+
+
+def _pct(x: float) -> float | None:
+  return None if np.isnan(x) else round(100.0 * float(x), 2)
+
+
+def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
+                   batch_stats: Any, ds: Any, *, class_set: labels_lib.ClassSet,
+                   global_batch_size: int, data_sharding: jax.NamedSharding,
+                   num_overlays: int = 0,
+                   overlay_dir: str | None = None) -> SplitResult:
+  """Runs ``eval_step`` over every example of ``ds``.
+
+  Args:
+    name: split name for logs and files.
+    eval_step: jitted ``(params, batch_stats, batch) -> (confusion, pred)``.
+    params: model parameters.
+    batch_stats: BatchNorm running averages.
+    ds: eval examples (random access, with ``id``).
+    class_set: the benchmark's classes.
+    global_batch_size: examples per step over all hosts.
+    data_sharding: sharding of the batch axis.
+    num_overlays: how many overlay PNGs to write (process 0).
+    overlay_dir: where to write them.
+
+  Returns:
+    The split's scores.
+  """
+  total = np.zeros((class_set.num_classes,) * 2, np.int64)
+  written = 0
+  for batch in pipeline.eval_batches(
+      ds, global_batch_size=global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    host = {k: batch[k] for k in ('frames', 'flow', 'label', 'mask')}
+    cm, pred = eval_step(params, batch_stats,
+                         sharding_lib.shard_batch(host, data_sharding))
+    total += sharding_lib.to_host(cm).astype(np.int64)
+    if (overlay_dir and written < num_overlays
+        and jax.process_index() == 0):
+      pred = sharding_lib.local_rows(pred)
+      for i in range(len(pred)):
+        if written >= num_overlays or not batch['mask'][i]:
+          continue
+        panel = visualize.overlay_panel(batch['frames'][i, 0],
+                                        batch['label'][i], pred[i],
+                                        class_set.palette())
+        visualize.save_png(os.path.join(overlay_dir,
+                                        f'{batch["id"][i]}.png'), panel)
+        written += 1
+  result = SplitResult(name, total, len(ds), class_set)
+  logging.info('%s: mIoU %.2f over %d images', name, 100 * result.miou,
+               len(ds))
+  return result
+
+
+def format_table(results: Sequence[SplitResult]) -> str:
+  """Markdown table: one row per class, one column per split, then mIoU."""
+  cs = results[0].class_set
+  head = '| class | ' + ' | '.join(r.name for r in results) + ' |'
+  sep = '|---|' + '---:|' * len(results)
+  rows = [head, sep]
+  for i in cs.scored:
+    vals = [r.iou[i] for r in results]
+    rows.append(f'| {cs.classes[i]} | ' + ' | '.join(
+        '-' if np.isnan(v) else f'{100 * v:.1f}' for v in vals) + ' |')
+  rows.append('| **mIoU** | ' + ' | '.join(
+      f'**{100 * r.miou:.1f}**' for r in results) + ' |')
+  return '\n'.join(rows)
+
+
+def write_results(out_dir: str, results: Sequence[SplitResult], step: int,
+                  extra: dict[str, Any] | None = None) -> str:
+  """Writes ``results.json`` and ``results.md`` (atomically) to ``out_dir``.
+
+  Returns:
+    The markdown table.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  payload = {'step': step, **(extra or {}),
+             'splits': {r.name: r.to_json() for r in results}}
+  table = format_table(results)
+  md = (f'# Evaluation at step {step}\n\n'
+        f'Per-class IoU (%), {len(results[0].class_set.scored)} scored '
+        f'classes ({results[0].class_set.name}).\n\n{table}\n')
+  for name, text in (('results.json', json.dumps(payload, indent=2)),
+                     ('results.md', md)):
+    tmp = os.path.join(out_dir, f'.{name}.tmp')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out_dir, name))
+  return table

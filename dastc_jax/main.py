@@ -1,0 +1,60 @@
+"""Entry point: parses flags and calls train.py.
+
+  python -m dastc_jax.main --config=configs/synthetic.py --workdir=runs/demo
+  python -m dastc_jax.main --config=configs/viper.py:smoke --workdir=/tmp/x \
+      --config.train.num_steps=4
+  python -m dastc_jax.main --config=configs/synthetic.py --workdir=runs/demo \
+      --mode=eval [--checkpoint=STEP|DIR]
+
+Set DASTC_DISTRIBUTED=1 (the launch/ scripts do) to call
+``jax.distributed.initialize()`` for multi-host runs.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (path[:variant]).',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Output folder.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to run.')
+flags.DEFINE_string('checkpoint', '', 'eval mode: step, step folder or '
+                    'checkpoint folder (default: latest in workdir).')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+# Libraries whose INFO logs drown the training progress.
+_QUIET = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/jax/_src/')
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Keeps warnings and errors from chatty libraries, drops their INFO."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or not any(
+        q in record.pathname for q in _QUIET)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if os.environ.get('DASTC_DISTRIBUTED', '0') == '1':
+    jax.distributed.initialize()
+  logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  from dastc_jax import train  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+
+
+if __name__ == '__main__':
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,27 @@
+"""Model registry: ``build_model(config.model, rngs)``."""
+
+from __future__ import annotations
+
+from flax import nnx
+import ml_collections
+
+from dastc_jax.models import accel
+
+_MODELS = {'accel_deeplabv2': accel.AccelDeepLab}
+
+
+def build_model(config: ml_collections.ConfigDict,
+                rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the model named by ``config.name``.
+
+  Args:
+    config: the ``model`` section of the experiment config.
+    rngs: parameter RNG streams.
+
+  Returns:
+    The NNX module, with freshly initialised parameters.
+  """
+  if config.name not in _MODELS:
+    raise ValueError(f'Unknown config.model.name={config.name!r}; expected '
+                     f'one of {sorted(_MODELS)}.')
+  return _MODELS[config.name](config, rngs=rngs)

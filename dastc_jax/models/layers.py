@@ -1,0 +1,185 @@
+"""Layers of the DeepLab models: convolutions, frozen-affine BatchNorm, pools.
+
+Every 1x1 convolution runs as a matmul over the channel axis: on XLA:CPU the
+weight gradient of a 1x1 ``conv_general_dilated`` is ~20x slower than the
+matmul form (decisions.md §4). Kernels are stored in HWIO layout either way so
+that converted PyTorch weights map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def he_normal() -> Initializer:
+  """Kaiming-normal (fan_out, ReLU gain), torchvision's ResNet init."""
+  return nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def normal(std: float) -> Initializer:
+  """N(0, std^2), the DeepLab reference init of every conv."""
+  return nnx.initializers.normal(std)
+
+
+class Conv(nnx.Module):
+  """2-D convolution in NHWC with an HWIO kernel; 1x1 kernels run as matmuls.
+
+  Padding is ``dilation * (k // 2)`` on every side (PyTorch DeepLab padding).
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int,
+               *, stride: int = 1, dilation: int = 1, use_bias: bool = False,
+               kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.dilation = dilation
+    self.dtype = dtype
+    shape = (kernel_size, kernel_size, in_features, out_features)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), jnp.float32))
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # x: [B, H, W, Cin] -> [B, H', W', Cout]
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    if self.kernel_size == 1:
+      if self.stride > 1:
+        x = x[:, ::self.stride, ::self.stride, :]
+      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+    else:
+      kernel, pads = _crop_to_reachable_taps(kernel, x.shape[1:3],
+                                             self.dilation)
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(self.stride, self.stride),
+          padding=pads, rhs_dilation=(self.dilation, self.dilation),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def _crop_to_reachable_taps(kernel: jax.Array, hw: tuple[int, int],
+                            dilation: int):
+  """Drops kernel rows/columns whose taps only ever read zero padding.
+
+  With padding ``d * (k // 2)``, tap offset ``o * d`` reaches the map only if
+  ``|o * d| < size``; DeepLab's ASPP (dilation up to 24) on small maps has
+  whole rows of such taps. Removing them is exact and saves their FLOPs.
+
+  Returns:
+    The cropped kernel and the matching ``((top, bottom), (left, right))``
+    padding.
+  """
+  k = kernel.shape[0]
+  pads, crops = [], []
+  for size in hw:
+    r = k // 2
+    while r > 0 and r * dilation >= size:
+      r -= 1
+    crops.append(slice(k // 2 - r, k // 2 + r + 1))
+    pads.append((r * dilation, r * dilation))
+  return kernel[crops[0], crops[1]], tuple(pads)
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm with PyTorch semantics (momentum 0.1, unbiased running var).
+
+  In training it normalises with the batch statistics of the (global) batch
+  and updates the running averages; at eval it uses the running averages.
+  Whether ``scale``/``bias`` are trained is decided by the optimizer
+  (``model.freeze_bn_affine``), as in the reference where they are frozen.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.1,
+               eps: float = 1e-5):
+    self.momentum = momentum
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    # x: [B, H, W, C]
+    if train:
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+      n = x.shape[0] * x.shape[1] * x.shape[2]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(
+          mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(
+          unbiased)
+    else:
+      mean, var = self.mean[...], self.var[...]
+    inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    shift = self.bias[...] - mean * inv
+    return (x * inv.astype(x.dtype) + shift.astype(x.dtype))
+
+
+def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2,
+                  padding: int = 1) -> jax.Array:
+  """Max-pool with PyTorch ``ceil_mode=True`` output sizes.
+
+  Args:
+    x: ``[B, H, W, C]``.
+    window: square window size.
+    stride: stride.
+    padding: implicit -inf padding on the leading side (and trailing side,
+      extended as ceil mode requires).
+
+  Returns:
+    ``[B, H', W', C]`` with ``H' = ceil((H + 2p - k) / s) + 1``, dropping the
+    last window if it would start in the trailing padding (PyTorch rule).
+  """
+  pads = []
+  for n in x.shape[1:3]:
+    out = -(-(n + 2 * padding - window) // stride) + 1
+    if (out - 1) * stride >= n + padding:
+      out -= 1
+    trailing = (out - 1) * stride + window - n - padding
+    pads.append((padding, max(trailing, 0)))
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+      (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def channel_dropout(x: jax.Array, rate: float,
+                    key: jax.Array | None) -> jax.Array:
+  """Dropout2d: zeroes whole channels per example, scales the rest.
+
+  Args:
+    x: ``[B, H, W, C]``.
+    rate: drop probability; 0 or ``key=None`` disables it.
+    key: PRNG key.
+
+  Returns:
+    Array like ``x``.
+  """
+  if rate <= 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[3]))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def identity_fusion_init(num_classes: int) -> Initializer:
+  """[I | 0] init of the 2C->C score-fusion 1x1 conv (HWIO kernel)."""
+
+  def init(key, shape, dtype):
+    del key
+    assert shape == (1, 1, 2 * num_classes, num_classes), shape
+    k = np.concatenate([np.eye(num_classes), np.zeros(
+        (num_classes, num_classes))], axis=0)
+    return jnp.asarray(k.reshape(shape), dtype)
+
+  return init

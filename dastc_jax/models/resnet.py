@@ -1,0 +1,103 @@
+"""Caffe-style DeepLab-v2 ResNet backbone (output stride 8).
+
+Layout of the DeepLab-v2 ResNet that DA-VSN/TPS/DA-STC start from
+(method.md §3.1): bottleneck blocks with the stride on the *first* 1x1 conv,
+a 7x7/2 stem followed by a ceil-mode 3x3/2 max-pool, layer2 at stride 2, and
+layer3/layer4 at stride 1 with dilation 2/4. Depth and width are config knobs
+so that tests and the CPU demo run small variants of the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dastc_jax.models import layers
+
+EXPANSION = 4
+
+
+class Bottleneck(nnx.Module):
+  """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) bottleneck with BN."""
+
+  def __init__(self, in_features: int, planes: int, *, stride: int,
+               dilation: int, downsample: bool, bn_momentum: float,
+               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs):
+    conv = lambda i, o, k, **kw: layers.Conv(
+        i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs, **kw)
+    bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum)
+    self.conv1 = conv(in_features, planes, 1, stride=stride)
+    self.bn1 = bn(planes)
+    self.conv2 = conv(planes, planes, 3, dilation=dilation)
+    self.bn2 = bn(planes)
+    self.conv3 = conv(planes, planes * EXPANSION, 1)
+    self.bn3 = bn(planes * EXPANSION)
+    if downsample:
+      self.downsample_conv = conv(in_features, planes * EXPANSION, 1,
+                                  stride=stride)
+      self.downsample_bn = bn(planes * EXPANSION)
+    else:
+      self.downsample_conv = None
+      self.downsample_bn = None
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = jax.nn.relu(self.bn1(self.conv1(x), train))
+    out = jax.nn.relu(self.bn2(self.conv2(out), train))
+    out = self.bn3(self.conv3(out), train)
+    if self.downsample_conv is not None:
+      x = self.downsample_bn(self.downsample_conv(x), train)
+    return jax.nn.relu(out + x)
+
+
+class ResNetDeepLab(nnx.Module):
+  """Dilated ResNet trunk; returns the stem, layer1..layer4 feature maps."""
+
+  STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+
+  def __init__(self, *, blocks: Sequence[int], width: int,
+               bn_momentum: float, kernel_init: layers.Initializer,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if len(blocks) != 4:
+      raise ValueError(f'model.layers must have 4 entries, got {blocks}')
+    self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
+                             dtype=dtype, rngs=rngs)
+    self.bn1 = layers.BatchNorm(width, momentum=bn_momentum)
+    in_features = width
+    stage_cfg = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation)
+    for i, (n, (stride, dilation)) in enumerate(zip(blocks, stage_cfg)):
+      planes = width * 2**i
+      stage = []
+      for j in range(n):
+        stage.append(Bottleneck(
+            in_features, planes, stride=stride if j == 0 else 1,
+            dilation=dilation, downsample=(j == 0),
+            bn_momentum=bn_momentum, kernel_init=kernel_init, dtype=dtype,
+            rngs=rngs))
+        in_features = planes * EXPANSION
+      setattr(self, f'layer{i + 1}', nnx.List(stage))
+    self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION
+                         for i in range(4)}
+    self.out_features['stem'] = width
+
+  def stem(self, x: jax.Array, train: bool) -> jax.Array:
+    # x: [B, H, W, 3] normalised BGR -> [B, H/4, W/4, width] (ceil)
+    x = jax.nn.relu(self.bn1(self.conv1(x), train))
+    return layers.max_pool_ceil(x, 3, 2, 1)
+
+  def stage(self, name: str, x: jax.Array, train: bool) -> jax.Array:
+    """Runs one named stage of ``STAGES`` on the previous stage's output."""
+    if name == 'stem':
+      return self.stem(x, train)
+    for block in getattr(self, name):
+      x = block(x, train)
+    return x
+
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    feats = {}
+    for name in self.STAGES:
+      x = self.stage(name, x, train)
+      feats[name] = x
+    return feats

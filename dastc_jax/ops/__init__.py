@@ -1,0 +1,1 @@
+"""Pure JAX array operations shared by the model and the losses."""

@@ -1,0 +1,107 @@
+"""Pure train and eval step functions (jitted once, with shardings, in train.py).
+
+``train_step(state, batch) -> (state, metrics)`` is the source-only
+supervised step of ACCEL (method.md §4.1): CE with ignore 255 on the fused
+scores plus ``loss.aux_weight`` x CE on the fused aux scores, both upsampled
+to the label size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dastc_jax import losses
+from dastc_jax import metrics as metrics_lib
+from dastc_jax import optim
+from dastc_jax.ops import image as image_ops
+from dastc_jax.ops import warp as warp_ops
+from dastc_jax.state import TrainState
+
+Batch = dict[str, Any]
+
+
+def _dtype(config: ml_collections.ConfigDict):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[
+      config.model.dtype]
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState,
+                                                             dict[str, Any]]]:
+  """Builds the source-only supervised train step.
+
+  Args:
+    config: experiment config.
+    graphdef: static NNX graph of the model.
+    tx: the optimizer.
+
+  Returns:
+    ``train_step(state, batch) -> (state, metrics)``; ``batch['source']``
+    holds ``frames`` ``[B, 2, H, W, 3]`` uint8 (t, t-1), ``labels``
+    ``[B, 2, H, W]`` and ``flow`` ``[B, H, W, 2]`` (t->t-1).
+  """
+  aux_weight = config.loss.aux_weight
+  dtype = _dtype(config)
+  schedules = optim.group_schedules(config.optim)
+
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    src = batch['source']
+    frames = image_ops.normalize(src['frames'], dtype)  # [B, 2, H, W, 3]
+    label = src['labels'][:, 0].astype(jnp.int32)  # [B, H, W]
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.batch_stats)
+      out = model(frames[:, 0], frames[:, 1], src['flow'], train=True,
+                  rng=rng)
+      l_main = losses.upsampled_cross_entropy(out['pred'], label)
+      l_aux = losses.upsampled_cross_entropy(out['pred_aux'], label)
+      loss = l_main + aux_weight * l_aux
+      stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+      return loss, ({'loss_src_main': l_main, 'loss_src_aux': l_aux}, stats)
+
+    (loss, (terms, stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, **terms,
+               'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params),
+               'lr_backbone': schedules['backbone'](state.step),
+               'lr_head': schedules['head'](state.step)}
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict,
+                   graphdef: nnx.GraphDef) -> Callable[..., Any]:
+  """Builds ``eval_step(params, batch_stats, batch) -> (confusion, pred)``.
+
+  The fused logits are upsampled (align corners) to the label size before
+  the argmax (method.md §5). ``batch``: ``frames`` ``[B, 2, H, W, 3]``,
+  ``flow`` ``[B, H, W, 2]``, ``label`` ``[B, Hl, Wl]``, ``mask`` ``[B]``.
+  """
+  num_classes = config.model.num_classes
+  dtype = _dtype(config)
+
+  def eval_step(params, batch_stats, batch):
+    model = nnx.merge(graphdef, params, batch_stats)
+    frames = image_ops.normalize(batch['frames'], dtype)
+    out = model(frames[:, 0], frames[:, 1], batch['flow'], train=False)
+    logits = warp_ops.resize_bilinear(out['pred'], batch['label'].shape[1:3])
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.uint8)  # [B, Hl, Wl]
+    cm = metrics_lib.confusion_matrix(pred, batch['label'], num_classes,
+                                      batch['mask'])
+    return cm, pred
+
+  return eval_step

@@ -1,0 +1,43 @@
+"""Coloured prediction overlays (Cityscapes palette), written as PNG."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def colorize(ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """``[H, W]`` train ids -> ``[H, W, 3]`` uint8 colours (255 -> black)."""
+  return palette[np.asarray(ids, np.uint8)]
+
+
+def overlay_panel(frame: np.ndarray, label: np.ndarray, pred: np.ndarray,
+                  palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """Frame with the prediction blended in | ground truth | prediction.
+
+  Args:
+    frame: ``[h, w, 3]`` uint8 RGB (any size; resized to the label size).
+    label: ``[H, W]`` ground-truth train ids.
+    pred: ``[H, W]`` predicted train ids.
+    palette: ``[256, 3]`` colours.
+    alpha: blend weight of the prediction colours.
+
+  Returns:
+    ``[H, 3W, 3]`` uint8 image.
+  """
+  h, w = label.shape
+  if frame.shape[:2] != (h, w):
+    frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
+  pc = colorize(pred, palette)
+  blend = (frame * (1 - alpha) + pc * alpha).astype(np.uint8)
+  return np.concatenate([blend, colorize(label, palette), pc], axis=1)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes ``image`` atomically (temp file + rename)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp'
+  Image.fromarray(image).save(tmp, format='PNG')
+  os.replace(tmp, path)
