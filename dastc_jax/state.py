@@ -39,7 +39,7 @@ def init_model(config: ml_collections.ConfigDict, seed: int
   """
   model = models.build_model(config.model, nnx.Rngs(params=seed))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return graphdef, params.to_pure_dict(), stats.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def create_train_state(config: ml_collections.ConfigDict

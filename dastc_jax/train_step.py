@@ -64,7 +64,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       l_main = losses.upsampled_cross_entropy(out['pred'], label)
       l_aux = losses.upsampled_cross_entropy(out['pred_aux'], label)
       loss = l_main + aux_weight * l_aux
-      stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+      stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return loss, ({'loss_src_main': l_main, 'loss_src_aux': l_aux}, stats)
 
     (loss, (terms, stats)), grads = jax.value_and_grad(

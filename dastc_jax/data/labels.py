@@ -77,7 +77,17 @@ SYNTHIA12 = ClassSet(
     cityscapes_ids=(7, 8, 11, 13, 17, 19, 20, 21, 23, 24, 25, 26),
     eval_drop=(3,))
 
-CLASS_SETS = {c.name: c for c in (VIPER15, SYNTHIA12)}
+# The 19 Cityscapes evaluation classes (trainIds), used by GTA5 -> Cityscapes.
+CITYSCAPES19 = ClassSet(
+    name='cityscapes19',
+    classes=('road', 'sidewalk', 'building', 'wall', 'fence', 'pole',
+             'light', 'sign', 'vegetation', 'terrain', 'sky', 'person',
+             'rider', 'car', 'truck', 'bus', 'train', 'motorcycle',
+             'bicycle'),
+    cityscapes_ids=(7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27,
+                    28, 31, 32, 33))
+
+CLASS_SETS = {c.name: c for c in (VIPER15, SYNTHIA12, CITYSCAPES19)}
 
 # VIPER raw class id -> VIPER15 train id; tree (7) and vegetation (8) merge.
 VIPER_RAW = {'sky': 2, 'road': 3, 'sidewalk': 4, 'terrain': 6, 'tree': 7,
@@ -101,8 +111,12 @@ CITYSCAPES_TO_VIPER15 = _lut({7: 0, 8: 1, 11: 2, 13: 3, 19: 4, 20: 5, 21: 6,
 CITYSCAPES_TO_SYNTHIA12 = _lut({7: 0, 8: 1, 11: 2, 13: 3, 17: 4, 19: 5,
                                 20: 6, 21: 7, 23: 8, 24: 9, 25: 10, 26: 11})
 
+CITYSCAPES_TO_19 = _lut({cid: i for i, cid in enumerate(
+    CITYSCAPES19.cityscapes_ids)})
+
 CITYSCAPES_MAPS = {'viper15': CITYSCAPES_TO_VIPER15,
-                   'synthia12': CITYSCAPES_TO_SYNTHIA12}
+                   'synthia12': CITYSCAPES_TO_SYNTHIA12,
+                   'cityscapes19': CITYSCAPES_TO_19}
 
 # Long-tail classes pasted by the fusion (method.md §2.2, class_to_select).
 RARE_CLASSES = {'viper15': (3, 4, 5, 7, 13, 14), 'synthia12': (3, 4, 5, 6, 10)}

@@ -1,0 +1,44 @@
+"""Test setup: 4 simulated CPU devices, parsed absl flags, shared fixtures."""
+
+import os
+
+# Must run before jax is imported anywhere.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+# grain reads absl flags in workers (google/grain#1355).
+flags.FLAGS.mark_as_parsed()
+# Share compiled executables between tests that build identical steps.
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(os.path.dirname(__file__), '..', '.jax_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+@pytest.fixture(scope='session')
+def world_cache(tmp_path_factory):
+  """Cache folder shared by every test that needs the tiny synthetic world."""
+  return str(tmp_path_factory.mktemp('world_cache'))
+
+
+@pytest.fixture(scope='session')
+def tiny_world(world_cache):
+  """Generates (once) the tiny synthetic world; returns its folder."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = common.synthetic_world('tiny')
+  cfg.cache_dir = world_cache
+  return synthetic.ensure_world(cfg, num_workers=1)
+
+
+@pytest.fixture
+def smoke_config(world_cache):
+  """The synthetic :smoke config with the world cached under pytest's tmp."""
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  c = synthetic_config.get_config('smoke')
+  c.data.synthetic.cache_dir = world_cache
+  return c

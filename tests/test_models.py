@@ -1,0 +1,148 @@
+"""ACCEL-DeepLabv2: shapes, output stride, layers, fusion init, gradients."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dastc_jax import models
+from dastc_jax.models import layers
+
+
+def _cfg(**kw):
+  c = dict(name='accel_deeplabv2', num_classes=5, layers=(1, 1, 1, 1),
+           width=8, head_features=16, aspp_dilations=(6, 12, 18, 24),
+           dropout=0.1, bn_momentum=0.1, backbone_init='he', init_std=0.01,
+           dtype='float32', per_axis_flow_scale=False)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def _split(cfg, seed=0):
+  model = models.build_model(cfg, nnx.Rngs(params=seed))
+  g, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return g, nnx.to_pure_dict(p), nnx.to_pure_dict(s)
+
+
+@pytest.mark.parametrize('hw,out_hw', [((512, 1024), (65, 129)),
+                                       ((640, 1280), (81, 161)),
+                                       ((720, 1280), (91, 161)),
+                                       ((64, 128), (9, 17))])
+def test_output_stride_8_with_ceil_mode_pool(hw, out_hw):
+  g, p, s = _split(_cfg())
+  x = jax.ShapeDtypeStruct((1,) + hw + (3,), jnp.float32)
+  f = jax.ShapeDtypeStruct((1,) + hw + (2,), jnp.float32)
+  out = jax.eval_shape(
+      lambda p, s, x, f: nnx.merge(g, p, s)(x, x, f, train=False), p, s, x, f)
+  for k in ('pred', 'pred_aux', 'logits', 'aux', 'key_logits'):
+    assert out[k].shape == (1,) + out_hw + (5,)
+  assert out['feat'].shape == (1,) + out_hw + (16,)
+
+
+def test_resnet101_parameter_count_matches_deeplabv2():
+  # DeepLab-v2 ResNet-101 trunk (conv1..layer4 + BN affine) has 42.5M
+  # parameters in the torchvision layout without fc; its ASPP heads add
+  # 4 x (3*3*2048*C + C) for the classifier. Check the trunk exactly.
+  cfg = _cfg(layers=(3, 4, 23, 3), width=64, num_classes=19,
+             head_features=256)
+  _, p, _ = _split(cfg)
+  trunk = sum(x.size for x in jax.tree.leaves(p['backbone']))
+  assert trunk == 42_500_160  # torchvision resnet101 minus fc (2049000)
+
+
+def test_max_pool_ceil_matches_pytorch_rule():
+  x = jnp.arange(2 * 7 * 8 * 1, dtype=jnp.float32).reshape(2, 7, 8, 1)
+  out = layers.max_pool_ceil(x, 3, 2, 1)
+  # ceil((7 + 2 - 3) / 2) + 1 = 4 rows; ceil((8 + 2 - 3) / 2) + 1 = 5 cols.
+  assert out.shape == (2, 4, 5, 1)
+  xn = np.asarray(x)
+  for i in range(4):
+    for j in range(5):
+      r0, c0 = max(i * 2 - 1, 0), max(j * 2 - 1, 0)
+      ref = xn[:, r0:i * 2 + 2, c0:j * 2 + 2].max(axis=(1, 2))
+      np.testing.assert_array_equal(np.asarray(out[:, i, j]), ref)
+
+
+def test_1x1_matmul_conv_and_tap_cropping_equal_xla_conv():
+  rng = nnx.Rngs(params=0)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 6))
+  for k, stride, dilation in ((1, 2, 1), (1, 1, 1), (3, 1, 24), (3, 1, 6),
+                              (7, 2, 1)):
+    conv = layers.Conv(6, 4, k, stride=stride, dilation=dilation,
+                       use_bias=True, kernel_init=layers.he_normal(),
+                       rngs=rng)
+    pad = dilation * (k // 2)
+    ref = jax.lax.conv_general_dilated(
+        x, conv.kernel[...], (stride, stride), ((pad, pad), (pad, pad)),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv.bias[...]
+    np.testing.assert_allclose(np.asarray(conv(x)), np.asarray(ref),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_identity_at_init():
+  g, p, s = _split(_cfg())
+  k = jax.random.split(jax.random.key(0), 3)
+  cur = jax.random.normal(k[0], (2, 64, 96, 3)) * 50
+  key = jax.random.normal(k[1], (2, 64, 96, 3)) * 50
+  flow = jax.random.normal(k[2], (2, 64, 96, 2)) * 3
+  out = nnx.merge(g, p, s)(cur, key, flow, train=False)
+  np.testing.assert_allclose(np.asarray(out['pred']),
+                             np.asarray(out['logits']), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out['pred_aux']),
+                             np.asarray(out['aux']), atol=1e-6)
+  kernel = np.asarray(p['sf_layer']['kernel'])[0, 0]
+  np.testing.assert_array_equal(kernel, np.concatenate(
+      [np.eye(5), np.zeros((5, 5))], axis=0))
+
+
+def test_key_frame_branch_has_no_gradient():
+  g, p, s = _split(_cfg(dropout=0.0))
+  # Give the warped key-frame scores a non-zero weight in the fusion.
+  p['sf_layer']['kernel'] = p['sf_layer']['kernel'] + 0.5
+  k = jax.random.split(jax.random.key(3), 3)
+  cur = jax.random.normal(k[0], (1, 32, 48, 3)) * 50
+  key = jax.random.normal(k[1], (1, 32, 48, 3)) * 50
+  flow = jnp.ones((1, 32, 48, 2))
+
+  def f(p, s, cur, key):
+    out = nnx.merge(g, p, s)(cur, key, flow, train=True)
+    return jnp.sum(out['pred'] ** 2) + jnp.sum(out['pred_aux'] ** 2)
+
+  g_cur, g_key = jax.jit(jax.grad(f, argnums=(2, 3)))(p, s, cur, key)
+  assert float(jnp.abs(g_cur).max()) > 0
+  assert float(jnp.abs(g_key).max()) == 0.0
+
+
+def test_batchnorm_train_stats_and_running_update():
+  bn = layers.BatchNorm(3, momentum=0.1)
+  x = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)) * 2 + 1
+  y = bn(x, train=True)
+  xn = np.asarray(x).reshape(-1, 3)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 3).mean(0), 0,
+                             atol=1e-5)
+  n = xn.shape[0]
+  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.1 * xn.mean(0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(bn.var[...]),
+                             0.9 + 0.1 * xn.var(0) * n / (n - 1), rtol=1e-5)
+  # Eval mode normalises with the running averages.
+  ye = bn(x, train=False)
+  ref = (xn - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) +
+                                                  1e-5)
+  np.testing.assert_allclose(np.asarray(ye).reshape(-1, 3), ref, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_channel_dropout_drops_whole_channels():
+  x = jnp.ones((2, 4, 4, 64))
+  y = np.asarray(layers.channel_dropout(x, 0.5, jax.random.key(0)))
+  per_channel = y.reshape(2, 16, 64)
+  # Every channel is either all zero or all 2 (= 1 / (1 - 0.5)).
+  assert set(np.unique(per_channel)) <= {0.0, 2.0}
+  assert np.all(per_channel.min(1) == per_channel.max(1))
+  assert 0 < (per_channel[:, 0] == 0).mean() < 1
+  np.testing.assert_array_equal(np.asarray(layers.channel_dropout(x, 0.5,
+                                                                  None)), x)

@@ -1,0 +1,143 @@
+"""The synthetic world: exact flows, real layouts, determinism, caching."""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from configs import common
+from dastc_jax.data import synthetic
+from dastc_jax.data import synthetic_scene as scn
+from dastc_jax.data import synthetic_style as sty
+
+
+def _render_pair(seed, t=30, static=False):
+  rng = np.random.default_rng(seed)
+  cam = scn.sample_camera(rng, 96, 160, z0=0.0)
+  scene = scn.sample_scene(rng, 0.0, cam.position(t)[1] + scn.ZFAR, (0, t))
+  if static:  # ground and walls only: nothing can occlude anything
+    scene = dataclasses.replace(scene, billboards=[], fences=([], []))
+  return cam, scn.render(scene, cam, t, (t - 1, t - 2)), {
+      s: scn.render(scene, cam, s, ()) for s in (t - 1, t - 2)}
+
+
+def _interior_match(cur, other, flow):
+  """Same-surface agreement at p + F(p), away from boundaries and borders."""
+  h, w = flow.shape[:2]
+  yy, xx = np.mgrid[0:h, 0:w]
+  qy, qx = yy + flow[..., 1], xx + flow[..., 0]
+  inside = (qy >= 1) & (qy <= h - 2) & (qx >= 1) & (qx <= w - 2)
+  qyi = np.clip(np.round(qy).astype(int), 0, h - 1)
+  qxi = np.clip(np.round(qx).astype(int), 0, w - 1)
+
+  def uniform(m):  # the 3x3 neighbourhood is one surface
+    m = m * 100 + 0
+    return scipy.ndimage.maximum_filter(m, 3) == scipy.ndimage.minimum_filter(
+        m, 3)
+
+  interior = (inside & uniform(cur.seed * 100 + cur.sem) &
+              uniform(other.seed * 100 + other.sem)[qyi, qxi])
+  agree = (other.seed[qyi, qxi] == cur.seed) & (other.sem[qyi, qxi] ==
+                                                cur.sem)
+  return interior, agree, (qy, qx)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_flow_is_exact_on_an_occlusion_free_street(seed):
+  cam, cur, prev = _render_pair(seed, static=True)
+  for s in (29, 28):
+    flow = cur.flows[s]
+    assert np.abs(flow).max() > 1.0  # the camera does move
+    interior, agree, (qy, qx) = _interior_match(cur, prev[s], flow)
+    assert interior.mean() > 0.75
+    assert agree[interior].all()
+    # Sub-pixel: the ground's world depth Z read at p + F(p) in frame s is
+    # Z at p in frame t to < 0.5% (a 0.5 px flow error moves it ~2%).
+    ground = interior & np.isin(cur.sem, [scn.CID['road'],
+                                          scn.CID['sidewalk'],
+                                          scn.CID['terrain']])
+    ground &= np.mgrid[0:flow.shape[0], 0:flow.shape[1]][0] > cam.horizon + 10
+    z_prev = scipy.ndimage.map_coordinates(prev[s].surf[..., 1], [qy, qx],
+                                           order=1)
+    depth = cur.surf[..., 1] - cam.position(30)[1]
+    rel = np.abs(z_prev - cur.surf[..., 1])[ground] / depth[ground]
+    assert ground.sum() > 1000 and rel.max() < 0.005
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2, 3])
+def test_flow_with_moving_objects_only_misses_true_occlusions(seed):
+  _, cur, prev = _render_pair(seed)
+  interior, agree, _ = _interior_match(cur, prev[29], cur.flows[29])
+  # Moving cars and people disocclude a little background between frames.
+  assert agree[interior].mean() > 0.99
+
+
+def test_target_style_differs_from_source_for_the_same_scene():
+  _, cur, _ = _render_pair(4)
+  src = sty.source_style(cur).astype(np.float64)
+  tgt = sty.target_style(cur, sty.sample_target_look(
+      np.random.default_rng(0)), np.random.default_rng(1)).astype(np.float64)
+  assert np.abs(src - tgt).mean() > 20
+
+
+def _digest(root):
+  h = hashlib.sha256()
+  for p in sorted(glob.glob(os.path.join(root, '**', '*'), recursive=True)):
+    if os.path.isfile(p):
+      h.update(os.path.relpath(p, root).encode())
+      with open(p, 'rb') as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def test_world_layout_and_determinism(tiny_world, tmp_path):
+  root = tiny_world
+  cfg = common.synthetic_world('tiny')
+  params = synthetic.world_params(cfg)
+  with open(os.path.join(root, 'world.json')) as f:
+    assert json.load(f) == params
+  v = os.path.join(root, 'Viper', 'train')
+  assert os.path.exists(os.path.join(v, 'img', '001', '001_00010.jpg'))
+  assert os.path.exists(os.path.join(v, 'img', '001', '001_00009.jpg'))
+  assert os.path.exists(os.path.join(v, 'cls', '001', '001_00010.png'))
+  assert os.path.exists(os.path.join(
+      root, 'estimated_optical_flow_viper_train',
+      '001_0001000009_int16_x10.npy'))
+  cs = os.path.join(root, 'Cityscapes')
+  seq = glob.glob(os.path.join(cs, 'leftImg8bit_sequence', 'train', '*',
+                               '*.png'))
+  gt = glob.glob(os.path.join(cs, 'gtFine', 'train', '*', '*.png'))
+  assert len(seq) == 3 * params['target_train_clips']
+  # labelIds only on the annotated (20th) frame of each snippet.
+  assert len(gt) == params['target_train_clips']
+  assert all(p.endswith('_000019_gtFine_labelIds.png') for p in gt)
+  flows = glob.glob(os.path.join(
+      root, 'estimated_optical_flow_cityscapes_seq_train', '*.npy'))
+  assert len(flows) == 3 * params['target_train_clips']
+  f = np.load(flows[0])
+  assert f.dtype == np.int16 and f.shape == tuple(params['target_size']) + (2,)
+  # Same seed -> the same bytes.
+  again = str(tmp_path / 'again')
+  synthetic.generate(again, params)
+  assert _digest(again) == _digest(root)
+
+
+def test_world_cache_is_reused_and_checked(world_cache, tiny_world):
+  cfg = common.synthetic_world('tiny')
+  cfg.cache_dir = world_cache
+  assert synthetic.ensure_world(cfg) == tiny_world
+  cfg2 = common.synthetic_world('tiny')
+  cfg2.cache_dir = world_cache
+  cfg2.seed = 5
+  other = synthetic.world_dir(world_cache, synthetic.world_params(cfg2))
+  assert other != tiny_world
+  os.makedirs(other)
+  with open(os.path.join(other, 'world.json'), 'w') as f:
+    json.dump({'not': 'this world'}, f)
+  with pytest.raises(RuntimeError, match='different world'):
+    synthetic.ensure_world(cfg2)
