@@ -56,8 +56,11 @@ def create_train_state(config: ml_collections.ConfigDict
   graphdef, params, stats = init_model(config, config.seed)
   tx = optim.make_optimizer(config.optim, params,
                             config.model.freeze_bn_affine)
+  # One compiled init for the whole optimizer state (eager would compile
+  # one program per parameter shape).
+  opt_state = jax.jit(tx.init)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=stats, opt_state=tx.init(params),
+                     batch_stats=stats, opt_state=opt_state,
                      rng=jax.random.PRNGKey(config.seed + 1))
   return graphdef, state, tx
 

@@ -15,7 +15,7 @@ Workdir layout::
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from typing import Any
@@ -80,6 +80,7 @@ def _check_finite(metrics: dict[str, float], step: int,
                   ckpt: checkpointing.Checkpointer) -> None:
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
+    ckpt.wait()  # let the pending (good) saves commit
     last = ckpt.latest_step()
     raise NonFiniteLossError(
         f'Non-finite values at step {step}: '
@@ -95,6 +96,8 @@ def _eval_all(config: ml_collections.ConfigDict, data_root: str,
               step: int, num_overlays: int) -> list[evaluate.SplitResult]:
   cs = labels_lib.get_class_set(config.data.class_set)
   results = []
+  if not config.eval.splits:
+    return results
   for split in config.eval.splits:
     ds = pipeline.make_eval_dataset(config.data[split], data_root,
                                     cs.name, config.model.per_axis_flow_scale)
@@ -118,6 +121,26 @@ def _jit_steps(config, graphdef, tx, repl, data):
                       in_shardings=(repl, repl, data),
                       out_shardings=(repl, data))
   return train_step, eval_step
+
+
+@dataclasses.dataclass
+class _Run:
+  """The objects a training run wires together (built once, in order)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  data_root: str
+  train_iter: Any
+  train_step: Any
+  eval_step: Any
+  data_sharding: jax.NamedSharding
+  ckpt: checkpointing.Checkpointer
+  writer: Any
+  report: Any
+
+  def evaluate(self, state, step: int, num_overlays: int):
+    out_dir = os.path.join(self.workdir, 'eval', f'step_{step}')
+    return _eval_all(self.config, self.data_root, self.eval_step, state,
+                     self.data_sharding, out_dir, step, num_overlays)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -163,75 +186,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start = int(jax.device_get(state.step))
   train_step, eval_step = _jit_steps(config, graphdef, tx, repl, data)
 
+  # Logging and progress hooks (process 0 writes).
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config).items()
                           if isinstance(v, (int, float, str, bool))})
-  num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer,
+      num_train_steps=config.train.num_steps, writer=writer,
       every_steps=config.train.log_every)
-  hooks = [report] if jax.process_index() == 0 else []
   logging.info('Training from step %d to %d on %d devices (%d hosts), global '
-               'batch %d.', start, num_steps, mesh.devices.size,
+               'batch %d.', start, config.train.num_steps, mesh.devices.size,
                jax.process_count(), config.train.batch_size)
+  run = _Run(config, workdir, data_root, train_iter, train_step, eval_step,
+             data, ckpt, writer, report)
+  try:
+    with metric_writers.ensure_flushes(writer):
+      state = _train_loop(run, state, start)
+      final_step = int(jax.device_get(state.step))
+      results = run.evaluate(state, final_step, config.eval.num_overlays)
+      _write_eval_scalars(writer, final_step, results)
+  finally:
+    ckpt.close()  # waits for pending saves, also when a step failed
+    if hasattr(train_iter, 'close'):
+      train_iter.close()
+  return {r.name: 100 * r.miou for r in results}
 
-  # Train loop.
+
+def _train_loop(run: _Run, state: state_lib.TrainState,
+                start: int) -> state_lib.TrainState:
+  """Runs steps ``start..num_steps``; returns the final state."""
+  config, ckpt = run.config, run.ckpt
+  num_steps = config.train.num_steps
   window, prev = [], None
   t_start = time.time()
-  with metric_writers.ensure_flushes(writer):
-    for step in range(start, num_steps):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        with report.timed('data', wait_jax_async_dispatch=False):
-          batch = sharding_lib.shard_batch(next(train_iter), data)
-        state, metrics = train_step(state, batch)
-      if prev is not None:  # check step-1 while this step runs
-        _check_finite(_host_scalars(prev[1]), prev[0], ckpt)
-      prev = (step + 1, metrics)
-      window.append(metrics)
-      for h in hooks:
-        h(step + 1)
-      done = step + 1
-      last = done == num_steps
-      if done % config.train.log_every == 0 or last:
-        host = [_host_scalars(m) for m in window]
-        _check_finite(host[-1], done, ckpt)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        writer.write_scalars(done, scalars)
-        eta = (time.time() - t_start) / (done - start) * (num_steps - done)
-        logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
-                     scalars['loss'], eta)
-        window = []
-      if done % config.train.checkpoint_every == 0 or last:
-        _check_finite(_host_scalars(metrics), done, ckpt)
-        ckpt.save(done, state, train_iter)
-      if (config.train.eval_every and done % config.train.eval_every == 0
-          and not last):
-        with report.timed('eval'):
-          res = _eval_all(config, data_root, eval_step, state, data,
-                          os.path.join(workdir, 'eval', f'step_{done}'),
-                          done, 0)
-        writer.write_scalars(done, {f'eval/{r.name}/miou': 100 * r.miou
-                                    for r in res})
-    if prev is not None:
+  for step in range(start, num_steps):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      with run.report.timed('data', wait_jax_async_dispatch=False):
+        batch = sharding_lib.shard_batch(next(run.train_iter),
+                                         run.data_sharding)
+      state, metrics = run.train_step(state, batch)
+    if prev is not None:  # check step-1 while this step runs
       _check_finite(_host_scalars(prev[1]), prev[0], ckpt)
-    ckpt.wait()
-
-    # Final evaluation.
-    final_step = int(jax.device_get(state.step))
-    results = _eval_all(config, data_root, eval_step, state, data,
-                        os.path.join(workdir, 'eval', f'step_{final_step}'),
-                        final_step, config.eval.num_overlays)
-    _write_eval_scalars(writer, final_step, results)
-  ckpt.close()
-  if hasattr(train_iter, 'close'):
-    train_iter.close()
-  return {r.name: 100 * r.miou for r in results}
+    prev = (step + 1, metrics)
+    window.append(metrics)
+    done = step + 1
+    if jax.process_index() == 0:
+      run.report(done)
+    last = done == num_steps
+    if done % config.train.log_every == 0 or last:
+      host = [_host_scalars(m) for m in window]
+      _check_finite(host[-1], done, ckpt)
+      scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      run.writer.write_scalars(done, scalars)
+      eta = (time.time() - t_start) / (done - start) * (num_steps - done)
+      logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
+                   scalars['loss'], eta)
+      window = []
+    if done % config.train.checkpoint_every == 0 or last:
+      _check_finite(_host_scalars(metrics), done, ckpt)
+      ckpt.save(done, state, run.train_iter)
+    if (config.train.eval_every and done % config.train.eval_every == 0
+        and not last):
+      with run.report.timed('eval'):
+        res = run.evaluate(state, done, 0)
+      run.writer.write_scalars(done, {f'eval/{r.name}/miou': 100 * r.miou
+                                      for r in res})
+  if prev is not None:
+    _check_finite(_host_scalars(prev[1]), prev[0], ckpt)
+  ckpt.wait()
+  return state
 
 
 def _write_eval_scalars(writer, step: int,
                         results: list[evaluate.SplitResult]) -> None:
+  if not results:
+    return
   scalars = {}
   for r in results:
     scalars[f'eval/{r.name}/miou'] = 100 * r.miou
@@ -312,10 +342,3 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   results = _eval_all(config, data_root, eval_step, state, data, out_dir,
                       step, config.eval.num_overlays)
   return {r.name: 100 * r.miou for r in results}
-
-
-def write_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)

@@ -72,8 +72,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **terms,
-               'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params),
+               'grad_norm': optax.tree.norm(grads),
+               'param_norm': optax.tree.norm(params),
                'lr_backbone': schedules['backbone'](state.step),
                'lr_head': schedules['head'](state.step)}
     new_state = state.replace(step=state.step + 1, params=params,

@@ -58,9 +58,27 @@ def decoder(dcfg: ml_collections.ConfigDict, class_set: str,
                                         with_label=with_label)
 
 
-def _domain(dcfg, data_root: str, class_set: str, *, clip: str, seed: int,
-            process_index: int, process_count: int,
-            per_axis_flow_scale: bool) -> grain.MapDataset:
+def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
+                   class_set: str, *, clip: str, seed: int,
+                   process_index: int, process_count: int,
+                   per_axis_flow_scale: bool,
+                   keep_ids: bool = False) -> grain.MapDataset:
+  """One domain's infinite, shuffled, decoded training stream on this host.
+
+  Args:
+    dcfg: the domain's section of ``config.data``.
+    data_root: folder the dataset paths are relative to.
+    class_set: benchmark class set (Cityscapes label map).
+    clip: ``train`` or ``val`` frames per sample.
+    seed: shuffle/augmentation seed of this domain.
+    process_index: this host; it reads records ``process_index::count``.
+    process_count: number of hosts.
+    per_axis_flow_scale: flow-resize rule.
+    keep_ids: keep the string ``id`` (for tests and debugging).
+
+  Returns:
+    A random-access ``MapDataset`` of examples (a new order every epoch).
+  """
   index = build_index(dcfg, data_root, clip)
   ds = grain.MapDataset.source(index)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
@@ -70,7 +88,8 @@ def _domain(dcfg, data_root: str, class_set: str, *, clip: str, seed: int,
       label_size='image', per_axis_flow_scale=per_axis_flow_scale))
   if dcfg.flip:
     ds = ds.random_map(transforms.RandomFlip(p=0.5, negate_dx=True))
-  return ds.map(transforms.DropKeys(('id', 'label')))
+  return ds.map(transforms.DropKeys(('label',) if keep_ids else
+                                    ('id', 'label')))
 
 
 def domain_seed(seed: int, name: str) -> int:
@@ -100,11 +119,11 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
   d = config.data
   kw = dict(process_index=process_index, process_count=process_count,
             per_axis_flow_scale=config.model.per_axis_flow_scale)
-  src = _domain(d.source, data_root, d.class_set, clip='train',
-                seed=domain_seed(config.seed, 'source'), **kw)
+  src = domain_dataset(d.source, data_root, d.class_set, clip='train',
+                       seed=domain_seed(config.seed, 'source'), **kw)
   if with_target:
-    tgt = _domain(d.target, data_root, d.class_set, clip='train',
-                  seed=domain_seed(config.seed, 'target'), **kw)
+    tgt = domain_dataset(d.target, data_root, d.class_set, clip='train',
+                         seed=domain_seed(config.seed, 'target'), **kw)
     paired = grain.experimental.ZipMapDataset([src, tgt]).map(_pair)
   else:
     paired = src.map(_source_only)

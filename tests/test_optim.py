@@ -1,0 +1,82 @@
+"""Parameter groups, the poly schedule and frozen BatchNorm affine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import synthetic as synthetic_config
+from configs import viper as viper_config
+from dastc_jax import optim
+from dastc_jax import state as state_lib
+
+
+def _labels_by_group(labels):
+  flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+  out = {}
+  for path, g in flat:
+    out.setdefault(g, []).append(jax.tree_util.keystr(path))
+  return out
+
+
+def test_parameter_groups():
+  c = viper_config.get_config('smoke')
+  _, params, _ = state_lib.init_model(c, 0)
+  groups = _labels_by_group(optim.param_labels(params, True))
+  assert set(groups) == {'backbone', 'fusion', 'head', 'frozen'}
+  assert groups['fusion'] == ["['sf_layer']['kernel']"]
+  assert all('head' in k for k in groups['head'])
+  assert all(k.endswith("['scale']") or k.endswith("['bias']")
+             for k in groups['frozen'])
+  assert all('kernel' in k for k in groups['backbone'])
+  unfrozen = _labels_by_group(optim.param_labels(params, False))
+  assert 'frozen' not in unfrozen
+
+
+def test_reference_schedule_values():
+  o = viper_config.get_config().optim
+  s = optim.group_schedules(o)
+  lr = lambda i: 1e-4 * (1 - i / 250000) ** 0.9
+  for step in (0, 1000, 40000):
+    np.testing.assert_allclose(float(s['backbone'](step)), lr(step),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(s['fusion'](step)), 10 * lr(step),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(s['head'](step)), 10 * lr(step),
+                               rtol=1e-5)
+  # After 40k of 250k poly steps the decay has only reached ~0.855.
+  np.testing.assert_allclose(float(s['backbone'](40000)) / 1e-4, 0.855,
+                             atol=1e-3)
+  o.constant_head_lr = True  # the reference bug: heads never decay
+  s = optim.group_schedules(o)
+  np.testing.assert_allclose(float(s['head'](40000)), 1e-3, rtol=1e-6)
+
+
+def test_warmup_then_poly():
+  o = synthetic_config.get_config().optim
+  s = optim.lr_schedule(o)
+  assert float(s(0)) < 1e-8
+  np.testing.assert_allclose(float(s(o.warmup_steps)), o.lr * (
+      1 - o.warmup_steps / o.schedule_steps) ** o.poly_power, rtol=1e-5)
+  assert float(s(o.schedule_steps)) == 0.0
+
+
+def test_frozen_bn_affine_is_untouched_and_heads_move_10x():
+  c = viper_config.get_config('smoke')
+  c.optim.weight_decay = 0.0
+  c.optim.momentum = 0.0
+  graphdef, st, tx = state_lib.create_train_state(c)
+  del graphdef
+  grads = jax.tree.map(jnp.ones_like, st.params)
+  updates, _ = tx.update(grads, st.opt_state, st.params)
+  bn = updates['backbone']['bn1']
+  assert float(jnp.abs(bn['scale']).max()) == 0.0
+  assert float(jnp.abs(bn['bias']).max()) == 0.0
+  lr = float(optim.lr_schedule(c.optim)(0))
+  np.testing.assert_allclose(updates['backbone']['conv1']['kernel'], -lr,
+                             rtol=1e-6)
+  np.testing.assert_allclose(updates['head']['classifier']['kernel'],
+                             -10 * lr, rtol=1e-6)
+  np.testing.assert_allclose(updates['sf_layer']['kernel'], -10 * lr,
+                             rtol=1e-6)
+  assert optax.tree.norm(updates) > 0

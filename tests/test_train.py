@@ -1,0 +1,182 @@
+"""End to end: train -> checkpoint -> resume -> eval, sharding, failures."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+from jax.sharding import AxisType
+import numpy as np
+import pytest
+
+from dastc_jax import checkpointing
+from dastc_jax import sharding as sharding_lib
+from dastc_jax import state as state_lib
+from dastc_jax import train
+from dastc_jax import train_step as step_lib
+from dastc_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _restore(config, workdir, step):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    async_save=False)
+  abstract = state_lib.abstract_train_state(config)
+  state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return state
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_save_resume_matches_uninterrupted_run(smoke_config, tmp_path):
+  c = smoke_config
+  c.train.num_steps = 3
+  c.eval.splits = ()
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(c, full)
+  # Interrupted run: 2 steps, then the same command continues to step 3.
+  part = str(tmp_path / 'part')
+  c.train.num_steps = 2
+  train.train_and_evaluate(c, part)
+  assert sorted(os.listdir(os.path.join(part, 'checkpoints'))) == ['1', '2']
+  c.train.num_steps = 3
+  train.train_and_evaluate(c, part)
+  _assert_trees_equal(_restore(c, full, 3), _restore(c, part, 3))
+  # The resumed data iterator yields exactly the batch an uninterrupted
+  # iterator yields third.
+  root = train.resolve_data_root(c)
+  make = lambda: iter(pipeline.make_train_dataset(
+      c, root, local_batch_size=c.train.batch_size, with_target=False))
+  ref = make()
+  expected = [next(ref) for _ in range(3)][-1]
+  resumed = make()
+  ckpt = checkpointing.Checkpointer(os.path.join(part, 'checkpoints'),
+                                    async_save=False)
+  ckpt.restore(2, state_lib.abstract_train_state(c), resumed)
+  ckpt.close()
+  _assert_trees_equal(expected, next(resumed))
+
+
+def test_outputs_and_eval_mode(smoke_config, tmp_path):
+  c = smoke_config
+  workdir = str(tmp_path / 'run')
+  final = train.train_and_evaluate(c, workdir)
+  assert set(final) == {'source_val', 'target_val'}
+  assert all(0.0 <= v <= 100.0 for v in final.values())
+  with open(os.path.join(workdir, 'eval', 'step_2', 'results.json')) as f:
+    res = json.load(f)
+  assert res['step'] == 2
+  assert set(res['splits']) == {'source_val', 'target_val'}
+  tv = res['splits']['target_val']
+  assert len(tv['iou']) == 15 and tv['num_images'] == 4
+  np.testing.assert_allclose(tv['miou'], final['target_val'], atol=0.01)
+  with open(os.path.join(workdir, 'eval', 'step_2', 'results.md')) as f:
+    assert '| road |' in f.read()
+  overlays = glob.glob(os.path.join(workdir, 'eval', 'step_2', 'overlays',
+                                    '*', '*.png'))
+  assert len(overlays) == 2 * c.eval.num_overlays
+  events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert events and os.path.getsize(events[0]) > 0
+  # Eval mode on the latest checkpoint reproduces the final numbers.
+  again = train.evaluate_checkpoint(c, str(tmp_path / 'eval'),
+                                    os.path.join(workdir, 'checkpoints'))
+  for k, v in final.items():
+    np.testing.assert_allclose(again[k], v, atol=1e-6)
+  step1 = train.evaluate_checkpoint(c, workdir, '1')
+  assert os.path.exists(os.path.join(workdir, 'eval', 'step_1',
+                                     'results.json'))
+  assert set(step1) == set(final)
+  with pytest.raises(checkpointing.CheckpointError, match='No checkpoint '
+                     'step 7'):
+    train.evaluate_checkpoint(c, workdir, '7')
+
+
+def _step_on_mesh(config, state, batch, n_devices):
+  mesh = jax.make_mesh((n_devices,), ('data',), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n_devices])
+  repl = sharding_lib.replicated(mesh)
+  data = sharding_lib.data_sharding(mesh)
+  graphdef, _, tx = state_lib.create_train_state(config)
+  fn = jax.jit(step_lib.make_train_step(config, graphdef, tx),
+               in_shardings=(repl, data), out_shardings=(repl, repl))
+  new_state, metrics = fn(jax.device_put(state, repl),
+                          sharding_lib.shard_batch(batch, data))
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+def test_sharded_step_matches_single_device(smoke_config):
+  assert jax.device_count() == 4
+  c = smoke_config
+  root = train.resolve_data_root(c)
+  batch = next(iter(pipeline.make_train_dataset(
+      c, root, local_batch_size=4, with_target=False)))
+  _, state, _ = state_lib.create_train_state(c)
+  s1, m1 = _step_on_mesh(c, state, batch, 1)
+  s4, m4 = _step_on_mesh(c, state, batch, 4)
+  np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m4['grad_norm'], m1['grad_norm'], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.batch_stats),
+                  jax.tree.leaves(s4.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    smoke_config, tmp_path, monkeypatch):
+  c = smoke_config
+  c.train.num_steps = 4
+  c.eval.splits = ()
+  make = pipeline.make_train_dataset
+  calls = {'n': 0}
+
+  def poisoned(*args, **kw):
+    def poison(batch):
+      calls['n'] += 1
+      if calls['n'] >= 3:  # the third batch carries a NaN flow
+        batch['source']['flow'] = np.full_like(batch['source']['flow'],
+                                               np.nan)
+      return batch
+    return make(*args, **kw).map(poison)
+
+  monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'Non-finite values at step 3: .*loss=nan') as e:
+    train.train_and_evaluate(c, workdir)
+  assert 'last good checkpoint is step 2' in str(e.value)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         'checkpoints'))
+                 if s.isdigit())
+  assert steps == [1, 2]
+  state = _restore(c, workdir, 2)
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(state.params))
+
+
+def test_cli_rejects_a_misspelt_override(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dastc_jax.main',
+       '--config=configs/synthetic.py:smoke', f'--workdir={tmp_path}',
+       '--config.train.num_stepz=3'], cwd=REPO, capture_output=True,
+      text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert 'num_stepz' in proc.stderr and 'num_steps' in proc.stderr
+
+
+def test_config_errors_are_clear(smoke_config, tmp_path):
+  c = smoke_config
+  c.model.num_classes = 12
+  with pytest.raises(ValueError, match='has 15 classes'):
+    train.train_and_evaluate(c, str(tmp_path))
+  c.model.num_classes = 15
+  c.train.batch_size = 3
+  with pytest.raises(ValueError, match='not divisible by the 4 devices'):
+    train.train_and_evaluate(c, str(tmp_path))
