@@ -26,12 +26,14 @@ def domain(layout: str, root: str, flow_dir: str, split: str,
     flow_dir: flow folder, relative to ``data.root`` (or absolute).
     split: ``train`` or ``val``.
     image_size: ``(H, W)`` network input size; frames and flows are resized.
-    flip: random horizontal flip of the whole clip (flow dx negated).
+    flip: random horizontal flip of the whole clip, frames and flows.
     label_size: ``image`` (labels resized with the frames) or ``native``.
   """
   return ml_collections.ConfigDict(dict(
       layout=layout, root=root, flow_dir=flow_dir, split=split,
       image_size=image_size, flip=flip, label_size=label_size,
+      # False reproduces the reference bug: flipped flows keep their dx sign.
+      flip_negate_dx=True,
       remove_ego_vehicle=(layout == 'viper')))
 
 
@@ -167,4 +169,4 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.train.max_checkpoints = 5
   c.eval.batch_size = 4
   c.eval.num_overlays = 2
-  c.optim.schedule_steps = 2
+  c.optim.warmup_steps = 0

@@ -33,7 +33,8 @@ def get_config(arg: str | None = None):
   c.optim.lr_mult = dict(backbone=1.0, fusion=1.0, head=1.0)
   c.train.batch_size = 8
   c.train.num_steps = 1200
-  c.optim.schedule_steps = c.train.num_steps
+  # Decay over the whole run, also when --config.train.num_steps changes.
+  c.optim.schedule_steps = c.train.get_ref('num_steps')
   c.train.log_every = 50
   c.train.checkpoint_every = 300
   c.eval.batch_size = 8

@@ -26,11 +26,14 @@ class Checkpointer:
   """Saves and restores ``(state, data_iter)`` under ``directory``."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f'No checkpoint folder at {self.directory}.')
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=('state', 'data_iter'))
 
@@ -78,6 +81,30 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def resolve(workdir: str, checkpoint: str) -> tuple[str, int]:
+  """(checkpoint root, step or -1 for latest) from a user's ``--checkpoint``.
+
+  Args:
+    workdir: the run folder; its ``checkpoints/`` is the default root.
+    checkpoint: '' (latest), a step number, a step folder
+      (``.../checkpoints/900``), a checkpoint root or a training workdir.
+  """
+  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not checkpoint:
+    return root, -1
+  if checkpoint.isdigit():
+    return root, int(checkpoint)
+  path = os.path.abspath(os.path.expanduser(checkpoint)).rstrip('/')
+  if not os.path.exists(path):
+    raise CheckpointError(f'Checkpoint path {path} does not exist.')
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return os.path.dirname(path), int(base)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), -1
+  return path, -1
 
 
 def abstract_with_sharding(state: Any, sharding: jax.sharding.Sharding

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
 from dastc_jax import metrics as metrics_lib
@@ -48,6 +49,40 @@ class SplitResult:
 
 def _pct(x: float) -> float | None:
   return None if np.isnan(x) else round(100.0 * float(x), 2)
+
+
+def evaluate_splits(config: ml_collections.ConfigDict, data_root: str,
+                    eval_step: Callable[..., Any], params: Any,
+                    batch_stats: Any, data_sharding: jax.NamedSharding,
+                    out_dir: str, step: int,
+                    num_overlays: int) -> list[SplitResult]:
+  """Evaluates every split of ``config.eval.splits``; writes the tables.
+
+  The eval batch is rounded up to a multiple of the device count (padded
+  slots are masked), so ``config.eval.batch_size`` never has to follow the
+  mesh.
+
+  Returns:
+    One result per split (empty if ``config.eval.splits`` is empty).
+  """
+  cs = labels_lib.get_class_set(config.data.class_set)
+  n_dev = data_sharding.mesh.devices.size
+  global_bs = -(-config.eval.batch_size // n_dev) * n_dev
+  results = []
+  for split in config.eval.splits:
+    ds = pipeline.make_eval_dataset(config.data[split], data_root, cs.name,
+                                    config.model.per_axis_flow_scale,
+                                    section=f'config.data.{split}')
+    results.append(evaluate_split(
+        split, eval_step, params, batch_stats, ds, class_set=cs,
+        global_batch_size=global_bs, data_sharding=data_sharding,
+        num_overlays=num_overlays,
+        overlay_dir=os.path.join(out_dir, 'overlays', split)))
+  if results and jax.process_index() == 0:
+    table = write_results(out_dir, results, step)
+    print(f'\nPer-class IoU (%) at step {step} ({cs.name}):\n{table}\n',
+          flush=True)
+  return results
 
 
 def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
@@ -115,15 +150,15 @@ def format_table(results: Sequence[SplitResult]) -> str:
   return '\n'.join(rows)
 
 
-def write_results(out_dir: str, results: Sequence[SplitResult], step: int,
-                  extra: dict[str, Any] | None = None) -> str:
+def write_results(out_dir: str, results: Sequence[SplitResult],
+                  step: int) -> str:
   """Writes ``results.json`` and ``results.md`` (atomically) to ``out_dir``.
 
   Returns:
     The markdown table.
   """
   os.makedirs(out_dir, exist_ok=True)
-  payload = {'step': step, **(extra or {}),
+  payload = {'step': step,
              'splits': {r.name: r.to_json() for r in results}}
   table = format_table(results)
   md = (f'# Evaluation at step {step}\n\n'

@@ -27,7 +27,7 @@ class TrainState:
   params: Any  # pure dict of float32 arrays
   batch_stats: Any  # pure dict of BatchNorm running averages
   opt_state: Any
-  rng: jax.Array  # uint32[2] root key; per-step keys are fold_in(rng, step)
+  rng: jax.Array  # uint32 key data; step keys: fold_in(wrap(rng), step)
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int
@@ -42,29 +42,48 @@ def init_model(config: ml_collections.ConfigDict, seed: int
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def create_train_state(config: ml_collections.ConfigDict
-                       ) -> tuple[nnx.GraphDef, TrainState,
-                                  optax.GradientTransformation]:
-  """Creates the initial train state.
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+  """The model's static graph, without creating any parameter."""
+  abstract = nnx.eval_shape(
+      lambda: models.build_model(config.model, nnx.Rngs(params=0)))
+  return nnx.split(abstract)[0]
 
-  Args:
-    config: the experiment config.
 
-  Returns:
-    ``(graphdef, state, tx)``.
-  """
-  graphdef, params, stats = init_model(config, config.seed)
+def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
+  _, params, stats = init_model(config, config.seed)
   tx = optim.make_optimizer(config.optim, params,
                             config.model.freeze_bn_affine)
   # One compiled init for the whole optimizer state (eager would compile
   # one program per parameter shape).
   opt_state = jax.jit(tx.init)(params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=stats, opt_state=opt_state,
-                     rng=jax.random.PRNGKey(config.seed + 1))
-  return graphdef, state, tx
+  rng = jax.random.key_data(jax.random.key(config.seed + 1))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=stats, opt_state=opt_state, rng=rng)
+
+
+def create_train_state(config: ml_collections.ConfigDict, *,
+                       abstract: bool = False
+                       ) -> tuple[nnx.GraphDef, TrainState,
+                                  optax.GradientTransformation]:
+  """Creates the initial train state, or only its shapes.
+
+  Args:
+    config: the experiment config.
+    abstract: return ``jax.ShapeDtypeStruct`` leaves (a restore target)
+      without initialising anything.
+
+  Returns:
+    ``(graphdef, state, tx)``.
+  """
+  if abstract:
+    state = jax.eval_shape(lambda: _initial_state(config))
+  else:
+    state = _initial_state(config)
+  tx = optim.make_optimizer(config.optim, state.params,
+                            config.model.freeze_bn_affine)
+  return model_graphdef(config), state, tx
 
 
 def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   """Shapes and dtypes of the train state, without allocating it."""
-  return jax.eval_shape(lambda: create_train_state(config)[1])
+  return create_train_state(config, abstract=True)[1]

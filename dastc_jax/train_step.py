@@ -18,17 +18,13 @@ import optax
 
 from dastc_jax import losses
 from dastc_jax import metrics as metrics_lib
+from dastc_jax import models
 from dastc_jax import optim
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import warp as warp_ops
 from dastc_jax.state import TrainState
 
 Batch = dict[str, Any]
-
-
-def _dtype(config: ml_collections.ConfigDict):
-  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[
-      config.model.dtype]
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -48,11 +44,12 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     ``[B, 2, H, W]`` and ``flow`` ``[B, H, W, 2]`` (t->t-1).
   """
   aux_weight = config.loss.aux_weight
-  dtype = _dtype(config)
+  dtype = models.compute_dtype(config.model.dtype)
   schedules = optim.group_schedules(config.optim)
 
   def train_step(state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                             state.step)
     src = batch['source']
     frames = image_ops.normalize(src['frames'], dtype)  # [B, 2, H, W, 3]
     label = src['labels'][:, 0].astype(jnp.int32)  # [B, H, W]
@@ -92,7 +89,7 @@ def make_eval_step(config: ml_collections.ConfigDict,
   ``flow`` ``[B, H, W, 2]``, ``label`` ``[B, Hl, Wl]``, ``mask`` ``[B]``.
   """
   num_classes = config.model.num_classes
-  dtype = _dtype(config)
+  dtype = models.compute_dtype(config.model.dtype)
 
   def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats)

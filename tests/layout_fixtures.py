@@ -32,13 +32,14 @@ def write_viper(root, flow_dir, rng, h=24, w=32):
     raw[h - 4:, w // 2 - 4:w // 2 + 4] = 24
     raw[:3, :3] = 24
     raw[h - 5, :] = 3  # separates the ego component from anything above
+    # A car pixel touching the ego vehicle only diagonally: part of it under
+    # 8-connectivity (cv2.connectedComponents' default in the reference).
+    raw[h - 5, w // 2 + 4] = 24
     frames[f], raws[f] = img, raw
     _save(layouts.viper_image(root, 'train', 1, f), img, quality=95)
     lab = Image.fromarray(raw)
     if f % 20 == 0:  # some class maps are palette images, as in VIPER
       lab = lab.convert('P')
-      lab.putpalette([v for i in range(256) for v in (i, i, i)])
-      lab = Image.fromarray(raw, mode='L').convert('P')
     os.makedirs(os.path.dirname(layouts.viper_label(root, 'train', 1, f)),
                 exist_ok=True)
     lab.save(layouts.viper_label(root, 'train', 1, f))

@@ -58,6 +58,7 @@ def test_viper_decode_round_trip_and_label_map(viper):
   # The ego vehicle (car touching the bottom centre) is ignored; the other
   # car component stays car (10).
   assert np.all(lab[h - 4:, w // 2 - 4:w // 2 + 4] == 255)
+  assert lab[h - 5, w // 2 + 4] == 255  # diagonal neighbour: 8-connected
   assert np.all(lab[:3, :3] == 10)
   np.testing.assert_allclose(ex['flow'], flows[20].astype(np.float32),
                              atol=1e-5)
@@ -107,6 +108,14 @@ def test_resize_scales_flows_and_flip_negates_dx():
   np.testing.assert_allclose(flipped['flow'][:, -1, 0], 1.0)  # was -1, x-flip
   np.testing.assert_allclose(flipped['flow'][:, 0, 0], -2.0)
   np.testing.assert_allclose(flipped['flow'][..., 1], 2.0)
+  # The reference bug, behind a flag: flipped frames, dx sign kept.
+  rng = np.random.default_rng(0)
+  buggy = transforms.RandomFlip(p=1.0, negate_dx=False).random_map(ex, rng)
+  np.testing.assert_array_equal(buggy['labels'], flipped['labels'])
+  np.testing.assert_allclose(buggy['flow'][:, -1, 0], -1.0)
+  np.testing.assert_allclose(buggy['flow'][:, 0, 0], 2.0)
+  fixed = transforms.RandomFlip(p=1.0).random_map(ex, rng)
+  np.testing.assert_allclose(fixed['flow'], flipped['flow'])
 
 
 def test_missing_flow_names_the_file_and_how_flows_are_made(viper):
@@ -169,3 +178,23 @@ def test_wrong_dataset_root_is_explained(viper, cityscapes):
     layouts.viper_index(croot, vflow, 'train')
   with pytest.raises(io.DataError, match='does not look like Cityscapes'):
     layouts.cityscapes_seq_index(vroot, cflows['val'], 'val', 'val')
+
+
+def test_clip_frames_of_different_sizes_and_mismatched_flow_grids(
+    cityscapes):
+  root, flow_dirs, _ = cityscapes
+  rec = layouts.cityscapes_seq_index(root, flow_dirs['val'], 'val',
+                                     'val')[0]
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(rec['frames'][1])
+  with pytest.raises(io.DataError, match='must have one size') as e:
+    transforms.DecodeCityscapesSeq().map(rec)
+  assert rec['frames'][1] in str(e.value)
+  Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(rec['frames'][1])
+  np.save(rec['flows']['flow'], np.zeros((16, 16, 2), np.int16))
+  with pytest.raises(io.DataError, match='same aspect ratio') as e:
+    transforms.DecodeCityscapesSeq().map(rec)
+  assert rec['flows']['flow'] in str(e.value)
+  # A flow on a half-resolution copy of the frame grid is fine.
+  np.save(rec['flows']['flow'], np.zeros((8, 16, 2), np.int16))
+  assert transforms.DecodeCityscapesSeq().map(rec)['flow'].shape == (8, 16,
+                                                                     2)

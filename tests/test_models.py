@@ -136,6 +136,28 @@ def test_batchnorm_train_stats_and_running_update():
                              atol=1e-5)
 
 
+def test_bn_running_stats_see_the_current_frame_first():
+  g, p, s = _split(_cfg(dropout=0.0))
+  k = jax.random.split(jax.random.key(5), 2)
+  cur = jax.random.normal(k[0], (2, 32, 48, 3)) * 40 + 30
+  key = jax.random.normal(k[1], (2, 32, 48, 3)) * 20 - 50
+
+  @jax.jit
+  def run(p, s):
+    model = nnx.merge(g, p, s)
+    model(cur, key, jnp.zeros((2, 32, 48, 2)), train=True)
+    stem = model.backbone.conv1
+    return (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+            jnp.mean(stem(cur), (0, 1, 2)), jnp.mean(stem(key), (0, 1, 2)))
+
+  stats, m_cur, m_key = run(p, s)
+  # Running mean starts at 0, momentum 0.1: cur then key gives
+  # 0.9 * 0.1 * m_cur + 0.1 * m_key (the other order would swap them).
+  np.testing.assert_allclose(stats['backbone']['bn1']['mean'],
+                             0.09 * m_cur + 0.1 * m_key, rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_channel_dropout_drops_whole_channels():
   x = jnp.ones((2, 4, 4, 64))
   y = np.asarray(layers.channel_dropout(x, 0.5, jax.random.key(0)))
@@ -146,3 +168,12 @@ def test_channel_dropout_drops_whole_channels():
   assert 0 < (per_channel[:, 0] == 0).mean() < 1
   np.testing.assert_array_equal(np.asarray(layers.channel_dropout(x, 0.5,
                                                                   None)), x)
+
+
+def test_bad_model_config_values_name_the_key():
+  with pytest.raises(ValueError, match='config.model.dtype'):
+    _split(_cfg(dtype='float16'))
+  with pytest.raises(ValueError, match='config.model.backbone_init'):
+    _split(_cfg(backbone_init='xavier'))
+  with pytest.raises(ValueError, match='config.model.name'):
+    _split(_cfg(name='unet'))

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from dastc_jax import checkpointing
 from dastc_jax.data import pipeline
 
 
@@ -69,6 +70,25 @@ def test_hosts_read_disjoint_halves_and_epochs_reshuffle(smoke_config,
   epoch0 = [ds[i]['id'] for i in range(n)]
   epoch1 = [ds[n + i]['id'] for i in range(n)]
   assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
+                                                       tiny_world, tmp_path):
+  it = _train_iter(smoke_config, tiny_world)
+  for _ in range(2):
+    next(it)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  state = {'w': np.arange(3.0)}
+  ckpt.save(2, state, it)
+  ckpt.wait()
+  expected = next(it)
+  fresh = _train_iter(smoke_config, tiny_world)
+  restored = ckpt.restore(2, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), fresh)
+  ckpt.close()
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert _leaves_equal(expected, next(fresh))
+  assert set(expected) == {'source', 'target'}
 
 
 def test_multiprocess_workers_yield_the_same_stream(smoke_config,

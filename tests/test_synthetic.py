@@ -36,7 +36,6 @@ def _interior_match(cur, other, flow):
   qxi = np.clip(np.round(qx).astype(int), 0, w - 1)
 
   def uniform(m):  # the 3x3 neighbourhood is one surface
-    m = m * 100 + 0
     return scipy.ndimage.maximum_filter(m, 3) == scipy.ndimage.minimum_filter(
         m, 3)
 

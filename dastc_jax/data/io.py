@@ -83,13 +83,41 @@ def read_flow(path: str, expected_hw: tuple[int, int] | None = None
   return arr.astype(np.float32) / 10.0
 
 
+def stack_frames(paths: list[str]) -> np.ndarray:
+  """Reads a clip's frames as ``[T, H, W, 3]``; they must share one size."""
+  frames = [read_rgb(p) for p in paths]
+  for p, f in zip(paths[1:], frames[1:]):
+    if f.shape != frames[0].shape:
+      raise DataError(f'Frame {p} is {f.shape[:2]} but {paths[0]} is '
+                      f'{frames[0].shape[:2]}; the frames of a clip must '
+                      'have one size.')
+  return np.stack(frames)
+
+
+def check_flow_grid(flow: np.ndarray, frame_hw: tuple[int, int],
+                    path: str) -> None:
+  """Raises if a flow's grid is not a rescaled copy of its frame's grid.
+
+  Flows may be stored at a lower resolution (VIPER: 576x1024 for 1080x1920
+  frames); they are resized with magnitude scaling, which is only right if
+  the aspect ratio matches.
+  """
+  fh, fw = flow.shape[:2]
+  h, w = frame_hw
+  if abs(fh / fw - h / w) > 0.01 * (h / w):
+    raise DataError(f'Flow {path} is {fh}x{fw} but its frame is {h}x{w}; '
+                    'expected the same aspect ratio (a resized copy of the '
+                    "frame's grid).")
+
+
 def remove_ego_vehicle(raw: np.ndarray, car_id: int,
                        replacement: int = 0) -> np.ndarray:
   """Relabels the car component touching the bottom-row centre pixel.
 
   VIPER labels the player's own vehicle as car; the reference removes the
-  4-connected component of ``raw == car_id`` that contains the bottom-row
-  centre pixel (method.md §2.2).
+  8-connected component (``cv2.connectedComponents``' default) of
+  ``raw == car_id`` that contains the bottom-row centre pixel (method.md
+  §2.2).
 
   Args:
     raw: ``[H, W]`` raw ids.
@@ -102,7 +130,8 @@ def remove_ego_vehicle(raw: np.ndarray, car_id: int,
   h, w = raw.shape
   if raw[h - 1, w // 2] != car_id:
     return raw
-  components, _ = scipy.ndimage.label(raw == car_id)
+  components, _ = scipy.ndimage.label(raw == car_id,
+                                      structure=np.ones((3, 3), bool))
   out = raw.copy()
   out[components == components[h - 1, w // 2]] = replacement
   return out

@@ -27,7 +27,8 @@ def _path(data_root: str, p: str) -> str:
 
 
 def build_index(dcfg: ml_collections.ConfigDict, data_root: str,
-                clip: str) -> list[layouts.Record]:
+                clip: str, section: str = 'config.data'
+                ) -> list[layouts.Record]:
   """Lists the records of one dataset split from its on-disk layout.
 
   Args:
@@ -35,6 +36,7 @@ def build_index(dcfg: ml_collections.ConfigDict, data_root: str,
       ``flow_dir``, ``split``).
     data_root: folder that relative ``root``/``flow_dir`` are joined to.
     clip: ``train`` or ``val`` (which frames and flows a sample carries).
+    section: the config section ``dcfg`` came from, for error messages.
 
   Returns:
     The records, sorted by id.
@@ -45,8 +47,8 @@ def build_index(dcfg: ml_collections.ConfigDict, data_root: str,
     return layouts.viper_index(root, flow_dir, dcfg.split)
   if dcfg.layout == 'cityscapes_seq':
     return layouts.cityscapes_seq_index(root, flow_dir, dcfg.split, clip)
-  raise ValueError(f'Unknown data layout {dcfg.layout!r}; expected one of '
-                   f'{LAYOUTS}.')
+  raise ValueError(f'Unknown {section}.layout={dcfg.layout!r}; expected one '
+                   f'of {LAYOUTS}.')
 
 
 def decoder(dcfg: ml_collections.ConfigDict, class_set: str,
@@ -61,8 +63,8 @@ def decoder(dcfg: ml_collections.ConfigDict, class_set: str,
 def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
                    class_set: str, *, clip: str, seed: int,
                    process_index: int, process_count: int,
-                   per_axis_flow_scale: bool,
-                   keep_ids: bool = False) -> grain.MapDataset:
+                   per_axis_flow_scale: bool, keep_ids: bool = False,
+                   section: str = 'config.data') -> grain.MapDataset:
   """One domain's infinite, shuffled, decoded training stream on this host.
 
   Args:
@@ -75,11 +77,12 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
     process_count: number of hosts.
     per_axis_flow_scale: flow-resize rule.
     keep_ids: keep the string ``id`` (for tests and debugging).
+    section: the config section ``dcfg`` came from, for error messages.
 
   Returns:
     A random-access ``MapDataset`` of examples (a new order every epoch).
   """
-  index = build_index(dcfg, data_root, clip)
+  index = build_index(dcfg, data_root, clip, section)
   ds = grain.MapDataset.source(index)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
   ds = ds.map(decoder(dcfg, class_set, with_label=False))
@@ -87,9 +90,9 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
       image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
       label_size='image', per_axis_flow_scale=per_axis_flow_scale))
   if dcfg.flip:
-    ds = ds.random_map(transforms.RandomFlip(p=0.5, negate_dx=True))
-  return ds.map(transforms.DropKeys(('label',) if keep_ids else
-                                    ('id', 'label')))
+    ds = ds.random_map(transforms.RandomFlip(p=0.5,
+                                             negate_dx=dcfg.flip_negate_dx))
+  return ds if keep_ids else ds.map(transforms.DropKeys(('id',)))
 
 
 def domain_seed(seed: int, name: str) -> int:
@@ -120,10 +123,12 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
   kw = dict(process_index=process_index, process_count=process_count,
             per_axis_flow_scale=config.model.per_axis_flow_scale)
   src = domain_dataset(d.source, data_root, d.class_set, clip='train',
-                       seed=domain_seed(config.seed, 'source'), **kw)
+                       seed=domain_seed(config.seed, 'source'),
+                       section='config.data.source', **kw)
   if with_target:
     tgt = domain_dataset(d.target, data_root, d.class_set, clip='train',
-                         seed=domain_seed(config.seed, 'target'), **kw)
+                         seed=domain_seed(config.seed, 'target'),
+                         section='config.data.target', **kw)
     paired = grain.experimental.ZipMapDataset([src, tgt]).map(_pair)
   else:
     paired = src.map(_source_only)
@@ -145,14 +150,14 @@ def _source_only(ex: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_eval_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
-                      class_set: str,
-                      per_axis_flow_scale: bool) -> grain.MapDataset:
+                      class_set: str, per_axis_flow_scale: bool,
+                      section: str = 'config.data') -> grain.MapDataset:
   """Decoded, resized evaluation examples in index order (with ``id``)."""
-  index = build_index(dcfg, data_root, 'val')
-  ds = grain.MapDataset.source(index).map(decoder(dcfg, class_set, True))
   if dcfg.label_size not in ('image', 'native'):
-    raise ValueError(f"label_size must be 'image' or 'native', got "
+    raise ValueError(f"{section}.label_size must be 'image' or 'native', got "
                      f'{dcfg.label_size!r}')
+  index = build_index(dcfg, data_root, 'val', section)
+  ds = grain.MapDataset.source(index).map(decoder(dcfg, class_set, True))
   label_size = None if dcfg.label_size == 'native' else 'image'
   ds = ds.map(transforms.Resize(
       image_size=tuple(dcfg.image_size) if dcfg.image_size else None,

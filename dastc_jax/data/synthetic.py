@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from dastc_jax.data import labels
 from dastc_jax.data import layouts
 from dastc_jax.data import synthetic_scene as scn
 from dastc_jax.data import synthetic_style as sty
@@ -33,16 +34,17 @@ VERSION = 1
 STRIDE = 10  # VIPER samples every 10th frame.
 ANNOTATED = 19  # Cityscapes annotates the 20th frame of each snippet.
 
-VIPER_RAW = {'sky': 2, 'road': 3, 'sidewalk': 4, 'terrain': 6, 'tree': 7,
-             'vegetation': 8, 'building': 9, 'pole': 10, 'fence': 11,
-             'light': 13, 'sign': 14, 'person': 20, 'bicycle': 22,
-             'motorcycle': 23, 'car': 24, 'bus': 26, 'truck': 27, 'ego': 24}
+# World class -> VIPER raw class name (poles are VIPER "infrastructure"; the
+# ego vehicle is labelled car, as in VIPER, and removed by the loader).
+_VIPER_NAME = {'pole': 'infrastructure', 'light': 'trafficlight',
+               'sign': 'trafficsign', 'ego': 'car'}
 CITYSCAPES_ID = {'ego': 1, 'road': 7, 'sidewalk': 8, 'building': 11,
                  'fence': 13, 'pole': 17, 'light': 19, 'sign': 20,
                  'vegetation': 21, 'tree': 21, 'terrain': 22, 'sky': 23,
                  'person': 24, 'car': 26, 'truck': 27, 'bus': 28,
                  'motorcycle': 32, 'bicycle': 33}
-_TO_VIPER = np.array([VIPER_RAW[c] for c in scn.CLASSES], np.uint8)
+_TO_VIPER = np.array([labels.VIPER_RAW[_VIPER_NAME.get(c, c)]
+                      for c in scn.CLASSES], np.uint8)
 _TO_CS = np.array([CITYSCAPES_ID[c] for c in scn.CLASSES], np.uint8)
 _DOMAIN = {'viper': 1, 'cityscapes': 2}
 _SPLIT = {'train': 1, 'val': 2}

@@ -34,7 +34,7 @@ class DecodeViper(grain.transforms.Map):
   remove_ego: bool = True
 
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
-    frames = np.stack([io.read_rgb(p) for p in rec['frames']])
+    frames = io.stack_frames(rec['frames'])
     labs = []
     for p, frame in zip(rec['labels'], frames):
       raw = io.read_label(p)
@@ -45,8 +45,10 @@ class DecodeViper(grain.transforms.Map):
       if self.remove_ego:
         raw = io.remove_ego_vehicle(raw, labels.VIPER_CAR)
       labs.append(labels.VIPER_TO_TRAIN[raw])
+    flow = io.read_flow(rec['flow'])
+    io.check_flow_grid(flow, frames.shape[1:3], rec['flow'])
     return {'id': rec['id'], 'frames': frames, 'labels': np.stack(labs),
-            'flow': io.read_flow(rec['flow'])}
+            'flow': flow}
 
 
 VIPER_VALID = np.zeros((256,), bool)
@@ -62,10 +64,11 @@ class DecodeCityscapesSeq(grain.transforms.Map):
   with_label: bool = True
 
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
-    frames = np.stack([io.read_rgb(p) for p in rec['frames']])
+    frames = io.stack_frames(rec['frames'])
     out = {'id': rec['id'], 'frames': frames}
     for key, path in rec['flows'].items():
       out[key] = io.read_flow(path)
+      io.check_flow_grid(out[key], frames.shape[1:3], path)
     if self.with_label:
       raw = io.read_label(rec['label'])
       io.check_ids(raw, CITYSCAPES_VALID, rec['label'])

@@ -6,8 +6,10 @@ from flax import nnx
 import ml_collections
 
 from dastc_jax.models import accel
+from dastc_jax.models import layers
 
 _MODELS = {'accel_deeplabv2': accel.AccelDeepLab}
+compute_dtype = layers.compute_dtype
 
 
 def build_model(config: ml_collections.ConfigDict,

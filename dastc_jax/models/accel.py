@@ -23,18 +23,13 @@ from dastc_jax.models import layers
 from dastc_jax.models import resnet
 from dastc_jax.ops import warp as warp_ops
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 class AccelDeepLab(nnx.Module):
   """ACCEL-DeepLabv2: two-frame segmentation with flow-guided score fusion."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    dtype = _DTYPES[config.dtype]
+    dtype = layers.compute_dtype(config.dtype)
     c = config.num_classes
-    backbone_init = {'he': layers.he_normal(),
-                     'normal': layers.normal(config.init_std)}[
-                         config.backbone_init]
+    backbone_init = layers.initializer(config.backbone_init, config.init_std)
     head_init = layers.normal(config.init_std)
     self.num_classes = c
     self.per_axis_flow_scale = config.per_axis_flow_scale

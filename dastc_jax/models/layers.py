@@ -17,6 +17,16 @@ import numpy as np
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """``config.model.dtype`` -> the jnp dtype of activations and matmuls."""
+  if name not in _DTYPES:
+    raise ValueError(f'Unknown config.model.dtype={name!r}; expected one of '
+                     f'{sorted(_DTYPES)}.')
+  return _DTYPES[name]
+
 
 def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float,
                  dtype) -> jax.Array:
@@ -47,6 +57,16 @@ def he_normal() -> Initializer:
 def normal(std: float) -> Initializer:
   """N(0, std^2), the DeepLab reference init of every conv."""
   return lambda key, shape, dtype: _host_normal(key, shape, std, dtype)
+
+
+def initializer(name: str, std: float) -> Initializer:
+  """``config.model.backbone_init`` -> initializer (``he`` or ``normal``)."""
+  if name == 'he':
+    return he_normal()
+  if name == 'normal':
+    return normal(std)
+  raise ValueError(f"Unknown config.model.backbone_init={name!r}; expected "
+                   "'he' or 'normal'.")
 
 
 def _zeros(n: int) -> jax.Array:
