@@ -59,8 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Reference (VIPER -> Cityscapes-Seq, ACCEL-DeepLabv2-R101) defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 1234
-  # 'source_only' trains ACCEL on the labelled source (method.md §4.1).
-  c.method = 'source_only'
+  # 'dastc' adapts to the target (DA-STC); 'source_only' trains ACCEL on the
+  # labelled source (method.md §4.1); 'target_only' is the oracle trained on
+  # target labels.
+  c.method = 'dastc'
 
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data'
@@ -68,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_threads = 4
   c.data.prefetch = 8
   c.data.num_workers = 0
+  # Match the source frames' colour histograms to the target frame (§4.1).
+  c.data.histogram_match = True
   c.data.synthetic = synthetic_world()
   c.data.source = domain('viper', 'Viper', 'estimated_optical_flow_viper_train',
                          'train', (720, 1280))
@@ -115,10 +119,17 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.loss = ml_collections.ConfigDict(dict(aux_weight=0.1))
+  c.dastc = dastc_config()
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=1,  # global: source clips (and target clips) per step
       num_steps=40000,
+      # Source-only steps before adaptation starts (a warm start inside the
+      # run; the reference instead starts from a TPS checkpoint).
+      source_only_steps=0,
+      # Start from another run's weights (a checkpoint step folder, a
+      # checkpoint root or a workdir); optimizer state starts fresh.
+      init_from='',
       log_every=50,
       checkpoint_every=1000,
       eval_every=0,  # 0 = evaluate only at the end
@@ -133,6 +144,69 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   return c
+
+
+def dastc_config() -> ml_collections.ConfigDict:
+  """DA-STC (method.md §4 and the seed): the paper-faithful defaults."""
+  return ml_collections.ConfigDict(dict(
+      lambda_t=1.0,  # weight of the target terms (VIPER: 0.2)
+      aux_weight=0.1,
+      teacher='ema',  # 'ema' mean teacher or 'reference' (frozen, then self)
+      ema_decay=0.999,
+      teacher_switch_steps=8000,  # 'reference': frozen teacher this long
+      confidence=0.9,  # probability threshold of the pasted T' regions
+      # Pseudo-labels below this probability are ignored by the losses
+      # (0: the reference's hard labels on every pixel).
+      pl_threshold=0.0,
+      # Image-sequence-level fusion (QuadMix pastes).
+      image_fusion=True,
+      num_source_classes=2,  # random S' classes per clip
+      num_target_classes=2,  # random T' classes per clip
+      num_rare_classes=3,  # long-tail patches per clip (SYNTHIA: 2)
+      # Shallow-feature-level fusion (inactive in the released code).
+      feature_fusion=True,
+      feature_layer='layer1',  # 'stem' or 'layer1' (or a deeper stage)
+      feature_other_weight=0.3,  # the reference decoder variant's 0.3 / 0.7
+      strong_aug=dict(
+          enabled=True, p_blur=0.6, p_jitter=0.8, p_gray=0.2,
+          brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+          blur_sigma=(0.1, 2.0), blur_kernel=9,
+          wrap_normalized_bug=False),  # True: the reference's [0,1] wrap
+      alignment=dict(
+          kind='contrastive',  # 'contrastive', 'mmd' (reference), 'none'
+          weight=0.1,
+          feature='feat',  # 'feat' (256-d pre-logit) or 'logits' (C-d)
+          temperature=0.1,
+          margin=0.2,
+          min_pixels=5,
+          pairs=2,  # temporal pairs: (t, t-1) [and (t, t-2)]
+          temporal='entropy',  # 'entropy' (adaptive) or 'uniform'
+          entropy_temperature=0.1,
+          detach_source=False),
+      # Reference bugs, reproducible one by one (method.md §10).
+      bugs=dict(confidence_from_logit=False, unclipped_lt_mask=False,
+                flow_mix_key_masks=False),
+  ))
+
+
+def reference(c: ml_collections.ConfigDict) -> None:
+  """The released code's training: RBF-MMD on class-mean logits (weight
+  0.01, uniform temporal weights), no feature-level fusion, the frozen-
+  then-self teacher, and every reference bug flag on."""
+  d = c.dastc
+  d.teacher = 'reference'
+  d.feature_fusion = False
+  d.alignment.kind = 'mmd'
+  d.alignment.weight = 0.01
+  d.alignment.feature = 'logits'
+  d.alignment.temporal = 'uniform'
+  d.strong_aug.wrap_normalized_bug = True
+  d.bugs.confidence_from_logit = True
+  d.bugs.unclipped_lt_mask = True
+  d.bugs.flow_mix_key_masks = True
+  c.optim.constant_head_lr = True
+  for key in ('source', 'target'):
+    c.data[key].flip_negate_dx = False
 
 
 def tiny_model(c: ml_collections.ConfigDict) -> None:
@@ -150,8 +224,16 @@ def use_synthetic(c: ml_collections.ConfigDict, size: str = 'default') -> None:
   c.data.root = ''  # filled in with the generated world's folder
   c.data.class_set = 'viper15'
   c.model.num_classes = 15
-  for key in ('source', 'source_val', 'target', 'target_val'):
-    c.data[key].image_size = None
+  c.data.source = domain('viper', 'Viper', 'estimated_optical_flow_viper_train',
+                         'train', None)
+  c.data.source_val = domain('viper', 'Viper',
+                             'estimated_optical_flow_viper_val', 'val', None)
+  c.data.target = domain('cityscapes_seq', 'Cityscapes',
+                         'estimated_optical_flow_cityscapes_seq_train',
+                         'train', None)
+  c.data.target_val = domain('cityscapes_seq', 'Cityscapes',
+                             'estimated_optical_flow_cityscapes_seq_val',
+                             'val', None, label_size='native')
   c.eval.splits = ('source_val', 'target_val')
 
 
@@ -170,3 +252,8 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.eval.batch_size = 4
   c.eval.num_overlays = 2
   c.optim.warmup_steps = 0
+  c.train.source_only_steps = 1 if c.method == 'dastc' else 0
+  for key, size in (('source', (40, 72)), ('source_val', (40, 72)),
+                    ('target', (32, 64)), ('target_val', (32, 64))):
+    c.data[key].image_size = size
+  c.dastc.strong_aug.blur_kernel = 3

@@ -31,12 +31,19 @@ def get_config(arg: str | None = None):
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 50
   c.optim.lr_mult = dict(backbone=1.0, fusion=1.0, head=1.0)
-  c.train.batch_size = 8
-  c.train.num_steps = 1200
-  # Decay over the whole run, also when --config.train.num_steps changes.
+  c.train.batch_size = 4
+  # 1200 source-only warm-start steps, then 300 DA-STC steps; each phase has
+  # its own warm-up and poly decay (the schedule follows num_steps).
+  c.train.source_only_steps = 1200
+  c.train.num_steps = 1500
   c.optim.schedule_steps = c.train.get_ref('num_steps')
   c.train.log_every = 50
   c.train.checkpoint_every = 300
+  # DA-STC at this scale: a faster mean teacher and a blur sized for
+  # 64x128 frames.
+  c.dastc.ema_decay = 0.99
+  c.dastc.strong_aug.blur_sigma = (0.1, 1.0)
+  c.dastc.strong_aug.blur_kernel = 5
   c.eval.batch_size = 8
   c.eval.num_overlays = 6
   c.data.num_threads = 2

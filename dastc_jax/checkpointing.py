@@ -75,12 +75,72 @@ class Checkpointer:
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return restored['state']
 
+  def restore_weights(self, step: int, params_like: Any,
+                      stats_like: Any) -> tuple[Any, Any]:
+    """Loads only ``params`` and ``batch_stats`` of a checkpoint.
+
+    The checkpoint may come from another method or optimizer (e.g. a
+    source-only warm start for DA-STC): the whole saved tree is read and the
+    weights are matched by path to ``params_like``/``stats_like``.
+
+    Raises:
+      CheckpointError: naming missing, unexpected and mismatched keys.
+    """
+    try:
+      saved = self._mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+    except Exception as e:  # orbax raises many types on bad folders.
+      raise CheckpointError(f'Cannot read checkpoint step {step} in '
+                            f'{self.directory}: {type(e).__name__}: {e}'
+                            ) from e
+    out = []
+    for name, like in (('params', params_like), ('batch_stats', stats_like)):
+      if name not in saved:
+        raise CheckpointError(f'Checkpoint {self.directory}/{step} has no '
+                              f'{name!r}.')
+      out.append(_match_tree(saved[name], like, f'{self.directory}/{step}',
+                             name))
+    return tuple(out)
+
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in
+                   path): v for path, v in flat}
+
+
+def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
+  """``saved`` re-keyed to the structure of ``like``; errors name keys."""
+  got, want = _flat(saved), _flat(like)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  mismatched = sorted(k for k in set(want) & set(got)
+                      if tuple(got[k].shape) != tuple(want[k].shape))
+  if missing or unexpected or mismatched:
+    parts = []
+    for label, keys in (('missing', missing), ('unexpected', unexpected)):
+      if keys:
+        parts.append(f'{len(keys)} {label} ({", ".join(keys[:5])}'
+                     f'{", ..." if len(keys) > 5 else ""})')
+    if mismatched:
+      parts.append('shape mismatches (' + ', '.join(
+          f'{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}'
+          for k in mismatched[:5]) + ')')
+    raise CheckpointError(f'{name} of {where} do not fit this model: '
+                          + '; '.join(parts) + '. Is it the same '
+                          'architecture and class count?')
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  keys = list(_flat(like))
+  return jax.tree_util.tree_unflatten(
+      treedef, [jax.numpy.asarray(got[k], dtype=l.dtype)
+                for k, l in zip(keys, leaves)])
 
 
 def resolve(workdir: str, checkpoint: str) -> tuple[str, int]:
@@ -107,9 +167,11 @@ def resolve(workdir: str, checkpoint: str) -> tuple[str, int]:
   return path, -1
 
 
-def abstract_with_sharding(state: Any, sharding: jax.sharding.Sharding
-                           ) -> Any:
-  """Shape/dtype structs of ``state`` placed with ``sharding``."""
+def abstract_with_sharding(state: Any, sharding: Any) -> Any:
+  """Shape/dtype structs of ``state`` placed with ``sharding`` (one sharding
+  for every leaf, or a matching tree of shardings)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, state)
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      state)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, sharding)

@@ -18,6 +18,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dastc_jax import log_filter
+
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:variant]).',
     lock_config=True)
@@ -28,22 +30,10 @@ flags.DEFINE_string('checkpoint', '', 'eval mode: step, step folder or '
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
-# Libraries whose INFO logs drown the training progress.
-_QUIET = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/jax/_src/')
-
-
-class _QuietLibraries(logging.logging.Filter):
-  """Keeps warnings and errors from chatty libraries, drops their INFO."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or not any(
-        q in record.pathname for q in _QUIET)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  log_filter.install()
   if os.environ.get('DASTC_DISTRIBUTED', '0') == '1':
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),

@@ -41,10 +41,28 @@ def param_labels(params: Any, freeze_bn_affine: bool) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Base LR schedule: optional linear warm-up, then poly decay."""
+def adaptation_start(config: ml_collections.ConfigDict) -> int:
+  """The step where DA-STC's adaptation phase starts (0: one phase)."""
+  return config.train.source_only_steps if config.method == 'dastc' else 0
+
+
+def lr_schedule(config: ml_collections.ConfigDict,
+                restart_at: int = 0) -> optax.Schedule:
+  """Base LR schedule: optional linear warm-up, then poly decay.
+
+  With ``restart_at > 0`` (a source-only warm start inside the run) the
+  warm start decays over ``[0, restart_at)`` and the adaptation phase gets
+  its own warm-up and decay over ``[restart_at, schedule_steps)``, as if it
+  started from a checkpoint (the reference adapts from a TPS checkpoint).
+  """
+  if restart_at > 0:
+    first = lr_schedule(_with_steps(config, restart_at))
+    second = lr_schedule(_with_steps(config,
+                                     config.schedule_steps - restart_at))
+    return lambda step: jnp.where(step < restart_at, first(step),
+                                  second(step - restart_at))
   o = config
-  decay_steps = o.schedule_steps
+  decay_steps = max(o.schedule_steps, 1)
 
   def poly(step):
     frac = jnp.clip(step / decay_steps, 0.0, 1.0)
@@ -64,10 +82,18 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return base
 
 
-def group_schedules(config: ml_collections.ConfigDict
+def _with_steps(config: ml_collections.ConfigDict,
+                steps: int) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.schedule_steps = max(int(steps), 1)
+  out.warmup_steps = min(config.warmup_steps, max(int(steps) // 5, 0))
+  return out
+
+
+def group_schedules(config: ml_collections.ConfigDict, restart_at: int = 0
                     ) -> dict[str, Callable[[Any], Any]]:
   """Per-group LR schedules (multipliers applied)."""
-  base = lr_schedule(config)
+  base = lr_schedule(config, restart_at)
   out = {}
   for g in GROUPS:
     mult = config.lr_mult[g]
@@ -93,18 +119,20 @@ def _group_tx(config: ml_collections.ConfigDict,
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   freeze_bn_affine: bool) -> optax.GradientTransformation:
+                   freeze_bn_affine: bool,
+                   restart_at: int = 0) -> optax.GradientTransformation:
   """Builds the grouped optimizer for ``params``.
 
   Args:
     config: ``config.optim``.
     params: parameter pytree (for the labels).
     freeze_bn_affine: keep BatchNorm scale/bias fixed.
+    restart_at: step where the adaptation phase's schedule starts.
 
   Returns:
     An optax transformation.
   """
-  schedules = group_schedules(config)
+  schedules = group_schedules(config, restart_at)
   txs = {g: _group_tx(config, schedules[g]) for g in GROUPS}
   txs['frozen'] = optax.set_to_zero()
   tx = optax.multi_transform(txs, param_labels(params, freeze_bn_affine))

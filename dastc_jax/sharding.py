@@ -34,6 +34,17 @@ def data_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
   return jax.NamedSharding(mesh, jax.P(DATA))
 
 
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Replicated parameters; the carried per-example clips split on ``data``."""
+  repl, data = replicated(mesh), data_sharding(mesh)
+
+  def pick(path, leaf):
+    carried = any(getattr(k, 'name', None) == 'carried' for k in path)
+    return data if carried and len(leaf.shape) > 0 else repl
+
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
 def local_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """Examples this host loads per step; checks divisibility."""
   n_dev = mesh.devices.size

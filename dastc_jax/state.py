@@ -14,6 +14,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from dastc_jax import models
@@ -22,12 +23,43 @@ from dastc_jax import optim
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training (and is checkpointed)."""
+  """Everything that changes during training (and is checkpointed).
+
+  ``teacher`` and ``carried`` exist for DA-STC only (None otherwise):
+  the teacher's ``params``/``batch_stats``, and the previous iteration's
+  source and target clips that the fusion pastes from (batch-sharded).
+  """
   step: jax.Array  # int32 scalar
   params: Any  # pure dict of float32 arrays
   batch_stats: Any  # pure dict of BatchNorm running averages
   opt_state: Any
   rng: jax.Array  # uint32 key data; step keys: fold_in(wrap(rng), step)
+  teacher: Any = None
+  carried: Any = None
+
+
+def empty_carried(batch: int, source_hw: tuple[int, int],
+                  target_hw: tuple[int, int]) -> dict[str, jax.Array]:
+  """The previous-iteration state before the first adaptation step.
+
+  Source clip S' (histogram-matched uint8 RGB t, t-1; labels; flow t->t-1)
+  and target clip T' (uint8 RGB d=t, c=t-1; pseudo-labels; confident-region
+  masks M_d, M_c; flow d->c). ``has_prev`` is False until one DA-STC step
+  has run, which switches the S'/T' pastes off.
+  """
+  hs, ws = source_hw
+  ht, wt = target_hw
+  z = lambda shape, dt: jnp.asarray(np.zeros(shape, dt))
+  return {
+      'src_frames': z((batch, 2, hs, ws, 3), np.uint8),
+      'src_labels': z((batch, 2, hs, ws), np.uint8),
+      'src_flow': z((batch, hs, ws, 2), np.float32),
+      'tgt_frames': z((batch, 2, ht, wt, 3), np.uint8),
+      'tgt_labels': z((batch, 2, ht, wt), np.uint8),
+      'tgt_masks': z((batch, 2, ht, wt), np.bool_),
+      'tgt_flow': z((batch, ht, wt, 2), np.float32),
+      'has_prev': jnp.asarray(False),
+  }
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int
@@ -49,20 +81,31 @@ def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
   return nnx.split(abstract)[0]
 
 
-def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
+def _initial_state(config: ml_collections.ConfigDict,
+                   sizes: dict[str, Any] | None) -> TrainState:
   _, params, stats = init_model(config, config.seed)
   tx = optim.make_optimizer(config.optim, params,
-                            config.model.freeze_bn_affine)
+                            config.model.freeze_bn_affine,
+                            optim.adaptation_start(config))
   # One compiled init for the whole optimizer state (eager would compile
   # one program per parameter shape).
   opt_state = jax.jit(tx.init)(params)
   rng = jax.random.key_data(jax.random.key(config.seed + 1))
+  teacher = carried = None
+  if config.method == 'dastc':
+    # The teacher is reset to the student when adaptation starts.
+    # Own buffers: the state is donated to the step, leaf by leaf.
+    teacher = jax.tree.map(jnp.copy, {'params': params,
+                                      'batch_stats': stats})
+    carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=stats, opt_state=opt_state, rng=rng)
+                    batch_stats=stats, opt_state=opt_state, rng=rng,
+                    teacher=teacher, carried=carried)
 
 
 def create_train_state(config: ml_collections.ConfigDict, *,
-                       abstract: bool = False
+                       abstract: bool = False,
+                       sizes: dict[str, Any] | None = None
                        ) -> tuple[nnx.GraphDef, TrainState,
                                   optax.GradientTransformation]:
   """Creates the initial train state, or only its shapes.
@@ -71,19 +114,25 @@ def create_train_state(config: ml_collections.ConfigDict, *,
     config: the experiment config.
     abstract: return ``jax.ShapeDtypeStruct`` leaves (a restore target)
       without initialising anything.
+    sizes: for DA-STC, ``{'batch': global batch, 'source': (H, W),
+      'target': (H, W)}`` of the carried clips.
 
   Returns:
     ``(graphdef, state, tx)``.
   """
+  if config.method == 'dastc' and sizes is None:
+    raise ValueError('DA-STC train states need the carried clip sizes.')
   if abstract:
-    state = jax.eval_shape(lambda: _initial_state(config))
+    state = jax.eval_shape(lambda: _initial_state(config, sizes))
   else:
-    state = _initial_state(config)
+    state = _initial_state(config, sizes)
   tx = optim.make_optimizer(config.optim, state.params,
-                            config.model.freeze_bn_affine)
+                            config.model.freeze_bn_affine,
+                            optim.adaptation_start(config))
   return model_graphdef(config), state, tx
 
 
-def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+def abstract_train_state(config: ml_collections.ConfigDict,
+                         sizes: dict[str, Any] | None = None) -> TrainState:
   """Shapes and dtypes of the train state, without allocating it."""
-  return create_train_state(config, abstract=True)[1]
+  return create_train_state(config, abstract=True, sizes=sizes)[1]

@@ -23,20 +23,24 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dastc_jax import checkpointing
+from dastc_jax import dastc_step
 from dastc_jax import evaluate
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
+from dastc_jax.data import io
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.data import synthetic
 
 # Config keys a run cannot change when it resumes from a workdir.
 _FROZEN_KEYS = ('model.', 'data.class_set', 'method')
+METHODS = ('dastc', 'source_only', 'target_only')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,9 +61,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.model.num_classes={config.model.num_classes} but '
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
-  if config.method != 'source_only':
-    raise ValueError(f"Unknown config.method={config.method!r}; expected "
-                     "'source_only'.")
+  if config.method not in METHODS:
+    raise ValueError(f'Unknown config.method={config.method!r}; expected one '
+                     f'of {METHODS}.')
+  if (config.method == 'dastc' and
+      config.train.source_only_steps >= config.train.num_steps):
+    logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
+                    'adaptation step will run.',
+                    config.train.source_only_steps, config.train.num_steps)
   for split in config.eval.splits:
     if split not in config.data:
       raise ValueError(f'config.eval.splits names {split!r}, which is not a '
@@ -117,6 +126,56 @@ def _check_finite(metrics: dict[str, float], step: int,
         'Lower config.optim.lr or set config.optim.grad_clip_norm.')
 
 
+def _carried_sizes(config: ml_collections.ConfigDict,
+                   data_root: str) -> dict[str, Any] | None:
+  """Global batch and clip sizes of DA-STC's carried state."""
+  if config.method != 'dastc':
+    return None
+  size = lambda key: tuple(config.data[key].image_size or io.image_size(
+      pipeline.build_index(config.data[key], data_root, 'train',
+                           f'config.data.{key}')[0]['frames'][0]))
+  return {'batch': config.train.batch_size, 'source': size('source'),
+          'target': size('target')}
+
+
+def _init_from(config: ml_collections.ConfigDict,
+               state: state_lib.TrainState) -> state_lib.TrainState:
+  """Replaces the initial weights by those of ``config.train.init_from``."""
+  root, step = checkpointing.resolve('.', config.train.init_from)
+  src = checkpointing.Checkpointer(root, async_save=False, read_only=True)
+  try:
+    step = src.latest_step() if step < 0 else step
+    if step is None:
+      raise checkpointing.CheckpointError(f'No checkpoint in {root} '
+                                          '(config.train.init_from).')
+    params, stats = src.restore_weights(step, state.params,
+                                        state.batch_stats)
+  finally:
+    src.close()
+  logging.info('Initialised the weights from %s step %d.', root, step)
+  teacher = state.teacher
+  if teacher is not None:
+    teacher = jax.tree.map(jnp.copy, {'params': params,
+                                      'batch_stats': stats})
+  return state.replace(params=params, batch_stats=stats, teacher=teacher)
+
+
+def _make_steps(config, graphdef, tx, state_sharding, data, repl):
+  """Jitted train step(s): ``[(first_step, fn), ...]`` in order."""
+  jit = lambda fn: jax.jit(fn, in_shardings=(state_sharding, data),
+                           out_shardings=(state_sharding, repl),
+                           donate_argnums=(0,))
+  if config.method == 'target_only':
+    return [(0, jit(step_lib.make_train_step(config, graphdef, tx,
+                                             'target')))]
+  source = (0, jit(step_lib.make_train_step(config, graphdef, tx, 'source')))
+  if config.method == 'source_only':
+    return [source]
+  adapt = (config.train.source_only_steps,
+           jit(dastc_step.make_dastc_step(config, graphdef, tx)))
+  return [source, adapt] if config.train.source_only_steps > 0 else [adapt]
+
+
 def _jit_eval_step(config, graphdef, repl, data):
   return jax.jit(step_lib.make_eval_step(config, graphdef),
                  in_shardings=(repl, repl, data), out_shardings=(repl, data))
@@ -129,12 +188,16 @@ class _Run:
   workdir: str
   data_root: str
   train_iter: Any
-  train_step: Any
+  train_steps: list[tuple[int, Any]]
   eval_step: Any
   data_sharding: jax.NamedSharding
   ckpt: checkpointing.Checkpointer
   writer: Any
   report: Any
+
+  def step_fn(self, step: int):
+    """The jitted step function in charge of ``step`` (warm start, adapt)."""
+    return [fn for first, fn in self.train_steps if first <= step][-1]
 
   def evaluate(self, state, step: int, num_overlays: int):
     return evaluate.evaluate_splits(
@@ -180,16 +243,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_to_keep=config.train.max_checkpoints)
   latest = ckpt.latest_step()
   graphdef, state, tx = state_lib.create_train_state(
-      config, abstract=latest is not None)
+      config, abstract=latest is not None,
+      sizes=_carried_sizes(config, data_root))
+  state_sharding = sharding_lib.state_shardings(state, mesh)
   if latest is None:
-    state = jax.device_put(state, repl)
+    if config.train.init_from:
+      state = _init_from(config, state)
+    state = jax.device_put(state, state_sharding)
   else:
     state = ckpt.restore(latest, checkpointing.abstract_with_sharding(
-        state, repl), train_iter)
+        state, state_sharding), train_iter)
   start = int(jax.device_get(state.step))
-  train_step = jax.jit(step_lib.make_train_step(config, graphdef, tx),
-                       in_shardings=(repl, data), out_shardings=(repl, repl),
-                       donate_argnums=(0,))
+  train_steps = _make_steps(config, graphdef, tx, state_sharding, data, repl)
   eval_step = _jit_eval_step(config, graphdef, repl, data)
 
   # Logging and progress hooks (process 0 writes).
@@ -204,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info('Training from step %d to %d on %d devices (%d hosts), global '
                'batch %d.', start, config.train.num_steps, mesh.devices.size,
                jax.process_count(), config.train.batch_size)
-  run = _Run(config, workdir, data_root, train_iter, train_step, eval_step,
+  run = _Run(config, workdir, data_root, train_iter, train_steps, eval_step,
              data, ckpt, writer, report)
   try:
     with metric_writers.ensure_flushes(writer):
@@ -236,7 +301,7 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
       with run.report.timed('data', wait_jax_async_dispatch=False):
         batch = sharding_lib.shard_batch(next(run.train_iter),
                                          run.data_sharding)
-      state, metrics = run.train_step(state, batch)
+      state, metrics = run.step_fn(step)(state, batch)
     done = step + 1
     if prev is not None:
       _check_finite(_host_scalars(prev), done - 1, ckpt)
@@ -252,7 +317,9 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
       prev = None
     if log:
       host = [_host_scalars(m) for m in window]
-      scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      keys = sorted({k for m in host for k in m})  # phases log other terms
+      scalars = {k: float(np.mean([m[k] for m in host if k in m]))
+                 for k in keys}
       run.writer.write_scalars(done, scalars)
       eta = (time.time() - t_start) / (done - start) * (num_steps - done)
       logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
@@ -314,10 +381,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       raise checkpointing.CheckpointError(
           f'No checkpoint step {step} in {root}; available: '
           f'{ckpt.all_steps()}')
-    graphdef, abstract, _ = state_lib.create_train_state(config,
-                                                         abstract=True)
+    graphdef, abstract, _ = state_lib.create_train_state(
+        config, abstract=True, sizes=_carried_sizes(config, data_root))
     state = ckpt.restore(step, checkpointing.abstract_with_sharding(
-        abstract, repl))
+        abstract, sharding_lib.state_shardings(abstract, mesh)))
   finally:
     ckpt.close()
   results = evaluate.evaluate_splits(

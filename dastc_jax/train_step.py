@@ -28,31 +28,38 @@ Batch = dict[str, Any]
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation
+                    tx: optax.GradientTransformation, domain: str = 'source'
                     ) -> Callable[[TrainState, Batch], tuple[TrainState,
                                                              dict[str, Any]]]:
-  """Builds the source-only supervised train step.
+  """Builds the supervised train step on one domain's labels.
+
+  ``domain='source'`` is source-only training (and DA-STC's warm start);
+  ``domain='target'`` is the target oracle (it needs target labels).
 
   Args:
     config: experiment config.
     graphdef: static NNX graph of the model.
     tx: the optimizer.
+    domain: which labelled clips to train on.
 
   Returns:
-    ``train_step(state, batch) -> (state, metrics)``; ``batch['source']``
-    holds ``frames`` ``[B, 2, H, W, 3]`` uint8 (t, t-1), ``labels``
-    ``[B, 2, H, W]`` and ``flow`` ``[B, H, W, 2]`` (t->t-1).
+    ``train_step(state, batch) -> (state, metrics)``; ``batch[domain]``
+    holds ``frames`` ``[B, T, H, W, 3]`` uint8 (t, t-1, ...), ``flow``
+    ``[B, H, W, 2]`` (t->t-1) and the labels of frame t (source
+    ``labels[:, 0]``, target ``label``).
   """
   aux_weight = config.loss.aux_weight
   dtype = models.compute_dtype(config.model.dtype)
-  schedules = optim.group_schedules(config.optim)
+  schedules = optim.group_schedules(config.optim,
+                                    optim.adaptation_start(config))
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                              state.step)
-    src = batch['source']
-    frames = image_ops.normalize(src['frames'], dtype)  # [B, 2, H, W, 3]
-    label = src['labels'][:, 0].astype(jnp.int32)  # [B, H, W]
+    src = batch[domain]
+    frames = image_ops.normalize(src['frames'], dtype)  # [B, T, H, W, 3]
+    label = (src['labels'][:, 0] if domain == 'source' else
+             src['label']).astype(jnp.int32)  # [B, H, W]
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.batch_stats)

@@ -17,6 +17,8 @@ flags.FLAGS.mark_as_parsed()
 jax.config.update('jax_compilation_cache_dir',
                   os.path.join(os.path.dirname(__file__), '..', '.jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+# Tests are compile-bound (tiny models): trade run time for compile time.
+jax.config.update('jax_disable_most_optimizations', True)
 
 
 @pytest.fixture(scope='session')
@@ -37,8 +39,14 @@ def tiny_world(world_cache):
 
 @pytest.fixture
 def smoke_config(world_cache):
-  """The synthetic :smoke config with the world cached under pytest's tmp."""
+  """The synthetic :smoke config with the world cached under pytest's tmp.
+
+  Three steps (one source-only warm-start step, two DA-STC steps, the
+  second of which pastes from the carried state). Tests that train DA-STC
+  keep this config unchanged so that they share one compiled step.
+  """
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
   c = synthetic_config.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
+  c.train.num_steps = 3
   return c

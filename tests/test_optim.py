@@ -63,6 +63,7 @@ def test_warmup_then_poly():
 
 def test_frozen_bn_affine_is_untouched_and_heads_move_10x():
   c = viper_config.get_config('smoke')
+  c.method = 'source_only'
   c.optim.weight_decay = 0.0
   c.optim.momentum = 0.0
   graphdef, st, tx = state_lib.create_train_state(c)
@@ -80,3 +81,16 @@ def test_frozen_bn_affine_is_untouched_and_heads_move_10x():
   np.testing.assert_allclose(updates['sf_layer']['kernel'], -10 * lr,
                              rtol=1e-6)
   assert optax.tree.norm(updates) > 0
+
+
+def test_adaptation_phase_restarts_the_schedule():
+  c = synthetic_config.get_config()
+  assert c.method == 'dastc' and c.train.source_only_steps == 1200
+  s = optim.lr_schedule(c.optim, optim.adaptation_start(c))
+  lr = c.optim.lr
+  assert float(s(0)) < 1e-8  # warm-up of the warm start
+  assert float(s(1199)) < 0.01 * lr  # decayed by the end of the warm start
+  assert float(s(1200)) < 1e-8  # the adaptation phase warms up again
+  np.testing.assert_allclose(float(s(1250)), lr * (1 - 50 / 300) ** 0.9,
+                             rtol=1e-5)
+  assert float(s(1500)) == 0.0

@@ -28,11 +28,25 @@ def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_world):
   assert src['labels'].shape == (4, 2, 36, 64)
   assert src['flow'].shape == (4, 36, 64, 2)
   assert src['flow'].dtype == np.float32
-  h, w = c.data.synthetic.target_size
+  h, w = c.data.target.image_size
   assert tgt['frames'].shape == (4, 3, h, w, 3)
   for k in ('flow', 'flow_t_t2', 'flow_t1_t2'):
     assert tgt[k].shape == (4, h, w, 2)
+  assert tgt['label'].shape == (4, h, w)  # monitoring / the oracle
   assert set(np.unique(src['labels'])) <= set(range(15)) | {255}
+  # Fusion inputs: a crop window of the target size inside the source
+  # frame, and long-tail patches cropped to it.
+  assert src['crop'].shape == (4, 2)
+  assert np.all(src['crop'][:, 0] <= 36 - h) and np.all(src['crop'][:, 1] <=
+                                                         64 - w)
+  k = c.dastc.num_rare_classes
+  assert src['rare_frames'].shape == (4, k, h, w, 3)
+  assert src['rare_labels'].shape == (4, k, h, w)
+  for b in range(4):
+    for j in range(k):
+      cls = src['rare_classes'][b, j]
+      if cls >= 0:  # the patch really holds its class inside the window
+        assert np.count_nonzero(src['rare_labels'][b, j] == cls) > 5
   no_target = next(_train_iter(c, tiny_world, with_target=False))
   assert set(no_target) == {'source'}
 

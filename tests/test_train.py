@@ -21,10 +21,16 @@ from dastc_jax.data import pipeline
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _abstract(config):
+  root = train.resolve_data_root(config)
+  return state_lib.abstract_train_state(
+      config, train._carried_sizes(config, root))  # pylint: disable=protected-access
+
+
 def _restore(config, workdir, step):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     async_save=False)
-  abstract = state_lib.abstract_train_state(config)
+  abstract = _abstract(config)
   state = ckpt.restore(step, abstract)
   ckpt.close()
   return state
@@ -42,7 +48,6 @@ class _Crash(Exception):
 def test_train_save_resume_matches_uninterrupted_run(smoke_config, tmp_path,
                                                      monkeypatch):
   c = smoke_config
-  c.train.num_steps = 3
   c.eval.splits = ()
   full = str(tmp_path / 'full')
   train.train_and_evaluate(c, full)
@@ -71,15 +76,22 @@ def test_train_save_resume_matches_uninterrupted_run(smoke_config, tmp_path,
   # iterator yields third.
   root = train.resolve_data_root(c)
   make = lambda: iter(pipeline.make_train_dataset(
-      c, root, local_batch_size=c.train.batch_size, with_target=False))
+      c, root, local_batch_size=c.train.batch_size))
   ref = make()
-  expected = [next(ref) for _ in range(3)][-1]
+  batches = [next(ref) for _ in range(3)]
+  expected = batches[-1]
   resumed = make()
   ckpt = checkpointing.Checkpointer(os.path.join(part, 'checkpoints'),
                                     async_save=False)
-  ckpt.restore(2, state_lib.abstract_train_state(c), resumed)
+  state2 = ckpt.restore(2, _abstract(c), resumed)
   ckpt.close()
   _assert_trees_equal(expected, next(resumed))
+  # Step 2 was a DA-STC step: the clips it carries to step 3 were saved.
+  assert bool(state2.carried['has_prev'])
+  np.testing.assert_array_equal(np.asarray(state2.carried['src_frames']),
+                                batches[1]['source']['frames'])
+  np.testing.assert_array_equal(np.asarray(state2.carried['tgt_frames']),
+                                batches[1]['target']['frames'][:, :2])
 
 
 def test_outputs_and_eval_mode(smoke_config, tmp_path):
@@ -88,16 +100,16 @@ def test_outputs_and_eval_mode(smoke_config, tmp_path):
   final = train.train_and_evaluate(c, workdir)
   assert set(final) == {'source_val', 'target_val'}
   assert all(0.0 <= v <= 100.0 for v in final.values())
-  with open(os.path.join(workdir, 'eval', 'step_2', 'results.json')) as f:
+  with open(os.path.join(workdir, 'eval', 'step_3', 'results.json')) as f:
     res = json.load(f)
-  assert res['step'] == 2
+  assert res['step'] == 3
   assert set(res['splits']) == {'source_val', 'target_val'}
   tv = res['splits']['target_val']
   assert len(tv['iou']) == 15 and tv['num_images'] == 4
   np.testing.assert_allclose(tv['miou'], final['target_val'], atol=0.01)
-  with open(os.path.join(workdir, 'eval', 'step_2', 'results.md')) as f:
+  with open(os.path.join(workdir, 'eval', 'step_3', 'results.md')) as f:
     assert '| road |' in f.read()
-  overlays = glob.glob(os.path.join(workdir, 'eval', 'step_2', 'overlays',
+  overlays = glob.glob(os.path.join(workdir, 'eval', 'step_3', 'overlays',
                                     '*', '*.png'))
   assert len(overlays) == 2 * c.eval.num_overlays
   events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
@@ -132,6 +144,7 @@ def _step_on_mesh(config, state, batch, n_devices):
 def test_sharded_step_matches_single_device(smoke_config):
   assert jax.device_count() == 4
   c = smoke_config
+  c.method = 'source_only'
   # SGD: the update is linear in the gradient (Adam's first step is
   # sign-like and magnifies float reduction-order noise of ~0 gradients).
   c.optim.name, c.optim.lr, c.optim.momentum = 'sgd', 0.01, 0.9
@@ -158,6 +171,7 @@ def test_sharded_step_matches_single_device(smoke_config):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     smoke_config, tmp_path, monkeypatch, checkpoint_every, log_every, saved):
   c = smoke_config
+  c.method = 'source_only'  # the loop's behaviour; any method
   c.train.num_steps = 4
   c.train.checkpoint_every = checkpoint_every
   c.train.log_every = log_every
@@ -201,6 +215,7 @@ def test_cli_rejects_a_misspelt_override(tmp_path):
 
 def test_train_step_compiles_once(smoke_config):
   c = smoke_config
+  c.method = 'source_only'
   root = train.resolve_data_root(c)
   it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4,
                                         with_target=False))
@@ -220,6 +235,7 @@ def test_train_step_compiles_once(smoke_config):
 
 def test_resuming_with_another_model_is_refused(smoke_config, tmp_path):
   c = smoke_config
+  c.method = 'source_only'
   c.train.num_steps = 1
   c.eval.splits = ()
   workdir = str(tmp_path / 'run')
@@ -231,6 +247,7 @@ def test_resuming_with_another_model_is_refused(smoke_config, tmp_path):
 
 def test_eval_batch_is_rounded_to_the_device_count(smoke_config, tmp_path):
   c = smoke_config
+  c.method = 'source_only'
   c.train.num_steps = 1
   c.eval.batch_size = 1  # 4 devices: each step evaluates 4 (masked) slots
   out = train.train_and_evaluate(c, str(tmp_path / 'run'))

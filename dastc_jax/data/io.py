@@ -31,6 +31,18 @@ def _open(path: str, what: str) -> Image.Image:
   return img
 
 
+def image_size(path: str) -> tuple[int, int]:
+  """``(H, W)`` of an image file from its header (no decode)."""
+  if not os.path.exists(path):
+    raise DataError(f'Missing image: {path}')
+  try:
+    with Image.open(path) as img:
+      w, h = img.size
+  except Exception as e:
+    raise DataError(f'Cannot read image header of {path}: {e}.') from e
+  return h, w
+
+
 def read_rgb(path: str) -> np.ndarray:
   """Reads an image as ``[H, W, 3]`` uint8 RGB."""
   img = _open(path, 'image')

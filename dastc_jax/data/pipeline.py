@@ -16,8 +16,14 @@ import grain
 import ml_collections
 import numpy as np
 
+from dastc_jax.data import io
+from dastc_jax.data import labels
 from dastc_jax.data import layouts
+from dastc_jax.data import rare_index as rare_lib
 from dastc_jax.data import transforms
+
+# A frame "contains" a long-tail class if it has at least this many pixels.
+RARE_MIN_PIXELS = 10
 
 LAYOUTS = ('viper', 'cityscapes_seq')
 
@@ -60,11 +66,30 @@ def decoder(dcfg: ml_collections.ConfigDict, class_set: str,
                                         with_label=with_label)
 
 
+def source_rare_index(dcfg: ml_collections.ConfigDict, data_root: str,
+                      records: list[layouts.Record],
+                      class_set: str) -> rare_lib.RareIndex:
+  """The long-tail index of a VIPER-layout split (built once, cached)."""
+  if dcfg.layout != 'viper':
+    raise ValueError(f'The fusion pastes need a labelled source layout; got '
+                     f'{dcfg.layout!r}.')
+  decode = decoder(dcfg, class_set, True)
+  classes = labels.RARE_CLASSES[class_set]
+  path = rare_lib.cache_path(
+      os.path.join(os.path.expanduser(data_root), 'rare_index'),
+      [r['id'] for r in records], classes, RARE_MIN_PIXELS)
+  read = lambda i: decode.label(records[i]['labels'][0],
+                                io.image_size(records[i]['frames'][0]))
+  return rare_lib.load_or_build(path, len(records), read, classes,
+                                RARE_MIN_PIXELS)
+
+
 def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
                    class_set: str, *, clip: str, seed: int,
                    process_index: int, process_count: int,
                    per_axis_flow_scale: bool, keep_ids: bool = False,
-                   section: str = 'config.data') -> grain.MapDataset:
+                   section: str = 'config.data', with_label: bool = False,
+                   fusion: dict[str, Any] | None = None) -> grain.MapDataset:
   """One domain's infinite, shuffled, decoded training stream on this host.
 
   Args:
@@ -78,20 +103,31 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
     per_axis_flow_scale: flow-resize rule.
     keep_ids: keep the string ``id`` (for tests and debugging).
     section: the config section ``dcfg`` came from, for error messages.
+    with_label: also decode a Cityscapes-Seq target's labels (the oracle).
+    fusion: ``{'crop_size', 'num_classes_per_clip'}`` to add crop windows
+      and long-tail patches for the fusion (source only).
 
   Returns:
     A random-access ``MapDataset`` of examples (a new order every epoch).
   """
   index = build_index(dcfg, data_root, clip, section)
+  decode = decoder(dcfg, class_set, with_label=with_label)
   ds = grain.MapDataset.source(index)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
-  ds = ds.map(decoder(dcfg, class_set, with_label=False))
+  ds = ds.map(decode)
   ds = ds.map(transforms.Resize(
       image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
       label_size='image', per_axis_flow_scale=per_axis_flow_scale))
   if dcfg.flip:
     ds = ds.random_map(transforms.RandomFlip(p=0.5,
                                              negate_dx=dcfg.flip_negate_dx))
+  if fusion is not None:
+    ds = ds.random_map(transforms.SampleFusionPatches(
+        records=index,
+        rare_index=source_rare_index(dcfg, data_root, index, class_set),
+        decode=decode, num_classes_per_clip=fusion['num_classes_per_clip'],
+        crop_size=tuple(fusion['crop_size']),
+        image_size=tuple(dcfg.image_size) if dcfg.image_size else None))
   return ds if keep_ids else ds.map(transforms.DropKeys(('id',)))
 
 
@@ -114,6 +150,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
     process_index: this host.
     process_count: number of hosts.
     with_target: also load target clips (source-only training does not).
+      Their labels are decoded too: the oracle trains on them, DA-STC only
+      monitors its pseudo-label accuracy with them.
 
   Returns:
     An ``IterDataset`` of ``{'source': {...}, 'target': {...}}`` numpy batches
@@ -122,14 +160,21 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
   d = config.data
   kw = dict(process_index=process_index, process_count=process_count,
             per_axis_flow_scale=config.model.per_axis_flow_scale)
+  fusion = None
+  if config.method == 'dastc' and config.dastc.image_fusion:
+    fusion = {'crop_size': _target_size(config, data_root),
+              'num_classes_per_clip': config.dastc.num_rare_classes}
   src = domain_dataset(d.source, data_root, d.class_set, clip='train',
                        seed=domain_seed(config.seed, 'source'),
-                       section='config.data.source', **kw)
+                       section='config.data.source', fusion=fusion, **kw)
   if with_target:
     tgt = domain_dataset(d.target, data_root, d.class_set, clip='train',
                          seed=domain_seed(config.seed, 'target'),
-                         section='config.data.target', **kw)
+                         section='config.data.target', with_label=True,
+                         **kw)
     paired = grain.experimental.ZipMapDataset([src, tgt]).map(_pair)
+    if d.histogram_match:
+      paired = paired.map(transforms.HistogramMatch())
   else:
     paired = src.map(_source_only)
   batched = paired.batch(local_batch_size, drop_remainder=True)
@@ -139,6 +184,16 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.num_workers))
   return it
+
+
+def _target_size(config: ml_collections.ConfigDict,
+                 data_root: str) -> tuple[int, int]:
+  """The target training image size (the fusion's crop size)."""
+  if config.data.target.image_size:
+    return tuple(config.data.target.image_size)
+  rec = build_index(config.data.target, data_root, 'train',
+                    'config.data.target')[0]
+  return io.image_size(rec['frames'][0])
 
 
 def _pair(st: tuple[Any, Any]) -> dict[str, Any]:

@@ -22,15 +22,17 @@ import shutil
 from typing import Any
 
 from absl import logging
+import ml_collections
 import numpy as np
 from PIL import Image
 
 from dastc_jax.data import labels
 from dastc_jax.data import layouts
+from dastc_jax.data import pipeline
 from dastc_jax.data import synthetic_scene as scn
 from dastc_jax.data import synthetic_style as sty
 
-VERSION = 1
+VERSION = 4  # bump when the rendering changes (new cache folder)
 STRIDE = 10  # VIPER samples every 10th frame.
 ANNOTATED = 19  # Cityscapes annotates the 20th frame of each snippet.
 
@@ -157,6 +159,13 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
   else:
     for fn, arg in jobs:
       fn(arg)
+  # Prepared with the data, like the real datasets: the long-tail index.
+  source = ml_collections.ConfigDict(dict(
+      layout='viper', root='Viper', flow_dir='estimated_optical_flow_viper_train',
+      split='train', remove_ego_vehicle=True))
+  pipeline.source_rare_index(source, root,
+                             pipeline.build_index(source, root, 'train'),
+                             'viper15')
   with open(os.path.join(root, 'world.json'), 'w') as f:
     json.dump(params, f, indent=2, sort_keys=True)
 

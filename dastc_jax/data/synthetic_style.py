@@ -39,9 +39,9 @@ _SOURCE = {
     'ego': [(30, 30, 36)],
 }
 _TARGET = {
-    'sky': [(196, 202, 210)],
+    'sky': [(146, 176, 214)],
     'road': [(118, 112, 104)],
-    'sidewalk': [(136, 136, 142)],
+    'sidewalk': [(152, 148, 140)],
     'building': [(110, 100, 95), (158, 150, 136), (86, 90, 102),
                  (142, 116, 96)],
     'fence': [(110, 112, 100)],
@@ -50,12 +50,12 @@ _TARGET = {
     'sign': [(170, 70, 60), (70, 90, 150), (190, 170, 80)],
     'vegetation': [(84, 104, 44), (70, 92, 52), (100, 110, 50)],
     'tree': [(76, 98, 48), (92, 106, 46)],
-    'terrain': [(122, 130, 72)],
+    'terrain': [(122, 148, 78)],
     'person': [(90, 60, 60), (60, 66, 96), (170, 166, 160), (40, 40, 44),
                (130, 110, 70)],
     'car': [(120, 40, 40), (50, 64, 110), (190, 190, 186), (36, 38, 40),
             (130, 132, 134)],
-    'truck': [(160, 160, 164)],
+    'truck': [(176, 176, 182)],
     'bus': [(170, 150, 70)],
     'motorcycle': [(50, 50, 56)],
     'bicycle': [(70, 80, 110)],
@@ -143,9 +143,9 @@ def source_style(r: scn.Render) -> np.ndarray:
 
 def sample_target_look(rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Colour cast, gain and gamma shared by all frames of one clip."""
-  return {'cast': np.array([1.0 + rng.uniform(0.0, 0.12), 1.0,
-                            1.0 - rng.uniform(0.0, 0.15)]),
-          'gain': rng.uniform(0.75, 1.1), 'gamma': rng.uniform(0.85, 1.2)}
+  return {'cast': np.array([1.0 + rng.uniform(0.0, 0.06), 1.0,
+                            1.0 - rng.uniform(0.0, 0.06)]),
+          'gain': rng.uniform(0.85, 1.08), 'gamma': rng.uniform(0.9, 1.1)}
 
 
 def target_style(r: scn.Render, look: dict[str, np.ndarray],
@@ -188,7 +188,7 @@ def target_style(r: scn.Render, look: dict[str, np.ndarray],
   h, w = r.sem.shape
   yy, xx = np.mgrid[0:h, 0:w]
   d2 = ((xx - w / 2) / (w / 2))**2 + ((yy - h / 2) / (h / 2))**2
-  rgb *= (1.0 - 0.25 * d2)[..., None]
-  rgb = scipy.ndimage.gaussian_filter(rgb, sigma=(0.8, 0.8, 0))
+  rgb *= (1.0 - 0.15 * d2)[..., None]
+  rgb = scipy.ndimage.gaussian_filter(rgb, sigma=(0.6, 0.6, 0))
   rgb += rng.normal(0.0, 4.0, rgb.shape)
   return np.clip(rgb, 0, 255).astype(np.uint8)

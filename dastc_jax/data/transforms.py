@@ -33,18 +33,21 @@ class DecodeViper(grain.transforms.Map):
   """Reads a VIPER record: frames, raw labels -> train ids, flow."""
   remove_ego: bool = True
 
+  def label(self, path: str, frame_hw: tuple[int, int]) -> np.ndarray:
+    """One VIPER class map as train ids (checked, ego vehicle removed)."""
+    raw = io.read_label(path)
+    if raw.shape != tuple(frame_hw):
+      raise io.DataError(f'Label {path} is {raw.shape}; expected the size of '
+                         f'its frame {tuple(frame_hw)}.')
+    io.check_ids(raw, VIPER_VALID, path)
+    if self.remove_ego:
+      raw = io.remove_ego_vehicle(raw, labels.VIPER_CAR)
+    return labels.VIPER_TO_TRAIN[raw]
+
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
     frames = io.stack_frames(rec['frames'])
-    labs = []
-    for p, frame in zip(rec['labels'], frames):
-      raw = io.read_label(p)
-      if raw.shape != frame.shape[:2]:
-        raise io.DataError(f'Label {p} is {raw.shape}; expected the size of '
-                           f'its frame {frame.shape[:2]}.')
-      io.check_ids(raw, VIPER_VALID, p)
-      if self.remove_ego:
-        raw = io.remove_ego_vehicle(raw, labels.VIPER_CAR)
-      labs.append(labels.VIPER_TO_TRAIN[raw])
+    labs = [self.label(p, f.shape[:2]) for p, f in zip(rec['labels'],
+                                                        frames)]
     flow = io.read_flow(rec['flow'])
     io.check_flow_grid(flow, frames.shape[1:3], rec['flow'])
     return {'id': rec['id'], 'frames': frames, 'labels': np.stack(labs),
@@ -186,3 +189,90 @@ class DropKeys(grain.transforms.Map):
 
   def map(self, ex: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ex.items() if k not in self.keys}
+
+
+def match_histograms(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """Per-channel CDF matching of ``image`` to ``reference`` (uint8 RGB).
+
+  The same mapping as ``skimage.exposure.match_histograms(channel_axis=-1)``:
+  each value goes to the reference value at the same quantile.
+  """
+  out = np.empty(image.shape, np.float64)
+  for c in range(image.shape[-1]):
+    src = image[..., c].ravel()
+    values, inverse, counts = np.unique(src, return_inverse=True,
+                                        return_counts=True)
+    ref_values, ref_counts = np.unique(reference[..., c].ravel(),
+                                       return_counts=True)
+    q = np.cumsum(counts) / src.size
+    ref_q = np.cumsum(ref_counts) / reference[..., c].size
+    out[..., c] = np.interp(q, ref_q, ref_values)[inverse].reshape(
+        image.shape[:-1])
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class HistogramMatch(grain.transforms.Map):
+  """Matches the source clip's frames to the target frame t (method §4.1)."""
+
+  def map(self, pair: dict[str, Any]) -> dict[str, Any]:
+    src = dict(pair['source'])
+    ref = pair['target']['frames'][0]
+    src['frames'] = np.stack([match_histograms(f, ref)
+                              for f in src['frames']])
+    return {**pair, 'source': src}
+
+
+@dataclasses.dataclass
+class SampleFusionPatches(grain.transforms.RandomMap):
+  """Crop window W and long-tail source patches for the fusion (§4.4).
+
+  Adds to a source example: ``crop`` ``[2]`` int32 (top, left) of the
+  target-size window W in the source frame, ``rare_frames``
+  ``[K, h, w, 3]`` uint8 and ``rare_labels`` ``[K, h, w]`` (frames of other
+  source samples containing class ``rare_classes[k]``, cropped to W) and
+  ``rare_classes`` ``[K]`` int32. A patch is redrawn (up to ``tries`` times)
+  until its class has more than ``min_pixels`` pixels inside W.
+  """
+  records: Any = None
+  rare_index: Any = None
+  decode: Any = None
+  num_classes_per_clip: int = 3
+  crop_size: tuple[int, int] = (0, 0)
+  image_size: Any = None
+  min_pixels: int = 5
+  tries: int = 10
+
+  def random_map(self, ex: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    ex = dict(ex)
+    h, w = self.crop_size
+    sh, sw = ex['frames'].shape[1:3]
+    if sh < h or sw < w:
+      raise ValueError(f'Source frames {sh}x{sw} are smaller than the fusion '
+                       f'crop {h}x{w} (the target image size).')
+    r0, c0 = int(rng.integers(0, sh - h + 1)), int(rng.integers(0,
+                                                                sw - w + 1))
+    ex['crop'] = np.array([r0, c0], np.int32)
+    available = [k for k, v in sorted(self.rare_index.items()) if v]
+    k_n = self.num_classes_per_clip
+    chosen = sorted(rng.choice(available, size=min(k_n, len(available)),
+                               replace=False).tolist()) if available else []
+    frames = np.zeros((k_n, h, w, 3), np.uint8)
+    labs = np.full((k_n, h, w), labels.IGNORE, np.uint8)
+    classes = np.full((k_n,), -1, np.int32)
+    for slot, k in enumerate(chosen):
+      for _ in range(self.tries):
+        rec = self.records[int(rng.choice(self.rare_index[k]))]
+        frame = io.read_rgb(rec['frames'][0])
+        lab = self.decode.label(rec['labels'][0], frame.shape[:2])
+        if self.image_size:
+          frame = _resize_rgb(frame, self.image_size)
+          lab = _resize_ids(lab, self.image_size)
+        frame, lab = frame[r0:r0 + h, c0:c0 + w], lab[r0:r0 + h, c0:c0 + w]
+        if np.count_nonzero(lab == k) > self.min_pixels:
+          frames[slot], labs[slot], classes[slot] = frame, lab, k
+          break
+    ex['rare_frames'], ex['rare_labels'] = frames, labs
+    ex['rare_classes'] = classes
+    return ex

@@ -11,7 +11,7 @@ current-frame scores.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,14 @@ class AccelDeepLab(nnx.Module):
                                 kernel_init=layers.identity_fusion_init(c),
                                 dtype=dtype, rngs=rngs)
 
+  def heads(self, feats: dict[str, jax.Array], *, train: bool,
+            dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+    """Aux head on layer3, main head on layer4 (float32 outputs)."""
+    logits, feat = self.head(feats['layer4'], dropout_key if train else None)
+    aux = self.aux_head(feats['layer3'])
+    return {'logits': logits.astype(jnp.float32),
+            'aux': aux.astype(jnp.float32), 'feat': feat}
+
   def single_frame(self, x: jax.Array, *, train: bool,
                    dropout_key: jax.Array | None) -> dict[str, jax.Array]:
     """Per-frame network: logits, aux logits and the pre-logit feature.
@@ -62,36 +70,61 @@ class AccelDeepLab(nnx.Module):
 
     Returns:
       dict with ``logits``/``aux`` ``[B, h, w, C]`` and ``feat``
-      ``[B, h, w, F]`` at output stride 8, plus ``stem`` and ``layer1``.
+      ``[B, h, w, F]`` at output stride 8.
     """
-    feats = self.backbone(x, train)
-    logits, feat = self.head(feats['layer4'], dropout_key if train else None)
-    aux = self.aux_head(feats['layer3'])
-    return {'logits': logits.astype(jnp.float32),
-            'aux': aux.astype(jnp.float32), 'feat': feat}
+    return self.heads(self.backbone(x, train), train=train,
+                      dropout_key=dropout_key)
 
-  def fuse(self, cur: jax.Array, key: jax.Array,
-           flow: jax.Array) -> jax.Array:
+  def fuse(self, cur: jax.Array, key: jax.Array, flow: jax.Array, *,
+           out_size: tuple[int, int] | None = None,
+           lt_mask: jax.Array | None = None) -> jax.Array:
     """Warps key-frame scores to frame t and fuses them with ``cur``.
 
     Args:
       cur: ``[B, h, w, C]`` current-frame scores.
       key: ``[B, h, w, C]`` key-frame scores.
-      flow: ``[B, H, W, 2]`` flow t->t-1 on any grid; it is resized to
-        ``(h, w)`` with magnitude rescaling (method.md §2.5).
+      flow: ``[B, H, W, 2]`` flow t->t-1 on any grid; it is resized to the
+        fusion grid with magnitude rescaling (method.md §2.5).
+      out_size: fuse at this size (scores upsampled first, align corners);
+        None fuses at the score resolution.
+      lt_mask: ``[B, H', W']`` long-tail paste mask at ``out_size``: there
+        the warped key-frame scores are replaced by the current ones (the
+        pasted patches are static, method.md §3.1).
 
     Returns:
-      ``[B, h, w, C]`` fused scores.
+      Fused scores at the fusion grid.
     """
+    if out_size is not None:
+      cur = warp_ops.resize_bilinear(cur, out_size)
+      key = warp_ops.resize_bilinear(key, out_size)
     flow = warp_ops.resize_flow(flow.astype(jnp.float32), cur.shape[1:3],
                                 self.per_axis_flow_scale)
     warped = warp_ops.warp(key, flow)
+    if lt_mask is not None:
+      m = lt_mask[..., None].astype(warped.dtype)
+      warped = warped * (1.0 - m) + cur * m
     fused = self.sf_layer(jnp.concatenate([cur, warped], axis=-1))
     return fused.astype(jnp.float32)
 
+  def _outputs(self, cur, key, flow, out_size, lt_mask):
+    key = jax.lax.stop_gradient(key)
+    return {
+        'pred': self.fuse(cur['logits'], key['logits'], flow,
+                          out_size=out_size, lt_mask=lt_mask),
+        'pred_aux': self.fuse(cur['aux'], key['aux'], flow,
+                              out_size=out_size, lt_mask=lt_mask),
+        'logits': cur['logits'],
+        'aux': cur['aux'],
+        'feat': cur['feat'],
+        'key_logits': key['logits'],
+        'key_aux': key['aux'],
+    }
+
   def __call__(self, frame_cur: jax.Array, frame_key: jax.Array,
                flow: jax.Array, *, train: bool,
-               rng: jax.Array | None = None) -> dict[str, Any]:
+               rng: jax.Array | None = None,
+               fuse_at_input: bool = False,
+               lt_mask: jax.Array | None = None) -> dict[str, Any]:
     """Two-frame forward pass.
 
     Args:
@@ -100,10 +133,13 @@ class AccelDeepLab(nnx.Module):
       flow: ``[B, H, W, 2]`` flow t->t-1 (pixels of its own grid).
       train: training mode (batch-stat BN, dropout).
       rng: dropout key; required when ``train`` and dropout > 0.
+      fuse_at_input: fuse at the input resolution (the fusion clips).
+      lt_mask: ``[B, H, W]`` long-tail mask (with ``fuse_at_input``).
 
     Returns:
-      dict: ``pred``/``pred_aux`` fused scores ``[B, h, w, C]``, the current
-      frame's ``logits``/``aux``/``feat`` and the key frame's
+      dict: ``pred``/``pred_aux`` fused scores (``[B, h, w, C]``, or
+      ``[B, H, W, C]`` with ``fuse_at_input``), the current frame's
+      ``logits``/``aux``/``feat`` and the key frame's
       ``key_logits``/``key_aux`` (gradient-free).
     """
     k_cur = k_key = None
@@ -111,13 +147,51 @@ class AccelDeepLab(nnx.Module):
       k_cur, k_key = jax.random.split(rng)
     cur = self.single_frame(frame_cur, train=train, dropout_key=k_cur)
     key = self.single_frame(frame_key, train=train, dropout_key=k_key)
-    key = jax.lax.stop_gradient(key)
-    return {
-        'pred': self.fuse(cur['logits'], key['logits'], flow),
-        'pred_aux': self.fuse(cur['aux'], key['aux'], flow),
-        'logits': cur['logits'],
-        'aux': cur['aux'],
-        'feat': cur['feat'],
-        'key_logits': key['logits'],
-        'key_aux': key['aux'],
-    }
+    out_size = frame_cur.shape[1:3] if fuse_at_input else None
+    return self._outputs(cur, key, flow, out_size, lt_mask)
+
+  def mixed_pair(self, clip_s: tuple[jax.Array, ...],
+                 clip_t: tuple[jax.Array, ...], masks: jax.Array, *,
+                 layer: str | None, mix_fn: Callable[..., Any] | None,
+                 train: bool, rng: jax.Array | None,
+                 lt_mask: jax.Array | None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Forwards the source- and target-context clips, mixing their shallow
+    features after ``layer`` inside ``masks`` (shallow-feature fusion).
+
+    Args:
+      clip_s: ``(cur, key, flow)`` of the source-context clip.
+      clip_t: ``(cur, key, flow)`` of the target-context clip.
+      masks: ``[B, 2, H, W]`` fused mask of frame t and of frame t-1.
+      layer: backbone stage after which features are mixed (``stem``,
+        ``layer1``, ...); None disables the feature-level fusion.
+      mix_fn: ``(feat_s, feat_t, mask) -> (feat_s, feat_t)``.
+      train: training mode.
+      rng: dropout key.
+      lt_mask: ``[B, H, W]`` long-tail mask for the score swap.
+
+    Returns:
+      The two clips' outputs, fused at the input resolution.
+    """
+    keys = (list(jax.random.split(rng, 4)) if train and rng is not None
+            else [None] * 4)
+    frames = []
+    for f in range(2):
+      xs, xt = clip_s[f], clip_t[f]
+      if layer is None:
+        fs, ft = self.backbone(xs, train), self.backbone(xt, train)
+      else:
+        s1 = self.backbone(xs, train, last=layer)
+        t1 = self.backbone(xt, train, last=layer)
+        ms, mt = mix_fn(s1[layer], t1[layer], masks[:, f])
+        nxt = resnet.ResNetDeepLab.STAGES[
+            resnet.ResNetDeepLab.STAGES.index(layer) + 1]
+        fs = {**s1, **self.backbone(ms, train, first=nxt)}
+        ft = {**t1, **self.backbone(mt, train, first=nxt)}
+      frames.append((self.heads(fs, train=train, dropout_key=keys[2 * f]),
+                     self.heads(ft, train=train,
+                                dropout_key=keys[2 * f + 1])))
+    (cur_s, cur_t), (key_s, key_t) = frames
+    size = clip_s[0].shape[1:3]
+    return (self._outputs(cur_s, key_s, clip_s[2], size, lt_mask),
+            self._outputs(cur_t, key_t, clip_t[2], size, lt_mask))

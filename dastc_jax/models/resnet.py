@@ -95,9 +95,16 @@ class ResNetDeepLab(nnx.Module):
       x = block(x, train)
     return x
 
-  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool, *, first: str = 'stem',
+               last: str = 'layer4') -> dict[str, jax.Array]:
+    """Runs the stages ``first..last``; ``x`` is the input of ``first``.
+
+    Returns:
+      ``{stage: output}`` for the stages that ran.
+    """
+    names = self.STAGES[self.STAGES.index(first):self.STAGES.index(last) + 1]
     feats = {}
-    for name in self.STAGES:
+    for name in names:
       x = self.stage(name, x, train)
       feats[name] = x
     return feats

@@ -123,3 +123,13 @@ def warp(x: jax.Array, flow: jax.Array) -> jax.Array:
   top = tap(yt, xl) * (1 - ax) + tap(yt, xr) * ax
   bottom = tap(yb, xl) * (1 - ax) + tap(yb, xr) * ax
   return top * (1 - ay) + bottom * ay
+
+
+def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Nearest resize of ``[B, H, W, ...]`` maps (PyTorch ``nearest``: source
+  index ``floor(i * in / out)``), e.g. labels to the score grid."""
+  h, w = x.shape[1], x.shape[2]
+  rows = np.minimum(np.floor(np.arange(size[0]) * h / size[0]), h - 1)
+  cols = np.minimum(np.floor(np.arange(size[1]) * w / size[1]), w - 1)
+  x = jnp.take(x, rows.astype(np.int32), axis=1)
+  return jnp.take(x, cols.astype(np.int32), axis=2)

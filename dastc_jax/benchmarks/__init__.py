@@ -1,0 +1,1 @@
+"""Benchmark commands (each prints and writes what it measured)."""

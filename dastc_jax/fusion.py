@@ -1,0 +1,206 @@
+"""Bidirectional multi-level spatio-temporal fusion (DA-STC; method.md §4.4).
+
+Image-sequence level ("video QuadMix"): one patch sequence - classes of the
+previous iteration's source clip S', long-tail source patches, and the
+confident regions of the previous iteration's target clip T' - is pasted
+into a *source-context* clip and a *target-context* clip. Every mask comes
+from one class set per clip, applied to each frame with that frame's own
+labels; the flows are mixed with the same masks, and so are the labels.
+
+Shallow-feature level: inside the fused mask, the shallow features of the
+two mixed clips are blended (``feature_mix``), forming the two intermediate
+domains at the feature level too.
+
+Everything is pure JAX on batched arrays: ``[B, T, H, W, ...]`` clips with
+T = 2 frames (t, t-1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def pick_classes(key: Array, label: Array, num: int, num_classes: int,
+                 exclude: Array | None = None) -> Array:
+  """``num`` distinct classes present in ``label``, chosen at random.
+
+  Args:
+    key: PRNG key.
+    label: ``[H, W]`` (or any shape) ids; ids outside [0, C) are ignored.
+    num: how many to pick.
+    num_classes: C.
+    exclude: optional ``[n]`` ids that must not be picked (-1 = none).
+
+  Returns:
+    ``[num]`` int32 class ids, -1 where fewer than ``num`` were available.
+  """
+  lab = label.reshape(-1).astype(jnp.int32)
+  valid = (lab >= 0) & (lab < num_classes)
+  present = jnp.zeros((num_classes,), bool).at[jnp.where(valid, lab, 0)].max(
+      valid)
+  if exclude is not None:
+    ex = jnp.zeros((num_classes + 1,), bool).at[
+        jnp.where(exclude >= 0, exclude, num_classes)].set(True)[:num_classes]
+    present &= ~ex
+  scores = jnp.where(present, jax.random.uniform(key, (num_classes,)), -1.0)
+  top = jnp.argsort(-scores)[:num].astype(jnp.int32)
+  return jnp.where(scores[top] >= 0, top, -1)
+
+
+def class_mask(label: Array, classes: Array) -> Array:
+  """``label`` in ``classes`` (-1 entries match nothing). Shapes broadcast:
+  label ``[..., H, W]``, classes ``[n]`` -> bool ``[..., H, W]``."""
+  lab = label.astype(jnp.int32)[..., None]
+  return jnp.any((lab == classes) & (classes >= 0), axis=-1)
+
+
+def crop(x: Array, offsets: Array, size: tuple[int, int],
+         has_channels: bool) -> Array:
+  """Crops the fusion window W out of every example.
+
+  Args:
+    x: ``[B, ..., H, W]`` or ``[B, ..., H, W, C]`` (``has_channels``).
+    offsets: ``[B, 2]`` (top, left) of W.
+    size: ``(h, w)`` of W.
+    has_channels: whether the last axis is channels (frames, flows).
+
+  Returns:
+    The cropped array.
+  """
+
+  def one(xi, off):
+    lead = xi.ndim - 3 if has_channels else xi.ndim - 2
+    start = [0] * xi.ndim
+    start[lead], start[lead + 1] = off[0], off[1]
+    sizes = list(xi.shape)
+    sizes[lead], sizes[lead + 1] = size
+    return jax.lax.dynamic_slice(xi, start, sizes)
+
+  return jax.vmap(one)(x, offsets)
+
+
+def sample_masks(key: Array, *, prev_src_labels: Array, rare_labels: Array,
+                 rare_classes: Array, prev_tgt_masks: Array,
+                 has_prev: Array, num_classes: int, num_source_classes: int,
+                 rare_class_list: tuple[int, ...],
+                 clip_lt: bool = True) -> dict[str, Array]:
+  """The paste masks of one iteration (one class set per clip).
+
+  Args:
+    key: PRNG key.
+    prev_src_labels: ``[B, 2, H, W]`` S' labels (t, t-1), cropped to W.
+    rare_labels: ``[B, K, H, W]`` long-tail patch labels (cropped).
+    rare_classes: ``[B, K]`` the class of each patch (-1 = no patch).
+    prev_tgt_masks: ``[B, 2, H, W]`` confident T' regions (M'_d, M'_c).
+    has_prev: bool scalar, False on the first adaptation step.
+    num_classes: C.
+    num_source_classes: random S' classes per clip (2 in the reference).
+    rare_class_list: all long-tail class ids (always pasted from S').
+    clip_lt: clip the summed long-tail mask to [0, 1] (the reference does
+      not: ``bugs.unclipped_lt_mask``).
+
+  Returns:
+    ``src`` ``[B, 2, H, W]`` (S' pastes), ``rare`` ``[B, K, H, W]``,
+    ``lt`` ``[B, H, W]`` float long-tail mask, ``tgt`` ``[B, 2, H, W]``
+    (T' pastes), ``rare_classes`` and ``source_classes`` ``[B, n]`` (the
+    random S' classes).
+  """
+  b = prev_src_labels.shape[0]
+  keys = jax.random.split(key, b)
+  picked = jax.vmap(lambda k, lab: pick_classes(
+      k, lab[0], num_source_classes, num_classes))(keys, prev_src_labels)
+  rare_all = jnp.broadcast_to(jnp.asarray(rare_class_list, jnp.int32),
+                              (b, len(rare_class_list)))
+  k_s = jnp.concatenate([picked, rare_all], axis=1)  # [B, n + R]
+  src = jax.vmap(class_mask)(prev_src_labels, k_s) & has_prev
+  rare = (rare_labels.astype(jnp.int32) == rare_classes[..., None, None]) & (
+      rare_classes[..., None, None] >= 0)
+  lt = jnp.sum(rare.astype(jnp.float32), axis=1)
+  if clip_lt:
+    lt = jnp.clip(lt, 0.0, 1.0)
+  tgt = prev_tgt_masks & has_prev
+  return {'src': src, 'rare': rare, 'lt': lt, 'tgt': tgt,
+          'rare_classes': rare_classes, 'source_classes': picked}
+
+
+def compose(base: Array, base_labels: Array, *, prev_src: Array,
+            prev_src_labels: Array, rare: Array, prev_tgt: Array,
+            prev_tgt_labels: Array,
+            masks: dict[str, Array]) -> tuple[Array, Array]:
+  """Pastes S', the long-tail patches and T' into a base clip.
+
+  Per frame tau: ``X = Ms ? S' : base``; for each patch k ``X = Mk ? P_k :
+  X``; then ``X = M' ? T' : X``. Labels follow the same masks (a patch's
+  pixels get its class).
+
+  Args:
+    base: ``[B, 2, H, W, 3]`` normalised base frames.
+    base_labels: ``[B, 2, H, W]`` their (pseudo-)labels.
+    prev_src: ``[B, 2, H, W, 3]`` normalised S' frames (cropped).
+    prev_src_labels: ``[B, 2, H, W]``.
+    rare: ``[B, K, H, W, 3]`` normalised long-tail patches.
+    prev_tgt: ``[B, 2, H, W, 3]`` normalised T' frames (d', c').
+    prev_tgt_labels: ``[B, 2, H, W]`` T' pseudo-labels.
+    masks: from ``sample_masks``.
+
+  Returns:
+    Mixed frames ``[B, 2, H, W, 3]`` and labels ``[B, 2, H, W]`` (int32).
+  """
+  x = jnp.where(masks['src'][..., None], prev_src, base)
+  y = jnp.where(masks['src'], prev_src_labels, base_labels).astype(jnp.int32)
+  for k in range(rare.shape[1]):
+    m = masks['rare'][:, k][:, None]  # [B, 1, H, W]: same in t and t-1
+    x = jnp.where(m[..., None], rare[:, k][:, None], x)
+    y = jnp.where(m, masks['rare_classes'][:, k][:, None, None, None], y)
+  x = jnp.where(masks['tgt'][..., None], prev_tgt, x)
+  y = jnp.where(masks['tgt'], prev_tgt_labels.astype(jnp.int32), y)
+  return x, y
+
+
+def mix_flow(base_flow: Array, *, prev_src_flow: Array, prev_tgt_flow: Array,
+             masks: dict[str, Array], key_frame_masks: bool) -> Array:
+  """Mixes the flows t->t-1 with the same paste masks (on frame t's grid).
+
+  ``key_frame_masks=True`` reproduces the reference, which uses the t-1
+  masks although the flow lives on frame t's grid (method.md §10.8).
+  Long-tail patches are static (zero motion); their key-frame scores are
+  replaced by the current ones in the model (``lt_mask``), so their flow
+  does not matter.
+  """
+  f = 1 if key_frame_masks else 0
+  out = jnp.where(masks['src'][:, f][..., None], prev_src_flow, base_flow)
+  return jnp.where(masks['tgt'][:, f][..., None], prev_tgt_flow, out)
+
+
+def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
+                other_weight: float) -> tuple[Array, Array]:
+  """Blends the two clips' shallow features inside the fused mask.
+
+  ``s' = s + m * w * (t - s)`` and ``t' = t + m * w * (s - t)`` with
+  ``w = other_weight`` (0.3 in the reference decoder variant, i.e. 0.7 of
+  a clip's own feature is kept). An empty mask is the identity.
+
+  Args:
+    feat_s: ``[B, h, w, C]`` source-context features.
+    feat_t: ``[B, h, w, C]`` target-context features.
+    mask: ``[B, H, W]`` fused mask at input resolution (resized nearest).
+    other_weight: weight of the other clip's feature inside the mask.
+
+  Returns:
+    The mixed ``(feat_s, feat_t)``.
+  """
+  m = jax.image.resize(mask.astype(feat_s.dtype), feat_s.shape[:3],
+                       'nearest')[..., None] * other_weight
+  return feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t)
+
+
+def fused_mask(masks: dict[str, Any]) -> Array:
+  """``clip(Ms + M_lt + M')`` per frame ``[B, 2, H, W]`` (feature fusion)."""
+  m = masks['src'].astype(jnp.float32) + masks['lt'][:, None] + masks[
+      'tgt'].astype(jnp.float32)
+  return jnp.clip(m, 0.0, 1.0)

@@ -1,0 +1,19 @@
+"""Keeps the training progress readable: chatty libraries log WARNING+ only."""
+
+from absl import logging
+
+# Libraries whose INFO logs drown the training progress.
+_QUIET = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/jax/_src/')
+
+
+class QuietLibraries(logging.logging.Filter):
+  """Drops INFO records emitted from the files of chatty libraries."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or not any(
+        q in record.pathname for q in _QUIET)
+
+
+def install() -> None:
+  """Adds the filter to absl's handler (call inside ``app.run``)."""
+  logging.get_absl_handler().addFilter(QuietLibraries())

@@ -1,0 +1,91 @@
+"""Teachers and TPS-style cross-frame pseudo-labels (method.md §3.3, §4.2).
+
+The teacher segments the target pair (t-1, t-2); its class probabilities
+for frame t-1 are warped to frame t with the flow t->t-1, giving
+pseudo-labels for frame t that the student (which sees t, t-1) cannot copy
+from its own input.
+
+Teachers (``dastc.teacher``):
+
+* ``ema``: a mean teacher, ``theta_T <- a theta_T + (1 - a) theta_S`` after
+  every step (BatchNorm running averages too), run in eval mode;
+* ``reference``: the released code's scheme - the frozen warm-start model
+  (eval mode) for the first ``teacher_switch_steps`` adaptation steps, then
+  the student itself (train-mode BatchNorm, no gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dastc_jax.ops import warp as warp_ops
+
+
+def ema_update(teacher: Any, student: Any, decay: float | jax.Array) -> Any:
+  """``decay * teacher + (1 - decay) * student`` leaf by leaf."""
+  return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher,
+                      student)
+
+
+def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
+                out_size: tuple[int, int], *,
+                confidence_from_logit: bool = False) -> dict[str, jax.Array]:
+  """Pseudo-labels for frame t from the teacher's scores of frame t-1.
+
+  Args:
+    pred: ``[B, h, w, C]`` teacher fused scores of frame t-1 (its pair is
+      (t-1, t-2)).
+    pred_aux: ``[B, h, w, C]`` the aux scores.
+    flow_t_t1: ``[B, H, W, 2]`` flow t->t-1 on the image grid.
+    out_size: ``(H, W)`` of the full-resolution labels.
+    confidence_from_logit: reproduce the reference's frame-(t-1) confidence,
+      the max *logit* instead of the max probability (method.md §10.5).
+
+  Returns:
+    ``label_lo``/``label_aux_lo`` ``[B, h, w]`` (warped argmax at the score
+    resolution, targets of the consistency loss) with their confidences
+    ``conf_lo``/``conf_aux_lo``; ``label_t``/``conf_t``
+    ``[B, H, W]`` (warped to t, upsampled) and ``label_t1``/``conf_t1`` (the
+    unwarped frame t-1) at full resolution.
+  """
+  flow_lo = warp_ops.resize_flow(flow_t_t1, pred.shape[1:3])
+  warped_lo = warp_ops.warp(jax.nn.softmax(pred, -1), flow_lo)
+  warped_aux = warp_ops.warp(jax.nn.softmax(pred_aux, -1), flow_lo)
+  up = warp_ops.resize_bilinear(pred, out_size)
+  probs = jax.nn.softmax(up, -1)
+  warped = warp_ops.warp(probs, warp_ops.resize_flow(flow_t_t1, out_size))
+  conf_t1 = jnp.max(up if confidence_from_logit else probs, -1)
+  return {
+      'label_lo': jnp.argmax(warped_lo, -1).astype(jnp.int32),
+      'conf_lo': jnp.max(warped_lo, -1),
+      'label_aux_lo': jnp.argmax(warped_aux, -1).astype(jnp.int32),
+      'conf_aux_lo': jnp.max(warped_aux, -1),
+      'label_t': jnp.argmax(warped, -1).astype(jnp.int32),
+      'conf_t': jnp.max(warped, -1),
+      'label_t1': jnp.argmax(up, -1).astype(jnp.int32),
+      'conf_t1': conf_t1,
+  }
+
+
+def use_student(step: jax.Array, adapt_start: int, switch_steps: int
+                ) -> jax.Array:
+  """Reference scheme: True once ``switch_steps`` adaptation steps ran."""
+  return step >= adapt_start + switch_steps
+
+
+def ignore_unconfident(pl: dict[str, jax.Array],
+                       threshold: float) -> dict[str, jax.Array]:
+  """Sets pseudo-labels whose probability is below ``threshold`` to 255.
+
+  ``threshold=0`` keeps the reference's hard labels on every pixel.
+  """
+  if threshold <= 0:
+    return pl
+  out = dict(pl)
+  for label, conf in (('label_lo', 'conf_lo'), ('label_aux_lo', 'conf_aux_lo'),
+                      ('label_t', 'conf_t'), ('label_t1', 'conf_t1')):
+    out[label] = jnp.where(pl[conf] >= threshold, pl[label], 255)
+  return out

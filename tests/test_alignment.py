@@ -1,0 +1,118 @@
+"""Category-aware spatio-temporal alignment."""
+
+import jax
+from jax.sharding import AxisType
+import jax.numpy as jnp
+import numpy as np
+
+from dastc_jax import alignment
+
+
+def _protos(seed, c=5, d=8):
+  return jax.random.normal(jax.random.key(seed), (c, d))
+
+
+def test_class_prototypes_are_masked_means():
+  feats = jnp.asarray([[[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]]]])  # [1,1,3,2]
+  labels = jnp.asarray([[[0, 0, 2]]])
+  protos, present = alignment.class_prototypes(feats, labels, 3, 1)
+  np.testing.assert_allclose(np.asarray(protos), [[2, 0], [0, 0], [0, 5]])
+  np.testing.assert_array_equal(np.asarray(present), [True, False, True])
+  _, present = alignment.class_prototypes(feats, labels, 3, 2)
+  np.testing.assert_array_equal(np.asarray(present), [True, False, False])
+
+
+def test_contrastive_is_low_when_aligned_and_separated():
+  present = jnp.ones((5,), bool)
+  eye = jnp.eye(5, 8)
+  aligned = alignment.contrastive(eye, eye, present, temperature=0.1,
+                                  margin=0.2)
+  swapped = alignment.contrastive(eye, eye[::-1], present, temperature=0.1,
+                                  margin=0.2)
+  collapsed = alignment.contrastive(eye, jnp.ones((5, 8)), present,
+                                    temperature=0.1, margin=0.2)
+  assert float(aligned) < 0.01 < float(collapsed) < float(swapped)
+
+
+def test_gradient_pulls_same_class_prototypes_together():
+  src, tgt = _protos(0), _protos(1)
+  present = jnp.ones((5,), bool)
+  loss = lambda t: alignment.contrastive(src, t, present, temperature=0.1,
+                                         margin=0.2)
+  cos = lambda a, b: np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / \
+      np.linalg.norm(b, axis=-1)
+  before = cos(np.asarray(src), np.asarray(tgt))
+  moved = tgt - 0.5 * jax.grad(loss)(tgt)
+  after = cos(np.asarray(src), np.asarray(moved))
+  assert float(loss(moved)) < float(loss(tgt))
+  assert np.mean(after) > np.mean(before)
+
+
+def test_an_absent_class_changes_nothing():
+  src, tgt = _protos(2), _protos(3)
+  present = jnp.asarray([True, True, False, True, True])
+  base = alignment.contrastive(src, tgt, present, temperature=0.1, margin=0.2)
+  src2 = src.at[2].set(100.0)  # whatever an absent class holds
+  tgt2 = tgt.at[2].set(-7.0)
+  again = alignment.contrastive(src2, tgt2, present, temperature=0.1,
+                                margin=0.2)
+  np.testing.assert_allclose(float(again), float(base), rtol=1e-6)
+  grad = jax.grad(lambda t: alignment.contrastive(
+      src, t, present, temperature=0.1, margin=0.2))(tgt)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_array_equal(np.asarray(grad[2]), 0.0)
+  none = alignment.contrastive(src, tgt, jnp.zeros((5,), bool),
+                               temperature=0.1, margin=0.2)
+  assert float(none) == 0.0
+
+
+def test_temporal_weights_favour_the_more_certain_pair():
+  w = alignment.temporal_weights(jnp.asarray([0.2, 0.6]), 0.1, True)
+  assert float(w[0]) > float(w[1]) and abs(float(w.sum()) - 1) < 1e-6
+  u = alignment.temporal_weights(jnp.asarray([0.2, 0.6]), 0.1, False)
+  np.testing.assert_allclose(np.asarray(u), [0.5, 0.5])
+  logits = jnp.zeros((1, 2, 2, 4))
+  np.testing.assert_allclose(float(alignment.mean_entropy(logits)), 1.0,
+                             rtol=1e-6)
+  protos = jnp.stack([jnp.ones((3, 2)), 3 * jnp.ones((3, 2))])
+  present = jnp.asarray([[True, True, False], [True, False, False]])
+  out, pres = alignment.aggregate_pairs(protos, present,
+                                        jnp.asarray([0.75, 0.25]))
+  np.testing.assert_allclose(np.asarray(out[0]), 1.5)  # 0.75 * 1 + 0.25 * 3
+  np.testing.assert_allclose(np.asarray(out[1]), 1.0)  # only pair 0 has it
+  np.testing.assert_array_equal(np.asarray(pres), [True, True, False])
+
+
+def test_mmd_matches_the_reference_formula():
+  src, tgt = _protos(4, c=3, d=4), _protos(5, c=3, d=4)
+  z = np.concatenate([np.asarray(src), np.asarray(tgt)], 0).astype(np.float64)
+  d = ((z[:, None] - z[None]) ** 2).sum(-1)
+  bw = d.sum() / (36 - 6) / 2 ** 2
+  k = sum(np.exp(-d / (bw * 2 ** q)) for q in range(5))
+  ref = np.mean(k[:3, :3] + k[3:, 3:] - k[:3, 3:] - k[3:, :3])
+  np.testing.assert_allclose(float(alignment.mmd_rbf(src, tgt)), ref,
+                             rtol=1e-5)
+  assert float(alignment.mmd_rbf(src, src)) < 1e-6
+
+
+def test_alignment_is_the_same_on_1_and_4_devices():
+  k = jax.random.split(jax.random.key(7), 2)
+  feats = jax.random.normal(k[0], (4, 6, 7, 8))
+  labels = jax.random.randint(k[1], (4, 6, 7), 0, 5)
+
+  def loss(f, l):
+    ps, p1 = alignment.class_prototypes(f, l, 5, 3)
+    pt, p2 = alignment.class_prototypes(f[::-1] * 0.5, l[::-1], 5, 3)
+    return alignment.contrastive(ps, pt, p1 & p2, temperature=0.1,
+                                 margin=0.2)
+
+  values = []
+  for n in (1, 4):
+    mesh = jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:n])
+    sh = jax.NamedSharding(mesh, jax.P('data'))
+    values.append(float(jax.jit(loss)(jax.device_put(feats, sh),
+                                      jax.device_put(labels, sh))))
+  # Sharded sums reduce in a different order: float32 rounding only.
+  np.testing.assert_allclose(values[1], values[0], rtol=1e-5)
+  assert values[0] > 0.01

@@ -1,0 +1,86 @@
+"""The whole DA-STC step: sharding invariance and the carried state."""
+
+import jax
+from jax.sharding import AxisType
+import numpy as np
+
+from dastc_jax import dastc_step
+from dastc_jax import sharding as sharding_lib
+from dastc_jax import state as state_lib
+from dastc_jax import train
+from dastc_jax.data import pipeline
+
+
+def _step_fn(config, root, n_devices):
+  """The jitted DA-STC step on the first n devices, and a fresh state."""
+  mesh = jax.make_mesh((n_devices,), ('data',), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n_devices])
+  data = sharding_lib.data_sharding(mesh)
+  graphdef, state, tx = state_lib.create_train_state(
+      config, sizes=train._carried_sizes(config, root))  # pylint: disable=protected-access
+  st_sh = sharding_lib.state_shardings(state, mesh)
+  fn = jax.jit(dastc_step.make_dastc_step(config, graphdef, tx),
+               in_shardings=(st_sh, data),
+               out_shardings=(st_sh, sharding_lib.replicated(mesh)))
+
+  def run(st, batch):
+    st, m = fn(jax.device_put(st, st_sh), sharding_lib.shard_batch(batch, data))
+    return jax.device_get(st), jax.device_get(m)
+
+  return run, jax.device_get(state)
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _assert_same_metrics(a, b):
+  assert set(a) == set(b)
+  for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
+            'loss_align', 'grad_norm', 'pl_accuracy'):
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_dastc_step_is_the_same_on_1_and_4_devices(smoke_config):
+  """Each step is the same function of (state, batch) on 1 and 4 devices.
+
+  Both steps start from the same state on both meshes: chaining the two
+  runs separately would let float32 reduction-order noise flip argmax ties
+  of the barely trained model (pseudo-labels, prototype membership), which
+  says nothing about the sharding.
+  """
+  c = smoke_config
+  c.train.source_only_steps = 0
+  c.optim.name, c.optim.lr, c.optim.momentum = 'sgd', 0.01, 0.9
+  root = train.resolve_data_root(c)
+  it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4))
+  batches = [next(it), next(it)]
+  run1, init = _step_fn(c, root, 1)
+  run4, _ = _step_fn(c, root, 4)
+  s1, m1 = run1(init, batches[0])
+  s4, m4 = run4(init, batches[0])
+  _assert_same_metrics(m1, m4)
+  for k in ('tgt_labels', 'tgt_masks', 'src_frames'):
+    np.testing.assert_array_equal(np.asarray(s1.carried[k]),
+                                  np.asarray(s4.carried[k]))
+  # Parameters agree to float32 noise. The *updates* of the convolutions
+  # under a train-mode BatchNorm are small differences (the BN backward
+  # subtracts two batch means from the incoming gradient), so reduction-order
+  # noise is ~1e-3 of them (measured 5e-4 overall); a wrong sharding (e.g.
+  # per-device BN statistics) changes them at O(1).
+  p1, p4, p0 = _flat(s1.params), _flat(s4.params), _flat(init.params)
+  assert np.linalg.norm(p4 - p1) / np.linalg.norm(p1) < 1e-6
+  u1, u4 = p1 - p0, p4 - p0
+  assert np.linalg.norm(u1) > 1e-3
+  assert np.linalg.norm(u4 - u1) / np.linalg.norm(u1) < 5e-3
+  # The second step pastes from the carried state of the first.
+  t1, m1 = run1(s1, batches[1])
+  t4, m4 = run4(s1, batches[1])
+  _assert_same_metrics(m1, m4)
+  assert bool(t1.carried['has_prev']) and bool(t4.carried['has_prev'])
+  np.testing.assert_array_equal(np.asarray(t1.carried['src_frames']),
+                                batches[1]['source']['frames'])
+  np.testing.assert_array_equal(np.asarray(t4.carried['src_frames']),
+                                batches[1]['source']['frames'])
+  for a, b in zip(jax.tree.leaves(t1.teacher), jax.tree.leaves(t4.teacher)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,123 @@
+"""Image-sequence-level and shallow-feature-level fusion."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dastc_jax import fusion
+
+C = 6
+
+
+def _labels(key, b, h=8, w=10):
+  return jax.random.randint(key, (b, 2, h, w), 0, C)
+
+
+def test_pick_classes_returns_present_distinct_classes():
+  label = jnp.asarray([[0, 0, 3], [3, 5, 255]])
+  for seed in range(5):
+    picked = np.asarray(fusion.pick_classes(jax.random.key(seed), label, 2,
+                                            C))
+    assert len(set(picked)) == 2 and set(picked) <= {0, 3, 5}
+  only = np.asarray(fusion.pick_classes(jax.random.key(0), label, 4, C,
+                                        exclude=jnp.asarray([3, -1])))
+  assert sorted(only[:2]) == [0, 5] and list(only[2:]) == [-1, -1]
+
+
+def _masks(seed=0, b=3, has_prev=True):
+  k = jax.random.split(jax.random.key(seed), 4)
+  prev_src_labels = _labels(k[0], b)
+  rare_labels = jax.random.randint(k[1], (b, 2, 8, 10), 0, C)
+  rare_classes = jnp.asarray([[4, 5], [4, -1], [5, 4]])[:b]
+  prev_tgt_masks = jax.random.bernoulli(k[2], 0.2, (b, 2, 8, 10))
+  m = fusion.sample_masks(
+      k[3], prev_src_labels=prev_src_labels, rare_labels=rare_labels,
+      rare_classes=rare_classes, prev_tgt_masks=prev_tgt_masks,
+      has_prev=jnp.asarray(has_prev), num_classes=C, num_source_classes=2,
+      rare_class_list=(1,))
+  return m, prev_src_labels, rare_labels, rare_classes, prev_tgt_masks
+
+
+def test_one_class_set_per_clip_applied_to_each_frame():
+  m, labels, rare_labels, rare_classes, tgt = _masks()
+  for b in range(3):
+    classes = set(np.asarray(m['source_classes'][b]).tolist()) | {1}
+    for f in range(2):  # the same class set, each frame's own labels
+      expected = np.isin(np.asarray(labels[b, f]), list(classes))
+      np.testing.assert_array_equal(np.asarray(m['src'][b, f]), expected)
+    for k in range(2):
+      expected = (np.asarray(rare_labels[b, k]) == int(rare_classes[b, k])) \
+          & (int(rare_classes[b, k]) >= 0)
+      np.testing.assert_array_equal(np.asarray(m['rare'][b, k]), expected)
+  np.testing.assert_array_equal(np.asarray(m['tgt']), np.asarray(tgt))
+  assert float(m['lt'].max()) <= 1.0
+  off, *_ = _masks(has_prev=False)  # first adaptation step: no S'/T'
+  assert not bool(off['src'].any()) and not bool(off['tgt'].any())
+  assert bool(off['rare'].any())
+
+
+def test_mixed_labels_agree_with_mixed_images_and_flows_share_masks():
+  m, labels, _, rare_classes, _ = _masks(seed=1)
+  b, h, w = 3, 8, 10
+  # Each source is a constant image value: base 0, S' 1, patch k 2+k, T' 9.
+  const = lambda v, shape: jnp.full(shape, float(v))
+  base_labels = jnp.full((b, 2, h, w), 0)
+  tgt_labels = jnp.full((b, 2, h, w), 3)
+  x, y = fusion.compose(
+      const(0, (b, 2, h, w, 3)), base_labels, prev_src=const(1, (b, 2, h, w,
+                                                                  3)),
+      prev_src_labels=labels,
+      rare=jnp.stack([const(2, (b, h, w, 3)), const(3, (b, h, w, 3))], 1),
+      prev_tgt=const(9, (b, 2, h, w, 3)), prev_tgt_labels=tgt_labels,
+      masks=m)
+  x, y = np.asarray(x)[..., 0], np.asarray(y)
+  for bi in range(b):
+    for f in range(2):
+      for i in range(h):
+        for j in range(w):
+          v = x[bi, f, i, j]
+          if v == 0:
+            assert y[bi, f, i, j] == 0
+          elif v == 1:
+            assert y[bi, f, i, j] == labels[bi, f, i, j]
+          elif v in (2, 3):
+            assert y[bi, f, i, j] == rare_classes[bi, int(v) - 2]
+          else:
+            assert v == 9 and y[bi, f, i, j] == 3
+  # Paste order: T' over long-tail patches over S' over the base.
+  assert np.all(x[np.asarray(m['tgt'])] == 9)
+  flow = fusion.mix_flow(jnp.zeros((b, h, w, 2)),
+                         prev_src_flow=jnp.ones((b, h, w, 2)),
+                         prev_tgt_flow=jnp.full((b, h, w, 2), 2.0), masks=m,
+                         key_frame_masks=False)
+  expected = np.where(np.asarray(m['tgt'][:, 0]), 2.0,
+                      np.where(np.asarray(m['src'][:, 0]), 1.0, 0.0))
+  np.testing.assert_array_equal(np.asarray(flow)[..., 0], expected)
+  ref = fusion.mix_flow(jnp.zeros((b, h, w, 2)),
+                        prev_src_flow=jnp.ones((b, h, w, 2)),
+                        prev_tgt_flow=jnp.full((b, h, w, 2), 2.0), masks=m,
+                        key_frame_masks=True)  # the reference's t-1 masks
+  expected = np.where(np.asarray(m['tgt'][:, 1]), 2.0,
+                      np.where(np.asarray(m['src'][:, 1]), 1.0, 0.0))
+  np.testing.assert_array_equal(np.asarray(ref)[..., 0], expected)
+
+
+def test_feature_mix_is_identity_on_an_empty_mask():
+  k = jax.random.split(jax.random.key(0), 2)
+  fs = jax.random.normal(k[0], (2, 4, 5, 8))
+  ft = jax.random.normal(k[1], (2, 4, 5, 8))
+  s2, t2 = fusion.feature_mix(fs, ft, jnp.zeros((2, 16, 20)), 0.3)
+  np.testing.assert_array_equal(np.asarray(s2), np.asarray(fs))
+  np.testing.assert_array_equal(np.asarray(t2), np.asarray(ft))
+  s3, t3 = fusion.feature_mix(fs, ft, jnp.ones((2, 16, 20)), 0.3)
+  np.testing.assert_allclose(np.asarray(s3), 0.7 * fs + 0.3 * ft, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(t3), 0.7 * ft + 0.3 * fs, atol=1e-6)
+
+
+def test_crop_takes_the_window_per_example():
+  x = jnp.arange(2 * 2 * 6 * 7).reshape(2, 2, 6, 7)
+  out = fusion.crop(x, jnp.asarray([[1, 2], [0, 3]]), (4, 3), False)
+  np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(x[0, :, 1:5,
+                                                                 2:5]))
+  np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(x[1, :, 0:4,
+                                                                 3:6]))

@@ -1,0 +1,97 @@
+"""Teachers, cross-frame pseudo-labels, strong augmentation, histograms."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import common
+from dastc_jax import pseudo_labels
+from dastc_jax.data import transforms
+from dastc_jax.ops import augment
+
+
+def test_ema_update_arithmetic():
+  teacher = {'w': jnp.asarray([1.0, 2.0]), 'b': {'v': jnp.asarray(4.0)}}
+  student = {'w': jnp.asarray([3.0, 0.0]), 'b': {'v': jnp.asarray(0.0)}}
+  out = pseudo_labels.ema_update(teacher, student, 0.9)
+  np.testing.assert_allclose(np.asarray(out['w']), [1.2, 1.8], rtol=1e-6)
+  np.testing.assert_allclose(float(out['b']['v']), 3.6, rtol=1e-6)
+
+
+def test_teacher_scores_of_t_minus_1_are_warped_to_t():
+  # Teacher scores of frame t-1: class = column // 4 (4 classes, 16 cols).
+  h, w, c = 8, 16, 4
+  cls = np.repeat(np.arange(w) // 4, 1)[None, :].repeat(h, 0)
+  pred = jnp.asarray(np.eye(c)[cls][None] * 10.0, jnp.float32)
+  # Frame t content is frame t-1 shifted right by 4 px: flow t->t-1 = -4.
+  flow = jnp.zeros((1, h, w, 2)).at[..., 0].set(-4.0)
+  pl = pseudo_labels.cross_frame(pred, pred, flow, (h, w))
+  expected = np.maximum(np.arange(w) - 4, 0) // 4
+  np.testing.assert_array_equal(np.asarray(pl['label_t'][0, 3]), expected)
+  np.testing.assert_array_equal(np.asarray(pl['label_t1'][0, 3]),
+                                np.arange(w) // 4)
+  assert float(pl['conf_t'].max()) <= 1.0  # a probability
+  logit_conf = pseudo_labels.cross_frame(pred, pred, flow, (h, w),
+                                         confidence_from_logit=True)
+  np.testing.assert_allclose(float(logit_conf['conf_t1'].max()), 10.0)
+
+
+def test_reference_teacher_switch():
+  assert not bool(pseudo_labels.use_student(jnp.asarray(8099), 100, 8000))
+  assert bool(pseudo_labels.use_student(jnp.asarray(8100), 100, 8000))
+
+
+def _aug_cfg(**kw):
+  c = common.dastc_config().strong_aug
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_strong_augmentation_uses_one_parameter_set_per_clip():
+  frame = jax.random.randint(jax.random.key(0), (3, 1, 16, 20, 3), 0, 255)
+  clip = jnp.concatenate([frame, frame], 1).astype(jnp.uint8)
+  out = np.asarray(augment.strong_augment(jax.random.key(1), clip,
+                                          _aug_cfg(p_blur=1.0, p_jitter=1.0)))
+  np.testing.assert_allclose(out[:, 0], out[:, 1], atol=1e-4)
+  assert not np.allclose(out[0, 0], out[1, 0])  # clips differ
+  gray = np.asarray(augment.strong_augment(
+      jax.random.key(2), clip, _aug_cfg(p_blur=0.0, p_jitter=0.0,
+                                        p_gray=1.0)))
+  rgb = gray[..., ::-1] + np.asarray([104.00698793, 116.66876762,
+                                      122.67891434])[::-1]
+  np.testing.assert_allclose(rgb[..., 0], rgb[..., 1], atol=1e-3)
+  off = np.asarray(augment.strong_augment(jax.random.key(3), clip,
+                                          _aug_cfg(enabled=False)))
+  bgr = np.asarray(clip, np.float64)[..., ::-1] - [104.00698793,
+                                                   116.66876762,
+                                                   122.67891434]
+  np.testing.assert_allclose(off, bgr, atol=1e-3)
+
+
+def test_histogram_matching_takes_the_reference_distribution():
+  rng = np.random.default_rng(0)
+  ref = (2 * rng.integers(0, 128, (20, 30, 3))).astype(np.uint8)
+  # An image with the same (even) values in another order, halved (an
+  # injective, monotonic change): the match must restore the reference
+  # histogram exactly.
+  perm = rng.permutation(ref.reshape(-1, 3))
+  img = (perm // 2).reshape(20, 30, 3).astype(np.uint8)
+  out = transforms.match_histograms(img, ref)
+  for c in range(3):
+    np.testing.assert_array_equal(np.sort(out[..., c].ravel()),
+                                  np.sort(ref[..., c].ravel()))
+  # The order of pixels follows the input (monotonic mapping).
+  order = np.argsort(img[..., 0].ravel(), kind='stable')
+  assert np.all(np.diff(out[..., 0].ravel()[order].astype(int)) >= 0)
+
+
+def test_reference_preset_sets_the_reference_choices():
+  c = common.base_config()
+  common.reference(c)
+  assert c.dastc.alignment.kind == 'mmd' and c.dastc.alignment.weight == 0.01
+  assert not c.dastc.feature_fusion and c.dastc.teacher == 'reference'
+  assert all(c.dastc.bugs.values()) and c.dastc.strong_aug.wrap_normalized_bug
+  assert c.optim.constant_head_lr and not c.data.source.flip_negate_dx
+  assert isinstance(c, ml_collections.ConfigDict)
