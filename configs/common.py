@@ -154,6 +154,8 @@ def dastc_config() -> ml_collections.ConfigDict:
       teacher='ema',  # 'ema' mean teacher or 'reference' (frozen, then self)
       ema_decay=0.999,
       teacher_switch_steps=8000,  # 'reference': frozen teacher this long
+      # Probability of mirroring the teacher's input pair (reference: 0.5).
+      teacher_flip=0.0,
       confidence=0.9,  # probability threshold of the pasted T' regions
       # Pseudo-labels below this probability are ignored by the losses
       # (0: the reference's hard labels on every pixel).
@@ -185,7 +187,12 @@ def dastc_config() -> ml_collections.ConfigDict:
           detach_source=False),
       # Reference bugs, reproducible one by one (method.md §10).
       bugs=dict(confidence_from_logit=False, unclipped_lt_mask=False,
-                flow_mix_key_masks=False),
+                flow_mix_key_masks=False,
+                # Teacher mirror: keep the flow's dx sign; warp the mirrored
+                # scores and mirror the label maps afterwards.
+                flip_keep_dx=False, warp_before_unflip=False,
+                # Temporal prototype = sum_i w_i p_i with zero rows.
+                zero_rows_in_temporal_mean=False),
   ))
 
 
@@ -195,6 +202,7 @@ def reference(c: ml_collections.ConfigDict) -> None:
   then-self teacher, and every reference bug flag on."""
   d = c.dastc
   d.teacher = 'reference'
+  d.teacher_flip = 0.5
   d.feature_fusion = False
   d.alignment.kind = 'mmd'
   d.alignment.weight = 0.01
@@ -204,6 +212,9 @@ def reference(c: ml_collections.ConfigDict) -> None:
   d.bugs.confidence_from_logit = True
   d.bugs.unclipped_lt_mask = True
   d.bugs.flow_mix_key_masks = True
+  d.bugs.flip_keep_dx = True
+  d.bugs.warp_before_unflip = True
+  d.bugs.zero_rows_in_temporal_mean = True
   c.optim.constant_head_lr = True
   for key in ('source', 'target'):
     c.data[key].flip_negate_dx = False

@@ -1,9 +1,10 @@
-"""The built-in demo: source-only ACCEL on the synthetic domain-shift world.
+"""The built-in demo: DA-STC on the synthetic domain-shift world.
 
 Runs end to end on 2 CPU cores with no downloads: generates the world
 (VIPER-layout source, Cityscapes-Seq-layout target, exact flows), trains a
-small DeepLabv2-ResNet ACCEL model on the source, and evaluates on the
-source and target val splits.
+small DeepLabv2-ResNet ACCEL model on the source (1200 warm-start steps),
+adapts it to the unlabelled target with DA-STC (300 steps), and evaluates
+on the source and target val splits.
 
 Variants: ``:smoke`` (tiny world, tiny model, 2 steps).
 """

@@ -6,12 +6,14 @@
 2. *Temporal aggregation*: the target prototype of a class is the weighted
    mean of its prototypes from the temporal pairs (t, t-1) and (t, t-2).
    The weights are adaptive: ``softmax(-H_i / tau)`` over pairs, with H_i
-   the pair's mean normalised prediction entropy. A more certain pair (in
-   practice the shorter flow span, whose warped key-frame scores are less
-   corrupted) gets *more* weight. The reference's disabled variant gave
-   more weight to higher entropy; we take the certainty-weighted direction
-   because an uncertain pair's prototype mixes classes and would pull the
-   source prototypes towards that mixture.
+   the pair's mean normalised prediction entropy (one weight per pair for
+   the batch). The more certain pair gets *more* weight. As in the
+   reference, pair 1 is the strongly augmented (t, t-1) clip and pair 2 the
+   clean (t, t-2) clip, so H_i reflects both the augmentation and the flow
+   span. The reference's disabled variant gave more weight to higher
+   entropy; we take the certainty-weighted direction because an uncertain
+   pair's prototype mixes classes (its pixels are more often assigned to the
+   wrong class) and would pull the source prototypes towards that mixture.
 3. *Loss*: cross-domain intra-class alignment and inter-class separation in
    one contrastive (InfoNCE) form with cosine similarity, temperature and an
    additive margin on the positive pair, symmetrised over target->source and
@@ -82,23 +84,34 @@ def temporal_weights(entropies: Array, temperature: float,
   return jax.nn.softmax(-jax.lax.stop_gradient(entropies) / temperature)
 
 
-def aggregate_pairs(protos: Array, present: Array,
-                    weights: Array) -> tuple[Array, Array]:
+def aggregate_pairs(protos: Array, present: Array, weights: Array,
+                    renormalize: bool = True) -> tuple[Array, Array]:
   """Weighted mean of per-pair prototypes over the pairs where present.
 
   Args:
     protos: ``[P, C, D]``.
     present: ``[P, C]``.
     weights: ``[P]``.
+    renormalize: True divides by the weight of the pairs where the class is
+      present; False is the reference's plain ``sum_i w_i p_i`` with zero
+      rows for absent classes (a class seen in one of two pairs gets half
+      its prototype).
 
   Returns:
     ``[C, D]`` prototypes and ``[C]`` presence (present in any pair).
   """
   w = weights[:, None] * present.astype(jnp.float32)  # [P, C]
-  total = jnp.sum(w, 0)
-  out = jnp.einsum('pc,pcd->cd', w, protos) / jnp.maximum(total, 1e-12)[
-      :, None]
+  out = jnp.einsum('pc,pcd->cd', w, protos)
+  if renormalize:
+    out = out / jnp.maximum(jnp.sum(w, 0), 1e-12)[:, None]
   return out, jnp.any(present, 0)
+
+
+def _normalize(x: Array) -> Array:
+  """Unit rows; a zero row stays zero with a finite (zero) gradient."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  safe = jnp.where(sq > 0, sq, 1.0)
+  return jnp.where(sq > 0, x / jnp.maximum(jnp.sqrt(safe), 1e-6), 0.0)
 
 
 def contrastive(source: Array, target: Array, present: Array, *,
@@ -123,9 +136,7 @@ def contrastive(source: Array, target: Array, present: Array, *,
     Scalar loss (0 when fewer than one class is present).
   """
   c = source.shape[0]
-  norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True),
-                                   1e-6)
-  sim = norm(target) @ norm(source).T  # [C(target), C(source)]
+  sim = _normalize(target) @ _normalize(source).T  # [C(target), C(source)]
   eye = jnp.eye(c, dtype=bool)
   logits = (sim - margin * eye) / temperature
   valid = present[:, None] & present[None, :]

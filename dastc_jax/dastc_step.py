@@ -46,8 +46,14 @@ Batch = dict[str, Any]
 
 
 def _teacher_forward(config, graphdef, state, student_params, frames, flow,
-                     adapt_start: int):
-  """The teacher's fused scores of frame t-1 (pair t-1, t-2), no gradient."""
+                     adapt_start: int, rng: jax.Array):
+  """The teacher's fused scores of frame t-1 (pair t-1, t-2), no gradient.
+
+  Returns ``(pred, aux, teacher, batch_stats)``: the scores, the (possibly
+  reset) teacher, and the BatchNorm averages the student starts from (the
+  reference teacher in its student phase updates them, as the released code
+  does; otherwise they are the state's).
+  """
   d = config.dastc
   first = state.step == adapt_start
   # At the first adaptation step the teacher becomes the warm-started model.
@@ -57,13 +63,16 @@ def _teacher_forward(config, graphdef, state, student_params, frames, flow,
 
   def run(params, stats, train):
     model = nnx.merge(graphdef, params, stats)
-    out = model(frames[:, 1], frames[:, 2], flow, train=train)
-    return out['pred'], out['pred_aux']
+    out = model(frames[:, 1], frames[:, 2], flow, train=train,
+                rng=rng if train else None)
+    new_stats = (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train
+                 else state.batch_stats)
+    return out['pred'], out['pred_aux'], new_stats
 
   if d.teacher == 'ema':
-    pred, aux = run(teacher['params'], teacher['batch_stats'], False)
+    pred, aux, stats = run(teacher['params'], teacher['batch_stats'], False)
   elif d.teacher == 'reference':
-    pred, aux = jax.lax.cond(
+    pred, aux, stats = jax.lax.cond(
         pseudo_labels.use_student(state.step, adapt_start,
                                   d.teacher_switch_steps),
         lambda: run(student_params, state.batch_stats, True),
@@ -71,7 +80,35 @@ def _teacher_forward(config, graphdef, state, student_params, frames, flow,
   else:
     raise ValueError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
                      "'ema' or 'reference'.")
-  return jax.lax.stop_gradient(pred), jax.lax.stop_gradient(aux), teacher
+  stats = jax.lax.stop_gradient(stats)
+  return (jax.lax.stop_gradient(pred), jax.lax.stop_gradient(aux), teacher,
+          stats)
+
+
+def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
+                   rng):
+  """Teacher pass (with the optional random mirror) and cross-frame labels."""
+  d = config.dastc
+  frames, flow, flip = x_tgt, tgt['flow_t1_t2'], None
+  if d.teacher_flip > 0:
+    flip = jax.random.bernoulli(jax.random.fold_in(rng, 1), d.teacher_flip,
+                                (x_tgt.shape[0],))
+    frames = pseudo_labels.hflip(x_tgt, flip)  # [B, 3, H, W, 3]
+    flow = pseudo_labels.hflip_flow(flow, flip,
+                                    negate_dx=not d.bugs.flip_keep_dx)
+  pred, aux, teacher, stats = _teacher_forward(
+      config, graphdef, state, state.params, frames, flow, adapt_start,
+      jax.random.fold_in(rng, 2))
+  unflip_first = flip is not None and not d.bugs.warp_before_unflip
+  if unflip_first:
+    pred, aux = pseudo_labels.hflip(pred, flip), pseudo_labels.hflip(aux, flip)
+  pl = pseudo_labels.cross_frame(
+      pred, aux, tgt['flow'], size,
+      confidence_from_logit=d.bugs.confidence_from_logit)
+  if flip is not None and not unflip_first:
+    # Reference: the mirrored scores were warped, the maps mirrored after.
+    pl = {k: pseudo_labels.hflip_labels(v, flip) for k, v in pl.items()}
+  return pl, teacher, stats
 
 
 def _fusion_inputs(key, config, state, src, tgt_flow, x_src, x_strong, pl,
@@ -128,8 +165,9 @@ def _alignment_loss(config, out_src, label_src, target_outs):
     ents.append(alignment.mean_entropy(out['pred']))
   w = alignment.temporal_weights(jnp.stack(ents), a.entropy_temperature,
                                  a.temporal == 'entropy')
-  pt, pres_t = alignment.aggregate_pairs(jnp.stack(protos), jnp.stack(present),
-                                         w)
+  pt, pres_t = alignment.aggregate_pairs(
+      jnp.stack(protos), jnp.stack(present), w,
+      renormalize=not config.dastc.bugs.zero_rows_in_temporal_mean)
   if a.kind == 'mmd':
     loss = alignment.mmd_rbf(ps, pt)
   elif a.kind == 'contrastive':
@@ -193,12 +231,8 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     y_src = src['labels'][:, 0].astype(jnp.int32)
     x_tgt = image_ops.normalize(tgt['frames'], dtype)  # [B, 3, Ht, Wt, 3]
 
-    pred_t, aux_t, teacher = _teacher_forward(
-        config, graphdef, state, state.params, x_tgt, tgt['flow_t1_t2'],
-        adapt_start)
-    pl = pseudo_labels.cross_frame(
-        pred_t, aux_t, tgt['flow'], size,
-        confidence_from_logit=d.bugs.confidence_from_logit)
+    pl, teacher, stats0 = _pseudo_labels(config, graphdef, state, x_tgt,
+                                         tgt, size, adapt_start, rng)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
     x_st = augment.strong_augment(k_aug, tgt['frames'][:, :2], d.strong_aug,
@@ -209,7 +243,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
           size)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.batch_stats)
+      model = nnx.merge(graphdef, params, stats0)
       keys = jax.random.split(k_drop, 4)
       out_s = model(x_src[:, 0], x_src[:, 1], src['flow'], train=True,
                     rng=keys[0])

@@ -11,7 +11,14 @@ Teachers (``dastc.teacher``):
   every step (BatchNorm running averages too), run in eval mode;
 * ``reference``: the released code's scheme - the frozen warm-start model
   (eval mode) for the first ``teacher_switch_steps`` adaptation steps, then
-  the student itself (train-mode BatchNorm, no gradient).
+  the student itself in train mode (dropout on, and its BatchNorm running
+  averages updated by the teacher pass; no gradient).
+
+``dastc.teacher_flip`` (the reference: 0.5) mirrors the teacher's input pair
+and flow at random per clip and mirrors its scores back before the warp; the
+``dastc.bugs`` flags ``flip_keep_dx`` and ``warp_before_unflip`` reproduce
+the reference's flow flip without negating dx and its warp of the still
+mirrored scores (method.md §4.2, §10.6).
 """
 
 from __future__ import annotations
@@ -68,6 +75,27 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
       'label_t1': jnp.argmax(up, -1).astype(jnp.int32),
       'conf_t1': conf_t1,
   }
+
+
+def hflip(x: jax.Array, flip: jax.Array) -> jax.Array:
+  """Flips ``x`` ``[B, ..., H, W, C]`` horizontally where ``flip`` ``[B]``."""
+  f = flip.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(f, x[..., ::-1, :], x)
+
+
+def hflip_labels(x: jax.Array, flip: jax.Array) -> jax.Array:
+  """Flips label/confidence maps ``[B, H, W]`` where ``flip`` ``[B]``."""
+  return hflip(x[..., None], flip)[..., 0]
+
+
+def hflip_flow(flow: jax.Array, flip: jax.Array, negate_dx: bool = True
+               ) -> jax.Array:
+  """Flips a flow ``[B, H, W, 2]`` where ``flip``; a mirrored flow's dx
+  changes sign (``negate_dx=False`` is the TPS/reference bug)."""
+  flipped = flow[:, :, ::-1]
+  if negate_dx:
+    flipped = flipped * jnp.asarray([-1.0, 1.0], flow.dtype)
+  return jnp.where(flip[:, None, None, None], flipped, flow)
 
 
 def use_student(step: jax.Array, adapt_start: int, switch_steps: int

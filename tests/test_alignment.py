@@ -81,6 +81,26 @@ def test_temporal_weights_favour_the_more_certain_pair():
   np.testing.assert_allclose(np.asarray(out[0]), 1.5)  # 0.75 * 1 + 0.25 * 3
   np.testing.assert_allclose(np.asarray(out[1]), 1.0)  # only pair 0 has it
   np.testing.assert_array_equal(np.asarray(pres), [True, True, False])
+  # The reference's plain weighted sum with zero rows (uniform weights).
+  ref, _ = alignment.aggregate_pairs(protos * present[..., None], present,
+                                     jnp.asarray([0.5, 0.5]),
+                                     renormalize=False)
+  np.testing.assert_allclose(np.asarray(ref[0]), 2.0)  # 0.5 * 1 + 0.5 * 3
+  np.testing.assert_allclose(np.asarray(ref[1]), 0.5)  # half of pair 0's
+  np.testing.assert_allclose(np.asarray(ref[2]), 0.0)
+
+
+def test_zero_prototype_rows_have_finite_gradients():
+  src, tgt = _protos(3), _protos(4)
+  tgt = tgt.at[2].set(0.0)  # a class absent from the target: a zero row
+  present = jnp.asarray([True, True, False, True, True])
+  loss = lambda s, t: alignment.contrastive(s, t, present, temperature=0.1,
+                                            margin=0.2)
+  gs, gt = jax.grad(loss, argnums=(0, 1))(src, tgt)
+  assert np.all(np.isfinite(np.asarray(gs)))
+  assert np.all(np.isfinite(np.asarray(gt)))
+  np.testing.assert_array_equal(np.asarray(gt[2]), 0.0)
+  assert float(jnp.abs(gt[0]).sum()) > 1e-4
 
 
 def test_mmd_matches_the_reference_formula():

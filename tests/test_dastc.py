@@ -4,11 +4,13 @@ import jax
 from jax.sharding import AxisType
 import numpy as np
 
+from configs import common
 from dastc_jax import dastc_step
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train
 from dastc_jax.data import pipeline
+from dastc_jax.ops import image as image_ops
 
 
 def _step_fn(config, root, n_devices):
@@ -84,3 +86,41 @@ def test_dastc_step_is_the_same_on_1_and_4_devices(smoke_config):
                                 batches[1]['source']['frames'])
   for a, b in zip(jax.tree.leaves(t1.teacher), jax.tree.leaves(t4.teacher)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_preset_trains_and_its_self_teacher_updates_bn(
+    smoke_config):
+  """The released code's training: frozen teacher, then the student itself
+  in train mode (its pass updates the BN averages), mirrored teacher input,
+  MMD, every bug flag."""
+  c = smoke_config
+  common.reference(c)
+  c.dastc.teacher_switch_steps = 1
+  c.dastc.teacher_flip = 1.0
+  c.train.source_only_steps = 0
+  root = train.resolve_data_root(c)
+  it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4))
+  batches = [next(it), next(it)]
+  run, init = _step_fn(c, root, 1)
+  s, m = run(init, batches[0])
+  t, m2 = run(s, batches[1])
+  for metrics in (m, m2):
+    for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
+              'loss_align'):
+      assert np.isfinite(metrics[k]), k
+  assert m['loss_align'] > 0 and m['align_weight_t1'] == 0.5  # uniform
+  graphdef, _, _ = state_lib.create_train_state(
+      c, sizes=train._carried_sizes(c, root))  # pylint: disable=protected-access
+  tgt = batches[1]['target']
+
+  @jax.jit
+  def teacher_stats(state):
+    x = image_ops.normalize(tgt['frames'])
+    _, _, stats = dastc_step._pseudo_labels(  # pylint: disable=protected-access
+        c, graphdef, state, x, tgt, x.shape[2:4], 0, jax.random.key(0))
+    return stats
+
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(teacher_stats(init), init.batch_stats)  # frozen teacher
+  assert not same(teacher_stats(s), s.batch_stats)  # student, train mode

@@ -177,3 +177,33 @@ def test_bad_model_config_values_name_the_key():
     _split(_cfg(backbone_init='xavier'))
   with pytest.raises(ValueError, match='config.model.name'):
     _split(_cfg(name='unet'))
+
+
+@pytest.mark.parametrize('layer', ['stem', 'layer1', 'layer3'])
+def test_feature_fusion_in_the_model(layer):
+  """An empty mask gives the two plain forwards; a full mask with weight 1
+  swaps the clips from ``layer`` on (aux head included)."""
+  from dastc_jax import fusion  # pylint: disable=g-import-not-at-top
+  g, p, s = _split(_cfg())
+  k = jax.random.split(jax.random.key(3), 4)
+  xs = [jax.random.normal(k[i], (2, 40, 48, 3)) * 50 for i in range(4)]
+  flow = jax.random.normal(jax.random.key(9), (2, 40, 48, 2))
+  model = nnx.merge(g, p, s)
+  plain_s = model(xs[0], xs[1], flow, train=False, fuse_at_input=True)
+  plain_t = model(xs[2], xs[3], flow, train=False, fuse_at_input=True)
+
+  def mixed(mask, weight):
+    return model.mixed_pair(
+        (xs[0], xs[1], flow), (xs[2], xs[3], flow), mask, layer=layer,
+        mix_fn=lambda a, b, m: fusion.feature_mix(a, b, m, weight),
+        train=False, rng=None, lt_mask=None)
+
+  out_s, out_t = mixed(jnp.zeros((2, 2, 40, 48)), 0.3)
+  for key in ('pred', 'pred_aux'):
+    np.testing.assert_allclose(out_s[key], plain_s[key], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_t[key], plain_t[key], rtol=1e-5, atol=1e-5)
+  out_s, out_t = mixed(jnp.ones((2, 2, 40, 48)), 1.0)
+  for key in ('pred', 'pred_aux'):
+    np.testing.assert_allclose(out_s[key], plain_t[key], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_t[key], plain_s[key], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(plain_s['pred'] - plain_t['pred']).max()) > 1e-3

@@ -9,6 +9,7 @@ from configs import common
 from dastc_jax import pseudo_labels
 from dastc_jax.data import transforms
 from dastc_jax.ops import augment
+from dastc_jax.ops import warp
 
 
 def test_ema_update_arithmetic():
@@ -93,5 +94,27 @@ def test_reference_preset_sets_the_reference_choices():
   assert c.dastc.alignment.kind == 'mmd' and c.dastc.alignment.weight == 0.01
   assert not c.dastc.feature_fusion and c.dastc.teacher == 'reference'
   assert all(c.dastc.bugs.values()) and c.dastc.strong_aug.wrap_normalized_bug
+  assert c.dastc.teacher_flip == 0.5
   assert c.optim.constant_head_lr and not c.data.source.flip_negate_dx
   assert isinstance(c, ml_collections.ConfigDict)
+
+
+def test_mirrored_flow_negates_dx():
+  """warp(mirror(I), mirror(F)) == mirror(warp(I, F)) only when dx flips."""
+  k = jax.random.split(jax.random.key(5), 2)
+  img = jax.random.normal(k[0], (2, 9, 12, 3))
+  flow = jax.random.uniform(k[1], (2, 9, 12, 2), minval=-2.0, maxval=2.0)
+  flip = jnp.asarray([True, False])
+  want = pseudo_labels.hflip(warp.warp(img, flow), flip)
+  got = warp.warp(pseudo_labels.hflip(img, flip),
+                  pseudo_labels.hflip_flow(flow, flip))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  bug = warp.warp(pseudo_labels.hflip(img, flip),
+                  pseudo_labels.hflip_flow(flow, flip, negate_dx=False))
+  assert float(jnp.abs(bug[0] - want[0]).max()) > 0.1
+  np.testing.assert_allclose(np.asarray(bug[1]), np.asarray(want[1]),
+                             atol=1e-5)  # not mirrored: unchanged
+  np.testing.assert_array_equal(
+      np.asarray(pseudo_labels.hflip_labels(jnp.arange(6).reshape(1, 2, 3),
+                                            jnp.asarray([True]))),
+      [[[2, 1, 0], [5, 4, 3]]])

@@ -186,8 +186,10 @@ class AccelDeepLab(nnx.Module):
         ms, mt = mix_fn(s1[layer], t1[layer], masks[:, f])
         nxt = resnet.ResNetDeepLab.STAGES[
             resnet.ResNetDeepLab.STAGES.index(layer) + 1]
-        fs = {**s1, **self.backbone(ms, train, first=nxt)}
-        ft = {**t1, **self.backbone(mt, train, first=nxt)}
+        # The mixed feature replaces the stage output (an aux head on it
+        # sees the mixed feature too).
+        fs = {**s1, layer: ms, **self.backbone(ms, train, first=nxt)}
+        ft = {**t1, layer: mt, **self.backbone(mt, train, first=nxt)}
       frames.append((self.heads(fs, train=train, dropout_key=keys[2 * f]),
                      self.heads(ft, train=train,
                                 dropout_key=keys[2 * f + 1])))

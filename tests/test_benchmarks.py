@@ -1,0 +1,55 @@
+"""The adaptation benchmark's run configs (no training here)."""
+
+import pytest
+
+from dastc_jax.benchmarks import adaptation
+
+
+def test_every_variant_continues_from_the_shared_warm_start():
+  warm = adaptation.run_config(0, None, '/w/seed0/warm')
+  assert warm.method == 'source_only'
+  assert warm.train.init_from == ''
+  assert warm.train.num_steps == adaptation.FLAGS.warm_steps
+  configs = {v: adaptation.run_config(0, v, '/w/seed0/warm')
+             for v in adaptation.VARIANTS}
+  for v, c in configs.items():
+    assert c.train.init_from == '/w/seed0/warm/checkpoints', v
+    assert c.train.num_steps == adaptation.FLAGS.adapt_steps, v
+    assert c.train.source_only_steps == 0, v
+    assert c.seed == 0, v
+  assert configs['source_only'].method == 'source_only'
+  assert configs['oracle'].method == 'target_only'
+  d = {v: c.dastc for v, c in configs.items()}
+  assert (d['dastc'].image_fusion, d['dastc'].feature_fusion,
+          d['dastc'].alignment.kind, d['dastc'].teacher) == (
+              True, True, 'contrastive', 'ema')
+  assert (d['pseudo_label_only'].image_fusion,
+          d['pseudo_label_only'].feature_fusion,
+          d['pseudo_label_only'].alignment.kind) == (False, False, 'none')
+  assert not d['no_image_fusion'].image_fusion
+  assert d['no_image_fusion'].alignment.kind == 'contrastive'
+  assert d['no_feature_fusion'].image_fusion
+  assert not d['no_feature_fusion'].feature_fusion
+  assert d['no_alignment'].alignment.kind == 'none'
+  assert d['mmd_alignment'].alignment.kind == 'mmd'
+  assert d['reference_teacher'].teacher == 'reference'
+  assert (d['reference_teacher'].teacher_switch_steps ==
+          adaptation.FLAGS.adapt_steps // 5)
+  # Apart from the switched parts, every DA-STC variant is the same run.
+  base = configs['dastc'].to_dict()
+  for v in ('no_feature_fusion', 'no_alignment'):
+    other = configs[v].to_dict()
+    diff = {k for k in base['dastc'] if base['dastc'][k] != other['dastc'][k]}
+    assert diff == ({'feature_fusion'} if v == 'no_feature_fusion' else
+                    {'alignment'}), (v, diff)
+  assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS
+
+
+def test_table_reports_mean_and_std_over_every_seed():
+  table = adaptation._table({'a': {0: 10.0, 1: 20.0, 2: 30.0}}, [0, 1, 2])  # pylint: disable=protected-access
+  assert '| a | 20.0 ± 10.0 | 10.0 | 20.0 | 30.0 |' in table
+
+
+def test_unknown_variant_is_refused():
+  with pytest.raises(KeyError):
+    adaptation.run_config(0, 'no_such_variant', '/w')
