@@ -30,6 +30,7 @@ import numpy as np
 from dastc_jax import checkpointing
 from dastc_jax import dastc_step
 from dastc_jax import evaluate
+from dastc_jax import optim
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
@@ -296,7 +297,11 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   num_steps = config.train.num_steps
   window, prev = [], None
   t_start = time.time()
+  phase_start = start  # ETA from the current phase's rate (phases differ)
+  adapt = optim.adaptation_start(config)
   for step in range(start, num_steps):
+    if step == adapt and adapt > start:  # the DA-STC phase starts
+      t_start, phase_start = time.time(), step
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       with run.report.timed('data', wait_jax_async_dispatch=False):
         batch = sharding_lib.shard_batch(next(run.train_iter),
@@ -321,9 +326,15 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
       scalars = {k: float(np.mean([m[k] for m in host if k in m]))
                  for k in keys}
       run.writer.write_scalars(done, scalars)
-      eta = (time.time() - t_start) / (done - start) * (num_steps - done)
-      logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
-                   scalars['loss'], eta)
+      rate = (time.time() - t_start) / (done - phase_start)
+      if done < adapt:
+        logging.info('step %d/%d  loss %.4f  (source-only warm start: ETA '
+                     '%.0fs to step %d; the %d DA-STC steps after it are '
+                     'slower)', done, num_steps, scalars['loss'],
+                     rate * (adapt - done), adapt, num_steps - adapt)
+      else:
+        logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
+                     scalars['loss'], rate * (num_steps - done))
       window = []
     if save:
       ckpt.save(done, state, run.train_iter)

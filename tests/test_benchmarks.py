@@ -43,6 +43,8 @@ def test_every_variant_continues_from_the_shared_warm_start():
     assert diff == ({'feature_fusion'} if v == 'no_feature_fusion' else
                     {'alignment'}), (v, diff)
   assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS
+  assert configs['dastc'].data.histogram_match
+  assert not configs['no_histogram_match'].data.histogram_match
 
 
 def test_table_reports_mean_and_std_over_every_seed():

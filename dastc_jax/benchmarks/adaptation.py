@@ -19,7 +19,9 @@ Not in the default list: ``reference_teacher``, DA-STC with the released
 code's teacher (the frozen warm start for the first 20% of the steps, as 8k
 of 40k in the reference, then the student itself) instead of the EMA mean
 teacher; ``--variants=dastc,reference_teacher --output=benchmarks/teacher.md``
-compares the two (finished runs are reused, not retrained).
+compares the two (finished runs are reused, not retrained);
+``no_histogram_match``, DA-STC without matching the source frames'
+histograms to the target frame.
 
 Each run is an ordinary training run in ``{workdir}/seed{S}/{variant}``
 (resumable); the table of target-val mIoU (last checkpoint, mean +- std over
@@ -88,8 +90,10 @@ VARIANTS = {
                                'dastc.alignment.feature': 'logits'}),
     'oracle': _method('target_only'),
     'reference_teacher': _dastc(**{'dastc.teacher': 'reference'}),
+    'no_histogram_match': _dastc(**{'data.histogram_match': False}),
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != 'reference_teacher']
+EXTRA_VARIANTS = ('reference_teacher', 'no_histogram_match')
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in EXTRA_VARIANTS]
 
 
 def run_config(seed: int, variant: str | None, warm_dir: str
