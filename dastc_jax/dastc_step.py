@@ -45,7 +45,7 @@ from dastc_jax.state import TrainState
 Batch = dict[str, Any]
 
 
-def _teacher_forward(config, graphdef, state, student_params, frames, flow,
+def _teacher_forward(config, graphdef, state, frames, flow,
                      adapt_start: int, rng: jax.Array):
   """The teacher's fused scores of frame t-1 (pair t-1, t-2), no gradient.
 
@@ -58,7 +58,7 @@ def _teacher_forward(config, graphdef, state, student_params, frames, flow,
   first = state.step == adapt_start
   # At the first adaptation step the teacher becomes the warm-started model.
   teacher = jax.tree.map(lambda t, s: jnp.where(first, s, t), state.teacher,
-                         {'params': student_params,
+                         {'params': state.params,
                           'batch_stats': state.batch_stats})
 
   def run(params, stats, train):
@@ -75,7 +75,7 @@ def _teacher_forward(config, graphdef, state, student_params, frames, flow,
     pred, aux, stats = jax.lax.cond(
         pseudo_labels.use_student(state.step, adapt_start,
                                   d.teacher_switch_steps),
-        lambda: run(student_params, state.batch_stats, True),
+        lambda: run(state.params, state.batch_stats, True),
         lambda: run(teacher['params'], teacher['batch_stats'], False))
   else:
     raise ValueError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
@@ -97,7 +97,7 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
     flow = pseudo_labels.hflip_flow(flow, flip,
                                     negate_dx=not d.bugs.flip_keep_dx)
   pred, aux, teacher, stats = _teacher_forward(
-      config, graphdef, state, state.params, frames, flow, adapt_start,
+      config, graphdef, state, frames, flow, adapt_start,
       jax.random.fold_in(rng, 2))
   unflip_first = flip is not None and not d.bugs.warp_before_unflip
   if unflip_first:
