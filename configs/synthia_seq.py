@@ -3,8 +3,15 @@
 Reference values (method.md §2.2, §4.7, §4.8): 12 classes trained, 11 scored
 (fence dropped), SGD base LR 2.5e-4, lambda_T = 1.0, two long-tail patches
 per clip, the full strong augmentation, SYNTHIA frames 1280x760 with the
-bottom 120 rows cropped (640x1280). The SYNTHIA-Seq loader comes with the
-datasets issue; the ``:smoke`` variant runs on the synthetic world.
+bottom 120 rows cut (640x1280, done by the preparation). Prepare the data
+first (README, "Datasets")::
+
+  python -m dastc_jax.data.prepare --dataset=synthia_seq \
+      --manual_dir=data/SynthiaSeq/SEQS-04-DAWN --data_dir=data/tfds
+  python -m dastc_jax.data.prepare --dataset=cityscapes_seq \
+      --manual_dir=data/Cityscapes --data_dir=data/tfds
+
+SYNTHIA-Seq has no validation split, so only the target is evaluated.
 
 Variants: ``:smoke``, ``:reference``.
 """
@@ -17,12 +24,8 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.data.class_set = 'synthia12'
   c.model.num_classes = 12
-  c.data.source = common.domain('synthia_seq', 'SynthiaSeq/SEQS-04-DAWN',
-                                'estimated_optical_flow_synthiaseq_train',
-                                'train', (640, 1280))
-  c.data.source_val = common.domain('synthia_seq', 'SynthiaSeq/SEQS-04-DAWN',
-                                    'estimated_optical_flow_synthiaseq_train',
-                                    'train', (640, 1280))
+  c.data.source = common.domain('synthia_seq', 'train', (640, 1280))
+  del c.data['source_val']
   c.eval.splits = ('target_val',)
   c.optim.lr = 2.5e-4
   c.dastc.lambda_t = 1.0

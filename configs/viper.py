@@ -5,9 +5,14 @@ SGD, momentum 0.9, weight decay 5e-4, base LR 1e-4, poly(0.9) over 250k
 steps, x10 LR for the fusion layer and heads, 40k iterations, batch 1 + 1,
 seed 1234; lambda_T = 0.2 (hard-coded in the VIPER script), three long-tail
 patches per clip, and no blur/jitter/grayscale in the strong augmentation
-(the VIPER scripts drop them). Data under ``data.root`` (default ``data/``)
-in the layouts of method.md §2; the reference starts from a TPS checkpoint
-(``--config.train.init_from=...``).
+(the VIPER scripts drop them). The reference starts from a TPS checkpoint
+(``--config.train.init_from=...``). Prepare the data first (README,
+"Datasets")::
+
+  python -m dastc_jax.data.prepare --dataset=viper \
+      --manual_dir=data/Viper --data_dir=data/tfds
+  python -m dastc_jax.data.prepare --dataset=cityscapes_seq \
+      --manual_dir=data/Cityscapes --data_dir=data/tfds
 
 Variants: ``:smoke`` (tiny model on the tiny synthetic world, 2 steps),
 ``:reference`` (the released code's training, bugs included).

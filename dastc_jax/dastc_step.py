@@ -17,6 +17,10 @@ category-aware alignment):
    ``L = L_src + lambda_T (L_cons + L_tgt_mix) + L_src_mix + w L_align``;
 5. the optimizer update, the EMA teacher update, and the roll-over of this
    iteration's clips into the carried state.
+
+The image domain (``model.name='deeplabv2'``, clip length 1) runs the same
+step on one frame: the teacher labels frame t itself, nothing is warped,
+and the alignment has only the spatial term of frame t.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ Batch = dict[str, Any]
 
 def _teacher_forward(config, graphdef, state, frames, flow,
                      adapt_start: int, rng: jax.Array):
-  """The teacher's fused scores of frame t-1 (pair t-1, t-2), no gradient.
+  """The teacher's fused scores of frame t-1 (pair t-1, t-2; ``frames`` is
+  that pair), or of frame t in the image domain; no gradient.
 
   Returns ``(pred, aux, teacher, batch_stats)``: the scores, the (possibly
   reset) teacher, and the BatchNorm averages the student starts from (the
@@ -63,8 +68,7 @@ def _teacher_forward(config, graphdef, state, frames, flow,
 
   def run(params, stats, train):
     model = nnx.merge(graphdef, params, stats)
-    out = model(frames[:, 1], frames[:, 2], flow, train=train,
-                rng=rng if train else None)
+    out = model.clip(frames, flow, train=train, rng=rng if train else None)
     new_stats = (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train
                  else state.batch_stats)
     return out['pred'], out['pred_aux'], new_stats
@@ -89,19 +93,27 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
                    rng):
   """Teacher pass (with the optional random mirror) and cross-frame labels."""
   d = config.dastc
-  frames, flow, flip = x_tgt, tgt['flow_t1_t2'], None
+  video = models.clip_length(config.model) == 2
+  # The teacher's clip: (t-1, t-2) with the flow t-1 -> t-2, or frame t.
+  frames = x_tgt[:, 1:3] if video else x_tgt[:, :1]
+  flow = tgt['flow_t1_t2'] if video else None
+  flip = None
   if d.teacher_flip > 0:
     flip = jax.random.bernoulli(jax.random.fold_in(rng, 1), d.teacher_flip,
                                 (x_tgt.shape[0],))
-    frames = pseudo_labels.hflip(x_tgt, flip)  # [B, 3, H, W, 3]
-    flow = pseudo_labels.hflip_flow(flow, flip,
-                                    negate_dx=not d.bugs.flip_keep_dx)
+    frames = pseudo_labels.hflip(frames, flip)  # [B, T, H, W, 3]
+    if video:
+      flow = pseudo_labels.hflip_flow(flow, flip,
+                                      negate_dx=not d.bugs.flip_keep_dx)
   pred, aux, teacher, stats = _teacher_forward(
       config, graphdef, state, frames, flow, adapt_start,
       jax.random.fold_in(rng, 2))
-  unflip_first = flip is not None and not d.bugs.warp_before_unflip
+  unflip_first = flip is not None and (not d.bugs.warp_before_unflip or
+                                       not video)
   if unflip_first:
     pred, aux = pseudo_labels.hflip(pred, flip), pseudo_labels.hflip(aux, flip)
+  if not video:
+    return pseudo_labels.same_frame(pred, aux, size), teacher, stats
   pl = pseudo_labels.cross_frame(
       pred, aux, tgt['flow'], size,
       confidence_from_logit=d.bugs.confidence_from_logit)
@@ -134,14 +146,21 @@ def _fusion_inputs(key, config, state, src, tgt_flow, x_src, x_strong, pl,
                 prev_tgt_labels=c['tgt_labels'], masks=masks)
   xs, ys = fusion.compose(crop(x_src, True), crop(src['labels'], False),
                           **pastes)
-  tgt_labels = jnp.stack([pl['label_t'], pl['label_t1']], 1)
-  xt, yt = fusion.compose(x_strong, tgt_labels, **pastes)
+  xt, yt = fusion.compose(x_strong, _target_labels(pl), **pastes)
+  if tgt_flow is None:  # image domain: no flows to mix
+    return masks, (xs, ys, None), (xt, yt, None)
   flows = dict(prev_src_flow=crop(c['src_flow'], True),
                prev_tgt_flow=c['tgt_flow'], masks=masks,
                key_frame_masks=d.bugs.flow_mix_key_masks)
   fs = fusion.mix_flow(crop(src['flow'], True), **flows)
   ft = fusion.mix_flow(tgt_flow, **flows)
   return masks, (xs, ys, fs), (xt, yt, ft)
+
+
+def _target_labels(pl):
+  """``[B, T, H, W]`` pseudo-labels of the target clip (t[, t-1])."""
+  keys = ('label_t', 'label_t1') if 'label_t1' in pl else ('label_t',)
+  return jnp.stack([pl[k] for k in keys], 1)
 
 
 def _alignment_loss(config, out_src, label_src, target_outs):
@@ -189,11 +208,10 @@ def _next_target_masks(key, config, pl, source_classes):
   k_t = jax.vmap(lambda k, lab, ex: fusion.pick_classes(
       k, lab, d.num_target_classes, config.model.num_classes, ex))(
           keys, pl['label_t'], source_classes)
-  m_d = jax.vmap(fusion.class_mask)(pl['label_t'], k_t) & (
-      pl['conf_t'] > d.confidence)
-  m_c = jax.vmap(fusion.class_mask)(pl['label_t1'], k_t) & (
-      pl['conf_t1'] > d.confidence)
-  return jnp.stack([m_d, m_c], 1)
+  masks = [jax.vmap(fusion.class_mask)(pl[f'label_{f}'], k_t) &
+           (pl[f'conf_{f}'] > d.confidence)
+           for f in ('t', 't1') if f'label_{f}' in pl]
+  return jnp.stack(masks, 1)  # [B, T, H, W]: M_d (, M_c)
 
 
 def make_dastc_step(config: ml_collections.ConfigDict,
@@ -207,9 +225,12 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   for the fusion ``crop`` ``[B, 2]``, ``rare_frames`` ``[B, K, Ht, Wt, 3]``,
   ``rare_labels``, ``rare_classes`` ``[B, K]``. ``batch['target']``:
   ``frames`` ``[B, 3, Ht, Wt, 3]`` (t, t-1, t-2), ``flow`` (t->t-1),
-  ``flow_t_t2``, ``flow_t1_t2``, and ``label`` (monitoring only).
+  ``flow_t_t2``, ``flow_t1_t2``, and ``label`` (monitoring only). In the
+  image domain every clip has one frame and there are no flows.
   """
   d = config.dastc
+  video = models.clip_length(config.model) == 2
+  n_frames = 2 if video else 1
   aux_w = d.aux_weight
   lam = d.lambda_t
   dtype = models.compute_dtype(config.model.dtype)
@@ -227,45 +248,45 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     k_drop, k_aug, k_mix, k_next = jax.random.split(rng, 4)
     src, tgt = batch['source'], batch['target']
     size = tgt['frames'].shape[2:4]
-    x_src = image_ops.normalize(src['frames'], dtype)  # [B, 2, Hs, Ws, 3]
+    x_src = image_ops.normalize(src['frames'], dtype)  # [B, T, Hs, Ws, 3]
     y_src = src['labels'][:, 0].astype(jnp.int32)
-    x_tgt = image_ops.normalize(tgt['frames'], dtype)  # [B, 3, Ht, Wt, 3]
+    x_tgt = image_ops.normalize(tgt['frames'], dtype)  # [B, T+1, Ht, Wt, 3]
+    src_flow, tgt_flow = src.get('flow'), tgt.get('flow')
 
     pl, teacher, stats0 = _pseudo_labels(config, graphdef, state, x_tgt,
                                          tgt, size, adapt_start, rng)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
-    x_st = augment.strong_augment(k_aug, tgt['frames'][:, :2], d.strong_aug,
-                                  dtype)
+    x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],
+                                  d.strong_aug, dtype)
     if d.image_fusion:
       masks, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
-          k_mix, config, state, src, tgt['flow'], x_src, x_st, pl_loss,
+          k_mix, config, state, src, tgt_flow, x_src, x_st, pl_loss,
           size)
+      clip_sm = (xs_m[:, 0], xs_m[:, 1], fs_m) if video else (xs_m[:, 0],)
+      clip_tm = (xt_m[:, 0], xt_m[:, 1], ft_m) if video else (xt_m[:, 0],)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, stats0)
       keys = jax.random.split(k_drop, 4)
-      out_s = model(x_src[:, 0], x_src[:, 1], src['flow'], train=True,
-                    rng=keys[0])
+      out_s = model.clip(x_src, src_flow, train=True, rng=keys[0])
       l_src = ce_up(out_s['pred'], y_src) + aux_w * ce_up(out_s['pred_aux'],
                                                           y_src)
-      out_st = model(x_st[:, 0], x_st[:, 1], tgt['flow'], train=True,
-                     rng=keys[1])
+      out_st = model.clip(x_st, tgt_flow, train=True, rng=keys[1])
       l_cons = ce(out_st['pred'], pl_loss['label_lo']) + aux_w * ce(
           out_st['pred_aux'], pl_loss['label_aux_lo'])
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
       total = l_src + lam * l_cons
       if d.image_fusion:
         out_sm, out_tm = model.mixed_pair(
-            (xs_m[:, 0], xs_m[:, 1], fs_m), (xt_m[:, 0], xt_m[:, 1], ft_m),
-            fusion.fused_mask(masks), layer=layer, mix_fn=mix_fn,
+            clip_sm, clip_tm, fusion.fused_mask(masks), layer=layer, mix_fn=mix_fn,
             train=True, rng=keys[2], lt_mask=masks['lt'])
         terms['loss_src_mix'] = ce(out_sm['pred'], ys_m[:, 0])
         terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0])
         total += terms['loss_src_mix'] + lam * terms['loss_tgt_mix']
       if d.alignment.kind != 'none':
         pairs = [out_st]
-        if d.alignment.pairs == 2:
+        if d.alignment.pairs == 2 and video:
           pairs.append(model(x_tgt[:, 0], x_tgt[:, 2], tgt['flow_t_t2'],
                              train=True, rng=keys[3]))
         l_align, info = _alignment_loss(config, out_s, y_src, pairs)
@@ -286,11 +307,12 @@ def make_dastc_step(config: ml_collections.ConfigDict,
                       jnp.full((y_src.shape[0], 1), -1, jnp.int32))
     carried = {
         'src_frames': src['frames'], 'src_labels': src['labels'],
-        'src_flow': src['flow'], 'tgt_frames': tgt['frames'][:, :2],
-        'tgt_labels': jnp.stack([pl['label_t'], pl['label_t1']],
-                                1).astype(jnp.uint8),
+        'tgt_frames': tgt['frames'][:, :n_frames],
+        'tgt_labels': _target_labels(pl).astype(jnp.uint8),
         'tgt_masks': _next_target_masks(k_next, config, pl, source_classes),
-        'tgt_flow': tgt['flow'], 'has_prev': jnp.asarray(True)}
+        'has_prev': jnp.asarray(True)}
+    if video:
+      carried['src_flow'], carried['tgt_flow'] = src_flow, tgt_flow
     metrics = {'loss': loss, **terms,
                'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params),

@@ -35,10 +35,19 @@ class SplitResult:
   def miou(self) -> float:
     return metrics_lib.mean_iou(self.confusion, self.class_set.scored)
 
+  def extra(self) -> dict[str, float]:
+    """The class set's second mean (e.g. SYNTHIA's mIoU13), if any."""
+    if self.class_set.also_report is None:
+      return {}
+    name, drop = self.class_set.also_report
+    keep = [i for i in self.class_set.scored if i not in drop]
+    return {name: metrics_lib.mean_iou(self.confusion, keep)}
+
   def to_json(self) -> dict[str, Any]:
     iou = self.iou
     return {
         'miou': _pct(self.miou),
+        **{k: _pct(v) for k, v in self.extra().items()},
         'iou': {c: _pct(iou[i]) for i, c in enumerate(self.class_set.classes)
                 if i in self.class_set.scored},
         'pixel_accuracy': _pct(metrics_lib.pixel_accuracy(self.confusion)),
@@ -113,7 +122,8 @@ def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
       ds, global_batch_size=global_batch_size,
       process_index=jax.process_index(),
       process_count=jax.process_count()):
-    host = {k: batch[k] for k in ('frames', 'flow', 'label', 'mask')}
+    host = {k: batch[k] for k in ('frames', 'flow', 'label', 'mask')
+            if k in batch}  # no flow in the image domain
     cm, pred = eval_step(params, batch_stats,
                          sharding_lib.shard_batch(host, data_sharding))
     total += sharding_lib.to_host(cm).astype(np.int64)
@@ -147,6 +157,9 @@ def format_table(results: Sequence[SplitResult]) -> str:
         '-' if np.isnan(v) else f'{100 * v:.1f}' for v in vals) + ' |')
   rows.append('| **mIoU** | ' + ' | '.join(
       f'**{100 * r.miou:.1f}**' for r in results) + ' |')
+  for name in results[0].extra():
+    rows.append(f'| {name} | ' + ' | '.join(
+        f'{100 * r.extra()[name]:.1f}' for r in results) + ' |')
   return '\n'.join(rows)
 
 

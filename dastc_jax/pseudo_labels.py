@@ -77,6 +77,25 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
   }
 
 
+def same_frame(pred: jax.Array, pred_aux: jax.Array,
+               out_size: tuple[int, int]) -> dict[str, jax.Array]:
+  """Pseudo-labels of the image domain (clip length 1): the teacher's own
+  scores of frame t, with the keys of ``cross_frame`` that apply (no
+  ``label_t1``).
+  """
+  probs_lo = jax.nn.softmax(pred, -1)
+  probs_aux = jax.nn.softmax(pred_aux, -1)
+  probs = jax.nn.softmax(warp_ops.resize_bilinear(pred, out_size), -1)
+  return {
+      'label_lo': jnp.argmax(probs_lo, -1).astype(jnp.int32),
+      'conf_lo': jnp.max(probs_lo, -1),
+      'label_aux_lo': jnp.argmax(probs_aux, -1).astype(jnp.int32),
+      'conf_aux_lo': jnp.max(probs_aux, -1),
+      'label_t': jnp.argmax(probs, -1).astype(jnp.int32),
+      'conf_t': jnp.max(probs, -1),
+  }
+
+
 def hflip(x: jax.Array, flip: jax.Array) -> jax.Array:
   """Flips ``x`` ``[B, ..., H, W, C]`` horizontally where ``flip`` ``[B]``."""
   f = flip.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -115,5 +134,7 @@ def ignore_unconfident(pl: dict[str, jax.Array],
   out = dict(pl)
   for label, conf in (('label_lo', 'conf_lo'), ('label_aux_lo', 'conf_aux_lo'),
                       ('label_t', 'conf_t'), ('label_t1', 'conf_t1')):
+    if label not in pl:
+      continue
     out[label] = jnp.where(pl[conf] >= threshold, pl[label], 255)
   return out

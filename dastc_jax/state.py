@@ -39,27 +39,32 @@ class TrainState:
 
 
 def empty_carried(batch: int, source_hw: tuple[int, int],
-                  target_hw: tuple[int, int]) -> dict[str, jax.Array]:
+                  target_hw: tuple[int, int],
+                  clip_length: int = 2) -> dict[str, jax.Array]:
   """The previous-iteration state before the first adaptation step.
 
   Source clip S' (histogram-matched uint8 RGB t, t-1; labels; flow t->t-1)
   and target clip T' (uint8 RGB d=t, c=t-1; pseudo-labels; confident-region
   masks M_d, M_c; flow d->c). ``has_prev`` is False until one DA-STC step
-  has run, which switches the S'/T' pastes off.
+  has run, which switches the S'/T' pastes off. The image domain
+  (``clip_length=1``) carries single frames and no flows.
   """
   hs, ws = source_hw
   ht, wt = target_hw
+  n = clip_length
   z = lambda shape, dt: jnp.asarray(np.zeros(shape, dt))
-  return {
-      'src_frames': z((batch, 2, hs, ws, 3), np.uint8),
-      'src_labels': z((batch, 2, hs, ws), np.uint8),
-      'src_flow': z((batch, hs, ws, 2), np.float32),
-      'tgt_frames': z((batch, 2, ht, wt, 3), np.uint8),
-      'tgt_labels': z((batch, 2, ht, wt), np.uint8),
-      'tgt_masks': z((batch, 2, ht, wt), np.bool_),
-      'tgt_flow': z((batch, ht, wt, 2), np.float32),
+  carried = {
+      'src_frames': z((batch, n, hs, ws, 3), np.uint8),
+      'src_labels': z((batch, n, hs, ws), np.uint8),
+      'tgt_frames': z((batch, n, ht, wt, 3), np.uint8),
+      'tgt_labels': z((batch, n, ht, wt), np.uint8),
+      'tgt_masks': z((batch, n, ht, wt), np.bool_),
       'has_prev': jnp.asarray(False),
   }
+  if n == 2:
+    carried['src_flow'] = z((batch, hs, ws, 2), np.float32)
+    carried['tgt_flow'] = z((batch, ht, wt, 2), np.float32)
+  return carried
 
 
 def init_model(config: ml_collections.ConfigDict, seed: int
@@ -97,7 +102,8 @@ def _initial_state(config: ml_collections.ConfigDict,
     # Own buffers: the state is donated to the step, leaf by leaf.
     teacher = jax.tree.map(jnp.copy, {'params': params,
                                       'batch_stats': stats})
-    carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'])
+    carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'],
+                            models.clip_length(config.model))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=stats, opt_state=opt_state, rng=rng,
                     teacher=teacher, carried=carried)

@@ -34,7 +34,6 @@ from dastc_jax import optim
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
-from dastc_jax.data import io
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.data import synthetic
@@ -49,11 +48,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def resolve_data_root(config: ml_collections.ConfigDict) -> str:
-  """The folder datasets are read from (generating the synthetic world)."""
+  """The prepared TFDS folder (generating and preparing the synthetic
+  world when it is enabled)."""
   if config.data.synthetic.enabled:
-    return synthetic.ensure_world(config.data.synthetic,
-                                  config.data.synthetic.num_workers)
-  return config.data.root
+    return os.path.join(
+        synthetic.ensure_world(config.data.synthetic,
+                               config.data.synthetic.num_workers),
+        synthetic.TFDS_DIR)
+  return config.data.data_dir
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -132,9 +134,13 @@ def _carried_sizes(config: ml_collections.ConfigDict,
   """Global batch and clip sizes of DA-STC's carried state."""
   if config.method != 'dastc':
     return None
-  size = lambda key: tuple(config.data[key].image_size or io.image_size(
-      pipeline.build_index(config.data[key], data_root, 'train',
-                           f'config.data.{key}')[0]['frames'][0]))
+
+  def size(key):
+    d = config.data[key]
+    if d.crop_size:
+      return tuple(d.crop_size)
+    return pipeline.native_size(d, data_root, f'config.data.{key}')
+
   return {'batch': config.train.batch_size, 'source': size('source'),
           'target': size('target')}
 
@@ -355,6 +361,8 @@ def _write_eval_scalars(writer, step: int,
   scalars = {}
   for r in results:
     scalars[f'eval/{r.name}/miou'] = 100 * r.miou
+    for name, value in r.extra().items():
+      scalars[f'eval/{r.name}/{name}'] = 100 * value
     for i in r.class_set.scored:
       if not np.isnan(r.iou[i]):
         scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = (

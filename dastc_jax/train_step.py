@@ -45,7 +45,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch[domain]``
     holds ``frames`` ``[B, T, H, W, 3]`` uint8 (t, t-1, ...), ``flow``
-    ``[B, H, W, 2]`` (t->t-1) and the labels of frame t (source
+    ``[B, H, W, 2]`` (t->t-1; none for the image model) and the labels of frame t (source
     ``labels[:, 0]``, target ``label``).
   """
   aux_weight = config.loss.aux_weight
@@ -63,8 +63,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.batch_stats)
-      out = model(frames[:, 0], frames[:, 1], src['flow'], train=True,
-                  rng=rng)
+      out = model.clip(frames, src.get('flow'), train=True, rng=rng)
       l_main = losses.upsampled_cross_entropy(out['pred'], label)
       l_aux = losses.upsampled_cross_entropy(out['pred_aux'], label)
       loss = l_main + aux_weight * l_aux
@@ -101,7 +100,7 @@ def make_eval_step(config: ml_collections.ConfigDict,
   def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats)
     frames = image_ops.normalize(batch['frames'], dtype)
-    out = model(frames[:, 0], frames[:, 1], batch['flow'], train=False)
+    out = model.clip(frames, batch.get('flow'), train=False)
     logits = warp_ops.resize_bilinear(out['pred'], batch['label'].shape[1:3])
     pred = jnp.argmax(logits, axis=-1).astype(jnp.uint8)  # [B, Hl, Wl]
     cm = metrics_lib.confusion_matrix(pred, batch['label'], num_classes,

@@ -50,3 +50,10 @@ def smoke_config(world_cache):
   c.data.synthetic.cache_dir = world_cache
   c.train.num_steps = 3
   return c
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tiny_world):
+  """The tiny world's prepared TFDS folder (what the pipeline reads)."""
+  from dastc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return os.path.join(tiny_world, synthetic.TFDS_DIR)

@@ -70,3 +70,95 @@ def write_cityscapes(root, flow_dirs, rng, h=16, w=32):
       out[(split, t, s)] = fl
       _flow(layouts.cs_flow(flow_dirs[split], city, seq, t, s), fl)
   return out
+
+
+def png16(path, array):
+  """Writes ``[H, W, 3]`` uint16 as a 16-bit RGB PNG (plain zlib + struct,
+  independent of the OpenCV reader under test)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  h, w, _ = array.shape
+  big = array.astype('>u2')
+  raw = b''.join(b'\x00' + big[i].tobytes() for i in range(h))
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data +
+            struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' +
+            chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0)) +
+            chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def write_synthia_seq(root, flow_dir, rng, frames=(0, 1, 2)):
+  """SEQS-04-DAWN in the reference's flattened layout at 760x1280.
+
+  Frame 1's flow is on the uncropped 760x1280 grid at half resolution (it
+  must be cut like the frame), frame 2's on the 640x1280 crop.
+  """
+  out = {}
+  h, w = 760, 1280
+  for t in frames:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = (np.arange(w) % 251)[None]
+    img[..., 1] = (np.arange(h) % 241)[:, None]
+    img[..., 2] = t * 40
+    raw = rng.choice(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15],
+                              np.uint16), (h // 40, w // 40))
+    raw = np.kron(raw, np.ones((40, 40), np.uint16))
+    lab = np.stack([raw, np.full_like(raw, 300), np.full_like(raw, 7)], -1)
+    _save(os.path.join(root, 'rgb', f'{t:06d}.png'), img)
+    png16(os.path.join(root, 'label', f'{t:06d}.png'), lab)
+    out[t] = (img, raw)
+  for t in frames[1:]:
+    grid = (380, 640) if t == 1 else (320, 640)
+    fl = np.round(rng.normal(size=grid + (2,)) * 20) / 10
+    out[('flow', t)] = fl
+    _flow(os.path.join(flow_dir, f'{t:06d}_int16_x10.npy'), fl)
+  return out
+
+
+def write_gta5(root, rng, n=3, h=20, w=36):
+  out = {}
+  for i in range(1, n + 1):
+    img = rng.integers(0, 255, (h, w, 3), np.uint8)
+    lab = rng.choice(np.array([0, 7, 8, 11, 12, 17, 24, 25, 26, 31, 33],
+                              np.uint8), (h, w))
+    _save(os.path.join(root, 'images', f'{i:05d}.png'), img)
+    # GTA5 labels are palette PNGs holding labelIds.
+    os.makedirs(os.path.join(root, 'labels'), exist_ok=True)
+    Image.fromarray(lab).convert('P').save(
+        os.path.join(root, 'labels', f'{i:05d}.png'))
+    out[i] = (img, lab)
+  return out
+
+
+def write_synthia_rand(root, rng, n=2, h=19, w=32):
+  out = {}
+  for i in range(n):
+    img = rng.integers(0, 255, (h, w, 3), np.uint8)
+    raw = rng.choice(np.arange(23, dtype=np.uint16), (h, w))
+    _save(os.path.join(root, 'RGB', f'{i:07d}.png'), img)
+    png16(os.path.join(root, 'GT', 'LABELS', f'{i:07d}.png'),
+          np.stack([raw, raw * 0 + 9, raw * 0 + 1000], -1))
+    out[i] = (img, raw)
+  return out
+
+
+def write_cityscapes_images(root, rng, h=16, w=32):
+  """leftImg8bit + gtFine: train aachen_000000_000019, val 2 images."""
+  out = {}
+  for split, names in (('train', (('aachen', 0, 19),)),
+                       ('val', (('lindau', 0, 19), ('munster', 2, 19)))):
+    for city, seq, f in names:
+      img = rng.integers(0, 255, (h, w, 3), np.uint8)
+      gt = rng.choice(np.array([0, 7, 8, 12, 17, 21, 24, 25, 28, 33],
+                               np.uint8), (h, w))
+      stem = f'{city}_{seq:06d}_{f:06d}'
+      _save(os.path.join(root, 'leftImg8bit', split, city,
+                         f'{stem}_leftImg8bit.png'), img)
+      _save(layouts.cs_label(root, split, city, seq, f), gt)
+      out[stem] = (img, gt)
+  return out

@@ -55,3 +55,17 @@ def test_table_reports_mean_and_std_over_every_seed():
 def test_unknown_variant_is_refused():
   with pytest.raises(KeyError):
     adaptation.run_config(0, 'no_such_variant', '/w')
+
+
+def test_input_benchmark_report_and_core_count():
+  from dastc_jax.benchmarks import input as input_bench  # pylint: disable=g-import-not-at-top
+  assert input_bench.cores_needed(1.0, 1.33) == 2  # 2 clips/s from 1.33
+  assert input_bench.cores_needed(0.1, 1.33) == 1
+  assert input_bench.cores_needed(4.0, 1.0) == 8
+  res = {'loader_clips_per_s': {0: 1.4, 1: 1.0, 2: 1.9},
+         'step': {'clips_per_s': 0.5, 'first_step_s': 3.0}, 'model': 'tiny',
+         'device': 'cpu', 'cpu_count': 2, 'machine': 'x86_64'}
+  md = input_bench.report(res, 'python -m dastc_jax.benchmarks.input')
+  assert '| 1 worker process(es) | 1.00 | 2.0 |' in md
+  assert 'needs 1 loader core(s)' in md
+  assert '| 0.25 s | 4.0 | 8 |' in md

@@ -124,3 +124,37 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
       jax.tree.leaves(a), jax.tree.leaves(b)))
   assert same(teacher_stats(init), init.batch_stats)  # frozen teacher
   assert not same(teacher_stats(s), s.batch_stats)  # student, train mode
+
+
+def test_image_domain_dastc_step_has_no_flow_and_no_temporal_terms(
+    world_cache):
+  """DA-STC with clip length 1 (configs/gta5.py): single frames, no flows,
+  the teacher labels frame t itself, one alignment pair."""
+  from configs import gta5  # pylint: disable=g-import-not-at-top
+  c = gta5.get_config('smoke')
+  c.data.synthetic.cache_dir = world_cache
+  c.train.source_only_steps = 0
+  c.dastc.teacher_flip = 1.0  # the mirrored teacher input, unmirrored back
+  root = train.resolve_data_root(c)
+  it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4))
+  batches = [next(it), next(it)]
+  src, tgt = batches[0]['source'], batches[0]['target']
+  assert src['frames'].shape == (4, 1, 32, 48, 3)  # random 32x48 crops
+  assert src['labels'].shape == (4, 1, 32, 48)
+  assert tgt['frames'].shape == (4, 1, 32, 48, 3)
+  assert not any(k.startswith('flow') for k in (*src, *tgt))
+  assert set(np.unique(src['labels'])) <= set(range(19)) | {255}
+  run, init = _step_fn(c, root, 1)
+  assert 'sf_layer' not in init.params  # no score fusion in DeepLabv2
+  assert 'src_flow' not in init.carried
+  assert init.carried['tgt_masks'].shape == (4, 1, 32, 48)
+  s, m = run(init, batches[0])
+  s, m2 = run(s, batches[1])  # pastes from the carried single frames
+  for metrics in (m, m2):
+    for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
+              'loss_align'):
+      assert np.isfinite(metrics[k]), k
+  assert m2['align_weight_t1'] == 1.0  # one (spatial) pair only
+  assert bool(s.carried['has_prev'])
+  np.testing.assert_array_equal(s.carried['src_frames'],
+                                batches[1]['source']['frames'])

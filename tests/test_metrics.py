@@ -100,3 +100,20 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
       np.testing.assert_allclose(iou[train_id], score, rtol=1e-9)
       compared += 1
   assert compared == 19
+
+
+def test_synthia16_reports_miou13_beside_miou16():
+  from dastc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  cs = labels.get_class_set('synthia16')
+  cm = np.zeros((16, 16), np.int64)
+  for i in range(16):
+    cm[i, i] = 10
+  cm[3, 4] = 10  # wall predicted as fence: wall IoU 0.5, fence 0.5
+  r = evaluate.SplitResult('target_val', cm, 1, cs)
+  iou = [1.0] * 16
+  iou[3] = iou[4] = 0.5
+  np.testing.assert_allclose(r.miou, np.mean(iou))
+  # mIoU13 leaves out wall, fence and pole.
+  np.testing.assert_allclose(r.extra()['miou13'], 1.0)
+  assert r.to_json()['miou13'] == 100.0
+  assert '| miou13 | 100.0 |' in evaluate.format_table([r])

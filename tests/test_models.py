@@ -207,3 +207,22 @@ def test_feature_fusion_in_the_model(layer):
     np.testing.assert_allclose(out_s[key], plain_t[key], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out_t[key], plain_s[key], rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(plain_s['pred'] - plain_t['pred']).max()) > 1e-3
+
+
+def test_image_model_is_the_single_frame_network():
+  """``deeplabv2`` (clip length 1): ACCEL without the key frame, the flow
+  and the fusion layer; with the same weights its scores are ACCEL's
+  current-frame scores."""
+  g1, p1, s1 = _split(_cfg(name='deeplabv2'))
+  g2, p2, s2 = _split(_cfg())
+  assert set(p2) - set(p1) == {'sf_layer'}
+  x = jax.random.normal(jax.random.key(0), (2, 1, 40, 56, 3)) * 50
+  img = nnx.merge(g1, p1, s1).clip(x, None, train=False)
+  np.testing.assert_array_equal(img['pred'], img['logits'])
+  assert 'key_logits' not in img
+  p2 = {**p2, **p1}
+  acc = nnx.merge(g2, p2, s1)(x[:, 0], x[:, 0], jnp.zeros((2, 40, 56, 2)),
+                              train=False)
+  np.testing.assert_allclose(acc['logits'], img['logits'], rtol=1e-6)
+  up = nnx.merge(g1, p1, s1).clip(x, None, train=False, fuse_at_input=True)
+  assert up['pred'].shape == (2, 40, 56, 5)

@@ -18,10 +18,10 @@ def _train_iter(config, root, **kw):
                                           **kw))
 
 
-def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_world):
+def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_data):
   c = smoke_config
   c.data.source.image_size = (36, 64)  # exercise resize + flow rescaling
-  batch = next(_train_iter(c, tiny_world))
+  batch = next(_train_iter(c, tiny_data))
   src, tgt = batch['source'], batch['target']
   assert src['frames'].shape == (4, 2, 36, 64, 3)
   assert src['frames'].dtype == np.uint8
@@ -47,39 +47,39 @@ def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_world):
       cls = src['rare_classes'][b, j]
       if cls >= 0:  # the patch really holds its class inside the window
         assert np.count_nonzero(src['rare_labels'][b, j] == cls) > 5
-  no_target = next(_train_iter(c, tiny_world, with_target=False))
+  no_target = next(_train_iter(c, tiny_data, with_target=False))
   assert set(no_target) == {'source'}
 
 
 def test_stream_is_deterministic_and_resumes_exactly(smoke_config,
-                                                     tiny_world):
-  it = _train_iter(smoke_config, tiny_world)
+                                                     tiny_data):
+  it = _train_iter(smoke_config, tiny_data)
   first = [next(it) for _ in range(3)]
   state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  again = _train_iter(smoke_config, tiny_world)
+  again = _train_iter(smoke_config, tiny_data)
   assert all(_leaves_equal(a, next(again)) for a in first)
-  resumed = _train_iter(smoke_config, tiny_world)
+  resumed = _train_iter(smoke_config, tiny_data)
   resumed.set_state(state)
   assert all(_leaves_equal(e, next(resumed)) for e in expected)
   smoke_config.seed += 1
-  other = _train_iter(smoke_config, tiny_world)
+  other = _train_iter(smoke_config, tiny_data)
   assert not _leaves_equal(first[0], next(other))
 
 
 def test_hosts_read_disjoint_halves_and_epochs_reshuffle(smoke_config,
-                                                        tiny_world):
+                                                        tiny_data):
   c = smoke_config
-  kw = dict(clip='train', seed=7, per_axis_flow_scale=False, keep_ids=True)
-  n = len(pipeline.build_index(c.data.source, tiny_world, 'train'))
+  kw = dict(seed=7, per_axis_flow_scale=False, keep_ids=True)
+  n = len(pipeline.data_source(c.data.source, tiny_data)[1])
   ids = []
   for p in range(2):
-    ds = pipeline.domain_dataset(c.data.source, tiny_world, 'viper15',
+    ds = pipeline.domain_dataset(c.data.source, tiny_data, 'viper15',
                                  process_index=p, process_count=2, **kw)
     ids.append([ds[i]['id'] for i in range(n // 2)])
   assert not set(ids[0]) & set(ids[1])
   assert len(set(ids[0]) | set(ids[1])) == 2 * (n // 2)
-  ds = pipeline.domain_dataset(c.data.source, tiny_world, 'viper15',
+  ds = pipeline.domain_dataset(c.data.source, tiny_data, 'viper15',
                                process_index=0, process_count=1, **kw)
   epoch0 = [ds[i]['id'] for i in range(n)]
   epoch1 = [ds[n + i]['id'] for i in range(n)]
@@ -87,8 +87,8 @@ def test_hosts_read_disjoint_halves_and_epochs_reshuffle(smoke_config,
 
 
 def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
-                                                       tiny_world, tmp_path):
-  it = _train_iter(smoke_config, tiny_world)
+                                                       tiny_data, tmp_path):
+  it = _train_iter(smoke_config, tiny_data)
   for _ in range(2):
     next(it)
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
@@ -96,7 +96,7 @@ def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
   ckpt.save(2, state, it)
   ckpt.wait()
   expected = next(it)
-  fresh = _train_iter(smoke_config, tiny_world)
+  fresh = _train_iter(smoke_config, tiny_data)
   restored = ckpt.restore(2, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), fresh)
   ckpt.close()
@@ -106,19 +106,19 @@ def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
 
 
 def test_multiprocess_workers_yield_the_same_stream(smoke_config,
-                                                   tiny_world):
-  ref = _train_iter(smoke_config, tiny_world)
+                                                   tiny_data):
+  ref = _train_iter(smoke_config, tiny_data)
   expected = [next(ref) for _ in range(2)]
   smoke_config.data.num_workers = 2
-  it = _train_iter(smoke_config, tiny_world)
+  it = _train_iter(smoke_config, tiny_data)
   got = [next(it) for _ in range(2)]
   it.close()
   assert all(_leaves_equal(a, b) for a, b in zip(expected, got))
 
 
-def test_eval_batches_pad_with_a_mask(smoke_config, tiny_world):
+def test_eval_batches_pad_with_a_mask(smoke_config, tiny_data):
   c = smoke_config
-  ds = pipeline.make_eval_dataset(c.data.target_val, tiny_world, 'viper15',
+  ds = pipeline.make_eval_dataset(c.data.target_val, tiny_data, 'viper15',
                                   False)
   n = len(ds)
   batches = list(pipeline.eval_batches(ds, global_batch_size=3,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as io_lib
 import os
 
 import numpy as np
@@ -63,6 +64,53 @@ def read_label(path: str) -> np.ndarray:
     raise DataError(f'Label {path} has PIL mode {img.mode!r}; expected a '
                     'single-channel 8-bit id map (mode L or P).')
   return np.asarray(img)
+
+
+def read_label16_channel0(path: str) -> np.ndarray:
+  """Reads channel 0 (R) of a 16-bit RGB PNG class map (SYNTHIA).
+
+  Pillow reads 16-bit RGB PNGs by keeping only the high byte of each sample,
+  which silently turns SYNTHIA's small class ids into zeros, so these files
+  are decoded with OpenCV (``IMREAD_UNCHANGED`` keeps 16 bits; its channel
+  order is BGR).
+
+  Returns:
+    ``[H, W]`` uint16 raw class ids.
+  """
+  if not os.path.exists(path):
+    raise DataError(f'Missing label: {path}')
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f'Reading the 16-bit label {path} needs OpenCV: pip '
+                    'install opencv-python-headless (see requirements.txt).'
+                    ) from e
+  arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  if arr is None:
+    raise DataError(f'Cannot decode label {path}: not a readable PNG. '
+                    'Expected a 16-bit RGB PNG with the class id in '
+                    'channel 0.')
+  if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[-1] < 3:
+    raise DataError(f'Label {path} is {arr.dtype} with shape {arr.shape}; '
+                    'expected a 16-bit RGB PNG with the class id in channel '
+                    '0 (SYNTHIA GT/LABELS).')
+  return arr[..., 2]  # BGR(A) -> R
+
+
+def encode_png(array: np.ndarray) -> bytes:
+  """Lossless PNG bytes of an ``[H, W]`` or ``[H, W, 3]`` uint8 array."""
+  buf = io_lib.BytesIO()
+  Image.fromarray(array).save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
+def check_image(path: str) -> tuple[int, int]:
+  """Fully decodes an image (catching truncation); returns ``(H, W)``."""
+  img = _open(path, 'image')
+  if img.mode not in ('RGB', 'RGBA', 'L', 'P'):
+    raise DataError(f'Image {path} has PIL mode {img.mode!r}; expected an '
+                    '8-bit RGB image.')
+  return img.size[1], img.size[0]
 
 
 def check_ids(label: np.ndarray, valid: np.ndarray, path: str) -> None:

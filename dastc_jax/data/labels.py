@@ -30,11 +30,15 @@ class ClassSet:
     cityscapes_ids: Cityscapes labelId of each train id (for palettes and
       exporting predictions as labelIds).
     eval_drop: train ids trained but not scored (SYNTHIA: fence).
+    also_report: ``(name, train ids left out)`` of a second mean reported
+      next to the mIoU (SYNTHIA -> Cityscapes: mIoU13 without wall, fence,
+      pole).
   """
   name: str
   classes: tuple[str, ...]
   cityscapes_ids: tuple[int, ...]
   eval_drop: tuple[int, ...] = ()
+  also_report: tuple[str, tuple[int, ...]] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -87,7 +91,19 @@ CITYSCAPES19 = ClassSet(
     cityscapes_ids=(7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27,
                     28, 31, 32, 33))
 
-CLASS_SETS = {c.name: c for c in (VIPER15, SYNTHIA12, CITYSCAPES19)}
+# SYNTHIA-RAND-CITYSCAPES -> Cityscapes: 16 classes (mIoU16; the common
+# mIoU13 also drops wall, fence and pole).
+SYNTHIA16 = ClassSet(
+    name='synthia16',
+    classes=('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'light',
+             'sign', 'vegetation', 'sky', 'person', 'rider', 'car', 'bus',
+             'motorcycle', 'bicycle'),
+    cityscapes_ids=(7, 8, 11, 12, 13, 17, 19, 20, 21, 23, 24, 25, 26, 28, 32,
+                    33),
+    also_report=('miou13', (3, 4, 5)))
+
+CLASS_SETS = {c.name: c for c in (VIPER15, SYNTHIA12, CITYSCAPES19,
+                                  SYNTHIA16)}
 
 # VIPER raw class id -> VIPER15 train id; tree (7) and vegetation (8) merge.
 VIPER_RAW = {'sky': 2, 'road': 3, 'sidewalk': 4, 'terrain': 6, 'tree': 7,
@@ -104,6 +120,12 @@ VIPER_CAR = 24
 SYNTHIA_TO_TRAIN = _lut({3: 0, 4: 1, 2: 2, 5: 3, 7: 4, 15: 5, 9: 6, 6: 7,
                          1: 8, 10: 9, 11: 10, 8: 11})
 
+# SYNTHIA-RAND-CITYSCAPES raw id (channel 0) -> SYNTHIA16 train id (rider
+# has its own id 17 here; bicycle is 11, motorcycle 12).
+SYNTHIA_RAND_TO_TRAIN = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6,
+                              9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12, 19: 13,
+                              12: 14, 11: 15})
+
 # Cityscapes labelId -> train id, per benchmark (info_Viper / info_SynthiaSeq).
 CITYSCAPES_TO_VIPER15 = _lut({7: 0, 8: 1, 11: 2, 13: 3, 19: 4, 20: 5, 21: 6,
                               22: 7, 23: 8, 24: 9, 25: 9, 26: 10, 27: 11,
@@ -114,12 +136,20 @@ CITYSCAPES_TO_SYNTHIA12 = _lut({7: 0, 8: 1, 11: 2, 13: 3, 17: 4, 19: 5,
 CITYSCAPES_TO_19 = _lut({cid: i for i, cid in enumerate(
     CITYSCAPES19.cityscapes_ids)})
 
+CITYSCAPES_TO_SYNTHIA16 = _lut({cid: i for i, cid in enumerate(
+    SYNTHIA16.cityscapes_ids)})
+
 CITYSCAPES_MAPS = {'viper15': CITYSCAPES_TO_VIPER15,
                    'synthia12': CITYSCAPES_TO_SYNTHIA12,
-                   'cityscapes19': CITYSCAPES_TO_19}
+                   'cityscapes19': CITYSCAPES_TO_19,
+                   'synthia16': CITYSCAPES_TO_SYNTHIA16}
 
 # Long-tail classes pasted by the fusion (method.md §2.2, class_to_select).
-RARE_CLASSES = {'viper15': (3, 4, 5, 7, 13, 14), 'synthia12': (3, 4, 5, 6, 10)}
+# The image-domain lists are ours (the released code has none): the same
+# kinds of classes (thin objects, signals, two-wheelers, rider, terrain).
+RARE_CLASSES = {'viper15': (3, 4, 5, 7, 13, 14), 'synthia12': (3, 4, 5, 6, 10),
+                'cityscapes19': (4, 5, 6, 7, 9, 12, 17, 18),
+                'synthia16': (4, 5, 6, 7, 11, 14, 15)}
 
 
 def get_class_set(name: str) -> ClassSet:

@@ -19,7 +19,24 @@ Cityscapes-Seq::
   Training clips use t, t-1, t-2 and the flows t->t-1, t->t-2, t-1->t-2;
   validation clips use t, t-1 and the flow t->t-1.
 
-Index records hold file paths only; decoding happens in ``transforms``.
+SYNTHIA-Seq (the reference's flattened copy, or the official tree)::
+
+  {root}/rgb/{t:06d}.png            or {root}/RGB/Stereo_Left/Omni_F/{t:06d}.png
+  {root}/label/{t:06d}.png          or {root}/GT/LABELS/Stereo_Left/Omni_F/...
+  {flow_dir}/{t:06d}_int16_x10.npy                             (flow t->t-1)
+
+  Samples are every frame t >= 1 with frame t-1 (000001..000849 for
+  SEQS-04-DAWN).
+
+Image domain (clip length 1)::
+
+  GTA5:        {root}/images/{i:05d}.png, {root}/labels/{i:05d}.png
+  SYNTHIA-RAND-CITYSCAPES: {root}/RGB/{i:07d}.png, {root}/GT/LABELS/{i:07d}.png
+  Cityscapes:  {root}/leftImg8bit/{split}/{city}/{city}_{seq:06d}_{frame:06d}_leftImg8bit.png
+               + gtFine as above
+
+Index records hold file paths only; the TFDS builders (``builders``) check
+and encode them.
 """
 
 from __future__ import annotations
@@ -28,6 +45,8 @@ import glob
 import os
 import re
 from typing import Any
+
+from absl import logging
 
 from dastc_jax.data import io
 
@@ -136,21 +155,11 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
   Raises:
     io.DataError: if the layout is not Cityscapes-Seq's or a file is missing.
   """
-  gt_dir = os.path.join(root, 'gtFine', split)
-  seq_dir = os.path.join(root, 'leftImg8bit_sequence', split)
-  for d in (gt_dir, seq_dir):
-    if not os.path.isdir(d):
-      raise io.DataError(
-          f'{root!r} does not look like Cityscapes-Seq: expected the folder '
-          f'{d} (leftImg8bit_sequence/ and gtFine/ per split).')
   if clip not in ('train', 'val'):
     raise ValueError(f'clip must be train or val, got {clip!r}')
   records = []
-  for path in sorted(glob.glob(os.path.join(gt_dir, '*', '*_labelIds.png'))):
-    m = _CS_RE.match(os.path.basename(path))
-    if not m:
-      continue
-    city, seq, t = m.group(1), int(m.group(2)), int(m.group(3))
+  for path, city, seq, t in _annotated(root, split, 'leftImg8bit_sequence',
+                                       'Cityscapes-Seq'):
     frames = [cs_image(root, split, city, seq, t - k)
               for k in range(3 if clip == 'train' else 2)]
     flows = {'flow': cs_flow(flow_dir, city, seq, t, t - 1)}
@@ -163,8 +172,189 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
                     'label': path, 'flows': flows})
   if not records:
     raise io.DataError(f'No annotated frames (*_gtFine_labelIds.png) under '
-                       f'{gt_dir}.')
+                       f'{os.path.join(root, "gtFine", split)}.')
   return records
+
+
+def _annotated(root: str, split: str, frames_sub: str, what: str):
+  """Yields ``(label path, city, seq, t)`` of the gtFine labelIds files."""
+  gt_dir = os.path.join(root, 'gtFine', split)
+  for d in (gt_dir, os.path.join(root, frames_sub, split)):
+    if not os.path.isdir(d):
+      raise io.DataError(
+          f'{root!r} does not look like {what}: expected the folder {d} '
+          f'({frames_sub}/ and gtFine/ per split).')
+  for path in sorted(glob.glob(os.path.join(gt_dir, '*', '*_labelIds.png'))):
+    m = _CS_RE.match(os.path.basename(path))
+    if m:
+      yield path, m.group(1), int(m.group(2)), int(m.group(3))
+
+
+# ------------------------------------------------------------ SYNTHIA-Seq
+def synthia_seq_dirs(root: str) -> tuple[str, str]:
+  """``(rgb_dir, label_dir)``: the flattened or the official SYNTHIA tree."""
+  for rgb, lab in (('rgb', 'label'),
+                   (os.path.join('RGB', 'Stereo_Left', 'Omni_F'),
+                    os.path.join('GT', 'LABELS', 'Stereo_Left', 'Omni_F'))):
+    if os.path.isdir(os.path.join(root, rgb)):
+      return os.path.join(root, rgb), os.path.join(root, lab)
+  raise io.DataError(
+      f'{root!r} does not look like SYNTHIA-Seq (e.g. SEQS-04-DAWN): '
+      'expected rgb/{t:06d}.png and label/{t:06d}.png, or the official '
+      'RGB/Stereo_Left/Omni_F/ and GT/LABELS/Stereo_Left/Omni_F/.')
+
+
+def synthia_seq_flow(flow_dir: str, t: int) -> str:
+  return os.path.join(flow_dir, f'{t:06d}_int16_x10.npy')
+
+
+_NUM_PNG = re.compile(r'^(\d+)\.png$')
+
+
+def _numbered(folder: str, digits: int) -> set[int]:
+  out = set()
+  for path in glob.glob(os.path.join(folder, '*.png')):
+    m = _NUM_PNG.match(os.path.basename(path))
+    if m and len(m.group(1)) == digits:
+      out.add(int(m.group(1)))
+  return out
+
+
+def synthia_seq_index(root: str, flow_dir: str) -> list[Record]:
+  """Lists SYNTHIA-Seq samples: every frame t >= 1 with its frame t-1.
+
+  Returns:
+    Records ``{'id', 'frames': [t, t-1], 'labels': [t, t-1], 'flow'}``.
+  """
+  rgb_dir, lab_dir = synthia_seq_dirs(root)
+  present = _numbered(rgb_dir, 6)
+  records = []
+  for t in sorted(present):
+    if t < 1 or t - 1 not in present:
+      continue
+    rec = {'id': f'{t:06d}',
+           'frames': [os.path.join(rgb_dir, f'{t:06d}.png'),
+                      os.path.join(rgb_dir, f'{t - 1:06d}.png')],
+           'labels': [os.path.join(lab_dir, f'{t:06d}.png'),
+                      os.path.join(lab_dir, f'{t - 1:06d}.png')],
+           'flow': synthia_seq_flow(flow_dir, t)}
+    _require(rec['labels'], 'label')
+    _require([rec['flow']], 'flow file', io.FLOW_HELP)
+    records.append(rec)
+  if not records:
+    raise io.DataError(f'No SYNTHIA-Seq samples in {rgb_dir}: expected '
+                       'frames {t:06d}.png with frame t-1.')
+  return records
+
+
+# ----------------------------------------------------------- image domain
+def _image_pairs(root: str, img_sub: str, lab_sub: str, digits: int,
+                 what: str) -> list[Record]:
+  img_dir, lab_dir = os.path.join(root, img_sub), os.path.join(root, lab_sub)
+  if not os.path.isdir(img_dir):
+    raise io.DataError(f'{root!r} does not look like {what}: expected the '
+                       f'folder {img_dir} of {{i:0{digits}d}}.png images.')
+  records = []
+  for i in sorted(_numbered(img_dir, digits)):
+    name = f'{i:0{digits}d}.png'
+    rec = {'id': f'{i:0{digits}d}', 'frames': [os.path.join(img_dir, name)],
+           'labels': [os.path.join(lab_dir, name)]}
+    _require(rec['labels'], 'label')
+    records.append(rec)
+  if not records:
+    raise io.DataError(f'No {what} images in {img_dir}.')
+  return records
+
+
+def gta5_index(root: str) -> list[Record]:
+  """GTA5: ``images/{i:05d}.png`` with ``labels/{i:05d}.png`` labelIds."""
+  return _image_pairs(root, 'images', 'labels', 5, 'GTA5')
+
+
+def synthia_rand_index(root: str) -> list[Record]:
+  """SYNTHIA-RAND-CITYSCAPES: ``RGB/{i:07d}.png``, ``GT/LABELS/...``."""
+  return _image_pairs(root, 'RGB', os.path.join('GT', 'LABELS'), 7,
+                      'SYNTHIA-RAND-CITYSCAPES')
+
+
+def cityscapes_index(root: str, split: str) -> list[Record]:
+  """Cityscapes (images): ``leftImg8bit`` with gtFine labelIds."""
+  img_dir = os.path.join(root, 'leftImg8bit', split)
+  records = []
+  for path, city, seq, t in _annotated(root, split, 'leftImg8bit',
+                                       'Cityscapes'):
+    frame = os.path.join(img_dir, city,
+                         f'{city}_{seq:06d}_{t:06d}_leftImg8bit.png')
+    _require([frame], 'image (leftImg8bit)')
+    records.append({'id': f'{city}_{seq:06d}_{t:06d}', 'frames': [frame],
+                    'label': path})
+  if not records:
+    raise io.DataError(f'No annotated frames (*_gtFine_labelIds.png) under '
+                       f'{os.path.join(root, "gtFine", split)}.')
+  return records
+
+
+# ------------------------------------------------------- official counts
+CITYSCAPES_CITIES = {
+    'train': ('aachen', 'bochum', 'bremen', 'cologne', 'darmstadt',
+              'dusseldorf', 'erfurt', 'hamburg', 'hanover', 'jena',
+              'krefeld', 'monchengladbach', 'strasbourg', 'stuttgart',
+              'tubingen', 'ulm', 'weimar', 'zurich'),
+    'val': ('frankfurt', 'lindau', 'munster'),
+}
+VIPER_TRAIN_SEQUENCES = 77
+
+# (dataset, split) -> number of samples of the official lists.
+OFFICIAL_COUNTS = {
+    ('viper', 'train'): 13367,
+    ('synthia_seq', 'train'): 849,
+    ('cityscapes_seq', 'train'): 2975,
+    ('cityscapes_seq', 'val'): 500,
+    ('cityscapes', 'train'): 2975,
+    ('cityscapes', 'val'): 500,
+    ('gta5', 'train'): 24966,
+    ('synthia_rand', 'train'): 9400,
+}
+
+
+def is_full_copy(dataset: str, split: str, root: str,
+                 records: list[Record]) -> bool:
+  """Whether ``root`` holds the whole official dataset split.
+
+  Only a full copy can be checked against the official count; a partial
+  copy (a few sequences or cities) is allowed and reported.
+  """
+  if dataset == 'viper':
+    seqs = {os.path.basename(os.path.dirname(r['frames'][0]))
+            for r in records}
+    return split == 'train' and len(seqs) >= VIPER_TRAIN_SEQUENCES
+  if dataset in ('cityscapes_seq', 'cityscapes'):
+    cities = {r['id'].rsplit('_', 2)[0] for r in records}
+    return set(CITYSCAPES_CITIES.get(split, ('?',))) <= cities
+  official = OFFICIAL_COUNTS.get((dataset, split))
+  return official is not None and len(records) >= official
+
+
+def check_count(dataset: str, split: str, root: str,
+                records: list[Record]) -> None:
+  """Checks the derived list against the official count (full copies).
+
+  Raises:
+    io.DataError: a full copy whose list does not have the official length.
+  """
+  official = OFFICIAL_COUNTS.get((dataset, split))
+  if official is None:
+    return
+  if is_full_copy(dataset, split, root, records):
+    if len(records) != official:
+      raise io.DataError(
+          f'{dataset}/{split} in {root}: the layout rules give '
+          f'{len(records)} samples, but the official list has {official}. '
+          'Some frames (or their frame t-1) are missing or extra files are '
+          'present; compare the folder with the official release.')
+  elif len(records) != official:
+    logging.warning('%s/%s in %s: %d of the official %d samples (a partial '
+                    'copy).', dataset, split, root, len(records), official)
 
 
 def _require(paths: list[str], what: str, hint: str = '') -> None:

@@ -1,10 +1,11 @@
-"""grain pipelines: the paired source/target train stream and eval sets.
+"""grain pipelines on prepared TFDS data: the paired train stream, eval sets.
 
-Per host, each domain is an index of records -> ``[process_index::
-process_count]`` slice -> seeded shuffle (a new order each epoch) ->
-infinite repeat -> decode -> resize/flip. The two domains are zipped into one
-random-access dataset, batched and turned into one checkpointable iterator,
-whose state goes into every checkpoint.
+Per host, each domain is a ``tfds.data_source`` (ArrayRecord, random
+access) -> ``[process_index::process_count]`` slice -> seeded shuffle (a new
+order each epoch) -> infinite repeat -> decode -> resize / random scale and
+crop / flip (the same on every frame, label and flow of a clip). The two
+domains are zipped into one random-access dataset, batched and turned into
+one checkpointable iterator, whose state goes into every checkpoint.
 """
 
 from __future__ import annotations
@@ -15,116 +16,167 @@ from typing import Any, Iterator
 import grain
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from dastc_jax.data import builders
 from dastc_jax.data import io
 from dastc_jax.data import labels
-from dastc_jax.data import layouts
+from dastc_jax.data import prepare
 from dastc_jax.data import rare_index as rare_lib
 from dastc_jax.data import transforms
 
 # A frame "contains" a long-tail class if it has at least this many pixels.
 RARE_MIN_PIXELS = 10
 
-LAYOUTS = ('viper', 'cityscapes_seq')
 
-
-def _path(data_root: str, p: str) -> str:
-  return os.path.join(os.path.expanduser(data_root), os.path.expanduser(p))
-
-
-def build_index(dcfg: ml_collections.ConfigDict, data_root: str,
-                clip: str, section: str = 'config.data'
-                ) -> list[layouts.Record]:
-  """Lists the records of one dataset split from its on-disk layout.
+def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
+                section: str = 'config.data',
+                only: tuple[str, ...] | None = None):
+  """The prepared split of a domain section, or an error that says how to
+  prepare it.
 
   Args:
-    dcfg: a domain section of ``config.data`` (``layout``, ``root``,
-      ``flow_dir``, ``split``).
-    data_root: folder that relative ``root``/``flow_dir`` are joined to.
-    clip: ``train`` or ``val`` (which frames and flows a sample carries).
+    dcfg: a domain section of ``config.data`` (``dataset``, ``split``).
+    data_dir: the TFDS data folder.
     section: the config section ``dcfg`` came from, for error messages.
+    only: decode only these features (the others stay encoded bytes).
 
   Returns:
-    The records, sorted by id.
+    ``(spec, source)``: the dataset spec and a random-access data source.
   """
-  root, flow_dir = _path(data_root, dcfg.root), _path(data_root,
-                                                      dcfg.flow_dir)
-  if dcfg.layout == 'viper':
-    return layouts.viper_index(root, flow_dir, dcfg.split)
-  if dcfg.layout == 'cityscapes_seq':
-    return layouts.cityscapes_seq_index(root, flow_dir, dcfg.split, clip)
-  raise ValueError(f'Unknown {section}.layout={dcfg.layout!r}; expected one '
-                   f'of {LAYOUTS}.')
+  try:
+    spec = builders.get_spec(dcfg.dataset)
+  except ValueError as e:
+    raise ValueError(f'{section}.dataset: {e}') from None
+  if dcfg.split not in spec.splits:
+    raise ValueError(f'{section}.split={dcfg.split!r}: {spec.name} has '
+                     f'splits {spec.splits}.')
+  data_dir = os.path.expanduser(data_dir)
+  if not prepare.is_prepared(data_dir, spec, dcfg.split):
+    raise io.DataError(
+        f'{section}: {spec.name}/{dcfg.split} is not prepared in '
+        f'{os.path.abspath(data_dir)}. Prepare it once (--manual_dir is '
+        'the dataset folder in its original layout; README, "Datasets"):\n'
+        '  ' + prepare.command(spec.name, data_dir, spec.manual_dir))
+  decoders = None
+  if only is not None:
+    frame_keys, flow_keys = builders.split_keys(spec, dcfg.split)
+    keys = [*frame_keys, *flow_keys, 'label_t', 'label_t1', 'label']
+    decoders = {k: tfds.decode.SkipDecoding() for k in keys
+                if k not in only and k in _feature_keys(spec, dcfg.split)}
+  ds = tfds.data_source(builders.tfds_name(spec, dcfg.split),
+                        split=dcfg.split, data_dir=data_dir,
+                        decoders=decoders)
+  ids, _ = builders.load_stats(data_dir, spec, dcfg.split)
+  if len(ids) != len(ds) or any(
+      ds[i]['id'].decode() != ids[i] for i in {0, len(ds) - 1}):
+    raise io.DataError(
+        f'{section}: the statistics of {spec.name}/{dcfg.split} in '
+        f'{data_dir} do not match its records; prepare it again into a new '
+        '--data_dir.')
+  return spec, ds
 
 
-def decoder(dcfg: ml_collections.ConfigDict, class_set: str,
-            with_label: bool) -> grain.transforms.Map:
-  """The decode transform of a layout."""
-  if dcfg.layout == 'viper':
-    return transforms.DecodeViper(remove_ego=dcfg.remove_ego_vehicle)
-  return transforms.DecodeCityscapesSeq(class_set=class_set,
-                                        with_label=with_label)
+def _feature_keys(spec: builders.Spec, split: str) -> set[str]:
+  frame_keys, flow_keys = builders.split_keys(spec, split)
+  labels_ = (('label_t', 'label_t1')[:len(frame_keys)] if spec.source
+             else ('label',))
+  return {*frame_keys, *flow_keys, *labels_}
 
 
-def source_rare_index(dcfg: ml_collections.ConfigDict, data_root: str,
-                      records: list[layouts.Record],
+def decoder(spec: builders.Spec, split: str, class_set: str,
+            with_label: bool) -> transforms.FromPrepared:
+  """The transform from prepared records to examples."""
+  frame_keys, flow_keys = builders.split_keys(spec, split)
+  if spec.label_space not in ('cityscapes_ids', class_set):
+    raise ValueError(
+        f'{spec.name} is labelled with the {spec.label_space} classes, but '
+        f'config.data.class_set={class_set!r}.')
+  return transforms.FromPrepared(
+      frame_keys=frame_keys, flow_keys=tuple(flow_keys), source=spec.source,
+      class_set=class_set,
+      raw_label_ids=spec.label_space == 'cityscapes_ids',
+      with_label=with_label)
+
+
+def source_rare_index(spec: builders.Spec, data_dir: str, split: str,
                       class_set: str) -> rare_lib.RareIndex:
-  """The long-tail index of a VIPER-layout split (built once, cached)."""
-  if dcfg.layout != 'viper':
-    raise ValueError(f'The fusion pastes need a labelled source layout; got '
-                     f'{dcfg.layout!r}.')
-  decode = decoder(dcfg, class_set, True)
-  classes = labels.RARE_CLASSES[class_set]
-  path = rare_lib.cache_path(
-      os.path.join(os.path.expanduser(data_root), 'rare_index'),
-      [r['id'] for r in records], classes, RARE_MIN_PIXELS)
-  read = lambda i: decode.label(records[i]['labels'][0],
-                                io.image_size(records[i]['frames'][0]))
-  return rare_lib.load_or_build(path, len(records), read, classes,
-                                RARE_MIN_PIXELS)
+  """The long-tail index of a labelled source split, from its statistics."""
+  if not spec.source:
+    raise ValueError(f'The fusion pastes need a labelled source; '
+                     f'{spec.name} is a target dataset.')
+  _, hist = builders.load_stats(data_dir, spec, split)
+  if spec.label_space == 'cityscapes_ids':
+    lut = labels.CITYSCAPES_MAPS[class_set]
+    counts = np.zeros((hist.shape[0], 256), np.int64)
+    np.add.at(counts, (slice(None), lut), hist)
+    hist = counts
+  return rare_lib.from_histograms(hist, labels.RARE_CLASSES[class_set],
+                                  RARE_MIN_PIXELS)
 
 
-def domain_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
-                   class_set: str, *, clip: str, seed: int,
-                   process_index: int, process_count: int,
-                   per_axis_flow_scale: bool, keep_ids: bool = False,
-                   section: str = 'config.data', with_label: bool = False,
+def native_size(dcfg: ml_collections.ConfigDict, data_dir: str,
+                section: str = 'config.data') -> tuple[int, int]:
+  """``(H, W)`` a domain's frames have after resizing (or natively)."""
+  if dcfg.image_size:
+    return tuple(dcfg.image_size)
+  _, ds = data_source(dcfg, data_dir, section)
+  return tuple(ds[0]['frame_t'].shape[:2])
+
+
+def _augment(ds, dcfg: ml_collections.ConfigDict, per_axis_flow_scale: bool):
+  ds = ds.map(transforms.Resize(
+      image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
+      label_size='image', per_axis_flow_scale=per_axis_flow_scale))
+  if tuple(dcfg.scale) != (1.0, 1.0) or dcfg.crop_size:
+    ds = ds.random_map(transforms.RandomScaleCrop(
+        scale=tuple(dcfg.scale),
+        crop_size=tuple(dcfg.crop_size) if dcfg.crop_size else None,
+        per_axis_flow_scale=per_axis_flow_scale))
+  if dcfg.flip:
+    ds = ds.random_map(transforms.RandomFlip(p=0.5,
+                                             negate_dx=dcfg.flip_negate_dx))
+  return ds
+
+
+def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
+                   class_set: str, *, seed: int, process_index: int,
+                   process_count: int, per_axis_flow_scale: bool,
+                   keep_ids: bool = False, section: str = 'config.data',
+                   with_label: bool = False,
                    fusion: dict[str, Any] | None = None) -> grain.MapDataset:
   """One domain's infinite, shuffled, decoded training stream on this host.
 
   Args:
     dcfg: the domain's section of ``config.data``.
-    data_root: folder the dataset paths are relative to.
-    class_set: benchmark class set (Cityscapes label map).
-    clip: ``train`` or ``val`` frames per sample.
+    data_dir: the TFDS data folder.
+    class_set: benchmark class set (label maps).
     seed: shuffle/augmentation seed of this domain.
     process_index: this host; it reads records ``process_index::count``.
     process_count: number of hosts.
     per_axis_flow_scale: flow-resize rule.
     keep_ids: keep the string ``id`` (for tests and debugging).
     section: the config section ``dcfg`` came from, for error messages.
-    with_label: also decode a Cityscapes-Seq target's labels (the oracle).
+    with_label: also decode a target's labels (the oracle).
     fusion: ``{'crop_size', 'num_classes_per_clip'}`` to add crop windows
       and long-tail patches for the fusion (source only).
 
   Returns:
     A random-access ``MapDataset`` of examples (a new order every epoch).
   """
-  index = build_index(dcfg, data_root, clip, section)
-  decode = decoder(dcfg, class_set, with_label=with_label)
-  ds = grain.MapDataset.source(index)[process_index::process_count]
+  spec, source = data_source(dcfg, data_dir, section)
+  decode = decoder(spec, dcfg.split, class_set, with_label=with_label)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
-  ds = ds.map(decode)
-  ds = ds.map(transforms.Resize(
-      image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
-      label_size='image', per_axis_flow_scale=per_axis_flow_scale))
-  if dcfg.flip:
-    ds = ds.random_map(transforms.RandomFlip(p=0.5,
-                                             negate_dx=dcfg.flip_negate_dx))
+  ds = _augment(ds.map(decode), dcfg, per_axis_flow_scale)
   if fusion is not None:
+    # Patches need frame t and its label only: the other features of those
+    # records are not decoded.
+    _, patch_source = data_source(dcfg, data_dir, section,
+                                  only=('frame_t', 'label_t'))
     ds = ds.random_map(transforms.SampleFusionPatches(
-        records=index,
-        rare_index=source_rare_index(dcfg, data_root, index, class_set),
+        source=patch_source,
+        rare_index=source_rare_index(spec, data_dir, dcfg.split, class_set),
         decode=decode, num_classes_per_clip=fusion['num_classes_per_clip'],
         crop_size=tuple(fusion['crop_size']),
         image_size=tuple(dcfg.image_size) if dcfg.image_size else None))
@@ -137,7 +189,7 @@ def domain_seed(seed: int, name: str) -> int:
                                     ).generate_state(1)[0])
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
+def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *,
                        local_batch_size: int, process_index: int = 0,
                        process_count: int = 1,
                        with_target: bool = True) -> grain.IterDataset:
@@ -145,7 +197,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
 
   Args:
     config: the full experiment config.
-    data_root: folder the dataset paths are relative to.
+    data_dir: folder the dataset paths are relative to.
     local_batch_size: examples per host and step.
     process_index: this host.
     process_count: number of hosts.
@@ -162,13 +214,13 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
             per_axis_flow_scale=config.model.per_axis_flow_scale)
   fusion = None
   if config.method == 'dastc' and config.dastc.image_fusion:
-    fusion = {'crop_size': _target_size(config, data_root),
+    fusion = {'crop_size': _target_size(config, data_dir),
               'num_classes_per_clip': config.dastc.num_rare_classes}
-  src = domain_dataset(d.source, data_root, d.class_set, clip='train',
+  src = domain_dataset(d.source, data_dir, d.class_set,
                        seed=domain_seed(config.seed, 'source'),
                        section='config.data.source', fusion=fusion, **kw)
   if with_target:
-    tgt = domain_dataset(d.target, data_root, d.class_set, clip='train',
+    tgt = domain_dataset(d.target, data_dir, d.class_set,
                          seed=domain_seed(config.seed, 'target'),
                          section='config.data.target', with_label=True,
                          **kw)
@@ -187,13 +239,12 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_root: str, *,
 
 
 def _target_size(config: ml_collections.ConfigDict,
-                 data_root: str) -> tuple[int, int]:
+                 data_dir: str) -> tuple[int, int]:
   """The target training image size (the fusion's crop size)."""
-  if config.data.target.image_size:
-    return tuple(config.data.target.image_size)
-  rec = build_index(config.data.target, data_root, 'train',
-                    'config.data.target')[0]
-  return io.image_size(rec['frames'][0])
+  t = config.data.target
+  if t.crop_size:
+    return tuple(t.crop_size)
+  return native_size(t, data_dir, 'config.data.target')
 
 
 def _pair(st: tuple[Any, Any]) -> dict[str, Any]:
@@ -204,20 +255,21 @@ def _source_only(ex: dict[str, Any]) -> dict[str, Any]:
   return {'source': ex}
 
 
-def make_eval_dataset(dcfg: ml_collections.ConfigDict, data_root: str,
+def make_eval_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
                       class_set: str, per_axis_flow_scale: bool,
                       section: str = 'config.data') -> grain.MapDataset:
   """Decoded, resized evaluation examples in index order (with ``id``)."""
   if dcfg.label_size not in ('image', 'native'):
     raise ValueError(f"{section}.label_size must be 'image' or 'native', got "
                      f'{dcfg.label_size!r}')
-  index = build_index(dcfg, data_root, 'val', section)
-  ds = grain.MapDataset.source(index).map(decoder(dcfg, class_set, True))
+  spec, source = data_source(dcfg, data_dir, section)
+  ds = grain.MapDataset.source(source).map(decoder(spec, dcfg.split,
+                                                   class_set, True))
   label_size = None if dcfg.label_size == 'native' else 'image'
   ds = ds.map(transforms.Resize(
       image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
       label_size=label_size, per_axis_flow_scale=per_axis_flow_scale))
-  if dcfg.layout == 'viper':
+  if spec.source:
     # Evaluate frame t's label only.
     ds = ds.map(_viper_eval_label)
   return ds

@@ -3,8 +3,11 @@
 Source = VIPER layout (JPEG frames, raw-id PNG class maps including the ego
 vehicle as ``car``), target = Cityscapes-Seq layout (``leftImg8bit_sequence``
 frames t-2..t, ``gtFine`` labelIds on the annotated frame only), and exact
-flows as ``*_int16_x10.npy`` with the original file names. It is read back by
-the same loaders as the real datasets.
+flows as ``*_int16_x10.npy`` with the original file names. For the image
+domain the frames t are also written in the GTA5 layout (source) and the
+Cityscapes ``leftImg8bit`` layout (target). It is prepared by
+the same TFDS builders as the real datasets (into ``{world}/tfds``) and read
+by the same pipeline.
 
 Generation is deterministic from ``config.seed`` (every clip has its own
 seed, so the result does not depend on the number of workers), atomic (built
@@ -22,17 +25,17 @@ import shutil
 from typing import Any
 
 from absl import logging
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from dastc_jax.data import labels
 from dastc_jax.data import layouts
-from dastc_jax.data import pipeline
+from dastc_jax.data import prepare
 from dastc_jax.data import synthetic_scene as scn
 from dastc_jax.data import synthetic_style as sty
 
-VERSION = 4  # bump when the rendering changes (new cache folder)
+VERSION = 6  # bump when the rendering or the storage changes
+TFDS_DIR = 'tfds'  # the prepared copy inside a world folder
 STRIDE = 10  # VIPER samples every 10th frame.
 ANNOTATED = 19  # Cityscapes annotates the 20th frame of each snippet.
 
@@ -94,8 +97,17 @@ def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
       cls_path = layouts.viper_label(vroot, split, seq, frame)
       os.makedirs(os.path.dirname(img_path), exist_ok=True)
       os.makedirs(os.path.dirname(cls_path), exist_ok=True)
-      Image.fromarray(sty.source_style(r)).save(img_path, quality=95)
+      styled = sty.source_style(r)
+      Image.fromarray(styled).save(img_path, quality=95)
       Image.fromarray(_TO_VIPER[r.sem]).save(cls_path)
+      if split == 'train' and frame == t:
+        # The image-domain source: the same frames t in the GTA5 layout
+        # (PNG frames, Cityscapes labelIds with the ego vehicle as id 1).
+        i = (seq - 1) * n + k
+        for sub, arr in (('images', styled), ('labels', _TO_CS[r.sem])):
+          path = os.path.join(root, 'GTA5', sub, f'{i:05d}.png')
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          Image.fromarray(arr).save(path)
       if earlier:
         _save_flow(layouts.viper_flow(flow_dir, seq, t), r.flows[t - 1])
   return n
@@ -126,11 +138,17 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
     os.makedirs(os.path.dirname(img_path), exist_ok=True)
     noise_rng = np.random.default_rng([params['seed'], 7, _SPLIT[split],
                                        index, frame])
-    Image.fromarray(sty.target_style(r, look, noise_rng)).save(img_path)
+    styled = sty.target_style(r, look, noise_rng)
+    Image.fromarray(styled).save(img_path)
     if frame == t:
       gt_path = layouts.cs_label(croot, split, city, seq, frame)
       os.makedirs(os.path.dirname(gt_path), exist_ok=True)
       Image.fromarray(_TO_CS[r.sem]).save(gt_path)
+      # The image-domain target: annotated frames in leftImg8bit/.
+      still = os.path.join(croot, 'leftImg8bit', split, city,
+                           os.path.basename(img_path))
+      os.makedirs(os.path.dirname(still), exist_ok=True)
+      Image.fromarray(styled).save(still)
     for s in earlier:
       _save_flow(layouts.cs_flow(flow_dir, city, seq, frame, s), r.flows[s])
   return 1
@@ -159,13 +177,11 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
   else:
     for fn, arg in jobs:
       fn(arg)
-  # Prepared with the data, like the real datasets: the long-tail index.
-  source = ml_collections.ConfigDict(dict(
-      layout='viper', root='Viper', flow_dir='estimated_optical_flow_viper_train',
-      split='train', remove_ego_vehicle=True))
-  pipeline.source_rare_index(source, root,
-                             pipeline.build_index(source, root, 'train'),
-                             'viper15')
+  # Prepared exactly like the real datasets (TFDS ArrayRecord builders).
+  for dataset, folder in (('viper', 'Viper'), ('cityscapes_seq', 'Cityscapes'),
+                          ('gta5', 'GTA5'), ('cityscapes', 'Cityscapes')):
+    prepare.prepare(dataset, os.path.join(root, folder),
+                    os.path.join(root, TFDS_DIR), check_counts=False)
   with open(os.path.join(root, 'world.json'), 'w') as f:
     json.dump(params, f, indent=2, sort_keys=True)
 
@@ -179,8 +195,8 @@ def ensure_world(config: Any, num_workers: int = 1) -> str:
     num_workers: generation processes.
 
   Returns:
-    The world folder, holding ``Viper/``, ``Cityscapes/`` and the flow
-    folders.
+    The world folder, holding ``Viper/``, ``Cityscapes/``, the flow folders
+    and the prepared ``tfds/`` data folder.
   """
   params = world_params(config)
   root = world_dir(config.cache_dir, params)

@@ -1,16 +1,18 @@
-"""grain transforms: decode index records, resize, flip (numpy only).
+"""grain transforms: prepared records -> examples, resize, crop, flip.
 
-Decoded examples (native resolution) have these keys:
+Examples (numpy; native resolution before ``Resize``) have these keys:
 
-* source (VIPER layout): ``frames`` ``[2, H, W, 3]`` uint8 (t, t-1),
-  ``labels`` ``[2, H, W]`` uint8 train ids, ``flow`` ``[Hf, Wf, 2]`` float32
-  (t->t-1);
+* source (VIPER, SYNTHIA-Seq; GTA5 and SYNTHIA-RAND with T = 1):
+  ``frames`` ``[T, H, W, 3]`` uint8 (t, t-1), ``labels`` ``[T, H, W]``
+  uint8 train ids, ``flow`` ``[Hf, Wf, 2]`` float32 (t->t-1; video only);
 * target train (Cityscapes-Seq): ``frames`` ``[3, H, W, 3]`` (t, t-1, t-2),
-  ``flow`` (t->t-1), ``flow_t_t2`` (t->t-2), ``flow_t1_t2`` (t-1->t-2);
-* target val: ``frames`` ``[2, H, W, 3]``, ``flow``, ``label`` ``[H, W]``.
+  ``flow`` (t->t-1), ``flow_t_t2`` (t->t-2), ``flow_t1_t2`` (t-1->t-2),
+  ``label`` ``[H, W]`` (annotated frame t; the oracle and monitoring);
+* target val: ``frames`` ``[2, H, W, 3]``, ``flow``, ``label``; Cityscapes
+  images: ``frames`` ``[1, H, W, 3]``, ``label``.
 
-A TFDS builder (datasets issue) yields the same keys, so everything after
-the decode step is shared.
+Every geometric transform acts identically on all frames, labels and flows
+of a clip: a flip negates the flows' dx, a resize scales their magnitudes.
 """
 
 from __future__ import annotations
@@ -22,60 +24,56 @@ import grain
 import numpy as np
 from PIL import Image
 
-from dastc_jax.data import io
+from dastc_jax.data import builders
 from dastc_jax.data import labels
 
 FLOW_KEYS = ('flow', 'flow_t_t2', 'flow_t1_t2')
 
 
 @dataclasses.dataclass
-class DecodeViper(grain.transforms.Map):
-  """Reads a VIPER record: frames, raw labels -> train ids, flow."""
-  remove_ego: bool = True
+class FromPrepared(grain.transforms.Map):
+  """Turns a prepared TFDS record into an example (see the module doc).
 
-  def label(self, path: str, frame_hw: tuple[int, int]) -> np.ndarray:
-    """One VIPER class map as train ids (checked, ego vehicle removed)."""
-    raw = io.read_label(path)
-    if raw.shape != tuple(frame_hw):
-      raise io.DataError(f'Label {path} is {raw.shape}; expected the size of '
-                         f'its frame {tuple(frame_hw)}.')
-    io.check_ids(raw, VIPER_VALID, path)
-    if self.remove_ego:
-      raw = io.remove_ego_vehicle(raw, labels.VIPER_CAR)
-    return labels.VIPER_TO_TRAIN[raw]
-
-  def map(self, rec: dict[str, Any]) -> dict[str, Any]:
-    frames = io.stack_frames(rec['frames'])
-    labs = [self.label(p, f.shape[:2]) for p, f in zip(rec['labels'],
-                                                        frames)]
-    flow = io.read_flow(rec['flow'])
-    io.check_flow_grid(flow, frames.shape[1:3], rec['flow'])
-    return {'id': rec['id'], 'frames': frames, 'labels': np.stack(labs),
-            'flow': flow}
-
-
-VIPER_VALID = np.zeros((256,), bool)
-VIPER_VALID[:32] = True  # VIPER raw ids 0..31.
-CITYSCAPES_VALID = np.zeros((256,), bool)
-CITYSCAPES_VALID[:34] = True  # Cityscapes labelIds 0..33.
-
-
-@dataclasses.dataclass
-class DecodeCityscapesSeq(grain.transforms.Map):
-  """Reads a Cityscapes-Seq record; maps labelIds with ``class_set``."""
+  Attributes:
+    frame_keys: the record's frame keys, t first.
+    flow_keys: the record's flow keys.
+    source: source records carry ``label_t`` (``label_t1``); targets
+      ``label``.
+    class_set: the benchmark's class set.
+    raw_label_ids: labels are Cityscapes labelIds, mapped with
+      ``class_set``'s table; otherwise they are train ids already.
+    with_label: decode a target's label.
+  """
+  frame_keys: tuple[str, ...] = ('frame_t',)
+  flow_keys: tuple[str, ...] = ()
+  source: bool = True
   class_set: str = 'viper15'
+  raw_label_ids: bool = False
   with_label: bool = True
 
+  def _ids(self, label: np.ndarray) -> np.ndarray:
+    label = label[..., 0]
+    if self.raw_label_ids:
+      return labels.CITYSCAPES_MAPS[self.class_set][label]
+    return label
+
+  def first_frame(self, rec: dict[str, Any]) -> tuple[np.ndarray,
+                                                       np.ndarray]:
+    """Frame t and its train-id label of a source record."""
+    return rec['frame_t'], self._ids(rec['label_t'])
+
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
-    frames = io.stack_frames(rec['frames'])
-    out = {'id': rec['id'], 'frames': frames}
-    for key, path in rec['flows'].items():
-      out[key] = io.read_flow(path)
-      io.check_flow_grid(out[key], frames.shape[1:3], path)
-    if self.with_label:
-      raw = io.read_label(rec['label'])
-      io.check_ids(raw, CITYSCAPES_VALID, rec['label'])
-      out['label'] = labels.CITYSCAPES_MAPS[self.class_set][raw]
+    rid = rec['id']
+    out = {'id': rid.decode() if isinstance(rid, bytes) else str(rid),
+           'frames': np.stack([rec[k] for k in self.frame_keys])}
+    for key in self.flow_keys:
+      out[key] = builders.decode_flow(rec[key])
+    if self.source:
+      out['labels'] = np.stack([self._ids(rec[k]) for k in
+                                ('label_t', 'label_t1')[:len(
+                                    self.frame_keys)]])
+    elif self.with_label:
+      out['label'] = self._ids(rec['label'])
     return out
 
 
@@ -182,6 +180,67 @@ class RandomFlip(grain.transforms.RandomMap):
     return out
 
 
+def _resize_example(ex: dict[str, Any], size: Sequence[int],
+                    per_axis_flow_scale: bool) -> dict[str, Any]:
+  ex = dict(ex)
+  ex['frames'] = np.stack([_resize_rgb(f, size) for f in ex['frames']])
+  for key in FLOW_KEYS:
+    if key in ex:
+      ex[key] = resize_flow_np(ex[key], size, per_axis_flow_scale)
+  if 'labels' in ex:
+    ex['labels'] = np.stack([_resize_ids(l, size) for l in ex['labels']])
+  if 'label' in ex:
+    ex['label'] = _resize_ids(ex['label'], size)
+  return ex
+
+
+@dataclasses.dataclass
+class RandomScaleCrop(grain.transforms.RandomMap):
+  """Random rescale then random crop, identical on the whole clip.
+
+  Frames are resized bicubic, labels nearest and flows with their
+  magnitudes scaled; the crop window is the same for every frame, label and
+  flow (flows are on the frame grid after ``Resize``).
+
+  Attributes:
+    scale: ``(low, high)`` of the uniform scale factor.
+    crop_size: ``(H, W)`` window; None keeps the whole (scaled) image.
+    per_axis_flow_scale: see ``resize_flow_np``.
+  """
+  scale: tuple[float, float] = (1.0, 1.0)
+  crop_size: tuple[int, int] | None = None
+  per_axis_flow_scale: bool = False
+
+  def random_map(self, ex: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    h, w = ex['frames'].shape[1:3]
+    s = float(rng.uniform(*self.scale))
+    if s != 1.0:
+      ex = _resize_example(ex, (round(h * s), round(w * s)),
+                           self.per_axis_flow_scale)
+    if self.crop_size is None:
+      return ex
+    ch, cw = self.crop_size
+    h, w = ex['frames'].shape[1:3]
+    if ch > h or cw > w:
+      raise ValueError(f'Crop {ch}x{cw} is larger than the (scaled) image '
+                       f'{h}x{w}; lower crop_size or raise the minimum '
+                       'scale.')
+    r0, c0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    ex = dict(ex)
+    ex['frames'] = np.ascontiguousarray(
+        ex['frames'][:, r0:r0 + ch, c0:c0 + cw])
+    for key in FLOW_KEYS:
+      if key in ex:
+        ex[key] = np.ascontiguousarray(ex[key][r0:r0 + ch, c0:c0 + cw])
+    if 'labels' in ex:
+      ex['labels'] = np.ascontiguousarray(
+          ex['labels'][:, r0:r0 + ch, c0:c0 + cw])
+    if 'label' in ex:
+      ex['label'] = np.ascontiguousarray(ex['label'][r0:r0 + ch, c0:c0 + cw])
+    return ex
+
+
 @dataclasses.dataclass
 class DropKeys(grain.transforms.Map):
   """Removes keys that must not reach the device (e.g. string ids)."""
@@ -195,20 +254,21 @@ def match_histograms(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
   """Per-channel CDF matching of ``image`` to ``reference`` (uint8 RGB).
 
   The same mapping as ``skimage.exposure.match_histograms(channel_axis=-1)``:
-  each value goes to the reference value at the same quantile.
+  each value goes to the reference value at the same quantile. Computed on
+  256-bin histograms and applied as a lookup table (uint8 input).
   """
-  out = np.empty(image.shape, np.float64)
+  out = np.empty(image.shape, np.uint8)
   for c in range(image.shape[-1]):
-    src = image[..., c].ravel()
-    values, inverse, counts = np.unique(src, return_inverse=True,
-                                        return_counts=True)
-    ref_values, ref_counts = np.unique(reference[..., c].ravel(),
-                                       return_counts=True)
-    q = np.cumsum(counts) / src.size
-    ref_q = np.cumsum(ref_counts) / reference[..., c].size
-    out[..., c] = np.interp(q, ref_q, ref_values)[inverse].reshape(
-        image.shape[:-1])
-  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    counts = np.bincount(image[..., c].ravel(), minlength=256)
+    ref_counts = np.bincount(reference[..., c].ravel(), minlength=256)
+    values = np.flatnonzero(counts)
+    ref_values = np.flatnonzero(ref_counts)
+    q = np.cumsum(counts[values]) / image[..., c].size
+    ref_q = np.cumsum(ref_counts[ref_values]) / reference[..., c].size
+    lut = np.zeros((256,), np.uint8)
+    lut[values] = np.clip(np.round(np.interp(q, ref_q, ref_values)), 0, 255)
+    out[..., c] = lut[image[..., c]]
+  return out
 
 
 @dataclasses.dataclass
@@ -234,7 +294,7 @@ class SampleFusionPatches(grain.transforms.RandomMap):
   ``rare_classes`` ``[K]`` int32. A patch is redrawn (up to ``tries`` times)
   until its class has more than ``min_pixels`` pixels inside W.
   """
-  records: Any = None
+  source: Any = None
   rare_index: Any = None
   decode: Any = None
   num_classes_per_clip: int = 3
@@ -263,9 +323,8 @@ class SampleFusionPatches(grain.transforms.RandomMap):
     classes = np.full((k_n,), -1, np.int32)
     for slot, k in enumerate(chosen):
       for _ in range(self.tries):
-        rec = self.records[int(rng.choice(self.rare_index[k]))]
-        frame = io.read_rgb(rec['frames'][0])
-        lab = self.decode.label(rec['labels'][0], frame.shape[:2])
+        frame, lab = self.decode.first_frame(self.source[int(rng.choice(
+            self.rare_index[k]))])
         if self.image_size:
           frame = _resize_rgb(frame, self.image_size)
           lab = _resize_ids(lab, self.image_size)

@@ -8,7 +8,9 @@ import ml_collections
 from dastc_jax.models import accel
 from dastc_jax.models import layers
 
-_MODELS = {'accel_deeplabv2': accel.AccelDeepLab}
+# 'deeplabv2' is the single-frame network of the image domain.
+_MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
+           'deeplabv2': accel.AccelDeepLab}
 compute_dtype = layers.compute_dtype
 
 
@@ -27,3 +29,8 @@ def build_model(config: ml_collections.ConfigDict,
     raise ValueError(f'Unknown config.model.name={config.name!r}; expected '
                      f'one of {sorted(_MODELS)}.')
   return _MODELS[config.name](config, rngs=rngs)
+
+
+def clip_length(config: ml_collections.ConfigDict) -> int:
+  """Frames per clip the model consumes: 2 (video) or 1 (image domain)."""
+  return 1 if config.name == 'deeplabv2' else 2

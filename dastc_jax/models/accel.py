@@ -7,6 +7,10 @@ reference order: current frame first). The key-frame scores are warped to
 frame t with the flow t->t-1 and fused with the current scores by a 2C->C
 1x1 conv initialised to [I | 0], so at init the fused output equals the
 current-frame scores.
+
+``deeplabv2`` (the image domain, clip length 1) is the same network without
+the key frame, the flow and the fusion layer: its fused scores are the
+current frame's.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from dastc_jax.models import layers
 from dastc_jax.models import resnet
 from dastc_jax.ops import warp as warp_ops
 
+
 class AccelDeepLab(nnx.Module):
-  """ACCEL-DeepLabv2: two-frame segmentation with flow-guided score fusion."""
+  """ACCEL-DeepLabv2: two-frame segmentation with flow-guided score fusion
+  (or, with ``config.name == 'deeplabv2'``, single-frame DeepLabv2)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype = layers.compute_dtype(config.dtype)
@@ -46,10 +52,12 @@ class AccelDeepLab(nnx.Module):
     self.head = heads.ProdaHead(feats['layer4'], config.head_features, c,
                                 config.aspp_dilations, config.dropout,
                                 kernel_init=head_init, dtype=dtype, rngs=rngs)
-    # `sf_layer`: score fusion, initialised to output the current scores.
-    self.sf_layer = layers.Conv(2 * c, c, 1,
-                                kernel_init=layers.identity_fusion_init(c),
-                                dtype=dtype, rngs=rngs)
+    self.clip_length = 1 if config.name == 'deeplabv2' else 2
+    if self.clip_length == 2:
+      # `sf_layer`: score fusion, initialised to output the current scores.
+      self.sf_layer = layers.Conv(2 * c, c, 1,
+                                  kernel_init=layers.identity_fusion_init(c),
+                                  dtype=dtype, rngs=rngs)
 
   def heads(self, feats: dict[str, jax.Array], *, train: bool,
             dropout_key: jax.Array | None) -> dict[str, jax.Array]:
@@ -107,6 +115,12 @@ class AccelDeepLab(nnx.Module):
     return fused.astype(jnp.float32)
 
   def _outputs(self, cur, key, flow, out_size, lt_mask):
+    if key is None:  # single frame: the scores are the current frame's
+      up = ((lambda x: warp_ops.resize_bilinear(x, out_size)) if out_size
+            else (lambda x: x))
+      return {'pred': up(cur['logits']), 'pred_aux': up(cur['aux']),
+              'logits': cur['logits'], 'aux': cur['aux'],
+              'feat': cur['feat']}
     key = jax.lax.stop_gradient(key)
     return {
         'pred': self.fuse(cur['logits'], key['logits'], flow,
@@ -120,8 +134,8 @@ class AccelDeepLab(nnx.Module):
         'key_aux': key['aux'],
     }
 
-  def __call__(self, frame_cur: jax.Array, frame_key: jax.Array,
-               flow: jax.Array, *, train: bool,
+  def __call__(self, frame_cur: jax.Array, frame_key: jax.Array | None,
+               flow: jax.Array | None, *, train: bool,
                rng: jax.Array | None = None,
                fuse_at_input: bool = False,
                lt_mask: jax.Array | None = None) -> dict[str, Any]:
@@ -129,8 +143,10 @@ class AccelDeepLab(nnx.Module):
 
     Args:
       frame_cur: ``[B, H, W, 3]`` normalised frame t.
-      frame_key: ``[B, H, W, 3]`` normalised key frame t-1.
-      flow: ``[B, H, W, 2]`` flow t->t-1 (pixels of its own grid).
+      frame_key: ``[B, H, W, 3]`` normalised key frame t-1 (None for
+        ``deeplabv2``).
+      flow: ``[B, H, W, 2]`` flow t->t-1 (pixels of its own grid; None for
+        ``deeplabv2``).
       train: training mode (batch-stat BN, dropout).
       rng: dropout key; required when ``train`` and dropout > 0.
       fuse_at_input: fuse at the input resolution (the fusion clips).
@@ -146,9 +162,19 @@ class AccelDeepLab(nnx.Module):
     if train and rng is not None:
       k_cur, k_key = jax.random.split(rng)
     cur = self.single_frame(frame_cur, train=train, dropout_key=k_cur)
-    key = self.single_frame(frame_key, train=train, dropout_key=k_key)
+    key = None
+    if self.clip_length == 2:
+      key = self.single_frame(frame_key, train=train, dropout_key=k_key)
     out_size = frame_cur.shape[1:3] if fuse_at_input else None
     return self._outputs(cur, key, flow, out_size, lt_mask)
+
+  def clip(self, frames: jax.Array, flow: jax.Array | None, *, train: bool,
+           rng: jax.Array | None = None, **kw) -> dict[str, Any]:
+    """Forward of a clip ``[B, T, H, W, 3]`` (t, t-1, ...; T >= clip
+    length) with its flow t->t-1 (None for ``deeplabv2``)."""
+    if self.clip_length == 1:
+      return self(frames[:, 0], None, None, train=train, rng=rng, **kw)
+    return self(frames[:, 0], frames[:, 1], flow, train=train, rng=rng, **kw)
 
   def mixed_pair(self, clip_s: tuple[jax.Array, ...],
                  clip_t: tuple[jax.Array, ...], masks: jax.Array, *,
@@ -160,9 +186,10 @@ class AccelDeepLab(nnx.Module):
     features after ``layer`` inside ``masks`` (shallow-feature fusion).
 
     Args:
-      clip_s: ``(cur, key, flow)`` of the source-context clip.
+      clip_s: ``(cur, key, flow)`` of the source-context clip (``(cur,)``
+        for ``deeplabv2``).
       clip_t: ``(cur, key, flow)`` of the target-context clip.
-      masks: ``[B, 2, H, W]`` fused mask of frame t and of frame t-1.
+      masks: ``[B, T, H, W]`` fused mask of frame t (and of frame t-1).
       layer: backbone stage after which features are mixed (``stem``,
         ``layer1``, ...); None disables the feature-level fusion.
       mix_fn: ``(feat_s, feat_t, mask) -> (feat_s, feat_t)``.
@@ -176,7 +203,7 @@ class AccelDeepLab(nnx.Module):
     keys = (list(jax.random.split(rng, 4)) if train and rng is not None
             else [None] * 4)
     frames = []
-    for f in range(2):
+    for f in range(self.clip_length):
       xs, xt = clip_s[f], clip_t[f]
       if layer is None:
         fs, ft = self.backbone(xs, train), self.backbone(xt, train)
@@ -193,7 +220,10 @@ class AccelDeepLab(nnx.Module):
       frames.append((self.heads(fs, train=train, dropout_key=keys[2 * f]),
                      self.heads(ft, train=train,
                                 dropout_key=keys[2 * f + 1])))
-    (cur_s, cur_t), (key_s, key_t) = frames
+    (cur_s, cur_t), (key_s, key_t) = (frames if self.clip_length == 2 else
+                                      (frames[0], (None, None)))
     size = clip_s[0].shape[1:3]
-    return (self._outputs(cur_s, key_s, clip_s[2], size, lt_mask),
-            self._outputs(cur_t, key_t, clip_t[2], size, lt_mask))
+    flow_s = clip_s[2] if self.clip_length == 2 else None
+    flow_t = clip_t[2] if self.clip_length == 2 else None
+    return (self._outputs(cur_s, key_s, flow_s, size, lt_mask),
+            self._outputs(cur_t, key_t, flow_t, size, lt_mask))

@@ -1,0 +1,29 @@
+"""GTA5 -> Cityscapes (image domain, 19 classes) with DeepLabv2-ResNet-101.
+
+DA-STC with clip length 1 (method.md §8): the image-sequence-level pastes,
+the shallow-feature fusion and the category-aware alignment on single
+frames; no flow and no temporal terms. Prepare the data first (README,
+"Datasets")::
+
+  python -m dastc_jax.data.prepare --dataset=gta5 \\
+      --manual_dir=data/GTA5 --data_dir=data/tfds
+  python -m dastc_jax.data.prepare --dataset=cityscapes \\
+      --manual_dir=data/Cityscapes --data_dir=data/tfds
+
+Variants: ``:smoke`` (tiny model on the synthetic world's GTA5-layout copy,
+2 steps), ``:reference`` (the released video code's alignment and bug
+flags).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg)
+  c = common.base_config()
+  common.image_domain(c, 'gta5', 'cityscapes19')
+  if 'reference' in args:
+    common.reference(c)
+  if 'smoke' in args:
+    common.smoke_images(c)
+  return c

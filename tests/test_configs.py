@@ -1,0 +1,55 @@
+"""Every config and variant loads, and its data sections name prepared
+datasets whose label spaces fit its class set."""
+
+import importlib
+
+import pytest
+
+from dastc_jax import models
+from dastc_jax import train
+from dastc_jax.data import builders
+from dastc_jax.data import labels
+
+CONFIGS = ('synthetic', 'viper', 'synthia_seq', 'gta5', 'synthia')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('variant', ['', 'smoke', 'reference',
+                                     'reference,smoke'])
+def test_config_loads_and_is_consistent(name, variant):
+  module = importlib.import_module(f'configs.{name}')
+  if name == 'synthetic' and 'reference' in variant:
+    pytest.skip('the demo has no reference variant')
+  c = module.get_config(variant)
+  train._check_config(c)  # pylint: disable=protected-access
+  cs = labels.get_class_set(c.data.class_set)
+  assert c.model.num_classes == cs.num_classes
+  for key in ('source', 'target', 'source_val', 'target_val'):
+    if key not in c.data:
+      continue
+    spec = builders.get_spec(c.data[key].dataset)
+    assert c.data[key].split in spec.splits
+    assert spec.label_space in ('cityscapes_ids', cs.name), (key, spec.name)
+    # Video datasets feed the video model, image datasets the image model.
+    if key in ('source', 'target'):
+      assert spec.clip_length >= models.clip_length(c.model)
+      assert (spec.clip_length == 1) == (models.clip_length(c.model) == 1)
+  for split in c.eval.splits:
+    assert split in c.data
+
+
+def test_reference_hyper_parameters():
+  from configs import gta5, synthia, synthia_seq, viper  # pylint: disable=g-import-not-at-top
+  v, s = viper.get_config(), synthia_seq.get_config()
+  assert (v.optim.lr, v.dastc.lambda_t, v.dastc.num_rare_classes) == (
+      1e-4, 0.2, 3)
+  assert (s.optim.lr, s.dastc.lambda_t, s.dastc.num_rare_classes) == (
+      2.5e-4, 1.0, 2)
+  assert s.data.class_set == 'synthia12' and s.model.num_classes == 12
+  assert labels.SYNTHIA12.scored == tuple(i for i in range(12) if i != 3)
+  assert v.data.source.image_size == (720, 1280)
+  assert s.data.source.image_size == (640, 1280)
+  for c, n in ((gta5.get_config(), 19), (synthia.get_config(), 16)):
+    assert c.model.name == 'deeplabv2' and c.model.num_classes == n
+    assert c.data.target.dataset == 'cityscapes'
+    assert c.optim.name == 'adamw' and c.optim.lr == 6e-5
