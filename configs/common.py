@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
       aspp_dilations=(6, 12, 18, 24),
       dropout=0.1,
       bn_momentum=0.1,
+      # Examples per BatchNorm statistics group: 1 = each example on its own
+      # (the reference's batch-1 statistics, on any number of devices);
+      # 0 = the whole global batch (synchronised BN).
+      bn_group_size=1,
       freeze_bn_affine=True,
       backbone_init='he',  # 'he' from scratch; 'normal' = N(0, init_std)
       init_std=0.01,
@@ -142,7 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_overlays=4,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # Devices: data x fsdp (data=-1: all the rest). fsdp > 1 shards the
+  # parameters and optimizer state over that axis.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c
 
 

@@ -10,19 +10,36 @@ import ml_collections
 import numpy as np
 
 DATA = 'data'
+FSDP = 'fsdp'
+# The batch is split over both mesh axes; parameters over ``fsdp`` only.
+BATCH_AXES = (DATA, FSDP)
+# Smaller leaves (biases, BN vectors) stay replicated under FSDP.
+FSDP_MIN_SIZE = 2**12
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over ``config.mesh.data`` devices (-1 = all)."""
-  n = config.mesh.data
+  """A ``(data, fsdp)`` mesh: ``config.mesh.data`` x ``config.mesh.fsdp``.
+
+  ``data=-1`` takes every device not used by ``fsdp``. With ``fsdp=1``
+  parameters and optimizer state are replicated (data parallelism); with
+  ``fsdp>1`` they are sharded over that axis (each large leaf along its
+  largest divisible dimension) and gathered by XLA where a layer needs them.
+  """
+  n_fsdp = config.mesh.get('fsdp', 1)
+  n_data = config.mesh.data
   devices = jax.devices()
-  if n == -1:
-    n = len(devices)
-  if n < 1 or n > len(devices):
-    raise ValueError(f'config.mesh.data={config.mesh.data} but {len(devices)}'
-                     ' devices are available.')
-  return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,),
-                       devices=devices[:n])
+  if n_fsdp < 1 or len(devices) % n_fsdp:
+    raise ValueError(f'config.mesh.fsdp={n_fsdp} must divide the '
+                     f'{len(devices)} devices.')
+  if n_data == -1:
+    n_data = len(devices) // n_fsdp
+  if n_data < 1 or n_data * n_fsdp > len(devices):
+    raise ValueError(f'config.mesh.data={config.mesh.data} x '
+                     f'config.mesh.fsdp={n_fsdp} but {len(devices)} devices '
+                     'are available.')
+  return jax.make_mesh((n_data, n_fsdp), BATCH_AXES,
+                       axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices[:n_data * n_fsdp])
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
@@ -30,17 +47,35 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
-  """Leading (batch) axis split over ``data``."""
-  return jax.NamedSharding(mesh, jax.P(DATA))
+  """Leading (batch) axis split over every device of the mesh."""
+  return jax.NamedSharding(mesh, jax.P(tuple(a for a in BATCH_AXES
+                                             if a in mesh.axis_names)))
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int) -> jax.P:
+  """Shards the largest dimension divisible by ``n`` (or nothing)."""
+  if n <= 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return jax.P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = FSDP
+      return jax.P(*spec)
+  return jax.P()
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Replicated parameters; the carried per-example clips split on ``data``."""
-  repl, data = replicated(mesh), data_sharding(mesh)
+  """The carried per-example clips split like the batch; parameters,
+  teacher and optimizer state replicated, or FSDP-sharded when the mesh has
+  an ``fsdp`` axis of size > 1."""
+  data = data_sharding(mesh)
+  n = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP, 1)
 
   def pick(path, leaf):
     carried = any(getattr(k, 'name', None) == 'carried' for k in path)
-    return data if carried and len(leaf.shape) > 0 else repl
+    if carried and len(leaf.shape) > 0:
+      return data
+    return jax.NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), n))
 
   return jax.tree_util.tree_map_with_path(pick, state)
 

@@ -183,9 +183,12 @@ def _make_steps(config, graphdef, tx, state_sharding, data, repl):
   return [source, adapt] if config.train.source_only_steps > 0 else [adapt]
 
 
-def _jit_eval_step(config, graphdef, repl, data):
+def _jit_eval_step(config, graphdef, state_sharding, repl, data):
+  """The jitted eval step; parameters keep the state's (FSDP) sharding."""
   return jax.jit(step_lib.make_eval_step(config, graphdef),
-                 in_shardings=(repl, repl, data), out_shardings=(repl, data))
+                 in_shardings=(state_sharding.params,
+                               state_sharding.batch_stats, data),
+                 out_shardings=(repl, data))
 
 
 @dataclasses.dataclass
@@ -262,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         state, state_sharding), train_iter)
   start = int(jax.device_get(state.step))
   train_steps = _make_steps(config, graphdef, tx, state_sharding, data, repl)
-  eval_step = _jit_eval_step(config, graphdef, repl, data)
+  eval_step = _jit_eval_step(config, graphdef, state_sharding, repl, data)
 
   # Logging and progress hooks (process 0 writes).
   writer = metric_writers.create_default_writer(
@@ -402,12 +405,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
           f'{ckpt.all_steps()}')
     graphdef, abstract, _ = state_lib.create_train_state(
         config, abstract=True, sizes=_carried_sizes(config, data_root))
+    state_sharding = sharding_lib.state_shardings(abstract, mesh)
     state = ckpt.restore(step, checkpointing.abstract_with_sharding(
-        abstract, sharding_lib.state_shardings(abstract, mesh)))
+        abstract, state_sharding))
   finally:
     ckpt.close()
   results = evaluate.evaluate_splits(
-      config, data_root, _jit_eval_step(config, graphdef, repl, data),
+      config, data_root,
+      _jit_eval_step(config, graphdef, state_sharding, repl, data),
       state.params, state.batch_stats, data,
       os.path.join(os.path.abspath(workdir), 'eval', f'step_{step}'), step,
       config.eval.num_overlays)

@@ -1,10 +1,10 @@
-"""Test setup: 4 simulated CPU devices, parsed absl flags, shared fixtures."""
+"""Test setup: 8 simulated CPU devices, parsed absl flags, shared fixtures."""
 
 import os
 
 # Must run before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4')
+                           ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -49,6 +49,7 @@ def smoke_config(world_cache):
   c = synthetic_config.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   c.train.num_steps = 3
+  c.mesh.data = 4  # the global batch of 4 on 4 of the 8 devices
   return c
 
 

@@ -69,3 +69,29 @@ def test_input_benchmark_report_and_core_count():
   assert '| 1 worker process(es) | 1.00 | 2.0 |' in md
   assert 'needs 1 loader core(s)' in md
   assert '| 0.25 s | 4.0 | 8 |' in md
+
+
+def test_step_benchmark_batch_and_report():
+  from configs import viper  # pylint: disable=g-import-not-at-top
+  from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+  c = viper.get_config()
+  b = step_bench.fake_batch(c, 2, (24, 40), (16, 32))
+  assert b['source']['frames'].shape == (2, 2, 24, 40, 3)
+  assert b['source']['rare_frames'].shape == (2, c.dastc.num_rare_classes,
+                                              16, 32, 3)
+  assert b['target']['frames'].shape == (2, 3, 16, 32, 3)
+  assert set(b['target']) >= {'flow', 'flow_t_t2', 'flow_t1_t2'}
+  res = {'device': 'cpu', 'platform': 'cpu', 'cpu_count': 2, 'jax': '0',
+         'date': 'd', 'batch': 1, 'src_hw': (8, 16), 'tgt_hw': (8, 16),
+         'dtype': 'float32', 'peak': 50e9, 'peak_kind': 'measured',
+         'peak_rss_jax': 2**30,
+         'source_only': {'step_s': 2.0, 'frames_per_s': 1.0, 'compile_s': 3,
+                         'flops': 60e9, 'flop_per_s': 30e9,
+                         'peak_bytes': None},
+         'torch': {'step_s': 1.6, 'threads': 2, 'version': 't'},
+         'weak': {1: 1.0, 2: 1.25}}
+  md = step_bench.report(res, 'cmd')
+  assert '| source_only | 2.000 | 1.00 | 3.0 | 60 | 30.0 | 60% | - |' in md
+  assert 'peak resident memory of the process after the JAX steps: 1.00 GiB' in md
+  assert 'JAX / PyTorch time ratio: 1.25' in md
+  assert '| 2 | 1.25 | 0.80 |' in md

@@ -13,9 +13,11 @@ from dastc_jax.data import pipeline
 from dastc_jax.ops import image as image_ops
 
 
-def _step_fn(config, root, n_devices):
-  """The jitted DA-STC step on the first n devices, and a fresh state."""
-  mesh = jax.make_mesh((n_devices,), ('data',), axis_types=(AxisType.Auto,),
+def _step_fn(config, root, n_devices, fsdp=1):
+  """The jitted DA-STC step on the first n devices (``fsdp`` of them
+  sharding the parameters), and a fresh state."""
+  mesh = jax.make_mesh((n_devices // fsdp, fsdp), sharding_lib.BATCH_AXES,
+                       axis_types=(AxisType.Auto,) * 2,
                        devices=jax.devices()[:n_devices])
   data = sharding_lib.data_sharding(mesh)
   graphdef, state, tx = state_lib.create_train_state(
@@ -43,8 +45,11 @@ def _assert_same_metrics(a, b):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_dastc_step_is_the_same_on_1_and_4_devices(smoke_config):
-  """Each step is the same function of (state, batch) on 1 and 4 devices.
+def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
+    smoke_config):
+  """Each step is the same function of (state, batch) on 1 device and on 4
+  devices that split the batch and shard the parameters, teacher and
+  optimizer state (fsdp=4).
 
   Both steps start from the same state on both meshes: chaining the two
   runs separately would let float32 reduction-order noise flip argmax ties
@@ -58,7 +63,7 @@ def test_dastc_step_is_the_same_on_1_and_4_devices(smoke_config):
   it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4))
   batches = [next(it), next(it)]
   run1, init = _step_fn(c, root, 1)
-  run4, _ = _step_fn(c, root, 4)
+  run4, _ = _step_fn(c, root, 4, fsdp=4)
   s1, m1 = run1(init, batches[0])
   s4, m4 = run4(init, batches[0])
   _assert_same_metrics(m1, m4)

@@ -42,6 +42,7 @@ class AccelDeepLab(nnx.Module):
     self.backbone = resnet.ResNetDeepLab(
         blocks=tuple(config.layers), width=config.width,
         bn_momentum=config.bn_momentum, kernel_init=backbone_init,
+        bn_group_size=config.get('bn_group_size', 0),
         dtype=dtype, rngs=rngs)
     feats = self.backbone.out_features
     # `layer5` of the reference: the aux classifier on layer3.

@@ -140,16 +140,21 @@ def _crop_to_reachable_taps(kernel: jax.Array, hw: tuple[int, int],
 class BatchNorm(nnx.Module):
   """BatchNorm with PyTorch semantics (momentum 0.1, unbiased running var).
 
-  In training it normalises with the batch statistics of the (global) batch
-  and updates the running averages; at eval it uses the running averages.
-  Whether ``scale``/``bias`` are trained is decided by the optimizer
-  (``model.freeze_bn_affine``), as in the reference where they are frozen.
+  In training it normalises with batch statistics and updates the running
+  averages; at eval it uses the running averages. ``group_size`` sets which
+  examples share statistics: 0 = the whole global batch (synchronised BN
+  across devices); g > 0 = consecutive groups of g examples (g = 1: every
+  example on its own, which is what the reference's batch-1 training
+  computes, on any number of devices). The running averages move by the
+  mean of the groups' statistics. Whether ``scale``/``bias`` are trained is
+  decided by the optimizer (``model.freeze_bn_affine``).
   """
 
   def __init__(self, num_features: int, *, momentum: float = 0.1,
-               eps: float = 1e-5):
+               eps: float = 1e-5, group_size: int = 0):
     self.momentum = momentum
     self.eps = eps
+    self.group_size = group_size
     self.scale = nnx.Param(_ones(num_features))
     self.bias = nnx.Param(_zeros(num_features))
     self.mean = nnx.BatchStat(_zeros(num_features))
@@ -157,24 +162,31 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, C]
-    if train:
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-      n = x.shape[0] * x.shape[1] * x.shape[2]
-      unbiased = var * (n / max(n - 1, 1))
-      m = self.momentum
-      # set_value (a full replace): `var[...] = x` makes flax compare tracer
-      # shardings, which costs ~50 ms of tracing per update.
-      self.mean.set_value((1 - m) * self.mean[...] +
-                          m * jax.lax.stop_gradient(mean))
-      self.var.set_value((1 - m) * self.var[...] +
-                         m * jax.lax.stop_gradient(unbiased))
-    else:
-      mean, var = self.mean[...], self.var[...]
+    if not train:
+      inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
+      shift = self.bias[...] - self.mean[...] * inv
+      return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+    b = x.shape[0]
+    g = self.group_size or b
+    if b % g:
+      raise ValueError(f'model.bn_group_size={g} does not divide the batch '
+                       f'of {b} examples.')
+    xf = x.astype(jnp.float32).reshape((b // g, g) + x.shape[1:])
+    mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)  # [G, 1, 1, 1, C]
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
+    n = g * x.shape[1] * x.shape[2]
+    unbiased = jnp.mean(var, axis=(0, 1, 2, 3)) * (n / max(n - 1, 1))
+    m = self.momentum
+    # set_value (a full replace): `var[...] = x` makes flax compare tracer
+    # shardings, which costs ~50 ms of tracing per update.
+    self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(
+        jnp.mean(mean, axis=(0, 1, 2, 3))))
+    self.var.set_value((1 - m) * self.var[...] +
+                       m * jax.lax.stop_gradient(unbiased))
     inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
     shift = self.bias[...] - mean * inv
-    return (x * inv.astype(x.dtype) + shift.astype(x.dtype))
+    y = x.reshape(xf.shape) * inv.astype(x.dtype) + shift.astype(x.dtype)
+    return y.reshape(x.shape)
 
 
 def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2,

@@ -25,10 +25,12 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
                dilation: int, downsample: bool, bn_momentum: float,
-               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs):
+               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs,
+               bn_group_size: int = 0):
     conv = lambda i, o, k, **kw: layers.Conv(
         i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs, **kw)
-    bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum)
+    bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum,
+                                    group_size=bn_group_size)
     self.conv1 = conv(in_features, planes, 1, stride=stride)
     self.bn1 = bn(planes)
     self.conv2 = conv(planes, planes, 3, dilation=dilation)
@@ -59,12 +61,13 @@ class ResNetDeepLab(nnx.Module):
 
   def __init__(self, *, blocks: Sequence[int], width: int,
                bn_momentum: float, kernel_init: layers.Initializer,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
     self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
                              dtype=dtype, rngs=rngs)
-    self.bn1 = layers.BatchNorm(width, momentum=bn_momentum)
+    self.bn1 = layers.BatchNorm(width, momentum=bn_momentum,
+                                group_size=bn_group_size)
     in_features = width
     stage_cfg = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation)
     for i, (n, (stride, dilation)) in enumerate(zip(blocks, stage_cfg)):
@@ -75,7 +78,7 @@ class ResNetDeepLab(nnx.Module):
             in_features, planes, stride=stride if j == 0 else 1,
             dilation=dilation, downsample=(j == 0),
             bn_momentum=bn_momentum, kernel_init=kernel_init, dtype=dtype,
-            rngs=rngs))
+            rngs=rngs, bn_group_size=bn_group_size))
         in_features = planes * EXPANSION
       setattr(self, f'layer{i + 1}', nnx.List(stage))
     self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION

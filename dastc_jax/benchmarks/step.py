@@ -1,0 +1,358 @@
+"""Train-step performance: JAX against a PyTorch eager baseline, in one run.
+
+  python -m dastc_jax.benchmarks.step --output=benchmarks/step.md
+
+Measures, on this machine's first device, for ACCEL-DeepLabv2-ResNet-101:
+
+* the source-only step (frames t and t-1, flow fusion, CE + 0.1 aux, SGD)
+  and the full DA-STC step (teacher, strong clip, both fused clips, the t-2
+  pair for the alignment): step time (median), frames/s, compile time, peak
+  memory, FLOPs per step (XLA's cost analysis), achieved FLOP/s and the
+  utilisation against a peak: a float32 matmul measured in the same run on
+  CPU, the published dense bf16 peak on GPU/TPU;
+* the same source-only step written in PyTorch eager (``torch`` is an
+  optional benchmark dependency), restated here layer by layer, and the
+  JAX / PyTorch time ratio;
+* weak scaling of the source-only step on 1, 2, 4 and 8 simulated CPU
+  devices (batch 1 per device; the devices share this machine's cores, so
+  this measures the sharding overhead, not a speed-up).
+
+Accelerators run the real resolution (target 512x1024, VIPER source
+720x1280); CPU runs ``--cpu_size`` (default 128x256 for both domains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from jax.sharding import AxisType
+import jax.numpy as jnp
+import numpy as np
+
+from configs import viper as viper_config
+from dastc_jax import dastc_step
+from dastc_jax import sharding as sharding_lib
+from dastc_jax import state as state_lib
+from dastc_jax import train_step as step_lib
+
+# Published dense bf16 peaks (FLOP/s) by device kind.
+BF16_PEAK = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
+             'NVIDIA H200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+             'TPU v5p': 459e12}
+
+
+def _config(batch: int, dtype: str, bn_group_size: int = 1):
+  c = viper_config.get_config()
+  c.train.batch_size = batch
+  c.model.dtype = dtype
+  c.model.bn_group_size = bn_group_size
+  c.mesh.data = 1
+  return c
+
+
+def fake_batch(config, batch: int, src_hw, tgt_hw, seed: int = 0,
+               dastc: bool = True) -> dict[str, Any]:
+  """A random batch with every key a step reads (uint8 frames, ids)."""
+  rng = np.random.default_rng(seed)
+  c = config.model.num_classes
+  k = config.dastc.num_rare_classes
+  u8 = lambda *s: rng.integers(0, 256, s, dtype=np.uint8)
+  ids = lambda *s: rng.integers(0, c, s).astype(np.uint8)
+  flow = lambda h, w: rng.normal(0, 3, (batch, h, w, 2)).astype(np.float32)
+  hs, ws = src_hw
+  ht, wt = tgt_hw
+  src = {'frames': u8(batch, 2, hs, ws, 3), 'labels': ids(batch, 2, hs, ws),
+         'flow': flow(hs, ws)}
+  if not dastc:
+    return {'source': src}
+  src.update(crop=np.zeros((batch, 2), np.int32),
+             rare_frames=u8(batch, k, ht, wt, 3),
+             rare_labels=ids(batch, k, ht, wt),
+             rare_classes=np.full((batch, k), 3, np.int32))
+  tgt = {'frames': u8(batch, 3, ht, wt, 3), 'flow': flow(ht, wt),
+         'flow_t_t2': flow(ht, wt), 'flow_t1_t2': flow(ht, wt),
+         'label': ids(batch, ht, wt)}
+  return {'source': src, 'target': tgt}
+
+
+def _mesh(n: int):
+  return jax.make_mesh((n, 1), sharding_lib.BATCH_AXES,
+                       axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=jax.devices()[:n])
+
+
+def time_jax_step(config, kind: str, src_hw, tgt_hw, steps: int,
+                  n_devices: int = 1) -> dict[str, Any]:
+  """Compiles and times one step kind (``source_only`` or ``dastc``)."""
+  batch_size = config.train.batch_size
+  mesh = _mesh(n_devices)
+  data = sharding_lib.data_sharding(mesh)
+  sizes = {'batch': batch_size, 'source': tuple(src_hw),
+           'target': tuple(tgt_hw)}
+  config.method = 'dastc' if kind == 'dastc' else 'source_only'
+  graphdef, state, tx = state_lib.create_train_state(
+      config, sizes=sizes if kind == 'dastc' else None)
+  st_sh = sharding_lib.state_shardings(state, mesh)
+  make = (dastc_step.make_dastc_step if kind == 'dastc' else
+          step_lib.make_train_step)
+  fn = jax.jit(make(config, graphdef, tx), in_shardings=(st_sh, data),
+               out_shardings=(st_sh, sharding_lib.replicated(mesh)),
+               donate_argnums=0)
+  batch = sharding_lib.shard_batch(
+      fake_batch(config, batch_size, src_hw, tgt_hw, dastc=kind == 'dastc'),
+      data)
+  state = jax.device_put(state, st_sh)
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get('flops', float('nan')))
+  state, m = compiled(state, batch)  # warm-up
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  stats = jax.devices()[0].memory_stats() or {}
+  frames = batch_size * (2 if kind == 'source_only' else 12)
+  step_s = statistics.median(times)
+  return {'step_s': step_s, 'times': times, 'compile_s': compile_s,
+          'flops': flops, 'flop_per_s': flops / step_s,
+          'frames_per_step': frames, 'frames_per_s': frames / step_s,
+          'peak_bytes': stats.get('peak_bytes_in_use'),
+          'loss': float(m['loss'])}
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """Best float32 matmul FLOP/s of this device (the CPU utilisation peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+# --------------------------------------------------------------- PyTorch
+def torch_step_time(config, batch: int, src_hw, steps: int
+                    ) -> dict[str, Any] | None:
+  """The source-only ACCEL step in PyTorch eager (None without torch)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from dastc_jax.benchmarks import torch_accel  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('PyTorch is not installed: no baseline.')
+    return None
+  torch.manual_seed(0)
+  m = config.model
+  model = torch_accel.AccelDeepLab(m.num_classes, tuple(m.layers), m.width,
+                                   m.head_features, tuple(m.aspp_dilations))
+  opt = torch.optim.SGD(model.parameters(), lr=config.optim.lr,
+                        momentum=0.9, weight_decay=5e-4)
+  b = fake_batch(config, batch, src_hw, src_hw, dastc=False)['source']
+  mean = torch.tensor([104.00698793, 116.66876762, 122.67891434])
+  x = torch.from_numpy(b['frames'][..., ::-1].copy()).float() - mean
+  x = x.permute(0, 1, 4, 2, 3).contiguous()  # [B, T, 3, H, W] BGR
+  y = torch.from_numpy(b['labels'][:, 0]).long()
+  flow = torch.from_numpy(b['flow']).permute(0, 3, 1, 2).contiguous()
+  model.train()
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = torch_accel.source_loss(model, x[:, 0], x[:, 1], flow, y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  step()  # warm-up
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return {'step_s': statistics.median(times), 'times': times,
+          'threads': torch.get_num_threads(), 'version': torch.__version__}
+
+
+# ----------------------------------------------------------- weak scaling
+_WEAK = '''
+import os, sys, json
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n}'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, {repo!r})
+from dastc_jax.benchmarks import step as b
+c = b._config({n}, 'float32')
+b._shrink(c, {depth!r})
+r = b.time_jax_step(c, 'source_only', {hw}, {hw}, {steps}, n_devices={n})
+print('RESULT', json.dumps({{'step_s': r['step_s'], 'compile_s': r['compile_s']}}))
+'''
+
+
+def _shrink(config, depth: str) -> None:
+  if depth == 'r50':
+    config.model.layers = (3, 4, 6, 3)
+
+
+def weak_scaling(hw, steps: int, depth: str) -> dict[int, float]:
+  """Source-only step time at batch 1 per device on n simulated devices."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  out = {}
+  for n in (1, 2, 4, 8):
+    code = _WEAK.format(n=n, repo=repo, hw=tuple(hw), steps=steps,
+                        depth=depth)
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=3600)
+    line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
+    if proc.returncode or not line:
+      raise RuntimeError(proc.stderr[-3000:])
+    out[n] = json.loads(line[0][7:])['step_s']
+    logging.info('weak scaling: %d devices, %.2f s/step', n, out[n])
+  return out
+
+
+# ---------------------------------------------------------------- report
+def run(args: dict[str, Any]) -> dict[str, Any]:
+  """Every measurement of the module doc; returns the results."""
+  dev = jax.devices()[0]
+  on_cpu = dev.platform == 'cpu'
+  if on_cpu:
+    src_hw = tgt_hw = tuple(args['cpu_size'])
+  else:
+    src_hw, tgt_hw = (720, 1280), (512, 1024)
+  dtype = 'float32' if on_cpu else args['dtype']
+  res = {'device': dev.device_kind, 'platform': dev.platform,
+         'cpu_count': os.cpu_count(), 'machine': platform.processor(),
+         'src_hw': src_hw, 'tgt_hw': tgt_hw, 'dtype': dtype,
+         'batch': args['batch'], 'date': time.strftime('%Y-%m-%d'),
+         'jax': jax.__version__}
+  res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
+  res['peak_kind'] = ('measured float32 matmul' if on_cpu else
+                      'published dense bf16')
+  for kind in args['kinds']:
+    c = _config(args['batch'], dtype)
+    res[kind] = time_jax_step(c, kind, src_hw, tgt_hw, args['steps'])
+    logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
+  rss_jax = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  res['peak_rss_jax'] = rss_jax
+  if args['torch']:
+    res['torch'] = torch_step_time(_config(args['batch'], 'float32'),
+                                   args['batch'], src_hw, args['steps'])
+  if on_cpu and args['weak_scaling']:
+    res['weak'] = weak_scaling(args['weak_size'], args['steps'],
+                               args['weak_depth'])
+  return res
+
+
+def _gb(x):
+  return '-' if x is None else f'{x / 2**30:.2f} GiB'
+
+
+def report(res: dict[str, Any], command: str) -> str:
+  """The markdown table of ``run``'s results."""
+  lines = ['# Train step: JAX vs PyTorch', '',
+           f'Command: `{command}`', '',
+           f'Hardware: {res["device"]} ({res["platform"]}; '
+           f'{res["cpu_count"]} CPU cores), jax {res["jax"]}, '
+           f'{res["date"]}. ACCEL-DeepLabv2-ResNet-101, batch '
+           f'{res["batch"]}, source {res["src_hw"][0]}x{res["src_hw"][1]}, '
+           f'target {res["tgt_hw"][0]}x{res["tgt_hw"][1]}, {res["dtype"]}.',
+           '',
+           '| step | s/step | frames/s | compile s | GFLOP/step | GFLOP/s '
+           f'| utilisation ({res["peak_kind"]}) | peak memory |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  peak = res.get('peak')
+  for kind in ('source_only', 'dastc'):
+    if kind not in res:
+      continue
+    r = res[kind]
+    util = f'{100 * r["flop_per_s"] / peak:.0f}%' if peak else '-'
+    mem = _gb(r['peak_bytes']) if r['peak_bytes'] else '-'
+
+    lines.append(f'| {kind} | {r["step_s"]:.3f} | {r["frames_per_s"]:.2f} | '
+                 f'{r["compile_s"]:.1f} | {r["flops"] / 1e9:.0f} | '
+                 f'{r["flop_per_s"] / 1e9:.1f} | {util} | {mem} |')
+  if peak:
+    lines += ['', f'Peak used for utilisation: {peak / 1e9:.1f} GFLOP/s '
+                  f'({res["peak_kind"]}).']
+  if not any(res.get(k, {}).get('peak_bytes') for k in ('source_only',
+                                                        'dastc')):
+    lines += ['', 'This device reports no memory statistics; peak resident '
+                  'memory of the process after the JAX steps: '
+                  f'{_gb(res["peak_rss_jax"])}.']
+  t = res.get('torch')
+  if t:
+    j = res['source_only']['step_s']
+    lines += ['', f'PyTorch {t["version"]} eager, same source-only step '
+                  f'({t["threads"]} threads): {t["step_s"]:.3f} s/step. '
+                  f'**JAX / PyTorch time ratio: {j / t["step_s"]:.2f}** '
+                  '(below 1: JAX is faster).']
+  w = res.get('weak')
+  if w:
+    lines += ['', 'Weak scaling, source-only step, batch 1 per simulated '
+                  'CPU device (the devices share the same cores):', '',
+              '| devices | s/step | efficiency (t1 / tn) |', '|---:|---:|---:|']
+    for n, s in sorted(w.items(), key=lambda kv: int(kv[0])):
+      lines.append(f'| {n} | {s:.2f} | {w[min(w)] / s:.2f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _define_flags():
+  return {
+      'output': flags.DEFINE_string('output', '', 'Markdown report.'),
+      'batch': flags.DEFINE_integer('batch', 1, 'Global batch.'),
+      'steps': flags.DEFINE_integer('steps', 3, 'Timed steps per setting.'),
+      'cpu_size': flags.DEFINE_list('cpu_size', ['128', '256'],
+                                    'H,W of both domains on CPU.'),
+      'dtype': flags.DEFINE_string('dtype', 'bfloat16',
+                                   'Compute dtype on accelerators.'),
+      'kinds': flags.DEFINE_list('kinds', ['source_only', 'dastc'],
+                                 'Steps to measure.'),
+      'torch': flags.DEFINE_bool('torch', True, 'PyTorch baseline.'),
+      'weak_scaling': flags.DEFINE_bool('weak_scaling', True,
+                                        'CPU weak scaling.'),
+      'weak_size': flags.DEFINE_list('weak_size', ['64', '128'],
+                                     'H,W of the weak-scaling step.'),
+      'weak_depth': flags.DEFINE_enum('weak_depth', 'r50', ['r50', 'r101'],
+                                      'Depth of the weak-scaling model.'),
+  }
+
+
+def main(argv, f):
+  del argv
+  args = {k: h.value for k, h in f.items()}
+  for k in ('cpu_size', 'weak_size'):
+    args[k] = [int(v) for v in args[k]]
+  res = run(args)
+  command = 'python -m dastc_jax.benchmarks.step ' + ' '.join(
+      a for a in sys.argv[1:])
+  md = report(res, command.strip())
+  print(md)
+  if args['output']:
+    with open(args['output'], 'w') as out:
+      out.write(md)
+    with open(os.path.splitext(args['output'])[0] + '.json', 'w') as out:
+      json.dump({**res, 'command': command}, out, indent=2, default=str)
+
+
+if __name__ == '__main__':
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

@@ -1,0 +1,114 @@
+"""ACCEL-DeepLabv2 in PyTorch eager: the step benchmark's baseline.
+
+A restatement of ``dastc_jax.models`` with torch layers (NCHW): a Caffe-style
+dilated ResNet (stride in the first 1x1 conv, layer3/layer4 dilated 2/4,
+output stride 8, ceil-mode max-pool), the ASPP-sum aux head on layer3, the
+ASPP feature head and 1x1 classifier on layer4, and the ACCEL score fusion
+(key-frame scores warped with ``grid_sample`` (align_corners=True, border
+padding; the Resample2d op) and fused by a 2C->C 1x1 conv). Only ``torch``
+is needed; it is imported by the benchmark when present.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Bottleneck(nn.Module):
+  """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) with BN."""
+
+  def __init__(self, cin: int, planes: int, stride: int, dilation: int,
+               downsample: bool):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, planes, 1, stride, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation,
+                           bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.down = (nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride,
+                                         bias=False),
+                               nn.BatchNorm2d(planes * 4))
+                 if downsample else None)
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = F.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return F.relu(out + (self.down(x) if self.down is not None else x))
+
+
+class AsppSum(nn.Module):
+
+  def __init__(self, cin: int, cout: int, dilations):
+    super().__init__()
+    self.branches = nn.ModuleList(
+        nn.Conv2d(cin, cout, 3, 1, d, d, bias=True) for d in dilations)
+
+  def forward(self, x):
+    return sum(b(x) for b in self.branches)
+
+
+class AccelDeepLab(nn.Module):
+  """Two-frame ACCEL on DeepLab-v2 (see the module doc)."""
+
+  def __init__(self, num_classes: int, blocks=(3, 4, 23, 3), width: int = 64,
+               head_features: int = 256, dilations=(6, 12, 18, 24)):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    stages, cin = [], width
+    for i, (n, (stride, dil)) in enumerate(zip(
+        blocks, ((1, 1), (2, 1), (1, 2), (1, 4)))):
+      planes = width * 2**i
+      layer = []
+      for j in range(n):
+        layer.append(Bottleneck(cin, planes, stride if j == 0 else 1, dil,
+                                j == 0))
+        cin = planes * 4
+      stages.append(nn.Sequential(*layer))
+    self.layer1, self.layer2, self.layer3, self.layer4 = stages
+    self.aux = AsppSum(width * 16, num_classes, dilations)
+    self.aspp = AsppSum(width * 32, head_features, dilations)
+    self.dropout = nn.Dropout2d(0.1)
+    self.classifier = nn.Conv2d(head_features, num_classes, 1, bias=False)
+    self.sf_layer = nn.Conv2d(2 * num_classes, num_classes, 1, bias=False)
+
+  def single_frame(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = F.max_pool2d(x, 3, 2, 1, ceil_mode=True)
+    x = self.layer2(self.layer1(x))
+    l3 = self.layer3(x)
+    l4 = self.layer4(l3)
+    return self.classifier(self.dropout(self.aspp(l4))), self.aux(l3)
+
+  def fuse(self, cur, key, flow):
+    h, w = cur.shape[2:]
+    fh = flow.shape[2]
+    flow = F.interpolate(flow, (h, w), mode='bilinear',
+                         align_corners=True) * (h / fh)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=flow.dtype),
+                            torch.arange(w, dtype=flow.dtype), indexing='ij')
+    gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
+    gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    warped = F.grid_sample(key, torch.stack([gx, gy], -1), mode='bilinear',
+                           padding_mode='border', align_corners=True)
+    return self.sf_layer(torch.cat([cur, warped], 1))
+
+  def forward(self, cur, key, flow):
+    logits, aux = self.single_frame(cur)
+    with torch.no_grad():
+      key_logits, key_aux = self.single_frame(key)
+    return self.fuse(logits, key_logits, flow), self.fuse(aux, key_aux, flow)
+
+
+def source_loss(model: AccelDeepLab, cur, key, flow, label):
+  """CE (ignore 255) of the fused scores upsampled to the label, + 0.1 aux."""
+  pred, aux = model(cur, key, flow)
+  size = label.shape[1:]
+  up = lambda s: F.interpolate(s, size, mode='bilinear', align_corners=True)
+  return (F.cross_entropy(up(pred), label, ignore_index=255) +
+          0.1 * F.cross_entropy(up(aux), label, ignore_index=255))
