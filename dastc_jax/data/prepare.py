@@ -293,32 +293,41 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
   return counts
 
 
-_DATASET = flags.DEFINE_enum('dataset', None, sorted(builders.SPECS),
-                             'Dataset to prepare.')
-_MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'The dataset folder in its original layout.')
-_DATA_DIR = flags.DEFINE_string('data_dir', 'data/tfds',
-                                'TFDS folder to write the prepared data to.')
-_TRAIN_FLOWS = flags.DEFINE_string(
-    'train_flow_dir', None, 'Flow folder of the train split (default: the '
-    'reference location beside --manual_dir).')
-_VAL_FLOWS = flags.DEFINE_string('val_flow_dir', None,
-                                 'Flow folder of the val split.')
-_SPLITS = flags.DEFINE_list('splits', None, 'Splits (default: all present).')
+def _define_flags() -> dict[str, Any]:
+  """The command's flags (defined only when run as a program: the pipeline
+  imports this module)."""
+  return {
+      'dataset': flags.DEFINE_enum('dataset', None, sorted(builders.SPECS),
+                                   'Dataset to prepare.'),
+      'manual_dir': flags.DEFINE_string(
+          'manual_dir', None, 'The dataset folder in its original layout.'),
+      'data_dir': flags.DEFINE_string(
+          'data_dir', 'data/tfds', 'TFDS folder to write the prepared data '
+          'to.'),
+      'train_flow_dir': flags.DEFINE_string(
+          'train_flow_dir', None, 'Flow folder of the train split (default: '
+          'the reference location beside --manual_dir).'),
+      'val_flow_dir': flags.DEFINE_string('val_flow_dir', None,
+                                          'Flow folder of the val split.'),
+      'splits': flags.DEFINE_list('splits', None,
+                                  'Splits (default: all present).'),
+  }
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], f: dict[str, Any]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tfds.display_progress_bar(True)
-  counts = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
-                   flow_dirs={'train': _TRAIN_FLOWS.value,
-                              'val': _VAL_FLOWS.value},
-                   splits=_SPLITS.value)
-  print(json.dumps({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
-                    'samples': counts}))
+  counts = prepare(f['dataset'].value, f['manual_dir'].value,
+                   f['data_dir'].value,
+                   flow_dirs={'train': f['train_flow_dir'].value,
+                              'val': f['val_flow_dir'].value},
+                   splits=f['splits'].value)
+  print(json.dumps({'dataset': f['dataset'].value,
+                    'data_dir': f['data_dir'].value, 'samples': counts}))
 
 
 if __name__ == '__main__':
+  _flags = _define_flags()
   flags.mark_flags_as_required(['dataset', 'manual_dir'])
-  app.run(main)
+  app.run(lambda argv: main(argv, _flags))
