@@ -406,6 +406,9 @@ def test_killed_preparation_resumes_and_matches_a_clean_one(cityscapes,
   assert not prepare.is_prepared(data_dir, spec, 'train')
   cache = os.path.join(data_dir, spec.tfds_name, '.prepare_cache', 'train')
   assert len(os.listdir(cache)) == 2  # the finished samples survive
+  # A cache entry cut short (a kill while it was written) is redone.
+  with open(os.path.join(cache, sorted(os.listdir(cache))[0]), 'r+b') as f:
+    f.truncate(20)
   # The same command again finishes the job, reusing the finished samples.
   calls = []
   real = builders.encode
@@ -420,7 +423,8 @@ def test_killed_preparation_resumes_and_matches_a_clean_one(cityscapes,
                                                                  'val': 1}
   finally:
     builders.encode = saved
-  assert len([c for c in calls if c != 'frankfurt_000003_000019']) == 1
+  # 3 train samples: 1 reused, 1 redone (truncated entry), 1 never done.
+  assert len([c for c in calls if c != 'frankfurt_000003_000019']) == 2
   assert not os.path.exists(os.path.dirname(cache))  # cache removed
   leftovers = [p for p, _, _ in os.walk(data_dir) if 'incomplete.' in p]
   assert not leftovers

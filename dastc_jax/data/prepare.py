@@ -131,7 +131,8 @@ class _SampleCache:
             self.hits += 1
             return cached, z['hist']
       except Exception:  # pylint: disable=broad-except
-        pass  # a cache entry cut short by a kill: redo the sample
+        # A cache entry cut short by a kill: redo the sample.
+        logging.info('Unreadable cache entry %s; redoing the sample.', path)
     cached, hist = builders.encode(self.spec, rec)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}.npz'
