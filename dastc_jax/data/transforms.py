@@ -180,20 +180,6 @@ class RandomFlip(grain.transforms.RandomMap):
     return out
 
 
-def _resize_example(ex: dict[str, Any], size: Sequence[int],
-                    per_axis_flow_scale: bool) -> dict[str, Any]:
-  ex = dict(ex)
-  ex['frames'] = np.stack([_resize_rgb(f, size) for f in ex['frames']])
-  for key in FLOW_KEYS:
-    if key in ex:
-      ex[key] = resize_flow_np(ex[key], size, per_axis_flow_scale)
-  if 'labels' in ex:
-    ex['labels'] = np.stack([_resize_ids(l, size) for l in ex['labels']])
-  if 'label' in ex:
-    ex['label'] = _resize_ids(ex['label'], size)
-  return ex
-
-
 @dataclasses.dataclass
 class RandomScaleCrop(grain.transforms.RandomMap):
   """Random rescale then random crop, identical on the whole clip.
@@ -216,8 +202,8 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     h, w = ex['frames'].shape[1:3]
     s = float(rng.uniform(*self.scale))
     if s != 1.0:
-      ex = _resize_example(ex, (round(h * s), round(w * s)),
-                           self.per_axis_flow_scale)
+      ex = Resize(image_size=(round(h * s), round(w * s)),
+                  per_axis_flow_scale=self.per_axis_flow_scale).map(ex)
     if self.crop_size is None:
       return ex
     ch, cw = self.crop_size
