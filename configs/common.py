@@ -90,7 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=15,
       layers=(3, 4, 23, 3),  # ResNet-101
       width=64,
+      # 'proda': DA-STC's layer7 (ASPP -> head_features, 1x1 classifier);
+      # 'aspp': DA-VSN/TPS's layer6 (ASPP -> classes), to evaluate their
+      # released checkpoints.
+      head='proda',
       head_features=256,
+      # Caffe/DeepLab ResNet (stride on the first 1x1 conv); False = the
+      # torchvision layout (stride on the 3x3 conv).
+      stride_in_1x1=True,
       aspp_dilations=(6, 12, 18, 24),
       dropout=0.1,
       bn_momentum=0.1,

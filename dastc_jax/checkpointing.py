@@ -69,9 +69,9 @@ class Checkpointer:
       restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types on mismatches.
       raise CheckpointError(
-          f'Cannot restore checkpoint step {step} from {self.directory}: '
-          f'{type(e).__name__}: {e}. Was it written with this config '
-          '(architecture, class count)?') from e
+          f'Cannot restore checkpoint {self.directory}/{step}: '
+          f'{type(e).__name__}: {str(e)[:500]}. Was it written with this '
+          'config (architecture, class count), and is it complete?') from e
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return restored['state']
 
@@ -90,9 +90,11 @@ class Checkpointer:
       saved = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))['state']
     except Exception as e:  # orbax raises many types on bad folders.
-      raise CheckpointError(f'Cannot read checkpoint step {step} in '
-                            f'{self.directory}: {type(e).__name__}: {e}'
-                            ) from e
+      raise CheckpointError(
+          f'Cannot read checkpoint {self.directory}/{step}: '
+          f'{type(e).__name__}: {str(e)[:300]}. Is it complete (not '
+          'truncated or partly copied) and an orbax checkpoint of '
+          'dastc_jax?') from e
     out = []
     for name, like in (('params', params_like), ('batch_stats', stats_like)):
       if name not in saved:

@@ -4,7 +4,9 @@
   python -m dastc_jax.main --config=configs/viper.py:smoke --workdir=/tmp/x \
       --config.train.num_steps=4
   python -m dastc_jax.main --config=configs/synthetic.py --workdir=runs/demo \
-      --mode=eval [--checkpoint=STEP|DIR]
+      --mode=eval [--checkpoint=STEP|DIR] [--watch]
+  python -m dastc_jax.main --config=configs/viper.py --mode=predict \
+      --checkpoint=WEIGHTS --input=VIDEO_OR_FRAMES --output=OUT
 
 Set DASTC_DISTRIBUTED=1 (the launch/ scripts do) to call
 ``jax.distributed.initialize()`` for multi-host runs. On SLURM and Cloud TPU
@@ -14,22 +16,48 @@ DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+from dastc_jax import xla_cpu
 
-from dastc_jax import log_filter
+# Before any JAX computation starts the CPU backend.
+xla_cpu.set_defaults()
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from dastc_jax import log_filter  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:variant]).',
     lock_config=True)
-flags.DEFINE_string('workdir', None, 'Output folder.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to run.')
-flags.DEFINE_string('checkpoint', '', 'eval mode: step, step folder or '
-                    'checkpoint folder (default: latest in workdir).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('workdir', None, 'Output folder (train, eval).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
+                  'What to run.')
+flags.DEFINE_string('checkpoint', '', 'eval/predict: a step, a step folder '
+                    '(that checkpoint), or a folder of checkpoints (eval: '
+                    'every one; predict: the latest); default: the '
+                    'checkpoints of --workdir.')
+flags.DEFINE_bool('watch', False, 'eval: keep evaluating new checkpoints '
+                  'until the last training step.')
+flags.DEFINE_float('watch_interval', 60.0, 'eval --watch: seconds between '
+                   'polls.')
+flags.DEFINE_float('watch_timeout', 3600.0, 'eval --watch: stop after this '
+                   'many seconds without a new checkpoint (0 = never).')
+flags.DEFINE_string('input', None, 'predict: a video file or a folder of '
+                    'frames (sorted by name).')
+flags.DEFINE_string('output', None, 'predict: output folder.')
+flags.DEFINE_string('flows', None, 'predict: folder of flows t->t-1 '
+                    '(<frame name>.npy or .flo, [H, W, 2]); default: '
+                    'computed with OpenCV DIS.')
+flags.DEFINE_enum('video_format', 'mp4', ['mp4', 'gif', 'none'],
+                  'predict: animation written beside the PNG overlays.')
+flags.DEFINE_float('fps', 0.0, 'predict: animation frame rate (default: '
+                   'the video\'s, or 10 for frames).')
+flags.DEFINE_integer('max_frames', 0, 'predict: stop after this many '
+                     'frames (0 = all).')
+flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 def _initialize_distributed() -> None:
@@ -53,11 +81,31 @@ def main(argv):
     _initialize_distributed()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  from dastc_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode == 'predict':
+    from dastc_jax import predict
+    for name in ('input', 'output'):
+      if not getattr(FLAGS, name):
+        raise app.UsageError(f'--mode=predict needs --{name}.')
+    if not (FLAGS.checkpoint or FLAGS.workdir):
+      raise app.UsageError('--mode=predict needs --checkpoint (or the '
+                           '--workdir of a run).')
+    predict.run(FLAGS.config, checkpoint=FLAGS.checkpoint,
+                workdir=FLAGS.workdir or '.', input_path=FLAGS.input,
+                output=FLAGS.output, flows=FLAGS.flows,
+                video_format=FLAGS.video_format, fps=FLAGS.fps,
+                max_frames=FLAGS.max_frames)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
   if FLAGS.mode == 'train':
+    from dastc_jax import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    from dastc_jax import eval_job
+    eval_job.run(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                 watch=FLAGS.watch, watch_interval=FLAGS.watch_interval,
+                 watch_timeout=FLAGS.watch_timeout)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Wires everything together: ``train_and_evaluate`` and ``evaluate_checkpoint``.
+"""Wires a training run together: ``train_and_evaluate``.
 
 Order (flax gemma / big_vision): data root -> mesh -> input pipeline ->
 model, optimizer and state (or a restore of the latest checkpoint) -> jitted
@@ -58,7 +58,8 @@ def resolve_data_root(config: ml_collections.ConfigDict) -> str:
   return config.data.data_dir
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, with the key, on config values that cannot work."""
   cs = labels_lib.get_class_set(config.data.class_set)
   if cs.num_classes != config.model.num_classes:
     raise ValueError(
@@ -72,6 +73,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
                     'adaptation step will run.',
                     config.train.source_only_steps, config.train.num_steps)
+  if config.method == 'dastc' and config.model.get('head', 'proda') != 'proda':
+    raise ValueError(
+        f"config.model.head={config.model.head!r}: DA-STC's feature "
+        "alignment needs the 'proda' head (a 256-d pre-logit feature); "
+        "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
   for split in config.eval.splits:
     if split not in config.data:
       raise ValueError(f'config.eval.splits names {split!r}, which is not a '
@@ -231,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
-  _check_config(config)
+  check_config(config)
   workdir = os.path.abspath(workdir)
   _check_and_write_config(config, workdir)
   data_root = resolve_data_root(config)
@@ -286,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       state = _train_loop(run, state, start)
       final_step = int(jax.device_get(state.step))
       results = run.evaluate(state, final_step, config.eval.num_overlays)
-      _write_eval_scalars(writer, final_step, results)
+      write_eval_scalars(writer, final_step, results)
   finally:
     ckpt.close()  # waits for pending saves, also when a step failed
     if hasattr(train_iter, 'close'):
@@ -357,8 +363,9 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   return state
 
 
-def _write_eval_scalars(writer, step: int,
-                        results: list[evaluate.SplitResult]) -> None:
+def write_eval_scalars(writer, step: int,
+                       results: list[evaluate.SplitResult]) -> None:
+  """mIoU, extra means and per-class IoU (%) as TensorBoard scalars."""
   if not results:
     return
   scalars = {}
@@ -372,48 +379,3 @@ def _write_eval_scalars(writer, step: int,
             100 * r.iou[i])
   writer.write_scalars(step, scalars)
   writer.flush()
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoint: str = '') -> dict[str, float]:
-  """Evaluates one checkpoint on ``config.eval.splits``.
-
-  Args:
-    config: the experiment config the checkpoint was trained with.
-    workdir: output folder; results go to ``{workdir}/eval/step_{N}``.
-    checkpoint: '' (latest in ``{workdir}/checkpoints``), a step number, a
-      step folder, a checkpoint root or a training workdir.
-
-  Returns:
-    ``{split: mIoU}`` in %.
-  """
-  _check_config(config)
-  data_root = resolve_data_root(config)
-  mesh = sharding_lib.make_mesh(config)
-  repl = sharding_lib.replicated(mesh)
-  data = sharding_lib.data_sharding(mesh)
-  root, step = checkpointing.resolve(workdir, checkpoint)
-  ckpt = checkpointing.Checkpointer(root, async_save=False, read_only=True)
-  try:
-    if step < 0:
-      step = ckpt.latest_step()
-      if step is None:
-        raise checkpointing.CheckpointError(f'No checkpoint found in {root}.')
-    elif step not in ckpt.all_steps():
-      raise checkpointing.CheckpointError(
-          f'No checkpoint step {step} in {root}; available: '
-          f'{ckpt.all_steps()}')
-    graphdef, abstract, _ = state_lib.create_train_state(
-        config, abstract=True, sizes=_carried_sizes(config, data_root))
-    state_sharding = sharding_lib.state_shardings(abstract, mesh)
-    state = ckpt.restore(step, checkpointing.abstract_with_sharding(
-        abstract, state_sharding))
-  finally:
-    ckpt.close()
-  results = evaluate.evaluate_splits(
-      config, data_root,
-      _jit_eval_step(config, graphdef, state_sharding, repl, data),
-      state.params, state.batch_stats, data,
-      os.path.join(os.path.abspath(workdir), 'eval', f'step_{step}'), step,
-      config.eval.num_overlays)
-  return {r.name: 100 * r.miou for r in results}

@@ -2,7 +2,9 @@
 # Evaluate every checkpoint of a training run as a SLURM job array: one
 # array task per checkpoint step, each running
 # `python -m dastc_jax.main --mode=eval --checkpoint=STEP` on one GPU (its
-# tables and TensorBoard scalars go to WORKDIR/eval/step_STEP/).
+# tables and TensorBoard scalars go to WORKDIR/eval/step_STEP/). Afterwards,
+# `python -m dastc_jax.main --mode=eval --checkpoint=WORKDIR ...` reuses those
+# tables and writes WORKDIR/eval/summary.md (last and best-on-val mIoU).
 #
 #   launch/eval_array.sh [--dry-run] [--partition=P] -- \
 #       --config=configs/viper.py --workdir=/shared/runs/viper

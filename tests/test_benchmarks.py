@@ -84,14 +84,29 @@ def test_step_benchmark_batch_and_report():
   res = {'device': 'cpu', 'platform': 'cpu', 'cpu_count': 2, 'jax': '0',
          'date': 'd', 'batch': 1, 'src_hw': (8, 16), 'tgt_hw': (8, 16),
          'dtype': 'float32', 'peak': 50e9, 'peak_kind': 'measured',
-         'peak_rss_jax': 2**30,
+         'peak_rss': 2**30, 'xla_flags': '--f=1',
          'source_only': {'step_s': 2.0, 'frames_per_s': 1.0, 'compile_s': 3,
                          'flops': 60e9, 'flop_per_s': 30e9,
-                         'peak_bytes': None},
-         'torch': {'step_s': 1.6, 'threads': 2, 'version': 't'},
+                         'peak_bytes': None, 'times': [2.0, 2.1]},
+         'torch': {'step_s': 1.6, 'threads': 2, 'version': 't',
+                   'times': [1.6, 1.5]},
+         'xla_default': {'step_s': 2.5},
          'weak': {1: 1.0, 2: 1.25}}
   md = step_bench.report(res, 'cmd')
   assert '| source_only | 2.000 | 1.00 | 3.0 | 60 | 30.0 | 60% | - |' in md
   assert 'peak resident memory of the process after the JAX steps: 1.00 GiB' in md
   assert 'JAX / PyTorch time ratio: 1.25' in md
+  assert 'JAX: 2.00, 2.10; PyTorch: 1.60, 1.50.' in md
+  assert 'XLA_FLAGS of the JAX steps: `--f=1`' in md
+  assert 'default fusion' in md and '2.500 s/step' in md
   assert '| 2 | 1.25 | 0.80 |' in md
+
+
+def test_step_benchmark_alternates_runners():
+  from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+  calls = []
+  runners = {'a': lambda: calls.append('a') or 1.0,
+             'b': lambda: calls.append('b') or 2.0}
+  times = step_bench.interleaved(runners, 3)
+  assert calls == ['a', 'b'] * 3
+  assert times == {'a': [1.0] * 3, 'b': [2.0] * 3}

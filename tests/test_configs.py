@@ -21,7 +21,7 @@ CASES = [(n, v) for n in CONFIGS
 def test_config_loads_and_is_consistent(name, variant):
   module = importlib.import_module(f'configs.{name}')
   c = module.get_config(variant)
-  train._check_config(c)  # pylint: disable=protected-access
+  train.check_config(c)
   cs = labels.get_class_set(c.data.class_set)
   assert c.model.num_classes == cs.num_classes
   for key in ('source', 'target', 'source_val', 'target_val'):

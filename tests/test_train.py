@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dastc_jax import checkpointing
+from dastc_jax import eval_job
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train
@@ -115,17 +116,17 @@ def test_outputs_and_eval_mode(smoke_config, tmp_path):
   events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert events and os.path.getsize(events[0]) > 0
   # Eval mode on the latest checkpoint reproduces the final numbers.
-  again = train.evaluate_checkpoint(c, str(tmp_path / 'eval'),
-                                    os.path.join(workdir, 'checkpoints'))
+  again = eval_job.evaluate_checkpoint(c, str(tmp_path / 'eval'),
+                                       os.path.join(workdir, 'checkpoints'))
   for k, v in final.items():
     np.testing.assert_allclose(again[k], v, atol=1e-6)
-  step1 = train.evaluate_checkpoint(c, workdir, '1')
+  step1 = eval_job.evaluate_checkpoint(c, workdir, '1')
   assert os.path.exists(os.path.join(workdir, 'eval', 'step_1',
                                      'results.json'))
   assert set(step1) == set(final)
   with pytest.raises(checkpointing.CheckpointError, match='No checkpoint '
                      'step 7'):
-    train.evaluate_checkpoint(c, workdir, '7')
+    eval_job.evaluate_checkpoint(c, workdir, '7')
 
 
 def _step_on_mesh(config, state, batch, n_devices):
@@ -252,13 +253,13 @@ def test_eval_batch_is_rounded_to_the_device_count(smoke_config, tmp_path):
   c.eval.batch_size = 1  # 4 devices: each step evaluates 4 (masked) slots
   out = train.train_and_evaluate(c, str(tmp_path / 'run'))
   c.eval.batch_size = 4
-  ref = train.evaluate_checkpoint(c, str(tmp_path / 'eval'),
-                                  str(tmp_path / 'run'))
+  ref = eval_job.evaluate_checkpoint(c, str(tmp_path / 'eval'),
+                                     str(tmp_path / 'run'))
   for k in out:
     np.testing.assert_allclose(out[k], ref[k], atol=1e-6)
   with pytest.raises(checkpointing.CheckpointError, match='does not exist'):
-    train.evaluate_checkpoint(c, str(tmp_path / 'x'),
-                              str(tmp_path / 'missing'))
+    eval_job.evaluate_checkpoint(c, str(tmp_path / 'x'),
+                                 str(tmp_path / 'missing'))
   assert not os.path.exists(tmp_path / 'missing')
 
 

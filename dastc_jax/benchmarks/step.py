@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -46,6 +46,7 @@ from dastc_jax import dastc_step
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
+from dastc_jax import xla_cpu
 
 # Published dense bf16 peaks (FLOP/s) by device kind.
 BF16_PEAK = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
@@ -93,9 +94,14 @@ def _mesh(n: int):
                        devices=jax.devices()[:n])
 
 
-def time_jax_step(config, kind: str, src_hw, tgt_hw, steps: int,
-                  n_devices: int = 1) -> dict[str, Any]:
-  """Compiles and times one step kind (``source_only`` or ``dastc``)."""
+def build_jax_step(config, kind: str, src_hw, tgt_hw, n_devices: int = 1
+                   ) -> tuple[Callable[[], float], dict[str, Any]]:
+  """Compiles one step kind (``source_only`` or ``dastc``).
+
+  Returns:
+    A closure that runs one step to completion and returns its seconds, and
+    the compile facts (compile time, FLOPs, frames per step).
+  """
   batch_size = config.train.batch_size
   mesh = _mesh(n_devices)
   data = sharding_lib.data_sharding(mesh)
@@ -113,29 +119,56 @@ def time_jax_step(config, kind: str, src_hw, tgt_hw, steps: int,
   batch = sharding_lib.shard_batch(
       fake_batch(config, batch_size, src_hw, tgt_hw, dastc=kind == 'dastc'),
       data)
-  state = jax.device_put(state, st_sh)
+  box = {'state': jax.device_put(state, st_sh)}
   t0 = time.perf_counter()
-  compiled = fn.lower(state, batch).compile()
+  compiled = fn.lower(box['state'], batch).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get('flops', float('nan')))
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch)
+
+  def one() -> float:
+    t = time.perf_counter()
+    box['state'], m = compiled(box['state'], batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
+    box['loss'] = float(m['loss'])
+    return time.perf_counter() - t
+
+  one()  # warm-up
+  return one, {'compile_s': compile_s,
+               'flops': float((cost or {}).get('flops', float('nan'))),
+               'frames_per_step': batch_size * (2 if kind == 'source_only'
+                                                else 12)}
+
+
+def interleaved(runners: dict[str, Callable[[], float]], steps: int
+                ) -> dict[str, list[float]]:
+  """Times ``steps`` calls of each runner, alternating them call by call.
+
+  This machine's speed drifts by 10% and more between minutes; alternating
+  puts every runner under the same drift.
+  """
+  times = {k: [] for k in runners}
+  for _ in range(steps):
+    for k, one in runners.items():
+      times[k].append(one())
+  return times
+
+
+def summarize(info: dict[str, Any], times: list[float]) -> dict[str, Any]:
+  """Step-time statistics of a JAX step from its compile facts and times."""
   stats = jax.devices()[0].memory_stats() or {}
-  frames = batch_size * (2 if kind == 'source_only' else 12)
   step_s = statistics.median(times)
-  return {'step_s': step_s, 'times': times, 'compile_s': compile_s,
-          'flops': flops, 'flop_per_s': flops / step_s,
-          'frames_per_step': frames, 'frames_per_s': frames / step_s,
-          'peak_bytes': stats.get('peak_bytes_in_use'),
-          'loss': float(m['loss'])}
+  return {**info, 'step_s': step_s, 'times': times,
+          'flop_per_s': info['flops'] / step_s,
+          'frames_per_s': info['frames_per_step'] / step_s,
+          'peak_bytes': stats.get('peak_bytes_in_use')}
+
+
+def time_jax_step(config, kind: str, src_hw, tgt_hw, steps: int,
+                  n_devices: int = 1) -> dict[str, Any]:
+  """Compiles and times one step kind on its own."""
+  one, info = build_jax_step(config, kind, src_hw, tgt_hw, n_devices)
+  return summarize(info, interleaved({kind: one}, steps)[kind])
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -152,9 +185,14 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 # --------------------------------------------------------------- PyTorch
-def torch_step_time(config, batch: int, src_hw, steps: int
-                    ) -> dict[str, Any] | None:
-  """The source-only ACCEL step in PyTorch eager (None without torch)."""
+def build_torch_step(config, batch: int, src_hw
+                     ) -> tuple[Callable[[], float], dict[str, Any]] | None:
+  """The source-only ACCEL step in PyTorch eager (None without torch).
+
+  Returns:
+    A closure that runs one step and returns its seconds, and facts about
+    the PyTorch build.
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from dastc_jax.benchmarks import torch_accel  # pylint: disable=g-import-not-at-top
@@ -175,34 +213,34 @@ def torch_step_time(config, batch: int, src_hw, steps: int
   flow = torch.from_numpy(b['flow']).permute(0, 3, 1, 2).contiguous()
   model.train()
 
-  def step():
+  def one() -> float:
+    t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = torch_accel.source_loss(model, x[:, 0], x[:, 1], flow, y)
     loss.backward()
     opt.step()
-    return float(loss)
+    float(loss)
+    return time.perf_counter() - t0
 
-  step()  # warm-up
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return {'step_s': statistics.median(times), 'times': times,
-          'threads': torch.get_num_threads(), 'version': torch.__version__}
+  one()  # warm-up
+  return one, {'threads': torch.get_num_threads(),
+               'version': torch.__version__}
 
 
 # ----------------------------------------------------------- weak scaling
-_WEAK = '''
+_SUBPROCESS = '''
 import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, {repo!r})
+from dastc_jax import xla_cpu
+xla_cpu.set_defaults()
 from dastc_jax.benchmarks import step as b
 c = b._config({n}, 'float32')
 b._shrink(c, {depth!r})
 r = b.time_jax_step(c, 'source_only', {hw}, {hw}, {steps}, n_devices={n})
-print('RESULT', json.dumps({{'step_s': r['step_s'], 'compile_s': r['compile_s']}}))
+print('RESULT', json.dumps({{'step_s': r['step_s'], 'compile_s': r['compile_s'],
+                             'xla_flags': os.environ['XLA_FLAGS']}}))
 '''
 
 
@@ -211,20 +249,27 @@ def _shrink(config, depth: str) -> None:
     config.model.layers = (3, 4, 6, 3)
 
 
-def weak_scaling(hw, steps: int, depth: str) -> dict[int, float]:
-  """Source-only step time at batch 1 per device on n simulated devices."""
+def _in_subprocess(n: int, hw, steps: int, depth: str,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Times the source-only step on ``n`` simulated CPU devices in a child."""
   repo = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
+  code = _SUBPROCESS.format(n=n, repo=repo, hw=tuple(hw), steps=steps,
+                            depth=depth)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=3600,
+                        env={**os.environ, **(env or {})})
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
+  if proc.returncode or not line:
+    raise RuntimeError(proc.stderr[-3000:])
+  return json.loads(line[0][7:])
+
+
+def weak_scaling(hw, steps: int, depth: str) -> dict[int, float]:
+  """Source-only step time at batch 1 per device on n simulated devices."""
   out = {}
   for n in (1, 2, 4, 8):
-    code = _WEAK.format(n=n, repo=repo, hw=tuple(hw), steps=steps,
-                        depth=depth)
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, timeout=3600)
-    line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
-    if proc.returncode or not line:
-      raise RuntimeError(proc.stderr[-3000:])
-    out[n] = json.loads(line[0][7:])['step_s']
+    out[n] = _in_subprocess(n, hw, steps, depth)['step_s']
     logging.info('weak scaling: %d devices, %.2f s/step', n, out[n])
   return out
 
@@ -243,19 +288,32 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
          'cpu_count': os.cpu_count(), 'machine': platform.processor(),
          'src_hw': src_hw, 'tgt_hw': tgt_hw, 'dtype': dtype,
          'batch': args['batch'], 'date': time.strftime('%Y-%m-%d'),
-         'jax': jax.__version__}
+         'jax': jax.__version__,
+         'xla_flags': os.environ.get('XLA_FLAGS', '')}
   res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
   res['peak_kind'] = ('measured float32 matmul' if on_cpu else
                       'published dense bf16')
+  torch_step = (build_torch_step(_config(args['batch'], 'float32'),
+                                 args['batch'], src_hw)
+                if args['torch'] else None)
   for kind in args['kinds']:
-    c = _config(args['batch'], dtype)
-    res[kind] = time_jax_step(c, kind, src_hw, tgt_hw, args['steps'])
+    one, info = build_jax_step(_config(args['batch'], dtype), kind, src_hw,
+                               tgt_hw)
+    runners = {kind: one}
+    if kind == 'source_only' and torch_step:
+      runners['torch'] = torch_step[0]
+    times = interleaved(runners, args['steps'])
+    res[kind] = summarize(info, times[kind])
+    if 'torch' in times:
+      res['torch'] = {**torch_step[1], 'times': times['torch'],
+                      'step_s': statistics.median(times['torch'])}
     logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
-  rss_jax = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  res['peak_rss_jax'] = rss_jax
-  if args['torch']:
-    res['torch'] = torch_step_time(_config(args['batch'], 'float32'),
-                                   args['batch'], src_hw, args['steps'])
+    del one, runners
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  res['peak_rss'] = rss
+  if on_cpu and args['xla_default_fusion']:
+    res['xla_default'] = _in_subprocess(
+        1, tuple(src_hw), args['steps'], 'r101', {'DASTC_XLA_CPU_DEFAULTS': '0'})
   if on_cpu and args['weak_scaling']:
     res['weak'] = weak_scaling(args['weak_size'], args['steps'],
                                args['weak_depth'])
@@ -297,14 +355,26 @@ def report(res: dict[str, Any], command: str) -> str:
                                                         'dastc')):
     lines += ['', 'This device reports no memory statistics; peak resident '
                   'memory of the process after the JAX steps: '
-                  f'{_gb(res["peak_rss_jax"])}.']
+                  f'{_gb(res["peak_rss"])}.']
   t = res.get('torch')
   if t:
     j = res['source_only']['step_s']
     lines += ['', f'PyTorch {t["version"]} eager, same source-only step '
-                  f'({t["threads"]} threads): {t["step_s"]:.3f} s/step. '
-                  f'**JAX / PyTorch time ratio: {j / t["step_s"]:.2f}** '
-                  '(below 1: JAX is faster).']
+                  f'({t["threads"]} threads), timed alternately with the '
+                  f'JAX step, step by step: {t["step_s"]:.3f} s/step (JAX '
+                  f'{j:.3f}). **JAX / PyTorch time ratio: '
+                  f'{j / t["step_s"]:.2f}** (below 1: JAX is faster). '
+                  'Per-step times, JAX: '
+                  + ', '.join(f'{x:.2f}' for x in res['source_only']['times'])
+                  + '; PyTorch: ' + ', '.join(f'{x:.2f}' for x in t['times'])
+                  + '.']
+  lines += ['', f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
+                '(dastc_jax/xla_cpu.py).']
+  d = res.get('xla_default')
+  if d:
+    lines += ['', 'Same source-only step with XLA:CPU\'s default fusion '
+                  '(`DASTC_XLA_CPU_DEFAULTS=0`, in a child process, not '
+                  f'alternated): {d["step_s"]:.3f} s/step.']
   w = res.get('weak')
   if w:
     lines += ['', 'Weak scaling, source-only step, batch 1 per simulated '
@@ -327,6 +397,9 @@ def _define_flags():
       'kinds': flags.DEFINE_list('kinds', ['source_only', 'dastc'],
                                  'Steps to measure.'),
       'torch': flags.DEFINE_bool('torch', True, 'PyTorch baseline.'),
+      'xla_default_fusion': flags.DEFINE_bool(
+          'xla_default_fusion', True,
+          'CPU: also time the source-only step without xla_cpu defaults.'),
       'weak_scaling': flags.DEFINE_bool('weak_scaling', True,
                                         'CPU weak scaling.'),
       'weak_size': flags.DEFINE_list('weak_size', ['64', '128'],
@@ -354,5 +427,6 @@ def main(argv, f):
 
 
 if __name__ == '__main__':
+  xla_cpu.set_defaults()  # before the CPU backend starts
   _flags = _define_flags()
   app.run(lambda argv: main(argv, _flags))

@@ -1,6 +1,11 @@
-"""ACCEL-DeepLabv2 in PyTorch eager: the step benchmark's baseline.
+"""ACCEL-DeepLabv2 in PyTorch eager: the step benchmark's baseline and the
+parity tests' reference.
 
-A restatement of ``dastc_jax.models`` with torch layers (NCHW): a Caffe-style
+A restatement of ``dastc_jax.models`` with torch layers (NCHW) and the
+module names of the reference code (so its ``state_dict`` has the keys of a
+released checkpoint: ``conv1``, ``bn1``, ``layer1..4`` with ``downsample.0/1``,
+aux ``layer5.conv2d_list.i``, DA-STC head ``layer7`` or TPS head ``layer6``,
+``sf_layer``): a Caffe-style
 dilated ResNet (stride in the first 1x1 conv, layer3/layer4 dilated 2/4,
 output stride 8, ceil-mode max-pool), the ASPP-sum aux head on layer3, the
 ASPP feature head and 1x1 classifier on layer4, and the ACCEL score fusion
@@ -20,16 +25,17 @@ class Bottleneck(nn.Module):
   """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) with BN."""
 
   def __init__(self, cin: int, planes: int, stride: int, dilation: int,
-               downsample: bool):
+               downsample: bool, stride_in_1x1: bool = True):
     super().__init__()
-    self.conv1 = nn.Conv2d(cin, planes, 1, stride, bias=False)
+    s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+    self.conv1 = nn.Conv2d(cin, planes, 1, s1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation,
+    self.conv2 = nn.Conv2d(planes, planes, 3, s3, dilation, dilation,
                            bias=False)
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.down = (nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride,
+    self.downsample = (nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride,
                                          bias=False),
                                nn.BatchNorm2d(planes * 4))
                  if downsample else None)
@@ -38,25 +44,43 @@ class Bottleneck(nn.Module):
     out = F.relu(self.bn1(self.conv1(x)))
     out = F.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
-    return F.relu(out + (self.down(x) if self.down is not None else x))
+    if self.downsample is not None:
+      x = self.downsample(x)
+    return F.relu(out + x)
 
 
 class AsppSum(nn.Module):
+  """Sum of dilated 3x3 convs (``Classifier_Module``: ``conv2d_list``)."""
 
   def __init__(self, cin: int, cout: int, dilations):
     super().__init__()
-    self.branches = nn.ModuleList(
+    self.conv2d_list = nn.ModuleList(
         nn.Conv2d(cin, cout, 3, 1, d, d, bias=True) for d in dilations)
 
   def forward(self, x):
-    return sum(b(x) for b in self.branches)
+    return sum(b(x) for b in self.conv2d_list)
+
+
+class ProdaHead(nn.Module):
+  """DA-STC ``layer7``: ASPP sum to a feature, Dropout2d, 1x1 classifier."""
+
+  def __init__(self, cin: int, features: int, num_classes: int, dilations):
+    super().__init__()
+    self.conv2d_list = AsppSum(cin, features, dilations).conv2d_list
+    self.dropout = nn.Dropout2d(0.1)
+    self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
+
+  def forward(self, x):
+    feat = sum(b(x) for b in self.conv2d_list)
+    return self.classifier(self.dropout(feat))
 
 
 class AccelDeepLab(nn.Module):
   """Two-frame ACCEL on DeepLab-v2 (see the module doc)."""
 
   def __init__(self, num_classes: int, blocks=(3, 4, 23, 3), width: int = 64,
-               head_features: int = 256, dilations=(6, 12, 18, 24)):
+               head_features: int = 256, dilations=(6, 12, 18, 24),
+               head: str = 'proda', stride_in_1x1: bool = True):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
@@ -67,23 +91,29 @@ class AccelDeepLab(nn.Module):
       layer = []
       for j in range(n):
         layer.append(Bottleneck(cin, planes, stride if j == 0 else 1, dil,
-                                j == 0))
+                                j == 0, stride_in_1x1))
         cin = planes * 4
       stages.append(nn.Sequential(*layer))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
-    self.aux = AsppSum(width * 16, num_classes, dilations)
-    self.aspp = AsppSum(width * 32, head_features, dilations)
-    self.dropout = nn.Dropout2d(0.1)
-    self.classifier = nn.Conv2d(head_features, num_classes, 1, bias=False)
+    self.layer5 = AsppSum(width * 16, num_classes, dilations)
+    self.head_name = 'layer7' if head == 'proda' else 'layer6'
+    setattr(self, self.head_name,
+            ProdaHead(width * 32, head_features, num_classes, dilations)
+            if head == 'proda' else AsppSum(width * 32, num_classes,
+                                            dilations))
     self.sf_layer = nn.Conv2d(2 * num_classes, num_classes, 1, bias=False)
 
-  def single_frame(self, x):
+  def backbone(self, x):
+    """``[B, 3, H, W]`` -> (layer3, layer4) maps."""
     x = F.relu(self.bn1(self.conv1(x)))
     x = F.max_pool2d(x, 3, 2, 1, ceil_mode=True)
     x = self.layer2(self.layer1(x))
     l3 = self.layer3(x)
-    l4 = self.layer4(l3)
-    return self.classifier(self.dropout(self.aspp(l4))), self.aux(l3)
+    return l3, self.layer4(l3)
+
+  def single_frame(self, x):
+    l3, l4 = self.backbone(x)
+    return getattr(self, self.head_name)(l4), self.layer5(l3)
 
   def fuse(self, cur, key, flow):
     h, w = cur.shape[2:]

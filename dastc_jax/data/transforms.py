@@ -99,7 +99,8 @@ def resize_flow_np(flow: np.ndarray, size: Sequence[int],
   return (out * np.array([sx, sy], np.float32)).astype(np.float32)
 
 
-def _resize_rgb(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def resize_rgb(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """Bicubic resize of a uint8 RGB image to ``size`` (H, W)."""
   if img.shape[:2] == tuple(size):
     return img
   return np.asarray(Image.fromarray(img).resize((size[1], size[0]),
@@ -130,7 +131,7 @@ class Resize(grain.transforms.Map):
   def map(self, ex: dict[str, Any]) -> dict[str, Any]:
     ex = dict(ex)
     size = tuple(self.image_size or ex['frames'].shape[1:3])
-    ex['frames'] = np.stack([_resize_rgb(f, size) for f in ex['frames']])
+    ex['frames'] = np.stack([resize_rgb(f, size) for f in ex['frames']])
     for key in FLOW_KEYS:
       if key in ex:
         ex[key] = resize_flow_np(ex[key], size, self.per_axis_flow_scale)
@@ -312,7 +313,7 @@ class SampleFusionPatches(grain.transforms.RandomMap):
         frame, lab = self.decode.first_frame(self.source[int(rng.choice(
             self.rare_index[k]))])
         if self.image_size:
-          frame = _resize_rgb(frame, self.image_size)
+          frame = resize_rgb(frame, self.image_size)
           lab = _resize_ids(lab, self.image_size)
         frame, lab = frame[r0:r0 + h, c0:c0 + w], lab[r0:r0 + h, c0:c0 + w]
         if np.count_nonzero(lab == k) > self.min_pixels:

@@ -51,3 +51,22 @@ class ProdaHead(nnx.Module):
     logits = self.classifier(layers.channel_dropout(feat, self.dropout,
                                                     dropout_key))
     return logits, feat
+
+
+class ASPPLogitsHead(nnx.Module):
+  """DA-VSN/TPS main head (``layer6``): an ASPP sum straight to the logits.
+
+  Returns the logits and, as the "feature", the layer4 map it read (this
+  head has no pre-logit feature; DA-STC's alignment needs ``ProdaHead``).
+  """
+
+  def __init__(self, in_features: int, num_classes: int,
+               dilations: Sequence[int], *, kernel_init: layers.Initializer,
+               dtype, rngs: nnx.Rngs):
+    self.aspp = ASPPSum(in_features, num_classes, dilations,
+                        kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None
+               ) -> tuple[jax.Array, jax.Array]:
+    del dropout_key
+    return self.aspp(x), x

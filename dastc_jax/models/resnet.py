@@ -21,19 +21,25 @@ EXPANSION = 4
 
 
 class Bottleneck(nnx.Module):
-  """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) bottleneck with BN."""
+  """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) bottleneck with BN.
+
+  ``stride_in_1x1=False`` moves the stride to the 3x3 conv (torchvision).
+  """
 
   def __init__(self, in_features: int, planes: int, *, stride: int,
                dilation: int, downsample: bool, bn_momentum: float,
                kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs,
-               bn_group_size: int = 0):
+               bn_group_size: int = 0, stride_in_1x1: bool = True):
     conv = lambda i, o, k, **kw: layers.Conv(
         i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs, **kw)
     bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum,
                                     group_size=bn_group_size)
-    self.conv1 = conv(in_features, planes, 1, stride=stride)
+    # Caffe/DeepLab put the stride on the first 1x1 conv; torchvision
+    # ("ResNet v1.5") on the 3x3 conv.
+    s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+    self.conv1 = conv(in_features, planes, 1, stride=s1)
     self.bn1 = bn(planes)
-    self.conv2 = conv(planes, planes, 3, dilation=dilation)
+    self.conv2 = conv(planes, planes, 3, stride=s3, dilation=dilation)
     self.bn2 = bn(planes)
     self.conv3 = conv(planes, planes * EXPANSION, 1)
     self.bn3 = bn(planes * EXPANSION)
@@ -61,7 +67,8 @@ class ResNetDeepLab(nnx.Module):
 
   def __init__(self, *, blocks: Sequence[int], width: int,
                bn_momentum: float, kernel_init: layers.Initializer,
-               dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0):
+               dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0,
+               stride_in_1x1: bool = True):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
     self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
@@ -78,7 +85,8 @@ class ResNetDeepLab(nnx.Module):
             in_features, planes, stride=stride if j == 0 else 1,
             dilation=dilation, downsample=(j == 0),
             bn_momentum=bn_momentum, kernel_init=kernel_init, dtype=dtype,
-            rngs=rngs, bn_group_size=bn_group_size))
+            rngs=rngs, bn_group_size=bn_group_size,
+            stride_in_1x1=stride_in_1x1))
         in_features = planes * EXPANSION
       setattr(self, f'layer{i + 1}', nnx.List(stage))
     self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION

@@ -1,0 +1,424 @@
+"""PyTorch -> Flax weight conversion: released checkpoints and ImageNet nets.
+
+  python -m dastc_jax.convert --config=configs/viper.py \
+      --source=tps_viper2city_pretrained.pth --output=weights/tps_viper \
+      --config.model.head=aspp
+
+Three layouts of a PyTorch ``state_dict`` map onto the parameters of
+``dastc_jax.models`` (``--layout=auto`` picks one from the keys):
+
+* ``accel``: the reference ACCEL-DeepLabv2 (DA-VSN / TPS / DA-STC released
+  checkpoints): ``conv1``, ``bn1``, ``layer1..4`` (``downsample.0/1``), aux
+  head ``layer5.conv2d_list.i``, TPS head ``layer6.conv2d_list.i``
+  (``model.head='aspp'``), DA-STC head ``layer7.conv2d_list.i`` +
+  ``layer7.classifier`` (``model.head='proda'``), ``sf_layer``.
+* ``caffe``: the Caffe-converted DeepLab ResNet-101 that DA-VSN/TPS start
+  from (optional ``Scale.`` prefix; its COCO classifier ``layer5`` is
+  dropped). Same input convention as ours (BGR, mean-subtracted, 0-255).
+* ``torchvision``: ``torchvision.models.resnet101`` weights (``fc`` dropped).
+  Those nets read RGB in [0, 1] normalised by the ImageNet mean/std; the
+  conversion folds that normalisation into ``conv1`` (channel order and
+  scale, exactly) and into ``bn1``'s running mean (the constant shift; exact
+  away from the 3-pixel zero-padded border). Their stride sits on the 3x3
+  conv: set ``model.stride_in_1x1=False`` to match.
+
+Loading is safe: ``torch.load(weights_only=True)`` (no arbitrary unpickling)
+or safetensors. A ``module.`` prefix (DataParallel) and ``state_dict`` /
+``model`` wrappers are removed. Every missing, unexpected and shape-
+mismatched key is reported by name. Parameters the file lacks keep this
+config's initialisation only where ``allow_missing`` says so (by default:
+heads and ``sf_layer`` for the ImageNet layouts; nothing for ``accel``).
+
+The output is an orbax checkpoint (step 0, item ``state`` holding
+``params`` and ``batch_stats``) plus ``conversion.json``; it is accepted by
+``config.train.init_from`` and by ``--mode=eval --checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision')
+# Keys each layout drops silently (not part of any of our models).
+_IGNORED = {
+    'accel': (r'.*num_batches_tracked$',),
+    'caffe': (r'.*num_batches_tracked$', r'^layer5\.'),
+    'torchvision': (r'.*num_batches_tracked$', r'^fc\.'),
+}
+# Our parameters that an ImageNet backbone cannot provide.
+_NON_BACKBONE = ('aux_head/', 'head/', 'sf_layer/')
+# torchvision's input normalisation (RGB in [0, 1]) and ours (BGR, 0-255).
+_TV_MEAN = np.array([0.485, 0.456, 0.406])
+_TV_STD = np.array([0.229, 0.224, 0.225])
+_CAFFE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434])
+
+
+class ConversionError(ValueError):
+  """A weight file cannot be read or does not fit the model."""
+
+
+@dataclasses.dataclass
+class Report:
+  """What a conversion matched, dropped and initialised."""
+  source: str
+  layout: str
+  converted: list[str]
+  missing_initialised: list[str]
+  ignored: list[str]
+  notes: list[str]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ reading
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch ``state_dict`` (``.pth``/``.pt``/``.bin`` or
+  ``.safetensors``) into numpy arrays, safely.
+
+  Raises:
+    ConversionError: naming ``path`` when it is missing, truncated, not a
+      weight file, or would need arbitrary unpickling.
+  """
+  if not os.path.isfile(path):
+    raise ConversionError(f'Weight file {path} does not exist.')
+  if path.endswith('.safetensors'):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ConversionError(f'{path}: reading .safetensors needs the '
+                            '`safetensors` package (pip install '
+                            'safetensors).') from e
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # safetensors raises its own error types.
+      raise ConversionError(f'{path} is not a readable safetensors file: '
+                            f'{e}') from e
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(
+        f'{path}: reading PyTorch files needs torch (CPU is enough: pip '
+        'install torch), or convert it to .safetensors first.') from e
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # truncated zip, bad pickle, unsafe globals...
+    msg = str(e).splitlines()[0][:300]
+    raise ConversionError(
+        f'Cannot read {path} as a PyTorch weight file '
+        f'(torch.load(weights_only=True)): {type(e).__name__}: {msg}. '
+        'Is it complete (compare its size or checksum with the release), '
+        'and a state_dict rather than a pickled model object?') from e
+  for wrapper in ('state_dict', 'model_state_dict', 'model', 'net'):
+    if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+      obj = obj[wrapper]
+      break
+  if not isinstance(obj, dict):
+    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a '
+                          'state_dict (a dict of tensors).')
+  out = {}
+  for k, v in obj.items():
+    if not hasattr(v, 'numpy'):
+      continue  # e.g. an epoch counter stored beside the weights
+    k = k[len('module.'):] if k.startswith('module.') else k
+    out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else (
+        v.detach().cpu().numpy())
+  if not out:
+    raise ConversionError(f'{path} contains no tensors.')
+  return out
+
+
+def detect_layout(keys: Sequence[str]) -> str:
+  """``accel``, ``caffe`` or ``torchvision`` from a state_dict's keys."""
+  keys = set(keys)
+  if any(k.startswith('Scale.') for k in keys):
+    return 'caffe'
+  if 'fc.weight' in keys:
+    return 'torchvision'
+  if any(k.startswith(('layer5.', 'layer6.', 'layer7.', 'sf_layer'))
+         for k in keys):
+    return 'accel'
+  return 'caffe'  # a bare backbone
+
+
+# ------------------------------------------------------------------ mapping
+def _flat(tree: Any) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in
+                   path): v for path, v in flat}
+
+
+_BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+       'var': 'running_var'}
+
+
+def torch_name(path: str, head: str = 'proda') -> str:
+  """The reference ``state_dict`` key of one of our parameter paths.
+
+  ``backbone/layer3/4/conv2/kernel`` -> ``layer3.4.conv2.weight``,
+  ``head/aspp/branches/1/bias`` -> ``layer7.conv2d_list.1.bias``.
+  """
+  parts = path.split('/')
+  leaf = parts[-1]
+  if parts[0] == 'backbone':
+    mods = parts[1:-1]
+    mods = [{'downsample_conv': 'downsample.0',
+             'downsample_bn': 'downsample.1'}.get(m, m) for m in mods]
+    base = '.'.join(mods)
+    is_bn = mods[-1].startswith('bn') or mods[-1] == 'downsample.1'
+    return f'{base}.{_BN[leaf] if is_bn else "weight"}'
+  param = 'weight' if leaf == 'kernel' else leaf
+  if parts[0] == 'aux_head':  # aux_head/branches/i/...
+    return f'layer5.conv2d_list.{parts[2]}.{param}'
+  if parts[0] == 'sf_layer':
+    return 'sf_layer.weight'
+  if parts[0] == 'head':
+    name = 'layer7' if head == 'proda' else 'layer6'
+    if parts[1] == 'classifier':
+      return f'{name}.classifier.weight'
+    return f'{name}.conv2d_list.{parts[3]}.{param}'  # head/aspp/branches/i
+  raise KeyError(path)
+
+
+def _to_ours(name: str, value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == 'kernel':
+    if value.ndim != 4:
+      raise ConversionError(f'{name}: expected a 4-D conv weight (O, I, kH, '
+                            f'kW), got shape {value.shape}.')
+    return np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+  return value
+
+
+def _fold_torchvision_input(sd: dict[str, np.ndarray]) -> None:
+  """Makes torchvision's conv1/bn1 read our BGR, mean-subtracted input."""
+  w = sd['conv1.weight']  # [O, 3 (RGB), 7, 7]
+  # x_tv[c] = (x_ours[2 - c] + caffe_mean_bgr[2 - c]) / 255 / std[c]
+  #           - mean[c] / std[c]
+  scale = 1.0 / (255.0 * _TV_STD)
+  shift = (_CAFFE_MEAN_BGR[::-1] / 255.0 - _TV_MEAN) / _TV_STD
+  sd['conv1.weight'] = (w * scale[None, :, None, None])[:, ::-1].astype(
+      np.float32)
+  # The constant shift adds sum(W * shift) to every conv1 output (away from
+  # the zero padding): move it into bn1's running mean.
+  const = np.einsum('ochw,c->o', w, shift)
+  if 'bn1.running_mean' in sd:
+    sd['bn1.running_mean'] = (sd['bn1.running_mean'] - const).astype(
+        np.float32)
+
+
+def convert_state_dict(sd: dict[str, np.ndarray],
+                       model_config: ml_collections.ConfigDict, *,
+                       layout: str = 'auto',
+                       allow_missing: Sequence[str] | None = None,
+                       allow_unexpected: Sequence[str] = (),
+                       source: str = '<memory>', seed: int = 0
+                       ) -> tuple[dict[str, Any], dict[str, Any], Report]:
+  """Maps a PyTorch ``state_dict`` onto this config's model.
+
+  Args:
+    sd: name -> array (``load_state_dict``).
+    model_config: ``config.model``.
+    layout: one of :data:`LAYOUTS`.
+    allow_missing: path prefixes of our parameters that may be absent from
+      ``sd`` (they keep the model's initialisation). None = the layout's
+      default (heads and ``sf_layer`` for ImageNet layouts, else nothing).
+    allow_unexpected: regexes of ``sd`` keys that may be left unused.
+    source: name of the file, for messages.
+    seed: initialisation seed of the parameters that are not converted.
+
+  Returns:
+    ``(params, batch_stats, report)`` as float32 numpy trees.
+
+  Raises:
+    ConversionError: listing missing, unexpected and mismatched keys.
+  """
+  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  if layout not in LAYOUTS:
+    raise ConversionError(f'Unknown layout {layout!r}; expected one of '
+                          f'{LAYOUTS}.')
+  if layout == 'auto':
+    layout = detect_layout(list(sd))
+  sd = {k[len('Scale.'):] if k.startswith('Scale.') else k: v
+        for k, v in sd.items()}
+  notes = []
+  if layout == 'torchvision':
+    _fold_torchvision_input(sd)
+    notes.append('Folded torchvision input normalisation (RGB, /255, '
+                 'ImageNet mean/std) into conv1 and bn1.running_mean.')
+    if model_config.get('stride_in_1x1', True):
+      notes.append('torchvision ResNets stride in the 3x3 conv; this config '
+                   'strides in the 1x1 conv (model.stride_in_1x1=True).')
+  if allow_missing is None:
+    allow_missing = _NON_BACKBONE if layout != 'accel' else ()
+  # Keys the layout never maps (e.g. the Caffe net's COCO `layer5`, which is
+  # not our aux head) are set aside before matching.
+  ignore = _IGNORED[layout] + tuple(allow_unexpected)
+  ignored = sorted(k for k in sd if any(re.match(p, k) for p in ignore))
+  sd = {k: v for k, v in sd.items() if k not in set(ignored)}
+  head = model_config.get('head', 'proda')
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  _, init_params, init_stats = state_lib.init_model(
+      ml_collections.ConfigDict({'model': cfg}), seed)
+  trees = {'params': _flat(init_params), 'batch_stats': _flat(init_stats)}
+  out = {'params': {}, 'batch_stats': {}}
+  used, missing, mismatched, kept = set(), [], [], []
+  for kind, flat in trees.items():
+    for path, like in flat.items():
+      name = torch_name(path, head)
+      if name not in sd:
+        if path.startswith(tuple(allow_missing)):
+          out[kind][path] = np.asarray(like, np.float32)
+          kept.append(path)
+        else:
+          missing.append(f'{name} (for {path})')
+        continue
+      used.add(name)
+      value = _to_ours(name, np.asarray(sd[name]), path.split('/')[-1])
+      if value.shape != tuple(like.shape):
+        mismatched.append(f'{name}: file {tuple(sd[name].shape)} -> '
+                          f'{value.shape}, model {tuple(like.shape)}')
+        continue
+      out[kind][path] = value.astype(np.float32)
+  unexpected = sorted(set(sd) - used)
+  if missing or unexpected or mismatched:
+    parts = []
+    for label, keys in (('missing', missing), ('unexpected', unexpected),
+                        ('shape-mismatched', mismatched)):
+      if keys:
+        parts.append(f'{len(keys)} {label}: ' + '; '.join(keys[:8]) +
+                     ('; ...' if len(keys) > 8 else ''))
+    hint = []
+    if any(k.startswith('layer6.') for k in unexpected) or any(
+        'layer6.' in k for k in missing):
+      hint.append("TPS/DA-VSN checkpoints have the 'layer6' head: use "
+                  "--config.model.head=aspp to evaluate them, or "
+                  "--allow_missing=head/ --allow_unexpected='layer6\\.' to "
+                  "start DA-STC from their backbone (the reference does).")
+    if mismatched:
+      hint.append('Mismatched shapes usually mean another class count '
+                  '(model.num_classes) or depth (model.layers).')
+    raise ConversionError(
+        f'{source} ({layout} layout) does not fit config.model '
+        f'(name={model_config.name}, num_classes={model_config.num_classes}'
+        f', layers={tuple(model_config.layers)}, head={head}): '
+        + ' | '.join(parts) + ('. ' + ' '.join(hint) if hint else '.'))
+  unflat = lambda flat, like: jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(like), [flat[k] for k in _flat(like)])
+  report = Report(source=source, layout=layout, converted=sorted(used),
+                  missing_initialised=sorted(kept), ignored=ignored,
+                  notes=notes)
+  return (unflat(out['params'], init_params),
+          unflat(out['batch_stats'], init_stats), report)
+
+
+# ------------------------------------------------------------------- output
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def convert_file(source: str, output: str,
+                 model_config: ml_collections.ConfigDict, *,
+                 layout: str = 'auto',
+                 allow_missing: Sequence[str] | None = None,
+                 allow_unexpected: Sequence[str] = (),
+                 overwrite: bool = False) -> Report:
+  """Converts ``source`` and writes an orbax checkpoint under ``output``.
+
+  ``output/checkpoints/0`` holds ``{'params', 'batch_stats'}``;
+  ``output/conversion.json`` says what was converted from where. The
+  checkpoint is written to a temporary folder and renamed into place, so
+  an interrupted conversion leaves nothing that looks complete.
+
+  Raises:
+    ConversionError: on a bad file, a mismatch, or an existing ``output``
+      (unless ``overwrite``).
+  """
+  from dastc_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f'{output} exists; pass --overwrite to replace it.')
+  sd = load_state_dict(source)
+  params, stats, report = convert_state_dict(
+      sd, model_config, layout=layout, allow_missing=allow_missing,
+      allow_unexpected=allow_unexpected, source=source)
+  tmp = f'{output}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(tmp, 'checkpoints'),
+                                    async_save=False)
+  try:
+    ckpt.save(0, {'params': params, 'batch_stats': stats})
+  finally:
+    ckpt.close()
+  meta = {**report.to_json(), 'sha256': _sha256(source),
+          'model': model_config.to_dict()}
+  with open(os.path.join(tmp, 'conversion.json'), 'w') as f:
+    json.dump(meta, f, indent=2, default=str)
+  if os.path.exists(output):
+    shutil.rmtree(output)
+  os.replace(tmp, output)
+  logging.info('Converted %d tensors of %s (%s layout) into %s; kept the '
+               'initialisation of %d parameters; ignored %d keys.',
+               len(report.converted), source, report.layout, output,
+               len(report.missing_initialised), len(report.ignored))
+  for note in report.notes:
+    logging.warning('%s', note)
+  return report
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config whose model receives the weights.',
+      lock_config=True)
+  flags.DEFINE_string('source', None, 'PyTorch .pth/.pt/.bin or '
+                      '.safetensors file.')
+  flags.DEFINE_string('output', None, 'Output folder (orbax checkpoint).')
+  flags.DEFINE_enum('layout', 'auto', LAYOUTS, 'Key layout of the file.')
+  flags.DEFINE_list('allow_missing', None, 'Prefixes of our parameter paths '
+                    '(e.g. head/) that keep their initialisation when the '
+                    'file lacks them (default: the layout\'s).')
+  flags.DEFINE_list('allow_unexpected', [], 'Regexes of file keys that may '
+                    "stay unused (e.g. 'layer6\\.').")
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --output.')
+  flags.mark_flags_as_required(['config', 'source', 'output'])
+  return flags.FLAGS
+
+
+def _main(argv, f) -> None:
+  if len(argv) > 1:
+    raise SystemExit(f'Unexpected arguments: {argv[1:]}')
+  try:
+    report = convert_file(
+        f.source, f.output, f.config.model, layout=f.layout,
+        allow_missing=f.allow_missing, allow_unexpected=f.allow_unexpected,
+        overwrite=f.overwrite)
+  except ConversionError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'Wrote {os.path.abspath(f.output)}: {len(report.converted)} tensors '
+        f'converted ({report.layout} layout), '
+        f'{len(report.missing_initialised)} parameters initialised by the '
+        f'config, {len(report.ignored)} file keys ignored. Use it with '
+        f'--config.train.init_from={f.output} or --mode=eval '
+        f'--checkpoint={f.output}.')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _flags = _define_flags()
+  app.run(lambda argv: _main(argv, _flags))

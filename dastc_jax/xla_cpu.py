@@ -1,0 +1,45 @@
+"""XLA:CPU compiler flags that this model needs to run at PyTorch's speed.
+
+XLA:CPU hands convolutions and matmuls to YNNPACK but, by default, leaves the
+BatchNorm-apply / residual-add / ReLU chain of a ResNet to its own loop
+fusions. Those fusions duplicate cheap elementwise producers into every
+consumer, and a residual stream is consumed by the next block and by the
+residual add after it, so block k re-evaluates the BN-apply and adds of all
+blocks before it (fusions of 100+ operands in layer3 of ResNet-101; found
+with ``jax.profiler``, benchmarks/step.md). ``+eltwise`` lets YNNPACK take
+elementwise ops into its fusions as epilogues of the conv or matmul that
+produced them, which removes the duplication: the ResNet-101 train step at
+128x256 goes from ~3.3 s to ~2.9 s on 2 cores. The first-step loss agrees
+with the default to 1e-6 relative (float summation order only).
+
+The flags are read when the CPU backend starts, so :func:`set_defaults`
+must run before the first JAX computation. It only appends flags that the
+user's ``XLA_FLAGS`` does not already set, and they only affect the CPU
+backend. ``DASTC_XLA_CPU_DEFAULTS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=+eltwise',)
+
+
+def set_defaults(environ: dict[str, str] | None = None) -> str:
+  """Appends :data:`DEFAULT_FLAGS` to ``XLA_FLAGS`` unless already set.
+
+  Args:
+    environ: the environment to edit (default ``os.environ``).
+
+  Returns:
+    The resulting ``XLA_FLAGS`` value.
+  """
+  env = os.environ if environ is None else environ
+  current = env.get('XLA_FLAGS', '')
+  if env.get('DASTC_XLA_CPU_DEFAULTS', '1') == '0':
+    return current
+  present = {f.split('=')[0] for f in current.split()}
+  extra = [f for f in DEFAULT_FLAGS if f.split('=')[0] not in present]
+  value = ' '.join([current] + extra).strip() if extra else current
+  env['XLA_FLAGS'] = value
+  return value
