@@ -101,10 +101,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                             '`safetensors` package (pip install '
                             'safetensors).') from e
     try:
-      return dict(load_file(path))
+      tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types.
-      raise ConversionError(f'{path} is not a readable safetensors file: '
-                            f'{e}') from e
+      raise ConversionError(f'{path} is not a readable safetensors file '
+                            f'(truncated or corrupt?): {e}') from e
+    return {_strip_module(k): (v.astype(np.float32) if v.dtype.kind == 'f'
+                               else v) for k, v in tensors.items()}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -131,12 +133,17 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   for k, v in obj.items():
     if not hasattr(v, 'numpy'):
       continue  # e.g. an epoch counter stored beside the weights
-    k = k[len('module.'):] if k.startswith('module.') else k
-    out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else (
-        v.detach().cpu().numpy())
+    v = v.detach().cpu()
+    out[_strip_module(k)] = (v.float() if v.is_floating_point() else v
+                             ).numpy()
   if not out:
     raise ConversionError(f'{path} contains no tensors.')
   return out
+
+
+def _strip_module(key: str) -> str:
+  """Drops the ``module.`` prefix of a DataParallel-saved key."""
+  return key[len('module.'):] if key.startswith('module.') else key
 
 
 def detect_layout(keys: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from configs import viper
 from dastc_jax import convert
 from dastc_jax import eval_job
 from dastc_jax import state as state_lib
+from dastc_jax import train
 from dastc_jax.benchmarks import torch_accel
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
@@ -202,6 +203,19 @@ def test_bad_files_name_the_file(tmp_path):
   with pytest.raises(convert.ConversionError,
                      match='model.pth.*weights_only=True'):
     convert.load_state_dict(evil)
+  # safetensors (read without torch) gives the same arrays.
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  sd = {k: v.numpy() for k, v in _torch_model(mc).state_dict().items()}
+  st = str(tmp_path / 'w.safetensors')
+  save_file(sd, st)
+  back = convert.load_state_dict(st)
+  assert set(back) == set(sd)
+  np.testing.assert_array_equal(back['layer4.0.conv2.weight'],
+                                sd['layer4.0.conv2.weight'])
+  with open(st, 'r+b') as f:
+    f.truncate(os.path.getsize(st) // 2)
+  with pytest.raises(convert.ConversionError, match='w.safetensors'):
+    convert.load_state_dict(st)
   # DataParallel prefixes and wrappers are removed.
   wrapped = str(tmp_path / 'wrapped.pth')
   torch.save({'state_dict': {'module.' + k: v for k, v in
@@ -251,8 +265,17 @@ def test_convert_command_then_eval_matches_pytorch(smoke_config, tmp_path):
   with pytest.raises(convert.ConversionError, match='exists'):
     convert.convert_file(src, out, c.model)
   ours = eval_job.evaluate_checkpoint(c, str(tmp_path / 'eval'), out)
-  from dastc_jax import train  # pylint: disable=g-import-not-at-top
   theirs = _torch_eval(tm, c, train.resolve_data_root(c))
   assert abs(ours['target_val'] - theirs) < 1e-3, (ours, theirs)
-  # The converted weights also start a training run (init_from).
   assert 0 < theirs < 100
+  # The converted weights also start a training run (config.train.init_from).
+  c.train.init_from = out
+  c.method = 'source_only'
+  _, state, _ = state_lib.create_train_state(c)
+  state = train._init_from(c, state)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(
+      state.params['backbone']['layer1'][0]['conv2']['kernel'],
+      np.transpose(tm.layer1[0].conv2.weight.detach().numpy(), (2, 3, 1, 0)))
+  np.testing.assert_array_equal(
+      state.batch_stats['backbone']['bn1']['var'],
+      tm.bn1.running_var.numpy())
