@@ -10,9 +10,16 @@ from __future__ import annotations
 import ml_collections
 
 
-def parse_arg(arg: str | None) -> set[str]:
-  """``'smoke,foo'`` -> ``{'smoke', 'foo'}`` (big_vision style variants)."""
-  return {a.strip() for a in (arg or '').split(',') if a.strip()}
+def parse_arg(arg: str | None,
+              known: tuple[str, ...] = ('reference', 'smoke')) -> set[str]:
+  """``'smoke,reference'`` -> ``{'smoke', 'reference'}`` (big_vision style
+  variants); an unknown variant is an error, not silently ignored."""
+  args = {a.strip() for a in (arg or '').split(',') if a.strip()}
+  unknown = sorted(args - set(known))
+  if unknown:
+    raise ValueError(f'Unknown config variant(s) {unknown} in {arg!r}; this '
+                     f'config has {sorted(known)}.')
+  return args
 
 
 def domain(dataset: str, split: str, image_size: tuple[int, int] | None, *,
@@ -78,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   # Match the source frames' colour histograms to the target frame (§4.1).
   c.data.histogram_match = True
+  # A record that cannot be decoded at run time: 'fail' (the error names the
+  # record and the dataset folder) or 'skip' (the next record is used; the
+  # count goes to the metrics as data/bad_records_total). Training only.
+  c.data.on_error = 'fail'
   c.data.synthetic = synthetic_world()
   c.data.source = domain('viper', 'train', (720, 1280))
   c.data.target = domain('cityscapes_seq', 'train', (512, 1024))
@@ -145,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       eval_every=0,  # 0 = evaluate only at the end
       max_checkpoints=3,
+      # A non-finite loss or gradient: 'stop' the run, or 'skip' the step
+      # (state unchanged; more than max_consecutive_skips in a row stop).
+      nonfinite='stop',
+      max_consecutive_skips=10,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -13,7 +13,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, known=('smoke',))
   c = common.base_config()
   common.use_synthetic(c)
   c.seed = 0

@@ -40,6 +40,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def latest_step_committed(self) -> int | None:
+    """The latest step after every pending save has committed."""
+    self._mngr.wait_until_finished()
+    return self._mngr.latest_step()
+
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 

@@ -35,6 +35,7 @@ import ml_collections
 import optax
 
 from dastc_jax import alignment
+from dastc_jax import divergence
 from dastc_jax import fusion
 from dastc_jax import losses
 from dastc_jax import models
@@ -327,6 +328,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=stats, opt_state=opt_state,
                               teacher=teacher, carried=carried)
-    return new_state, metrics
+    return divergence.guard(config.train.get('nonfinite', 'stop'), state,
+                            new_state, metrics)
 
   return step

@@ -99,8 +99,11 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
   if FLAGS.mode == 'train':
+    from dastc_jax import preemption
     from dastc_jax import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    # A SIGTERM saves a checkpoint, then exits with 75 (preemption.py).
+    preemption.exit_if_preempted(train.train_and_evaluate, FLAGS.config,
+                                 FLAGS.workdir)
   else:
     from dastc_jax import eval_job
     eval_job.run(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,

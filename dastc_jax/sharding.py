@@ -84,8 +84,10 @@ def local_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """Examples this host loads per step; checks divisibility."""
   n_dev = mesh.devices.size
   if global_batch_size % n_dev:
-    raise ValueError(f'Global batch size {global_batch_size} is not divisible'
-                     f' by the {n_dev} devices of the mesh.')
+    raise ValueError(f'config.train.batch_size={global_batch_size} (the '
+                     f'global batch) is not divisible by the {n_dev} devices '
+                     'of the mesh; use a multiple of it, or fewer devices '
+                     '(config.mesh.data).')
   return global_batch_size // jax.process_count()
 
 

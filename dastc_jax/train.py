@@ -29,11 +29,14 @@ import numpy as np
 
 from dastc_jax import checkpointing
 from dastc_jax import dastc_step
+from dastc_jax import divergence
 from dastc_jax import evaluate
 from dastc_jax import optim
+from dastc_jax import preemption
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
+from dastc_jax.data import checked_source
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.data import synthetic
@@ -43,8 +46,7 @@ _FROZEN_KEYS = ('model.', 'data.class_set', 'method')
 METHODS = ('dastc', 'source_only', 'target_only')
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a non-finite loss or gradient."""
+NonFiniteLossError = divergence.NonFiniteLossError
 
 
 def resolve_data_root(config: ml_collections.ConfigDict) -> str:
@@ -78,6 +80,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
+  for key, allowed in (('train.nonfinite', divergence.POLICIES),
+                       ('data.on_error', checked_source.POLICIES)):
+    section, name = key.split('.')
+    value = config[section].get(name)
+    if value not in allowed:
+      raise ValueError(f'config.{key}={value!r}; expected one of {allowed}.')
+  for key in ('source', 'target'):
+    d = config.data.get(key)
+    crop, size = (d.get('crop_size'), d.get('image_size')) if d else (
+        None, None)
+    if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
+      raise ValueError(f'config.data.{key}.crop_size={tuple(crop)} is larger '
+                       f'than config.data.{key}.image_size={tuple(size)} '
+                       '(H, W).')
   for split in config.eval.splits:
     if split not in config.data:
       raise ValueError(f'config.eval.splits names {split!r}, which is not a '
@@ -120,19 +136,6 @@ def _check_and_write_config(config: ml_collections.ConfigDict,
 
 def _host_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(sharding_lib.to_host(v)) for k, v in metrics.items()}
-
-
-def _check_finite(metrics: dict[str, float], step: int,
-                  ckpt: checkpointing.Checkpointer) -> None:
-  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-  if bad:
-    ckpt.wait()  # let the pending (good) saves commit
-    raise NonFiniteLossError(
-        f'Non-finite values at step {step}: '
-        + ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
-        + '. Training stopped; nothing was saved after the failure. The last '
-        f'good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. '
-        'Lower config.optim.lr or set config.optim.grad_clip_norm.')
 
 
 def _carried_sizes(config: ml_collections.ConfigDict,
@@ -309,22 +312,46 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   derived from it is logged or saved.
   """
   config, ckpt = run.config, run.ckpt
+  monitor = divergence.Monitor(config.train.nonfinite,
+                               config.train.max_consecutive_skips)
+
+  def check(metrics, step):
+    if metrics is not None:
+      monitor.check(_host_scalars(metrics), step, ckpt.directory,
+                    ckpt.latest_step_committed())
+
+  preempt = preemption.Preemption()
+  try:
+    state = _loop(run, state, start, check, monitor, preempt)
+  finally:
+    preempt.close()
+  ckpt.wait()
+  return state
+
+
+def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
+          monitor: divergence.Monitor,
+          preempt: preemption.Preemption) -> state_lib.TrainState:
+  """Steps ``start..num_steps`` with logging, saves, evals, preemption."""
+  config, ckpt = run.config, run.ckpt
   num_steps = config.train.num_steps
   window, prev = [], None
   t_start = time.time()
   phase_start = start  # ETA from the current phase's rate (phases differ)
   adapt = optim.adaptation_start(config)
+  bad_records = 0  # undecodable records passed over (data.on_error=skip)
   for step in range(start, num_steps):
     if step == adapt and adapt > start:  # the DA-STC phase starts
       t_start, phase_start = time.time(), step
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       with run.report.timed('data', wait_jax_async_dispatch=False):
-        batch = sharding_lib.shard_batch(next(run.train_iter),
-                                         run.data_sharding)
+        host = next(run.train_iter)
+        bad_records += sum(int(np.sum(host[d].pop('bad_records')))
+                           for d in host if 'bad_records' in host[d])
+        batch = sharding_lib.shard_batch(host, run.data_sharding)
       state, metrics = run.step_fn(step)(state, batch)
     done = step + 1
-    if prev is not None:
-      _check_finite(_host_scalars(prev), done - 1, ckpt)
+    check(prev, done - 1)
     prev = metrics
     window.append(metrics)
     if jax.process_index() == 0:
@@ -333,13 +360,18 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
     log = done % config.train.log_every == 0 or last
     save = done % config.train.checkpoint_every == 0 or last
     if log or save:
-      _check_finite(_host_scalars(metrics), done, ckpt)
+      check(metrics, done)
       prev = None
     if log:
       host = [_host_scalars(m) for m in window]
       keys = sorted({k for m in host for k in m})  # phases log other terms
-      scalars = {k: float(np.mean([m[k] for m in host if k in m]))
+      # Skipped steps (non-finite terms) count, but do not poison the means.
+      scalars = {k: float(np.mean([m[k] for m in host if k in m and
+                                   np.isfinite(m[k])] or [np.nan]))
                  for k in keys}
+      scalars['skipped_total'] = float(monitor.total_skipped)
+      if config.data.get('on_error', 'fail') == 'skip':
+        scalars['data/bad_records_total'] = float(bad_records)
       run.writer.write_scalars(done, scalars)
       rate = (time.time() - t_start) / (done - phase_start)
       if done < adapt:
@@ -353,13 +385,18 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
       window = []
     if save:
       ckpt.save(done, state, run.train_iter)
+    if not last and preempt.reached(done):
+      check(metrics, done)  # never save what a bad step produced
+      if not save:
+        ckpt.save(done, state, run.train_iter)
+      ckpt.wait()
+      raise preemption.Preempted(done, ckpt.directory)
     if (config.train.eval_every and done % config.train.eval_every == 0
         and not last):
       with run.report.timed('eval'):
         res = run.evaluate(state, done, 0)
       run.writer.write_scalars(done, {f'eval/{r.name}/miou': 100 * r.miou
                                       for r in res})
-  ckpt.wait()
   return state
 
 

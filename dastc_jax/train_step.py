@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dastc_jax import divergence
 from dastc_jax import losses
 from dastc_jax import metrics as metrics_lib
 from dastc_jax import models
@@ -49,6 +50,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     ``labels[:, 0]``, target ``label``).
   """
   aux_weight = config.loss.aux_weight
+  nonfinite = config.train.get('nonfinite', 'stop')
   dtype = models.compute_dtype(config.model.dtype)
   schedules = optim.group_schedules(config.optim,
                                     optim.adaptation_start(config))
@@ -81,7 +83,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                'lr_head': schedules['head'](state.step)}
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=stats, opt_state=opt_state)
-    return new_state, metrics
+    return divergence.guard(nonfinite, state, new_state, metrics)
 
   return train_step
 

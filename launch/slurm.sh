@@ -13,6 +13,9 @@
 # node that drives all its GPUs. --dry-run prints the batch script and the
 # sbatch command instead of submitting. The workdir and data_dir must be on
 # a shared file system. Install jax[cuda12]==0.10.2 in the job's Python.
+# Preemption: SLURM sends SIGTERM 120 s before the time limit (or when it
+# preempts the job); the run saves a checkpoint at the current step and exits
+# with 75, and the script then requeues the job, which resumes from it.
 set -euo pipefail
 dry_run=0; nodes=1; gpus=8; per=gpu; time_limit=24:00:00; partition=""
 while [[ $# -gt 0 && "$1" != "--" ]]; do
@@ -48,9 +51,15 @@ script="#!/usr/bin/env bash
 #SBATCH --time=$time_limit
 ${partition:+#SBATCH --partition=$partition}
 #SBATCH --output=slurm-%j.out
-set -euo pipefail
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
+set -uo pipefail
 cd $repo
 srun bash -c '${bind}DASTC_DISTRIBUTED=1 exec python -m dastc_jax.main $main_args'
+rc=\$?
+# 75 = preempted after saving a checkpoint: requeue; the rerun resumes.
+if [[ \$rc -eq 75 ]]; then scontrol requeue \$SLURM_JOB_ID; exit 0; fi
+exit \$rc
 "
 if [[ "$dry_run" == 1 ]]; then
   printf '%s\n' "$script"

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 
 from dastc_jax import checkpointing
 from dastc_jax import eval_job
+from dastc_jax import preemption
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train
@@ -42,34 +44,40 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-class _Crash(Exception):
-  pass
-
-
-def test_train_save_resume_matches_uninterrupted_run(smoke_config, tmp_path,
-                                                     monkeypatch):
+def test_preempt_save_resume_matches_uninterrupted_run(smoke_config,
+                                                       tmp_path, monkeypatch):
   c = smoke_config
   c.eval.splits = ()
   full = str(tmp_path / 'full')
   train.train_and_evaluate(c, full)
-  # The same command, crashing when it fetches the third batch (after the
-  # step-2 checkpoint), then run again: it continues from step 2.
+  # The same command gets SIGTERM (a scheduler's preemption notice) when it
+  # fetches the second batch: it saves the step it is on and stops
+  # (preemption.Preempted; main.py exits with 75). Run again: it resumes.
   make = pipeline.make_train_dataset
   fetched = {'n': 0}
 
-  def crashing(*args, **kw):
+  def sigterm_on_second_batch(*args, **kw):
     def fetch(batch):
       fetched['n'] += 1
-      if fetched['n'] == 3:
-        raise _Crash()
+      if fetched['n'] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
       return batch
     return make(*args, **kw).map(fetch)
 
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset', crashing)
+  monkeypatch.setattr(train.pipeline, 'make_train_dataset',
+                      sigterm_on_second_batch)
   part = str(tmp_path / 'part')
-  with pytest.raises(_Crash):
+  with pytest.raises(preemption.Preempted, match='saved checkpoint step') as e:
     train.train_and_evaluate(c, part)
-  assert sorted(os.listdir(os.path.join(part, 'checkpoints'))) == ['1', '2']
+  # The loader runs ahead: the signal lands while step 1 or 2 runs, and the
+  # run stops right after that step, with it saved.
+  assert e.value.step in (1, 2)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(part,
+                                                         'checkpoints'))
+                 if s.isdigit())
+  assert saved[-1] == e.value.step
+  # The handler is uninstalled again.
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
   monkeypatch.setattr(train.pipeline, 'make_train_dataset', make)
   train.train_and_evaluate(c, part)
   _assert_trees_equal(_restore(c, full, 3), _restore(c, part, 3))

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dastc_jax.data import builders
+from dastc_jax.data import checked_source
 from dastc_jax.data import io
 from dastc_jax.data import labels
 from dastc_jax.data import prepare
@@ -31,7 +32,8 @@ RARE_MIN_PIXELS = 10
 
 def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
                 section: str = 'config.data',
-                only: tuple[str, ...] | None = None):
+                only: tuple[str, ...] | None = None,
+                on_error: str = 'fail'):
   """The prepared split of a domain section, or an error that says how to
   prepare it.
 
@@ -40,6 +42,7 @@ def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
     data_dir: the TFDS data folder.
     section: the config section ``dcfg`` came from, for error messages.
     only: decode only these features (the others stay encoded bytes).
+    on_error: what an undecodable record does (``checked_source``).
 
   Returns:
     ``(spec, source)``: the dataset spec and a random-access data source.
@@ -74,7 +77,13 @@ def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
         f'{section}: the statistics of {spec.name}/{dcfg.split} in '
         f'{data_dir} do not match its records; prepare it again into a new '
         '--data_dir.')
-  return spec, ds
+  ids = tfds.data_source(builders.tfds_name(spec, dcfg.split),
+                         split=dcfg.split, data_dir=data_dir,
+                         decoders={k: tfds.decode.SkipDecoding() for k in
+                                   _feature_keys(spec, dcfg.split)})
+  return spec, checked_source.CheckedSource(
+      ds, name=f'{spec.name}/{dcfg.split}', data_dir=os.path.abspath(data_dir),
+      policy=on_error, id_source=ids)
 
 
 def _feature_keys(spec: builders.Spec, split: str) -> set[str]:
@@ -144,7 +153,8 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
                    process_count: int, per_axis_flow_scale: bool,
                    keep_ids: bool = False, section: str = 'config.data',
                    with_label: bool = False,
-                   fusion: dict[str, Any] | None = None) -> grain.MapDataset:
+                   fusion: dict[str, Any] | None = None,
+                   on_error: str = 'fail') -> grain.MapDataset:
   """One domain's infinite, shuffled, decoded training stream on this host.
 
   Args:
@@ -160,11 +170,12 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
     with_label: also decode a target's labels (the oracle).
     fusion: ``{'crop_size', 'num_classes_per_clip'}`` to add crop windows
       and long-tail patches for the fusion (source only).
+    on_error: ``config.data.on_error`` (undecodable records).
 
   Returns:
     A random-access ``MapDataset`` of examples (a new order every epoch).
   """
-  spec, source = data_source(dcfg, data_dir, section)
+  spec, source = data_source(dcfg, data_dir, section, on_error=on_error)
   decode = decoder(spec, dcfg.split, class_set, with_label=with_label)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
@@ -173,7 +184,8 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
     # Patches need frame t and its label only: the other features of those
     # records are not decoded.
     _, patch_source = data_source(dcfg, data_dir, section,
-                                  only=('frame_t', 'label_t'))
+                                  only=('frame_t', 'label_t'),
+                                  on_error=on_error)
     ds = ds.random_map(transforms.SampleFusionPatches(
         source=patch_source,
         rare_index=source_rare_index(spec, data_dir, dcfg.split, class_set),
@@ -211,7 +223,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *,
   """
   d = config.data
   kw = dict(process_index=process_index, process_count=process_count,
-            per_axis_flow_scale=config.model.per_axis_flow_scale)
+            per_axis_flow_scale=config.model.per_axis_flow_scale,
+            on_error=config.data.get('on_error', 'fail'))
   fusion = None
   if config.method == 'dastc' and config.dastc.image_fusion:
     fusion = {'crop_size': _target_size(config, data_dir),

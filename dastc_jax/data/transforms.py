@@ -74,6 +74,8 @@ class FromPrepared(grain.transforms.Map):
                                     self.frame_keys)]])
     elif self.with_label:
       out['label'] = self._ids(rec['label'])
+    if 'bad_records' in rec:  # config.data.on_error='skip'
+      out['bad_records'] = np.int32(rec['bad_records'])
     return out
 
 

@@ -1,0 +1,232 @@
+"""Fault injection: SIGKILL and exact resume, SIGTERM preemption, kills during
+a checkpoint save, non-finite steps, undecodable records, config errors.
+
+The runs that get SIGKILLed are ``python -m dastc_jax.main`` subprocesses
+(the smoke DA-STC config on the tiny synthetic world) with this suite's JAX
+setup and compilation cache, so they compute bitwise what the in-process
+reference runs compute; restarts run in this process (the fault benchmark,
+``benchmarks/faults.md``, restarts with the command itself).
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from dastc_jax import checkpointing
+from dastc_jax import preemption
+from dastc_jax import train
+from dastc_jax.benchmarks import faults
+from dastc_jax.data import checked_source
+from dastc_jax.data import io as io_lib
+from dastc_jax.data import pipeline
+
+CACHE = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), '.jax_cache')
+
+
+def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
+  r = faults.run(workdir, cache_dir, devices, steps, extra, jax_cache=CACHE,
+                 **kw)
+  return r['rc'], r['log']
+
+
+_committed = faults.committed
+
+
+def _state(workdir, step):
+  return faults.final_state(workdir, step)
+
+
+def _assert_bitwise(a, b):
+  assert not faults.bitwise_diff(a, b)
+
+
+def _reference(config, devices, steps, workdir):
+  """The uninterrupted run, in this process (same compiled steps as the
+  subprocesses: same flags, same compilation cache)."""
+  config.train.num_steps = steps
+  config.mesh.data = devices
+  config.eval.splits = ()
+  train.train_and_evaluate(config, workdir)
+  return _state(workdir, steps)
+
+
+@pytest.mark.parametrize('devices,delay', [(1, 0.0), (4, 0.02)])
+def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
+    devices, delay, smoke_config, world_cache, tmp_path):
+  steps = 3
+  a, it_a = _reference(smoke_config, devices, steps, str(tmp_path / 'ref'))
+  run = str(tmp_path / 'killed')
+  # SIGKILL while a checkpoint after the first is being written (its
+  # temporary folder exists), ``delay`` seconds into the save.
+  rc, out = _run(run, world_cache, devices, steps, delay=delay,
+                 until=lambda w: faults.committed(w) and faults.saving(w))
+  assert rc == -signal.SIGKILL, out[-3000:]
+  assert faults.committed(run) and max(faults.committed(run)) < steps
+  # No step folder looks committed without restoring completely.
+  assert not faults.unrestorable(run)
+  # The restart (in this process, to reuse its compiled steps; the fault
+  # benchmark restarts with the command itself).
+  train.train_and_evaluate(smoke_config, run)
+  b, it_b = _state(run, steps)
+  # Parameters, optimizer, BN averages, EMA teacher, carried fusion state,
+  # RNG and step; and the data-iterator position.
+  assert {'params', 'opt_state', 'teacher', 'carried', 'rng'} <= set(a)
+  _assert_bitwise(a, b)
+  assert it_a == it_b
+
+
+def test_a_preempted_run_exits_75():
+  # What main.py does around training (the in-process SIGTERM test is
+  # tests/test_train.py::test_preempt_save_resume_matches_uninterrupted_run).
+  def preempted():
+    raise preemption.Preempted(7, '/tmp/x')
+
+  with pytest.raises(SystemExit) as e:
+    preemption.exit_if_preempted(preempted)
+  assert e.value.code == preemption.EXIT_PREEMPTED == 75
+  assert preemption.exit_if_preempted(lambda: 3) == 3
+
+
+# ------------------------------------------------------------- in-process
+def _poisoned(monkeypatch, bad_calls):
+  make = pipeline.make_train_dataset
+  calls = {'n': 0}
+
+  def poisoned(*args, **kw):
+    def poison(batch):
+      calls['n'] += 1
+      if calls['n'] in bad_calls:
+        batch['source']['flow'] = np.full_like(batch['source']['flow'],
+                                               np.nan)
+      return batch
+    return make(*args, **kw).map(poison)
+
+  monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
+
+
+def _restore(config, workdir, step):
+  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, abstract, _ = state_lib.create_train_state(config, abstract=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    async_save=False, read_only=True)
+  try:
+    return ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+
+
+def test_skip_policy_leaves_the_state_unchanged(smoke_config, tmp_path,
+                                                monkeypatch, caplog):
+  c = smoke_config
+  c.method = 'source_only'
+  c.train.num_steps = 4
+  c.train.nonfinite = 'skip'
+  c.eval.splits = ()
+  _poisoned(monkeypatch, {3})  # the third batch has a NaN flow
+  workdir = str(tmp_path / 'skip')
+  train.train_and_evaluate(c, workdir)
+  s2, s3, s4 = (_restore(c, workdir, k) for k in (2, 3, 4))
+  assert int(s3.step) == 3
+  _assert_bitwise(s2.params, s3.params)
+  _assert_bitwise(s2.opt_state, s3.opt_state)
+  _assert_bitwise(s2.batch_stats, s3.batch_stats)
+  assert not np.array_equal(np.asarray(s3.params['sf_layer']['kernel']),
+                            np.asarray(s4.params['sf_layer']['kernel']))
+  assert all(np.isfinite(np.asarray(x)).all() for x in
+             jax.tree.leaves(s4.params))
+  assert any('Step 3 skipped' in r.message and 'loss_src_main=nan' in
+             r.message for r in caplog.records)
+
+  # Too many skips in a row stop the run.
+  c.train.max_consecutive_skips = 1
+  _poisoned(monkeypatch, {2, 3, 4})
+  with pytest.raises(train.NonFiniteLossError, match='2 consecutive skipped'):
+    train.train_and_evaluate(c, str(tmp_path / 'stop'))
+
+
+class _Flaky:
+  """A record source whose record ``bad`` cannot be decoded."""
+
+  def __init__(self, n, bad):
+    self.n, self.bad = n, bad
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if i == self.bad:
+      raise ValueError('Invalid JPEG data')
+    return {'x': i}
+
+
+def test_undecodable_record_policy():
+  ids = [{'id': f'rec{i}'.encode()} for i in range(4)]
+  fail = checked_source.CheckedSource(_Flaky(4, 2), name='dastc_viper/train',
+                                      data_dir='/data/tfds', id_source=ids)
+  assert fail[1] == {'x': 1}
+  with pytest.raises(io_lib.DataError, match=r"Record 2 \(id 'rec2'\) of "
+                     r'dastc_viper/train in /data/tfds cannot be decoded.*'
+                     'Invalid JPEG'):
+    fail[2]  # pylint: disable=pointless-statement
+  skip = checked_source.CheckedSource(_Flaky(4, 2), name='v', data_dir='d',
+                                      policy='skip', id_source=ids)
+  assert skip[2] == {'x': 3, 'bad_records': 1}  # the next record, counted
+  assert skip[1] == {'x': 1, 'bad_records': 0}
+  assert skip[2] == skip[2]  # deterministic: iterator state stays exact
+
+
+def test_skip_policy_counts_bad_records_in_a_run(smoke_config, tmp_path,
+                                                 monkeypatch):
+  c = smoke_config
+  c.method = 'source_only'
+  c.train.num_steps = 2
+  c.data.on_error = 'skip'
+  c.eval.splits = ()
+  real = checked_source.CheckedSource.__getitem__
+
+  def flaky(self, index):
+    if self._name.startswith('dastc_viper') and index == 0:  # pylint: disable=protected-access
+      return {**real(self, 1), 'bad_records': 1}
+    return real(self, index)
+
+  monkeypatch.setattr(checked_source.CheckedSource, '__getitem__', flaky)
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+def test_config_errors_before_any_compile(smoke_config, tmp_path):
+  c = smoke_config
+  c.data.target.crop_size = (64, 512)
+  with pytest.raises(ValueError, match=r'config.data.target.crop_size='
+                     r'\(64, 512\) is larger than'):
+    train.check_config(c)
+  c.data.target.crop_size = None
+  c.train.nonfinite = 'ignore'
+  with pytest.raises(ValueError, match=r"config.train.nonfinite='ignore'"):
+    train.check_config(c)
+  c.train.nonfinite = 'stop'
+  c.data.on_error = 'retry'
+  with pytest.raises(ValueError, match=r"config.data.on_error='retry'"):
+    train.check_config(c)
+  from configs import viper  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"Unknown config variant.*'smok'"):
+    viper.get_config('smok')
+
+
+def test_resume_on_another_device_count(smoke_config, tmp_path):
+  c = smoke_config
+  c.method = 'source_only'
+  c.train.num_steps = 2
+  c.eval.splits = ()
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)  # 4 devices
+  c.mesh.data = 2
+  c.train.num_steps = 3
+  train.train_and_evaluate(c, workdir)  # resumes from step 2 on 2 devices
+  state = _restore(c, workdir, 3)
+  assert int(state.step) == 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in
+             jax.tree.leaves(state.params))
