@@ -56,9 +56,10 @@ def _reference(config, devices, steps, workdir):
 
 @pytest.mark.parametrize('devices,delay', [(1, 0.0), (4, 0.02)])
 def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
-    devices, delay, smoke_config, world_cache, tmp_path):
+    devices, delay, smoke_config, world_cache, tmp_path, monkeypatch):
   steps = 3
-  a, it_a = _reference(smoke_config, devices, steps, str(tmp_path / 'ref'))
+  c = smoke_config
+  a, it_a = _reference(c, devices, steps, str(tmp_path / 'ref'))
   run = str(tmp_path / 'killed')
   # SIGKILL while a checkpoint after the first is being written (its
   # temporary folder exists), ``delay`` seconds into the save.
@@ -70,18 +71,76 @@ def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
   assert not faults.unrestorable(run)
   # The restart (in this process, to reuse its compiled steps; the fault
   # benchmark restarts with the command itself).
-  train.train_and_evaluate(smoke_config, run)
+  train.train_and_evaluate(c, run)
   b, it_b = _state(run, steps)
   # Parameters, optimizer, BN averages, EMA teacher, carried fusion state,
   # RNG and step; and the data-iterator position.
   assert {'params', 'opt_state', 'teacher', 'carried', 'rng'} <= set(a)
   _assert_bitwise(a, b)
   assert it_a == it_b
+  if devices == 4:
+    _resumed_iterator_and_carried_clips(c, str(tmp_path / 'ref'))
+    _sigterm_resumes_exactly(c, a, it_a, str(tmp_path / 'term'), monkeypatch)
+
+
+def _resumed_iterator_and_carried_clips(c, ref):
+  """Restoring step 2 puts the data iterator where an uninterrupted one is
+  after 2 batches, and restores the clips step 2 carries to step 3."""
+  root = train.resolve_data_root(c)
+  make = lambda: iter(pipeline.make_train_dataset(
+      c, root, local_batch_size=c.train.batch_size))
+  it = make()
+  batches = [next(it) for _ in range(3)]
+  resumed = make()
+  ckpt = checkpointing.Checkpointer(os.path.join(ref, 'checkpoints'),
+                                    async_save=False, read_only=True)
+  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  state2 = ckpt.restore(2, state_lib.abstract_train_state(
+      c, train._carried_sizes(c, root)), resumed)  # pylint: disable=protected-access
+  ckpt.close()
+  _assert_bitwise(batches[2], next(resumed))
+  # Step 2 was a DA-STC step: the clips it carries to step 3 were saved.
+  assert bool(state2.carried['has_prev'])
+  np.testing.assert_array_equal(np.asarray(state2.carried['src_frames']),
+                                batches[1]['source']['frames'])
+  np.testing.assert_array_equal(np.asarray(state2.carried['tgt_frames']),
+                                batches[1]['target']['frames'][:, :2])
+
+
+def _sigterm_resumes_exactly(c, a, it_a, part, monkeypatch):
+  """SIGTERM (a preemption notice) when the second batch is fetched: the
+  run saves the step it is on, stops (``Preempted``; main.py exits 75) and
+  a rerun ends bitwise like the uninterrupted run ``a``."""
+  make = pipeline.make_train_dataset
+  fetched = {'n': 0}
+
+  def sigterm_on_second_batch(*args, **kw):
+    def fetch(batch):
+      fetched['n'] += 1
+      if fetched['n'] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return batch
+    return make(*args, **kw).map(fetch)
+
+  monkeypatch.setattr(train.pipeline, 'make_train_dataset',
+                      sigterm_on_second_batch)
+  with pytest.raises(preemption.Preempted, match='saved checkpoint step') as e:
+    train.train_and_evaluate(c, part)
+  # The loader runs ahead: the signal lands while step 1 or 2 runs, and the
+  # run stops right after that step, with it saved.
+  assert e.value.step in (1, 2)
+  assert faults.committed(part)[-1] == e.value.step
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # uninstalled
+  monkeypatch.setattr(train.pipeline, 'make_train_dataset', make)
+  train.train_and_evaluate(c, part)
+  b, it_b = _state(part, c.train.num_steps)
+  _assert_bitwise(a, b)
+  assert it_a == it_b
 
 
 def test_a_preempted_run_exits_75():
-  # What main.py does around training (the in-process SIGTERM test is
-  # tests/test_train.py::test_preempt_save_resume_matches_uninterrupted_run).
+  # What main.py does around training (the SIGTERM itself: the 4-device
+  # kill test above).
   def preempted():
     raise preemption.Preempted(7, '/tmp/x')
 

@@ -139,7 +139,11 @@ def _launch_two(workdir, world_cache, steps, port):
     env = dict(os.environ, JAX_PLATFORMS='cpu', DASTC_DISTRIBUTED='1',
                DASTC_COORDINATOR=f'localhost:{port}', DASTC_NUM_PROCESSES='2',
                DASTC_PROCESS_ID=str(pid),
-               XLA_FLAGS='--xla_force_host_platform_device_count=1')
+               XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               # Fast compiles, shared between the launches (CI budget).
+               JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+               JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.jax_cache'),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'dastc_jax.main',
          '--config=configs/synthetic.py:smoke', f'--workdir={workdir}',

@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,6 @@ import pytest
 
 from dastc_jax import checkpointing
 from dastc_jax import eval_job
-from dastc_jax import preemption
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train
@@ -42,65 +40,6 @@ def _restore(config, workdir, step):
 def _assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_preempt_save_resume_matches_uninterrupted_run(smoke_config,
-                                                       tmp_path, monkeypatch):
-  c = smoke_config
-  c.eval.splits = ()
-  full = str(tmp_path / 'full')
-  train.train_and_evaluate(c, full)
-  # The same command gets SIGTERM (a scheduler's preemption notice) when it
-  # fetches the second batch: it saves the step it is on and stops
-  # (preemption.Preempted; main.py exits with 75). Run again: it resumes.
-  make = pipeline.make_train_dataset
-  fetched = {'n': 0}
-
-  def sigterm_on_second_batch(*args, **kw):
-    def fetch(batch):
-      fetched['n'] += 1
-      if fetched['n'] == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return batch
-    return make(*args, **kw).map(fetch)
-
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset',
-                      sigterm_on_second_batch)
-  part = str(tmp_path / 'part')
-  with pytest.raises(preemption.Preempted, match='saved checkpoint step') as e:
-    train.train_and_evaluate(c, part)
-  # The loader runs ahead: the signal lands while step 1 or 2 runs, and the
-  # run stops right after that step, with it saved.
-  assert e.value.step in (1, 2)
-  saved = sorted(int(s) for s in os.listdir(os.path.join(part,
-                                                         'checkpoints'))
-                 if s.isdigit())
-  assert saved[-1] == e.value.step
-  # The handler is uninstalled again.
-  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset', make)
-  train.train_and_evaluate(c, part)
-  _assert_trees_equal(_restore(c, full, 3), _restore(c, part, 3))
-  # The resumed data iterator yields exactly the batch an uninterrupted
-  # iterator yields third.
-  root = train.resolve_data_root(c)
-  make = lambda: iter(pipeline.make_train_dataset(
-      c, root, local_batch_size=c.train.batch_size))
-  ref = make()
-  batches = [next(ref) for _ in range(3)]
-  expected = batches[-1]
-  resumed = make()
-  ckpt = checkpointing.Checkpointer(os.path.join(part, 'checkpoints'),
-                                    async_save=False)
-  state2 = ckpt.restore(2, _abstract(c), resumed)
-  ckpt.close()
-  _assert_trees_equal(expected, next(resumed))
-  # Step 2 was a DA-STC step: the clips it carries to step 3 were saved.
-  assert bool(state2.carried['has_prev'])
-  np.testing.assert_array_equal(np.asarray(state2.carried['src_frames']),
-                                batches[1]['source']['frames'])
-  np.testing.assert_array_equal(np.asarray(state2.carried['tgt_frames']),
-                                batches[1]['target']['frames'][:, :2])
 
 
 def test_outputs_and_eval_mode(smoke_config, tmp_path):
