@@ -1,6 +1,7 @@
 """Evaluation jobs: every checkpoint of a folder, last vs best, watch mode,
 and clear errors on corrupt or mismatched checkpoints."""
 
+import copy
 import glob
 import json
 import os
@@ -13,17 +14,27 @@ from dastc_jax import eval_job
 from dastc_jax import train
 
 
-@pytest.fixture
-def three_checkpoints(smoke_config, tmp_path):
-  c = smoke_config
+@pytest.fixture(scope='module')
+def _trained(world_cache, tmp_path_factory):
+  """One source-only run with checkpoints 1, 2, 3 (shared by this module)."""
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  c = synthetic_config.get_config('smoke')
+  c.data.synthetic.cache_dir = world_cache
+  c.mesh.data = 4
   c.method = 'source_only'
   c.train.num_steps = 3
   c.train.checkpoint_every = 1
   c.eval.splits = ('target_val',)
   c.eval.num_overlays = 0
-  workdir = str(tmp_path / 'run')
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   train.train_and_evaluate(c, workdir)
   return c, workdir
+
+
+@pytest.fixture
+def three_checkpoints(_trained):
+  c, workdir = _trained
+  return copy.deepcopy(c), workdir
 
 
 def test_folder_of_checkpoints_last_and_best(three_checkpoints, tmp_path):
