@@ -206,7 +206,9 @@ def report(rows: list[dict], cmd: str) -> str:
   lines = ['# Fault injection', '', f'Command: `{cmd}`', '',
            f'Date: {time.strftime("%Y-%m-%d")}. Smoke DA-STC config (tiny '
            'model, tiny synthetic world), 5 steps, checkpoints every 2 steps '
-           '(and at the end), CPU with simulated devices. "Steps lost" = the '
+           '(and at the end), 2-core CPU with 8 simulated devices (the test '
+           'suite\'s JAX setup: fast compiles, XLA\'s default CPU fusion), '
+           'restarts with the same command. "Steps lost" = the '
            'last step the killed run logged minus its last committed '
            'checkpoint (work redone after the restart). "Bitwise" compares '
            'the final train state (parameters, optimizer, BatchNorm '
@@ -247,6 +249,10 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  # Reading the runs' checkpoints needs their 8 simulated CPU devices; the
+  # backend starts on first use, after this.
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('output', '', 'Markdown report.')
