@@ -18,7 +18,7 @@ checks the metrics of a step before anything derived from it is saved.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -67,14 +67,15 @@ class Monitor:
     self.total_skipped = 0
 
   def check(self, metrics: dict[str, float], step: int, where: str,
-            last_good: int | None) -> None:
+            last_good: Callable[[], int | None]) -> None:
     """Raises or logs for a step whose metrics are not all finite.
 
     Args:
       metrics: host scalars of step ``step``.
       step: the step number (after the update).
       where: the checkpoint folder, for the message.
-      last_good: the latest committed checkpoint step.
+      last_good: returns the latest committed checkpoint step (called only
+        when the run stops: it waits for pending saves).
     """
     bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
     skipped = metrics.get('skipped', 0.0) > 0
@@ -97,6 +98,6 @@ class Monitor:
       reason = f'Non-finite values at step {step}: {terms}'
     raise NonFiniteLossError(
         f'{reason}. Training stopped; nothing was saved after the failure. '
-        f'The last good checkpoint is step {last_good} in {where}. Lower '
+        f'The last good checkpoint is step {last_good()} in {where}. Lower '
         'config.optim.lr, set config.optim.grad_clip_norm, or set '
         "config.train.nonfinite='skip' to skip such steps.")

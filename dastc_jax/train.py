@@ -318,7 +318,7 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   def check(metrics, step):
     if metrics is not None:
       monitor.check(_host_scalars(metrics), step, ckpt.directory,
-                    ckpt.latest_step_committed())
+                    ckpt.latest_step_committed)
 
   preempt = preemption.Preemption()
   try:
