@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
       backbone_init='he',  # 'he' from scratch; 'normal' = N(0, init_std)
       init_std=0.01,
       dtype='float32',
+      # Kernel gradient of the k > 1 convs: 'auto' (an im2col matmul on CPU,
+      # XLA's backward conv elsewhere), 'conv' or 'im2col'. Same arithmetic,
+      # different speed; a run may resume under another value.
+      conv_kernel_grad='auto',
       per_axis_flow_scale=False,  # False = the reference H'/H rule
   ))
 

@@ -31,6 +31,7 @@ from dastc_jax import checkpointing
 from dastc_jax import dastc_step
 from dastc_jax import divergence
 from dastc_jax import evaluate
+from dastc_jax import models
 from dastc_jax import optim
 from dastc_jax import preemption
 from dastc_jax import sharding as sharding_lib
@@ -43,6 +44,9 @@ from dastc_jax.data import synthetic
 
 # Config keys a run cannot change when it resumes from a workdir.
 _FROZEN_KEYS = ('model.', 'data.class_set', 'method')
+# model.* keys that change speed, not the function: a run may resume under
+# another value.
+_RESUMABLE_KEYS = ('model.conv_kernel_grad',)
 METHODS = ('dastc', 'source_only', 'target_only')
 
 
@@ -81,7 +85,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
   for key, allowed in (('train.nonfinite', divergence.POLICIES),
-                       ('data.on_error', checked_source.POLICIES)):
+                       ('data.on_error', checked_source.POLICIES),
+                       ('model.conv_kernel_grad', models.KERNEL_GRADS)):
     section, name = key.split('.')
     value = config[section].get(name)
     if value not in allowed:
@@ -119,7 +124,8 @@ def _check_and_write_config(config: ml_collections.ConfigDict,
     with open(path) as f:
       old = _flat(json.load(f))
     diff = sorted(k for k in set(old) | set(new)
-                  if k.startswith(_FROZEN_KEYS) and old.get(k) != new.get(k))
+                  if k.startswith(_FROZEN_KEYS) and k not in _RESUMABLE_KEYS
+                  and old.get(k) != new.get(k))
     if diff:
       raise ValueError(
           f'{workdir} holds a run with a different config: '

@@ -97,6 +97,8 @@ def test_step_benchmark_batch_and_report():
   assert 'peak resident memory of the process after the JAX steps: 1.00 GiB' in md
   assert 'JAX / PyTorch time ratio: 1.25' in md
   assert 'JAX: 2.00, 2.10; PyTorch: 1.60, 1.50.' in md
+  # 2.0/1.6 = 1.25 and 2.1/1.5 = 1.40, paired step by step.
+  assert 'median 1.33, quartiles 1.29-1.36, range 1.25-1.40 over 2' in md
   assert 'XLA_FLAGS of the JAX steps: `--f=1`' in md
   assert 'default fusion' in md and '2.500 s/step' in md
   assert '| 2 | 1.25 | 0.80 |' in md

@@ -9,7 +9,6 @@ border padding). Weights are random, BatchNorm statistics too.
 import os
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

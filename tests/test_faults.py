@@ -270,6 +270,11 @@ def test_config_errors_before_any_compile(smoke_config, tmp_path):
   c.data.on_error = 'retry'
   with pytest.raises(ValueError, match=r"config.data.on_error='retry'"):
     train.check_config(c)
+  c.data.on_error = 'fail'
+  c.model.conv_kernel_grad = 'fft'
+  with pytest.raises(ValueError,
+                     match=r"config.model.conv_kernel_grad='fft'"):
+    train.check_config(c)
   from configs import viper  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"Unknown config variant.*'smok'"):
     viper.get_config('smok')
@@ -284,6 +289,9 @@ def test_resume_on_another_device_count(smoke_config, tmp_path):
   train.train_and_evaluate(c, workdir)  # 4 devices
   c.mesh.data = 2
   c.train.num_steps = 3
+  # A speed-only model key may change on resume (the other model.* keys
+  # are refused: tests/test_train.py).
+  c.model.conv_kernel_grad = 'conv'
   train.train_and_evaluate(c, workdir)  # resumes from step 2 on 2 devices
   state = _restore(c, workdir, 3)
   assert int(state.step) == 3

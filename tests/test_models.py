@@ -170,7 +170,47 @@ def test_channel_dropout_drops_whole_channels():
                                                                   None)), x)
 
 
+@pytest.mark.parametrize('k,stride,dilation', [(3, 1, 2), (3, 1, 10),
+                                                (7, 2, 1), (3, 2, 1)])
+def test_im2col_kernel_gradient_equals_torch_and_xla(k, stride, dilation):
+  """The im2col kernel gradient (CPU default) against XLA's backward conv
+  and PyTorch's ``conv2d`` backward; dilation 10 on a 9x11 map exercises a
+  kernel cropped to 1x3."""
+  torch = pytest.importorskip('torch')
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 6))
+  convs = {m: layers.Conv(6, 4, k, stride=stride, dilation=dilation,
+                          kernel_init=layers.he_normal(),
+                          rngs=nnx.Rngs(params=0), kernel_grad=m)
+           for m in ('im2col', 'conv')}
+  g = jax.random.normal(jax.random.key(2), convs['conv'](x).shape)
+
+  def grads(conv):
+    graphdef, params = nnx.split(conv)
+    params = nnx.to_pure_dict(params)
+    f = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) * g)
+    dp, dx = jax.grad(f, argnums=(0, 1))(params, x)
+    return dp['kernel'], dx
+
+  dk, dx = grads(convs['im2col'])
+  ref_dk, ref_dx = grads(convs['conv'])
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+  kt = torch.tensor(np.asarray(convs['conv'].kernel[...]).transpose(3, 2, 0, 1),
+                    requires_grad=True)
+  yt = torch.nn.functional.conv2d(xt, kt, stride=stride,
+                                  padding=dilation * (k // 2),
+                                  dilation=dilation)
+  (yt * torch.tensor(np.asarray(g).transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_allclose(dk, kt.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_bad_model_config_values_name_the_key():
+  with pytest.raises(ValueError, match='config.model.conv_kernel_grad'):
+    _split(_cfg(conv_kernel_grad='fast'))
   with pytest.raises(ValueError, match='config.model.dtype'):
     _split(_cfg(dtype='float16'))
   with pytest.raises(ValueError, match='config.model.backbone_init'):

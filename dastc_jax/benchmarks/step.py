@@ -48,6 +48,9 @@ from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
 from dastc_jax import xla_cpu
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
 # Published dense bf16 peaks (FLOP/s) by device kind.
 BF16_PEAK = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
              'NVIDIA H200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
@@ -154,6 +157,16 @@ def interleaved(runners: dict[str, Callable[[], float]], steps: int
   return times
 
 
+def paired_ratios(a: list[float], b: list[float]) -> dict[str, float]:
+  """Statistics of ``a[i] / b[i]`` over steps timed back to back."""
+  r = sorted(x / y for x, y in zip(a, b))
+  if len(r) < 2:
+    return {}
+  q = statistics.quantiles(r, n=4, method='inclusive')
+  return {'median': statistics.median(r), 'q1': q[0], 'q3': q[2],
+          'min': r[0], 'max': r[-1], 'n': len(r)}
+
+
 def summarize(info: dict[str, Any], times: list[float]) -> dict[str, Any]:
   """Step-time statistics of a JAX step from its compile facts and times."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -219,12 +232,65 @@ def build_torch_step(config, batch: int, src_hw
     loss = torch_accel.source_loss(model, x[:, 0], x[:, 1], flow, y)
     loss.backward()
     opt.step()
-    float(loss)
+    loss.item()
     return time.perf_counter() - t0
 
   one()  # warm-up
   return one, {'threads': torch.get_num_threads(),
                'version': torch.__version__}
+
+
+_TORCH_WORKER = '''
+import json, sys
+sys.path.insert(0, {repo!r})
+from dastc_jax.benchmarks import step as b
+built = b.build_torch_step(b._config({batch}, 'float32'), {batch}, {hw})
+if built is None:
+  print('NOTORCH', flush=True)
+  sys.exit(0)
+one, info = built
+print('READY', json.dumps(info), flush=True)
+for _ in sys.stdin:
+  print('STEP', one(), flush=True)
+'''
+
+
+class TorchProcess:
+  """The PyTorch step in a child process, run one step per ``__call__``.
+
+  Each framework keeps its own process, as a user runs it: in one process,
+  libgomp's spinning workers and XLA's thread pool share the two cores and
+  slow each other down. The parent blocks on the pipe while the child runs,
+  so the steps still alternate and see the same machine drift.
+  """
+
+  def __init__(self, batch: int, hw):
+    code = _TORCH_WORKER.format(repo=_REPO, batch=batch, hw=tuple(hw))
+    self._proc = subprocess.Popen(
+        [sys.executable, '-c', code], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    self.info = None
+    first = self._read(('READY', 'NOTORCH'))
+    if first.startswith('READY'):
+      self.info = json.loads(first[6:])
+
+  def _read(self, prefixes) -> str:
+    for line in self._proc.stdout:
+      if line.startswith(prefixes):
+        return line.strip()
+    raise RuntimeError('The PyTorch benchmark process ended early (exit '
+                       f'{self._proc.wait()}); its error is above.')
+
+  def __call__(self) -> float:
+    self._proc.stdin.write('step\n')
+    self._proc.stdin.flush()
+    return float(self._read(('STEP',)).split()[1])
+
+  def close(self) -> None:
+    if self._proc.stdin:
+      self._proc.stdin.close()
+    self._proc.wait(timeout=60)
 
 
 # ----------------------------------------------------------- weak scaling
@@ -252,9 +318,7 @@ def _shrink(config, depth: str) -> None:
 def _in_subprocess(n: int, hw, steps: int, depth: str,
                    env: dict[str, str] | None = None) -> dict[str, Any]:
   """Times the source-only step on ``n`` simulated CPU devices in a child."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-  code = _SUBPROCESS.format(n=n, repo=repo, hw=tuple(hw), steps=steps,
+  code = _SUBPROCESS.format(n=n, repo=_REPO, hw=tuple(hw), steps=steps,
                             depth=depth)
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=3600,
@@ -293,22 +357,41 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
   res['peak_kind'] = ('measured float32 matmul' if on_cpu else
                       'published dense bf16')
-  torch_step = (build_torch_step(_config(args['batch'], 'float32'),
-                                 args['batch'], src_hw)
-                if args['torch'] else None)
+  torch_step = None
+  if args['torch'] and args['torch_process'] == 'same':
+    torch_step = build_torch_step(_config(args['batch'], 'float32'),
+                                  args['batch'], src_hw)
+    if torch_step:
+      torch_step[1]['process'] = 'same'
+  elif args['torch']:
+    proc = TorchProcess(args['batch'], src_hw)
+    if proc.info:
+      torch_step = proc, {**proc.info, 'process': 'separate'}
+    else:
+      logging.warning('PyTorch is not installed: no baseline.')
   for kind in args['kinds']:
     one, info = build_jax_step(_config(args['batch'], dtype), kind, src_hw,
                                tgt_hw)
     runners = {kind: one}
     if kind == 'source_only' and torch_step:
       runners['torch'] = torch_step[0]
+    if kind == 'source_only' and on_cpu and args['conv_wgrad_row']:
+      # The same step with XLA's backward conv for the kernel gradients.
+      c = _config(args['batch'], dtype)
+      c.model.conv_kernel_grad = 'conv'
+      runners['conv_wgrad'] = build_jax_step(c, kind, src_hw, tgt_hw)[0]
     times = interleaved(runners, args['steps'])
     res[kind] = summarize(info, times[kind])
+    if 'conv_wgrad' in times:
+      res['conv_wgrad'] = {'times': times['conv_wgrad'],
+                           'step_s': statistics.median(times['conv_wgrad'])}
     if 'torch' in times:
       res['torch'] = {**torch_step[1], 'times': times['torch'],
                       'step_s': statistics.median(times['torch'])}
     logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
     del one, runners
+  if isinstance(torch_step and torch_step[0], TorchProcess):
+    torch_step[0].close()
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   res['peak_rss'] = rss
   if on_cpu and args['xla_default_fusion']:
@@ -359,15 +442,36 @@ def report(res: dict[str, Any], command: str) -> str:
   t = res.get('torch')
   if t:
     j = res['source_only']['step_s']
+    where = ('in a separate process' if t.get('process') == 'separate'
+             else 'in the same process as JAX')
     lines += ['', f'PyTorch {t["version"]} eager, same source-only step '
-                  f'({t["threads"]} threads), timed alternately with the '
-                  f'JAX step, step by step: {t["step_s"]:.3f} s/step (JAX '
+                  f'({t["threads"]} threads, {where}), timed alternately '
+                  'with the JAX step, step by step: '
+                  f'{t["step_s"]:.3f} s/step (JAX '
                   f'{j:.3f}). **JAX / PyTorch time ratio: '
                   f'{j / t["step_s"]:.2f}** (below 1: JAX is faster). '
                   'Per-step times, JAX: '
                   + ', '.join(f'{x:.2f}' for x in res['source_only']['times'])
                   + '; PyTorch: ' + ', '.join(f'{x:.2f}' for x in t['times'])
                   + '.']
+    pairs = paired_ratios(res['source_only']['times'], t['times'])
+    if pairs:
+      lines += ['', 'Ratio of each JAX step to the PyTorch step timed right '
+                    'after it (this cancels the drift between minutes): '
+                    f'median {pairs["median"]:.2f}, quartiles '
+                    f'{pairs["q1"]:.2f}-{pairs["q3"]:.2f}, range '
+                    f'{pairs["min"]:.2f}-{pairs["max"]:.2f} over '
+                    f'{pairs["n"]} pairs.']
+  cw = res.get('conv_wgrad')
+  if cw:
+    j = res['source_only']['step_s']
+    lines += ['', 'Same source-only JAX step with XLA\'s backward convolution '
+                  'for the 3x3/7x7 kernel gradients '
+                  "(`config.model.conv_kernel_grad='conv'`; the rows above "
+                  "use 'auto' = one im2col matmul on CPU), timed alternately "
+                  f'in the same run: {cw["step_s"]:.3f} s/step, '
+                  f'{cw["step_s"] / j:.2f}x the im2col step. Per-step times: '
+                  + ', '.join(f'{x:.2f}' for x in cw['times']) + '.']
   lines += ['', f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
                 '(dastc_jax/xla_cpu.py).']
   d = res.get('xla_default')
@@ -397,6 +501,13 @@ def _define_flags():
       'kinds': flags.DEFINE_list('kinds', ['source_only', 'dastc'],
                                  'Steps to measure.'),
       'torch': flags.DEFINE_bool('torch', True, 'PyTorch baseline.'),
+      'torch_process': flags.DEFINE_enum(
+          'torch_process', 'separate', ['separate', 'same'],
+          'Run the PyTorch step in its own process (driven step by step '
+          'over a pipe) or in the JAX process.'),
+      'conv_wgrad_row': flags.DEFINE_bool(
+          'conv_wgrad_row', True,
+          "CPU: also time the source-only step with conv_kernel_grad='conv'."),
       'xla_default_fusion': flags.DEFINE_bool(
           'xla_default_fusion', True,
           'CPU: also time the source-only step without xla_cpu defaults.'),

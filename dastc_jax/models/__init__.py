@@ -12,6 +12,7 @@ from dastc_jax.models import layers
 _MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
            'deeplabv2': accel.AccelDeepLab}
 compute_dtype = layers.compute_dtype
+KERNEL_GRADS = layers.KERNEL_GRADS
 
 
 def build_model(config: ml_collections.ConfigDict,

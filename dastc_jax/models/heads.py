@@ -15,10 +15,11 @@ class ASPPSum(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int,
                dilations: Sequence[int], *, kernel_init: layers.Initializer,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, kernel_grad: str = 'auto'):
     self.branches = nnx.List([
         layers.Conv(in_features, out_features, 3, dilation=d, use_bias=True,
-                    kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+                    kernel_init=kernel_init, dtype=dtype, rngs=rngs,
+                    kernel_grad=kernel_grad)
         for d in dilations])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,9 +38,11 @@ class ProdaHead(nnx.Module):
 
   def __init__(self, in_features: int, features: int, num_classes: int,
                dilations: Sequence[int], dropout: float, *,
-               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs):
+               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs,
+               kernel_grad: str = 'auto'):
     self.aspp = ASPPSum(in_features, features, dilations,
-                        kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+                        kernel_init=kernel_init, dtype=dtype, rngs=rngs,
+                        kernel_grad=kernel_grad)
     self.classifier = layers.Conv(features, num_classes, 1,
                                   kernel_init=kernel_init, dtype=dtype,
                                   rngs=rngs)
@@ -62,9 +65,10 @@ class ASPPLogitsHead(nnx.Module):
 
   def __init__(self, in_features: int, num_classes: int,
                dilations: Sequence[int], *, kernel_init: layers.Initializer,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, kernel_grad: str = 'auto'):
     self.aspp = ASPPSum(in_features, num_classes, dilations,
-                        kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+                        kernel_init=kernel_init, dtype=dtype, rngs=rngs,
+                        kernel_grad=kernel_grad)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None
                ) -> tuple[jax.Array, jax.Array]:

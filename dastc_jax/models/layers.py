@@ -2,12 +2,14 @@
 
 Every 1x1 convolution runs as a matmul over the channel axis: on XLA:CPU the
 weight gradient of a 1x1 ``conv_general_dilated`` is ~20x slower than the
-matmul form (decisions.md §4). Kernels are stored in HWIO layout either way so
-that converted PyTorch weights map one to one.
+matmul form (decisions.md §4). On CPU the kernel gradient of the larger
+kernels is an im2col matmul too (``KERNEL_GRADS``). Kernels are stored in HWIO
+layout either way so that converted PyTorch weights map one to one.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -81,11 +83,16 @@ class Conv(nnx.Module):
   """2-D convolution in NHWC with an HWIO kernel; 1x1 kernels run as matmuls.
 
   Padding is ``dilation * (k // 2)`` on every side (PyTorch DeepLab padding).
+  ``kernel_grad`` picks how the kernel gradient of a k > 1 conv is computed
+  (``KERNEL_GRADS``).
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int,
                *, stride: int = 1, dilation: int = 1, use_bias: bool = False,
-               kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs):
+               kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs,
+               kernel_grad: str = 'auto'):
+    check_kernel_grad(kernel_grad)
+    self.kernel_grad = kernel_grad
     self.kernel_size = kernel_size
     self.stride = stride
     self.dilation = dilation
@@ -105,13 +112,81 @@ class Conv(nnx.Module):
     else:
       kernel, pads = _crop_to_reachable_taps(kernel, x.shape[1:3],
                                              self.dilation)
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(self.stride, self.stride),
-          padding=pads, rhs_dilation=(self.dilation, self.dilation),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      if _im2col_kernel_grad(self.kernel_grad):
+        y = conv_im2col_wgrad(x, kernel, self.stride, self.dilation, pads)
+      else:
+        y = _conv(x, kernel, self.stride, self.dilation, pads)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+# How the kernel gradient of a k x k (k > 1) convolution is computed:
+# 'conv' = XLA's backward convolution; 'im2col' = one matmul over stacked
+# shifted inputs (XLA:CPU's kernel-gradient convolution is well below its
+# matmul speed; the whole-step effect is measured in benchmarks/step.md);
+# 'auto' = 'im2col' on CPU, 'conv' elsewhere.
+KERNEL_GRADS = ('auto', 'conv', 'im2col')
+
+
+def check_kernel_grad(name: str) -> None:
+  """Raises for an unknown ``config.model.conv_kernel_grad``."""
+  if name not in KERNEL_GRADS:
+    raise ValueError(f'Unknown config.model.conv_kernel_grad={name!r}; '
+                     f'expected one of {KERNEL_GRADS}.')
+
+
+def _im2col_kernel_grad(name: str) -> bool:
+  return name == 'im2col' or (name == 'auto' and
+                              jax.default_backend() == 'cpu')
+
+
+def _conv(x, kernel, stride, dilation, pads):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=pads,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_im2col_wgrad(x: jax.Array, kernel: jax.Array, stride: int,
+                      dilation: int, pads) -> jax.Array:
+  """Convolution whose kernel gradient is one im2col matmul.
+
+  The forward pass and the input gradient are XLA's convolutions; the
+  kernel gradient ``sum_p patch(x)[p] (x) dy[p]`` is a single
+  ``[kh*kw*Cin, P] x [P, Cout]`` matmul over the stacked shifted (and
+  strided) inputs, accumulated in float32. ``pads`` is
+  ``((top, bottom), (left, right))``.
+  """
+  return _conv(x, kernel, stride, dilation, pads)
+
+
+def _im2col_fwd(x, kernel, stride, dilation, pads):
+  return _conv(x, kernel, stride, dilation, pads), (x, kernel)
+
+
+def _im2col_bwd(stride, dilation, pads, res, dy):
+  x, kernel = res
+  # dy: [B, h, w, Cout]
+  dx = jax.vjp(lambda a: _conv(a, kernel, stride, dilation, pads),
+               x)[1](dy)[0]
+  kh, kw, cin, cout = kernel.shape
+  h, w = dy.shape[1:3]
+  s = stride
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  cols = jnp.stack([xp[:, i * dilation:i * dilation + (h - 1) * s + 1:s,
+                       j * dilation:j * dilation + (w - 1) * s + 1:s]
+                    for i in range(kh) for j in range(kw)], axis=3)
+  # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
+  # the patches are read in their own layout, without a transpose.
+  dk = jnp.transpose(jnp.einsum('bhwo,bhwkc->okc', dy, cols,
+                                preferred_element_type=jnp.float32),
+                     (1, 2, 0))  # [kh*kw, Cin, Cout]
+  return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+conv_im2col_wgrad.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def _crop_to_reachable_taps(kernel: jax.Array, hw: tuple[int, int],

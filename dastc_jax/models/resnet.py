@@ -29,9 +29,11 @@ class Bottleneck(nnx.Module):
   def __init__(self, in_features: int, planes: int, *, stride: int,
                dilation: int, downsample: bool, bn_momentum: float,
                kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs,
-               bn_group_size: int = 0, stride_in_1x1: bool = True):
+               bn_group_size: int = 0, stride_in_1x1: bool = True,
+               kernel_grad: str = 'auto'):
     conv = lambda i, o, k, **kw: layers.Conv(
-        i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs, **kw)
+        i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs,
+        kernel_grad=kernel_grad, **kw)
     bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum,
                                     group_size=bn_group_size)
     # Caffe/DeepLab put the stride on the first 1x1 conv; torchvision
@@ -68,11 +70,11 @@ class ResNetDeepLab(nnx.Module):
   def __init__(self, *, blocks: Sequence[int], width: int,
                bn_momentum: float, kernel_init: layers.Initializer,
                dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0,
-               stride_in_1x1: bool = True):
+               stride_in_1x1: bool = True, kernel_grad: str = 'auto'):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
     self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
-                             dtype=dtype, rngs=rngs)
+                             dtype=dtype, rngs=rngs, kernel_grad=kernel_grad)
     self.bn1 = layers.BatchNorm(width, momentum=bn_momentum,
                                 group_size=bn_group_size)
     in_features = width
@@ -86,7 +88,7 @@ class ResNetDeepLab(nnx.Module):
             dilation=dilation, downsample=(j == 0),
             bn_momentum=bn_momentum, kernel_init=kernel_init, dtype=dtype,
             rngs=rngs, bn_group_size=bn_group_size,
-            stride_in_1x1=stride_in_1x1))
+            stride_in_1x1=stride_in_1x1, kernel_grad=kernel_grad))
         in_features = planes * EXPANSION
       setattr(self, f'layer{i + 1}', nnx.List(stage))
     self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION
