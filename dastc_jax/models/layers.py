@@ -155,8 +155,8 @@ def conv_im2col_wgrad(x: jax.Array, kernel: jax.Array, stride: int,
 
   The forward pass and the input gradient are XLA's convolutions; the
   kernel gradient ``sum_p patch(x)[p] (x) dy[p]`` is a single
-  ``[kh*kw*Cin, P] x [P, Cout]`` matmul over the stacked shifted (and
-  strided) inputs, accumulated in float32. ``pads`` is
+  ``[Cout, P] x [P, kh*kw*Cin]`` matmul over the stacked shifted (and
+  strided) inputs, accumulated in float32 and transposed to HWIO. ``pads`` is
   ``((top, bottom), (left, right))``.
   """
   return _conv(x, kernel, stride, dilation, pads)
@@ -173,10 +173,10 @@ def _im2col_bwd(stride, dilation, pads, res, dy):
                x)[1](dy)[0]
   kh, kw, cin, cout = kernel.shape
   h, w = dy.shape[1:3]
-  s = stride
+  s, d = stride, dilation
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  cols = jnp.stack([xp[:, i * dilation:i * dilation + (h - 1) * s + 1:s,
-                       j * dilation:j * dilation + (w - 1) * s + 1:s]
+  cols = jnp.stack([xp[:, i * d:i * d + (h - 1) * s + 1:s,
+                       j * d:j * d + (w - 1) * s + 1:s]
                     for i in range(kh) for j in range(kw)], axis=3)
   # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
   # the patches are read in their own layout, without a transpose.
