@@ -16,9 +16,11 @@ DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 
 import os
 
+from dastc_jax import host_malloc
 from dastc_jax import xla_cpu
 
-# Before any JAX computation starts the CPU backend.
+# Before any thread allocates and before JAX starts the CPU backend.
+_MALLOC = host_malloc.configure()
 xla_cpu.set_defaults()
 
 from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -81,6 +83,7 @@ def main(argv):
     _initialize_distributed()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  logging.info('Host malloc settings (host_malloc.py): %s', _MALLOC)
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'predict':
     from dastc_jax import predict

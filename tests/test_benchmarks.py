@@ -90,7 +90,9 @@ def test_step_benchmark_batch_and_report():
                          'peak_bytes': None, 'times': [2.0, 2.1]},
          'torch': {'step_s': 1.6, 'threads': 2, 'version': 't',
                    'times': [1.6, 1.5]},
-         'xla_default': {'step_s': 2.5},
+         'torch_malloc': {'step_s': 1.5, 'times': [1.5, 1.5]},
+         'xla_default': {'step_s': 2.5, 'times': [2.5, 2.5]},
+         'host_malloc': 'applied',
          'weak': {1: 1.0, 2: 1.25}}
   md = step_bench.report(res, 'cmd')
   assert '| source_only | 2.000 | 1.00 | 3.0 | 60 | 30.0 | 60% | - |' in md
@@ -98,9 +100,15 @@ def test_step_benchmark_batch_and_report():
   assert 'JAX / PyTorch time ratio: 1.25' in md
   assert 'JAX: 2.00, 2.10; PyTorch: 1.60, 1.50.' in md
   # 2.0/1.6 = 1.25 and 2.1/1.5 = 1.40, paired step by step.
-  assert 'median 1.33, quartiles 1.29-1.36, range 1.25-1.40 over 2' in md
+  assert ('| PyTorch eager, glibc malloc defaults (as users run it) | 1.600 '
+          '| 1.25 | 1.33 (1.29-1.36; 1.25-1.40, 2 pairs) |') in md
   assert 'XLA_FLAGS of the JAX steps: `--f=1`' in md
-  assert 'default fusion' in md and '2.500 s/step' in md
+  assert 'Host malloc settings of this process: applied' in md
+  # Rows: the ratio of medians (2.0 / 1.5) and the pairs 2.0/1.5, 2.1/1.5.
+  assert ('| PyTorch eager with the host_malloc.py settings | 1.500 | 1.33 | '
+          '1.37 (1.35-1.38; 1.33-1.40, 2 pairs) |') in md
+  assert "| JAX, XLA:CPU's default fusion" in md
+  assert '| 2.500 | 0.80 | 0.82 (0.81-0.83; 0.80-0.84, 2 pairs) |' in md
   assert '| 2 | 1.25 | 0.80 |' in md
 
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from configs import viper as viper_config
 from dastc_jax import dastc_step
+from dastc_jax import host_malloc
 from dastc_jax import sharding as sharding_lib
 from dastc_jax import state as state_lib
 from dastc_jax import train_step as step_lib
@@ -240,36 +241,51 @@ def build_torch_step(config, batch: int, src_hw
                'version': torch.__version__}
 
 
-_TORCH_WORKER = '''
-import json, sys
+_CHILD = '''
+import json, os, sys
 sys.path.insert(0, {repo!r})
+from dastc_jax import host_malloc
+malloc = host_malloc.configure()
+if {framework!r} == 'jax':
+  from dastc_jax import xla_cpu
+  xla_cpu.set_defaults()
 from dastc_jax.benchmarks import step as b
-built = b.build_torch_step(b._config({batch}, 'float32'), {batch}, {hw})
+if {framework!r} == 'jax':
+  built = b.build_jax_step(b._config({batch}, 'float32'), 'source_only',
+                           {hw}, {hw})
+  built[1]['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+else:
+  built = b.build_torch_step(b._config({batch}, 'float32'), {batch}, {hw})
 if built is None:
   print('NOTORCH', flush=True)
   sys.exit(0)
 one, info = built
-print('READY', json.dumps(info), flush=True)
+print('READY', json.dumps({{**info, 'host_malloc': malloc}}), flush=True)
 for _ in sys.stdin:
   print('STEP', one(), flush=True)
 '''
 
 
-class TorchProcess:
-  """The PyTorch step in a child process, run one step per ``__call__``.
+class StepProcess:
+  """A source-only step in a child process, run one step per ``__call__``.
 
   Each framework keeps its own process, as a user runs it: in one process,
   libgomp's spinning workers and XLA's thread pool share the two cores and
-  slow each other down. The parent blocks on the pipe while the child runs,
-  so the steps still alternate and see the same machine drift.
+  slow each other down. The child's allocator and XLA settings come from
+  ``env`` (``DASTC_MALLOC_DEFAULTS``, ``DASTC_XLA_CPU_DEFAULTS``), which are
+  read when a process starts. The parent blocks on the pipe while the child
+  runs, so the steps still alternate and see the same machine drift.
   """
 
-  def __init__(self, batch: int, hw):
-    code = _TORCH_WORKER.format(repo=_REPO, batch=batch, hw=tuple(hw))
+  def __init__(self, framework: str, batch: int, hw,
+               env: dict[str, str] | None = None):
+    code = _CHILD.format(repo=_REPO, framework=framework, batch=batch,
+                         hw=tuple(hw))
+    self.framework = framework
     self._proc = subprocess.Popen(
         [sys.executable, '-c', code], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
     self.info = None
     first = self._read(('READY', 'NOTORCH'))
     if first.startswith('READY'):
@@ -279,8 +295,8 @@ class TorchProcess:
     for line in self._proc.stdout:
       if line.startswith(prefixes):
         return line.strip()
-    raise RuntimeError('The PyTorch benchmark process ended early (exit '
-                       f'{self._proc.wait()}); its error is above.')
+    raise RuntimeError(f'The {self.framework} benchmark process ended early '
+                       f'(exit {self._proc.wait()}); its error is above.')
 
   def __call__(self) -> float:
     self._proc.stdin.write('step\n')
@@ -299,6 +315,8 @@ import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, {repo!r})
+from dastc_jax import host_malloc
+host_malloc.configure()
 from dastc_jax import xla_cpu
 xla_cpu.set_defaults()
 from dastc_jax.benchmarks import step as b
@@ -315,14 +333,13 @@ def _shrink(config, depth: str) -> None:
     config.model.layers = (3, 4, 6, 3)
 
 
-def _in_subprocess(n: int, hw, steps: int, depth: str,
-                   env: dict[str, str] | None = None) -> dict[str, Any]:
+def _in_subprocess(n: int, hw, steps: int, depth: str) -> dict[str, Any]:
   """Times the source-only step on ``n`` simulated CPU devices in a child."""
   code = _SUBPROCESS.format(n=n, repo=_REPO, hw=tuple(hw), steps=steps,
                             depth=depth)
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=3600,
-                        env={**os.environ, **(env or {})})
+                        env=dict(os.environ))
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
   if proc.returncode or not line:
     raise RuntimeError(proc.stderr[-3000:])
@@ -353,54 +370,80 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
          'src_hw': src_hw, 'tgt_hw': tgt_hw, 'dtype': dtype,
          'batch': args['batch'], 'date': time.strftime('%Y-%m-%d'),
          'jax': jax.__version__,
-         'xla_flags': os.environ.get('XLA_FLAGS', '')}
+         'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'host_malloc': args.get('host_malloc', 'not called')}
   res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
   res['peak_kind'] = ('measured float32 matmul' if on_cpu else
                       'published dense bf16')
-  torch_step = None
+  # Source-only comparison rows, each alternated step by step with the
+  # JAX step: name -> (runner, facts).
+  rows = {}
   if args['torch'] and args['torch_process'] == 'same':
-    torch_step = build_torch_step(_config(args['batch'], 'float32'),
-                                  args['batch'], src_hw)
-    if torch_step:
-      torch_step[1]['process'] = 'same'
+    built = build_torch_step(_config(args['batch'], 'float32'),
+                             args['batch'], src_hw)
+    if built:
+      rows['torch'] = built[0], {**built[1], 'process': 'same'}
   elif args['torch']:
-    proc = TorchProcess(args['batch'], src_hw)
-    if proc.info:
-      torch_step = proc, {**proc.info, 'process': 'separate'}
-    else:
-      logging.warning('PyTorch is not installed: no baseline.')
+    wanted = {'torch': {'DASTC_MALLOC_DEFAULTS': '0'}}
+    if args['torch_malloc_row']:
+      wanted['torch_malloc'] = {'DASTC_MALLOC_DEFAULTS': '1'}
+    for name, env in wanted.items():
+      proc = StepProcess('torch', args['batch'], src_hw, env)
+      if not proc.info:
+        logging.warning('PyTorch is not installed: no baseline.')
+        break
+      rows[name] = proc, {**proc.info, 'process': 'separate'}
+  if on_cpu and args['malloc_row']:
+    proc = StepProcess('jax', args['batch'], src_hw,
+                       {'DASTC_MALLOC_DEFAULTS': '0'})
+    rows['jax_glibc'] = proc, proc.info
+  if on_cpu and args['xla_default_fusion']:
+    proc = StepProcess('jax', args['batch'], src_hw,
+                       {'DASTC_XLA_CPU_DEFAULTS': '0'})
+    rows['xla_default'] = proc, proc.info
   for kind in args['kinds']:
     one, info = build_jax_step(_config(args['batch'], dtype), kind, src_hw,
                                tgt_hw)
     runners = {kind: one}
-    if kind == 'source_only' and torch_step:
-      runners['torch'] = torch_step[0]
-    if kind == 'source_only' and on_cpu and args['conv_wgrad_row']:
-      # The same step with XLA's backward conv for the kernel gradients.
-      c = _config(args['batch'], dtype)
-      c.model.conv_kernel_grad = 'conv'
-      runners['conv_wgrad'] = build_jax_step(c, kind, src_hw, tgt_hw)[0]
+    if kind == 'source_only':
+      runners.update({name: r for name, (r, _) in rows.items()})
+      if on_cpu and args['conv_wgrad_row']:
+        # The same step with XLA's backward conv for the kernel gradients.
+        c = _config(args['batch'], dtype)
+        c.model.conv_kernel_grad = 'conv'
+        runners['conv_wgrad'] = build_jax_step(c, kind, src_hw, tgt_hw)[0]
+        rows['conv_wgrad'] = runners['conv_wgrad'], {'process': 'same'}
     times = interleaved(runners, args['steps'])
     res[kind] = summarize(info, times[kind])
-    if 'conv_wgrad' in times:
-      res['conv_wgrad'] = {'times': times['conv_wgrad'],
-                           'step_s': statistics.median(times['conv_wgrad'])}
-    if 'torch' in times:
-      res['torch'] = {**torch_step[1], 'times': times['torch'],
-                      'step_s': statistics.median(times['torch'])}
+    for name, (_, facts) in rows.items():
+      if name in times:
+        res[name] = {**facts, 'times': times[name],
+                     'step_s': statistics.median(times[name])}
     logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
     del one, runners
-  if isinstance(torch_step and torch_step[0], TorchProcess):
-    torch_step[0].close()
+    for runner, _ in rows.values():
+      if isinstance(runner, StepProcess):
+        runner.close()  # frees their memory before the DA-STC step
+    rows = {}
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   res['peak_rss'] = rss
-  if on_cpu and args['xla_default_fusion']:
-    res['xla_default'] = _in_subprocess(
-        1, tuple(src_hw), args['steps'], 'r101', {'DASTC_XLA_CPU_DEFAULTS': '0'})
   if on_cpu and args['weak_scaling']:
     res['weak'] = weak_scaling(args['weak_size'], args['steps'],
                                args['weak_depth'])
   return res
+
+
+# Comparison rows of the report: result key -> label.
+_ROWS = (
+    ('torch', 'PyTorch eager, glibc malloc defaults (as users run it)'),
+    ('torch_malloc', 'PyTorch eager with the host_malloc.py settings'),
+    ('jax_glibc', 'JAX, glibc malloc defaults (`DASTC_MALLOC_DEFAULTS=0`, '
+                  'child process)'),
+    ('xla_default', "JAX, XLA:CPU's default fusion "
+                    '(`DASTC_XLA_CPU_DEFAULTS=0`, child process)'),
+    ('conv_wgrad', "JAX, XLA's backward convolution for the 3x3/7x7 kernel "
+                   "gradients (`model.conv_kernel_grad='conv'`)"),
+)
 
 
 def _gb(x):
@@ -439,46 +482,42 @@ def report(res: dict[str, Any], command: str) -> str:
     lines += ['', 'This device reports no memory statistics; peak resident '
                   'memory of the process after the JAX steps: '
                   f'{_gb(res["peak_rss"])}.']
+  j = res.get('source_only', {})
   t = res.get('torch')
   if t:
-    j = res['source_only']['step_s']
     where = ('in a separate process' if t.get('process') == 'separate'
              else 'in the same process as JAX')
     lines += ['', f'PyTorch {t["version"]} eager, same source-only step '
-                  f'({t["threads"]} threads, {where}), timed alternately '
-                  'with the JAX step, step by step: '
-                  f'{t["step_s"]:.3f} s/step (JAX '
-                  f'{j:.3f}). **JAX / PyTorch time ratio: '
-                  f'{j / t["step_s"]:.2f}** (below 1: JAX is faster). '
-                  'Per-step times, JAX: '
-                  + ', '.join(f'{x:.2f}' for x in res['source_only']['times'])
+                  f'({t["threads"]} threads, {where}; host_malloc: '
+                  f'{t.get("host_malloc", res.get("host_malloc"))}), timed '
+                  'alternately with the '
+                  f'JAX step, step by step: {t["step_s"]:.3f} s/step (JAX '
+                  f'{j["step_s"]:.3f}). **JAX / PyTorch time ratio: '
+                  f'{j["step_s"] / t["step_s"]:.2f}** (below 1: JAX is '
+                  'faster). Per-step times, JAX: '
+                  + ', '.join(f'{x:.2f}' for x in j['times'])
                   + '; PyTorch: ' + ', '.join(f'{x:.2f}' for x in t['times'])
                   + '.']
-    pairs = paired_ratios(res['source_only']['times'], t['times'])
-    if pairs:
-      lines += ['', 'Ratio of each JAX step to the PyTorch step timed right '
-                    'after it (this cancels the drift between minutes): '
-                    f'median {pairs["median"]:.2f}, quartiles '
-                    f'{pairs["q1"]:.2f}-{pairs["q3"]:.2f}, range '
-                    f'{pairs["min"]:.2f}-{pairs["max"]:.2f} over '
-                    f'{pairs["n"]} pairs.']
-  cw = res.get('conv_wgrad')
-  if cw:
-    j = res['source_only']['step_s']
-    lines += ['', 'Same source-only JAX step with XLA\'s backward convolution '
-                  'for the 3x3/7x7 kernel gradients '
-                  "(`config.model.conv_kernel_grad='conv'`; the rows above "
-                  "use 'auto' = one im2col matmul on CPU), timed alternately "
-                  f'in the same run: {cw["step_s"]:.3f} s/step, '
-                  f'{cw["step_s"] / j:.2f}x the im2col step. Per-step times: '
-                  + ', '.join(f'{x:.2f}' for x in cw['times']) + '.']
+  rows = [(name, label) for name, label in _ROWS if name in res]
+  if rows:
+    lines += ['', 'Every row below was timed in the same loop as the JAX '
+                  'source-only step, one step each in turn. The paired '
+                  'ratio divides each JAX step by the step of that row timed '
+                  'right after it, which cancels the drift between minutes.',
+              '', '| source-only step | s/step | JAX / row (medians) | '
+                  'paired JAX / row: median (quartiles; range) |',
+              '|---|---:|---:|---|']
+    for name, label in rows:
+      r = res[name]
+      p = paired_ratios(j['times'], r['times'])
+      pq = (f'{p["median"]:.2f} ({p["q1"]:.2f}-{p["q3"]:.2f}; '
+            f'{p["min"]:.2f}-{p["max"]:.2f}, {p["n"]} pairs)' if p else '-')
+      lines.append(f'| {label} | {r["step_s"]:.3f} | '
+                   f'{j["step_s"] / r["step_s"]:.2f} | {pq} |')
   lines += ['', f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
-                '(dastc_jax/xla_cpu.py).']
-  d = res.get('xla_default')
-  if d:
-    lines += ['', 'Same source-only step with XLA:CPU\'s default fusion '
-                  '(`DASTC_XLA_CPU_DEFAULTS=0`, in a child process, not '
-                  f'alternated): {d["step_s"]:.3f} s/step.']
+                '(dastc_jax/xla_cpu.py). Host malloc settings of this '
+                f'process: {res.get("host_malloc", "not recorded")} '
+                '(dastc_jax/host_malloc.py).']
   w = res.get('weak')
   if w:
     lines += ['', 'Weak scaling, source-only step, batch 1 per simulated '
@@ -511,6 +550,13 @@ def _define_flags():
       'xla_default_fusion': flags.DEFINE_bool(
           'xla_default_fusion', True,
           'CPU: also time the source-only step without xla_cpu defaults.'),
+      'malloc_row': flags.DEFINE_bool(
+          'malloc_row', True,
+          'CPU: also time the source-only step with glibc malloc defaults '
+          '(no host_malloc settings).'),
+      'torch_malloc_row': flags.DEFINE_bool(
+          'torch_malloc_row', True,
+          'Also time PyTorch with the host_malloc settings.'),
       'weak_scaling': flags.DEFINE_bool('weak_scaling', True,
                                         'CPU weak scaling.'),
       'weak_size': flags.DEFINE_list('weak_size', ['64', '128'],
@@ -520,9 +566,10 @@ def _define_flags():
   }
 
 
-def main(argv, f):
+def main(argv, f, malloc: str):
   del argv
   args = {k: h.value for k, h in f.items()}
+  args['host_malloc'] = malloc
   for k in ('cpu_size', 'weak_size'):
     args[k] = [int(v) for v in args[k]]
   res = run(args)
@@ -538,6 +585,8 @@ def main(argv, f):
 
 
 if __name__ == '__main__':
-  xla_cpu.set_defaults()  # before the CPU backend starts
+  # Before any thread allocates and before the CPU backend starts.
+  _malloc = host_malloc.configure()
+  xla_cpu.set_defaults()
   _flags = _define_flags()
-  app.run(lambda argv: main(argv, _flags))
+  app.run(lambda argv: main(argv, _flags, _malloc))
