@@ -33,7 +33,7 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-            (M_TRIM_THRESHOLD, 2**31 - 1))
+            (M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
 
 # Packages whose presence means JAX will pick an accelerator by default.
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',

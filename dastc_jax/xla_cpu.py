@@ -43,3 +43,9 @@ def set_defaults(environ: dict[str, str] | None = None) -> str:
   value = ' '.join([current] + extra).strip() if extra else current
   env['XLA_FLAGS'] = value
   return value
+
+
+def strip_defaults(flags: str) -> str:
+  """``flags`` without the :data:`DEFAULT_FLAGS` that :func:`set_defaults`
+  adds (for a child process that must start from the user's flags)."""
+  return ' '.join(f for f in flags.split() if f not in DEFAULT_FLAGS)

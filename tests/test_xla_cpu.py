@@ -19,6 +19,12 @@ def test_appends_defaults_once_and_keeps_user_flags():
       '--xla_cpu_experimental_ynn_fusion_type=+eltwise')
 
 
+def test_strip_defaults_restores_the_user_flags():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  assert xla_cpu.strip_defaults(xla_cpu.set_defaults(env)) == (
+      '--xla_force_host_platform_device_count=4')
+
+
 def test_user_value_and_opt_out_win():
   env = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=-reduce'}
   assert xla_cpu.set_defaults(env) == (

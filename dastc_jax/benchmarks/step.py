@@ -249,10 +249,14 @@ malloc = host_malloc.configure()
 if {framework!r} == 'jax':
   from dastc_jax import xla_cpu
   xla_cpu.set_defaults()
+import resource
 from dastc_jax.benchmarks import step as b
 if {framework!r} == 'jax':
-  built = b.build_jax_step(b._config({batch}, 'float32'), 'source_only',
-                           {hw}, {hw})
+  c = b._config({batch}, 'float32')
+  for key, value in {overrides!r}.items():
+    section, name = key.split('.')
+    setattr(getattr(c, section), name, value)
+  built = b.build_jax_step(c, 'source_only', {hw}, {hw})
   built[1]['xla_flags'] = os.environ.get('XLA_FLAGS', '')
 else:
   built = b.build_torch_step(b._config({batch}, 'float32'), {batch}, {hw})
@@ -262,7 +266,8 @@ if built is None:
 one, info = built
 print('READY', json.dumps({{**info, 'host_malloc': malloc}}), flush=True)
 for _ in sys.stdin:
-  print('STEP', one(), flush=True)
+  print('STEP', one(),
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
 '''
 
 
@@ -278,15 +283,21 @@ class StepProcess:
   """
 
   def __init__(self, framework: str, batch: int, hw,
-               env: dict[str, str] | None = None):
+               env: dict[str, str] | None = None,
+               overrides: dict[str, Any] | None = None):
     code = _CHILD.format(repo=_REPO, framework=framework, batch=batch,
-                         hw=tuple(hw))
+                         hw=tuple(hw), overrides=dict(overrides or {}))
     self.framework = framework
+    # The child applies xla_cpu's defaults itself (or not, by `env`): start
+    # it from the user's XLA_FLAGS, not from this process's.
+    flags = xla_cpu.strip_defaults(os.environ.get('XLA_FLAGS', ''))
     self._proc = subprocess.Popen(
         [sys.executable, '-c', code], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags,
+             **(env or {})})
     self.info = None
+    self.peak_rss = None
     first = self._read(('READY', 'NOTORCH'))
     if first.startswith('READY'):
       self.info = json.loads(first[6:])
@@ -301,7 +312,9 @@ class StepProcess:
   def __call__(self) -> float:
     self._proc.stdin.write('step\n')
     self._proc.stdin.flush()
-    return float(self._read(('STEP',)).split()[1])
+    _, seconds, rss = self._read(('STEP',)).split()
+    self.peak_rss = int(rss)
+    return float(seconds)
 
   def close(self) -> None:
     if self._proc.stdin:
@@ -393,38 +406,46 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         logging.warning('PyTorch is not installed: no baseline.')
         break
       rows[name] = proc, {**proc.info, 'process': 'separate'}
-  if on_cpu and args['malloc_row']:
-    proc = StepProcess('jax', args['batch'], src_hw,
-                       {'DASTC_MALLOC_DEFAULTS': '0'})
-    rows['jax_glibc'] = proc, proc.info
-  if on_cpu and args['xla_default_fusion']:
-    proc = StepProcess('jax', args['batch'], src_hw,
-                       {'DASTC_XLA_CPU_DEFAULTS': '0'})
-    rows['xla_default'] = proc, proc.info
+  if on_cpu and 'source_only' in args['kinds']:
+    # Every JAX variant in its own process too, set up at start-up like
+    # `python -m dastc_jax.main` (allocator and XLA settings are read then).
+    variants = {'source_only': ({}, {})}
+    if args['malloc_row']:
+      variants['jax_glibc'] = {'DASTC_MALLOC_DEFAULTS': '0'}, {}
+    if args['xla_default_fusion']:
+      variants['xla_default'] = {'DASTC_XLA_CPU_DEFAULTS': '0'}, {}
+    if args['conv_wgrad_row']:
+      # XLA's backward conv for the kernel gradients.
+      variants['conv_wgrad'] = {}, {'model.conv_kernel_grad': 'conv'}
+    for name, (env, overrides) in variants.items():
+      proc = StepProcess('jax', args['batch'], src_hw, env, overrides)
+      rows[name] = proc, {**proc.info, 'process': 'separate'}
   for kind in args['kinds']:
-    one, info = build_jax_step(_config(args['batch'], dtype), kind, src_hw,
-                               tgt_hw)
-    runners = {kind: one}
+    if kind == 'source_only' and 'source_only' in rows:
+      main_step, info = rows.pop('source_only')
+    else:
+      main_step, info = build_jax_step(_config(args['batch'], dtype), kind,
+                                       src_hw, tgt_hw)
+    runners = {kind: main_step}
     if kind == 'source_only':
       runners.update({name: r for name, (r, _) in rows.items()})
-      if on_cpu and args['conv_wgrad_row']:
-        # The same step with XLA's backward conv for the kernel gradients.
-        c = _config(args['batch'], dtype)
-        c.model.conv_kernel_grad = 'conv'
-        runners['conv_wgrad'] = build_jax_step(c, kind, src_hw, tgt_hw)[0]
-        rows['conv_wgrad'] = runners['conv_wgrad'], {'process': 'same'}
     times = interleaved(runners, args['steps'])
     res[kind] = summarize(info, times[kind])
-    for name, (_, facts) in rows.items():
+    if isinstance(main_step, StepProcess):
+      res[kind]['peak_rss'] = main_step.peak_rss
+      main_step.close()
+    for name, (runner, facts) in rows.items():
       if name in times:
         res[name] = {**facts, 'times': times[name],
-                     'step_s': statistics.median(times[name])}
+                     'step_s': statistics.median(times[name]),
+                     'peak_rss': getattr(runner, 'peak_rss', None)}
     logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
-    del one, runners
-    for runner, _ in rows.values():
-      if isinstance(runner, StepProcess):
-        runner.close()  # frees their memory before the DA-STC step
-    rows = {}
+    del main_step, runners
+    if kind == 'source_only':
+      for runner, _ in rows.values():
+        if isinstance(runner, StepProcess):
+          runner.close()  # frees their memory before the DA-STC step
+      rows = {}
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   res['peak_rss'] = rss
   if on_cpu and args['weak_scaling']:
@@ -479,9 +500,12 @@ def report(res: dict[str, Any], command: str) -> str:
                   f'({res["peak_kind"]}).']
   if not any(res.get(k, {}).get('peak_bytes') for k in ('source_only',
                                                         'dastc')):
+    own = res.get('source_only', {}).get('peak_rss')
     lines += ['', 'This device reports no memory statistics; peak resident '
                   'memory of the process after the JAX steps: '
-                  f'{_gb(res["peak_rss"])}.']
+                  f'{_gb(res["peak_rss"])}'
+                  + (f' (the source-only step\'s own process: {_gb(own)})'
+                     if own else '') + '.']
   j = res.get('source_only', {})
   t = res.get('torch')
   if t:
