@@ -391,7 +391,11 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   # Source-only comparison rows, each alternated step by step with the
   # JAX step: name -> (runner, facts).
   rows = {}
-  if args['torch'] and args['torch_process'] == 'same':
+  if args['torch'] and not on_cpu:
+    # build_torch_step runs PyTorch on the CPU: no like-for-like baseline.
+    logging.warning('The PyTorch baseline runs on the CPU only; skipped on '
+                    '%s.', dev.platform)
+  elif args['torch'] and args['torch_process'] == 'same':
     built = build_torch_step(_config(args['batch'], 'float32'),
                              args['batch'], src_hw)
     if built:
