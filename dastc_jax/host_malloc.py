@@ -5,8 +5,10 @@ XLA:CPU and YNNPACK allocate every step's temporaries and outputs with
 per-thread arenas (whose heaps are unmapped as soon as they are empty) or,
 above the mmap threshold, from fresh ``mmap`` calls, and are handed back to
 the kernel when freed. The next step faults every page in again: ~310,000
-page faults (1.2 GB of zeroed pages) per ResNet-101 train step at 128x256,
-about 18% of the CPU time in the kernel (``perf``; benchmarks/step.md).
+page faults (1.2 GB of zeroed pages) per ResNet-101 train step at 128x256
+on a 2-core CPU, about 18% of the CPU time in the kernel (``getrusage`` and
+``perf``, measured when this module was written; the effect on the step
+time is the glibc-defaults row of benchmarks/step.md).
 
 :func:`configure` sets, through ``mallopt``, one arena, no ``mmap``-backed
 blocks and no trimming, so freed blocks stay in the process and are reused:
