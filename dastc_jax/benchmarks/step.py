@@ -351,8 +351,7 @@ def _in_subprocess(n: int, hw, steps: int, depth: str) -> dict[str, Any]:
   code = _SUBPROCESS.format(n=n, repo=_REPO, hw=tuple(hw), steps=steps,
                             depth=depth)
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, timeout=3600,
-                        env=dict(os.environ))
+                        text=True, timeout=3600)
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
   if proc.returncode or not line:
     raise RuntimeError(proc.stderr[-3000:])
@@ -391,16 +390,18 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   # Source-only comparison rows, each alternated step by step with the
   # JAX step: name -> (runner, facts).
   rows = {}
-  if args['torch'] and not on_cpu:
+  compare = 'source_only' in args['kinds']
+  torch_row = args['torch'] and compare
+  if torch_row and not on_cpu:
     # build_torch_step runs PyTorch on the CPU: no like-for-like baseline.
     logging.warning('The PyTorch baseline runs on the CPU only; skipped on '
                     '%s.', dev.platform)
-  elif args['torch'] and args['torch_process'] == 'same':
+  elif torch_row and args['torch_process'] == 'same':
     built = build_torch_step(_config(args['batch'], 'float32'),
                              args['batch'], src_hw)
     if built:
       rows['torch'] = built[0], {**built[1], 'process': 'same'}
-  elif args['torch']:
+  elif torch_row:
     wanted = {'torch': {'DASTC_MALLOC_DEFAULTS': '0'}}
     if args['torch_malloc_row']:
       wanted['torch_malloc'] = {'DASTC_MALLOC_DEFAULTS': '1'}
@@ -410,7 +411,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         logging.warning('PyTorch is not installed: no baseline.')
         break
       rows[name] = proc, {**proc.info, 'process': 'separate'}
-  if on_cpu and 'source_only' in args['kinds']:
+  if on_cpu and compare:
     # Every JAX variant in its own process too, set up at start-up like
     # `python -m dastc_jax.main` (allocator and XLA settings are read then).
     variants = {'source_only': ({}, {})}
