@@ -57,6 +57,9 @@ def synthetic_world(size: str = 'default') -> ml_collections.ConfigDict:
       cache_dir='~/.cache/dastc_jax',
       num_workers=2,
       seed=0,
+      # Target appearance: 'default' or 'hard' (per-class materials and
+      # local illumination; see docs/synthetic_world.md).
+      shift='default',
       source_size=(72, 128) if tiny else (144, 256),
       target_size=(64, 128) if tiny else (128, 256),
       source_train_seqs=2 if tiny else 24,
@@ -72,8 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 1234
   # 'dastc' adapts to the target (DA-STC); 'source_only' trains ACCEL on the
-  # labelled source (method.md §4.1); 'target_only' is the oracle trained on
-  # target labels.
+  # labelled source and never reads the target; 'source_only_hm' trains on
+  # source frames histogram-matched to target frames (the input-level
+  # adaptation alone; target labels are never used); 'target_only' is the
+  # oracle trained on target labels.
   c.method = 'dastc'
 
   c.data = ml_collections.ConfigDict()
@@ -197,10 +202,19 @@ def dastc_config() -> ml_collections.ConfigDict:
       num_source_classes=2,  # random S' classes per clip
       num_target_classes=2,  # random T' classes per clip
       num_rare_classes=3,  # long-tail patches per clip (SYNTHIA: 2)
-      # Shallow-feature-level fusion (inactive in the released code).
+      # Shallow-feature-level fusion (inactive in the released code):
+      # 'swap' exchanges current-iteration class regions between the two
+      # fused clips after `feature_layer`; 'blend' is the reference decoder
+      # variant's 0.7 own + 0.3 other inside the fused mask.
       feature_fusion=True,
-      feature_layer='layer1',  # 'stem' or 'layer1' (or a deeper stage)
-      feature_other_weight=0.3,  # the reference decoder variant's 0.3 / 0.7
+      feature_mode='swap',
+      feature_layer='layer1',  # 'stem', 'layer1', 'layer2' or 'layer3'
+      feature_swap_classes=2,  # classes per direction and clip ('swap')
+      feature_other_weight=0.3,  # 'blend': weight of the other clip
+      # BatchNorm running averages: 'fixed' = from the source and strong
+      # target passes only (the same in every ablation); 'all' = every
+      # train-mode pass, as the released code.
+      bn_update='fixed',
       strong_aug=dict(
           enabled=True, p_blur=0.6, p_jitter=0.8, p_gray=0.2,
           brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
@@ -213,9 +227,18 @@ def dastc_config() -> ml_collections.ConfigDict:
           temperature=0.1,
           margin=0.2,
           min_pixels=5,
-          pairs=2,  # temporal pairs: (t, t-1) [and (t, t-2)]
-          temporal='entropy',  # 'entropy' (adaptive) or 'uniform'
-          entropy_temperature=0.1,
+          pairs=2,  # target passes: (t, t-1) [and the clean (t, t-2)]
+          # 'frames': per-class prototypes over frames t, t-1, t-2, each
+          # pooled with its own labels; 'pairs': the reference's per-pair
+          # fused outputs with self-labels.
+          aggregation='frames',
+          # Class membership of target pixels ('frames'): the teacher's
+          # labels of each frame, or the student's own argmax.
+          target_labels='teacher',
+          # 'adaptive': per class and frame, softmax(reliability / tau)
+          # ('pairs': softmax(-entropy / tau) per pair); 'uniform'.
+          temporal='adaptive',
+          temporal_temperature=0.1,
           detach_source=False),
       # Reference bugs, reproducible one by one (method.md §10).
       bugs=dict(confidence_from_logit=False, unclipped_lt_mask=False,
@@ -236,7 +259,10 @@ def reference(c: ml_collections.ConfigDict) -> None:
   d.teacher = 'reference'
   d.teacher_flip = 0.5
   d.feature_fusion = False
+  d.bn_update = 'all'
   d.alignment.kind = 'mmd'
+  d.alignment.aggregation = 'pairs'
+  d.alignment.target_labels = 'student'
   d.alignment.weight = 0.01
   d.alignment.feature = 'logits'
   d.alignment.temporal = 'uniform'

@@ -1,28 +1,38 @@
 """Category-aware spatio-temporal feature alignment (DA-STC).
 
-1. *Spatial aggregation*: per class, the mean of the deep features (the
-   256-d pre-logit feature or the C-d fused logits, ``alignment.feature``)
-   over the pixels of that class in a clip's prediction.
-2. *Temporal aggregation*: the target prototype of a class is the weighted
-   mean of its prototypes from the temporal pairs (t, t-1) and (t, t-2).
-   The weights are adaptive: ``softmax(-H_i / tau)`` over pairs, with H_i
-   the pair's mean normalised prediction entropy (one weight per pair for
-   the batch). The more certain pair gets *more* weight. As in the
-   reference, pair 1 is the strongly augmented (t, t-1) clip and pair 2 the
-   clean (t, t-2) clip, so H_i reflects both the augmentation and the flow
-   span. The reference's disabled variant gave more weight to higher
-   entropy; we take the certainty-weighted direction because an uncertain
-   pair's prototype mixes classes (its pixels are more often assigned to the
-   wrong class) and would pull the source prototypes towards that mixture.
-3. *Loss*: cross-domain intra-class alignment and inter-class separation in
+Default (``alignment.aggregation='frames'``), see docs/method.md:
+
+1. *Views*: every frame that a student pass of the step sees is a view -
+   for the target, frame t of the strongly augmented pass (t, t-1) and of
+   the clean pass (t, t-2), and the key frames t-1 and t-2 of those passes;
+   for the source, frames t and t-1 of the source pass. Current frames
+   carry gradients, key frames are gradient-free (as ACCEL's key frame).
+2. *Spatial aggregation*: per view and class, the mean deep feature (the
+   256-d pre-logit feature, or the C-d scores with ``feature='logits'``)
+   over the pixels of that class in that frame, with the frame's *own*
+   labels: the teacher's (``target_labels='teacher'``: its warped labels
+   for t, its labels of t-1 and t-2) or the student's argmax
+   (``'student'``); for the source, the ground truth where the student's
+   prediction agrees with it. No warp, so no occlusion smear.
+3. *Temporal aggregation*: the class prototype is a weighted mean over the
+   views where the class is present, with one weight per class and view:
+   ``softmax_v(r_{v,k} / tau)``, ``r_{v,k}`` the mean reliability of class
+   k's pixels in view v. Reliability is the teacher's clean probability of
+   the pixel's label (target) or the student's gradient-free probability of
+   the true class (source), so it is comparable across frames whatever the
+   augmentation. The more reliable view gets *more* weight. A class seen in
+   one frame only still gets a prototype.
+4. *Loss*: cross-domain intra-class alignment and inter-class separation in
    one contrastive (InfoNCE) form with cosine similarity, temperature and an
    additive margin on the positive pair, symmetrised over target->source and
-   source->target. Classes absent from either domain in the batch are
-   masked out of positives *and* negatives; they never act as zero
-   prototypes.
+   source->target. Classes absent from either domain are masked out of
+   positives *and* negatives; they never act as zero prototypes.
 
-``mmd_rbf`` is the reference's loss (``alignment.kind='mmd'``): an RBF-MMD
-between the two sets of C class-mean vectors, zero rows included.
+The reference (``aggregation='pairs'``): per temporal pair, the class means
+of the pair's *fused* output with its own argmax as labels, averaged over
+the pairs (t, t-1) and (t, t-2) with fixed or entropy weights (one weight per
+pair for the batch), and ``mmd_rbf``: an RBF-MMD between the two sets of C
+class-mean vectors, zero rows included.
 
 All functions are pure jnp on global arrays, so under ``jax.jit`` with a
 sharded batch they compute the same value on 1 or N devices.
@@ -58,6 +68,90 @@ def class_prototypes(features: Array, labels: Array, num_classes: int,
   protos = jnp.where(present[:, None], sums / jnp.maximum(counts, 1)[:, None],
                      0.0)
   return protos, present
+
+
+def class_reliability(labels: Array, reliability: Array,
+                      num_classes: int) -> Array:
+  """Mean of ``reliability`` over each class's pixels.
+
+  Args:
+    labels: ``[B, h, w]`` int ids; ids outside [0, C) are ignored.
+    reliability: ``[B, h, w]`` per-pixel reliability (no gradient).
+    num_classes: C.
+
+  Returns:
+    ``[C]`` (0 for a class without pixels).
+  """
+  lab = labels.reshape(-1).astype(jnp.int32)
+  onehot = jax.nn.one_hot(lab, num_classes, dtype=jnp.float32)
+  rel = jax.lax.stop_gradient(reliability).reshape(-1).astype(jnp.float32)
+  return (rel @ onehot) / jnp.maximum(jnp.sum(onehot, 0), 1.0)
+
+
+def view_weights(reliability: Array, present: Array, temperature: float,
+                 adaptive: bool) -> Array:
+  """Per class, weights over the views where it is present.
+
+  Args:
+    reliability: ``[V, C]`` mean reliability of each class in each view.
+    present: ``[V, C]``.
+    temperature: tau of ``softmax_v(r / tau)``; smaller is sharper.
+    adaptive: False gives equal weights to the views where present.
+
+  Returns:
+    ``[V, C]`` weights; each present class's column sums to 1, an absent
+    class's column is 0.
+  """
+  r = jax.lax.stop_gradient(reliability).astype(jnp.float32)
+  score = r / temperature if adaptive else jnp.zeros_like(r)
+  score = jnp.where(present, score, -jnp.inf)
+  any_present = jnp.any(present, 0, keepdims=True)
+  w = jax.nn.softmax(jnp.where(any_present, score, 0.0), axis=0)
+  return jnp.where(present & any_present, w, 0.0)
+
+
+def aggregate_views(protos: Array, present: Array, weights: Array
+                    ) -> tuple[Array, Array]:
+  """``sum_v w_{v,k} p_{v,k}`` per class (weights from ``view_weights``).
+
+  Args:
+    protos: ``[V, C, D]`` per-view prototypes.
+    present: ``[V, C]``.
+    weights: ``[V, C]``.
+
+  Returns:
+    ``[C, D]`` prototypes and ``[C]`` presence (present in any view).
+  """
+  return jnp.einsum('vc,vcd->cd', weights, protos), jnp.any(present, 0)
+
+
+def spatio_temporal_prototypes(views: list[dict[str, Array]],
+                               num_classes: int, min_pixels: int,
+                               temperature: float, adaptive: bool
+                               ) -> tuple[Array, Array, Array]:
+  """Prototypes aggregated over space and over the views (frames).
+
+  Args:
+    views: each ``{'feat': [B, h, w, D], 'label': [B, h, w],
+      'reliability': [B, h, w]}``, all at one feature grid.
+    num_classes: C.
+    min_pixels: pixels a class needs in a view to be present there.
+    temperature: tau of the adaptive weights.
+    adaptive: reliability-adaptive (True) or equal weights.
+
+  Returns:
+    ``protos`` ``[C, D]``, ``present`` ``[C]`` and the weights ``[V, C]``.
+  """
+  protos, present, rel = [], [], []
+  for v in views:
+    p, m = class_prototypes(v['feat'], v['label'], num_classes, min_pixels)
+    protos.append(p)
+    present.append(m)
+    rel.append(class_reliability(v['label'], v['reliability'], num_classes))
+  present = jnp.stack(present)
+  w = view_weights(jnp.stack(rel), present, temperature, adaptive)
+  out, pres = aggregate_views(jnp.stack(protos), present, w)
+  return out, pres, w
 
 
 def mean_entropy(logits: Array) -> Array:

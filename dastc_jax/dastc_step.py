@@ -1,26 +1,30 @@
 """The DA-STC train step (pure; jitted once with shardings in train.py).
 
-One step (method.md §4, with the seed's two fusion levels and the
-category-aware alignment):
+One step (docs/method.md):
 
 1. the teacher segments the target pair (t-1, t-2); its probabilities warped
    to t are the pseudo-labels (``pseudo_labels.cross_frame``);
 2. the target pair (t, t-1) is strongly augmented with one set of
    parameters (``ops.augment``);
 3. image-sequence-level fusion: S', long-tail patches and T' are pasted into
-   a source-context and a target-context clip (``fusion``);
+   a source-context and a target-context clip (``fusion``); shallow-feature
+   fusion exchanges current-iteration class regions between the two clips
+   after the shallow stage (``fusion.feature_swap``);
 4. losses: source CE (+ aux), consistency of the strong clip with the
    pseudo-labels, CE of both fused clips (fused at input resolution, with
-   the long-tail score swap and the shallow-feature mixing), and the
-   alignment of class prototypes over space and the temporal pairs
-   (t, t-1), (t, t-2) (``alignment``):
+   the long-tail score swap), and the alignment of class prototypes
+   aggregated over space and frames t, t-1, t-2 (``alignment``):
    ``L = L_src + lambda_T (L_cons + L_tgt_mix) + L_src_mix + w L_align``;
 5. the optimizer update, the EMA teacher update, and the roll-over of this
    iteration's clips into the carried state.
 
+BatchNorm running averages (``dastc.bn_update='fixed'``) come from the
+source pass and the strong target pass only, which every variant runs, so
+turning a loss off does not change the statistics used at evaluation.
+
 The image domain (``model.name='deeplabv2'``, clip length 1) runs the same
 step on one frame: the teacher labels frame t itself, nothing is warped,
-and the alignment has only the spatial term of frame t.
+and the alignment has only frame t.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ def _teacher_forward(config, graphdef, state, frames, flow,
   """The teacher's fused scores of frame t-1 (pair t-1, t-2; ``frames`` is
   that pair), or of frame t in the image domain; no gradient.
 
-  Returns ``(pred, aux, teacher, batch_stats)``: the scores, the (possibly
-  reset) teacher, and the BatchNorm averages the student starts from (the
-  reference teacher in its student phase updates them, as the released code
-  does; otherwise they are the state's).
+  Returns ``(pred, aux, key, teacher, batch_stats)``: the fused scores of
+  the clip's first frame and the key frame's own scores (None for a single
+  frame), the (possibly reset) teacher, and the BatchNorm averages the
+  student starts from (the reference teacher in its student phase updates
+  them, as the released code does; otherwise they are the state's).
   """
   d = config.dastc
   first = state.step == adapt_start
@@ -72,12 +77,14 @@ def _teacher_forward(config, graphdef, state, frames, flow,
     out = model.clip(frames, flow, train=train, rng=rng if train else None)
     new_stats = (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train
                  else state.batch_stats)
-    return out['pred'], out['pred_aux'], new_stats
+    key = out.get('key_logits', jnp.zeros_like(out['pred']))
+    return out['pred'], out['pred_aux'], key, new_stats
 
   if d.teacher == 'ema':
-    pred, aux, stats = run(teacher['params'], teacher['batch_stats'], False)
+    pred, aux, key, stats = run(teacher['params'], teacher['batch_stats'],
+                                False)
   elif d.teacher == 'reference':
-    pred, aux, stats = jax.lax.cond(
+    pred, aux, key, stats = jax.lax.cond(
         pseudo_labels.use_student(state.step, adapt_start,
                                   d.teacher_switch_steps),
         lambda: run(state.params, state.batch_stats, True),
@@ -85,14 +92,20 @@ def _teacher_forward(config, graphdef, state, frames, flow,
   else:
     raise ValueError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
                      "'ema' or 'reference'.")
-  stats = jax.lax.stop_gradient(stats)
-  return (jax.lax.stop_gradient(pred), jax.lax.stop_gradient(aux), teacher,
-          stats)
+  pred, aux, key, stats = jax.lax.stop_gradient((pred, aux, key, stats))
+  return pred, aux, key, teacher, stats
 
 
 def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
-                   rng):
-  """Teacher pass (with the optional random mirror) and cross-frame labels."""
+                   k_flip, k_teacher):
+  """Teacher pass (with the optional random mirror) and cross-frame labels.
+
+  Besides the labels of ``pseudo_labels.cross_frame`` it returns the
+  teacher's class probabilities at the score grid, un-mirrored: ``probs_lo``
+  (warped to frame t), and for clips ``probs_t1_lo``/``probs_t2_lo`` (frames
+  t-1 and t-2, unwarped). The alignment takes class membership and
+  reliability from them.
+  """
   d = config.dastc
   video = models.clip_length(config.model) == 2
   # The teacher's clip: (t-1, t-2) with the flow t-1 -> t-2, or frame t.
@@ -100,40 +113,53 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
   flow = tgt['flow_t1_t2'] if video else None
   flip = None
   if d.teacher_flip > 0:
-    flip = jax.random.bernoulli(jax.random.fold_in(rng, 1), d.teacher_flip,
-                                (x_tgt.shape[0],))
+    flip = jax.random.bernoulli(k_flip, d.teacher_flip, (x_tgt.shape[0],))
     frames = pseudo_labels.hflip(frames, flip)  # [B, T, H, W, 3]
     if video:
       flow = pseudo_labels.hflip_flow(flow, flip,
                                       negate_dx=not d.bugs.flip_keep_dx)
-  pred, aux, teacher, stats = _teacher_forward(
-      config, graphdef, state, frames, flow, adapt_start,
-      jax.random.fold_in(rng, 2))
+  pred, aux, key, teacher, stats = _teacher_forward(
+      config, graphdef, state, frames, flow, adapt_start, k_teacher)
+  unflip = ((lambda x: pseudo_labels.hflip(x, flip)) if flip is not None
+            else (lambda x: x))
   unflip_first = flip is not None and (not d.bugs.warp_before_unflip or
                                        not video)
   if unflip_first:
-    pred, aux = pseudo_labels.hflip(pred, flip), pseudo_labels.hflip(aux, flip)
+    pred, aux = unflip(pred), unflip(aux)
   if not video:
-    return pseudo_labels.same_frame(pred, aux, size), teacher, stats
+    pl = pseudo_labels.same_frame(pred, aux, size)
+    pl['probs_lo'] = jax.nn.softmax(pred, -1)
+    return pl, teacher, stats
   pl = pseudo_labels.cross_frame(
       pred, aux, tgt['flow'], size,
       confidence_from_logit=d.bugs.confidence_from_logit)
   if flip is not None and not unflip_first:
     # Reference: the mirrored scores were warped, the maps mirrored after.
-    pl = {k: pseudo_labels.hflip_labels(v, flip) for k, v in pl.items()}
+    pl = {k: (pseudo_labels.hflip(v, flip) if v.ndim == 4 else
+              pseudo_labels.hflip_labels(v, flip)) for k, v in pl.items()}
+    pred = unflip(pred)
+  pl['probs_t1_lo'] = jax.nn.softmax(pred, -1)
+  pl['probs_t2_lo'] = jax.nn.softmax(unflip(key), -1)
   return pl, teacher, stats
 
 
-def _fusion_inputs(key, config, state, src, tgt_flow, x_src, x_strong, pl,
+def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
                    size):
-  """Builds both fused clips (frames, labels, flows) and their masks."""
+  """Builds both fused clips (frames, labels, flows) and their masks.
+
+  Returns ``(masks, swap, clip_s, clip_t)``: the image-level paste masks,
+  the shallow-feature exchange masks (None when that fusion is off or in
+  ``'blend'`` mode) and the two clips ``(frames, labels, flow)``, whose
+  labels and flows already follow the feature exchange.
+  """
+  k_paste, k_swap = keys
   d = config.dastc
   c = state.carried
   dtype = x_src.dtype
   crop = lambda x, ch: fusion.crop(x, src['crop'], size, ch)
   norm = lambda x: image_ops.normalize(x, dtype)
   masks = fusion.sample_masks(
-      key, prev_src_labels=crop(c['src_labels'], False),
+      k_paste, prev_src_labels=crop(c['src_labels'], False),
       rare_labels=src['rare_labels'], rare_classes=src['rare_classes'],
       prev_tgt_masks=c['tgt_masks'], has_prev=c['has_prev'],
       num_classes=config.model.num_classes,
@@ -145,17 +171,29 @@ def _fusion_inputs(key, config, state, src, tgt_flow, x_src, x_strong, pl,
                 rare=norm(src['rare_frames']),
                 prev_tgt=norm(c['tgt_frames']),
                 prev_tgt_labels=c['tgt_labels'], masks=masks)
-  xs, ys = fusion.compose(crop(x_src, True), crop(src['labels'], False),
-                          **pastes)
-  xt, yt = fusion.compose(x_strong, _target_labels(pl), **pastes)
-  if tgt_flow is None:  # image domain: no flows to mix
-    return masks, (xs, ys, None), (xt, yt, None)
-  flows = dict(prev_src_flow=crop(c['src_flow'], True),
-               prev_tgt_flow=c['tgt_flow'], masks=masks,
-               key_frame_masks=d.bugs.flow_mix_key_masks)
-  fs = fusion.mix_flow(crop(src['flow'], True), **flows)
-  ft = fusion.mix_flow(tgt_flow, **flows)
-  return masks, (xs, ys, fs), (xt, yt, ft)
+  src_labels = crop(src['labels'], False)
+  tgt_labels = _target_labels(pl)
+  xs, ys = fusion.compose(crop(x_src, True), src_labels, **pastes)
+  xt, yt = fusion.compose(x_strong, tgt_labels, **pastes)
+  fs = ft = None
+  if tgt_flow is not None:  # the image domain has no flows to mix
+    flows = dict(prev_src_flow=crop(c['src_flow'], True),
+                 prev_tgt_flow=c['tgt_flow'], masks=masks,
+                 key_frame_masks=d.bugs.flow_mix_key_masks)
+    fs = fusion.mix_flow(crop(src['flow'], True), **flows)
+    ft = fusion.mix_flow(tgt_flow, **flows)
+  clip_s, clip_t = (xs, ys, fs), (xt, yt, ft)
+  swap = None
+  if d.feature_fusion and d.feature_mode == 'swap':
+    conf = jnp.stack([pl[k] for k in ('conf_t', 'conf_t1') if k in pl], 1)
+    swap = fusion.swap_masks(
+        k_swap, src_labels=src_labels, tgt_labels=tgt_labels,
+        tgt_confident=(conf > d.confidence) & (tgt_labels < 255),
+        pasted=fusion.fused_mask(masks) > 0,
+        num_classes=config.model.num_classes,
+        num_swap_classes=d.feature_swap_classes)
+    clip_s, clip_t = fusion.apply_swap(swap, clip_s, clip_t)
+  return masks, swap, clip_s, clip_t
 
 
 def _target_labels(pl):
@@ -164,42 +202,105 @@ def _target_labels(pl):
   return jnp.stack([pl[k] for k in keys], 1)
 
 
-def _alignment_loss(config, out_src, label_src, target_outs):
-  """Category-aware spatio-temporal alignment of one batch."""
+def _class_labels(feat, probs, source):
+  """Labels (argmax of ``probs`` at the feature grid) and their reliability
+  (the probability of that label); ``source`` = (labels, probs) instead
+  keeps the true labels where the prediction agrees (the source rule)."""
+  if source is None:
+    return jnp.argmax(probs, -1), jnp.max(probs, -1)
+  labels = warp_ops.resize_nearest(source[..., None],
+                                   feat.shape[1:3])[..., 0].astype(jnp.int32)
+  pred = jnp.argmax(probs, -1)
+  safe = jnp.clip(labels, 0, probs.shape[-1] - 1)
+  rel = jnp.take_along_axis(probs, safe[..., None], -1)[..., 0]
+  return jnp.where(pred == labels, labels, -1), rel
+
+
+def _alignment_views(config, out_s, labels_src, target_passes, pl):
+  """Source and target views ``{'feat', 'label', 'reliability'}`` with
+  names, for the spatio-temporal aggregation (alignment.py)."""
+  a = config.dastc.alignment
+  cur, key = ('feat', 'key_feat') if a.feature == 'feat' else (
+      'pred', 'key_logits')
+  sg = jax.lax.stop_gradient
+  probs = lambda logits: jax.nn.softmax(sg(logits).astype(jnp.float32), -1)
+  source = []
+  for name, fk, lk, f in (('t', cur, 'pred', 0), ('t1', key, 'key_logits', 1)):
+    if fk not in out_s:
+      continue
+    lab, rel = _class_labels(out_s[fk], probs(out_s[lk]), labels_src[:, f])
+    source.append((name, {'feat': out_s[fk], 'label': lab,
+                          'reliability': rel}))
+  # Target: frame t of every pass, and each pass's key frame.
+  target = []
+  for name, out in target_passes:  # ('strong', (t, t-1)), ('clean', (t, t-2))
+    frames = [('t', cur, 'pred', 'probs_lo')]
+    if key in out:
+      frames.append((name == 'strong' and 't1' or 't2', key, 'key_logits',
+                     'probs_t1_lo' if name == 'strong' else 'probs_t2_lo'))
+    for frame, fk, lk, pk in frames:
+      teacher = pl[pk]
+      own = probs(out[lk])
+      lab = jnp.argmax(teacher if a.target_labels == 'teacher' else own, -1)
+      rel = jnp.take_along_axis(teacher, lab[..., None], -1)[..., 0]
+      target.append((f'{frame}_{name}' if frame == 't' else frame,
+                     {'feat': out[fk], 'label': lab, 'reliability': rel}))
+  return source, target
+
+
+def _alignment_loss(config, out_s, labels_src, target_passes, pl):
+  """Category-aware spatio-temporal alignment of one batch.
+
+  Returns the loss and metrics: the classes aligned and, per view, the mean
+  weight it gets over the classes present there (``align_w/{view}``).
+  """
   a = config.dastc.alignment
   num_classes = config.model.num_classes
-  key = 'pred' if a.feature == 'logits' else 'feat'
-  pred = out_src['pred']
-  lab = warp_ops.resize_nearest(label_src[..., None], pred.shape[1:3])[..., 0]
-  # Source: pixels whose prediction matches the label (method.md §4.6).
-  lab = jnp.where(jnp.argmax(pred, -1) == lab, lab, -1)
-  ps, pres_s = alignment.class_prototypes(out_src[key], lab, num_classes,
-                                          a.min_pixels)
-  protos, present, ents = [], [], []
-  for out in target_outs:  # temporal pairs (t, t-1), (t, t-2)
-    self_label = jnp.argmax(out['pred'], -1)
-    p, m = alignment.class_prototypes(out[key], self_label, num_classes,
-                                      a.min_pixels)
-    protos.append(p)
-    present.append(m)
-    ents.append(alignment.mean_entropy(out['pred']))
-  w = alignment.temporal_weights(jnp.stack(ents), a.entropy_temperature,
-                                 a.temporal == 'entropy')
-  pt, pres_t = alignment.aggregate_pairs(
-      jnp.stack(protos), jnp.stack(present), w,
-      renormalize=not config.dastc.bugs.zero_rows_in_temporal_mean)
+  info = {}
+  if a.aggregation == 'frames':
+    adaptive = a.temporal == 'adaptive'
+    views_s, views_t = _alignment_views(config, out_s, labels_src,
+                                        target_passes, pl)
+    ps, pres_s, _ = alignment.spatio_temporal_prototypes(
+        [v for _, v in views_s], num_classes, a.min_pixels,
+        a.temporal_temperature, adaptive)
+    pt, pres_t, w = alignment.spatio_temporal_prototypes(
+        [v for _, v in views_t], num_classes, a.min_pixels,
+        a.temporal_temperature, adaptive)
+    counted = jnp.maximum(jnp.sum(w > 0, 1), 1)
+    for (name, _), wv, n in zip(views_t, w, counted):
+      info[f'align_w/{name}'] = jnp.sum(wv) / n
+  else:  # 'pairs': the reference's fused pair outputs with self-labels
+    key = 'pred' if a.feature == 'logits' else 'feat'
+    pred = out_s['pred']
+    lab = warp_ops.resize_nearest(labels_src[:, 0][..., None],
+                                  pred.shape[1:3])[..., 0]
+    lab = jnp.where(jnp.argmax(pred, -1) == lab, lab, -1)
+    ps, pres_s = alignment.class_prototypes(out_s[key], lab, num_classes,
+                                            a.min_pixels)
+    protos, present, ents = [], [], []
+    for _, out in target_passes:  # (t, t-1), (t, t-2)
+      p, m = alignment.class_prototypes(out[key], jnp.argmax(out['pred'], -1),
+                                        num_classes, a.min_pixels)
+      protos.append(p)
+      present.append(m)
+      ents.append(alignment.mean_entropy(out['pred']))
+    w = alignment.temporal_weights(jnp.stack(ents), a.temporal_temperature,
+                                   a.temporal == 'adaptive')
+    pt, pres_t = alignment.aggregate_pairs(
+        jnp.stack(protos), jnp.stack(present), w,
+        renormalize=not config.dastc.bugs.zero_rows_in_temporal_mean)
+    for (name, _), wv in zip(target_passes, w):
+      info[f'align_w/{name}'] = wv
   if a.kind == 'mmd':
     loss = alignment.mmd_rbf(ps, pt)
-  elif a.kind == 'contrastive':
+  else:  # 'contrastive' (validated in ``check_config``)
     if a.detach_source:
       ps = jax.lax.stop_gradient(ps)
     loss = alignment.contrastive(ps, pt, pres_s & pres_t,
                                  temperature=a.temperature, margin=a.margin)
-  else:
-    raise ValueError(f"Unknown config.dastc.alignment.kind={a.kind!r}; "
-                     "expected 'contrastive', 'mmd' or 'none'.")
-  return loss, {'align_weight_t1': w[0],
-                'align_classes': jnp.sum(pres_s & pres_t).astype(jnp.float32)}
+  info['align_classes'] = jnp.sum(pres_s & pres_t).astype(jnp.float32)
+  return loss, info
 
 
 def _next_target_masks(key, config, pl, source_classes):
@@ -213,6 +314,29 @@ def _next_target_masks(key, config, pl, source_classes):
            (pl[f'conf_{f}'] > d.confidence)
            for f in ('t', 't1') if f'label_{f}' in pl]
   return jnp.stack(masks, 1)  # [B, T, H, W]: M_d (, M_c)
+
+
+def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
+                         class_names: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Pseudo-label quality against held-out target labels (monitoring).
+
+  Returns ``pl_accuracy`` (pixel accuracy), and per class k
+  ``pl_recall/{k}`` (share of k's pixels labelled k; NaN when k is absent
+  from the batch) and ``pl_share/{k}`` (share of valid pixels the
+  pseudo-labels call k), so a class that swallows others is visible.
+  """
+  c = len(class_names)
+  lab = label.astype(jnp.int32)
+  valid = lab < c
+  n = jnp.maximum(jnp.sum(valid), 1)
+  out = {'pl_accuracy': jnp.sum((pl_label == lab) & valid) / n}
+  for k, name in enumerate(class_names):
+    gt = (lab == k) & valid
+    hit = jnp.sum(gt & (pl_label == k))
+    out[f'pl_recall/{name}'] = jnp.where(jnp.any(gt), hit / jnp.maximum(
+        jnp.sum(gt), 1), jnp.nan)
+    out[f'pl_share/{name}'] = jnp.sum((pl_label == k) & valid) / n
+  return out
 
 
 def make_dastc_step(config: ml_collections.ConfigDict,
@@ -229,6 +353,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   ``flow_t_t2``, ``flow_t1_t2``, and ``label`` (monitoring only). In the
   image domain every clip has one frame and there are no flows.
   """
+  check_config(config)
   d = config.dastc
   video = models.clip_length(config.model) == 2
   n_frames = 2 if video else 1
@@ -239,62 +364,75 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   schedules = optim.group_schedules(config.optim,
                                     optim.adaptation_start(config))
   layer = d.feature_layer if d.feature_fusion else None
-  mix_fn = functools.partial(fusion.feature_mix,
-                             other_weight=d.feature_other_weight)
+  if d.feature_mode == 'blend':
+    mix_fn = functools.partial(fusion.feature_mix,
+                               other_weight=d.feature_other_weight)
+  else:
+    mix_fn = fusion.feature_swap
+  class_names = labels_lib.get_class_set(config.data.class_set).classes
   ce = losses.cross_entropy
   ce_up = losses.upsampled_cross_entropy
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_drop, k_aug, k_mix, k_next = jax.random.split(rng, 4)
+    # One split per step; every random choice has its own key.
+    (k_drop, k_aug, k_paste, k_swap, k_next, k_flip,
+     k_teacher) = jax.random.split(rng, 7)
     src, tgt = batch['source'], batch['target']
     size = tgt['frames'].shape[2:4]
     x_src = image_ops.normalize(src['frames'], dtype)  # [B, T, Hs, Ws, 3]
-    y_src = src['labels'][:, 0].astype(jnp.int32)
+    y_src = src['labels'].astype(jnp.int32)  # [B, T, Hs, Ws]
     x_tgt = image_ops.normalize(tgt['frames'], dtype)  # [B, T+1, Ht, Wt, 3]
     src_flow, tgt_flow = src.get('flow'), tgt.get('flow')
 
     pl, teacher, stats0 = _pseudo_labels(config, graphdef, state, x_tgt,
-                                         tgt, size, adapt_start, rng)
+                                         tgt, size, adapt_start, k_flip,
+                                         k_teacher)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
     x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],
                                   d.strong_aug, dtype)
     if d.image_fusion:
-      masks, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
-          k_mix, config, state, src, tgt_flow, x_src, x_st, pl_loss,
-          size)
+      masks, swap, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
+          (k_paste, k_swap), config, state, src, tgt_flow, x_src, x_st,
+          pl_loss, size)
       clip_sm = (xs_m[:, 0], xs_m[:, 1], fs_m) if video else (xs_m[:, 0],)
       clip_tm = (xt_m[:, 0], xt_m[:, 1], ft_m) if video else (xt_m[:, 0],)
+      mix_masks = swap if swap is not None else fusion.fused_mask(masks)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, stats0)
       keys = jax.random.split(k_drop, 4)
       out_s = model.clip(x_src, src_flow, train=True, rng=keys[0])
-      l_src = ce_up(out_s['pred'], y_src) + aux_w * ce_up(out_s['pred_aux'],
-                                                          y_src)
+      l_src = ce_up(out_s['pred'], y_src[:, 0]) + aux_w * ce_up(
+          out_s['pred_aux'], y_src[:, 0])
       out_st = model.clip(x_st, tgt_flow, train=True, rng=keys[1])
       l_cons = ce(out_st['pred'], pl_loss['label_lo']) + aux_w * ce(
           out_st['pred_aux'], pl_loss['label_aux_lo'])
+      # The running averages every variant shares: these two passes.
+      fixed_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
       total = l_src + lam * l_cons
       if d.image_fusion:
         out_sm, out_tm = model.mixed_pair(
-            clip_sm, clip_tm, fusion.fused_mask(masks), layer=layer, mix_fn=mix_fn,
+            clip_sm, clip_tm, mix_masks, layer=layer, mix_fn=mix_fn,
             train=True, rng=keys[2], lt_mask=masks['lt'])
         terms['loss_src_mix'] = ce(out_sm['pred'], ys_m[:, 0])
         terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0])
+        terms.update(out_sm['mix_info'])
         total += terms['loss_src_mix'] + lam * terms['loss_tgt_mix']
       if d.alignment.kind != 'none':
-        pairs = [out_st]
+        passes = [('strong', out_st)]
         if d.alignment.pairs == 2 and video:
-          pairs.append(model(x_tgt[:, 0], x_tgt[:, 2], tgt['flow_t_t2'],
-                             train=True, rng=keys[3]))
-        l_align, info = _alignment_loss(config, out_s, y_src, pairs)
+          passes.append(('clean', model(x_tgt[:, 0], x_tgt[:, 2],
+                                        tgt['flow_t_t2'], train=True,
+                                        rng=keys[3])))
+        l_align, info = _alignment_loss(config, out_s, y_src, passes, pl)
         terms['loss_align'] = l_align
         terms.update(info)
         total += d.alignment.weight * l_align
-      stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      stats = (fixed_stats if d.bn_update == 'fixed' else
+               nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
       return total, (terms, stats)
 
     (loss, (terms, stats)), grads = jax.value_and_grad(
@@ -321,10 +459,8 @@ def make_dastc_step(config: ml_collections.ConfigDict,
                'lr_head': schedules['head'](state.step),
                'pl_confident': jnp.mean(pl['conf_t'] > d.confidence)}
     if 'label' in tgt:  # monitoring only: never used by a loss
-      lab = tgt['label'].astype(jnp.int32)
-      valid = lab < config.model.num_classes
-      metrics['pl_accuracy'] = jnp.sum((pl['label_t'] == lab) & valid) / (
-          jnp.maximum(jnp.sum(valid), 1))
+      metrics.update(pseudo_label_metrics(pl['label_t'], tgt['label'],
+                                          class_names))
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=stats, opt_state=opt_state,
                               teacher=teacher, carried=carried)
@@ -332,3 +468,40 @@ def make_dastc_step(config: ml_collections.ConfigDict,
                             new_state, metrics)
 
   return step
+
+
+_CHOICES = {
+    'teacher': ('ema', 'reference'),
+    'feature_mode': ('swap', 'blend'),
+    'bn_update': ('fixed', 'all'),
+    'alignment.kind': ('contrastive', 'mmd', 'none'),
+    'alignment.feature': ('feat', 'logits'),
+    'alignment.aggregation': ('frames', 'pairs'),
+    'alignment.target_labels': ('teacher', 'student'),
+    'alignment.temporal': ('adaptive', 'uniform'),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails, with the key, on ``config.dastc`` values that cannot work
+  (before anything is traced)."""
+  d = config.dastc
+  for path, allowed in _CHOICES.items():
+    node = d
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    if node[leaf] not in allowed:
+      raise ValueError(f'config.dastc.{path}={node[leaf]!r}; expected one of '
+                       f'{allowed}.')
+  stages = models.shallow_stages()
+  if d.feature_fusion and d.feature_layer not in stages:
+    raise ValueError(f'config.dastc.feature_layer={d.feature_layer!r}; '
+                     f'expected one of {stages} (a stage before the last).')
+  if d.alignment.pairs not in (1, 2):
+    raise ValueError(f'config.dastc.alignment.pairs={d.alignment.pairs!r}; '
+                     'expected 1 (t, t-1) or 2 (and t, t-2).')
+  if d.feature_fusion and not d.image_fusion:
+    raise ValueError('config.dastc.feature_fusion=True needs '
+                     'config.dastc.image_fusion=True: the shallow features '
+                     'are exchanged between the two fused clips.')

@@ -7,9 +7,18 @@ into a *source-context* clip and a *target-context* clip. Every mask comes
 from one class set per clip, applied to each frame with that frame's own
 labels; the flows are mixed with the same masks, and so are the labels.
 
-Shallow-feature level: inside the fused mask, the shallow features of the
-two mixed clips are blended (``feature_mix``), forming the two intermediate
-domains at the feature level too.
+Shallow-feature level (``feature_mode='swap'``, the default): after the
+shallow stage, regions of *current-iteration* classes are exchanged between
+the two fused clips. The target-context clip receives the source clip's
+features of a few current source classes, the source-context clip receives
+the target clip's features of a few confident pseudo-label classes. Each
+clip uses one class set, applied per frame with that frame's own labels;
+the labels and the flows t->t-1 follow the same masks, and the key frame
+(t-1) is exchanged with its own t-1 mask, so the flow-guided warp reads the
+exchanged key-frame scores where the object moved to. The pasted regions of
+the image level are excluded: there both clips already hold the same
+pixels. ``feature_mode='blend'`` is the reference decoder variant's formula
+(``0.7 own + 0.3 other`` inside the fused mask). See docs/method.md.
 
 Everything is pure JAX on batched arrays: ``[B, T, H, W, ...]`` clips with
 T = 2 frames (t, t-1).
@@ -177,8 +186,106 @@ def mix_flow(base_flow: Array, *, prev_src_flow: Array, prev_tgt_flow: Array,
   return jnp.where(masks['tgt'][:, f][..., None], prev_tgt_flow, out)
 
 
+def _resize_mask(mask: Array, shape: tuple[int, ...], dtype) -> Array:
+  """``[B, H, W]`` mask -> ``[B, h, w, 1]`` (nearest) at a feature grid."""
+  return jax.image.resize(mask.astype(dtype), shape[:3], 'nearest')[..., None]
+
+
+def relative_difference(feat_a: Array, feat_b: Array, mask: Array) -> Array:
+  """``||a - b|| / ||b||`` over the pixels of ``mask`` ``[B, h, w, 1]``
+  (0 for an empty mask); how much an exchange changes the features."""
+  diff = jnp.sum(mask * (feat_a - feat_b).astype(jnp.float32) ** 2)
+  ref = jnp.sum(mask * feat_b.astype(jnp.float32) ** 2)
+  return jnp.sqrt(diff / jnp.maximum(ref, 1e-12))
+
+
+def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
+                 ) -> tuple[Array, Array, dict[str, Array]]:
+  """Exchanges shallow features between the two fused clips (one frame).
+
+  Args:
+    feat_s: ``[B, h, w, C]`` source-context clip features.
+    feat_t: ``[B, h, w, C]`` target-context clip features.
+    masks: ``to_s`` ``[B, H, W]`` (target features go into the source
+      clip there) and ``to_t`` (source features go into the target clip).
+
+  Returns:
+    The exchanged ``(feat_s, feat_t)`` and ``{'feat_rel_diff_to_s',
+    'feat_rel_diff_to_t'}``: the relative difference of the features being
+    replaced, measured before the exchange (0 would mean a no-op).
+  """
+  to_s = _resize_mask(masks['to_s'], feat_s.shape, feat_s.dtype)
+  to_t = _resize_mask(masks['to_t'], feat_t.shape, feat_t.dtype)
+  info = {'feat_rel_diff_to_s': relative_difference(feat_t, feat_s, to_s),
+          'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t)}
+  new_s = jnp.where(to_s > 0, feat_t, feat_s)
+  new_t = jnp.where(to_t > 0, feat_s, feat_t)
+  return new_s, new_t, info
+
+
+def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
+               tgt_confident: Array, pasted: Array, num_classes: int,
+               num_swap_classes: int) -> dict[str, Array]:
+  """The shallow-feature exchange masks of one iteration.
+
+  Args:
+    key: PRNG key.
+    src_labels: ``[B, T, H, W]`` labels of the current source clip (window).
+    tgt_labels: ``[B, T, H, W]`` pseudo-labels of the current target clip.
+    tgt_confident: ``[B, T, H, W]`` bool, confident pseudo-labels.
+    pasted: ``[B, T, H, W]`` the image-level paste mask (excluded).
+    num_classes: C.
+    num_swap_classes: classes per direction and clip.
+
+  Returns:
+    ``to_t`` (current source classes, frame by frame) and ``to_s``
+    (confident current pseudo-label classes, not among the source ones)
+    ``[B, T, H, W]`` bool, and the picked ``src_classes``/``tgt_classes``
+    ``[B, n]``.
+  """
+  k_src, k_tgt = jax.random.split(key)
+  b = src_labels.shape[0]
+  free = ~pasted.astype(bool)
+  src_cls = jax.vmap(lambda k, lab: pick_classes(
+      k, lab[0], num_swap_classes, num_classes))(
+          jax.random.split(k_src, b), src_labels)
+  tgt_cls = jax.vmap(lambda k, lab, conf, ex: pick_classes(
+      k, jnp.where(conf[0], lab[0], -1), num_swap_classes, num_classes, ex))(
+          jax.random.split(k_tgt, b), tgt_labels, tgt_confident, src_cls)
+  to_t = jax.vmap(class_mask)(src_labels, src_cls) & free
+  to_s = jax.vmap(class_mask)(tgt_labels, tgt_cls) & tgt_confident & free
+  return {'to_s': to_s, 'to_t': to_t, 'src_classes': src_cls,
+          'tgt_classes': tgt_cls}
+
+
+def apply_swap(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
+               clip_t: tuple[Array, Array, Any]
+               ) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
+  """Labels and flows of the two fused clips after the feature exchange.
+
+  Args:
+    masks: from ``swap_masks``.
+    clip_s: ``(frames, labels [B, T, H, W], flow [B, H, W, 2] or None)`` of
+      the source-context clip (frames are returned unchanged: the exchange
+      happens on features).
+    clip_t: the same for the target-context clip.
+
+  Returns:
+    The two clips with exchanged labels (every frame) and flows (frame t's
+    masks, the flow's grid).
+  """
+  (xs, ys, fs), (xt, yt, ft) = clip_s, clip_t
+  ys2 = jnp.where(masks['to_s'], yt, ys)
+  yt2 = jnp.where(masks['to_t'], ys, yt)
+  if fs is not None:
+    fs, ft = (jnp.where(masks['to_s'][:, 0, ..., None], ft, fs),
+              jnp.where(masks['to_t'][:, 0, ..., None], fs, ft))
+  return (xs, ys2, fs), (xt, yt2, ft)
+
+
 def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
-                other_weight: float) -> tuple[Array, Array]:
+                other_weight: float
+                ) -> tuple[Array, Array, dict[str, Array]]:
   """Blends the two clips' shallow features inside the fused mask.
 
   ``s' = s + m * w * (t - s)`` and ``t' = t + m * w * (s - t)`` with
@@ -192,11 +299,14 @@ def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
     other_weight: weight of the other clip's feature inside the mask.
 
   Returns:
-    The mixed ``(feat_s, feat_t)``.
+    The mixed ``(feat_s, feat_t)`` and ``{'feat_rel_diff'}``, the relative
+    difference of the two clips' features inside the mask before mixing.
   """
-  m = jax.image.resize(mask.astype(feat_s.dtype), feat_s.shape[:3],
-                       'nearest')[..., None] * other_weight
-  return feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t)
+  inside = _resize_mask(mask, feat_s.shape, feat_s.dtype)
+  m = inside * other_weight
+  info = {'feat_rel_diff': relative_difference(feat_s, feat_t, inside)}
+  return (feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t),
+          info)
 
 
 def fused_mask(masks: dict[str, Any]) -> Array:

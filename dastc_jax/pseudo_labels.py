@@ -54,7 +54,8 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
   Returns:
     ``label_lo``/``label_aux_lo`` ``[B, h, w]`` (warped argmax at the score
     resolution, targets of the consistency loss) with their confidences
-    ``conf_lo``/``conf_aux_lo``; ``label_t``/``conf_t``
+    ``conf_lo``/``conf_aux_lo`` and the warped probabilities ``probs_lo``
+    ``[B, h, w, C]``; ``label_t``/``conf_t``
     ``[B, H, W]`` (warped to t, upsampled) and ``label_t1``/``conf_t1`` (the
     unwarped frame t-1) at full resolution.
   """
@@ -66,6 +67,7 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
   warped = warp_ops.warp(probs, warp_ops.resize_flow(flow_t_t1, out_size))
   conf_t1 = jnp.max(up if confidence_from_logit else probs, -1)
   return {
+      'probs_lo': warped_lo,
       'label_lo': jnp.argmax(warped_lo, -1).astype(jnp.int32),
       'conf_lo': jnp.max(warped_lo, -1),
       'label_aux_lo': jnp.argmax(warped_aux, -1).astype(jnp.int32),

@@ -47,7 +47,7 @@ _FROZEN_KEYS = ('model.', 'data.class_set', 'method')
 # model.* keys that change speed, not the function: a run may resume under
 # another value.
 _RESUMABLE_KEYS = ('model.conv_kernel_grad',)
-METHODS = ('dastc', 'source_only', 'target_only')
+METHODS = ('dastc', 'source_only', 'source_only_hm', 'target_only')
 
 
 NonFiniteLossError = divergence.NonFiniteLossError
@@ -79,6 +79,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
                     'adaptation step will run.',
                     config.train.source_only_steps, config.train.num_steps)
+  if config.method == 'dastc':
+    dastc_step.check_config(config)
+  if config.method == 'source_only_hm' and not config.data.histogram_match:
+    raise ValueError("config.method='source_only_hm' needs "
+                     'config.data.histogram_match=True.')
   if config.method == 'dastc' and config.model.get('head', 'proda') != 'proda':
     raise ValueError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
@@ -191,7 +196,7 @@ def _make_steps(config, graphdef, tx, state_sharding, data, repl):
     return [(0, jit(step_lib.make_train_step(config, graphdef, tx,
                                              'target')))]
   source = (0, jit(step_lib.make_train_step(config, graphdef, tx, 'source')))
-  if config.method == 'source_only':
+  if config.method in ('source_only', 'source_only_hm'):
     return [source]
   adapt = (config.train.source_only_steps,
            jit(dastc_step.make_dastc_step(config, graphdef, tx)))

@@ -136,3 +136,49 @@ def test_alignment_is_the_same_on_1_and_4_devices():
   # Sharded sums reduce in a different order: float32 rounding only.
   np.testing.assert_allclose(values[1], values[0], rtol=1e-5)
   assert values[0] > 0.01
+
+
+def _view(feat, label, rel):
+  return {'feat': jnp.asarray(feat, jnp.float32),
+          'label': jnp.asarray(label), 'reliability': jnp.asarray(rel,
+                                                                 jnp.float32)}
+
+
+def test_a_class_seen_only_in_frame_t1_gets_a_prototype():
+  """Frame t has class 0 only; frame t-1 also has class 1, which therefore
+  gets frame t-1's mean feature as its prototype."""
+  feat_t = np.zeros((1, 2, 2, 3))
+  feat_t1 = np.zeros((1, 2, 2, 3))
+  feat_t1[0, 1] = [0.0, 4.0, 0.0]  # class 1 in t-1's bottom row
+  views = [_view(feat_t + 1.0, [[[0, 0], [0, 0]]], np.ones((1, 2, 2))),
+           _view(feat_t1, [[[0, 0], [1, 1]]], np.ones((1, 2, 2)))]
+  protos, present, w = alignment.spatio_temporal_prototypes(
+      views, 3, 1, 0.1, True)
+  np.testing.assert_array_equal(np.asarray(present), [True, True, False])
+  np.testing.assert_allclose(np.asarray(protos[1]), [0.0, 4.0, 0.0])
+  np.testing.assert_allclose(np.asarray(w[:, 1]), [0.0, 1.0])
+  np.testing.assert_allclose(np.asarray(w[:, 2]), [0.0, 0.0])
+  # Class 0 is in both frames: equal reliability, equal weights.
+  np.testing.assert_allclose(np.asarray(w[:, 0]), [0.5, 0.5])
+  np.testing.assert_allclose(np.asarray(protos[0]), [0.5, 0.5, 0.5])
+
+
+def test_weights_move_towards_the_more_reliable_frame_per_class():
+  """Per class: class 0 is more reliable in frame t, class 1 in t-1."""
+  label = [[[0, 1]]]
+  views = [_view([[[[1.0], [1.0]]]], label, [[[0.9, 0.5]]]),
+           _view([[[[3.0], [3.0]]]], label, [[[0.6, 0.8]]])]
+  protos, _, w = alignment.spatio_temporal_prototypes(views, 2, 1, 0.1, True)
+  w = np.asarray(w)
+  assert w[0, 0] > 0.9 and w[1, 1] > 0.9  # softmax(r / 0.1)
+  np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w[:, 0], jax.nn.softmax(jnp.asarray([9.0, 6.0])),
+                             rtol=1e-5)
+  assert float(protos[0, 0]) < 1.2 and float(protos[1, 0]) > 2.8
+  _, _, u = alignment.spatio_temporal_prototypes(views, 2, 1, 0.1, False)
+  np.testing.assert_allclose(np.asarray(u), 0.5)
+  # Gradients reach the features, never the reliability.
+  g = jax.grad(lambda r: jnp.sum(alignment.spatio_temporal_prototypes(
+      [dict(views[0], reliability=r), views[1]], 2, 1, 0.1, True)[0]))(
+          views[0]['reliability'])
+  np.testing.assert_array_equal(np.asarray(g), 0.0)

@@ -5,19 +5,26 @@ import pytest
 from dastc_jax.benchmarks import adaptation
 
 
-def test_every_variant_continues_from_the_shared_warm_start():
-  warm = adaptation.run_config(0, None, '/w/seed0/warm')
-  assert warm.method == 'source_only'
+def test_every_variant_continues_from_its_warm_start():
+  warm = adaptation.run_config(0, None, 'hm', '/w/seed0/warm_hm')
+  assert warm.method == 'source_only_hm'
   assert warm.train.init_from == ''
   assert warm.train.num_steps == adaptation.FLAGS.warm_steps
-  configs = {v: adaptation.run_config(0, v, '/w/seed0/warm')
-             for v in adaptation.VARIANTS}
+  assert adaptation.run_config(0, None, 'plain', '/w').method == 'source_only'
+  configs = {v: adaptation.run_config(0, v, w, f'/w/seed0/warm_{w}')
+             for v, (_, w) in adaptation.VARIANTS.items()}
   for v, c in configs.items():
-    assert c.train.init_from == '/w/seed0/warm/checkpoints', v
+    w = adaptation.VARIANTS[v][1]
+    assert c.train.init_from == f'/w/seed0/warm_{w}/checkpoints', v
     assert c.train.num_steps == adaptation.FLAGS.adapt_steps, v
     assert c.train.source_only_steps == 0, v
     assert c.seed == 0, v
+    assert c.data.synthetic.shift == adaptation.FLAGS.world
+  # The plain baseline never reads the target; everything else starts from
+  # the histogram-matched warm start.
+  assert adaptation.VARIANTS['source_only'][1] == 'plain'
   assert configs['source_only'].method == 'source_only'
+  assert configs['source_only_hm'].method == 'source_only_hm'
   assert configs['oracle'].method == 'target_only'
   d = {v: c.dastc for v, c in configs.items()}
   assert (d['dastc'].image_fusion, d['dastc'].feature_fusion,
@@ -42,19 +49,24 @@ def test_every_variant_continues_from_the_shared_warm_start():
     diff = {k for k in base['dastc'] if base['dastc'][k] != other['dastc'][k]}
     assert diff == ({'feature_fusion'} if v == 'no_feature_fusion' else
                     {'alignment'}), (v, diff)
-  assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS
+  assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS['video']
   assert configs['dastc'].data.histogram_match
   assert not configs['no_histogram_match'].data.histogram_match
 
 
-def test_table_reports_mean_and_std_over_every_seed():
-  table = adaptation._table({'a': {0: 10.0, 1: 20.0, 2: 30.0}}, [0, 1, 2])  # pylint: disable=protected-access
-  assert '| a | 20.0 ± 10.0 | 10.0 | 20.0 | 30.0 |' in table
+def test_table_reports_mean_std_and_paired_differences():
+  table = adaptation.table({'dastc': {0: 12.0, 1: 21.0, 2: 33.0},
+                            'a': {0: 10.0, 1: 20.0, 2: 30.0}}, [0, 1, 2],
+                           {'a': [2.0, 4.0]})
+  assert '| dastc | 22.0 ± 10.5 | 12.0 | 21.0 | 33.0 | - | - | reused |' in (
+      table)
+  assert ('| a | 20.0 ± 10.0 | 10.0 | 20.0 | 30.0 | -2.0 ± 1.0 (-2.0, -1.0, '
+          '-3.0) | 3/3 | 3.0 |') in table
 
 
 def test_unknown_variant_is_refused():
   with pytest.raises(KeyError):
-    adaptation.run_config(0, 'no_such_variant', '/w')
+    adaptation.run_config(0, 'no_such_variant', 'hm', '/w')
 
 
 def test_input_benchmark_report_and_core_count():

@@ -106,10 +106,13 @@ def test_feature_mix_is_identity_on_an_empty_mask():
   k = jax.random.split(jax.random.key(0), 2)
   fs = jax.random.normal(k[0], (2, 4, 5, 8))
   ft = jax.random.normal(k[1], (2, 4, 5, 8))
-  s2, t2 = fusion.feature_mix(fs, ft, jnp.zeros((2, 16, 20)), 0.3)
+  s2, t2, info = fusion.feature_mix(fs, ft, jnp.zeros((2, 16, 20)), 0.3)
   np.testing.assert_array_equal(np.asarray(s2), np.asarray(fs))
   np.testing.assert_array_equal(np.asarray(t2), np.asarray(ft))
-  s3, t3 = fusion.feature_mix(fs, ft, jnp.ones((2, 16, 20)), 0.3)
+  assert float(info['feat_rel_diff']) == 0.0
+  s3, t3, info = fusion.feature_mix(fs, ft, jnp.ones((2, 16, 20)), 0.3)
+  ref = np.linalg.norm(fs - ft) / np.linalg.norm(ft)
+  np.testing.assert_allclose(float(info['feat_rel_diff']), ref, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(s3), 0.7 * fs + 0.3 * ft, atol=1e-6)
   np.testing.assert_allclose(np.asarray(t3), 0.7 * ft + 0.3 * fs, atol=1e-6)
 
@@ -121,3 +124,53 @@ def test_crop_takes_the_window_per_example():
                                                                  2:5]))
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(x[1, :, 0:4,
                                                                  3:6]))
+
+
+def test_swap_masks_take_current_classes_outside_the_pastes():
+  """to_t: the picked current source classes, frame by frame; to_s: picked
+  confident pseudo-label classes other than those; pasted pixels never."""
+  b, h, w = 3, 6, 8
+  rng = np.random.default_rng(0)
+  src = jnp.asarray(rng.integers(0, 4, (b, 2, h, w)))
+  tgt = jnp.asarray(rng.integers(0, 4, (b, 2, h, w)))
+  conf = jnp.asarray(rng.random((b, 2, h, w)) > 0.3)
+  pasted = jnp.zeros((b, 2, h, w), bool).at[:, :, :2].set(True)
+  m = fusion.swap_masks(jax.random.key(1), src_labels=src, tgt_labels=tgt,
+                        tgt_confident=conf, pasted=pasted, num_classes=4,
+                        num_swap_classes=1)
+  for i in range(b):
+    ks, kt = int(m['src_classes'][i, 0]), int(m['tgt_classes'][i, 0])
+    assert ks >= 0 and kt >= 0 and ks != kt  # one class set per clip
+    np.testing.assert_array_equal(
+        np.asarray(m['to_t'][i]), (np.asarray(src[i]) == ks) &
+        ~np.asarray(pasted[i]))
+    np.testing.assert_array_equal(
+        np.asarray(m['to_s'][i]), (np.asarray(tgt[i]) == kt) &
+        np.asarray(conf[i]) & ~np.asarray(pasted[i]))
+  # Labels follow every frame's mask, flows frame t's (their grid).
+  ys, yt = jnp.zeros((b, 2, h, w), int), jnp.ones((b, 2, h, w), int)
+  fs, ft = jnp.zeros((b, h, w, 2)), jnp.ones((b, h, w, 2))
+  (_, ys2, fs2), (_, yt2, ft2) = fusion.apply_swap(m, (None, ys, fs),
+                                                   (None, yt, ft))
+  np.testing.assert_array_equal(np.asarray(ys2), np.asarray(m['to_s']))
+  np.testing.assert_array_equal(np.asarray(yt2), ~np.asarray(m['to_t']))
+  np.testing.assert_array_equal(np.asarray(fs2[..., 0]),
+                                np.asarray(m['to_s'][:, 0]))
+  np.testing.assert_array_equal(np.asarray(ft2[..., 0]),
+                                ~np.asarray(m['to_t'][:, 0]))
+
+
+def test_feature_swap_exchanges_inside_the_masks_only():
+  k = jax.random.split(jax.random.key(0), 2)
+  fs = jax.random.normal(k[0], (1, 4, 5, 3))
+  ft = jax.random.normal(k[1], (1, 4, 5, 3))
+  to_s = jnp.zeros((1, 8, 10), bool).at[:, :4].set(True)  # rows 0-1 at 1/2
+  to_t = jnp.zeros((1, 8, 10), bool).at[:, 6:].set(True)  # row 3
+  s2, t2, info = fusion.feature_swap(fs, ft, {'to_s': to_s, 'to_t': to_t})
+  np.testing.assert_array_equal(np.asarray(s2[:, :2]), np.asarray(ft[:, :2]))
+  np.testing.assert_array_equal(np.asarray(s2[:, 2:]), np.asarray(fs[:, 2:]))
+  np.testing.assert_array_equal(np.asarray(t2[:, 3:]), np.asarray(fs[:, 3:]))
+  np.testing.assert_array_equal(np.asarray(t2[:, :3]), np.asarray(ft[:, :3]))
+  ref = np.linalg.norm(ft[:, :2] - fs[:, :2]) / np.linalg.norm(fs[:, :2])
+  np.testing.assert_allclose(float(info['feat_rel_diff_to_s']), ref,
+                             rtol=1e-5)

@@ -239,6 +239,7 @@ def test_feature_fusion_in_the_model(layer):
         train=False, rng=None, lt_mask=None)
 
   out_s, out_t = mixed(jnp.zeros((2, 2, 40, 48)), 0.3)
+  assert float(out_s['mix_info']['feat_rel_diff_f0']) == 0.0  # empty mask
   for key in ('pred', 'pred_aux'):
     np.testing.assert_allclose(out_s[key], plain_s[key], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out_t[key], plain_t[key], rtol=1e-5, atol=1e-5)
@@ -246,6 +247,20 @@ def test_feature_fusion_in_the_model(layer):
   for key in ('pred', 'pred_aux'):
     np.testing.assert_allclose(out_s[key], plain_t[key], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out_t[key], plain_s[key], rtol=1e-5, atol=1e-5)
+  # The key frame is exchanged with its own (t-1) mask: exchanging only
+  # frame t changes the fused output but not the current-frame logits'
+  # source (they are the other clip's), and the key logits stay the clip's.
+  only_t = jnp.stack([jnp.ones((2, 40, 48)), jnp.zeros((2, 40, 48))], 1)
+  swap_s, _ = model.mixed_pair(
+      (xs[0], xs[1], flow), (xs[2], xs[3], flow),
+      {'to_s': only_t, 'to_t': only_t}, layer=layer,
+      mix_fn=fusion.feature_swap, train=False, rng=None, lt_mask=None)
+  np.testing.assert_allclose(swap_s['logits'], plain_t['logits'], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(swap_s['key_logits'], plain_s['key_logits'],
+                             rtol=1e-5, atol=1e-5)
+  assert float(swap_s['mix_info']['feat_rel_diff_to_s_f0']) > 0.1
+  assert float(swap_s['mix_info']['feat_rel_diff_to_s_f1']) == 0.0
   assert float(jnp.abs(plain_s['pred'] - plain_t['pred']).max()) > 1e-3
 
 

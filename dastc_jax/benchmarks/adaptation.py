@@ -1,31 +1,43 @@
 """Does adaptation help? DA-STC, baselines and ablations on the synthetic world.
 
-  python -m dastc_jax.benchmarks.adaptation --workdir=runs/adaptation
+  python -m dastc_jax.benchmarks.adaptation --world=default
+  python -m dastc_jax.benchmarks.adaptation --world=hard
+  python -m dastc_jax.benchmarks.adaptation --world=default --domain=image
 
-For every seed: one source-only warm start (``--warm_steps``), then every
-variant continues from that checkpoint for ``--adapt_steps`` with the same
-data and budget (the reference likewise adapts from a pre-trained model):
+Each command is one sub-benchmark (each under 2 hours on 2 cores). For every
+seed, two source-only warm starts are trained (``--warm_steps``): a plain one
+and one on source frames histogram-matched to target frames (the input-level
+adaptation that a DA-STC run's warm-start phase also uses). Every variant
+continues from one of them for ``--adapt_steps`` with the same data and
+budget (the reference likewise adapts from a pre-trained model):
 
-* ``source_only``: more source-only training (the baseline);
+* ``source_only``: more plain source-only training (from the plain warm
+  start): the model that never saw the target;
+* ``source_only_hm``: more source-only training with histogram matching:
+  the input-level adaptation alone;
 * ``pseudo_label_only``: TPS-like - cross-frame pseudo-labels and the
   strong-augmentation consistency, no fusion, no alignment;
 * ``dastc``: DA-STC, all parts;
 * ``no_image_fusion`` (no fused clips, hence no feature fusion either),
-  ``no_feature_fusion``, ``no_alignment``, ``mmd_alignment`` (the
-  reference's RBF-MMD instead of the contrastive alignment);
+  ``no_feature_fusion``, ``no_alignment``;
 * ``oracle``: trained on the target's labels.
 
-Not in the default list: ``reference_teacher``, DA-STC with the released
-code's teacher (the frozen warm start for the first 20% of the steps, as 8k
-of 40k in the reference, then the student itself) instead of the EMA mean
-teacher; ``--variants=dastc,reference_teacher --output=benchmarks/teacher.md``
-compares the two (finished runs are reused, not retrained);
-``no_histogram_match``, DA-STC without matching the source frames'
-histograms to the target frame.
+Extra variants (``--variants=...``): ``mmd_alignment`` (the reference's
+RBF-MMD on logits), ``blend_feature_fusion`` (the reference decoder
+variant's blend), ``pairs_alignment`` (the reference's per-pair aggregation),
+``uniform_temporal``, ``student_labels_alignment``, ``reference_teacher``
+(the frozen warm start for the first 20% of the steps, then the student),
+``no_histogram_match``, ``no_confidence_threshold``.
 
-Each run is an ordinary training run in ``{workdir}/seed{S}/{variant}``
-(resumable); the table of target-val mIoU (last checkpoint, mean +- std over
-seeds) goes to ``--output`` (markdown) and a JSON beside it.
+The image domain (``--domain=image``) trains single-frame DeepLabv2 on the
+world's GTA5-layout source and Cityscapes-layout target (19 classes) with
+``source_only``, ``source_only_hm``, ``pseudo_label_only`` and ``dastc``.
+
+Each run is an ordinary training run in
+``{workdir}/{world}-{domain}/seed{S}/{variant}`` (resumable; finished runs
+are reused). The report (``--output``, markdown plus a JSON beside it) has
+target-val mIoU of the last checkpoint (mean +- std over seeds, per seed),
+the paired per-seed difference to ``dastc`` and the training wall time.
 """
 
 from __future__ import annotations
@@ -42,102 +54,174 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import common
 from configs import synthetic as synthetic_config
 from dastc_jax import log_filter
 from dastc_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/adaptation', 'Output folder of the runs.')
-flags.DEFINE_string('output', 'benchmarks/adaptation.md', 'Markdown table.')
+flags.DEFINE_enum('world', 'default', ['default', 'hard'],
+                  'Synthetic world (data.synthetic.shift).')
+flags.DEFINE_enum('domain', 'video', ['video', 'image'],
+                  'Video (ACCEL, VIPER/Cityscapes-Seq layouts) or image '
+                  '(DeepLabv2, GTA5/Cityscapes layouts).')
+flags.DEFINE_string('output', '', 'Markdown report (default: '
+                    'benchmarks/adaptation_{world}[_image].md).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (all of them are reported).')
-flags.DEFINE_list('variants', None, 'Subset of variants (default: all).')
+flags.DEFINE_list('variants', None, 'Subset of variants (default: the '
+                  "domain's default list).")
 flags.DEFINE_integer('warm_steps', 1200, 'Source-only warm-start steps.')
 flags.DEFINE_integer('adapt_steps', 250, 'Steps of every variant.')
 flags.DEFINE_integer('warm_batch_size', 4, 'Warm-start global batch.')
 flags.DEFINE_integer('batch_size', 4, 'Global batch of the variants.')
 
+Change = Callable[[ml_collections.ConfigDict], None]
 
-def _dastc(**changes) -> Callable[[ml_collections.ConfigDict], None]:
+
+def _set(c: ml_collections.ConfigDict, path: str, value) -> None:
+  node = c
+  *parents, leaf = path.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _dastc(**changes) -> Change:
   def apply(c):
     c.method = 'dastc'
     for path, value in changes.items():
-      node = c
-      *parents, leaf = path.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      _set(c, path, value)
   return apply
 
 
-def _method(name: str) -> Callable[[ml_collections.ConfigDict], None]:
+def _method(name: str, **changes) -> Change:
   def apply(c):
     c.method = name
+    for path, value in changes.items():
+      _set(c, path, value)
   return apply
 
 
-VARIANTS = {
-    'source_only': _method('source_only'),
-    'pseudo_label_only': _dastc(**{'dastc.image_fusion': False,
-                                   'dastc.feature_fusion': False,
-                                   'dastc.alignment.kind': 'none'}),
-    'dastc': _dastc(),
-    'no_image_fusion': _dastc(**{'dastc.image_fusion': False,
-                                 'dastc.feature_fusion': False}),
-    'no_feature_fusion': _dastc(**{'dastc.feature_fusion': False}),
-    'no_alignment': _dastc(**{'dastc.alignment.kind': 'none'}),
-    'mmd_alignment': _dastc(**{'dastc.alignment.kind': 'mmd',
-                               'dastc.alignment.weight': 0.01,
-                               'dastc.alignment.feature': 'logits'}),
-    'oracle': _method('target_only'),
-    'reference_teacher': _dastc(**{'dastc.teacher': 'reference'}),
-    'no_histogram_match': _dastc(**{'data.histogram_match': False}),
+# name -> (change, warm start: 'hm' or 'plain').
+VARIANTS: dict[str, tuple[Change, str]] = {
+    'source_only': (_method('source_only'), 'plain'),
+    'source_only_hm': (_method('source_only_hm'), 'hm'),
+    'pseudo_label_only': (_dastc(**{'dastc.image_fusion': False,
+                                    'dastc.feature_fusion': False,
+                                    'dastc.alignment.kind': 'none'}), 'hm'),
+    'dastc': (_dastc(), 'hm'),
+    'no_image_fusion': (_dastc(**{'dastc.image_fusion': False,
+                                  'dastc.feature_fusion': False}), 'hm'),
+    'no_feature_fusion': (_dastc(**{'dastc.feature_fusion': False}), 'hm'),
+    'no_alignment': (_dastc(**{'dastc.alignment.kind': 'none'}), 'hm'),
+    'oracle': (_method('target_only'), 'hm'),
+    # Extras.
+    'mmd_alignment': (_dastc(**{'dastc.alignment.kind': 'mmd',
+                                'dastc.alignment.weight': 0.01,
+                                'dastc.alignment.feature': 'logits'}), 'hm'),
+    'blend_feature_fusion': (_dastc(**{'dastc.feature_mode': 'blend'}), 'hm'),
+    'pairs_alignment': (_dastc(**{'dastc.alignment.aggregation': 'pairs',
+                                  'dastc.alignment.target_labels': 'student'}),
+                        'hm'),
+    'uniform_temporal': (_dastc(**{'dastc.alignment.temporal': 'uniform'}),
+                         'hm'),
+    'student_labels_alignment': (
+        _dastc(**{'dastc.alignment.target_labels': 'student'}), 'hm'),
+    'reference_teacher': (_dastc(**{'dastc.teacher': 'reference'}), 'hm'),
+    'no_histogram_match': (_dastc(**{'data.histogram_match': False}), 'hm'),
+    'no_confidence_threshold': (_dastc(**{'dastc.pl_threshold': 0.0}), 'hm'),
 }
-EXTRA_VARIANTS = ('reference_teacher', 'no_histogram_match')
-DEFAULT_VARIANTS = [v for v in VARIANTS if v not in EXTRA_VARIANTS]
+DEFAULT_VARIANTS = {
+    'video': ['source_only', 'source_only_hm', 'pseudo_label_only', 'dastc',
+              'no_image_fusion', 'no_feature_fusion', 'no_alignment',
+              'oracle'],
+    'image': ['source_only', 'source_only_hm', 'pseudo_label_only', 'dastc'],
+}
 
 
-def run_config(seed: int, variant: str | None, warm_dir: str
-               ) -> ml_collections.ConfigDict:
-  """The config of one run (``variant=None``: the warm start)."""
+def _image_domain(c: ml_collections.ConfigDict) -> None:
+  """The world's GTA5/Cityscapes-layout copies with single-frame DeepLabv2
+  (the demo model's size; 19 Cityscapes classes)."""
+  c.data.class_set = 'cityscapes19'
+  c.model.num_classes = 19
+  c.model.name = 'deeplabv2'
+  c.data.source = common.domain('gta5', 'train', (72, 128))
+  c.data.target = common.domain('cityscapes', 'train', (64, 128))
+  c.data.target_val = common.domain('cityscapes', 'val', (64, 128),
+                                    label_size='native')
+  del c.data['source_val']
+  c.dastc.alignment.pairs = 1
+  c.dastc.num_rare_classes = 2
+
+
+def run_config(seed: int, variant: str | None, warm: str,
+               warm_dir: str) -> ml_collections.ConfigDict:
+  """The config of one run (``variant=None``: the ``warm`` warm start)."""
   c = synthetic_config.get_config()
+  c.data.synthetic.shift = FLAGS.world
+  if FLAGS.domain == 'image':
+    _image_domain(c)
   c.seed = seed
   c.train.batch_size = (FLAGS.warm_batch_size if variant is None else
                         FLAGS.batch_size)
   c.eval.num_overlays = 0
+  c.eval.splits = ('target_val',)
   c.train.source_only_steps = 0
   if variant is None:
-    c.method = 'source_only'
+    c.method = 'source_only_hm' if warm == 'hm' else 'source_only'
     c.train.num_steps = FLAGS.warm_steps
-    c.eval.splits = ('target_val',)
   else:
-    VARIANTS[variant](c)
+    VARIANTS[variant][0](c)
     c.train.num_steps = FLAGS.adapt_steps
     c.dastc.teacher_switch_steps = FLAGS.adapt_steps // 5
     c.train.init_from = os.path.join(warm_dir, 'checkpoints')
-    c.eval.splits = ('target_val',)
   c.train.checkpoint_every = c.train.num_steps
   return c
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, bool]:
-  """Trains (or reuses a finished run); returns target-val mIoU, trained."""
+def _run(config: ml_collections.ConfigDict, workdir: str
+         ) -> tuple[float, float | None]:
+  """Trains (or reuses a finished run); returns (target-val mIoU, training
+  minutes, or None for a reused run)."""
   final = os.path.join(workdir, 'eval', f'step_{config.train.num_steps}',
                        'results.json')
-  trained = not os.path.exists(final)
-  if trained:
+  minutes = None
+  if not os.path.exists(final):
+    start = time.time()
     train.train_and_evaluate(config, workdir)
+    minutes = (time.time() - start) / 60
   with open(final) as f:
-    return json.load(f)['splits']['target_val']['miou'], trained
+    return json.load(f)['splits']['target_val']['miou'], minutes
 
 
-def _table(results: dict[str, dict[int, float]], seeds: list[int]) -> str:
-  rows = ['| variant | target-val mIoU (mean ± std) | ' +
-          ' | '.join(f'seed {s}' for s in seeds) + ' |',
-          '|---|---:|' + '---:|' * len(seeds)]
+def _fmt(vals: np.ndarray) -> str:
+  if len(vals) < 2:
+    return f'{vals.mean():.1f}'
+  return f'{vals.mean():.1f} ± {vals.std(ddof=1):.1f}'
+
+
+def table(results: dict[str, dict[int, float]], seeds: list[int],
+          minutes: dict[str, list[float]]) -> str:
+  """Markdown: mean ± std, per seed, paired difference to ``dastc``."""
+  ref = results.get('dastc')
+  rows = ['| run | target-val mIoU | ' +
+          ' | '.join(f'seed {s}' for s in seeds) +
+          ' | paired diff. to dastc (mean ± std; per seed) | wins vs dastc '
+          '| min/run |',
+          '|---|---:|' + '---:|' * len(seeds) + '---|---:|---:|']
   for name, per_seed in results.items():
     vals = np.array([per_seed[s] for s in seeds])
-    rows.append(f'| {name} | {vals.mean():.1f} ± {vals.std(ddof=1):.1f} | '
-                + ' | '.join(f'{v:.1f}' for v in vals) + ' |')
+    diff = wins = '-'
+    if ref is not None and name != 'dastc':
+      d = vals - np.array([ref[s] for s in seeds])
+      diff = f'{_fmt(d)} ({", ".join(f"{x:+.1f}" for x in d)})'
+      wins = f'{int(np.sum(d < 0))}/{len(seeds)}'
+    m = minutes.get(name) or []
+    mins = f'{np.mean(m):.1f}' if m else 'reused'
+    rows.append(f'| {name} | {_fmt(vals)} | ' +
+                ' | '.join(f'{v:.1f}' for v in vals) +
+                f' | {diff} | {wins} | {mins} |')
   return '\n'.join(rows)
 
 
@@ -148,51 +232,71 @@ def main(argv):
                     os.path.join(FLAGS.workdir, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   seeds = [int(s) for s in FLAGS.seeds]
-  variants = FLAGS.variants or DEFAULT_VARIANTS
+  variants = FLAGS.variants or DEFAULT_VARIANTS[FLAGS.domain]
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f'Unknown --variants {unknown}; expected some of '
                          f'{sorted(VARIANTS)}.')
-  results = {v: {} for v in variants}
+  tag = f'{FLAGS.world}-{FLAGS.domain}'
+  output = FLAGS.output or os.path.join(
+      'benchmarks', f'adaptation_{FLAGS.world}'
+      f'{"_image" if FLAGS.domain == "image" else ""}.md')
+  warms = sorted({VARIANTS[v][1] for v in variants})
+  results = {f'warm start ({w})': {} for w in warms}
+  results.update({v: {} for v in variants})
+  minutes = {k: [] for k in results}
   start = time.time()
-  reused = 0
   for seed in seeds:
-    warm = os.path.join(FLAGS.workdir, f'seed{seed}', 'warm')
-    warm_miou, trained = _run(run_config(seed, None, warm), warm)
-    reused += not trained
-    logging.info('seed %d warm start: target mIoU %.1f', seed, warm_miou)
+    base = os.path.join(FLAGS.workdir, tag, f'seed{seed}')
+    warm_dirs = {w: os.path.join(base, f'warm_{w}') for w in warms}
+    for w, wdir in warm_dirs.items():
+      miou, mins = _run(run_config(seed, None, w, wdir), wdir)
+      results[f'warm start ({w})'][seed] = miou
+      if mins is not None:
+        minutes[f'warm start ({w})'].append(mins)
+      logging.info('seed %d warm start (%s): target mIoU %.1f', seed, w, miou)
     for v in variants:
-      results[v][seed], trained = _run(
-          run_config(seed, v, warm),
-          os.path.join(FLAGS.workdir, f'seed{seed}', v))
-      reused += not trained
+      wdir = warm_dirs[VARIANTS[v][1]]
+      miou, mins = _run(run_config(seed, v, VARIANTS[v][1], wdir),
+                        os.path.join(base, v))
+      results[v][seed] = miou
+      if mins is not None:
+        minutes[v].append(mins)
       logging.info('seed %d %s: target mIoU %.1f (%.0f s so far)', seed, v,
-                   results[v][seed], time.time() - start)
-  minutes = (time.time() - start) / 60
-  table = _table(results, seeds)
+                   miou, time.time() - start)
+  total = (time.time() - start) / 60
   cmd = ('python -m dastc_jax.benchmarks.adaptation '
+         f'--world={FLAGS.world} --domain={FLAGS.domain} '
          f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
          f'--warm_steps={FLAGS.warm_steps} --adapt_steps={FLAGS.adapt_steps} '
          f'--warm_batch_size={FLAGS.warm_batch_size} '
          f'--batch_size={FLAGS.batch_size}')
   if FLAGS.variants:
-    cmd += f' --variants={",".join(variants)} --output={FLAGS.output}'
-  note = (f' ({reused} finished runs were reused from an earlier invocation, '
-          'not retrained.)' if reused else '')
-  text = (f'# Adaptation on the synthetic world\n\nCommand: `{cmd}`\n\n'
-          f'Target (Cityscapes-Seq layout) val mIoU (%) of the last '
-          f'checkpoint, {len(seeds)} seeds; every variant continues from the '
-          f'same {FLAGS.warm_steps}-step source-only warm start (global '
-          f'batch {FLAGS.warm_batch_size}) for {FLAGS.adapt_steps} steps '
-          f'(global batch {FLAGS.batch_size}). '
-          f'Wall time {minutes:.0f} min on this machine.{note}\n\n'
-          f'{table}\n')
+    cmd += f' --variants={",".join(variants)}'
+  if FLAGS.output:
+    cmd += f' --output={FLAGS.output}'
+  reused = sum(1 for k in results for s in seeds) - sum(
+      len(m) for m in minutes.values())
+  note = (f' {reused} finished runs were reused from an earlier invocation '
+          '(their time is not counted).' if reused else '')
+  text = (f'# Adaptation on the synthetic world: {FLAGS.world} world, '
+          f'{FLAGS.domain} domain\n\nCommand: `{cmd}`\n\n'
+          f'Target val mIoU (%) of the last checkpoint, {len(seeds)} seed(s). '
+          f'Warm starts: {FLAGS.warm_steps} source-only steps (global batch '
+          f'{FLAGS.warm_batch_size}), plain or on histogram-matched source '
+          f'frames (hm); every variant continues from one of them for '
+          f'{FLAGS.adapt_steps} steps (global batch {FLAGS.batch_size}): '
+          '`source_only` from the plain one, all others from hm. "paired '
+          'diff." is the variant minus `dastc` on the same seed; "wins vs '
+          'dastc" counts the seeds where dastc is better. Wall time '
+          f'{total:.0f} min on this machine.{note}\n\n'
+          f'{table(results, seeds, minutes)}\n')
   print(text)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, 'w') as f:
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, 'w') as f:
     f.write(text)
-  with open(os.path.splitext(FLAGS.output)[0] + '.json', 'w') as f:
-    json.dump({'command': cmd, 'minutes': minutes, 'reused_runs': reused,
+  with open(os.path.splitext(output)[0] + '.json', 'w') as f:
+    json.dump({'command': cmd, 'minutes': total, 'run_minutes': minutes,
                'results': results}, f, indent=2)
 
 

@@ -53,6 +53,10 @@ _TO_VIPER = np.array([labels.VIPER_RAW[_VIPER_NAME.get(c, c)]
 _TO_CS = np.array([CITYSCAPES_ID[c] for c in scn.CLASSES], np.uint8)
 _DOMAIN = {'viper': 1, 'cityscapes': 2}
 _SPLIT = {'train': 1, 'val': 2}
+# Target appearance: 'default' (camera look: textures, cast, blur, noise) or
+# 'hard' (another city at dusk after rain: per-class materials and local
+# illumination that a global histogram mapping cannot undo).
+SHIFTS = ('default', 'hard')
 CITIES = {'train': ('synthtown', 'synthburg'), 'val': ('synthville',)}
 
 
@@ -64,6 +68,12 @@ def world_params(config: Any) -> dict[str, Any]:
   params = {k: config[k] for k in keys}
   for k in ('source_size', 'target_size'):
     params[k] = [int(v) for v in params[k]]
+  shift = config.get('shift', 'default')
+  if shift not in SHIFTS:
+    raise ValueError(f'config.data.synthetic.shift={shift!r}; expected one '
+                     f'of {SHIFTS}.')
+  if shift != 'default':  # the default world keeps its cache key
+    params['shift'] = shift
   params['version'] = VERSION
   return params
 
@@ -124,7 +134,9 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   cam = scn.sample_camera(rng, h, w, z0=rng.uniform(0, 50))
   scene = scn.sample_scene(rng, cam.z0, cam.position(t)[1] + scn.ZFAR,
                            (t - 2, t))
-  look = sty.sample_target_look(rng)
+  hard = params.get('shift', 'default') == 'hard'
+  look = sty.sample_hard_look(rng) if hard else sty.sample_target_look(rng)
+  style = sty.hard_target_style if hard else sty.target_style
   croot = os.path.join(root, 'Cityscapes')
   flow_dir = os.path.join(root,
                           f'estimated_optical_flow_cityscapes_seq_{split}')
@@ -138,7 +150,7 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
     os.makedirs(os.path.dirname(img_path), exist_ok=True)
     noise_rng = np.random.default_rng([params['seed'], 7, _SPLIT[split],
                                        index, frame])
-    styled = sty.target_style(r, look, noise_rng)
+    styled = style(r, look, noise_rng)
     Image.fromarray(styled).save(img_path)
     if frame == t:
       gt_path = layouts.cs_label(croot, split, city, seq, frame)

@@ -192,3 +192,91 @@ def target_style(r: scn.Render, look: dict[str, np.ndarray],
   rgb = scipy.ndimage.gaussian_filter(rgb, sigma=(0.6, 0.6, 0))
   rgb += rng.normal(0.0, 4.0, rgb.shape)
   return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+# The `hard` target: another city at dusk after rain. Materials differ per
+# class (autumn foliage, dark brick, wet asphalt, another car fleet), so no
+# single colour mapping of the whole frame turns them into the source's.
+_TARGET_HARD = {
+    **_TARGET,
+    'road': [(64, 66, 74)],  # wet asphalt
+    'sidewalk': [(128, 118, 104)],
+    'building': [(96, 60, 48), (120, 104, 92), (70, 74, 86), (136, 92, 70)],
+    'fence': [(78, 86, 70)],
+    'vegetation': [(150, 96, 40), (128, 70, 34), (166, 120, 52)],  # autumn
+    'tree': [(140, 84, 36), (118, 62, 30)],
+    'terrain': [(112, 96, 60)],
+    'sky': [(150, 120, 150)],  # dusk
+    'car': [(60, 120, 110), (140, 130, 60), (170, 176, 180), (24, 26, 30),
+            (110, 40, 90)],
+    'truck': [(120, 140, 160)],
+    'bus': [(60, 120, 170)],
+}
+_TEXTURE_HARD = {k: (scale, 1.5 * strength)
+                 for k, (scale, strength) in _TEXTURE.items()}
+
+
+def sample_hard_look(rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Clip-level parameters of the ``hard`` target: a strong colour cast, low
+  exposure, the side the low sun comes from, and street-light positions."""
+  look = sample_target_look(rng)
+  look['cast'] = np.array([1.0 + rng.uniform(0.05, 0.2), 1.0,
+                           1.0 - rng.uniform(0.1, 0.25)])
+  look['gain'] = rng.uniform(0.6, 0.85)
+  look['sun_side'] = rng.choice([-1.0, 1.0])
+  look['lamps'] = rng.uniform(0.0, 1.0, (4,))
+  return look
+
+
+def illumination(r: scn.Render, look: dict[str, np.ndarray]) -> np.ndarray:
+  """``[H, W]`` light field of the ``hard`` target: a low sun from one side
+  (a horizontal gradient of a factor ~3), long shadows from the buildings on
+  the ground (bands in world Z), and street-light pools on the ground,
+  attached to the surfaces so they move with the flow."""
+  h, w = r.sem.shape
+  xx = np.arange(w, dtype=np.float64)[None, :] / w
+  side = xx if look['sun_side'] > 0 else 1.0 - xx
+  light = np.broadcast_to(0.55 + 1.0 * side, (h, w)).copy()
+  ground = np.isin(r.sem, [scn.CID['road'], scn.CID['sidewalk'],
+                           scn.CID['terrain']])
+  band = value_noise(r.surf[..., 1] * 0.25, r.surf[..., 0] * 0.05,
+                     np.full(r.sem.shape, 11), 1.0, octaves=2)
+  light = np.where(ground & (band > 0.0), light * 0.45, light)
+  # Street lights: warm pools every ~12 m along the road.
+  pool = np.zeros((h, w))
+  for i, phase in enumerate(look['lamps']):
+    zc = (r.surf[..., 1] / 12.0 + phase + 0.25 * i) % 1.0 - 0.5
+    xc = (r.surf[..., 0] / 6.0 + 0.5 * i) % 1.0 - 0.5
+    pool += np.exp(-(zc**2 + xc**2) / 0.02)
+  light = light + np.where(ground, 0.9 * pool, 0.0)
+  return light
+
+
+def hard_target_style(r: scn.Render, look: dict[str, np.ndarray],
+                      rng: np.random.Generator) -> np.ndarray:
+  """The ``hard`` target (uint8 RGB): per-class materials of another city,
+  stronger textures, a spatially varying low-sun and street-light
+  illumination, a strong cast, wet-road reflections of the sky, horizontal
+  motion blur and low-light sensor noise."""
+  rgb = _base_colors(r, _TARGET_HARD)
+  _patterns(r, rgb, (220, 190, 120), (150, 150, 140))  # lit windows
+  tex = np.zeros(r.sem.shape)
+  for name, (scale, strength) in _TEXTURE_HARD.items():
+    m = r.sem == scn.CID[name]
+    if m.any():
+      n = value_noise(r.surf[..., 0][m], r.surf[..., 1][m], r.seed[m] + 3,
+                      scale)
+      tex[m] = strength * n
+  rgb = rgb * np.clip(1.0 + tex[..., None], 0.2, None)
+  rgb = rgb * illumination(r, look)[..., None]
+  # Wet road: a blurred mirror image of the sky's colour, patchy.
+  road = r.sem == scn.CID['road']
+  puddle = value_noise(r.surf[..., 0], r.surf[..., 1], np.full(
+      r.sem.shape, 17), 0.8, octaves=2) > 0.2
+  rgb = np.where((road & puddle)[..., None],
+                 0.5 * rgb + 0.5 * np.array(_TARGET_HARD['sky'][0]), rgb)
+  rgb = 255.0 * np.clip(rgb / 255.0 * look['cast'] * look['gain'], 0,
+                        1)**look['gamma']
+  rgb = scipy.ndimage.gaussian_filter(rgb, sigma=(0.8, 1.6, 0))
+  rgb += rng.normal(0.0, 9.0, rgb.shape)
+  return np.clip(rgb, 0, 255).astype(np.uint8)

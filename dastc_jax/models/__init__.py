@@ -7,6 +7,7 @@ import ml_collections
 
 from dastc_jax.models import accel
 from dastc_jax.models import layers
+from dastc_jax.models import resnet
 
 # 'deeplabv2' is the single-frame network of the image domain.
 _MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
@@ -35,3 +36,9 @@ def build_model(config: ml_collections.ConfigDict,
 def clip_length(config: ml_collections.ConfigDict) -> int:
   """Frames per clip the model consumes: 2 (video) or 1 (image domain)."""
   return 1 if config.name == 'deeplabv2' else 2
+
+
+def shallow_stages() -> tuple[str, ...]:
+  """Backbone stages after which the feature-level fusion may exchange
+  features (every stage but the last)."""
+  return resnet.ResNetDeepLab.STAGES[:-1]

@@ -147,6 +147,7 @@ class AccelDeepLab(nnx.Module):
         'feat': cur['feat'],
         'key_logits': key['logits'],
         'key_aux': key['aux'],
+        'key_feat': key['feat'],
     }
 
   def __call__(self, frame_cur: jax.Array, frame_key: jax.Array | None,
@@ -171,7 +172,7 @@ class AccelDeepLab(nnx.Module):
       dict: ``pred``/``pred_aux`` fused scores (``[B, h, w, C]``, or
       ``[B, H, W, C]`` with ``fuse_at_input``), the current frame's
       ``logits``/``aux``/``feat`` and the key frame's
-      ``key_logits``/``key_aux`` (gradient-free).
+      ``key_logits``/``key_aux``/``key_feat`` (gradient-free).
     """
     k_cur = k_key = None
     if train and rng is not None:
@@ -204,10 +205,13 @@ class AccelDeepLab(nnx.Module):
       clip_s: ``(cur, key, flow)`` of the source-context clip (``(cur,)``
         for ``deeplabv2``).
       clip_t: ``(cur, key, flow)`` of the target-context clip.
-      masks: ``[B, T, H, W]`` fused mask of frame t (and of frame t-1).
+      masks: a pytree of ``[B, T, H, W]`` masks (frame t, and frame t-1);
+        ``mix_fn`` receives frame f's slice ``[:, f]`` of every leaf.
       layer: backbone stage after which features are mixed (``stem``,
         ``layer1``, ...); None disables the feature-level fusion.
-      mix_fn: ``(feat_s, feat_t, mask) -> (feat_s, feat_t)``.
+      mix_fn: ``(feat_s, feat_t, masks_f) -> (feat_s, feat_t, info)``;
+        ``info`` is a dict of scalars, returned per frame in the source
+        clip's output under ``mix_info`` (``{name}_f{f}``).
       train: training mode.
       rng: dropout key.
       lt_mask: ``[B, H, W]`` long-tail mask for the score swap.
@@ -218,6 +222,7 @@ class AccelDeepLab(nnx.Module):
     keys = (list(jax.random.split(rng, 4)) if train and rng is not None
             else [None] * 4)
     frames = []
+    info = {}
     for f in range(self.clip_length):
       xs, xt = clip_s[f], clip_t[f]
       if layer is None:
@@ -225,7 +230,9 @@ class AccelDeepLab(nnx.Module):
       else:
         s1 = self.backbone(xs, train, last=layer)
         t1 = self.backbone(xt, train, last=layer)
-        ms, mt = mix_fn(s1[layer], t1[layer], masks[:, f])
+        ms, mt, frame_info = mix_fn(s1[layer], t1[layer],
+                                    jax.tree.map(lambda m: m[:, f], masks))
+        info.update({f'{k}_f{f}': v for k, v in frame_info.items()})
         nxt = resnet.ResNetDeepLab.STAGES[
             resnet.ResNetDeepLab.STAGES.index(layer) + 1]
         # The mixed feature replaces the stage output (an aux head on it
@@ -240,5 +247,6 @@ class AccelDeepLab(nnx.Module):
     size = clip_s[0].shape[1:3]
     flow_s = clip_s[2] if self.clip_length == 2 else None
     flow_t = clip_t[2] if self.clip_length == 2 else None
-    return (self._outputs(cur_s, key_s, flow_s, size, lt_mask),
-            self._outputs(cur_t, key_t, flow_t, size, lt_mask))
+    out_s = self._outputs(cur_s, key_s, flow_s, size, lt_mask)
+    out_s['mix_info'] = info
+    return out_s, self._outputs(cur_t, key_t, flow_t, size, lt_mask)
