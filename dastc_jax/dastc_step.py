@@ -320,10 +320,12 @@ def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
                          class_names: tuple[str, ...]) -> dict[str, jax.Array]:
   """Pseudo-label quality against held-out target labels (monitoring).
 
-  Returns ``pl_accuracy`` (pixel accuracy), and per class k
-  ``pl_recall/{k}`` (share of k's pixels labelled k; NaN when k is absent
-  from the batch) and ``pl_share/{k}`` (share of valid pixels the
-  pseudo-labels call k), so a class that swallows others is visible.
+  All values are shares of the batch's valid pixels, so they average over a
+  logging window without NaNs: ``pl_accuracy``, and per class k
+  ``pl_share/{k}`` (pixels the pseudo-labels call k), ``pl_true_share/{k}``
+  (pixels that are k) and ``pl_correct_share/{k}`` (both). Recall of k is
+  correct / true, precision correct / share; a class that swallows others
+  shows a share far above its true share.
   """
   c = len(class_names)
   lab = label.astype(jnp.int32)
@@ -331,11 +333,10 @@ def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
   n = jnp.maximum(jnp.sum(valid), 1)
   out = {'pl_accuracy': jnp.sum((pl_label == lab) & valid) / n}
   for k, name in enumerate(class_names):
-    gt = (lab == k) & valid
-    hit = jnp.sum(gt & (pl_label == k))
-    out[f'pl_recall/{name}'] = jnp.where(jnp.any(gt), hit / jnp.maximum(
-        jnp.sum(gt), 1), jnp.nan)
-    out[f'pl_share/{name}'] = jnp.sum((pl_label == k) & valid) / n
+    called = (pl_label == k) & valid
+    out[f'pl_share/{name}'] = jnp.sum(called) / n
+    out[f'pl_true_share/{name}'] = jnp.sum(lab == k) / n
+    out[f'pl_correct_share/{name}'] = jnp.sum(called & (lab == k)) / n
   return out
 
 

@@ -117,15 +117,18 @@ def test_config_validation_names_the_key():
     train.check_config(c)
 
 
-def test_pseudo_label_metrics_show_per_class_recall_and_share():
+def test_pseudo_label_metrics_show_per_class_shares():
   names = ('a', 'b', 'c')
   pl = jnp.asarray([[0, 0, 0, 1]])
   gt = jnp.asarray([[0, 1, 1, 255]])
   m = dastc_step.pseudo_label_metrics(pl, gt, names)
   np.testing.assert_allclose(float(m['pl_accuracy']), 1 / 3)
-  assert float(m['pl_recall/a']) == 1.0 and float(m['pl_recall/b']) == 0.0
-  assert np.isnan(float(m['pl_recall/c']))
   np.testing.assert_allclose(float(m['pl_share/a']), 1.0)  # of valid pixels
+  np.testing.assert_allclose(float(m['pl_true_share/a']), 1 / 3)
+  np.testing.assert_allclose(float(m['pl_correct_share/a']), 1 / 3)
+  np.testing.assert_allclose(float(m['pl_true_share/b']), 2 / 3)
+  assert float(m['pl_correct_share/b']) == 0.0
+  assert all(np.isfinite(float(v)) for v in m.values())  # c is absent
 
 
 def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
