@@ -197,6 +197,11 @@ def dastc_config() -> ml_collections.ConfigDict:
       # Pseudo-labels below this probability are ignored by the losses
       # (0: the reference's hard labels on every pixel).
       pl_threshold=0.0,
+      # Pseudo-label distribution alignment: shift the teacher's scores by
+      # log(source class prior / running target prediction prior), so that
+      # one class cannot swallow others (see docs/method.md).
+      pl_distribution_alignment=True,
+      prior_momentum=0.99,
       # Image-sequence-level fusion (QuadMix pastes).
       image_fusion=True,
       num_source_classes=2,  # random S' classes per clip
@@ -259,6 +264,7 @@ def reference(c: ml_collections.ConfigDict) -> None:
   d.teacher = 'reference'
   d.teacher_flip = 0.5
   d.feature_fusion = False
+  d.pl_distribution_alignment = False
   d.bn_update = 'all'
   d.alignment.kind = 'mmd'
   d.alignment.aggregation = 'pairs'

@@ -96,8 +96,34 @@ def _teacher_forward(config, graphdef, state, frames, flow,
   return pred, aux, key, teacher, stats
 
 
+def _class_priors(config, state, src_labels, teacher_logits):
+  """Running class frequencies of the source labels and of the teacher's
+  (unadjusted) target predictions, and the logit adjustment
+  ``log prior_src - log prior_tgt`` of pseudo-label distribution alignment.
+
+  At the first adaptation step the running values start at this batch's.
+  """
+  d = config.dastc
+  c = config.model.num_classes
+  lab = src_labels.reshape(-1).astype(jnp.int32)
+  src = jnp.sum(jax.nn.one_hot(lab, c), 0)  # ids >= C count nowhere
+  src = src / jnp.maximum(jnp.sum(src), 1.0)
+  tgt = jnp.mean(jax.nn.softmax(teacher_logits.astype(jnp.float32), -1),
+                 axis=(0, 1, 2))
+  old = state.carried['class_prior']
+  first = ~state.carried['has_prev']
+  m = d.prior_momentum
+  ema = lambda o, n: jnp.where(first, n, m * o + (1.0 - m) * n)
+  prior = {'source': ema(old['source'], src), 'target': ema(old['target'],
+                                                            tgt)}
+  floor = 1e-4
+  adjust = (jnp.log(jnp.maximum(prior['source'], floor)) -
+            jnp.log(jnp.maximum(prior['target'], floor)))
+  return prior, jax.lax.stop_gradient(adjust)
+
+
 def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
-                   k_flip, k_teacher):
+                   k_flip, k_teacher, src_labels=None):
   """Teacher pass (with the optional random mirror) and cross-frame labels.
 
   Besides the labels of ``pseudo_labels.cross_frame`` it returns the
@@ -105,6 +131,12 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
   (warped to frame t), and for clips ``probs_t1_lo``/``probs_t2_lo`` (frames
   t-1 and t-2, unwarped). The alignment takes class membership and
   reliability from them.
+
+  With ``dastc.pl_distribution_alignment`` the teacher's scores are shifted
+  by ``log prior_src - log prior_tgt`` before anything is derived from them,
+  so the pseudo-labels' class frequencies follow the source's (``src_labels``
+  ``[B, T, H, W]``). Returns ``(pl, teacher, stats, class_prior)``, the last
+  the updated running priors (the state's when alignment is off).
   """
   d = config.dastc
   video = models.clip_length(config.model) == 2
@@ -120,6 +152,10 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
                                       negate_dx=not d.bugs.flip_keep_dx)
   pred, aux, key, teacher, stats = _teacher_forward(
       config, graphdef, state, frames, flow, adapt_start, k_teacher)
+  prior = state.carried['class_prior']
+  if d.pl_distribution_alignment:
+    prior, adjust = _class_priors(config, state, src_labels[:, 0], pred)
+    pred, aux, key = pred + adjust, aux + adjust, key + adjust
   unflip = ((lambda x: pseudo_labels.hflip(x, flip)) if flip is not None
             else (lambda x: x))
   unflip_first = flip is not None and (not d.bugs.warp_before_unflip or
@@ -129,7 +165,7 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
   if not video:
     pl = pseudo_labels.same_frame(pred, aux, size)
     pl['probs_lo'] = jax.nn.softmax(pred, -1)
-    return pl, teacher, stats
+    return pl, teacher, stats, prior
   pl = pseudo_labels.cross_frame(
       pred, aux, tgt['flow'], size,
       confidence_from_logit=d.bugs.confidence_from_logit)
@@ -140,7 +176,7 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
     pred = unflip(pred)
   pl['probs_t1_lo'] = jax.nn.softmax(pred, -1)
   pl['probs_t2_lo'] = jax.nn.softmax(unflip(key), -1)
-  return pl, teacher, stats
+  return pl, teacher, stats, prior
 
 
 def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
@@ -386,9 +422,9 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     x_tgt = image_ops.normalize(tgt['frames'], dtype)  # [B, T+1, Ht, Wt, 3]
     src_flow, tgt_flow = src.get('flow'), tgt.get('flow')
 
-    pl, teacher, stats0 = _pseudo_labels(config, graphdef, state, x_tgt,
-                                         tgt, size, adapt_start, k_flip,
-                                         k_teacher)
+    pl, teacher, stats0, prior = _pseudo_labels(
+        config, graphdef, state, x_tgt, tgt, size, adapt_start, k_flip,
+        k_teacher, src_labels=y_src)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
     x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],
@@ -450,7 +486,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
         'tgt_frames': tgt['frames'][:, :n_frames],
         'tgt_labels': _target_labels(pl).astype(jnp.uint8),
         'tgt_masks': _next_target_masks(k_next, config, pl, source_classes),
-        'has_prev': jnp.asarray(True)}
+        'has_prev': jnp.asarray(True), 'class_prior': prior}
     if video:
       carried['src_flow'], carried['tgt_flow'] = src_flow, tgt_flow
     metrics = {'loss': loss, **terms,

@@ -65,7 +65,8 @@ def _fsdp_spec(shape: tuple[int, ...], n: int) -> jax.P:
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
-  """The carried per-example clips split like the batch; parameters,
+  """The carried per-example clips split like the batch (the carried class
+  priors replicated); parameters,
   teacher and optimizer state replicated, or FSDP-sharded when the mesh has
   an ``fsdp`` axis of size > 1."""
   data = data_sharding(mesh)
@@ -73,7 +74,9 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
 
   def pick(path, leaf):
     carried = any(getattr(k, 'name', None) == 'carried' for k in path)
-    if carried and len(leaf.shape) > 0:
+    # Per-class running priors are small vectors: replicated.
+    prior = any(getattr(k, 'key', None) == 'class_prior' for k in path)
+    if carried and not prior and len(leaf.shape) > 0:
       return data
     return jax.NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), n))
 

@@ -39,15 +39,18 @@ class TrainState:
 
 
 def empty_carried(batch: int, source_hw: tuple[int, int],
-                  target_hw: tuple[int, int],
-                  clip_length: int = 2) -> dict[str, jax.Array]:
+                  target_hw: tuple[int, int], clip_length: int = 2,
+                  num_classes: int = 1) -> dict[str, jax.Array]:
   """The previous-iteration state before the first adaptation step.
 
   Source clip S' (histogram-matched uint8 RGB t, t-1; labels; flow t->t-1)
   and target clip T' (uint8 RGB d=t, c=t-1; pseudo-labels; confident-region
   masks M_d, M_c; flow d->c). ``has_prev`` is False until one DA-STC step
   has run, which switches the S'/T' pastes off. The image domain
-  (``clip_length=1``) carries single frames and no flows.
+  (``clip_length=1``) carries single frames and no flows. ``class_prior``
+  holds the running class frequencies of the source labels and of the
+  teacher's target predictions (``[C]`` each; pseudo-label distribution
+  alignment).
   """
   hs, ws = source_hw
   ht, wt = target_hw
@@ -60,6 +63,8 @@ def empty_carried(batch: int, source_hw: tuple[int, int],
       'tgt_labels': z((batch, n, ht, wt), np.uint8),
       'tgt_masks': z((batch, n, ht, wt), np.bool_),
       'has_prev': jnp.asarray(False),
+      'class_prior': {'source': z((num_classes,), np.float32),
+                      'target': z((num_classes,), np.float32)},
   }
   if n == 2:
     carried['src_flow'] = z((batch, hs, ws, 2), np.float32)
@@ -103,7 +108,8 @@ def _initial_state(config: ml_collections.ConfigDict,
     teacher = jax.tree.map(jnp.copy, {'params': params,
                                       'batch_stats': stats})
     carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'],
-                            models.clip_length(config.model))
+                            models.clip_length(config.model),
+                            config.model.num_classes)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=stats, opt_state=opt_state, rng=rng,
                     teacher=teacher, carried=carried)

@@ -138,8 +138,9 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
   c = smoke_config
   c.train.source_only_steps = 0
   root = train.resolve_data_root(c)
-  tgt = next(iter(pipeline.make_train_dataset(
-      c, root, local_batch_size=4)))['target']
+  batch = next(iter(pipeline.make_train_dataset(c, root,
+                                                local_batch_size=4)))
+  tgt, src_labels = batch['target'], batch['source']['labels']
   graphdef, state, _ = state_lib.create_train_state(
       c, sizes=train._carried_sizes(c, root))  # pylint: disable=protected-access
   ones = jnp.ones((4,), bool)
@@ -150,9 +151,9 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
   def labels(flip, clip):
     c.dastc.teacher_flip = flip
     x = image_ops.normalize(clip['frames'])
-    pl, _, _ = jax.jit(lambda s: dastc_step._pseudo_labels(  # pylint: disable=protected-access
+    pl, _, _, _ = jax.jit(lambda s: dastc_step._pseudo_labels(  # pylint: disable=protected-access
         c, graphdef, s, x, clip, x.shape[2:4], 0, jax.random.key(0),
-        jax.random.key(1)))(state)
+        jax.random.key(1), src_labels))(state)
     return jax.device_get(pl)
 
   plain = labels(0.0, tgt)
@@ -163,3 +164,32 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
   for k in ('label_t', 'label_t1'):
     same = np.mean(back[k] == plain[k][:, :, ::-1])
     assert same > 0.99, (k, same)  # ties of an untrained model aside
+
+
+def test_distribution_alignment_shifts_scores_towards_the_source_prior():
+  """The adjustment is log(source prior / target prior): a class the teacher
+  over-predicts relative to the source is pushed down; the running priors
+  start at the first batch and then move by (1 - momentum)."""
+  c = _config()
+  c.model.num_classes = 3
+  c.dastc.prior_momentum = 0.5
+  src = jnp.asarray([[[[0, 0, 1, 2]]]])  # source: 1/2, 1/4, 1/4
+  logits = jnp.log(jnp.asarray([0.1, 0.8, 0.1]))[None, None, None]
+  carried = {'class_prior': {'source': jnp.zeros(3), 'target': jnp.zeros(3)},
+             'has_prev': jnp.asarray(False)}
+  state = state_lib.TrainState(step=0, params=None, batch_stats=None,
+                               opt_state=None, rng=None, carried=carried)
+  prior, adjust = dastc_step._class_priors(c, state, src, logits)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(prior['source']), [0.5, 0.25, 0.25])
+  np.testing.assert_allclose(np.asarray(prior['target']), [0.1, 0.8, 0.1],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(adjust),
+                             np.log([5.0, 0.3125, 2.5]), rtol=1e-5)
+  adjusted = jax.nn.softmax(logits + adjust)[0, 0, 0]
+  assert int(jnp.argmax(adjusted)) == 0  # class 1 no longer wins
+  state = state.replace(carried={'class_prior': prior,
+                                 'has_prev': jnp.asarray(True)})
+  prior2, _ = dastc_step._class_priors(  # pylint: disable=protected-access
+      c, state, jnp.asarray([[[[2, 2, 2, 2]]]]), logits)
+  np.testing.assert_allclose(np.asarray(prior2['source']),
+                             [0.25, 0.125, 0.625])
