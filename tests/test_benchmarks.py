@@ -132,3 +132,23 @@ def test_step_benchmark_alternates_runners():
   times = step_bench.interleaved(runners, 3)
   assert calls == ['a', 'b'] * 3
   assert times == {'a': [1.0] * 3, 'b': [2.0] * 3}
+
+
+def test_image_domain_and_hard_world_run_configs():
+  """``--domain=image``: single-frame DeepLabv2 on the world's GTA5/
+  Cityscapes-layout copies (19 classes, one alignment pass);
+  ``--world=hard`` selects the hard target."""
+  flags = adaptation.FLAGS
+  old = flags.domain, flags.world
+  try:
+    flags.domain, flags.world = 'image', 'hard'
+    for variant in adaptation.DEFAULT_VARIANTS['image']:
+      c = adaptation.run_config(0, variant, 'hm', '/w')
+      assert c.model.name == 'deeplabv2' and c.model.num_classes == 19
+      assert c.data.class_set == 'cityscapes19'
+      assert (c.data.source.dataset, c.data.target.dataset) == ('gta5',
+                                                                 'cityscapes')
+      assert c.data.synthetic.shift == 'hard'
+      assert c.dastc.alignment.pairs == 1
+  finally:
+    flags.domain, flags.world = old

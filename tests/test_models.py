@@ -281,3 +281,22 @@ def test_image_model_is_the_single_frame_network():
   np.testing.assert_allclose(acc['logits'], img['logits'], rtol=1e-6)
   up = nnx.merge(g1, p1, s1).clip(x, None, train=False, fuse_at_input=True)
   assert up['pred'].shape == (2, 40, 56, 5)
+
+
+def test_long_tail_pixels_take_the_current_scores_in_the_fusion():
+  """Inside the long-tail mask the warped key-frame scores are replaced by
+  the current frame's (the pasted patches do not move); outside it the
+  fusion sees the warped key-frame scores."""
+  g, p, s = _split(_cfg())
+  model = nnx.merge(g, p, s)
+  k = jax.random.split(jax.random.key(5), 3)
+  cur = jax.random.normal(k[0], (1, 6, 8, 5))
+  key = jax.random.normal(k[1], (1, 6, 8, 5))
+  flow = jnp.zeros((1, 6, 8, 2))
+  lt = jnp.zeros((1, 6, 8)).at[:, :, :4].set(1.0)
+  # A fusion layer that outputs the (warped) key-frame half only.
+  w = jnp.concatenate([jnp.zeros((5, 5)), jnp.eye(5)], 0)[None, None]
+  model.sf_layer.kernel.value = w
+  out = model.fuse(cur, key, flow, lt_mask=lt)
+  np.testing.assert_allclose(out[:, :, :4], cur[:, :, :4], rtol=1e-6)
+  np.testing.assert_allclose(out[:, :, 4:], key[:, :, 4:], rtol=1e-6)
