@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def dastc_config() -> ml_collections.ConfigDict:
-  """DA-STC (method.md §4 and the seed): the paper-faithful defaults."""
+  """DA-STC (docs/method.md): the paper-faithful defaults."""
   return ml_collections.ConfigDict(dict(
       lambda_t=1.0,  # weight of the target terms (VIPER: 0.2)
       aux_weight=0.1,
@@ -245,7 +245,7 @@ def dastc_config() -> ml_collections.ConfigDict:
           temporal='adaptive',
           temporal_temperature=0.1,
           detach_source=False),
-      # Reference bugs, reproducible one by one (method.md §10).
+      # Reference bugs, reproducible one by one (docs/method.md, section 7).
       bugs=dict(confidence_from_logit=False, unclipped_lt_mask=False,
                 flow_mix_key_masks=False,
                 # Teacher mirror: keep the flow's dx sign; warp the mirrored
@@ -333,7 +333,7 @@ def image_domain(c: ml_collections.ConfigDict, source: str,
                  class_set: str) -> None:
   """DA-STC on images (clip length 1, no flow, no temporal terms).
 
-  The released image code builds on HRDA + MIC (method.md §8); those
+  The released image code builds on HRDA + MIC (docs/reference_code.md, "Models"); those
   multi-resolution and masking parts are not part of DA-STC and are not
   reproduced. The settings follow its DACS/DAFormer base without HRDA:
   source resized to 720x1280, Cityscapes to 512x1024, random 512x512 crops,

@@ -1,6 +1,6 @@
 """SYNTHIA-Seq -> Cityscapes-Seq with ACCEL-DeepLabv2-ResNet-101.
 
-Reference values (method.md §2.2, §4.7, §4.8): 12 classes trained, 11 scored
+Reference values (docs/reference_code.md): 12 classes trained, 11 scored
 (fence dropped), SGD base LR 2.5e-4, lambda_T = 1.0, two long-tail patches
 per clip, the full strong augmentation, SYNTHIA frames 1280x760 with the
 bottom 120 rows cut (640x1280, done by the preparation). Prepare the data

@@ -1,4 +1,4 @@
-"""Bidirectional multi-level spatio-temporal fusion (DA-STC; method.md §4.4).
+"""Bidirectional multi-level spatio-temporal fusion (DA-STC; docs/method.md, section 3).
 
 Image-sequence level ("video QuadMix"): one patch sequence - classes of the
 previous iteration's source clip S', long-tail source patches, and the
@@ -176,7 +176,7 @@ def mix_flow(base_flow: Array, *, prev_src_flow: Array, prev_tgt_flow: Array,
   """Mixes the flows t->t-1 with the same paste masks (on frame t's grid).
 
   ``key_frame_masks=True`` reproduces the reference, which uses the t-1
-  masks although the flow lives on frame t's grid (method.md §10.8).
+  masks although the flow lives on frame t's grid (docs/reference_code.md, "Known defects").
   Long-tail patches are static (zero motion); their key-frame scores are
   replaced by the current ones in the model (``lt_mask``), so their flow
   does not matter.

@@ -1,6 +1,6 @@
 """Optimizers with DeepLab parameter groups and the poly LR schedule.
 
-Groups (method.md §4.8): ``backbone`` (conv1..layer4), ``fusion`` (the
+Groups (docs/reference_code.md, "Training"): ``backbone`` (conv1..layer4), ``fusion`` (the
 score-fusion ``sf_layer``), ``head`` (aux ``layer5`` and main ``layer7``)
 and ``frozen`` (BatchNorm scale/bias when ``model.freeze_bn_affine``). Each
 group's LR is ``lr_mult[group] * schedule(step)``. The reference leaves the

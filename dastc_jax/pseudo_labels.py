@@ -1,4 +1,4 @@
-"""Teachers and TPS-style cross-frame pseudo-labels (method.md §3.3, §4.2).
+"""Teachers and TPS-style cross-frame pseudo-labels (docs/method.md, section 1).
 
 The teacher segments the target pair (t-1, t-2); its class probabilities
 for frame t-1 are warped to frame t with the flow t->t-1, giving
@@ -18,7 +18,7 @@ Teachers (``dastc.teacher``):
 and flow at random per clip and mirrors its scores back before the warp; the
 ``dastc.bugs`` flags ``flip_keep_dx`` and ``warp_before_unflip`` reproduce
 the reference's flow flip without negating dx and its warp of the still
-mirrored scores (method.md §4.2, §10.6).
+mirrored scores (docs/reference_code.md, "Known defects").
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
     flow_t_t1: ``[B, H, W, 2]`` flow t->t-1 on the image grid.
     out_size: ``(H, W)`` of the full-resolution labels.
     confidence_from_logit: reproduce the reference's frame-(t-1) confidence,
-      the max *logit* instead of the max probability (method.md §10.5).
+      the max *logit* instead of the max probability (docs/reference_code.md, "Known defects").
 
   Returns:
     ``label_lo``/``label_aux_lo`` ``[B, h, w]`` (warped argmax at the score

@@ -1,7 +1,7 @@
 """Pure train and eval step functions (jitted once, with shardings, in train.py).
 
 ``train_step(state, batch) -> (state, metrics)`` is the source-only
-supervised step of ACCEL (method.md §4.1): CE with ignore 255 on the fused
+supervised step of ACCEL (docs/reference_code.md, "Training"): CE with ignore 255 on the fused
 scores plus ``loss.aux_weight`` x CE on the fused aux scores, both upsampled
 to the label size.
 """
@@ -93,7 +93,7 @@ def make_eval_step(config: ml_collections.ConfigDict,
   """Builds ``eval_step(params, batch_stats, batch) -> (confusion, pred)``.
 
   The fused logits are upsampled (align corners) to the label size before
-  the argmax (method.md §5). ``batch``: ``frames`` ``[B, 2, H, W, 3]``,
+  the argmax (docs/reference_code.md, "Training"). ``batch``: ``frames`` ``[B, 2, H, W, 3]``,
   ``flow`` ``[B, H, W, 2]``, ``label`` ``[B, Hl, Wl]``, ``mask`` ``[B]``.
   """
   num_classes = config.model.num_classes

@@ -71,7 +71,7 @@ def test_resize_flow_scales_magnitudes_by_the_height_ratio():
   flow = np.zeros((1, 64, 128, 2), np.float32)
   flow[..., 0], flow[..., 1] = 4.0, -2.0
   out = np.asarray(warp_ops.resize_flow(jnp.asarray(flow), (9, 17)))
-  # Reference rule: both components times H'/H (method.md §2.5).
+  # Reference rule: both components times H'/H (docs/reference_code.md, "Optical flow").
   np.testing.assert_allclose(out[..., 0], 4.0 * 9 / 64, rtol=1e-6)
   np.testing.assert_allclose(out[..., 1], -2.0 * 9 / 64, rtol=1e-6)
   per_axis = np.asarray(warp_ops.resize_flow(jnp.asarray(flow), (9, 17),

@@ -43,7 +43,7 @@ SYNTHIA_VALID = np.zeros((65536,), bool)
 SYNTHIA_VALID[:23] = True  # SYNTHIA raw ids 0..22.
 
 SYNTHIA_SIZE = (760, 1280)  # frames are resized to this, then
-SYNTHIA_CROP_ROWS = 640  # the bottom 120 rows are cut (method.md §2.3).
+SYNTHIA_CROP_ROWS = 640  # the bottom 120 rows are cut (docs/reference_code.md, "Layouts and preprocessing").
 
 
 # ------------------------------------------------------------ encoding

@@ -176,8 +176,8 @@ def remove_ego_vehicle(raw: np.ndarray, car_id: int,
 
   VIPER labels the player's own vehicle as car; the reference removes the
   8-connected component (``cv2.connectedComponents``' default) of
-  ``raw == car_id`` that contains the bottom-row centre pixel (method.md
-  §2.2).
+  ``raw == car_id`` that contains the bottom-row centre pixel
+  (docs/reference_code.md, "Label maps").
 
   Args:
     raw: ``[H, W]`` raw ids.

@@ -1,6 +1,6 @@
 """Class sets, raw-id -> train-id maps and the Cityscapes palette.
 
-All maps follow method.md §2.2. A map is a 256-entry ``uint8`` lookup table;
+All maps follow docs/reference_code.md, "Label maps". A map is a 256-entry ``uint8`` lookup table;
 ids that are not listed map to 255 (ignored).
 """
 
@@ -144,7 +144,7 @@ CITYSCAPES_MAPS = {'viper15': CITYSCAPES_TO_VIPER15,
                    'cityscapes19': CITYSCAPES_TO_19,
                    'synthia16': CITYSCAPES_TO_SYNTHIA16}
 
-# Long-tail classes pasted by the fusion (method.md §2.2, class_to_select).
+# Long-tail classes pasted by the fusion (docs/reference_code.md, "Label maps").
 # The image-domain lists are ours (the released code has none): the same
 # kinds of classes (thin objects, signals, two-wheelers, rider, terrain).
 RARE_CLASSES = {'viper15': (3, 4, 5, 7, 13, 14), 'synthia12': (3, 4, 5, 6, 10),

@@ -1,6 +1,6 @@
 """File layouts of the real datasets and the rules that derive frame lists.
 
-VIPER (method.md §2.1)::
+VIPER (docs/reference_code.md, "Layouts and preprocessing")::
 
   {root}/{split}/img/{seq:03d}/{seq:03d}_{frame:05d}.jpg
   {root}/{split}/cls/{seq:03d}/{seq:03d}_{frame:05d}.png

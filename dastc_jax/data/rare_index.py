@@ -1,7 +1,7 @@
 """Which source frames contain each long-tail class (for the fusion pastes).
 
 Derived from the per-sample label histograms that the preparation writes
-(``prepare``; method.md §2.2, ``ids2path``), never from a pass over the
+(``prepare``; docs/reference_code.md, "Label maps"), never from a pass over the
 labels at training time.
 """
 

@@ -2,7 +2,7 @@
 
 A pinhole camera drives forward along a straight street. The scene is made
 of analytic surfaces, so the 3-D point seen at every pixel of frame t is
-known and the flow t->s is its reprojection into frame s (decisions.md §5):
+known and the flow t->s is its reprojection into frame s (docs/reference_code.md, "Optical flow"):
 
 * the ground plane ``Y = 0`` (road with lane marks, sidewalks, terrain);
 * two side walls ``X = const`` split into segments along Z (buildings,

@@ -166,7 +166,7 @@ def hflip(ex: dict[str, Any]) -> dict[str, Any]:
 class RandomFlip(grain.transforms.RandomMap):
   """Horizontal flip with probability ``p``, identical on the whole clip.
 
-  ``negate_dx=False`` reproduces the reference bug (method.md §10.6).
+  ``negate_dx=False`` reproduces the reference bug (docs/reference_code.md, "Known defects").
   """
   p: float = 0.5
   negate_dx: bool = True

@@ -1,4 +1,4 @@
-"""ACCEL video segmentation model on a DeepLab-v2 ResNet (method.md §3.1).
+"""ACCEL video segmentation model on a DeepLab-v2 ResNet (docs/reference_code.md, "Models").
 
 Both frames of a clip go through the same network: the current frame t with
 gradients, the key frame t-1 under ``stop_gradient`` (its BatchNorm still
@@ -107,12 +107,12 @@ class AccelDeepLab(nnx.Module):
       cur: ``[B, h, w, C]`` current-frame scores.
       key: ``[B, h, w, C]`` key-frame scores.
       flow: ``[B, H, W, 2]`` flow t->t-1 on any grid; it is resized to the
-        fusion grid with magnitude rescaling (method.md §2.5).
+        fusion grid with magnitude rescaling (docs/reference_code.md, "Optical flow").
       out_size: fuse at this size (scores upsampled first, align corners);
         None fuses at the score resolution.
       lt_mask: ``[B, H', W']`` long-tail paste mask at ``out_size``: there
         the warped key-frame scores are replaced by the current ones (the
-        pasted patches are static, method.md §3.1).
+        pasted patches are static, docs/reference_code.md, "Models").
 
     Returns:
       Fused scores at the fusion grid.

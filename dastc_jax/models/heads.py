@@ -1,4 +1,4 @@
-"""DeepLab-v2 ASPP heads (method.md §3.1)."""
+"""DeepLab-v2 ASPP heads (docs/reference_code.md, "Models")."""
 
 from __future__ import annotations
 

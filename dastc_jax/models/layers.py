@@ -2,7 +2,7 @@
 
 Every 1x1 convolution runs as a matmul over the channel axis: on XLA:CPU the
 weight gradient of a 1x1 ``conv_general_dilated`` is ~20x slower than the
-matmul form (decisions.md §4). On CPU the kernel gradient of the larger
+matmul form (docs/performance.md). On CPU the kernel gradient of the larger
 kernels is an im2col matmul too (``KERNEL_GRADS``). Kernels are stored in HWIO
 layout either way so that converted PyTorch weights map one to one.
 """

@@ -1,7 +1,7 @@
 """Caffe-style DeepLab-v2 ResNet backbone (output stride 8).
 
 Layout of the DeepLab-v2 ResNet that DA-VSN/TPS/DA-STC start from
-(method.md §3.1): bottleneck blocks with the stride on the *first* 1x1 conv,
+(docs/reference_code.md, "Models"): bottleneck blocks with the stride on the *first* 1x1 conv,
 a 7x7/2 stem followed by a ceil-mode 3x3/2 max-pool, layer2 at stride 2, and
 layer3/layer4 at stride 1 with dilation 2/4. Depth and width are config knobs
 so that tests and the CPU demo run small variants of the same code.

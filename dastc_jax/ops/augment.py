@@ -3,7 +3,7 @@
 Pure JAX, key in, arrays out. Every frame of one clip gets identical
 parameters (the reference concatenates the two frames into one image for
 this). Works on RGB in [0, 255] *before* the Caffe normalisation; the
-reference's wrap-around of mean-subtracted values (method.md §10.4) is
+reference's wrap-around of mean-subtracted values (docs/reference_code.md, "Known defects") is
 available as ``wrap_normalized_bug``.
 
 Order (torchvision's ``RandomApply`` chain): Gaussian blur (p_blur) ->

@@ -1,4 +1,4 @@
-"""Image normalisation for the Caffe-style DeepLab input (method.md §2.3)."""
+"""Image normalisation for the Caffe-style DeepLab input (docs/reference_code.md, "Layouts and preprocessing")."""
 
 from __future__ import annotations
 

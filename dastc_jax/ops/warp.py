@@ -1,6 +1,6 @@
 """Optical-flow warping and align-corners resizing in pure JAX.
 
-Flow convention (decisions.md §5): a flow lives on frame t's grid and points
+Flow convention (docs/reference_code.md, "Optical flow"): a flow lives on frame t's grid and points
 into frame t-1, ``I_t(p) ~= I_{t-1}(p + F(p))``, channel 0 = dx (columns),
 channel 1 = dy (rows), in pixels of the grid it is stored on.
 """
@@ -56,7 +56,7 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
 def resize_flow(flow: jax.Array, size: Sequence[int],
                 per_axis_scale: bool = False) -> jax.Array:
-  """Resizes a flow field and rescales its magnitudes (method.md §2.5).
+  """Resizes a flow field and rescales its magnitudes (docs/reference_code.md, "Optical flow").
 
   The reference multiplies *both* components by the height ratio ``H'/H``;
   ``per_axis_scale=True`` scales dx by ``W'/W`` and dy by ``H'/H`` instead.
