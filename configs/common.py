@@ -30,7 +30,7 @@ def domain(dataset: str, split: str, image_size: tuple[int, int] | None, *,
   """A prepared dataset split and how its clips are resized and augmented.
 
   Args:
-    dataset: a prepared dataset (``python -m dastc_jax.data.prepare
+    dataset: a prepared dataset (``python -m dastc_jax.prepare
       --dataset=...``): viper, synthia_seq, cityscapes_seq, gta5,
       synthia_rand or cityscapes.
     split: ``train`` or ``val``.
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'dastc'
 
   c.data = ml_collections.ConfigDict()
-  # Prepared TFDS datasets (python -m dastc_jax.data.prepare ...).
+  # Prepared TFDS datasets (python -m dastc_jax.prepare ...).
   c.data.data_dir = 'data/tfds'
   c.data.class_set = 'viper15'
   c.data.num_threads = 4

@@ -5,9 +5,9 @@ the shallow-feature fusion and the category-aware alignment on single
 frames; no flow and no temporal terms. Prepare the data first (README,
 "Datasets")::
 
-  python -m dastc_jax.data.prepare --dataset=gta5 \\
+  python -m dastc_jax.prepare --dataset=gta5 \\
       --manual_dir=data/GTA5 --data_dir=data/tfds
-  python -m dastc_jax.data.prepare --dataset=cityscapes \\
+  python -m dastc_jax.prepare --dataset=cityscapes \\
       --manual_dir=data/Cityscapes --data_dir=data/tfds
 
 Variants: ``:smoke`` (tiny model on the synthetic world's GTA5-layout copy,

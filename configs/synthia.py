@@ -4,9 +4,9 @@ mIoU13 of the literature is reported alongside) with DeepLabv2-ResNet-101.
 DA-STC with clip length 1 (docs/reference_code.md, "Models"); see ``configs/gta5.py``. Prepare
 the data first (README, "Datasets")::
 
-  python -m dastc_jax.data.prepare --dataset=synthia_rand \\
+  python -m dastc_jax.prepare --dataset=synthia_rand \\
       --manual_dir=data/RAND_CITYSCAPES --data_dir=data/tfds
-  python -m dastc_jax.data.prepare --dataset=cityscapes \\
+  python -m dastc_jax.prepare --dataset=cityscapes \\
       --manual_dir=data/Cityscapes --data_dir=data/tfds
 
 Variants: ``:smoke`` (tiny model on the synthetic world's GTA5-layout copy

@@ -6,9 +6,9 @@ per clip, the full strong augmentation, SYNTHIA frames 1280x760 with the
 bottom 120 rows cut (640x1280, done by the preparation). Prepare the data
 first (README, "Datasets")::
 
-  python -m dastc_jax.data.prepare --dataset=synthia_seq \
+  python -m dastc_jax.prepare --dataset=synthia_seq \
       --manual_dir=data/SynthiaSeq/SEQS-04-DAWN --data_dir=data/tfds
-  python -m dastc_jax.data.prepare --dataset=cityscapes_seq \
+  python -m dastc_jax.prepare --dataset=cityscapes_seq \
       --manual_dir=data/Cityscapes --data_dir=data/tfds
 
 SYNTHIA-Seq has no validation split, so only the target is evaluated.

@@ -9,9 +9,9 @@ patches per clip, and no blur/jitter/grayscale in the strong augmentation
 (``--config.train.init_from=...``). Prepare the data first (README,
 "Datasets")::
 
-  python -m dastc_jax.data.prepare --dataset=viper \
+  python -m dastc_jax.prepare --dataset=viper \
       --manual_dir=data/Viper --data_dir=data/tfds
-  python -m dastc_jax.data.prepare --dataset=cityscapes_seq \
+  python -m dastc_jax.prepare --dataset=cityscapes_seq \
       --manual_dir=data/Cityscapes --data_dir=data/tfds
 
 Variants: ``:smoke`` (tiny model on the tiny synthetic world, 2 steps),

@@ -250,7 +250,7 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   Raises:
     ConversionError: listing missing, unexpected and mismatched keys.
   """
-  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
   if layout not in LAYOUTS:
     raise ConversionError(f'Unknown layout {layout!r}; expected one of '
                           f'{LAYOUTS}.')
@@ -355,7 +355,7 @@ def convert_file(source: str, output: str,
     ConversionError: on a bad file, a mismatch, or an existing ``output``
       (unless ``overwrite``).
   """
-  from dastc_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f'{output} exists; pass --overwrite to replace it.')

@@ -16,8 +16,8 @@ DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 
 import os
 
-from dastc_jax import host_malloc
-from dastc_jax import xla_cpu
+from dastc_jax.runtime import host_malloc
+from dastc_jax.runtime import xla_cpu
 
 # Before any thread allocates and before JAX starts the CPU backend.
 _MALLOC = host_malloc.configure()
@@ -29,7 +29,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from dastc_jax import log_filter  # pylint: disable=g-import-not-at-top
+from dastc_jax.runtime import log_filter  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:variant]).',
@@ -86,7 +86,7 @@ def main(argv):
   logging.info('Host malloc settings (host_malloc.py): %s', _MALLOC)
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'predict':
-    from dastc_jax import predict
+    from dastc_jax.evaluation import predict
     for name in ('input', 'output'):
       if not getattr(FLAGS, name):
         raise app.UsageError(f'--mode=predict needs --{name}.')
@@ -102,13 +102,13 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
   if FLAGS.mode == 'train':
-    from dastc_jax import preemption
+    from dastc_jax.runtime import preemption
     from dastc_jax import train
     # A SIGTERM saves a checkpoint, then exits with 75 (preemption.py).
     preemption.exit_if_preempted(train.train_and_evaluate, FLAGS.config,
                                  FLAGS.workdir)
   else:
-    from dastc_jax import eval_job
+    from dastc_jax.evaluation import eval_job
     eval_job.run(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
                  watch=FLAGS.watch, watch_interval=FLAGS.watch_interval,
                  watch_timeout=FLAGS.watch_timeout)

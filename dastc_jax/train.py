@@ -27,87 +27,31 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dastc_jax import checkpointing
-from dastc_jax import dastc_step
-from dastc_jax import divergence
-from dastc_jax import evaluate
-from dastc_jax import models
-from dastc_jax import optim
-from dastc_jax import preemption
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train_step as step_lib
-from dastc_jax.data import checked_source
-from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
-from dastc_jax.data import synthetic
+from dastc_jax.data import roots
+from dastc_jax.evaluation import evaluate
+from dastc_jax.evaluation import forward
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import divergence
+from dastc_jax.runtime import optim
+from dastc_jax.runtime import preemption
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps as step_lib
+from dastc_jax.runtime import validation
 
 # Config keys a run cannot change when it resumes from a workdir.
 _FROZEN_KEYS = ('model.', 'data.class_set', 'method')
 # model.* keys that change speed, not the function: a run may resume under
 # another value.
 _RESUMABLE_KEYS = ('model.conv_kernel_grad',)
-METHODS = ('dastc', 'source_only', 'source_only_hm', 'target_only')
+METHODS = validation.METHODS
+check_config = validation.check_config
+resolve_data_root = roots.resolve_data_root
+write_eval_scalars = evaluate.write_eval_scalars
 
 
 NonFiniteLossError = divergence.NonFiniteLossError
-
-
-def resolve_data_root(config: ml_collections.ConfigDict) -> str:
-  """The prepared TFDS folder (generating and preparing the synthetic
-  world when it is enabled)."""
-  if config.data.synthetic.enabled:
-    return os.path.join(
-        synthetic.ensure_world(config.data.synthetic,
-                               config.data.synthetic.num_workers),
-        synthetic.TFDS_DIR)
-  return config.data.data_dir
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, with the key, on config values that cannot work."""
-  cs = labels_lib.get_class_set(config.data.class_set)
-  if cs.num_classes != config.model.num_classes:
-    raise ValueError(
-        f'config.model.num_classes={config.model.num_classes} but '
-        f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
-  if config.method not in METHODS:
-    raise ValueError(f'Unknown config.method={config.method!r}; expected one '
-                     f'of {METHODS}.')
-  if (config.method == 'dastc' and
-      config.train.source_only_steps >= config.train.num_steps):
-    logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
-                    'adaptation step will run.',
-                    config.train.source_only_steps, config.train.num_steps)
-  if config.method == 'dastc':
-    dastc_step.check_config(config)
-  if config.method == 'source_only_hm' and not config.data.histogram_match:
-    raise ValueError("config.method='source_only_hm' needs "
-                     'config.data.histogram_match=True.')
-  if config.method == 'dastc' and config.model.get('head', 'proda') != 'proda':
-    raise ValueError(
-        f"config.model.head={config.model.head!r}: DA-STC's feature "
-        "alignment needs the 'proda' head (a 256-d pre-logit feature); "
-        "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
-  for key, allowed in (('train.nonfinite', divergence.POLICIES),
-                       ('data.on_error', checked_source.POLICIES),
-                       ('model.conv_kernel_grad', models.KERNEL_GRADS)):
-    section, name = key.split('.')
-    value = config[section].get(name)
-    if value not in allowed:
-      raise ValueError(f'config.{key}={value!r}; expected one of {allowed}.')
-  for key in ('source', 'target'):
-    d = config.data.get(key)
-    crop, size = (d.get('crop_size'), d.get('image_size')) if d else (
-        None, None)
-    if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
-      raise ValueError(f'config.data.{key}.crop_size={tuple(crop)} is larger '
-                       f'than config.data.{key}.image_size={tuple(size)} '
-                       '(H, W).')
-  for split in config.eval.splits:
-    if split not in config.data:
-      raise ValueError(f'config.eval.splits names {split!r}, which is not a '
-                       'section of config.data.')
 
 
 def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -169,16 +113,8 @@ def _init_from(config: ml_collections.ConfigDict,
                state: state_lib.TrainState) -> state_lib.TrainState:
   """Replaces the initial weights by those of ``config.train.init_from``."""
   root, step = checkpointing.resolve('.', config.train.init_from)
-  src = checkpointing.Checkpointer(root, async_save=False, read_only=True)
-  try:
-    step = src.latest_step() if step < 0 else step
-    if step is None:
-      raise checkpointing.CheckpointError(f'No checkpoint in {root} '
-                                          '(config.train.init_from).')
-    params, stats = src.restore_weights(step, state.params,
-                                        state.batch_stats)
-  finally:
-    src.close()
+  params, stats, step = checkpointing.load_weights(root, step, state.params,
+                                                   state.batch_stats)
   logging.info('Initialised the weights from %s step %d.', root, step)
   teacher = state.teacher
   if teacher is not None:
@@ -199,13 +135,13 @@ def _make_steps(config, graphdef, tx, state_sharding, data, repl):
   if config.method in ('source_only', 'source_only_hm'):
     return [source]
   adapt = (config.train.source_only_steps,
-           jit(dastc_step.make_dastc_step(config, graphdef, tx)))
+           jit(step_lib.make_dastc_step(config, graphdef, tx)))
   return [source, adapt] if config.train.source_only_steps > 0 else [adapt]
 
 
 def _jit_eval_step(config, graphdef, state_sharding, repl, data):
   """The jitted eval step; parameters keep the state's (FSDP) sharding."""
-  return jax.jit(step_lib.make_eval_step(config, graphdef),
+  return jax.jit(forward.make_eval_step(config, graphdef),
                  in_shardings=(state_sharding.params,
                                state_sharding.batch_stats, data),
                  out_shardings=(repl, data))
@@ -409,21 +345,3 @@ def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
       run.writer.write_scalars(done, {f'eval/{r.name}/miou': 100 * r.miou
                                       for r in res})
   return state
-
-
-def write_eval_scalars(writer, step: int,
-                       results: list[evaluate.SplitResult]) -> None:
-  """mIoU, extra means and per-class IoU (%) as TensorBoard scalars."""
-  if not results:
-    return
-  scalars = {}
-  for r in results:
-    scalars[f'eval/{r.name}/miou'] = 100 * r.miou
-    for name, value in r.extra().items():
-      scalars[f'eval/{r.name}/{name}'] = 100 * value
-    for i in r.class_set.scored:
-      if not np.isnan(r.iou[i]):
-        scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = (
-            100 * r.iou[i])
-  writer.write_scalars(step, scalars)
-  writer.flush()

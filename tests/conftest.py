@@ -31,7 +31,7 @@ def world_cache(tmp_path_factory):
 def tiny_world(world_cache):
   """Generates (once) the tiny synthetic world; returns its folder."""
   from configs import common  # pylint: disable=g-import-not-at-top
-  from dastc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
   cfg = common.synthetic_world('tiny')
   cfg.cache_dir = world_cache
   return synthetic.ensure_world(cfg, num_workers=1)
@@ -56,5 +56,5 @@ def smoke_config(world_cache):
 @pytest.fixture(scope='session')
 def tiny_data(tiny_world):
   """The tiny world's prepared TFDS folder (what the pipeline reads)."""
-  from dastc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
   return os.path.join(tiny_world, synthetic.TFDS_DIR)

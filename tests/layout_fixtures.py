@@ -5,7 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from dastc_jax.data import layouts
+from dastc_jax.data.datasets import layouts
 
 
 def _save(path, array, **kw):

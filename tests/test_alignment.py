@@ -5,7 +5,7 @@ from jax.sharding import AxisType
 import jax.numpy as jnp
 import numpy as np
 
-from dastc_jax import alignment
+from dastc_jax.method import alignment
 
 
 def _protos(seed, c=5, d=8):

@@ -5,10 +5,10 @@ import importlib
 
 import pytest
 
+from dastc_jax.data.datasets import builders
+from dastc_jax.data import labels
 from dastc_jax import models
 from dastc_jax import train
-from dastc_jax.data import builders
-from dastc_jax.data import labels
 
 CONFIGS = ('synthetic', 'viper', 'synthia_seq', 'gta5', 'synthia')
 # The demo has no reference variant.

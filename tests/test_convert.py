@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from configs import viper
-from dastc_jax import convert
-from dastc_jax import eval_job
-from dastc_jax import state as state_lib
-from dastc_jax import train
 from dastc_jax.benchmarks import torch_accel
+from dastc_jax import convert
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
+from dastc_jax.evaluation import eval_job
 from dastc_jax.ops import image as image_ops
+from dastc_jax.runtime import state as state_lib
+from dastc_jax import train
 
 torch.set_num_threads(1)
 
@@ -247,7 +247,9 @@ def _torch_eval(tm, config, data_root):
   return 100 * float(np.nanmean(iou[list(cs.scored)]))
 
 
-def test_convert_command_then_eval_matches_pytorch(smoke_config, tmp_path):
+def test_convert_command_then_eval_matches_pytorch(smoke_config, tiny_world,
+                                                   tmp_path):
+  del tiny_world  # evaluation reads the world; it does not generate it
   c = smoke_config
   c.eval.splits = ('target_val',)
   c.eval.num_overlays = 0

@@ -5,12 +5,13 @@ from jax.sharding import AxisType
 import numpy as np
 
 from configs import common
-from dastc_jax import dastc_step
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train
 from dastc_jax.data import pipeline
+from dastc_jax.method import dastc_step
 from dastc_jax.ops import image as image_ops
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps
+from dastc_jax import train
 
 
 def _step_fn(config, root, n_devices, fsdp=1):
@@ -23,7 +24,7 @@ def _step_fn(config, root, n_devices, fsdp=1):
   graphdef, state, tx = state_lib.create_train_state(
       config, sizes=train._carried_sizes(config, root))  # pylint: disable=protected-access
   st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(dastc_step.make_dastc_step(config, graphdef, tx),
+  fn = jax.jit(steps.make_dastc_step(config, graphdef, tx),
                in_shardings=(st_sh, data),
                out_shardings=(st_sh, sharding_lib.replicated(mesh)))
 

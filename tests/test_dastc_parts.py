@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
-from dastc_jax import dastc_step
-from dastc_jax import pseudo_labels
-from dastc_jax import state as state_lib
-from dastc_jax import train
 from dastc_jax.data import pipeline
+from dastc_jax.method import dastc_step
+from dastc_jax.method import pseudo_labels
 from dastc_jax.ops import image as image_ops
+from dastc_jax.runtime import state as state_lib
+from dastc_jax import train
 
 
 def _config():

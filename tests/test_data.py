@@ -12,12 +12,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dastc_jax.data import builders
+from dastc_jax.data.datasets import builders
+from dastc_jax.data.datasets import layouts
+from dastc_jax.data.datasets import prepare
 from dastc_jax.data import io
 from dastc_jax.data import labels
-from dastc_jax.data import layouts
 from dastc_jax.data import pipeline
-from dastc_jax.data import prepare
 from dastc_jax.data import transforms
 from tests import layout_fixtures
 
@@ -362,7 +362,7 @@ def test_unprepared_data_dir_names_the_prepare_command(tmp_path):
                          'config.data.source')
   msg = str(e.value)
   assert 'config.data.source' in msg
-  assert ('python -m dastc_jax.data.prepare --dataset=viper '
+  assert ('python -m dastc_jax.prepare --dataset=viper '
           f'--manual_dir=data/Viper --data_dir={tmp_path}/nothing' in msg)
 
 
@@ -370,7 +370,7 @@ def test_unprepared_data_dir_names_the_prepare_command(tmp_path):
 _KILL_AFTER = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from dastc_jax.data import builders, prepare
+    from dastc_jax.data.datasets import builders, prepare
     real, calls = builders.encode, [0]
     def encode(spec, rec):
       calls[0] += 1
@@ -466,7 +466,8 @@ def test_preparation_needs_no_tensorflow(viper, tmp_path):
                        for f in sys.meta_path]
       sys.path.insert(0, {REPO!r})
       import ml_collections
-      from dastc_jax.data import pipeline, prepare
+      from dastc_jax.data import pipeline
+      from dastc_jax.data.datasets import prepare
       prepare.prepare('viper', {root!r}, {str(tmp_path / 'tfds')!r})
       d = ml_collections.ConfigDict(dict(dataset='viper', split='train'))
       spec, src = pipeline.data_source(d, {str(tmp_path / 'tfds')!r})
@@ -485,14 +486,14 @@ def test_prepare_command_line(tmp_path):
                              np.random.default_rng(5))
   data_dir = str(tmp_path / 'tfds')
   proc = subprocess.run(
-      [sys.executable, '-m', 'dastc_jax.data.prepare', '--dataset=gta5',
+      [sys.executable, '-m', 'dastc_jax.prepare', '--dataset=gta5',
        f'--manual_dir={tmp_path}/GTA5', f'--data_dir={data_dir}'],
       capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert '"samples": {"train": 3}' in proc.stdout
   assert prepare.is_prepared(data_dir, builders.SPECS['gta5'], 'train')
   proc = subprocess.run(
-      [sys.executable, '-m', 'dastc_jax.data.prepare', '--dataset=viper',
+      [sys.executable, '-m', 'dastc_jax.prepare', '--dataset=viper',
        f'--manual_dir={tmp_path}/GTA5', f'--data_dir={data_dir}'],
       capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode != 0

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from dastc_jax import checkpointing
-from dastc_jax import eval_job
+from dastc_jax.evaluation import eval_job
+from dastc_jax.runtime import checkpointing
 from dastc_jax import train
 
 

@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from dastc_jax import checkpointing
-from dastc_jax import preemption
-from dastc_jax import train
 from dastc_jax.benchmarks import faults
 from dastc_jax.data import checked_source
 from dastc_jax.data import io as io_lib
 from dastc_jax.data import pipeline
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import preemption
+from dastc_jax import train
 
 CACHE = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), '.jax_cache')
@@ -94,7 +94,7 @@ def _resumed_iterator_and_carried_clips(c, ref):
   resumed = make()
   ckpt = checkpointing.Checkpointer(os.path.join(ref, 'checkpoints'),
                                     async_save=False, read_only=True)
-  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
   state2 = ckpt.restore(2, state_lib.abstract_train_state(
       c, train._carried_sizes(c, root)), resumed)  # pylint: disable=protected-access
   ckpt.close()
@@ -168,7 +168,7 @@ def _poisoned(monkeypatch, bad_calls):
 
 
 def _restore(config, workdir, step):
-  from dastc_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
   _, abstract, _ = state_lib.create_train_state(config, abstract=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     async_save=False, read_only=True)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dastc_jax import fusion
+from dastc_jax.method import fusion
 
 C = 6
 

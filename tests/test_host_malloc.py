@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dastc_jax import host_malloc
+from dastc_jax.runtime import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_skipped_off_cpu_or_when_turned_off():
 _FAULTS = r'''
 import resource, sys
 sys.path.insert(0, {repo!r})
-from dastc_jax import host_malloc
+from dastc_jax.runtime import host_malloc
 print('STATE', host_malloc.configure())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x + 1.0)

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from dastc_jax import losses
+from dastc_jax.method import losses
 
 
 def test_cross_entropy_hand_values_and_ignore():

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dastc_jax import metrics
 from dastc_jax.data import labels
+from dastc_jax.evaluation import metrics
 
 
 def test_confusion_matrix_hand_built():
@@ -103,7 +103,7 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
 
 
 def test_synthia16_reports_miou13_beside_miou16():
-  from dastc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from dastc_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   cs = labels.get_class_set('synthia16')
   cm = np.zeros((16, 16), np.int64)
   for i in range(16):

@@ -223,7 +223,7 @@ def test_bad_model_config_values_name_the_key():
 def test_feature_fusion_in_the_model(layer):
   """An empty mask gives the two plain forwards; a full mask with weight 1
   swaps the clips from ``layer`` on (aux head included)."""
-  from dastc_jax import fusion  # pylint: disable=g-import-not-at-top
+  from dastc_jax.method import fusion  # pylint: disable=g-import-not-at-top
   g, p, s = _split(_cfg())
   k = jax.random.split(jax.random.key(3), 4)
   xs = [jax.random.normal(k[i], (2, 40, 48, 3)) * 50 for i in range(4)]

@@ -7,8 +7,8 @@ import optax
 
 from configs import synthetic as synthetic_config
 from configs import viper as viper_config
-from dastc_jax import optim
-from dastc_jax import state as state_lib
+from dastc_jax.runtime import optim
+from dastc_jax.runtime import state as state_lib
 
 
 def _labels_by_group(labels):

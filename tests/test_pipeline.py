@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from dastc_jax import checkpointing
 from dastc_jax.data import pipeline
+from dastc_jax.runtime import checkpointing
 
 
 def _leaves_equal(a, b):

@@ -12,10 +12,10 @@ from PIL import Image
 import pytest
 import torch
 
-from dastc_jax import checkpointing
-from dastc_jax import predict
-from dastc_jax import state as state_lib
 from dastc_jax.benchmarks import torch_accel
+from dastc_jax.evaluation import predict
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,9 @@ def test_predict_a_video_with_given_flows_and_errors(smoke_config, weights,
   assert not os.path.exists(out2)
 
 
-def test_readme_commands_convert_eval_predict(smoke_config, tmp_path):
+def test_readme_commands_convert_eval_predict(smoke_config, tiny_world,
+                                             tmp_path):
+  del tiny_world  # the eval command reads the world; it does not generate it
   c = smoke_config
   m = c.model
   torch.manual_seed(0)

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 
 from configs import common
-from dastc_jax import pseudo_labels
 from dastc_jax.data import transforms
+from dastc_jax.method import pseudo_labels
 from dastc_jax.ops import augment
 from dastc_jax.ops import warp
 

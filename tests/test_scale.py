@@ -13,12 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train
-from dastc_jax import train_step as step_lib
 from dastc_jax.data import pipeline
 from dastc_jax.models import layers
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps as step_lib
+from dastc_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

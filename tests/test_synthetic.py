@@ -11,9 +11,9 @@ import pytest
 import scipy.ndimage
 
 from configs import common
-from dastc_jax.data import synthetic
-from dastc_jax.data import synthetic_scene as scn
-from dastc_jax.data import synthetic_style as sty
+from dastc_jax.data.synthetic import scene as scn
+from dastc_jax.data.synthetic import style as sty
+from dastc_jax.data.synthetic import world as synthetic
 
 
 def _render_pair(seed, t=30, static=False):
@@ -147,8 +147,8 @@ def test_hard_shift_is_a_separate_world_that_histograms_cannot_undo():
   its key), and after matching a target frame's histograms to the source
   frame of the same scene, its per-class mean colours stay further from
   the source's than the default target's do (local and per-class shift)."""
-  from dastc_jax.data import synthetic_scene as scn  # pylint: disable=g-import-not-at-top
-  from dastc_jax.data import synthetic_style as sty  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.synthetic import scene as scn  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.synthetic import style as sty  # pylint: disable=g-import-not-at-top
   from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top
   cfg = common.synthetic_world('tiny')
   assert 'shift' not in synthetic.world_params(cfg)

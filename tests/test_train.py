@@ -11,13 +11,13 @@ from jax.sharding import AxisType
 import numpy as np
 import pytest
 
-from dastc_jax import checkpointing
-from dastc_jax import eval_job
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train
-from dastc_jax import train_step as step_lib
 from dastc_jax.data import pipeline
+from dastc_jax.evaluation import eval_job
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps as step_lib
+from dastc_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from dastc_jax import xla_cpu
+from dastc_jax.runtime import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def test_flags_are_accepted_by_this_jaxlib():
                PYTHONPATH=REPO)
     proc = subprocess.run(
         [sys.executable, '-c',
-         'from dastc_jax import xla_cpu; xla_cpu.set_defaults()\n' + code],
+         'from dastc_jax.runtime import xla_cpu; xla_cpu.set_defaults()\n' + code],
         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     outs.append(float(proc.stdout.strip().splitlines()[-1].strip('np.float32()')))

@@ -27,7 +27,9 @@ RBF-MMD on logits), ``blend_feature_fusion`` (the reference decoder
 variant's blend), ``pairs_alignment`` (the reference's per-pair aggregation),
 ``uniform_temporal``, ``student_labels_alignment``, ``reference_teacher``
 (the frozen warm start for the first 20% of the steps, then the student),
-``no_histogram_match``, ``no_confidence_threshold``.
+``no_histogram_match``, ``no_distribution_alignment`` and
+``pseudo_label_only_no_distribution_alignment`` (without the pseudo-label
+distribution alignment).
 
 The image domain (``--domain=image``) trains single-frame DeepLabv2 on the
 world's GTA5-layout source and Cityscapes-layout target (19 classes) with
@@ -56,7 +58,7 @@ import numpy as np
 
 from configs import common
 from configs import synthetic as synthetic_config
-from dastc_jax import log_filter
+from dastc_jax.runtime import log_filter
 from dastc_jax import train
 
 FLAGS = flags.FLAGS
@@ -130,7 +132,12 @@ VARIANTS: dict[str, tuple[Change, str]] = {
         _dastc(**{'dastc.alignment.target_labels': 'student'}), 'hm'),
     'reference_teacher': (_dastc(**{'dastc.teacher': 'reference'}), 'hm'),
     'no_histogram_match': (_dastc(**{'data.histogram_match': False}), 'hm'),
-    'no_confidence_threshold': (_dastc(**{'dastc.pl_threshold': 0.0}), 'hm'),
+    'no_distribution_alignment': (
+        _dastc(**{'dastc.pl_distribution_alignment': False}), 'hm'),
+    'pseudo_label_only_no_distribution_alignment': (
+        _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False,
+                  'dastc.alignment.kind': 'none',
+                  'dastc.pl_distribution_alignment': False}), 'hm'),
 }
 DEFAULT_VARIANTS = {
     'video': ['source_only', 'source_only_hm', 'pseudo_label_only', 'dastc',

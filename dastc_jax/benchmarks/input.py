@@ -40,12 +40,12 @@ from PIL import Image
 
 from configs import common
 from configs import viper as viper_config
-from dastc_jax import dastc_step
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax.data import layouts
+from dastc_jax.data.datasets import layouts
+from dastc_jax.data.datasets import prepare
 from dastc_jax.data import pipeline
-from dastc_jax.data import prepare
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps as step_lib
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -120,7 +120,7 @@ def step_rate(config, data_dir: str, steps: int) -> dict[str, float]:
            'target': tuple(config.data.target.image_size)}
   graphdef, state, tx = state_lib.create_train_state(config, sizes=sizes)
   st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(dastc_step.make_dastc_step(config, graphdef, tx),
+  fn = jax.jit(step_lib.make_dastc_step(config, graphdef, tx),
                in_shardings=(st_sh, data),
                out_shardings=(st_sh, sharding_lib.replicated(mesh)),
                donate_argnums=0)

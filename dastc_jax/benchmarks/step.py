@@ -42,12 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import viper as viper_config
-from dastc_jax import dastc_step
-from dastc_jax import host_malloc
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train_step as step_lib
-from dastc_jax import xla_cpu
+from dastc_jax.runtime import host_malloc
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import steps as step_lib
+from dastc_jax.runtime import xla_cpu
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -115,7 +114,7 @@ def build_jax_step(config, kind: str, src_hw, tgt_hw, n_devices: int = 1
   graphdef, state, tx = state_lib.create_train_state(
       config, sizes=sizes if kind == 'dastc' else None)
   st_sh = sharding_lib.state_shardings(state, mesh)
-  make = (dastc_step.make_dastc_step if kind == 'dastc' else
+  make = (step_lib.make_dastc_step if kind == 'dastc' else
           step_lib.make_train_step)
   fn = jax.jit(make(config, graphdef, tx), in_shardings=(st_sh, data),
                out_shardings=(st_sh, sharding_lib.replicated(mesh)),
@@ -244,10 +243,10 @@ def build_torch_step(config, batch: int, src_hw
 _CHILD = '''
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from dastc_jax import host_malloc
+from dastc_jax.runtime import host_malloc
 malloc = host_malloc.configure()
 if {framework!r} == 'jax':
-  from dastc_jax import xla_cpu
+  from dastc_jax.runtime import xla_cpu
   xla_cpu.set_defaults()
 import resource
 from dastc_jax.benchmarks import step as b
@@ -328,9 +327,9 @@ import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, {repo!r})
-from dastc_jax import host_malloc
+from dastc_jax.runtime import host_malloc
 host_malloc.configure()
-from dastc_jax import xla_cpu
+from dastc_jax.runtime import xla_cpu
 xla_cpu.set_defaults()
 from dastc_jax.benchmarks import step as b
 c = b._config({n}, 'float32')
@@ -544,9 +543,9 @@ def report(res: dict[str, Any], command: str) -> str:
       lines.append(f'| {label} | {r["step_s"]:.3f} | '
                    f'{j["step_s"] / r["step_s"]:.2f} | {pq} |')
   lines += ['', f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
-                '(dastc_jax/xla_cpu.py). Host malloc settings of this '
+                '(dastc_jax/runtime/xla_cpu.py). Host malloc settings of this '
                 f'process: {res.get("host_malloc", "not recorded")} '
-                '(dastc_jax/host_malloc.py).']
+                '(dastc_jax/runtime/host_malloc.py).']
   w = res.get('weak')
   if w:
     lines += ['', 'Weak scaling, source-only step, batch 1 per simulated '

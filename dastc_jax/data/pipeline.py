@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dastc_jax.data import builders
 from dastc_jax.data import checked_source
+from dastc_jax.data.datasets import builders
+from dastc_jax.data.datasets import prepared as prepare
 from dastc_jax.data import io
 from dastc_jax.data import labels
-from dastc_jax.data import prepare
 from dastc_jax.data import rare_index as rare_lib
 from dastc_jax.data import transforms
 

@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from dastc_jax.data import builders
+from dastc_jax.data.datasets import builders
 from dastc_jax.data import labels
 
 FLOW_KEYS = ('flow', 'flow_t_t2', 'flow_t1_t2')

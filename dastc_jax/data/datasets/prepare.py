@@ -2,7 +2,7 @@ r"""Prepares a dataset from its original layout into TFDS ArrayRecord files.
 
 Usage::
 
-  python -m dastc_jax.data.prepare --dataset=viper \
+  python -m dastc_jax.prepare --dataset=viper \
       --manual_dir=data/Viper --data_dir=data/tfds
 
 Flows are looked up next to ``manual_dir`` under the reference folder names
@@ -40,38 +40,15 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dastc_jax.data import builders
+from dastc_jax.data.datasets import builders
+from dastc_jax.data.datasets import layouts
+from dastc_jax.data.datasets import prepared
 from dastc_jax.data import io
-from dastc_jax.data import layouts
 
-VERSION = str(builders._Builder.VERSION)  # pylint: disable=protected-access
-
-
-def prepared_dir(data_dir: str, spec: builders.Spec, split: str) -> str:
-  """The TFDS version folder holding ``spec``'s ``split``."""
-  parts = [os.path.expanduser(data_dir), spec.tfds_name]
-  if spec.name == 'cityscapes_seq':
-    parts.append(split)
-  return os.path.join(*parts, VERSION)
-
-
-def is_prepared(data_dir: str, spec: builders.Spec, split: str) -> bool:
-  """Whether ``split`` is prepared (complete folder and statistics)."""
-  info = os.path.join(prepared_dir(data_dir, spec, split),
-                      'dataset_info.json')
-  if not os.path.exists(info):
-    return False
-  with open(info) as f:
-    splits = {s['name'] for s in json.load(f).get('splits', [])}
-  return (split in splits and
-          os.path.exists(builders.stats_path(data_dir, spec, split)))
-
-
-def command(dataset: str, data_dir: str, manual_dir: str = '<the dataset '
-            'folder>') -> str:
-  """The prepare command line for ``dataset`` (for error messages)."""
-  return (f'python -m dastc_jax.data.prepare --dataset={dataset} '
-          f'--manual_dir={manual_dir} --data_dir={data_dir}')
+VERSION = prepared.VERSION
+prepared_dir = prepared.prepared_dir
+is_prepared = prepared.is_prepared
+command = prepared.command
 
 
 def default_flow_dir(spec: builders.Spec, manual_dir: str,
@@ -294,7 +271,7 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
   return counts
 
 
-def _define_flags() -> dict[str, Any]:
+def define_flags() -> dict[str, Any]:
   """The command's flags (defined only when run as a program: the pipeline
   imports this module)."""
   return {
@@ -328,7 +305,12 @@ def main(argv: Sequence[str], f: dict[str, Any]) -> None:
                     'data_dir': f['data_dir'].value, 'samples': counts}))
 
 
-if __name__ == '__main__':
-  _flags = _define_flags()
+def run() -> None:
+  """Parses the command line and prepares (``python -m dastc_jax.prepare``)."""
+  f = define_flags()
   flags.mark_flags_as_required(['dataset', 'manual_dir'])
-  app.run(lambda argv: main(argv, _flags))
+  app.run(lambda argv: main(argv, f))
+
+
+if __name__ == '__main__':
+  run()

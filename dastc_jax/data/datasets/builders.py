@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from dastc_jax.data.datasets import layouts
 from dastc_jax.data import io
 from dastc_jax.data import labels
-from dastc_jax.data import layouts
 
 Example = dict[str, Any]
 
@@ -359,7 +359,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     if self._records is None or self._example_fn is None:
       raise RuntimeError('Prepare this dataset with python -m '
-                         'dastc_jax.data.prepare (it supplies the records).')
+                         'dastc_jax.prepare (it supplies the records).')
     return {split: self._generate_examples(split)
             for split in self._splits()}
 
@@ -416,7 +416,7 @@ def load_stats(data_dir: str, spec: Spec, split: str
   if not os.path.exists(path):
     raise io.DataError(
         f'Missing {path} (label statistics written by the preparation). '
-        f'Rerun: python -m dastc_jax.data.prepare --dataset={spec.name} '
+        f'Rerun: python -m dastc_jax.prepare --dataset={spec.name} '
         f'--manual_dir={spec.manual_dir} --data_dir={data_dir}')
   with np.load(path, allow_pickle=False) as z:
     return [str(i) for i in z['ids']], z['histogram']

@@ -12,11 +12,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dastc_jax import metrics as metrics_lib
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import visualize
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
+from dastc_jax.evaluation import metrics as metrics_lib
+from dastc_jax.evaluation import visualize
+from dastc_jax.runtime import sharding as sharding_lib
 
 
 @dataclasses.dataclass
@@ -184,3 +184,21 @@ def write_results(out_dir: str, results: Sequence[SplitResult],
       f.write(text)
     os.replace(tmp, os.path.join(out_dir, name))
   return table
+
+
+def write_eval_scalars(writer, step: int,
+                       results: list[SplitResult]) -> None:
+  """mIoU, extra means and per-class IoU (%) as TensorBoard scalars."""
+  if not results:
+    return
+  scalars = {}
+  for r in results:
+    scalars[f'eval/{r.name}/miou'] = 100 * r.miou
+    for name, value in r.extra().items():
+      scalars[f'eval/{r.name}/{name}'] = 100 * value
+    for i in r.class_set.scored:
+      if not np.isnan(r.iou[i]):
+        scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = (
+            100 * r.iou[i])
+  writer.write_scalars(step, scalars)
+  writer.flush()

@@ -1,4 +1,4 @@
-"""Pure train and eval step functions (jitted once, with shardings, in train.py).
+"""The pure supervised train step (jitted once, with shardings, in train.py).
 
 ``train_step(state, batch) -> (state, metrics)`` is the source-only
 supervised step of ACCEL (docs/reference_code.md, "Training"): CE with ignore 255 on the fused
@@ -16,14 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dastc_jax import divergence
-from dastc_jax import losses
-from dastc_jax import metrics as metrics_lib
+from dastc_jax.method import losses
+from dastc_jax.method.train_state import TrainState
 from dastc_jax import models
-from dastc_jax import optim
 from dastc_jax.ops import image as image_ops
-from dastc_jax.ops import warp as warp_ops
-from dastc_jax.state import TrainState
 
 Batch = dict[str, Any]
 
@@ -50,10 +46,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     ``labels[:, 0]``, target ``label``).
   """
   aux_weight = config.loss.aux_weight
-  nonfinite = config.train.get('nonfinite', 'stop')
   dtype = models.compute_dtype(config.model.dtype)
-  schedules = optim.group_schedules(config.optim,
-                                    optim.adaptation_start(config))
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
@@ -79,34 +72,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     metrics = {'loss': loss, **terms,
                'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params),
-               'lr_backbone': schedules['backbone'](state.step),
-               'lr_head': schedules['head'](state.step)}
+}
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=stats, opt_state=opt_state)
-    return divergence.guard(nonfinite, state, new_state, metrics)
+    return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(config: ml_collections.ConfigDict,
-                   graphdef: nnx.GraphDef) -> Callable[..., Any]:
-  """Builds ``eval_step(params, batch_stats, batch) -> (confusion, pred)``.
-
-  The fused logits are upsampled (align corners) to the label size before
-  the argmax (docs/reference_code.md, "Training"). ``batch``: ``frames`` ``[B, 2, H, W, 3]``,
-  ``flow`` ``[B, H, W, 2]``, ``label`` ``[B, Hl, Wl]``, ``mask`` ``[B]``.
-  """
-  num_classes = config.model.num_classes
-  dtype = models.compute_dtype(config.model.dtype)
-
-  def eval_step(params, batch_stats, batch):
-    model = nnx.merge(graphdef, params, batch_stats)
-    frames = image_ops.normalize(batch['frames'], dtype)
-    out = model.clip(frames, batch.get('flow'), train=False)
-    logits = warp_ops.resize_bilinear(out['pred'], batch['label'].shape[1:3])
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.uint8)  # [B, Hl, Wl]
-    cm = metrics_lib.confusion_matrix(pred, batch['label'], num_classes,
-                                      batch['mask'])
-    return cm, pred
-
-  return eval_step

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage
 
-from dastc_jax.data import synthetic_scene as scn
+from dastc_jax.data.synthetic import scene as scn
 
 # Per-class colour choices (one is picked per surface instance).
 _SOURCE = {

@@ -32,22 +32,23 @@ from absl import logging
 import jax
 import ml_collections
 
-from dastc_jax import checkpointing
-from dastc_jax import evaluate
-from dastc_jax import sharding as sharding_lib
-from dastc_jax import state as state_lib
-from dastc_jax import train
-from dastc_jax import train_step as step_lib
+from dastc_jax.data import roots
+from dastc_jax.evaluation import evaluate
+from dastc_jax.evaluation import forward
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import sharding as sharding_lib
+from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import validation
 
 
 class _Evaluator:
   """The mesh, jitted eval step and data root of one config (built once)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    train.check_config(config)
+    validation.check_config(config)
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.data_root = train.resolve_data_root(config)
+    self.data_root = roots.resolve_data_root(config, generate=False)
     self.mesh = sharding_lib.make_mesh(config)
     self.data = sharding_lib.data_sharding(self.mesh)
     # Shapes only: the weights come from the checkpoints.
@@ -59,19 +60,16 @@ class _Evaluator:
     self.param_sharding = shard['params']
     self.stats_sharding = shard['batch_stats']
     self.eval_step = jax.jit(
-        step_lib.make_eval_step(config, state_lib.model_graphdef(config)),
+        forward.make_eval_step(config, state_lib.model_graphdef(config)),
         in_shardings=(shard['params'], shard['batch_stats'], self.data),
         out_shardings=(sharding_lib.replicated(self.mesh), self.data))
     self.writer = None
 
   def load(self, root: str, step: int) -> tuple[Any, Any]:
     """The weights of ``root/step``, placed on the mesh."""
-    ckpt = checkpointing.Checkpointer(root, async_save=False, read_only=True)
-    try:
-      params, stats = ckpt.restore_weights(step, self.params_like,
-                                           self.stats_like)
-    finally:
-      ckpt.close()
+    params, stats, _ = checkpointing.load_weights(root, step,
+                                                  self.params_like,
+                                                  self.stats_like)
     return (jax.device_put(params, self.param_sharding),
             jax.device_put(stats, self.stats_sharding))
 
@@ -93,7 +91,7 @@ class _Evaluator:
         self.config, self.data_root, self.eval_step, params, stats,
         self.data, self.out_dir(step), step, self.config.eval.num_overlays)
     if jax.process_index() == 0:
-      train.write_eval_scalars(self._writer(), step, results)
+      evaluate.write_eval_scalars(self._writer(), step, results)
     return {r.name: 100 * r.miou for r in results}
 
   def _writer(self):

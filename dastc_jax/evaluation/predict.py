@@ -38,15 +38,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dastc_jax import checkpointing
-from dastc_jax import models
-from dastc_jax import state as state_lib
-from dastc_jax import visualize
 from dastc_jax.data import io as io_lib
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import transforms
-from dastc_jax.ops import image as image_ops
-from dastc_jax.ops import warp as warp_ops
+from dastc_jax.evaluation import forward
+from dastc_jax.evaluation import visualize
+from dastc_jax import models
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import state as state_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
@@ -151,16 +150,10 @@ def load_weights(config: ml_collections.ConfigDict, checkpoint: str,
                  workdir: str):
   """``(params, batch_stats)`` of a checkpoint (latest of a folder)."""
   root, step = checkpointing.resolve(workdir, checkpoint)
-  ckpt = checkpointing.Checkpointer(root, async_save=False, read_only=True)
-  try:
-    step = ckpt.latest_step() if step < 0 else step
-    if step is None:
-      raise checkpointing.CheckpointError(f'No checkpoint found in {root}.')
-    params_like, stats_like = jax.eval_shape(
-        lambda: state_lib.init_model(config, 0)[1:])
-    params, stats = ckpt.restore_weights(step, params_like, stats_like)
-  finally:
-    ckpt.close()
+  params_like, stats_like = jax.eval_shape(
+      lambda: state_lib.init_model(config, 0)[1:])
+  params, stats, step = checkpointing.load_weights(root, step, params_like,
+                                                   stats_like)
   logging.info('Predicting with %s step %d.', root, step)
   return params, stats
 
@@ -170,12 +163,10 @@ def make_predict_fn(config: ml_collections.ConfigDict):
   -> ids [1, h, w]`` (fused logits upsampled with align corners)."""
   graphdef = state_lib.model_graphdef(config)
   dtype = models.compute_dtype(config.model.dtype)
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def predict(params, stats, frames, flow, out_hw):
-    model = nnx.merge(graphdef, params, stats)
-    out = model.clip(image_ops.normalize(frames, dtype), flow, train=False)
-    logits = warp_ops.resize_bilinear(out['pred'], out_hw)
+    logits = forward.predict_logits(graphdef, params, stats, frames, flow,
+                                    out_hw, dtype)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
   return jax.jit(predict, static_argnums=(4,))

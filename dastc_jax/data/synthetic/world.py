@@ -28,11 +28,11 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from dastc_jax.data.datasets import layouts
+from dastc_jax.data.datasets import prepare
 from dastc_jax.data import labels
-from dastc_jax.data import layouts
-from dastc_jax.data import prepare
-from dastc_jax.data import synthetic_scene as scn
-from dastc_jax.data import synthetic_style as sty
+from dastc_jax.data.synthetic import scene as scn
+from dastc_jax.data.synthetic import style as sty
 
 VERSION = 6  # bump when the rendering or the storage changes
 TFDS_DIR = 'tfds'  # the prepared copy inside a world folder
@@ -196,6 +196,19 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
                     os.path.join(root, TFDS_DIR), check_counts=False)
   with open(os.path.join(root, 'world.json'), 'w') as f:
     json.dump(params, f, indent=2, sort_keys=True)
+
+
+def existing_world(config: Any) -> str:
+  """The folder of the world described by ``config``; it must have been
+  generated (by a training run) already."""
+  params = world_params(config)
+  root = world_dir(config.cache_dir, params)
+  marker = os.path.join(root, 'world.json')
+  if not os.path.exists(marker):
+    raise FileNotFoundError(
+        f'The synthetic world {root} does not exist: a training run with '
+        'this config generates it (evaluation does not).')
+  return root
 
 
 def ensure_world(config: Any, num_workers: int = 1) -> str:

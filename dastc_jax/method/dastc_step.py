@@ -38,18 +38,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dastc_jax import alignment
-from dastc_jax import divergence
-from dastc_jax import fusion
-from dastc_jax import losses
+from dastc_jax.method import alignment
+from dastc_jax.method import fusion
+from dastc_jax.method import losses
+from dastc_jax.method import pseudo_labels
+from dastc_jax.method.train_state import TrainState
 from dastc_jax import models
-from dastc_jax import optim
-from dastc_jax import pseudo_labels
-from dastc_jax.data import labels as labels_lib
 from dastc_jax.ops import augment
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import warp as warp_ops
-from dastc_jax.state import TrainState
 
 Batch = dict[str, Any]
 
@@ -180,7 +177,7 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
 
 
 def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
-                   size):
+                   size, rare_classes):
   """Builds both fused clips (frames, labels, flows) and their masks.
 
   Returns ``(masks, swap, clip_s, clip_t)``: the image-level paste masks,
@@ -200,7 +197,7 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
       prev_tgt_masks=c['tgt_masks'], has_prev=c['has_prev'],
       num_classes=config.model.num_classes,
       num_source_classes=d.num_source_classes,
-      rare_class_list=labels_lib.RARE_CLASSES[config.data.class_set],
+      rare_class_list=rare_classes,
       clip_lt=not d.bugs.unclipped_lt_mask)
   pastes = dict(prev_src=norm(crop(c['src_frames'], True)),
                 prev_src_labels=crop(c['src_labels'], False),
@@ -377,10 +374,16 @@ def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
 
 
 def make_dastc_step(config: ml_collections.ConfigDict,
-                    graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+                    graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    *, class_names: tuple[str, ...],
+                    rare_classes: tuple[int, ...]
                     ) -> Callable[[TrainState, Batch], tuple[TrainState,
                                                              dict[str, Any]]]:
-  """Builds ``dastc_step(state, batch) -> (state, metrics)``.
+  """Builds ``dastc_step(state, batch) -> (state, metrics)`` (pure; the
+  runtime adds the LR metrics and the non-finite guard, ``runtime/steps.py``).
+
+  ``class_names`` name the trained classes (pseudo-label monitoring);
+  ``rare_classes`` are the long-tail class ids that the fusion pastes.
 
   ``batch['source']``: ``frames`` ``[B, 2, Hs, Ws, 3]`` uint8 (histogram
   matched), ``labels`` ``[B, 2, Hs, Ws]``, ``flow`` ``[B, Hs, Ws, 2]``, and
@@ -398,15 +401,12 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   lam = d.lambda_t
   dtype = models.compute_dtype(config.model.dtype)
   adapt_start = config.train.source_only_steps
-  schedules = optim.group_schedules(config.optim,
-                                    optim.adaptation_start(config))
   layer = d.feature_layer if d.feature_fusion else None
   if d.feature_mode == 'blend':
     mix_fn = functools.partial(fusion.feature_mix,
                                other_weight=d.feature_other_weight)
   else:
     mix_fn = fusion.feature_swap
-  class_names = labels_lib.get_class_set(config.data.class_set).classes
   ce = losses.cross_entropy
   ce_up = losses.upsampled_cross_entropy
 
@@ -432,7 +432,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     if d.image_fusion:
       masks, swap, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
           (k_paste, k_swap), config, state, src, tgt_flow, x_src, x_st,
-          pl_loss, size)
+          pl_loss, size, tuple(rare_classes))
       clip_sm = (xs_m[:, 0], xs_m[:, 1], fs_m) if video else (xs_m[:, 0],)
       clip_tm = (xt_m[:, 0], xt_m[:, 1], ft_m) if video else (xt_m[:, 0],)
       mix_masks = swap if swap is not None else fusion.fused_mask(masks)
@@ -492,8 +492,6 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     metrics = {'loss': loss, **terms,
                'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params),
-               'lr_backbone': schedules['backbone'](state.step),
-               'lr_head': schedules['head'](state.step),
                'pl_confident': jnp.mean(pl['conf_t'] > d.confidence)}
     if 'label' in tgt:  # monitoring only: never used by a loss
       metrics.update(pseudo_label_metrics(pl['label_t'], tgt['label'],
@@ -501,8 +499,7 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=stats, opt_state=opt_state,
                               teacher=teacher, carried=carried)
-    return divergence.guard(config.train.get('nonfinite', 'stop'), state,
-                            new_state, metrics)
+    return new_state, metrics
 
   return step
 

@@ -174,6 +174,25 @@ def resolve(workdir: str, checkpoint: str) -> tuple[str, int]:
   return path, -1
 
 
+def load_weights(root: str, step: int, params_like: Any, stats_like: Any
+                 ) -> tuple[Any, Any, int]:
+  """``(params, batch_stats, step)`` of ``root``'s ``step`` (-1: latest),
+  read-only: the only way weights are read outside a resume.
+
+  ``params_like``/``stats_like`` give the expected structure (arrays or
+  shape structs, optionally with shardings).
+  """
+  ckpt = Checkpointer(root, async_save=False, read_only=True)
+  try:
+    step = ckpt.latest_step() if step < 0 else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint found in {root}.')
+    params, stats = ckpt.restore_weights(step, params_like, stats_like)
+  finally:
+    ckpt.close()
+  return params, stats, step
+
+
 def abstract_with_sharding(state: Any, sharding: Any) -> Any:
   """Shape/dtype structs of ``state`` placed with ``sharding`` (one sharding
   for every leaf, or a matching tree of shardings)."""

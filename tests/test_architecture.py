@@ -1,0 +1,48 @@
+"""The import rules of docs/architecture.md, checked on every module."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / 'dastc_jax'
+ALLOWED = {
+    'ops': set(),
+    'models': {'ops'},
+    'method': {'models', 'ops'},
+    'data': set(),
+    'runtime': {'method', 'models', 'ops', 'data'},
+    'evaluation': {'runtime', 'method', 'models', 'ops', 'data'},
+}
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+  """Top-level dastc_jax folders (or modules) that ``path`` imports."""
+  tree = ast.parse(path.read_text())
+  out = set()
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == 'dastc_jax':
+        names = [a.name for a in node.names]
+      elif node.module.startswith('dastc_jax.'):
+        names = [node.module.split('.')[1]]
+    elif isinstance(node, ast.Import):
+      names = [a.name.split('.')[1] for a in node.names
+               if a.name.startswith('dastc_jax.')]
+    out.update(names)
+  return out
+
+
+def test_every_layer_imports_only_what_it_may():
+  violations = []
+  for layer, allowed in ALLOWED.items():
+    for path in sorted((ROOT / layer).rglob('*.py')):
+      bad = _package_imports(path) - allowed - {layer}
+      if bad:
+        violations.append(f'{path.relative_to(ROOT)} imports {sorted(bad)}')
+  assert not violations, '\n'.join(violations)
+
+
+def test_the_checker_sees_imports():
+  assert _package_imports(ROOT / 'method' / 'dastc_step.py') >= {
+      'method', 'models', 'ops'}
+  assert 'runtime' in _package_imports(ROOT / 'runtime' / 'steps.py')
