@@ -273,7 +273,7 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   ignore = _IGNORED[layout] + tuple(allow_unexpected)
   ignored = sorted(k for k in sd if any(re.match(p, k) for p in ignore))
   sd = {k: v for k, v in sd.items() if k not in set(ignored)}
-  head = model_config.get('head', 'proda')
+  head = model_config.head
   cfg = ml_collections.ConfigDict(model_config.to_dict())
   _, init_params, init_stats = state_lib.init_model(
       ml_collections.ConfigDict({'model': cfg}), seed)

@@ -317,7 +317,7 @@ def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
                                    np.isfinite(m[k])] or [np.nan]))
                  for k in keys}
       scalars['skipped_total'] = float(monitor.total_skipped)
-      if config.data.get('on_error', 'fail') == 'skip':
+      if config.data.on_error == 'skip':
         scalars['data/bad_records_total'] = float(bad_records)
       run.writer.write_scalars(done, scalars)
       rate = (time.time() - t_start) / (done - phase_start)

@@ -15,7 +15,8 @@ def _cfg(**kw):
   c = dict(name='accel_deeplabv2', num_classes=5, layers=(1, 1, 1, 1),
            width=8, head_features=16, aspp_dilations=(6, 12, 18, 24),
            dropout=0.1, bn_momentum=0.1, backbone_init='he', init_std=0.01,
-           dtype='float32', per_axis_flow_scale=False)
+           dtype='float32', per_axis_flow_scale=False, head='proda',
+           conv_kernel_grad='auto', bn_group_size=0, stride_in_1x1=True)
   c.update(kw)
   return ml_collections.ConfigDict(c)
 

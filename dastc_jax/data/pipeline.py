@@ -224,7 +224,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *,
   d = config.data
   kw = dict(process_index=process_index, process_count=process_count,
             per_axis_flow_scale=config.model.per_axis_flow_scale,
-            on_error=config.data.get('on_error', 'fail'))
+            on_error=config.data.on_error)
   fusion = None
   if config.method == 'dastc' and config.dastc.image_fusion:
     fusion = {'crop_size': _target_size(config, data_dir),

@@ -39,19 +39,19 @@ class AccelDeepLab(nnx.Module):
     head_init = layers.normal(config.init_std)
     self.num_classes = c
     self.per_axis_flow_scale = config.per_axis_flow_scale
-    kernel_grad = config.get('conv_kernel_grad', 'auto')
+    kernel_grad = config.conv_kernel_grad
     self.backbone = resnet.ResNetDeepLab(
         blocks=tuple(config.layers), width=config.width,
         bn_momentum=config.bn_momentum, kernel_init=backbone_init,
-        bn_group_size=config.get('bn_group_size', 0),
-        stride_in_1x1=config.get('stride_in_1x1', True),
+        bn_group_size=config.bn_group_size,
+        stride_in_1x1=config.stride_in_1x1,
         kernel_grad=kernel_grad, dtype=dtype, rngs=rngs)
     feats = self.backbone.out_features
     # `layer5` of the reference: the aux classifier on layer3.
     self.aux_head = heads.ASPPSum(feats['layer3'], c, config.aspp_dilations,
                                   kernel_init=head_init, dtype=dtype,
                                   kernel_grad=kernel_grad, rngs=rngs)
-    head = config.get('head', 'proda')
+    head = config.head
     if head == 'proda':
       # `layer7` of the reference: ASPP to a feature, then logits.
       self.head = heads.ProdaHead(feats['layer4'], config.head_features, c,

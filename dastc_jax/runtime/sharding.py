@@ -25,7 +25,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   ``fsdp>1`` they are sharded over that axis (each large leaf along its
   largest divisible dimension) and gathered by XLA where a layer needs them.
   """
-  n_fsdp = config.mesh.get('fsdp', 1)
+  n_fsdp = config.mesh.fsdp
   n_data = config.mesh.data
   devices = jax.devices()
   if n_fsdp < 1 or len(devices) % n_fsdp:

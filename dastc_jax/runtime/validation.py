@@ -34,7 +34,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.method == 'source_only_hm' and not config.data.histogram_match:
     raise ValueError("config.method='source_only_hm' needs "
                      'config.data.histogram_match=True.')
-  if config.method == 'dastc' and config.model.get('head', 'proda') != 'proda':
+  if config.method == 'dastc' and config.model.head != 'proda':
     raise ValueError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "

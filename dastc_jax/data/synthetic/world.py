@@ -68,7 +68,7 @@ def world_params(config: Any) -> dict[str, Any]:
   params = {k: config[k] for k in keys}
   for k in ('source_size', 'target_size'):
     params[k] = [int(v) for v in params[k]]
-  shift = config.get('shift', 'default')
+  shift = config.shift
   if shift not in SHIFTS:
     raise ValueError(f'config.data.synthetic.shift={shift!r}; expected one '
                      f'of {SHIFTS}.')
