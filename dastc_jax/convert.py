@@ -49,6 +49,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from dastc_jax import errors
+
 LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision')
 # Keys each layout drops silently (not part of any of our models).
 _IGNORED = {
@@ -64,7 +66,7 @@ _TV_STD = np.array([0.229, 0.224, 0.225])
 _CAFFE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434])
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A weight file cannot be read or does not fit the model."""
 
 
@@ -428,4 +430,4 @@ def _main(argv, f) -> None:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _flags = _define_flags()
-  app.run(lambda argv: _main(argv, _flags))
+  app.run(errors.report_user_errors(lambda argv: _main(argv, _flags)))

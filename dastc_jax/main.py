@@ -29,6 +29,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from dastc_jax import errors  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import log_filter  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
@@ -116,4 +117,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(errors.report_user_errors(main))

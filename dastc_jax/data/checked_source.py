@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import logging
 
+from dastc_jax import errors
 from dastc_jax.data import io
 
 POLICIES = ('fail', 'skip')
@@ -27,7 +28,7 @@ class CheckedSource:
   def __init__(self, source: Any, *, name: str, data_dir: str,
                policy: str = 'fail', id_source: Any = None):
     if policy not in POLICIES:
-      raise ValueError(f'Unknown config.data.on_error={policy!r}; expected '
+      raise errors.ConfigError(f'Unknown config.data.on_error={policy!r}; expected '
                        f'one of {POLICIES}.')
     self._source = source
     self._ids = id_source

@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 import scipy.ndimage
 
+from dastc_jax import errors
+
 FLOW_HELP = (
     'Flows are produced offline with FlowNet2 (as in DA-VSN/TPS) and stored '
     'as np.save(name, np.int16(10 * F)) with F of shape [H, W, 2] on frame '
@@ -16,7 +18,7 @@ FLOW_HELP = (
     'synthetic world writes exact flows in this format.')
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A dataset file is missing, unreadable or not what the layout requires."""
 
 

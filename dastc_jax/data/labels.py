@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from dastc_jax import errors
+
 IGNORE = 255
 
 
@@ -155,6 +157,6 @@ RARE_CLASSES = {'viper15': (3, 4, 5, 7, 13, 14), 'synthia12': (3, 4, 5, 6, 10),
 def get_class_set(name: str) -> ClassSet:
   """Looks up a class set by name, with a clear error for unknown names."""
   if name not in CLASS_SETS:
-    raise ValueError(f'Unknown class set {name!r}; expected one of '
+    raise errors.ConfigError(f'Unknown class set {name!r}; expected one of '
                      f'{sorted(CLASS_SETS)}.')
   return CLASS_SETS[name]

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dastc_jax import errors
 from dastc_jax.data import checked_source
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import prepared as prepare
@@ -50,9 +51,9 @@ def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
   try:
     spec = builders.get_spec(dcfg.dataset)
   except ValueError as e:
-    raise ValueError(f'{section}.dataset: {e}') from None
+    raise errors.ConfigError(f'{section}.dataset: {e}') from None
   if dcfg.split not in spec.splits:
-    raise ValueError(f'{section}.split={dcfg.split!r}: {spec.name} has '
+    raise errors.ConfigError(f'{section}.split={dcfg.split!r}: {spec.name} has '
                      f'splits {spec.splits}.')
   data_dir = os.path.expanduser(data_dir)
   if not prepare.is_prepared(data_dir, spec, dcfg.split):
@@ -98,7 +99,7 @@ def decoder(spec: builders.Spec, split: str, class_set: str,
   """The transform from prepared records to examples."""
   frame_keys, flow_keys = builders.split_keys(spec, split)
   if spec.label_space not in ('cityscapes_ids', class_set):
-    raise ValueError(
+    raise errors.ConfigError(
         f'{spec.name} is labelled with the {spec.label_space} classes, but '
         f'config.data.class_set={class_set!r}.')
   return transforms.FromPrepared(
@@ -112,7 +113,7 @@ def source_rare_index(spec: builders.Spec, data_dir: str, split: str,
                       class_set: str) -> rare_lib.RareIndex:
   """The long-tail index of a labelled source split, from its statistics."""
   if not spec.source:
-    raise ValueError(f'The fusion pastes need a labelled source; '
+    raise errors.ConfigError(f'The fusion pastes need a labelled source; '
                      f'{spec.name} is a target dataset.')
   _, hist = builders.load_stats(data_dir, spec, split)
   if spec.label_space == 'cityscapes_ids':
@@ -273,7 +274,7 @@ def make_eval_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
                       section: str = 'config.data') -> grain.MapDataset:
   """Decoded, resized evaluation examples in index order (with ``id``)."""
   if dcfg.label_size not in ('image', 'native'):
-    raise ValueError(f"{section}.label_size must be 'image' or 'native', got "
+    raise errors.ConfigError(f"{section}.label_size must be 'image' or 'native', got "
                      f'{dcfg.label_size!r}')
   spec, source = data_source(dcfg, data_dir, section)
   ds = grain.MapDataset.source(source).map(decoder(spec, dcfg.split,

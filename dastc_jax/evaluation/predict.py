@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from dastc_jax import errors
 from dastc_jax.data import io as io_lib
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import transforms
@@ -50,7 +51,7 @@ from dastc_jax.runtime import state as state_lib
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError, ValueError):
   """An input video, frame or flow cannot be used."""
 
 

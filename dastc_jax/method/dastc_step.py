@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dastc_jax import errors
 from dastc_jax.method import alignment
 from dastc_jax.method import fusion
 from dastc_jax.method import losses
@@ -87,7 +88,7 @@ def _teacher_forward(config, graphdef, state, frames, flow,
         lambda: run(state.params, state.batch_stats, True),
         lambda: run(teacher['params'], teacher['batch_stats'], False))
   else:
-    raise ValueError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
+    raise errors.ConfigError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
                      "'ema' or 'reference'.")
   pred, aux, key, stats = jax.lax.stop_gradient((pred, aux, key, stats))
   return pred, aux, key, teacher, stats
@@ -526,16 +527,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for p in parents:
       node = node[p]
     if node[leaf] not in allowed:
-      raise ValueError(f'config.dastc.{path}={node[leaf]!r}; expected one of '
+      raise errors.ConfigError(f'config.dastc.{path}={node[leaf]!r}; expected one of '
                        f'{allowed}.')
   stages = models.shallow_stages()
   if d.feature_fusion and d.feature_layer not in stages:
-    raise ValueError(f'config.dastc.feature_layer={d.feature_layer!r}; '
+    raise errors.ConfigError(f'config.dastc.feature_layer={d.feature_layer!r}; '
                      f'expected one of {stages} (a stage before the last).')
   if d.alignment.pairs not in (1, 2):
-    raise ValueError(f'config.dastc.alignment.pairs={d.alignment.pairs!r}; '
+    raise errors.ConfigError(f'config.dastc.alignment.pairs={d.alignment.pairs!r}; '
                      'expected 1 (t, t-1) or 2 (and t, t-2).')
   if d.feature_fusion and not d.image_fusion:
-    raise ValueError('config.dastc.feature_fusion=True needs '
+    raise errors.ConfigError('config.dastc.feature_fusion=True needs '
                      'config.dastc.image_fusion=True: the shallow features '
                      'are exchanged between the two fused clips.')

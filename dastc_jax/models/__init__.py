@@ -5,6 +5,7 @@ from __future__ import annotations
 from flax import nnx
 import ml_collections
 
+from dastc_jax import errors
 from dastc_jax.models import accel
 from dastc_jax.models import layers
 from dastc_jax.models import resnet
@@ -28,7 +29,7 @@ def build_model(config: ml_collections.ConfigDict,
     The NNX module, with freshly initialised parameters.
   """
   if config.name not in _MODELS:
-    raise ValueError(f'Unknown config.model.name={config.name!r}; expected '
+    raise errors.ConfigError(f'Unknown config.model.name={config.name!r}; expected '
                      f'one of {sorted(_MODELS)}.')
   return _MODELS[config.name](config, rngs=rngs)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from dastc_jax import errors
 from dastc_jax.models import heads
 from dastc_jax.models import layers
 from dastc_jax.models import resnet
@@ -65,7 +66,7 @@ class AccelDeepLab(nnx.Module):
                                        kernel_init=head_init, dtype=dtype,
                                        kernel_grad=kernel_grad, rngs=rngs)
     else:
-      raise ValueError(f"Unknown config.model.head={head!r}; expected "
+      raise errors.ConfigError(f"Unknown config.model.head={head!r}; expected "
                        "'proda' (DA-STC layer7) or 'aspp' (TPS layer6).")
     self.clip_length = 1 if config.name == 'deeplabv2' else 2
     if self.clip_length == 2:

@@ -17,8 +17,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dastc_jax import errors
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint is missing, unreadable or does not fit the config."""
 
 

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 POLICIES = ('stop', 'skip')
+from dastc_jax import errors
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
 
 
@@ -59,7 +60,7 @@ class Monitor:
 
   def __init__(self, policy: str, max_consecutive_skips: int):
     if policy not in POLICIES:
-      raise ValueError(f'Unknown config.train.nonfinite={policy!r}; expected '
+      raise errors.ConfigError(f'Unknown config.train.nonfinite={policy!r}; expected '
                        f'one of {POLICIES}.')
     self.policy = policy
     self.max_consecutive = max_consecutive_skips

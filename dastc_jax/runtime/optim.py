@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dastc_jax import errors
+
 GROUPS = ('backbone', 'fusion', 'head')
 
 
@@ -73,7 +75,7 @@ def lr_schedule(config: ml_collections.ConfigDict,
   elif o.schedule == 'poly':
     base = poly
   else:
-    raise ValueError(f'Unknown config.optim.schedule={o.schedule!r}; '
+    raise errors.ConfigError(f'Unknown config.optim.schedule={o.schedule!r}; '
                      "expected 'poly' or 'constant'.")
   if o.warmup_steps > 0:
     warm = optax.linear_schedule(o.lr * o.warmup_ratio, o.lr, o.warmup_steps)
@@ -114,7 +116,7 @@ def _group_tx(config: ml_collections.ConfigDict,
   if config.name == 'adamw':
     return optax.adamw(schedule, b1=config.b1, b2=config.b2,
                        weight_decay=config.weight_decay)
-  raise ValueError(f"Unknown config.optim.name={config.name!r}; expected "
+  raise errors.ConfigError(f"Unknown config.optim.name={config.name!r}; expected "
                    "'sgd' or 'adamw'.")
 
 

@@ -9,6 +9,8 @@ from jax.sharding import AxisType
 import ml_collections
 import numpy as np
 
+from dastc_jax import errors
+
 DATA = 'data'
 FSDP = 'fsdp'
 # The batch is split over both mesh axes; parameters over ``fsdp`` only.
@@ -29,12 +31,12 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   n_data = config.mesh.data
   devices = jax.devices()
   if n_fsdp < 1 or len(devices) % n_fsdp:
-    raise ValueError(f'config.mesh.fsdp={n_fsdp} must divide the '
+    raise errors.ConfigError(f'config.mesh.fsdp={n_fsdp} must divide the '
                      f'{len(devices)} devices.')
   if n_data == -1:
     n_data = len(devices) // n_fsdp
   if n_data < 1 or n_data * n_fsdp > len(devices):
-    raise ValueError(f'config.mesh.data={config.mesh.data} x '
+    raise errors.ConfigError(f'config.mesh.data={config.mesh.data} x '
                      f'config.mesh.fsdp={n_fsdp} but {len(devices)} devices '
                      'are available.')
   return jax.make_mesh((n_data, n_fsdp), BATCH_AXES,
@@ -87,7 +89,7 @@ def local_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """Examples this host loads per step; checks divisibility."""
   n_dev = mesh.devices.size
   if global_batch_size % n_dev:
-    raise ValueError(f'config.train.batch_size={global_batch_size} (the '
+    raise errors.ConfigError(f'config.train.batch_size={global_batch_size} (the '
                      f'global batch) is not divisible by the {n_dev} devices '
                      'of the mesh; use a multiple of it, or fewer devices '
                      '(config.mesh.data).')

@@ -5,6 +5,7 @@ from __future__ import annotations
 from absl import logging
 import ml_collections
 
+from dastc_jax import errors
 from dastc_jax.data import checked_source
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.method import dastc_step
@@ -18,11 +19,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
   cs = labels_lib.get_class_set(config.data.class_set)
   if cs.num_classes != config.model.num_classes:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.model.num_classes={config.model.num_classes} but '
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
   if config.method not in METHODS:
-    raise ValueError(f'Unknown config.method={config.method!r}; expected one '
+    raise errors.ConfigError(f'Unknown config.method={config.method!r}; expected one '
                      f'of {METHODS}.')
   if (config.method == 'dastc' and
       config.train.source_only_steps >= config.train.num_steps):
@@ -32,10 +33,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.method == 'dastc':
     dastc_step.check_config(config)
   if config.method == 'source_only_hm' and not config.data.histogram_match:
-    raise ValueError("config.method='source_only_hm' needs "
+    raise errors.ConfigError("config.method='source_only_hm' needs "
                      'config.data.histogram_match=True.')
   if config.method == 'dastc' and config.model.head != 'proda':
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
@@ -45,16 +46,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     section, name = key.split('.')
     value = config[section].get(name)
     if value not in allowed:
-      raise ValueError(f'config.{key}={value!r}; expected one of {allowed}.')
+      raise errors.ConfigError(f'config.{key}={value!r}; expected one of {allowed}.')
   for key in ('source', 'target'):
     d = config.data.get(key)
     crop, size = (d.get('crop_size'), d.get('image_size')) if d else (
         None, None)
     if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
-      raise ValueError(f'config.data.{key}.crop_size={tuple(crop)} is larger '
+      raise errors.ConfigError(f'config.data.{key}.crop_size={tuple(crop)} is larger '
                        f'than config.data.{key}.image_size={tuple(size)} '
                        '(H, W).')
   for split in config.eval.splits:
     if split not in config.data:
-      raise ValueError(f'config.eval.splits names {split!r}, which is not a '
+      raise errors.ConfigError(f'config.eval.splits names {split!r}, which is not a '
                        'section of config.data.')

@@ -40,6 +40,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dastc_jax import errors
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data.datasets import prepared
@@ -309,7 +310,7 @@ def run() -> None:
   """Parses the command line and prepares (``python -m dastc_jax.prepare``)."""
   f = define_flags()
   flags.mark_flags_as_required(['dataset', 'manual_dir'])
-  app.run(lambda argv: main(argv, f))
+  app.run(errors.report_user_errors(lambda argv: main(argv, f)))
 
 
 if __name__ == '__main__':

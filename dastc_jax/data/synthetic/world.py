@@ -28,6 +28,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from dastc_jax import errors
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data.datasets import prepare
 from dastc_jax.data import labels
@@ -70,7 +71,7 @@ def world_params(config: Any) -> dict[str, Any]:
     params[k] = [int(v) for v in params[k]]
   shift = config.shift
   if shift not in SHIFTS:
-    raise ValueError(f'config.data.synthetic.shift={shift!r}; expected one '
+    raise errors.ConfigError(f'config.data.synthetic.shift={shift!r}; expected one '
                      f'of {SHIFTS}.')
   if shift != 'default':  # the default world keeps its cache key
     params['shift'] = shift
