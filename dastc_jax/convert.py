@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from dastc_jax import errors
+from dastc_jax.runtime import checkpointing
 
 LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision')
 # Keys each layout drops silently (not part of any of our models).
@@ -162,12 +163,6 @@ def detect_layout(keys: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------ mapping
-def _flat(tree: Any) -> dict[str, Any]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in
-                   path): v for path, v in flat}
-
-
 _BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
        'var': 'running_var'}
 
@@ -279,7 +274,8 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   cfg = ml_collections.ConfigDict(model_config.to_dict())
   _, init_params, init_stats = state_lib.init_model(
       ml_collections.ConfigDict({'model': cfg}), seed)
-  trees = {'params': _flat(init_params), 'batch_stats': _flat(init_stats)}
+  trees = {'params': checkpointing.flat_keys(init_params),
+           'batch_stats': checkpointing.flat_keys(init_stats)}
   out = {'params': {}, 'batch_stats': {}}
   used, missing, mismatched, kept = set(), [], [], []
   for kind, flat in trees.items():
@@ -323,7 +319,8 @@ def convert_state_dict(sd: dict[str, np.ndarray],
         f', layers={tuple(model_config.layers)}, head={head}): '
         + ' | '.join(parts) + ('. ' + ' '.join(hint) if hint else '.'))
   unflat = lambda flat, like: jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(like), [flat[k] for k in _flat(like)])
+      jax.tree_util.tree_structure(like),
+      [flat[k] for k in checkpointing.flat_keys(like)])
   report = Report(source=source, layout=layout, converted=sorted(used),
                   missing_initialised=sorted(kept), ignored=ignored,
                   notes=notes)
@@ -357,7 +354,6 @@ def convert_file(source: str, output: str,
     ConversionError: on a bad file, a mismatch, or an existing ``output``
       (unless ``overwrite``).
   """
-  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f'{output} exists; pass --overwrite to replace it.')

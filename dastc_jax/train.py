@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,24 +55,15 @@ write_eval_scalars = evaluate.write_eval_scalars
 NonFiniteLossError = divergence.NonFiniteLossError
 
 
-def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _check_and_write_config(config: ml_collections.ConfigDict,
                             workdir: str) -> None:
   """Refuses to resume a workdir trained with another model or class set."""
   path = os.path.join(workdir, 'config.json')
-  new = _flat(json.loads(config.to_json_best_effort()))
+  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()),
+                                   sep='.')
   if os.path.exists(path):
     with open(path) as f:
-      old = _flat(json.load(f))
+      old = traverse_util.flatten_dict(json.load(f), sep='.')
     diff = sorted(k for k in set(old) | set(new)
                   if k.startswith(_FROZEN_KEYS) and k not in _RESUMABLE_KEYS
                   and old.get(k) != new.get(k))
@@ -227,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+    hparams = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    writer.write_hparams({k: v for k, v in hparams.items()
                           if isinstance(v, (int, float, str, bool))})
   report = periodic_actions.ReportProgress(
       num_train_steps=config.train.num_steps, writer=writer,

@@ -119,7 +119,8 @@ class Checkpointer:
     self._mngr.close()
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flat_keys(tree: Any) -> dict[str, Any]:
+  """``{'a/b/0': leaf}`` of any pytree (dict keys and sequence indices)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in
                    path): v for path, v in flat}
@@ -127,7 +128,7 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
   """``saved`` re-keyed to the structure of ``like``; errors name keys."""
-  got, want = _flat(saved), _flat(like)
+  got, want = flat_keys(saved), flat_keys(like)
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
   mismatched = sorted(k for k in set(want) & set(got)
@@ -146,7 +147,7 @@ def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
                           + '; '.join(parts) + '. Is it the same '
                           'architecture and class count?')
   leaves, treedef = jax.tree_util.tree_flatten(like)
-  keys = list(_flat(like))
+  keys = list(flat_keys(like))
   return jax.tree_util.tree_unflatten(
       treedef, [jax.numpy.asarray(got[k], dtype=l.dtype)
                 for k, l in zip(keys, leaves)])
