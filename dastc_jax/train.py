@@ -22,12 +22,15 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dastc_jax import errors
+from dastc_jax import paths
 from dastc_jax.data import pipeline
 from dastc_jax.data import roots
 from dastc_jax.evaluation import evaluate
@@ -56,29 +59,24 @@ NonFiniteLossError = divergence.NonFiniteLossError
 
 
 def _check_and_write_config(config: ml_collections.ConfigDict,
-                            workdir: str) -> None:
+                            workdir: epath.Path) -> None:
   """Refuses to resume a workdir trained with another model or class set."""
-  path = os.path.join(workdir, 'config.json')
+  path = workdir / 'config.json'
   new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()),
                                    sep='.')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = traverse_util.flatten_dict(json.load(f), sep='.')
+  if path.exists():
+    old = traverse_util.flatten_dict(json.loads(path.read_text()), sep='.')
     diff = sorted(k for k in set(old) | set(new)
                   if k.startswith(_FROZEN_KEYS) and k not in _RESUMABLE_KEYS
                   and old.get(k) != new.get(k))
     if diff:
-      raise ValueError(
+      raise errors.ConfigError(
           f'{workdir} holds a run with a different config: '
           + ', '.join(f'{k}={old.get(k)!r} (now {new.get(k)!r})'
                       for k in diff)
           + '. Use another --workdir or the original values.')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, '.config.json.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    paths.write_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def _host_scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -143,7 +141,7 @@ def _jit_eval_step(config, graphdef, state_sharding, repl, data):
 class _Run:
   """The objects a training run wires together (built once, in order)."""
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: epath.Path
   data_root: str
   train_iter: Any
   train_steps: list[tuple[int, Any]]
@@ -161,7 +159,7 @@ class _Run:
     return evaluate.evaluate_splits(
         self.config, self.data_root, self.eval_step, state.params,
         state.batch_stats, self.data_sharding,
-        os.path.join(self.workdir, 'eval', f'step_{step}'), step,
+        self.workdir / 'eval' / f'step_{step}', step,
         num_overlays)
 
 
@@ -180,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)
   _check_and_write_config(config, workdir)
   data_root = resolve_data_root(config)
 
@@ -197,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # Model, optimizer and state: restore the latest checkpoint, or init.
   ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
+      workdir / 'checkpoints',
       max_to_keep=config.train.max_checkpoints)
   latest = ckpt.latest_step()
   graphdef, state, tx = state_lib.create_train_state(
@@ -217,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # Logging and progress hooks (process 0 writes).
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+      os.fspath(workdir), just_logging=jax.process_index() > 0)
   if start == 0:
     hparams = traverse_util.flatten_dict(config.to_dict(), sep='.')
     writer.write_hparams({k: v for k, v in hparams.items()

@@ -77,6 +77,8 @@ flags.DEFINE_integer('warm_steps', 1200, 'Source-only warm-start steps.')
 flags.DEFINE_integer('adapt_steps', 250, 'Steps of every variant.')
 flags.DEFINE_integer('warm_batch_size', 4, 'Warm-start global batch.')
 flags.DEFINE_integer('batch_size', 4, 'Global batch of the variants.')
+flags.DEFINE_bool('report_only', False, 'Train nothing: report the finished '
+                  'runs (only seeds where every run finished).')
 
 Change = Callable[[ml_collections.ConfigDict], None]
 
@@ -195,6 +197,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str
                        'results.json')
   minutes = None
   if not os.path.exists(final):
+    if FLAGS.report_only:
+      return None, None
     start = time.time()
     train.train_and_evaluate(config, workdir)
     minutes = (time.time() - start) / 60
@@ -258,6 +262,8 @@ def main(argv):
     warm_dirs = {w: os.path.join(base, f'warm_{w}') for w in warms}
     for w, wdir in warm_dirs.items():
       miou, mins = _run(run_config(seed, None, w, wdir), wdir)
+      if miou is None:
+        continue
       results[f'warm start ({w})'][seed] = miou
       if mins is not None:
         minutes[f'warm start ({w})'].append(mins)
@@ -266,12 +272,21 @@ def main(argv):
       wdir = warm_dirs[VARIANTS[v][1]]
       miou, mins = _run(run_config(seed, v, VARIANTS[v][1], wdir),
                         os.path.join(base, v))
+      if miou is None:
+        continue
       results[v][seed] = miou
       if mins is not None:
         minutes[v].append(mins)
       logging.info('seed %d %s: target mIoU %.1f (%.0f s so far)', seed, v,
                    miou, time.time() - start)
   total = (time.time() - start) / 60
+  complete = [s for s in seeds if all(s in r for r in results.values())]
+  partial = ''
+  if complete != seeds:
+    partial = (f' **Partial report** (`--report_only`): seeds '
+               f'{[s for s in seeds if s not in complete]} have unfinished '
+               'runs and are left out.')
+    seeds = complete
   cmd = ('python -m dastc_jax.benchmarks.adaptation '
          f'--world={FLAGS.world} --domain={FLAGS.domain} '
          f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
@@ -282,6 +297,8 @@ def main(argv):
     cmd += f' --variants={",".join(variants)}'
   if FLAGS.output:
     cmd += f' --output={FLAGS.output}'
+  if FLAGS.report_only:
+    cmd += ' --report_only'
   reused = sum(1 for k in results for s in seeds) - sum(
       len(m) for m in minutes.values())
   note = (f' {reused} finished runs were reused from an earlier invocation '
@@ -296,7 +313,7 @@ def main(argv):
           '`source_only` from the plain one, all others from hm. "paired '
           'diff." is the variant minus `dastc` on the same seed; "wins vs '
           'dastc" counts the seeds where dastc is better. Wall time '
-          f'{total:.0f} min on this machine.{note}\n\n'
+          f'{total:.0f} min on this machine.{note}{partial}\n\n'
           f'{table(results, seeds, minutes)}\n')
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

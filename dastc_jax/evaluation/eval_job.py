@@ -29,9 +29,11 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
+from dastc_jax import paths
 from dastc_jax.data import roots
 from dastc_jax.evaluation import evaluate
 from dastc_jax.evaluation import forward
@@ -47,7 +49,7 @@ class _Evaluator:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validation.check_config(config)
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.resolve(workdir)
     self.data_root = roots.resolve_data_root(config, generate=False)
     self.mesh = sharding_lib.make_mesh(config)
     self.data = sharding_lib.data_sharding(self.mesh)
@@ -65,7 +67,7 @@ class _Evaluator:
         out_shardings=(sharding_lib.replicated(self.mesh), self.data))
     self.writer = None
 
-  def load(self, root: str, step: int) -> tuple[Any, Any]:
+  def load(self, root: paths.PathLike, step: int) -> tuple[Any, Any]:
     """The weights of ``root/step``, placed on the mesh."""
     params, stats, _ = checkpointing.load_weights(root, step,
                                                   self.params_like,
@@ -73,16 +75,15 @@ class _Evaluator:
     return (jax.device_put(params, self.param_sharding),
             jax.device_put(stats, self.stats_sharding))
 
-  def out_dir(self, step: int) -> str:
-    return os.path.join(self.workdir, 'eval', f'step_{step}')
+  def out_dir(self, step: int) -> epath.Path:
+    return self.workdir / 'eval' / f'step_{step}'
 
-  def evaluate(self, root: str, step: int, *, reuse: bool = True
+  def evaluate(self, root: paths.PathLike, step: int, *, reuse: bool = True
                ) -> dict[str, float]:
     """``{split: mIoU %}`` of ``root/step`` (existing results reused)."""
-    path = os.path.join(self.out_dir(step), 'results.json')
-    if reuse and os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
+    path = self.out_dir(step) / 'results.json'
+    if reuse and path.exists():
+      saved = json.loads(path.read_text())
       if set(saved.get('splits', {})) == set(self.config.eval.splits):
         logging.info('Step %d already evaluated (%s).', step, path)
         return {k: v['miou'] for k, v in saved['splits'].items()}
@@ -98,14 +99,15 @@ class _Evaluator:
     if self.writer is None:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self.writer = metric_writers.create_default_writer(
-          os.path.join(self.workdir, 'eval'))
+          os.fspath(self.workdir / 'eval'))
     return self.writer
 
 
-def _root_and_steps(workdir: str, checkpoint: str) -> tuple[str, list[int]]:
+def _root_and_steps(workdir: str, checkpoint: str
+                    ) -> tuple[epath.Path, list[int]]:
   """Checkpoint root and the explicitly named step (or [] = all steps)."""
   root, step = checkpointing.resolve(workdir, checkpoint)
-  if not os.path.isdir(root):
+  if not root.is_dir():
     raise checkpointing.CheckpointError(f'No checkpoint folder at {root}.')
   return root, ([step] if step >= 0 else [])
 
@@ -160,13 +162,12 @@ def evaluated_steps(workdir: str, splits) -> dict[int, dict[str, float]]:
   """``{step: {split: mIoU}}`` of every ``eval/step_N/results.json`` with
   these splits (also those written by other jobs, e.g. an eval array)."""
   out = {}
-  base = os.path.join(os.path.abspath(workdir), 'eval')
-  for name in os.listdir(base) if os.path.isdir(base) else ():
-    path = os.path.join(base, name, 'results.json')
-    if not (name.startswith('step_') and os.path.isfile(path)):
+  base = paths.resolve(workdir) / 'eval'
+  for sub in base.iterdir() if base.is_dir() else ():
+    name, path = sub.name, sub / 'results.json'
+    if not (name.startswith('step_') and path.is_file()):
       continue
-    with open(path) as f:
-      res = json.load(f).get('splits', {})
+    res = json.loads(path.read_text()).get('splits', {})
     if set(res) == set(splits):
       out[int(name[len('step_'):])] = {k: v['miou'] for k, v in res.items()}
   return out
@@ -181,7 +182,7 @@ def write_summary(workdir: str, per_step: dict[int, dict[str, float]],
   per_step = {**evaluated_steps(workdir, next(iter(per_step.values()))),
               **per_step}
   splits = sorted(next(iter(per_step.values())))
-  summary = {'checkpoints': root,
+  summary = {'checkpoints': os.fspath(root),
              'splits': {s: summarize(per_step, s) for s in splits}}
   lines = ['# Checkpoint evaluation', '', f'Checkpoints: `{root}`', '',
            '| step | ' + ' | '.join(splits) + ' |',
@@ -198,14 +199,10 @@ def write_summary(workdir: str, per_step: dict[int, dict[str, float]],
                  f'{len(per_step)} checkpoints, step '
                  f'{r["best_on_val"]["step"]}): mIoU '
                  f'{r["best_on_val"]["miou"]:.2f}')
-  out = os.path.join(os.path.abspath(workdir), 'eval')
-  os.makedirs(out, exist_ok=True)
+  out = paths.resolve(workdir) / 'eval'
   for name, text in (('summary.json', json.dumps(summary, indent=2)),
                      ('summary.md', '\n'.join(lines) + '\n')):
-    tmp = os.path.join(out, f'.{name}.tmp')
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(out, name))
+    paths.write_atomic(out / name, text)
   return summary
 
 
@@ -237,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   final = config.train.num_steps
   try:
     while True:
-      available = _steps_in(root) if os.path.isdir(root) else []
+      available = _steps_in(root) if root.is_dir() else []
       if only and only[0] not in available:
         raise checkpointing.CheckpointError(
             f'No checkpoint step {only[0]} in {root}; available: '
@@ -264,6 +261,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if not per_step:
     raise checkpointing.CheckpointError(f'No checkpoint found in {root}.')
   summary = write_summary(workdir, per_step, root)
-  print(open(os.path.join(os.path.abspath(workdir), 'eval', 'summary.md')
-             ).read(), flush=True)
+  print((paths.resolve(workdir) / 'eval' / 'summary.md').read_text(),
+        flush=True)
   return summary

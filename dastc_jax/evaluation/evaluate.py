@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -12,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dastc_jax import paths
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.evaluation import metrics as metrics_lib
@@ -86,7 +86,7 @@ def evaluate_splits(config: ml_collections.ConfigDict, data_root: str,
         split, eval_step, params, batch_stats, ds, class_set=cs,
         global_batch_size=global_bs, data_sharding=data_sharding,
         num_overlays=num_overlays,
-        overlay_dir=os.path.join(out_dir, 'overlays', split)))
+        overlay_dir=paths.resolve(out_dir) / 'overlays' / split))
   if results and jax.process_index() == 0:
     table = write_results(out_dir, results, step)
     print(f'\nPer-class IoU (%) at step {step} ({cs.name}):\n{table}\n',
@@ -136,8 +136,8 @@ def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
         panel = visualize.overlay_panel(batch['frames'][i, 0],
                                         batch['label'][i], pred[i],
                                         class_set.palette())
-        visualize.save_png(os.path.join(overlay_dir,
-                                        f'{batch["id"][i]}.png'), panel)
+        visualize.save_png(
+            paths.resolve(overlay_dir) / f'{batch["id"][i]}.png', panel)
         written += 1
   result = SplitResult(name, total, len(ds), class_set)
   logging.info('%s: mIoU %.2f over %d images', name, 100 * result.miou,
@@ -170,7 +170,7 @@ def write_results(out_dir: str, results: Sequence[SplitResult],
   Returns:
     The markdown table.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = paths.resolve(out_dir)
   payload = {'step': step,
              'splits': {r.name: r.to_json() for r in results}}
   table = format_table(results)
@@ -179,10 +179,7 @@ def write_results(out_dir: str, results: Sequence[SplitResult],
         f'classes ({results[0].class_set.name}).\n\n{table}\n')
   for name, text in (('results.json', json.dumps(payload, indent=2)),
                      ('results.md', md)):
-    tmp = os.path.join(out_dir, f'.{name}.tmp')
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(out_dir, name))
+    paths.write_atomic(out_dir / name, text)
   return table
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from dastc_jax import paths
 
 
 def colorize(ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -35,9 +37,8 @@ def overlay_panel(frame: np.ndarray, label: np.ndarray, pred: np.ndarray,
   return np.concatenate([blend, colorize(label, palette), pc], axis=1)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes ``image`` atomically (temp file + rename)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp'
-  Image.fromarray(image).save(tmp, format='PNG')
-  os.replace(tmp, path)
+def save_png(path: paths.PathLike, image: np.ndarray) -> None:
+  """Writes ``image`` as a PNG, atomically (``paths.write_atomic``)."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG')
+  paths.write_atomic(path, buf.getvalue())

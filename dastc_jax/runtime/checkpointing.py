@@ -9,14 +9,15 @@ never leaves a checkpoint that looks complete.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from dastc_jax import paths
 from dastc_jax import errors
 
 
@@ -27,10 +28,10 @@ class CheckpointError(errors.UserError, RuntimeError):
 class Checkpointer:
   """Saves and restores ``(state, data_iter)`` under ``directory``."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3,
+  def __init__(self, directory: paths.PathLike, *, max_to_keep: int = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
-    if read_only and not os.path.isdir(self.directory):
+    self.directory = paths.resolve(directory)
+    if read_only and not self.directory.is_dir():
       raise CheckpointError(f'No checkpoint folder at {self.directory}.')
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
@@ -153,31 +154,32 @@ def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
                 for k, l in zip(keys, leaves)])
 
 
-def resolve(workdir: str, checkpoint: str) -> tuple[str, int]:
+def resolve(workdir: paths.PathLike, checkpoint: str
+            ) -> tuple[epath.Path, int]:
   """(checkpoint root, step or -1 for latest) from a user's ``--checkpoint``.
 
   Args:
     workdir: the run folder; its ``checkpoints/`` is the default root.
     checkpoint: '' (latest), a step number, a step folder
-      (``.../checkpoints/900``), a checkpoint root or a training workdir.
+      (``.../checkpoints/900``), a checkpoint root or a training workdir;
+      local or ``gs://``-style.
   """
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  root = paths.resolve(workdir) / 'checkpoints'
   if not checkpoint:
     return root, -1
   if checkpoint.isdigit():
     return root, int(checkpoint)
-  path = os.path.abspath(os.path.expanduser(checkpoint)).rstrip('/')
-  if not os.path.exists(path):
+  path = paths.resolve(checkpoint.rstrip('/'))
+  if not path.exists():
     raise CheckpointError(f'Checkpoint path {path} does not exist.')
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(path), int(base)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return os.path.join(path, 'checkpoints'), -1
+  if path.name.isdigit() and (path / 'state').is_dir():
+    return path.parent, int(path.name)
+  if (path / 'checkpoints').is_dir():
+    return path / 'checkpoints', -1
   return path, -1
 
 
-def load_weights(root: str, step: int, params_like: Any, stats_like: Any
+def load_weights(root: paths.PathLike, step: int, params_like: Any, stats_like: Any
                  ) -> tuple[Any, Any, int]:
   """``(params, batch_stats, step)`` of ``root``'s ``step`` (-1: latest),
   read-only: the only way weights are read outside a resume.

@@ -28,6 +28,7 @@ import zlib
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+from etils import epath
 
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data import io
@@ -412,11 +413,11 @@ def stats_path(data_dir: str, spec: Spec, split: str) -> str:
 def load_stats(data_dir: str, spec: Spec, split: str
                ) -> tuple[list[str], np.ndarray]:
   """``(ids, [N, 256] pixel counts of frame t's stored label ids)``."""
-  path = stats_path(data_dir, spec, split)
-  if not os.path.exists(path):
+  path = epath.Path(stats_path(data_dir, spec, split))
+  if not path.exists():
     raise io.DataError(
         f'Missing {path} (label statistics written by the preparation). '
         f'Rerun: python -m dastc_jax.prepare --dataset={spec.name} '
         f'--manual_dir={spec.manual_dir} --data_dir={data_dir}')
-  with np.load(path, allow_pickle=False) as z:
+  with path.open('rb') as f, np.load(f, allow_pickle=False) as z:
     return [str(i) for i in z['ids']], z['histogram']

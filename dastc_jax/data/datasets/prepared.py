@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
+
 from dastc_jax.data.datasets import builders
 
 VERSION = str(builders._Builder.VERSION)  # pylint: disable=protected-access
@@ -24,14 +26,12 @@ def prepared_dir(data_dir: str, spec: builders.Spec, split: str) -> str:
 
 def is_prepared(data_dir: str, spec: builders.Spec, split: str) -> bool:
   """Whether ``split`` is prepared (complete folder and statistics)."""
-  info = os.path.join(prepared_dir(data_dir, spec, split),
-                      'dataset_info.json')
-  if not os.path.exists(info):
+  info = epath.Path(prepared_dir(data_dir, spec, split)) / 'dataset_info.json'
+  if not info.exists():
     return False
-  with open(info) as f:
-    splits = {s['name'] for s in json.load(f).get('splits', [])}
+  splits = {s['name'] for s in json.loads(info.read_text()).get('splits', [])}
   return (split in splits and
-          os.path.exists(builders.stats_path(data_dir, spec, split)))
+          epath.Path(builders.stats_path(data_dir, spec, split)).exists())
 
 
 def command(dataset: str, data_dir: str, manual_dir: str = '<the dataset '
