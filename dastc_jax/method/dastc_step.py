@@ -236,18 +236,15 @@ def _target_labels(pl):
   return jnp.stack([pl[k] for k in keys], 1)
 
 
-def _class_labels(feat, probs, source):
-  """Labels (argmax of ``probs`` at the feature grid) and their reliability
-  (the probability of that label); ``source`` = (labels, probs) instead
-  keeps the true labels where the prediction agrees (the source rule)."""
-  if source is None:
-    return jnp.argmax(probs, -1), jnp.max(probs, -1)
-  labels = warp_ops.resize_nearest(source[..., None],
+def _source_labels(feat, probs, labels):
+  """The source rule: the true labels (nearest-resized to the feature grid)
+  where the prediction agrees, -1 elsewhere; and each pixel's reliability,
+  the predicted probability of its true class."""
+  labels = warp_ops.resize_nearest(labels[..., None],
                                    feat.shape[1:3])[..., 0].astype(jnp.int32)
-  pred = jnp.argmax(probs, -1)
   safe = jnp.clip(labels, 0, probs.shape[-1] - 1)
   rel = jnp.take_along_axis(probs, safe[..., None], -1)[..., 0]
-  return jnp.where(pred == labels, labels, -1), rel
+  return jnp.where(jnp.argmax(probs, -1) == labels, labels, -1), rel
 
 
 def _alignment_views(config, out_s, labels_src, target_passes, pl):
@@ -262,16 +259,16 @@ def _alignment_views(config, out_s, labels_src, target_passes, pl):
   for name, fk, lk, f in (('t', cur, 'pred', 0), ('t1', key, 'key_logits', 1)):
     if fk not in out_s:
       continue
-    lab, rel = _class_labels(out_s[fk], probs(out_s[lk]), labels_src[:, f])
+    lab, rel = _source_labels(out_s[fk], probs(out_s[lk]), labels_src[:, f])
     source.append((name, {'feat': out_s[fk], 'label': lab,
                           'reliability': rel}))
   # Target: frame t of every pass, and each pass's key frame.
   target = []
   for name, out in target_passes:  # ('strong', (t, t-1)), ('clean', (t, t-2))
     frames = [('t', cur, 'pred', 'probs_lo')]
-    if key in out:
-      frames.append((name == 'strong' and 't1' or 't2', key, 'key_logits',
-                     'probs_t1_lo' if name == 'strong' else 'probs_t2_lo'))
+    if key in out:  # the strong pass's key frame is t-1, the clean one's t-2
+      k = 't1' if name == 'strong' else 't2'
+      frames.append((k, key, 'key_logits', f'probs_{k}_lo'))
     for frame, fk, lk, pk in frames:
       teacher = pl[pk]
       own = probs(out[lk])
