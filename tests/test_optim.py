@@ -59,6 +59,15 @@ def test_warmup_then_poly():
   np.testing.assert_allclose(float(s(o.warmup_steps)), o.lr * (
       1 - o.warmup_steps / o.schedule_steps) ** o.poly_power, rtol=1e-5)
   assert float(s(o.schedule_steps)) == 0.0
+  # Every step against the closed form: a linear ramp, then poly decay over
+  # the absolute step.
+  steps = np.arange(o.schedule_steps + 5)
+  w, total, p = o.warmup_steps, o.schedule_steps, o.poly_power
+  ramp = o.lr * (o.warmup_ratio + (1 - o.warmup_ratio) * steps / w)
+  poly = o.lr * np.clip(1 - steps / total, 0, 1) ** p
+  np.testing.assert_allclose(np.asarray(s(steps)),
+                             np.where(steps < w, ramp, poly), rtol=1e-4,
+                             atol=1e-9)
 
 
 def test_frozen_bn_affine_is_untouched_and_heads_move_10x():

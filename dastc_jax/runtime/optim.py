@@ -10,10 +10,9 @@ flag that is off by default).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -48,9 +47,15 @@ def adaptation_start(config: ml_collections.ConfigDict) -> int:
   return config.train.source_only_steps if config.method == 'dastc' else 0
 
 
-def lr_schedule(config: ml_collections.ConfigDict,
-                restart_at: int = 0) -> optax.Schedule:
-  """Base LR schedule: optional linear warm-up, then poly decay.
+def lr_schedule(config: ml_collections.ConfigDict, restart_at: int = 0,
+                scale: float = 1.0) -> optax.Schedule:
+  """Base LR schedule (times ``scale``): linear warm-up, then poly decay.
+
+  Built from optax schedules only. Poly decay is
+  ``lr * (1 - step / schedule_steps) ** poly_power`` over the absolute step;
+  after a warm-up of ``w`` steps it continues from where it would be at
+  ``w``, which is again a polynomial schedule (with initial value
+  ``lr * (1 - w / schedule_steps) ** poly_power`` over the remaining steps).
 
   With ``restart_at > 0`` (a source-only warm start inside the run) the
   warm start decays over ``[0, restart_at)`` and the adaptation phase gets
@@ -58,30 +63,27 @@ def lr_schedule(config: ml_collections.ConfigDict,
   started from a checkpoint (the reference adapts from a TPS checkpoint).
   """
   if restart_at > 0:
-    first = lr_schedule(_with_steps(config, restart_at))
-    second = lr_schedule(_with_steps(config,
-                                     config.schedule_steps - restart_at))
-    return lambda step: jnp.where(step < restart_at, first(step),
-                                  second(step - restart_at))
+    first = lr_schedule(_with_steps(config, restart_at), scale=scale)
+    second = lr_schedule(
+        _with_steps(config, config.schedule_steps - restart_at), scale=scale)
+    return optax.join_schedules([first, second], [restart_at])
   o = config
-  decay_steps = max(o.schedule_steps, 1)
-
-  def poly(step):
-    frac = jnp.clip(step / decay_steps, 0.0, 1.0)
-    return o.lr * (1.0 - frac)**o.poly_power
-
+  lr = scale * o.lr
+  total = max(o.schedule_steps, 1)
+  warm = min(o.warmup_steps, total)
   if o.schedule == 'constant':
-    base = optax.constant_schedule(o.lr)
+    base = optax.constant_schedule(lr)
   elif o.schedule == 'poly':
-    base = poly
+    base = optax.polynomial_schedule(
+        init_value=lr * (1.0 - warm / total)**o.poly_power, end_value=0.0,
+        power=o.poly_power, transition_steps=max(total - warm, 1))
   else:
     raise errors.ConfigError(f'Unknown config.optim.schedule={o.schedule!r}; '
-                     "expected 'poly' or 'constant'.")
-  if o.warmup_steps > 0:
-    warm = optax.linear_schedule(o.lr * o.warmup_ratio, o.lr, o.warmup_steps)
-    return lambda step: jnp.where(step < o.warmup_steps, warm(step),
-                                  base(step))
-  return base
+                             "expected 'poly' or 'constant'.")
+  if warm == 0:
+    return base
+  ramp = optax.linear_schedule(lr * o.warmup_ratio, lr, warm)
+  return optax.join_schedules([ramp, base], [warm])
 
 
 def _with_steps(config: ml_collections.ConfigDict,
@@ -93,17 +95,15 @@ def _with_steps(config: ml_collections.ConfigDict,
 
 
 def group_schedules(config: ml_collections.ConfigDict, restart_at: int = 0
-                    ) -> dict[str, Callable[[Any], Any]]:
+                    ) -> dict[str, optax.Schedule]:
   """Per-group LR schedules (multipliers applied)."""
-  base = lr_schedule(config, restart_at)
   out = {}
   for g in GROUPS:
     mult = config.lr_mult[g]
     if g == 'head' and config.constant_head_lr:
-      out[g] = lambda step, mult=mult: jnp.asarray(mult * config.lr,
-                                                   jnp.float32)
+      out[g] = optax.constant_schedule(mult * config.lr)
     else:
-      out[g] = lambda step, mult=mult: mult * base(step)
+      out[g] = lr_schedule(config, restart_at, scale=mult)
   return out
 
 
