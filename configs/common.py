@@ -2,7 +2,9 @@
 
 Every experiment config starts from ``base_config()`` and overrides what its
 benchmark needs. Every key a run reads is declared here, so a misspelt
-command-line override fails (``lock_config=True``).
+command-line override fails (``lock_config=True``). The allowed values and
+ranges of the keys, and the rules between them, are checked in one place,
+``dastc_jax/runtime/validation.py``, before anything is built or compiled.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from dastc_jax import errors
+from dastc_jax import paths
 from dastc_jax.runtime import checkpointing
 
 LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision')
@@ -347,35 +348,40 @@ def convert_file(source: str, output: str,
 
   ``output/checkpoints/0`` holds ``{'params', 'batch_stats'}``;
   ``output/conversion.json`` says what was converted from where. The
-  checkpoint is written to a temporary folder and renamed into place, so
-  an interrupted conversion leaves nothing that looks complete.
+  checkpoint is written to a staging folder and renamed into place, so
+  an interrupted conversion leaves nothing that looks complete (on an
+  object store the folder is uploaded with ``conversion.json`` last).
+  ``source`` and ``output`` may be ``gs://...`` paths.
 
   Raises:
     ConversionError: on a bad file, a mismatch, or an existing ``output``
       (unless ``overwrite``).
   """
-  output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
+  output = os.fspath(paths.resolve(output))
+  if paths.resolve(output).exists() and not overwrite:
     raise ConversionError(f'{output} exists; pass --overwrite to replace it.')
-  sd = load_state_dict(source)
+  with paths.local_copy(source) as local_source:
+    sd = load_state_dict(local_source)
+    digest = _sha256(local_source)
   params, stats, report = convert_state_dict(
       sd, model_config, layout=layout, allow_missing=allow_missing,
       allow_unexpected=allow_unexpected, source=source)
-  tmp = f'{output}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(tmp, 'checkpoints'),
-                                    async_save=False)
+  tmp = paths.staging_dir(output)
   try:
-    ckpt.save(0, {'params': params, 'batch_stats': stats})
-  finally:
-    ckpt.close()
-  meta = {**report.to_json(), 'sha256': _sha256(source),
-          'model': model_config.to_dict()}
-  with open(os.path.join(tmp, 'conversion.json'), 'w') as f:
-    json.dump(meta, f, indent=2, default=str)
-  if os.path.exists(output):
-    shutil.rmtree(output)
-  os.replace(tmp, output)
+    ckpt = checkpointing.Checkpointer(os.path.join(tmp, 'checkpoints'),
+                                      async_save=False)
+    try:
+      ckpt.save(0, {'params': params, 'batch_stats': stats})
+    finally:
+      ckpt.close()
+    meta = {**report.to_json(), 'sha256': digest,
+            'model': model_config.to_dict()}
+    with open(os.path.join(tmp, 'conversion.json'), 'w') as f:
+      json.dump(meta, f, indent=2, default=str)
+    paths.publish_dir(tmp, output, last='conversion.json')
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   logging.info('Converted %d tensors of %s (%s layout) into %s; kept the '
                'initialisation of %d parameters; ignored %d keys.',
                len(report.converted), source, report.layout, output,
@@ -415,7 +421,7 @@ def _main(argv, f) -> None:
         overwrite=f.overwrite)
   except ConversionError as e:
     raise SystemExit(f'error: {e}') from None
-  print(f'Wrote {os.path.abspath(f.output)}: {len(report.converted)} tensors '
+  print(f'Wrote {paths.resolve(f.output)}: {len(report.converted)} tensors '
         f'converted ({report.layout} layout), '
         f'{len(report.missing_initialised)} parameters initialised by the '
         f'config, {len(report.ignored)} file keys ignored. Use it with '

@@ -58,3 +58,16 @@ def tiny_data(tiny_world):
   """The tiny world's prepared TFDS folder (what the pipeline reads)."""
   from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
   return os.path.join(tiny_world, synthetic.TFDS_DIR)
+
+
+@pytest.fixture
+def weights(smoke_config, tmp_path):
+  """Random weights of the smoke model as a (converted-style) checkpoint."""
+  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, params, stats = state_lib.init_model(smoke_config, 0)
+  root = str(tmp_path / 'weights' / 'checkpoints')
+  ckpt = checkpointing.Checkpointer(root, async_save=False)
+  ckpt.save(0, {'params': params, 'batch_stats': stats})
+  ckpt.close()
+  return os.path.dirname(root)

@@ -260,7 +260,7 @@ def test_convert_command_then_eval_matches_pytorch(smoke_config, tiny_world,
   report = convert.convert_file(src, out, c.model)
   assert os.path.isdir(os.path.join(out, 'checkpoints', '0'))
   assert os.path.isfile(os.path.join(out, 'conversion.json'))
-  assert not any(n.endswith('.tmp') or '.tmp-' in n
+  assert not any(n.endswith(('.tmp', '.partial')) or '.tmp-' in n
                  for n in os.listdir(tmp_path))
   assert len(report.converted) > 50
   with pytest.raises(convert.ConversionError, match='exists'):

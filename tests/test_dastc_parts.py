@@ -98,7 +98,7 @@ def test_config_validation_names_the_key():
   c = _config()
   c.dastc.feature_layer = 'layer4'
   with pytest.raises(ValueError, match='config.dastc.feature_layer'):
-    dastc_step.check_config(c)
+    train.check_config(c)
   c.dastc.feature_layer = 'lyer1'
   with pytest.raises(ValueError, match='config.dastc.feature_layer'):
     train.check_config(c)

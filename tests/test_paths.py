@@ -3,12 +3,13 @@
 There is no object store offline: ``etils.epath.testing.mock_epath``
 replaces epath's non-local backend by functions that record every path
 they are called with and serve it from a local folder. So these tests show
-that workdirs, checkpoint roots, eval outputs and data dirs given as
-``gs://...`` go through epath as ``gs://...`` (never made local by
-``os.path``); orbax and TFDS reading and writing real object stores is
+that workdirs, checkpoint roots, eval outputs, data dirs, weight files
+(convert) and prediction inputs/outputs given as ``gs://...`` go through
+epath as ``gs://...`` (never made local by ``os.path``); orbax and TFDS reading and writing real object stores is
 their own code and is not exercised here.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from dastc_jax.evaluation import eval_job
 from dastc_jax.evaluation import evaluate
 from dastc_jax.evaluation import visualize
 from dastc_jax.runtime import checkpointing
+from tests import test_predict
 
 
 @pytest.fixture
@@ -40,9 +42,18 @@ def bucket(tmp_path):
 
   def local(p):
     p = os.fspath(p)
-    assert p.startswith('gs://'), p
+    if not p.startswith('gs://'):  # local files (e.g. the jax cache)
+      assert 'gs:/' not in p, f'a gs:// path was made local: {p}'
+      return p
     seen.append(p)
     return str(tmp_path / p[len('gs://'):])
+
+  def glob_fn(_, p):
+    p = os.fspath(p)
+    found = glob.glob(local(p))
+    if not p.startswith('gs://'):
+      return found
+    return ['gs://' + os.path.relpath(f, tmp_path) for f in found]
 
   def mkdirs(_, p, *a, **k):
     os.makedirs(local(p), exist_ok=True)
@@ -58,7 +69,7 @@ def bucket(tmp_path):
       replace=lambda _, a, b, **k: os.replace(local(a), local(b)),
       rmtree=lambda _, p: shutil.rmtree(local(p)),
       stat=lambda _, p: os.stat(local(p)),
-      glob=lambda _, p: [p],
+      glob=glob_fn,
       walk=lambda _, p, **k: os.walk(local(p)),
   )
   # With TensorFlow installed epath sends gs:// to its TF backend whatever
@@ -120,3 +131,64 @@ def test_data_dir_on_a_bucket(bucket):
   assert not prepared.is_prepared('gs://b/tfds', spec, 'train')
   assert any(p.startswith('gs://b/tfds/') for p in bucket)
   assert isinstance(paths.resolve('gs://b/tfds'), epath.Path)
+
+
+def test_local_copy_and_publish_dir_on_a_bucket(bucket, tmp_path):
+  (tmp_path / 'b/in').mkdir(parents=True)
+  (tmp_path / 'b/in/a.txt').write_text('A')
+  (tmp_path / 'b/in/b.txt').write_text('B')
+  with paths.local_copy('gs://b/in') as local:
+    assert not local.startswith('gs://')
+    assert sorted(os.listdir(local)) == ['a.txt', 'b.txt']
+  assert not os.path.exists(local)  # the copy is removed afterwards
+  with paths.local_copy('gs://b/in/a.txt') as local:
+    assert open(local).read() == 'A'
+  staged = paths.staging_dir('gs://b/out')
+  os.makedirs(os.path.join(staged, 'sub'))
+  for name in ('sub/x.txt', 'done.json', 'z.txt'):
+    with open(os.path.join(staged, name), 'w') as f:
+      f.write(name)
+  bucket.clear()
+  paths.publish_dir(staged, 'gs://b/out', last='done.json')
+  writes = [p for p in bucket if p.startswith('gs://b/out/') and
+            p.endswith(('.txt', '.json'))]
+  assert writes[-1] == 'gs://b/out/done.json'  # the completion marker last
+  assert (tmp_path / 'b/out/sub/x.txt').read_text() == 'sub/x.txt'
+  assert not os.path.exists(staged)
+
+
+def test_convert_reads_and_writes_a_bucket(bucket, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import test_convert  # pylint: disable=g-import-not-at-top
+  from dastc_jax import convert  # pylint: disable=g-import-not-at-top
+  c = synthetic_config.get_config('smoke')
+  (tmp_path / 'b/weights').mkdir(parents=True)
+  torch.save(test_convert._torch_model(c.model).state_dict(),  # pylint: disable=protected-access
+             tmp_path / 'b/weights/accel.pth')
+  report = convert.convert_file('gs://b/weights/accel.pth', 'gs://b/conv',
+                                c.model)
+  assert 'gs://b/weights/accel.pth' in bucket
+  assert len(report.converted) > 50
+  meta = json.loads((tmp_path / 'b/conv/conversion.json').read_text())
+  assert meta['source'] == 'gs://b/weights/accel.pth'
+  assert (tmp_path / 'b/conv/checkpoints/0').is_dir()
+  with pytest.raises(convert.ConversionError, match='gs://b/conv exists'):
+    convert.convert_file('gs://b/weights/accel.pth', 'gs://b/conv', c.model)
+
+
+def test_predict_reads_and_writes_a_bucket(bucket, smoke_config, weights,
+                                           tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dastc_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'b/frames').mkdir(parents=True)
+  for i, f in enumerate(test_predict._frames(3)):  # pylint: disable=protected-access
+    Image.fromarray(f).save(tmp_path / f'b/frames/f{i}.png')
+  res = predict.run(smoke_config, checkpoint=weights, workdir='.',
+                    input_path='gs://b/frames', output='gs://b/pred',
+                    video_format='gif')
+  assert res['output'] == 'gs://b/pred' and res['frames'] == 3
+  assert 'gs://b/frames/f0.png' in bucket
+  written = [p for p in bucket if p.startswith('gs://b/pred/')]
+  assert written[-1] == 'gs://b/pred/legend.json'
+  assert len(os.listdir(tmp_path / 'b/pred/overlays')) == 3
+  assert (tmp_path / 'b/pred/prediction.gif').stat().st_size > 0

@@ -14,8 +14,6 @@ import torch
 
 from dastc_jax.benchmarks import torch_accel
 from dastc_jax.evaluation import predict
-from dastc_jax.runtime import checkpointing
-from dastc_jax.runtime import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,17 +24,6 @@ def _frames(n=4, h=60, w=90, shift=3):
   base = cv2.GaussianBlur(rng.integers(0, 256, (h, w + n * shift, 3),
                                        dtype=np.uint8), (5, 5), 0)
   return [base[:, (n - i) * shift:(n - i) * shift + w] for i in range(n)]
-
-
-@pytest.fixture
-def weights(smoke_config, tmp_path):
-  """Random weights of the smoke model as a (converted-style) checkpoint."""
-  _, params, stats = state_lib.init_model(smoke_config, 0)
-  root = str(tmp_path / 'weights' / 'checkpoints')
-  ckpt = checkpointing.Checkpointer(root, async_save=False)
-  ckpt.save(0, {'params': params, 'batch_stats': stats})
-  ckpt.close()
-  return os.path.dirname(root)
 
 
 def test_dis_flow_points_from_t_to_t_minus_1():

@@ -14,7 +14,9 @@ flows give somewhat different fusions. The image-domain models
 (``deeplabv2``) use no flow.
 
 Output, written to ``OUTPUT.partial`` and renamed to ``OUTPUT`` only when
-every frame is done (a failure leaves no folder that looks complete):
+every frame is done (a failure leaves no folder that looks complete; on an
+object store, ``gs://...``, the folder is uploaded when done, with
+``legend.json`` last):
 
   OUTPUT/overlays/{index:06d}.png   frame blended with the class colours
   OUTPUT/labels/{index:06d}.png     predicted train ids (uint8)
@@ -24,6 +26,7 @@ every frame is done (a failure leaves no folder that looks complete):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -39,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from dastc_jax import errors
+from dastc_jax import paths
 from dastc_jax.data import io as io_lib
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import transforms
@@ -47,6 +51,7 @@ from dastc_jax.evaluation import visualize
 from dastc_jax import models
 from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import validation
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
@@ -202,76 +207,98 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
         overwrite: bool = True) -> dict[str, str | int]:
   """Segments every frame of ``input_path`` into ``output`` (module doc).
 
+  Input, flows and output may be ``gs://...`` paths: inputs are read through
+  a local copy, the output is built locally and then published
+  (``paths.publish_dir``; on an object store ``legend.json`` is uploaded
+  last).
+
   Returns:
     ``{'output', 'frames', 'animation'}``.
   """
-  output = os.path.abspath(output)
-  cs = labels_lib.get_class_set(config.data.class_set)
-  palette = cs.palette()
+  validation.check_config(config)
+  output = os.fspath(paths.resolve(output))
+  if not overwrite and paths.resolve(output).exists():
+    raise PredictError(f'{output} exists.')
+  with contextlib.ExitStack() as stack:
+    local_input = stack.enter_context(paths.local_copy(input_path))
+    local_flows = (stack.enter_context(paths.local_copy(flows)) if flows
+                   else None)
+    tmp = paths.staging_dir(output)
+    try:
+      count, animation = _segment(
+          config, checkpoint=checkpoint, workdir=workdir,
+          input_path=local_input, flows=local_flows, tmp=tmp,
+          video_format=video_format, fps=fps, max_frames=max_frames)
+      cs = labels_lib.get_class_set(config.data.class_set)
+      two_frames = models.clip_length(config.model) == 2
+      legend = {'class_set': cs.name, 'classes': list(cs.classes),
+                'colors': [cs.palette()[i].tolist()
+                           for i in range(len(cs.classes))],
+                'input': os.fspath(paths.resolve(input_path)),
+                'frames': count,
+                'flows': (flows or 'OpenCV DIS (computed)') if two_frames
+                         else 'none (single-frame model)'}
+      with open(os.path.join(tmp, 'legend.json'), 'w') as f:
+        json.dump(legend, f, indent=2)
+      paths.publish_dir(tmp, output, last='legend.json')
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  animation = animation.replace(tmp, output) if animation else ''
+  print(f'Wrote {count} overlays to {output}/overlays'
+        + (f' and {animation}' if animation else '') + '.', flush=True)
+  return {'output': output, 'frames': count, 'animation': animation}
+
+
+def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
+             workdir: str, input_path: str, flows: str | None, tmp: str,
+             video_format: str, fps: float, max_frames: int
+             ) -> tuple[int, str]:
+  """Writes the overlays, label maps and animation of every frame into the
+  local folder ``tmp``; returns ``(frames, animation path or '')``."""
+  palette = labels_lib.get_class_set(config.data.class_set).palette()
   size = tuple(config.data.target_val.image_size or ())
   two_frames = models.clip_length(config.model) == 2
   frames, video_fps = read_frames(input_path, max_frames)
   params, stats = load_weights(config, checkpoint, workdir)
   predict = make_predict_fn(config)
   dis = DisFlow() if two_frames and not flows else None
-  tmp = output + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'overlays'))
   os.makedirs(os.path.join(tmp, 'labels'))
-  try:
-    prev, count = None, 0
-    for name, rgb in frames:
-      hw = size or rgb.shape[:2]
-      cur = transforms.resize_rgb(rgb, hw) if rgb.shape[:2] != hw else rgb
-      batch, flow = cur[None, None], None
-      if two_frames:
-        key = cur if prev is None else prev
-        if prev is None:
-          flow = np.zeros(hw + (2,), np.float32)
-        elif flows:
-          path = next((os.path.join(flows, name + ext) for ext in
-                       ('.npy', '.flo') if os.path.isfile(
-                           os.path.join(flows, name + ext))), None)
-          if path is None:
-            raise PredictError(f'No flow for frame {name!r} in {flows} '
-                               f'(expected {name}.npy or {name}.flo).')
-          flow = transforms.resize_flow_np(
-              read_flow_file(path), hw, config.model.per_axis_flow_scale)
-        else:
-          flow = dis(cur, key)
-        batch = np.stack([cur, key])[None]
-        flow = flow[None]
-      ids = np.asarray(predict(params, stats, batch, flow, tuple(hw)))[0]
-      frame = f'{count:06d}.png'
-      visualize.save_png(os.path.join(tmp, 'labels', frame), ids)
-      blend = (cur * 0.5 + visualize.colorize(ids, palette) * 0.5).astype(
-          np.uint8)
-      visualize.save_png(os.path.join(tmp, 'overlays', frame), blend)
-      prev, count = cur, count + 1
-    if not count:
-      raise PredictError(f'{input_path} yielded no frames.')
-    animation = ''
-    if video_format != 'none':
-      animation = os.path.join(tmp, f'prediction.{video_format}')
-      _write_animation(os.path.join(tmp, 'overlays'), animation,
-                       video_format, fps or video_fps or 10.0)
-    with open(os.path.join(tmp, 'legend.json'), 'w') as f:
-      json.dump({'class_set': cs.name, 'classes': list(cs.classes),
-                 'colors': [palette[i].tolist()
-                            for i in range(len(cs.classes))],
-                 'input': os.path.abspath(input_path), 'frames': count,
-                 'flows': flows or 'OpenCV DIS (computed)' if two_frames
-                          else 'none (single-frame model)'}, f, indent=2)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.exists(output):
-    if not overwrite:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise PredictError(f'{output} exists.')
-    shutil.rmtree(output)
-  os.replace(tmp, output)
-  animation = animation.replace(tmp, output) if animation else ''
-  print(f'Wrote {count} overlays to {output}/overlays'
-        + (f' and {animation}' if animation else '') + '.', flush=True)
-  return {'output': output, 'frames': count, 'animation': animation}
+  prev, count = None, 0
+  for name, rgb in frames:
+    hw = size or rgb.shape[:2]
+    cur = transforms.resize_rgb(rgb, hw) if rgb.shape[:2] != hw else rgb
+    batch, flow = cur[None, None], None
+    if two_frames:
+      key = cur if prev is None else prev
+      if prev is None:
+        flow = np.zeros(hw + (2,), np.float32)
+      elif flows:
+        path = next((os.path.join(flows, name + ext) for ext in
+                     ('.npy', '.flo') if os.path.isfile(
+                         os.path.join(flows, name + ext))), None)
+        if path is None:
+          raise PredictError(f'No flow for frame {name!r} in {flows} '
+                             f'(expected {name}.npy or {name}.flo).')
+        flow = transforms.resize_flow_np(
+            read_flow_file(path), hw, config.model.per_axis_flow_scale)
+      else:
+        flow = dis(cur, key)
+      batch = np.stack([cur, key])[None]
+      flow = flow[None]
+    ids = np.asarray(predict(params, stats, batch, flow, tuple(hw)))[0]
+    frame = f'{count:06d}.png'
+    visualize.save_png(os.path.join(tmp, 'labels', frame), ids)
+    blend = (cur * 0.5 + visualize.colorize(ids, palette) * 0.5).astype(
+        np.uint8)
+    visualize.save_png(os.path.join(tmp, 'overlays', frame), blend)
+    prev, count = cur, count + 1
+  if not count:
+    raise PredictError(f'{input_path} yielded no frames.')
+  animation = ''
+  if video_format != 'none':
+    animation = os.path.join(tmp, f'prediction.{video_format}')
+    _write_animation(os.path.join(tmp, 'overlays'), animation,
+                     video_format, fps or video_fps or 10.0)
+  return count, animation

@@ -325,7 +325,7 @@ def _alignment_loss(config, out_s, labels_src, target_passes, pl):
       info[f'align_w/{name}'] = wv
   if a.kind == 'mmd':
     loss = alignment.mmd_rbf(ps, pt)
-  else:  # 'contrastive' (validated in ``check_config``)
+  else:  # 'contrastive' (``runtime/validation.py`` checks the value)
     if a.detach_source:
       ps = jax.lax.stop_gradient(ps)
     loss = alignment.contrastive(ps, pt, pres_s & pres_t,
@@ -391,7 +391,6 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   ``flow_t_t2``, ``flow_t1_t2``, and ``label`` (monitoring only). In the
   image domain every clip has one frame and there are no flows.
   """
-  check_config(config)
   d = config.dastc
   video = models.clip_length(config.model) == 2
   n_frames = 2 if video else 1
@@ -502,38 +501,3 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   return step
 
 
-_CHOICES = {
-    'teacher': ('ema', 'reference'),
-    'feature_mode': ('swap', 'blend'),
-    'bn_update': ('fixed', 'all'),
-    'alignment.kind': ('contrastive', 'mmd', 'none'),
-    'alignment.feature': ('feat', 'logits'),
-    'alignment.aggregation': ('frames', 'pairs'),
-    'alignment.target_labels': ('teacher', 'student'),
-    'alignment.temporal': ('adaptive', 'uniform'),
-}
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails, with the key, on ``config.dastc`` values that cannot work
-  (before anything is traced)."""
-  d = config.dastc
-  for path, allowed in _CHOICES.items():
-    node = d
-    *parents, leaf = path.split('.')
-    for p in parents:
-      node = node[p]
-    if node[leaf] not in allowed:
-      raise errors.ConfigError(f'config.dastc.{path}={node[leaf]!r}; expected one of '
-                       f'{allowed}.')
-  stages = models.shallow_stages()
-  if d.feature_fusion and d.feature_layer not in stages:
-    raise errors.ConfigError(f'config.dastc.feature_layer={d.feature_layer!r}; '
-                     f'expected one of {stages} (a stage before the last).')
-  if d.alignment.pairs not in (1, 2):
-    raise errors.ConfigError(f'config.dastc.alignment.pairs={d.alignment.pairs!r}; '
-                     'expected 1 (t, t-1) or 2 (and t, t-2).')
-  if d.feature_fusion and not d.image_fusion:
-    raise errors.ConfigError('config.dastc.feature_fusion=True needs '
-                     'config.dastc.image_fusion=True: the shallow features '
-                     'are exchanged between the two fused clips.')

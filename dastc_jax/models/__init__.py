@@ -13,6 +13,7 @@ from dastc_jax.models import resnet
 # 'deeplabv2' is the single-frame network of the image domain.
 _MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
            'deeplabv2': accel.AccelDeepLab}
+NAMES = tuple(_MODELS)  # config.model.name
 compute_dtype = layers.compute_dtype
 KERNEL_GRADS = layers.KERNEL_GRADS
 

@@ -20,6 +20,8 @@ import numpy as np
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # config.model.dtype
+INITIALIZERS = ('he', 'normal')  # config.model.backbone_init
 
 
 def compute_dtype(name: str):

@@ -1,61 +1,225 @@
-"""Config checks that run before anything is built or compiled."""
+"""Validation of the config schema (``configs/common.py``), in one place.
+
+Every key with a fixed set of values is in ``CHOICES``, every numeric key
+with a range in ``RANGES``, and the rules that tie keys together are in
+``check_config``. ``train``, the eval jobs and prediction call
+``check_config`` before anything is built or compiled, so a bad value fails
+at once with the key's name (a ``ConfigError``, printed without a
+traceback). The value lists come from the modules that implement them, so
+the two cannot drift apart. A key missing from a config (an older config
+file) fails here too, with its name.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 from absl import logging
 import ml_collections
 
 from dastc_jax import errors
+from dastc_jax import models
 from dastc_jax.data import checked_source
 from dastc_jax.data import labels as labels_lib
-from dastc_jax.method import dastc_step
-from dastc_jax import models
+from dastc_jax.data.datasets import builders
+from dastc_jax.data.synthetic import world
+from dastc_jax.models import layers
 from dastc_jax.runtime import divergence
 
 METHODS = ('dastc', 'source_only', 'source_only_hm', 'target_only')
+# The data sections a config may have (eval.splits names some of them).
+DOMAINS = ('source', 'target', 'source_val', 'target_val')
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    'method': METHODS,
+    'data.class_set': tuple(sorted(labels_lib.CLASS_SETS)),
+    'data.on_error': checked_source.POLICIES,
+    'data.synthetic.shift': world.SHIFTS,
+    'model.name': models.NAMES,
+    'model.head': ('proda', 'aspp'),
+    'model.backbone_init': layers.INITIALIZERS,
+    'model.dtype': layers.DTYPES,
+    'model.conv_kernel_grad': layers.KERNEL_GRADS,
+    'optim.name': ('sgd', 'adamw'),
+    'optim.schedule': ('poly', 'constant'),
+    'train.nonfinite': divergence.POLICIES,
+    'dastc.teacher': ('ema', 'reference'),
+    'dastc.feature_mode': ('swap', 'blend'),
+    'dastc.feature_layer': models.shallow_stages(),
+    'dastc.bn_update': ('fixed', 'all'),
+    'dastc.alignment.kind': ('contrastive', 'mmd', 'none'),
+    'dastc.alignment.feature': ('feat', 'logits'),
+    'dastc.alignment.aggregation': ('frames', 'pairs'),
+    'dastc.alignment.target_labels': ('teacher', 'student'),
+    'dastc.alignment.temporal': ('adaptive', 'uniform'),
+    'dastc.alignment.pairs': (1, 2),
+}
+
+# Inclusive bounds (None: unbounded); keys in OPEN_AT_ZERO must be > 0.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    'seed': (0, None),
+    'data.num_threads': (1, None),
+    'data.prefetch': (0, None),
+    'data.num_workers': (0, None),
+    'model.num_classes': (1, None),
+    'model.width': (1, None),
+    'model.head_features': (1, None),
+    'model.dropout': (0, 1),
+    'model.bn_momentum': (0, 1),
+    'model.bn_group_size': (0, None),
+    'model.init_std': (0, None),
+    'optim.lr': (0, None),
+    'optim.momentum': (0, 1),
+    'optim.weight_decay': (0, None),
+    'optim.b1': (0, 1),
+    'optim.b2': (0, 1),
+    'optim.schedule_steps': (1, None),
+    'optim.poly_power': (0, None),
+    'optim.warmup_steps': (0, None),
+    'optim.warmup_ratio': (0, 1),
+    'optim.grad_clip_norm': (0, None),
+    'loss.aux_weight': (0, None),
+    'train.batch_size': (1, None),
+    'train.num_steps': (1, None),
+    'train.source_only_steps': (0, None),
+    'train.log_every': (1, None),
+    'train.checkpoint_every': (1, None),
+    'train.eval_every': (0, None),
+    'train.max_checkpoints': (1, None),
+    'train.max_consecutive_skips': (0, None),
+    'eval.batch_size': (1, None),
+    'eval.num_overlays': (0, None),
+    'mesh.fsdp': (1, None),
+    'dastc.lambda_t': (0, None),
+    'dastc.aux_weight': (0, None),
+    'dastc.ema_decay': (0, 1),
+    'dastc.teacher_switch_steps': (0, None),
+    'dastc.teacher_flip': (0, 1),
+    'dastc.confidence': (0, 1),
+    'dastc.pl_threshold': (0, 1),
+    'dastc.prior_momentum': (0, 1),
+    'dastc.num_source_classes': (0, None),
+    'dastc.num_target_classes': (0, None),
+    'dastc.num_rare_classes': (0, None),
+    'dastc.feature_swap_classes': (0, None),
+    'dastc.feature_other_weight': (0, 1),
+    'dastc.alignment.weight': (0, None),
+    'dastc.alignment.temperature': (0, None),
+    'dastc.alignment.margin': (0, None),
+    'dastc.alignment.min_pixels': (1, None),
+    'dastc.alignment.temporal_temperature': (0, None),
+}
+OPEN_AT_ZERO = ('optim.lr', 'dastc.alignment.temperature',
+                'dastc.alignment.temporal_temperature')
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise errors.ConfigError(f'config.{key} is missing; the schema '
+                               '(configs/common.py) declares it.')
+    node = node[part]
+  return node
+
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+  for key, allowed in CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise errors.ConfigError(f'config.{key}={value!r}; expected one of '
+                               f'{allowed}.')
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  for key, (lo, hi) in RANGES.items():
+    value = _get(config, key)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+    if ok and lo is not None:
+      ok = value > lo if key in OPEN_AT_ZERO else value >= lo
+    if ok and hi is not None:
+      ok = value <= hi
+    if not ok:
+      low = f'> {lo}' if key in OPEN_AT_ZERO else f'>= {lo}'
+      want = f'a number {low}' + (f' and <= {hi}' if hi is not None else '')
+      raise errors.ConfigError(f'config.{key}={value!r}; expected {want}.')
+  data = _get(config, 'mesh.data')
+  if not isinstance(data, int) or (data < 1 and data != -1):
+    raise errors.ConfigError(f'config.mesh.data={data!r}; expected a '
+                             'positive device count or -1 (all the rest).')
+
+
+def _check_domains(config: ml_collections.ConfigDict) -> None:
+  """Each data section: a known dataset and split, labels that fit the class
+  set, clips the model can take, a crop inside the image."""
+  cs = labels_lib.get_class_set(config.data.class_set)
+  clip = models.clip_length(config.model)
+  for key in DOMAINS:
+    if key not in config.data:
+      continue
+    d = config.data[key]
+    if d.dataset not in builders.SPECS:
+      raise errors.ConfigError(
+          f'config.data.{key}.dataset={d.dataset!r}; expected one of '
+          f'{tuple(sorted(builders.SPECS))}.')
+    spec = builders.SPECS[d.dataset]
+    if d.split not in spec.splits:
+      raise errors.ConfigError(f'config.data.{key}.split={d.split!r}; '
+                               f'{spec.name} has splits {spec.splits}.')
+    if spec.label_space not in ('cityscapes_ids', cs.name):
+      raise errors.ConfigError(
+          f'config.data.{key}.dataset={d.dataset!r} is labelled with the '
+          f'{spec.label_space} classes, but config.data.class_set='
+          f'{cs.name!r}.')
+    if key in ('source', 'target') and (spec.clip_length == 1) != (clip == 1):
+      raise errors.ConfigError(
+          f'config.data.{key}.dataset={d.dataset!r} has clips of '
+          f'{spec.clip_length} frame(s); config.model.name='
+          f'{config.model.name!r} takes {clip}.')
+    if d.label_size not in ('image', 'native'):
+      raise errors.ConfigError(f'config.data.{key}.label_size='
+                               f"{d.label_size!r}; expected 'image' or "
+                               "'native'.")
+    crop, size = d.crop_size, d.image_size
+    if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
+      raise errors.ConfigError(
+          f'config.data.{key}.crop_size={tuple(crop)} is larger than '
+          f'config.data.{key}.image_size={tuple(size)} (H, W).')
+  for split in config.eval.splits:
+    if split not in config.data or split not in DOMAINS:
+      raise errors.ConfigError(f'config.eval.splits names {split!r}, which is '
+                               'not a data section of config.data.')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
+  _check_choices(config)
+  _check_ranges(config)
   cs = labels_lib.get_class_set(config.data.class_set)
   if cs.num_classes != config.model.num_classes:
     raise errors.ConfigError(
         f'config.model.num_classes={config.model.num_classes} but '
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
-  if config.method not in METHODS:
-    raise errors.ConfigError(f'Unknown config.method={config.method!r}; expected one '
-                     f'of {METHODS}.')
-  if (config.method == 'dastc' and
-      config.train.source_only_steps >= config.train.num_steps):
+  _check_domains(config)
+  if config.method == 'source_only_hm' and not config.data.histogram_match:
+    raise errors.ConfigError("config.method='source_only_hm' needs "
+                             'config.data.histogram_match=True.')
+  if config.method != 'dastc':
+    return
+  if config.train.source_only_steps >= config.train.num_steps:
     logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
                     'adaptation step will run.',
                     config.train.source_only_steps, config.train.num_steps)
-  if config.method == 'dastc':
-    dastc_step.check_config(config)
-  if config.method == 'source_only_hm' and not config.data.histogram_match:
-    raise errors.ConfigError("config.method='source_only_hm' needs "
-                     'config.data.histogram_match=True.')
-  if config.method == 'dastc' and config.model.head != 'proda':
+  if config.model.head != 'proda':
     raise errors.ConfigError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
-  for key, allowed in (('train.nonfinite', divergence.POLICIES),
-                       ('data.on_error', checked_source.POLICIES),
-                       ('model.conv_kernel_grad', models.KERNEL_GRADS)):
-    section, name = key.split('.')
-    value = config[section].get(name)
-    if value not in allowed:
-      raise errors.ConfigError(f'config.{key}={value!r}; expected one of {allowed}.')
-  for key in ('source', 'target'):
-    d = config.data.get(key)
-    crop, size = (d.get('crop_size'), d.get('image_size')) if d else (
-        None, None)
-    if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
-      raise errors.ConfigError(f'config.data.{key}.crop_size={tuple(crop)} is larger '
-                       f'than config.data.{key}.image_size={tuple(size)} '
-                       '(H, W).')
-  for split in config.eval.splits:
-    if split not in config.data:
-      raise errors.ConfigError(f'config.eval.splits names {split!r}, which is not a '
-                       'section of config.data.')
+  d = config.dastc
+  if d.feature_fusion and not d.image_fusion:
+    raise errors.ConfigError('config.dastc.feature_fusion=True needs '
+                             'config.dastc.image_fusion=True: the shallow '
+                             'features are exchanged between the two fused '
+                             'clips.')
