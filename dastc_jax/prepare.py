@@ -1,13 +1,51 @@
-"""Command: prepares one dataset into TFDS ArrayRecord files.
+r"""Command: prepares one dataset into TFDS ArrayRecord files.
 
-  python -m dastc_jax.prepare --dataset=viper --manual_dir=data/Viper \\
+  python -m dastc_jax.prepare --dataset=viper --manual_dir=data/Viper \
       --data_dir=data/tfds
 
-The work is done by ``data/datasets/prepare.py``; see the README,
-"Datasets".
+The work is done by ``data/datasets/prepare.py`` (idempotent, resumable);
+see docs/datasets.md for the layouts and where flows are looked up.
 """
 
-from dastc_jax.data.datasets import prepare
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from dastc_jax import errors
+from dastc_jax.data.datasets import builders
+
+_DATASET = flags.DEFINE_enum('dataset', None, sorted(builders.SPECS),
+                             'Dataset to prepare.')
+_MANUAL_DIR = flags.DEFINE_string(
+    'manual_dir', None, 'The dataset folder in its original layout.')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', 'data/tfds', 'TFDS folder to write the prepared data to.')
+_TRAIN_FLOW_DIR = flags.DEFINE_string(
+    'train_flow_dir', None, 'Flow folder of the train split (default: the '
+    'reference location beside --manual_dir).')
+_VAL_FLOW_DIR = flags.DEFINE_string('val_flow_dir', None,
+                                    'Flow folder of the val split.')
+_SPLITS = flags.DEFINE_list('splits', None, 'Splits (default: all present).')
+flags.mark_flags_as_required(['dataset', 'manual_dir'])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from dastc_jax.data.datasets import prepare  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.display_progress_bar(True)
+  counts = prepare.prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
+                           flow_dirs={'train': _TRAIN_FLOW_DIR.value,
+                                      'val': _VAL_FLOW_DIR.value},
+                           splits=_SPLITS.value)
+  print(json.dumps({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
+                    'samples': counts}))
+
 
 if __name__ == '__main__':
-  prepare.run()
+  app.run(errors.report_user_errors(main))

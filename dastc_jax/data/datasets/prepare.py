@@ -34,13 +34,10 @@ import os
 import shutil
 from typing import Any, Iterator, Sequence
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dastc_jax import errors
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data.datasets import prepared
@@ -270,48 +267,3 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
     counts[split] = len(ids)
   logging.info('%s ready in %s: %s', spec.name, folder, counts)
   return counts
-
-
-def define_flags() -> dict[str, Any]:
-  """The command's flags (defined only when run as a program: the pipeline
-  imports this module)."""
-  return {
-      'dataset': flags.DEFINE_enum('dataset', None, sorted(builders.SPECS),
-                                   'Dataset to prepare.'),
-      'manual_dir': flags.DEFINE_string(
-          'manual_dir', None, 'The dataset folder in its original layout.'),
-      'data_dir': flags.DEFINE_string(
-          'data_dir', 'data/tfds', 'TFDS folder to write the prepared data '
-          'to.'),
-      'train_flow_dir': flags.DEFINE_string(
-          'train_flow_dir', None, 'Flow folder of the train split (default: '
-          'the reference location beside --manual_dir).'),
-      'val_flow_dir': flags.DEFINE_string('val_flow_dir', None,
-                                          'Flow folder of the val split.'),
-      'splits': flags.DEFINE_list('splits', None,
-                                  'Splits (default: all present).'),
-  }
-
-
-def main(argv: Sequence[str], f: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tfds.display_progress_bar(True)
-  counts = prepare(f['dataset'].value, f['manual_dir'].value,
-                   f['data_dir'].value,
-                   flow_dirs={'train': f['train_flow_dir'].value,
-                              'val': f['val_flow_dir'].value},
-                   splits=f['splits'].value)
-  print(json.dumps({'dataset': f['dataset'].value,
-                    'data_dir': f['data_dir'].value, 'samples': counts}))
-
-
-def run() -> None:
-  """Parses the command line and prepares (``python -m dastc_jax.prepare``)."""
-  f = define_flags()
-  flags.mark_flags_as_required(['dataset', 'manual_dir'])
-  app.run(errors.report_user_errors(lambda argv: main(argv, f)))
-
-
-if __name__ == '__main__':
-  run()
