@@ -16,7 +16,6 @@ Workdir layout::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -25,11 +24,9 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dastc_jax import errors
 from dastc_jax import paths
 from dastc_jax.data import pipeline
 from dastc_jax.data import roots
@@ -43,12 +40,8 @@ from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
 from dastc_jax.runtime import validation
+from dastc_jax.runtime import workdir as workdir_lib
 
-# Config keys a run cannot change when it resumes from a workdir.
-_FROZEN_KEYS = ('model.', 'data.class_set', 'method')
-# model.* keys that change speed, not the function: a run may resume under
-# another value.
-_RESUMABLE_KEYS = ('model.conv_kernel_grad',)
 METHODS = validation.METHODS
 check_config = validation.check_config
 resolve_data_root = roots.resolve_data_root
@@ -58,59 +51,8 @@ write_eval_scalars = evaluate.write_eval_scalars
 NonFiniteLossError = divergence.NonFiniteLossError
 
 
-def _check_and_write_config(config: ml_collections.ConfigDict,
-                            workdir: epath.Path) -> None:
-  """Refuses to resume a workdir trained with another model or class set."""
-  path = workdir / 'config.json'
-  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()),
-                                   sep='.')
-  if path.exists():
-    old = traverse_util.flatten_dict(json.loads(path.read_text()), sep='.')
-    diff = sorted(k for k in set(old) | set(new)
-                  if k.startswith(_FROZEN_KEYS) and k not in _RESUMABLE_KEYS
-                  and old.get(k) != new.get(k))
-    if diff:
-      raise errors.ConfigError(
-          f'{workdir} holds a run with a different config: '
-          + ', '.join(f'{k}={old.get(k)!r} (now {new.get(k)!r})'
-                      for k in diff)
-          + '. Use another --workdir or the original values.')
-  if jax.process_index() == 0:
-    paths.write_atomic(path, config.to_json_best_effort(indent=2))
-
-
 def _host_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(sharding_lib.to_host(v)) for k, v in metrics.items()}
-
-
-def _carried_sizes(config: ml_collections.ConfigDict,
-                   data_root: str) -> dict[str, Any] | None:
-  """Global batch and clip sizes of DA-STC's carried state."""
-  if config.method != 'dastc':
-    return None
-
-  def size(key):
-    d = config.data[key]
-    if d.crop_size:
-      return tuple(d.crop_size)
-    return pipeline.native_size(d, data_root, f'config.data.{key}')
-
-  return {'batch': config.train.batch_size, 'source': size('source'),
-          'target': size('target')}
-
-
-def _init_from(config: ml_collections.ConfigDict,
-               state: state_lib.TrainState) -> state_lib.TrainState:
-  """Replaces the initial weights by those of ``config.train.init_from``."""
-  root, step = checkpointing.resolve('.', config.train.init_from)
-  params, stats, step = checkpointing.load_weights(root, step, state.params,
-                                                   state.batch_stats)
-  logging.info('Initialised the weights from %s step %d.', root, step)
-  teacher = state.teacher
-  if teacher is not None:
-    teacher = jax.tree.map(jnp.copy, {'params': params,
-                                      'batch_stats': stats})
-  return state.replace(params=params, batch_stats=stats, teacher=teacher)
 
 
 def _make_steps(config, graphdef, tx, state_sharding, data, repl):
@@ -179,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   check_config(config)
   workdir = paths.resolve(workdir)
-  _check_and_write_config(config, workdir)
+  workdir_lib.check_and_write_config(config, workdir)
   data_root = resolve_data_root(config)
 
   # Mesh and input pipeline.
@@ -200,11 +142,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   latest = ckpt.latest_step()
   graphdef, state, tx = state_lib.create_train_state(
       config, abstract=latest is not None,
-      sizes=_carried_sizes(config, data_root))
+      sizes=state_lib.carried_sizes(config, data_root))
   state_sharding = sharding_lib.state_shardings(state, mesh)
   if latest is None:
     if config.train.init_from:
-      state = _init_from(config, state)
+      state = state_lib.init_from_checkpoint(config, state)
     state = jax.device_put(state, state_sharding)
   else:
     state = ckpt.restore(latest, checkpointing.abstract_with_sharding(

@@ -273,7 +273,7 @@ def test_convert_command_then_eval_matches_pytorch(smoke_config, tiny_world,
   c.train.init_from = out
   c.method = 'source_only'
   _, state, _ = state_lib.create_train_state(c)
-  state = train._init_from(c, state)  # pylint: disable=protected-access
+  state = state_lib.init_from_checkpoint(c, state)
   np.testing.assert_array_equal(
       state.params['backbone']['layer1'][0]['conv2']['kernel'],
       np.transpose(tm.layer1[0].conv2.weight.detach().numpy(), (2, 3, 1, 0)))

@@ -22,7 +22,7 @@ def _step_fn(config, root, n_devices, fsdp=1):
                        devices=jax.devices()[:n_devices])
   data = sharding_lib.data_sharding(mesh)
   graphdef, state, tx = state_lib.create_train_state(
-      config, sizes=train._carried_sizes(config, root))  # pylint: disable=protected-access
+      config, sizes=state_lib.carried_sizes(config, root))
   st_sh = sharding_lib.state_shardings(state, mesh)
   fn = jax.jit(steps.make_dastc_step(config, graphdef, tx),
                in_shardings=(st_sh, data),
@@ -139,7 +139,7 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
   assert m['loss_align'] > 0 and m['align_w/strong'] == 0.5
   assert m['align_w/clean'] == 0.5
   graphdef, _, _ = state_lib.create_train_state(
-      c, sizes=train._carried_sizes(c, root))  # pylint: disable=protected-access
+      c, sizes=state_lib.carried_sizes(c, root))
   tgt = batches[1]['target']
 
   @jax.jit

@@ -142,7 +142,7 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
                                                 local_batch_size=4)))
   tgt, src_labels = batch['target'], batch['source']['labels']
   graphdef, state, _ = state_lib.create_train_state(
-      c, sizes=train._carried_sizes(c, root))  # pylint: disable=protected-access
+      c, sizes=state_lib.carried_sizes(c, root))
   ones = jnp.ones((4,), bool)
   mirrored = {'frames': tgt['frames'][:, :, :, ::-1]}
   for k in ('flow', 'flow_t_t2', 'flow_t1_t2'):

@@ -96,7 +96,7 @@ def _resumed_iterator_and_carried_clips(c, ref):
                                     async_save=False, read_only=True)
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
   state2 = ckpt.restore(2, state_lib.abstract_train_state(
-      c, train._carried_sizes(c, root)), resumed)  # pylint: disable=protected-access
+      c, state_lib.carried_sizes(c, root)), resumed)
   ckpt.close()
   _assert_bitwise(batches[2], next(resumed))
   # Step 2 was a DA-STC step: the clips it carries to step 3 were saved.

@@ -24,7 +24,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from dastc_jax import errors
 from dastc_jax import paths
-from dastc_jax import train
+from dastc_jax.runtime import workdir as workdir_lib
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import prepared
@@ -95,13 +95,13 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path,
 def test_workdir_files_on_a_bucket(bucket, tmp_path):
   c = synthetic_config.get_config('smoke')
   workdir = paths.resolve('gs://b/run')
-  train._check_and_write_config(c, workdir)  # pylint: disable=protected-access
+  workdir_lib.check_and_write_config(c, workdir)
   assert 'gs://b/run/config.json' in bucket
   saved = json.loads((tmp_path / 'b/run/config.json').read_text())
   assert saved['model']['width'] == c.model.width
   c.model.width += 1  # resuming with another model is refused, by path
   with pytest.raises(errors.ConfigError, match='gs://b/run holds a run'):
-    train._check_and_write_config(c, workdir)  # pylint: disable=protected-access
+    workdir_lib.check_and_write_config(c, workdir)
   # A checkpoint step folder on the bucket.
   (tmp_path / 'b/run/checkpoints/900/state').mkdir(parents=True)
   root, step = checkpointing.resolve('.', 'gs://b/run/checkpoints/900')

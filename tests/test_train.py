@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _abstract(config):
   root = train.resolve_data_root(config)
   return state_lib.abstract_train_state(
-      config, train._carried_sizes(config, root))  # pylint: disable=protected-access
+      config, state_lib.carried_sizes(config, root))
 
 
 def _restore(config, workdir, step):

@@ -41,8 +41,8 @@ def _teacher_labels(config, root, aligned: bool):
   config = config.copy_and_resolve_references()
   config.dastc.pl_distribution_alignment = aligned
   graphdef, state, _ = state_lib.create_train_state(
-      config, sizes=train._carried_sizes(config, root))  # pylint: disable=protected-access
-  state = train._init_from(config, state)  # pylint: disable=protected-access
+      config, sizes=state_lib.carried_sizes(config, root))
+  state = state_lib.init_from_checkpoint(config, state)
   it = iter(pipeline.make_train_dataset(config, root, local_batch_size=4))
 
   @jax.jit

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,8 @@ import optax
 from dastc_jax.method.train_state import empty_carried
 from dastc_jax.method.train_state import TrainState
 from dastc_jax import models
+from dastc_jax.data import pipeline
+from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import optim
 
 
@@ -97,3 +100,33 @@ def abstract_train_state(config: ml_collections.ConfigDict,
                          sizes: dict[str, Any] | None = None) -> TrainState:
   """Shapes and dtypes of the train state, without allocating it."""
   return create_train_state(config, abstract=True, sizes=sizes)[1]
+
+
+def carried_sizes(config: ml_collections.ConfigDict,
+                   data_root: str) -> dict[str, Any] | None:
+  """Global batch and clip sizes of DA-STC's carried state."""
+  if config.method != 'dastc':
+    return None
+
+  def size(key):
+    d = config.data[key]
+    if d.crop_size:
+      return tuple(d.crop_size)
+    return pipeline.native_size(d, data_root, f'config.data.{key}')
+
+  return {'batch': config.train.batch_size, 'source': size('source'),
+          'target': size('target')}
+
+
+def init_from_checkpoint(config: ml_collections.ConfigDict,
+               state: TrainState) -> TrainState:
+  """Replaces the initial weights by those of ``config.train.init_from``."""
+  root, step = checkpointing.resolve('.', config.train.init_from)
+  params, stats, step = checkpointing.load_weights(root, step, state.params,
+                                                   state.batch_stats)
+  logging.info('Initialised the weights from %s step %d.', root, step)
+  teacher = state.teacher
+  if teacher is not None:
+    teacher = jax.tree.map(jnp.copy, {'params': params,
+                                      'batch_stats': stats})
+  return state.replace(params=params, batch_stats=stats, teacher=teacher)
