@@ -21,6 +21,33 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 jax.config.update('jax_disable_most_optimizations', True)
 
 
+# Integration tests build the tiny synthetic world (any of these fixtures),
+# train, evaluate, or run a command in a subprocess (marked by hand); every
+# other test is a unit test of pure functions on tiny arrays. Both run in
+# CI; `pytest -m "not integration"` runs the unit tests alone.
+_WORLD_FIXTURES = frozenset(
+    {'world_cache', 'tiny_world', 'tiny_data', 'smoke_config', 'weights'})
+# The longest integration tests (SIGKILLed subprocess runs, multi-device
+# DA-STC steps, the 2-process run) start first so that the two xdist
+# workers finish together.
+_LONGEST_FIRST = ('test_faults.py', 'test_dastc.py', 'test_scale.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if _WORLD_FIXTURES & set(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.integration)
+
+  def order(item):
+    module = item.path.name
+    long_first = (_LONGEST_FIRST.index(module) if module in _LONGEST_FIRST
+                  else len(_LONGEST_FIRST))
+    return (item.get_closest_marker('integration') is None, long_first)
+
+  items.sort(key=order)
+
+
 @pytest.fixture(scope='session')
 def world_cache(tmp_path_factory):
   """Cache folder shared by every test that needs the tiny synthetic world."""

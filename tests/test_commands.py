@@ -21,6 +21,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('command', sorted(COMMANDS))
 def test_help_lists_the_commands_own_flags(command):
   out = subprocess.run(

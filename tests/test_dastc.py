@@ -1,5 +1,6 @@
 """The whole DA-STC step: sharding invariance and the carried state."""
 
+import chex
 import jax
 from jax.sharding import AxisType
 import numpy as np
@@ -78,11 +79,10 @@ def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
   # First adaptation step: the teacher is reset to the warm-started model,
   # then takes one EMA step towards the updated student.
   a = d.ema_decay
-  for t, p0, p1 in zip(jax.tree.leaves(s1.teacher['params']),
-                       jax.tree.leaves(init.params),
-                       jax.tree.leaves(s1.params)):
-    np.testing.assert_allclose(t, a * p0 + (1 - a) * p1, rtol=1e-5,
-                               atol=1e-7)
+  ema = lambda p0, p1: a * p0 + (1 - a) * p1
+  chex.assert_trees_all_close(s1.teacher['params'],
+                              jax.tree.map(ema, init.params, s1.params),
+                              rtol=1e-5, atol=1e-7)
   for k in ('tgt_labels', 'tgt_masks', 'src_frames'):
     np.testing.assert_array_equal(np.asarray(s1.carried[k]),
                                   np.asarray(s4.carried[k]))
@@ -101,18 +101,16 @@ def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
   t4, m4 = run4(s1, batches[1])
   _assert_same_metrics(m1, m4)
   # Second step: no reset, one more EMA step from the first step's teacher.
-  for t, p0, p1 in zip(jax.tree.leaves(t1.teacher['params']),
-                       jax.tree.leaves(s1.teacher['params']),
-                       jax.tree.leaves(t1.params)):
-    np.testing.assert_allclose(t, a * p0 + (1 - a) * p1, rtol=1e-5,
-                               atol=1e-7)
+  chex.assert_trees_all_close(
+      t1.teacher['params'],
+      jax.tree.map(ema, s1.teacher['params'], t1.params), rtol=1e-5,
+      atol=1e-7)
   assert bool(t1.carried['has_prev']) and bool(t4.carried['has_prev'])
   np.testing.assert_array_equal(np.asarray(t1.carried['src_frames']),
                                 batches[1]['source']['frames'])
   np.testing.assert_array_equal(np.asarray(t4.carried['src_frames']),
                                 batches[1]['source']['frames'])
-  for a, b in zip(jax.tree.leaves(t1.teacher), jax.tree.leaves(t4.teacher)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(t4.teacher, t1.teacher, rtol=1e-5, atol=1e-6)
 
 
 def test_reference_preset_trains_and_its_self_teacher_updates_bn(
@@ -150,8 +148,7 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
         jax.random.key(1))
     return stats
 
-  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b)))
+  same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
   assert same(teacher_stats(init), init.batch_stats)  # frozen teacher
   assert not same(teacher_stats(s), s.batch_stats)  # student, train mode
 
@@ -206,8 +203,6 @@ def test_ablations_share_the_batchnorm_running_averages(smoke_config):
   c2.dastc.alignment.kind = 'none'
   run2, _ = _step_fn(c2, root, 1)
   bare, _ = run2(init, batch)
-  for x, y in zip(jax.tree.leaves(full.batch_stats),
-                  jax.tree.leaves(bare.batch_stats)):
-    np.testing.assert_array_equal(x, y)
-  assert not all(np.array_equal(x, y) for x, y in zip(
-      jax.tree.leaves(full.batch_stats), jax.tree.leaves(init.batch_stats)))
+  chex.assert_trees_all_equal(full.batch_stats, bare.batch_stats)
+  assert not jax.tree.all(jax.tree.map(np.array_equal, full.batch_stats,
+                                       init.batch_stats))

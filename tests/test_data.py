@@ -382,6 +382,7 @@ _KILL_AFTER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.integration
 def test_killed_preparation_resumes_and_matches_a_clean_one(cityscapes,
                                                            tmp_path):
   root, flow_dirs, _ = cityscapes
@@ -449,6 +450,7 @@ def _files(folder):
           if not f.endswith('.lock')]
 
 
+@pytest.mark.integration
 def test_preparation_needs_no_tensorflow(viper, tmp_path):
   root, _, _ = viper
   script = textwrap.dedent(f'''
@@ -481,6 +483,7 @@ def test_preparation_needs_no_tensorflow(viper, tmp_path):
   assert '(2, 24, 32, 3) (12, 16, 2)' in proc.stdout
 
 
+@pytest.mark.integration
 def test_prepare_command_line(tmp_path):
   layout_fixtures.write_gta5(str(tmp_path / 'GTA5'),
                              np.random.default_rng(5))

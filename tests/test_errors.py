@@ -22,6 +22,7 @@ def _main(*args):
      'is not prepared in'),
     (('--config.dastc.feature_layer=layer9',), 'config.dastc.feature_layer'),
 ])
+@pytest.mark.integration
 def test_user_errors_print_one_line_and_exit_2(tmp_path, override, expected):
   args = [a.format(tmp=tmp_path) for a in override]
   r = _main('--config=configs/synthetic.py:smoke',

@@ -256,30 +256,6 @@ def test_skip_policy_counts_bad_records_in_a_run(smoke_config, tmp_path,
   train.train_and_evaluate(c, str(tmp_path / 'run'))
 
 
-def test_config_errors_before_any_compile(smoke_config, tmp_path):
-  c = smoke_config
-  c.data.target.crop_size = (64, 512)
-  with pytest.raises(ValueError, match=r'config.data.target.crop_size='
-                     r'\(64, 512\) is larger than'):
-    train.check_config(c)
-  c.data.target.crop_size = None
-  c.train.nonfinite = 'ignore'
-  with pytest.raises(ValueError, match=r"config.train.nonfinite='ignore'"):
-    train.check_config(c)
-  c.train.nonfinite = 'stop'
-  c.data.on_error = 'retry'
-  with pytest.raises(ValueError, match=r"config.data.on_error='retry'"):
-    train.check_config(c)
-  c.data.on_error = 'fail'
-  c.model.conv_kernel_grad = 'fft'
-  with pytest.raises(ValueError,
-                     match=r"config.model.conv_kernel_grad='fft'"):
-    train.check_config(c)
-  from configs import viper  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match=r"Unknown config variant.*'smok'"):
-    viper.get_config('smok')
-
-
 def test_resume_on_another_device_count(smoke_config, tmp_path):
   c = smoke_config
   c.method = 'source_only'

@@ -57,6 +57,7 @@ def _faults(setting: str) -> tuple[str, int]:
   return out['STATE'], int(out['FAULTS'])
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(sys.platform != 'linux', reason='glibc only')
 def test_settings_stop_page_faults_of_repeated_large_buffers():
   state_on, on = _faults('1')

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,9 +101,9 @@ def test_fsdp_step_on_8_devices_matches_single_device(smoke_config):
   assert len(sharded) > 10  # kernels and their momentum buffers
   for x in sharded:
     assert x.addressable_shards[0].data.size * 4 == x.size
-  for a, b in zip(jax.tree.leaves(jax.device_get(s1.params)),
-                  jax.tree.leaves(jax.device_get(s4.params))):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.device_get(s4.params),
+                              jax.device_get(s1.params), rtol=1e-5,
+                              atol=1e-6)
 
 
 def test_bf16_compute_stays_close_to_float32(smoke_config):
@@ -159,6 +160,7 @@ def _launch_two(workdir, world_cache, steps, port):
   return outs
 
 
+@pytest.mark.integration
 def test_two_process_distributed_run_trains_saves_and_resumes(
     tmp_path, world_cache, tiny_world):
   del tiny_world  # generated once, before the two processes start
@@ -181,6 +183,7 @@ def _dry(script, *args):
   return proc.stdout
 
 
+@pytest.mark.integration
 def test_launch_scripts_dry_run(tmp_path):
   out = _dry('tpu_pod.sh', '--setup', 'my-tpu', 'us-central2-b', '--',
              '--config=configs/viper.py', '--workdir=gs://b/run')

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 from jax.sharding import AxisType
 import numpy as np
@@ -38,8 +39,7 @@ def _restore(config, workdir, step):
 
 
 def _assert_trees_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
 def test_outputs_and_eval_mode(smoke_config, tmp_path):
@@ -105,11 +105,9 @@ def test_sharded_step_matches_single_device(smoke_config):
   np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m4['grad_norm'], m1['grad_norm'], rtol=1e-5)
   # Parameters agree to a few float32 ULPs (updates are ~1e-6 of them).
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
-  for a, b in zip(jax.tree.leaves(s1.batch_stats),
-                  jax.tree.leaves(s4.batch_stats)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s1.batch_stats, s4.batch_stats, rtol=1e-4,
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize('checkpoint_every,log_every,saved', [
@@ -151,6 +149,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
              for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.integration
 def test_cli_rejects_a_misspelt_override(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'dastc_jax.main',
@@ -168,17 +167,12 @@ def test_train_step_compiles_once(smoke_config):
   it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4,
                                         with_target=False))
   graphdef, state, tx = state_lib.create_train_state(c)
-  traces = {'n': 0}
-  step = step_lib.make_train_step(c, graphdef, tx)
-
-  def counted(state, batch):
-    traces['n'] += 1
-    return step(state, batch)
-
-  fn = jax.jit(counted, donate_argnums=(0,))
+  step = chex.assert_max_traces(step_lib.make_train_step(c, graphdef, tx),
+                                n=1)  # a second trace raises
+  fn = jax.jit(step, donate_argnums=(0,))
   for _ in range(3):
     state, _ = fn(state, next(it))
-  assert traces['n'] == 1 and int(state.step) == 3
+  assert int(state.step) == 3
 
 
 def test_resuming_with_another_model_is_refused(smoke_config, tmp_path):

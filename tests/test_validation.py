@@ -91,3 +91,24 @@ def test_data_sections_are_checked():
   c.eval.splits = ('target_val', 'test')
   with pytest.raises(errors.ConfigError, match="names 'test'"):
     validation.check_config(c)
+
+
+def test_config_errors_name_the_key_and_the_expected_values():
+  c = _config()
+  c.data.target.crop_size = (64, 512)
+  with pytest.raises(errors.ConfigError, match=r'config.data.target.crop_size='
+                     r'\(64, 512\) is larger than'):
+    validation.check_config(c)
+  c.data.target.crop_size = None
+  for key, value in (('train.nonfinite', 'ignore'), ('data.on_error', 'retry'),
+                     ('model.conv_kernel_grad', 'fft')):
+    section, name = key.split('.')
+    old, c[section][name] = c[section][name], value
+    with pytest.raises(errors.ConfigError,
+                       match=rf"config.{key}='{value}'; expected one of"):
+      validation.check_config(c)
+    c[section][name] = old
+  validation.check_config(c)
+  from configs import viper  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"Unknown config variant.*'smok'"):
+    viper.get_config('smok')

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dastc_jax.runtime import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,7 @@ def test_user_value_and_opt_out_win():
   assert xla_cpu.set_defaults(env) == '--a=1'
 
 
+@pytest.mark.integration
 def test_flags_are_accepted_by_this_jaxlib():
   # XLA aborts on an unknown flag when the backend starts; run a conv+BN+ReLU
   # with the defaults in a fresh process and compare with the default

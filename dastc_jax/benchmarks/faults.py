@@ -126,17 +126,18 @@ def final_state(workdir: str, step: int) -> tuple[Any, dict[str, Any]]:
 
 def bitwise_diff(a: Any, b: Any) -> list[str]:
   """Paths of the leaves that differ in structure, dtype, shape or bits."""
-  fa = jax.tree_util.tree_flatten_with_path(a)[0]
-  fb = jax.tree_util.tree_flatten_with_path(b)[0]
-  if [p for p, _ in fa] != [p for p, _ in fb]:
-    return ['<tree structure>']
-  diff = []
-  for (path, x), (_, y) in zip(fa, fb):
+
+  def differs(x, y):
     x, y = np.asarray(x), np.asarray(y)
-    if (x.dtype != y.dtype or x.shape != y.shape or x.tobytes() !=
-        y.tobytes()):
-      diff.append(jax.tree_util.keystr(path))
-  return diff
+    return (x.dtype, x.shape, x.tobytes()) != (y.dtype, y.shape, y.tobytes())
+
+  try:
+    flags = jax.tree_util.tree_map_with_path(
+        lambda path, x, y: jax.tree_util.keystr(path) if differs(x, y)
+        else None, a, b)
+  except ValueError:  # different tree structures
+    return ['<tree structure>']
+  return [p for p in jax.tree.leaves(flags) if p is not None]
 
 
 def unrestorable(workdir: str) -> list[int]:
