@@ -7,7 +7,7 @@
 # tables and writes WORKDIR/eval/summary.md (last and best-on-val mIoU).
 #
 #   launch/eval_array.sh [--dry-run] [--partition=P] -- \
-#       --config=configs/viper.py --workdir=/shared/runs/viper
+#       --config=configs/viper.py --workdir=/nfs/runs/viper
 #
 # --dry-run prints the steps found, the batch script and the sbatch command.
 set -euo pipefail

@@ -5,7 +5,7 @@
 #
 #   launch/slurm.sh [--dry-run] [--nodes=N] [--gpus-per-node=G] \
 #       [--per=gpu|node] [--time=24:00:00] [--partition=P] -- \
-#       --config=configs/viper.py --workdir=/shared/runs/viper \
+#       --config=configs/viper.py --workdir=/nfs/runs/viper \
 #       --config.train.batch_size=16
 #
 # --per=gpu (default) starts one process per GPU (each sees one GPU through

@@ -191,10 +191,10 @@ def test_launch_scripts_dry_run(tmp_path):
   assert '--worker=all' in out and 'jax\\[tpu\\]==0.10.2' in out
   assert 'DASTC_DISTRIBUTED=1' in out and 'tpu-vm scp' in out
   out = _dry('slurm.sh', '--nodes=2', '--gpus-per-node=4', '--',
-             '--config=configs/viper.py', '--workdir=/shared/run')
+             '--config=configs/viper.py', '--workdir=/nfs/run')
   assert '#SBATCH --nodes=2' in out and '#SBATCH --ntasks-per-node=4' in out
   assert "srun bash -c 'export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID" in out
-  out = _dry('slurm.sh', '--per=node', '--', '--workdir=/shared/run')
+  out = _dry('slurm.sh', '--per=node', '--', '--workdir=/nfs/run')
   assert '#SBATCH --ntasks-per-node=1' in out
   assert 'CUDA_VISIBLE_DEVICES' not in out
   for step in (300, 600, 1200):
