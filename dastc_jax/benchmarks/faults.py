@@ -84,25 +84,33 @@ def run(workdir: str, cache_dir: str, devices: int, steps: int,
   Returns:
     ``{'rc', 'log', 'signal_to_exit_s', 'last_logged_step'}``.
   """
-  proc = subprocess.Popen(command(workdir, cache_dir, devices, steps, extra),
-                          cwd=REPO, env=environment(jax_cache),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  sent = None
-  if until is not None:
-    t0 = time.time()
-    while proc.poll() is None and not until(workdir):
-      if time.time() - t0 > 600:
+  # The output goes to a file, not a pipe: a pipe nobody reads while the
+  # loop below waits would fill up and block the run.
+  with tempfile.TemporaryFile('w+') as log:
+    proc = subprocess.Popen(command(workdir, cache_dir, devices, steps, extra),
+                            cwd=REPO, env=environment(jax_cache), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    sent = None
+    try:
+      if until is not None:
+        t0 = time.time()
+        while proc.poll() is None and not until(workdir):
+          if time.time() - t0 > 600:
+            raise RuntimeError(f'{workdir}: the run never reached the fault '
+                               'point.')
+          time.sleep(0.002)
+        if delay:
+          time.sleep(delay)
+        if proc.poll() is None:
+          proc.send_signal(sig)
+          sent = time.time()
+      proc.wait(timeout=900)
+    finally:
+      if proc.poll() is None:
         proc.kill()
-        raise RuntimeError(f'{workdir}: the run never reached the fault '
-                           'point.')
-      time.sleep(0.002)
-    if delay:
-      time.sleep(delay)
-    if proc.poll() is None:
-      proc.send_signal(sig)
-      sent = time.time()
-  out, _ = proc.communicate(timeout=900)
+        proc.wait()
+    log.seek(0)
+    out = log.read()
   logged = [int(m) for m in re.findall(r'step (\d+)/\d+', out)]
   return {'rc': proc.returncode, 'log': out,
           'signal_to_exit_s': None if sent is None else time.time() - sent,
