@@ -8,6 +8,7 @@ reference runs compute; restarts run in this process (the fault benchmark,
 ``benchmarks/faults.md``, restarts with the command itself).
 """
 
+import copy
 import os
 import signal
 
@@ -54,32 +55,48 @@ def _reference(config, devices, steps, workdir):
   return _state(workdir, steps)
 
 
-@pytest.mark.parametrize('devices,delay', [(1, 0.0), (4, 0.02)])
+_DEVICES, _STEPS = 4, 3
+
+
+@pytest.fixture(scope='module')
+def reference_run(world_cache, tmp_path_factory):
+  """The uninterrupted 4-device run every fault run must end equal to."""
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  c = synthetic_config.get_config('smoke')
+  c.data.synthetic.cache_dir = world_cache
+  workdir = str(tmp_path_factory.mktemp('reference') / 'ref')
+  state, it = _reference(c, _DEVICES, _STEPS, workdir)
+  return c, workdir, state, it
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group('sigkill')  # one worker: one reference run
+@pytest.mark.parametrize('delay', [0.0, 0.02])
 def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
-    devices, delay, smoke_config, world_cache, tmp_path, monkeypatch):
-  steps = 3
-  c = smoke_config
-  a, it_a = _reference(c, devices, steps, str(tmp_path / 'ref'))
+    delay, reference_run, world_cache, tmp_path, monkeypatch):
+  """SIGKILL while a checkpoint after the first is being written (its
+  temporary folder exists), ``delay`` seconds into the save; 4 devices, so
+  the save writes sharded arrays."""
+  c, ref, a, it_a = reference_run
+  c = copy.deepcopy(c)
   run = str(tmp_path / 'killed')
-  # SIGKILL while a checkpoint after the first is being written (its
-  # temporary folder exists), ``delay`` seconds into the save.
-  rc, out = _run(run, world_cache, devices, steps, delay=delay,
+  rc, out = _run(run, world_cache, _DEVICES, _STEPS, delay=delay,
                  until=lambda w: faults.committed(w) and faults.saving(w))
   assert rc == -signal.SIGKILL, out[-3000:]
-  assert faults.committed(run) and max(faults.committed(run)) < steps
+  assert faults.committed(run) and max(faults.committed(run)) < _STEPS
   # No step folder looks committed without restoring completely.
   assert not faults.unrestorable(run)
   # The restart (in this process, to reuse its compiled steps; the fault
   # benchmark restarts with the command itself).
   train.train_and_evaluate(c, run)
-  b, it_b = _state(run, steps)
+  b, it_b = _state(run, _STEPS)
   # Parameters, optimizer, BN averages, EMA teacher, carried fusion state,
   # RNG and step; and the data-iterator position.
   assert {'params', 'opt_state', 'teacher', 'carried', 'rng'} <= set(a)
   _assert_bitwise(a, b)
   assert it_a == it_b
-  if devices == 4:
-    _resumed_iterator_and_carried_clips(c, str(tmp_path / 'ref'))
+  if delay:
+    _resumed_iterator_and_carried_clips(c, ref)
     _sigterm_resumes_exactly(c, a, it_a, str(tmp_path / 'term'), monkeypatch)
 
 
