@@ -43,7 +43,10 @@ def pytest_collection_modifyitems(config, items):
     module = item.path.name
     long_first = (_LONGEST_FIRST.index(module) if module in _LONGEST_FIRST
                   else len(_LONGEST_FIRST))
-    return (item.get_closest_marker('integration') is None, long_first)
+    # Grouped tests (one xdist worker each) first, so that the groups are
+    # the first work units and go to different workers.
+    return (item.get_closest_marker('integration') is None,
+            item.get_closest_marker('xdist_group') is None, long_first)
 
   items.sort(key=order)
 

@@ -4,6 +4,7 @@ import chex
 import jax
 from jax.sharding import AxisType
 import numpy as np
+import pytest
 
 from configs import common
 from dastc_jax.data import pipeline
@@ -13,6 +14,10 @@ from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps
 from dastc_jax import train
+
+# One worker runs these in order, so steps compiled by one test (same
+# config) come from the compilation cache in the next.
+pytestmark = pytest.mark.xdist_group('dastc_steps')
 
 
 def _step_fn(config, root, n_devices, fsdp=1):
@@ -194,6 +199,8 @@ def test_ablations_share_the_batchnorm_running_averages(smoke_config):
   passes fewer) leaves them bitwise unchanged."""
   c = smoke_config
   c.train.source_only_steps = 0
+  # The sharding test's optimizer: its 1-device step is this full one.
+  c.optim.name, c.optim.lr, c.optim.momentum = 'sgd', 0.01, 0.9
   root = train.resolve_data_root(c)
   batch = next(iter(pipeline.make_train_dataset(c, root, local_batch_size=4)))
   run, init = _step_fn(c, root, 1)
