@@ -146,6 +146,13 @@ def test_skipped_steps_leave_the_means_finite_and_are_counted(tmp_path):
   assert float(state['w']) == 0 + 1 + 4 + 5 + 6
   s = run.writer.scalars[7]
   assert s['loss'] == np.mean([0, 1, 4, 5, 6]) and s['skipped_total'] == 2
+  # Too many skips in a row stop the run.
+  c = _config(nonfinite='skip', max_consecutive_skips=1)
+  run = _run(tmp_path / 'limit', c, [(0, _step('a', nan_at=(1, 2, 3)))])
+  with pytest.raises(train.NonFiniteLossError,
+                     match='2 consecutive skipped steps'):
+    train._train_loop(run, _state(), 0)  # pylint: disable=protected-access
+  run.ckpt.close()
   # 'stop' ends the run at the first non-finite step, before saving it.
   run = _run(tmp_path / 'stop', _config(), [(0, _step('a', nan_at=(2,)))])
   with pytest.raises(train.NonFiniteLossError, match='step 3'):
