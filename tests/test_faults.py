@@ -70,10 +70,10 @@ def reference_run(world_cache, tmp_path_factory):
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group('sigkill')  # one worker: one reference run
+@pytest.mark.xdist_group('smoke_dastc_4dev')  # one worker, one reference
 @pytest.mark.parametrize('delay', [0.0, 0.02])
 def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
-    delay, reference_run, world_cache, tmp_path, monkeypatch):
+    delay, reference_run, world_cache, tmp_path):
   """SIGKILL while a checkpoint after the first is being written (its
   temporary folder exists), ``delay`` seconds into the save; 4 devices, so
   the save writes sharded arrays."""
@@ -97,7 +97,6 @@ def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
   assert it_a == it_b
   if delay:
     _resumed_iterator_and_carried_clips(c, ref)
-    _sigterm_resumes_exactly(c, a, it_a, str(tmp_path / 'term'), monkeypatch)
 
 
 def _resumed_iterator_and_carried_clips(c, ref):
@@ -124,40 +123,9 @@ def _resumed_iterator_and_carried_clips(c, ref):
                                 batches[1]['target']['frames'][:, :2])
 
 
-def _sigterm_resumes_exactly(c, a, it_a, part, monkeypatch):
-  """SIGTERM (a preemption notice) when the second batch is fetched: the
-  run saves the step it is on, stops (``Preempted``; main.py exits 75) and
-  a rerun ends bitwise like the uninterrupted run ``a``."""
-  make = pipeline.make_train_dataset
-  fetched = {'n': 0}
-
-  def sigterm_on_second_batch(*args, **kw):
-    def fetch(batch):
-      fetched['n'] += 1
-      if fetched['n'] == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return batch
-    return make(*args, **kw).map(fetch)
-
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset',
-                      sigterm_on_second_batch)
-  with pytest.raises(preemption.Preempted, match='saved checkpoint step') as e:
-    train.train_and_evaluate(c, part)
-  # The loader runs ahead: the signal lands while step 1 or 2 runs, and the
-  # run stops right after that step, with it saved.
-  assert e.value.step in (1, 2)
-  assert faults.committed(part)[-1] == e.value.step
-  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # uninstalled
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset', make)
-  train.train_and_evaluate(c, part)
-  b, it_b = _state(part, c.train.num_steps)
-  _assert_bitwise(a, b)
-  assert it_a == it_b
-
-
 def test_a_preempted_run_exits_75():
-  # What main.py does around training (the SIGTERM itself: the 4-device
-  # kill test above).
+  # What main.py does around training (the SIGTERM itself:
+  # tests/test_loop.py).
   def preempted():
     raise preemption.Preempted(7, '/tmp/x')
 

@@ -42,6 +42,9 @@ def _assert_trees_equal(a, b):
   chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
+# On the worker of the SIGKILL tests, whose reference run compiles the same
+# 4-device smoke steps (tests/test_faults.py).
+@pytest.mark.xdist_group('smoke_dastc_4dev')
 def test_outputs_and_eval_mode(smoke_config, tmp_path):
   c = smoke_config
   workdir = str(tmp_path / 'run')
