@@ -12,6 +12,17 @@ def _config():
   return synthetic.get_config('smoke')
 
 
+def _with(key, value):
+  """The smoke config with ``config.{key} = value``."""
+  c = _config()
+  section, name = key.rsplit('.', 1)
+  node = c
+  for part in section.split('.'):
+    node = node[part]
+  node[name] = value
+  return c
+
+
 def test_every_choice_and_range_key_exists_in_every_config():
   for c in (synthetic.get_config(), gta5.get_config('smoke')):
     for key in (*validation.CHOICES, *validation.RANGES):
@@ -26,12 +37,7 @@ def test_every_choice_and_range_key_exists_in_every_config():
     ('data.synthetic.shift', 'extreme'), ('data.class_set', 'coco'),
 ])
 def test_unknown_values_fail_with_the_key(key, value):
-  c = _config()
-  section, name = key.rsplit('.', 1)
-  node = c
-  for part in section.split('.'):
-    node = node[part]
-  node[name] = value
+  c = _with(key, value)
   with pytest.raises(errors.ConfigError, match=f'config.{key}={value!r}'):
     validation.check_config(c)
 
@@ -42,12 +48,7 @@ def test_unknown_values_fail_with_the_key(key, value):
     ('dastc.alignment.temperature', 0.0), ('train.log_every', 0),
 ])
 def test_out_of_range_values_fail_with_the_key(key, value):
-  c = _config()
-  section, name = key.rsplit('.', 1)
-  node = c
-  for part in section.split('.'):
-    node = node[part]
-  node[name] = value
+  c = _with(key, value)
   with pytest.raises(errors.ConfigError, match=f'config.{key}='):
     validation.check_config(c)
 
