@@ -29,7 +29,8 @@ variant's blend), ``pairs_alignment`` (the reference's per-pair aggregation),
 (the frozen warm start for the first 20% of the steps, then the student),
 ``no_histogram_match``, ``no_distribution_alignment`` and
 ``pseudo_label_only_no_distribution_alignment`` (without the pseudo-label
-distribution alignment).
+distribution alignment), ``alignment_weight_1`` (the alignment loss at 10x
+its default weight).
 
 The image domain (``--domain=image``) trains single-frame DeepLabv2 on the
 world's GTA5-layout source and Cityscapes-layout target (19 classes) with
@@ -136,6 +137,7 @@ VARIANTS: dict[str, tuple[Change, str]] = {
     'no_histogram_match': (_dastc(**{'data.histogram_match': False}), 'hm'),
     'no_distribution_alignment': (
         _dastc(**{'dastc.pl_distribution_alignment': False}), 'hm'),
+    'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
     'pseudo_label_only_no_distribution_alignment': (
         _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False,
                   'dastc.alignment.kind': 'none',
