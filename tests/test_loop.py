@@ -51,13 +51,10 @@ class _FakeRun(train._Run):  # pylint: disable=protected-access
     return []
 
 
-def _batches(bad_every=0, sigterm_at=-1):
-  """Batch i holds the value i (and one bad record every ``bad_every``);
-  fetching batch ``sigterm_at`` sends this process a SIGTERM."""
+def _batches(bad_every=0):
+  """Batch i holds the value i (and one bad record every ``bad_every``)."""
 
   def make(i):
-    if i == sigterm_at:
-      os.kill(os.getpid(), signal.SIGTERM)
     out = {'source': {'x': np.full((4, 2), i, np.float32)}}
     if bad_every:
       out['source']['bad_records'] = np.full((4,), (i % bad_every) == 0,
@@ -65,6 +62,20 @@ def _batches(bad_every=0, sigterm_at=-1):
     return out
 
   return iter(grain.MapDataset.range(1000).map(make).to_iter_dataset())
+
+
+def _sigterm_at(step_fn, n):
+  """``step_fn`` that sends this process a SIGTERM when step ``n`` starts
+  (on the loop's thread, so the moment is deterministic)."""
+  calls = {'n': 0}
+
+  def step(state, batch):
+    if calls['n'] == n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls['n'] += 1
+    return step_fn(state, batch)
+
+  return step
 
 
 def _step(tag, nan_at=()):
@@ -188,21 +199,21 @@ def test_preemption_saves_the_step_and_stops(tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_stops_and_resumes_exactly(tmp_path):
-  """A real SIGTERM while batch 2 is fetched: the run saves the step it is
-  on, stops with ``Preempted`` (main.py exits 75), uninstalls its handler,
+  """A real SIGTERM while step 2 runs: the run saves the step it is on,
+  stops with ``Preempted`` (main.py exits 75), uninstalls its handler,
   and resuming from that checkpoint ends exactly like the run that was
   never interrupted."""
   c = _config(checkpoint_every=100)  # saves only at the preemption and end
   ref = _run(tmp_path / 'ref', c, [(0, _step('a'))])
   a = jax.device_get(train._train_loop(ref, _state(), 0))  # pylint: disable=protected-access
   ref.ckpt.close()
-  run = _run(tmp_path / 'part', c, [(0, _step('a'))],
-             it=_batches(sigterm_at=2))
+  run = _run(tmp_path / 'part', c, [(0, _sigterm_at(_step('a'), 2))])
   with pytest.raises(preemption.Preempted, match='saved checkpoint step') as e:
     train._train_loop(run, _state(), 0)  # pylint: disable=protected-access
-  # The loader runs ahead: the signal lands while step 1, 2 or 3 runs.
-  assert e.value.step in (1, 2, 3)
-  assert run.ckpt.all_steps() == [e.value.step]
+  # Step 2 (the third) finishes, is saved as checkpoint 3, and the run
+  # stops.
+  assert e.value.step == 3
+  assert run.ckpt.all_steps() == [3]
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # uninstalled
   run.ckpt.close()
   it = _batches()
