@@ -6,6 +6,7 @@ devices: tests/test_dastc.py.)"""
 import os
 import subprocess
 import sys
+import tempfile
 
 import chex
 import jax
@@ -146,7 +147,7 @@ def test_bf16_compute_stays_close_to_float32(smoke_config):
 
 
 def _launch_two(workdir, world_cache, steps, port):
-  procs = []
+  procs, logs = [], []
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS='cpu', DASTC_DISTRIBUTED='1',
                DASTC_COORDINATOR=f'localhost:{port}', DASTC_NUM_PROCESSES='2',
@@ -156,6 +157,8 @@ def _launch_two(workdir, world_cache, steps, port):
                JAX_DISABLE_MOST_OPTIMIZATIONS='1',
                JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.jax_cache'),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
+    # Output to files: two pipes read one after the other could block.
+    logs.append(tempfile.TemporaryFile('w+'))
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'dastc_jax.main',
          '--config=configs/synthetic.py:smoke', f'--workdir={workdir}',
@@ -163,9 +166,14 @@ def _launch_two(workdir, world_cache, steps, port):
          f'--config.data.synthetic.cache_dir={world_cache}',
          '--config.mesh.data=-1', f'--config.train.checkpoint_every={steps}',
          '--config.eval.splits=()'],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env, cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT,
         text=True))
-  outs = [p.communicate(timeout=600)[0] for p in procs]
+  outs = []
+  for p, log in zip(procs, logs):
+    p.wait(timeout=600)
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   return outs
