@@ -42,7 +42,6 @@ from dastc_jax.runtime import steps as step_lib
 from dastc_jax.runtime import validation
 from dastc_jax.runtime import workdir as workdir_lib
 
-METHODS = validation.METHODS
 check_config = validation.check_config
 resolve_data_root = roots.resolve_data_root
 write_eval_scalars = evaluate.write_eval_scalars
