@@ -11,7 +11,8 @@ Three layouts of a PyTorch ``state_dict`` map onto the parameters of
   checkpoints): ``conv1``, ``bn1``, ``layer1..4`` (``downsample.0/1``), aux
   head ``layer5.conv2d_list.i``, TPS head ``layer6.conv2d_list.i``
   (``model.head='aspp'``), DA-STC head ``layer7.conv2d_list.i`` +
-  ``layer7.classifier`` (``model.head='proda'``), ``sf_layer``.
+  ``layer7.head.1`` (``model.head='proda'``; files that name it
+  ``layer7.classifier`` are read too), ``sf_layer``.
 * ``caffe``: the Caffe-converted DeepLab ResNet-101 that DA-VSN/TPS start
   from (optional ``Scale.`` prefix; its COCO classifier ``layer5`` is
   dropped). Same input convention as ours (BGR, mean-subtracted, 0-255).
@@ -190,8 +191,8 @@ def torch_name(path: str, head: str = 'proda') -> str:
     return 'sf_layer.weight'
   if parts[0] == 'head':
     name = 'layer7' if head == 'proda' else 'layer6'
-    if parts[1] == 'classifier':
-      return f'{name}.classifier.weight'
+    if parts[1] == 'classifier':  # head = Sequential(Dropout2d, Conv2d)
+      return f'{name}.head.1.weight'
     return f'{name}.conv2d_list.{parts[3]}.{param}'  # head/aspp/branches/i
   raise KeyError(path)
 
@@ -257,6 +258,12 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   sd = {k[len('Scale.'):] if k.startswith('Scale.') else k: v
         for k, v in sd.items()}
   notes = []
+  # Our earlier PyTorch restatement named the DA-STC classifier
+  # `layer7.classifier`; the released checkpoints hold `layer7.head.1`.
+  for old, new in (('layer7.classifier.weight', 'layer7.head.1.weight'),):
+    if old in sd and new not in sd:
+      sd[new] = sd.pop(old)
+      notes.append(f'Read {old} as {new}.')
   if layout == 'torchvision':
     _fold_torchvision_input(sd)
     notes.append('Folded torchvision input normalisation (RGB, /255, '

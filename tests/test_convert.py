@@ -18,6 +18,7 @@ import torch
 from configs import viper
 from dastc_jax.benchmarks import torch_accel
 from dastc_jax import convert
+from dastc_jax import models
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.evaluation import eval_job
@@ -280,3 +281,77 @@ def test_convert_command_then_eval_matches_pytorch(smoke_config, tiny_world,
   np.testing.assert_array_equal(
       state.batch_stats['backbone']['bn1']['var'],
       tm.bn1.running_var.numpy())
+
+
+def _released_keys(head: str, classes: int) -> dict[str, tuple[int, ...]]:
+  """Key -> shape of a released full-size checkpoint, from the public model
+  source (TPS ``tps/model/accel_deeplabv2.py``; DA-STC
+  ``accel_deeplabv2_dsp_cd_DFF_gaijin.py``): written out by hand here, not
+  taken from our restatement, so the two are checked against each other."""
+  keys = {'conv1.weight': (64, 3, 7, 7)}
+  bn = lambda name, n: {f'{name}.{p}': (n,) for p in (
+      'weight', 'bias', 'running_mean', 'running_var')} | {
+          f'{name}.num_batches_tracked': ()}
+  keys |= bn('bn1', 64)
+  cin = 64
+  for layer, (blocks, planes) in enumerate(zip((3, 4, 23, 3),
+                                               (64, 128, 256, 512)), 1):
+    for i in range(blocks):
+      pre = f'layer{layer}.{i}'
+      for j, (o, ci, k) in enumerate(((planes, cin, 1), (planes, planes, 3),
+                                      (planes * 4, planes, 1)), 1):
+        keys[f'{pre}.conv{j}.weight'] = (o, ci, k, k)
+        keys |= bn(f'{pre}.bn{j}', o)
+      if i == 0:
+        keys[f'{pre}.downsample.0.weight'] = (planes * 4, cin, 1, 1)
+        keys |= bn(f'{pre}.downsample.1', planes * 4)
+      cin = planes * 4
+  for i in range(4):
+    keys[f'layer5.conv2d_list.{i}.weight'] = (classes, 1024, 3, 3)
+    keys[f'layer5.conv2d_list.{i}.bias'] = (classes,)
+    if head == 'proda':
+      keys[f'layer7.conv2d_list.{i}.weight'] = (256, 2048, 3, 3)
+      keys[f'layer7.conv2d_list.{i}.bias'] = (256,)
+    else:
+      keys[f'layer6.conv2d_list.{i}.weight'] = (classes, 2048, 3, 3)
+      keys[f'layer6.conv2d_list.{i}.bias'] = (classes,)
+  if head == 'proda':
+    keys['layer7.head.1.weight'] = (classes, 256, 1, 1)
+  keys['sf_layer.weight'] = (classes, 2 * classes, 1, 1)
+  return keys
+
+
+@pytest.mark.parametrize('head,count', [('proda', 642), ('aspp', 641)])
+def test_released_checkpoint_layouts_map_one_to_one(head, count):
+  """Every key of a released DA-STC (``layer7``) or TPS (``layer6``) file has
+  exactly one parameter of the full-size model, with the same shape."""
+  released = _released_keys(head, 15)
+  assert len(released) == count  # 538 / 537 without num_batches_tracked
+  mc = viper.get_config().model
+  mc.head = head
+  abstract = nnx.eval_shape(
+      lambda: models.build_model(mc, nnx.Rngs(params=0)))
+  _, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  ours = {}
+  for tree in (params, stats):
+    for path, leaf in nnx.to_flat_state(tree):
+      name = convert.torch_name('/'.join(map(str, path)), head)
+      shape = tuple(leaf.get_value().shape)
+      if len(shape) == 4:
+        shape = (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+      ours[name] = shape
+  counted = {k: v for k, v in released.items()
+             if not k.endswith('num_batches_tracked')}
+  assert ours == counted
+
+
+def test_classifier_named_as_in_our_earlier_restatement_still_converts():
+  mc = _model_config()
+  sd = {k: v.numpy() for k, v in _torch_model(mc).state_dict().items()}
+  sd['layer7.classifier.weight'] = sd.pop('layer7.head.1.weight')
+  params, _, report = convert.convert_state_dict(sd, mc)
+  assert 'Read layer7.classifier.weight as layer7.head.1.weight.' in (
+      report.notes)
+  np.testing.assert_array_equal(
+      params['head']['classifier']['kernel'][0, 0],
+      sd['layer7.classifier.weight'][:, :, 0, 0].T)

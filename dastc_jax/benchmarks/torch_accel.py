@@ -62,17 +62,18 @@ class AsppSum(nn.Module):
 
 
 class ProdaHead(nn.Module):
-  """DA-STC ``layer7``: ASPP sum to a feature, Dropout2d, 1x1 classifier."""
+  """DA-STC ``layer7``: ASPP sum to a feature, then ``head`` = Dropout2d and a
+  bias-free 1x1 classifier (the released files' ``layer7.head.1.weight``)."""
 
   def __init__(self, cin: int, features: int, num_classes: int, dilations):
     super().__init__()
     self.conv2d_list = AsppSum(cin, features, dilations).conv2d_list
-    self.dropout = nn.Dropout2d(0.1)
-    self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
+    self.head = nn.Sequential(
+        nn.Dropout2d(0.1), nn.Conv2d(features, num_classes, 1, bias=False))
 
   def forward(self, x):
     feat = sum(b(x) for b in self.conv2d_list)
-    return self.classifier(self.dropout(feat))
+    return self.head(feat)
 
 
 class AccelDeepLab(nn.Module):
