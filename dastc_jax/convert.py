@@ -3,6 +3,11 @@
   python -m dastc_jax.convert --config=configs/viper.py \
       --source=tps_viper2city_pretrained.pth --output=weights/tps_viper \
       --config.model.head=aspp
+  python -m dastc_jax.convert --source=raft_large_C_T_SKHT_V2-ff5fadd5.pth \
+      --output=weights/raft_large
+
+torchvision RAFT files (optical flow, ``dastc_jax/flow/``) are recognised by
+their keys and need no ``--config``.
 
 Three layouts of a PyTorch ``state_dict`` map onto the parameters of
 ``dastc_jax.models`` (``--layout=auto`` picks one from the keys):
@@ -330,7 +335,8 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config whose model receives the weights.',
+      'config', None, 'Experiment config whose model receives the weights '
+      '(not needed for torchvision RAFT files, which are recognised).',
       lock_config=True)
   flags.DEFINE_string('source', None, 'PyTorch .pth/.pt/.bin or '
                       '.safetensors file.')
@@ -342,13 +348,30 @@ def _define_flags():
   flags.DEFINE_list('allow_unexpected', [], 'Regexes of file keys that may '
                     "stay unused (e.g. 'layer6\\.').")
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --output.')
-  flags.mark_flags_as_required(['config', 'source', 'output'])
+  flags.mark_flags_as_required(['source', 'output'])
   return flags.FLAGS
+
+
+def _is_raft(source: str) -> bool:
+  """Whether ``source`` holds torchvision RAFT weights (no config needed)."""
+  with paths.local_copy(source) as local:
+    return 'feature_encoder.conv.weight' in weight_files.load_state_dict(local)
 
 
 def _main(argv, f) -> None:
   if len(argv) > 1:
     raise SystemExit(f'Unexpected arguments: {argv[1:]}')
+  if _is_raft(f.source):
+    from dastc_jax.flow import weights as flow_weights  # pylint: disable=g-import-not-at-top
+    variant = flow_weights.convert_file(f.source, f.output,
+                                        overwrite=f.overwrite)
+    print(f'Wrote {paths.resolve(f.output)}: torchvision {variant} weights '
+          'as an orbax checkpoint. Use it with `python -m dastc_jax.flow '
+          f'--weights={f.output}` or `prepare --compute_flows={f.output}`.')
+    return
+  if f.config is None:
+    raise SystemExit('error: --config is needed (its model receives the '
+                     'weights); only RAFT weight files convert without one.')
   try:
     report = convert_file(
         f.source, f.output, f.config.model, layout=f.layout,

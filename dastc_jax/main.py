@@ -14,7 +14,6 @@ it finds its peers itself; elsewhere set DASTC_COORDINATOR (host:port),
 DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 """
 
-import os
 
 from dastc_jax.runtime import host_malloc
 from dastc_jax.runtime import xla_cpu
@@ -30,6 +29,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from dastc_jax import errors  # pylint: disable=g-import-not-at-top
+from dastc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import log_filter  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
@@ -53,7 +53,10 @@ flags.DEFINE_string('input', None, 'predict: a video file or a folder of '
 flags.DEFINE_string('output', None, 'predict: output folder.')
 flags.DEFINE_string('flows', None, 'predict: folder of flows t->t-1 '
                     '(<frame name>.npy or .flo, [H, W, 2]); default: '
-                    'computed with OpenCV DIS.')
+                    'computed with RAFT (--flow_weights) or OpenCV DIS.')
+flags.DEFINE_string('flow_weights', None, 'predict: RAFT weights (a '
+                    'torchvision RAFT file or a converted folder) to compute '
+                    'the flows with; default: OpenCV DIS.')
 flags.DEFINE_enum('video_format', 'mp4', ['mp4', 'gif', 'none'],
                   'predict: animation written beside the PNG overlays.')
 flags.DEFINE_float('fps', 0.0, 'predict: animation frame rate (default: '
@@ -63,25 +66,11 @@ flags.DEFINE_integer('max_frames', 0, 'predict: stop after this many '
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
-def _initialize_distributed() -> None:
-  """``jax.distributed.initialize`` from the cluster or DASTC_* variables."""
-  kw = {}
-  if 'DASTC_COORDINATOR' in os.environ:
-    kw = dict(coordinator_address=os.environ['DASTC_COORDINATOR'],
-              num_processes=int(os.environ['DASTC_NUM_PROCESSES']),
-              process_id=int(os.environ['DASTC_PROCESS_ID']))
-  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    # Cross-process collectives on CPU (tests, debugging).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kw)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   log_filter.install()
-  if os.environ.get('DASTC_DISTRIBUTED', '0') == '1':
-    _initialize_distributed()
+  distributed.initialize_if_requested()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info('Host malloc settings (host_malloc.py): %s', _MALLOC)
@@ -97,6 +86,7 @@ def main(argv):
     predict.run(FLAGS.config, checkpoint=FLAGS.checkpoint,
                 workdir=FLAGS.workdir or '.', input_path=FLAGS.input,
                 output=FLAGS.output, flows=FLAGS.flows,
+                flow_weights=FLAGS.flow_weights,
                 video_format=FLAGS.video_format, fps=FLAGS.fps,
                 max_frames=FLAGS.max_frames)
     return

@@ -49,9 +49,13 @@ def write_atomic(path: PathLike, data: str | bytes) -> None:
       f.write(data)
     return
   tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp'
-  with tmp.open(mode) as f:
-    f.write(data)
-  tmp.replace(path)
+  try:
+    with tmp.open(mode) as f:
+      f.write(data)
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file
+    raise
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ r"""Command: prepares one dataset into TFDS ArrayRecord files.
 
 The work is done by ``data/datasets/prepare.py`` (idempotent, resumable);
 see docs/datasets.md for the layouts and where flows are looked up.
+``--compute_flows=RAFT_WEIGHTS`` first computes the flows with RAFT
+(docs/optical_flow.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ _TRAIN_FLOW_DIR = flags.DEFINE_string(
 _VAL_FLOW_DIR = flags.DEFINE_string('val_flow_dir', None,
                                     'Flow folder of the val split.')
 _SPLITS = flags.DEFINE_list('splits', None, 'Splits (default: all present).')
+_COMPUTE_FLOWS = flags.DEFINE_string(
+    'compute_flows', None, 'Compute the missing flows first with RAFT, from '
+    'these weights (a torchvision RAFT file or a converted folder), into the '
+    'flow folders (`python -m dastc_jax.flow` does only this step).')
 flags.mark_flags_as_required(['dataset', 'manual_dir'])
 
 
@@ -39,9 +45,16 @@ def main(argv: Sequence[str]) -> None:
   from dastc_jax.data.datasets import prepare  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.display_progress_bar(True)
+  flow_dirs = {'train': _TRAIN_FLOW_DIR.value, 'val': _VAL_FLOW_DIR.value}
+  if _COMPUTE_FLOWS.value:
+    from dastc_jax.flow import estimate  # pylint: disable=g-import-not-at-top
+    from dastc_jax.flow import generate  # pylint: disable=g-import-not-at-top
+    splits, flow_dirs = generate.default_splits_and_dirs(
+        _DATASET.value, _MANUAL_DIR.value, _SPLITS.value, flow_dirs)
+    generate.run(_DATASET.value, _MANUAL_DIR.value, splits, flow_dirs,
+                 estimate.RaftEstimator(_COMPUTE_FLOWS.value))
   counts = prepare.prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
-                           flow_dirs={'train': _TRAIN_FLOW_DIR.value,
-                                      'val': _VAL_FLOW_DIR.value},
+                           flow_dirs=flow_dirs,
                            splits=_SPLITS.value)
   print(json.dumps({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
                     'samples': counts}))

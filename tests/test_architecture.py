@@ -10,7 +10,7 @@ ALLOWED = {
     'method': {'models', 'ops'},
     'data': set(),
     'runtime': {'method', 'models', 'ops', 'data'},
-    'evaluation': {'runtime', 'method', 'models', 'ops', 'data'},
+    'evaluation': {'runtime', 'method', 'models', 'ops', 'data', 'flow'},
     'flow': {'ops', 'data'},
 }
 
@@ -37,6 +37,8 @@ def test_every_layer_imports_only_what_it_may():
   violations = []
   for layer, allowed in ALLOWED.items():
     for path in sorted((ROOT / layer).rglob('*.py')):
+      if path.name == '__main__.py':
+        continue  # a command (python -m dastc_jax.LAYER): may import anything
       bad = _package_imports(path) - allowed - {layer, 'errors', 'paths',
                                                  'weight_files'}
       if bad:

@@ -8,9 +8,13 @@ import pytest
 
 # Each command and flags it must document (not necessarily all of them).
 COMMANDS = {
-    'main': ('config', 'workdir', 'mode', 'checkpoint', 'input', 'output'),
+    'main': ('config', 'workdir', 'mode', 'checkpoint', 'input', 'output',
+             'flows', 'flow_weights'),
     'prepare': ('dataset', 'manual_dir', 'data_dir', 'train_flow_dir',
-                'val_flow_dir', 'splits'),
+                'val_flow_dir', 'splits', 'compute_flows'),
+    'flow': ('dataset', 'manual_dir', 'weights', 'variant', 'iterations',
+             'splits', 'train_flow_dir', 'val_flow_dir', 'size',
+             'batch_size'),
     'convert': ('config', 'source', 'output', 'layout', 'overwrite'),
     'benchmarks.adaptation': ('world', 'domain', 'seeds', 'variants',
                               'report_only'),

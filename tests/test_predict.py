@@ -65,6 +65,28 @@ def test_predict_a_folder_of_frames(smoke_config, weights, tmp_path, fmt):
   assert not os.path.exists(out + '.partial')
 
 
+def test_predict_with_raft_flows(smoke_config, weights, tmp_path):
+  """--flow_weights: the flows come from RAFT (random torchvision weights
+  here: the plumbing and the record, not the flow quality)."""
+  from torchvision.models import optical_flow as tv_flow  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  raft_file = str(tmp_path / 'raft_small.pth')
+  torch.save(tv_flow.raft_small(weights=None).state_dict(), raft_file)
+  frames_dir = tmp_path / 'frames'
+  frames_dir.mkdir()
+  for i, f in enumerate(_frames(3)):
+    Image.fromarray(f).save(frames_dir / f'f{i:03d}.png')
+  out = str(tmp_path / 'out')
+  res = predict.run(smoke_config, checkpoint=weights, workdir='.',
+                    input_path=str(frames_dir), output=out,
+                    flow_weights=raft_file, video_format='none')
+  assert res['frames'] == 3
+  legend = json.load(open(os.path.join(out, 'legend.json')))
+  assert legend['flows'].startswith('raft:raft_small (') and (
+      raft_file in legend['flows'])
+
+
 def test_predict_a_video_with_given_flows_and_errors(smoke_config, weights,
                                                      tmp_path):
   c = smoke_config

@@ -12,10 +12,12 @@ import scipy.ndimage
 from dastc_jax import errors
 
 FLOW_HELP = (
-    'Flows are produced offline with FlowNet2 (as in DA-VSN/TPS) and stored '
-    'as np.save(name, np.int16(10 * F)) with F of shape [H, W, 2] on frame '
-    "t's grid pointing into the earlier frame (channel 0 = dx). The built-in "
-    'synthetic world writes exact flows in this format.')
+    'Flows are stored as np.save(name, np.int16(10 * F)) with F of shape '
+    "[H, W, 2] on frame t's grid pointing into the earlier frame (channel 0 "
+    '= dx). Compute them with `python -m dastc_jax.flow --dataset=... '
+    '--manual_dir=... --weights=RAFT_WEIGHTS` (or `prepare '
+    '--compute_flows=RAFT_WEIGHTS`), or use the released FlowNet2 flows; '
+    'the built-in synthetic world writes exact flows in this format.')
 
 
 class DataError(errors.UserError, ValueError):

@@ -8,9 +8,10 @@ Each frame t is resized to the evaluation size of the target domain
 key frame and the flow t->t-1 (the first frame is its own key frame, with
 zero flow). Flows are read from ``--flows`` (``<frame name>.npy`` or
 Middlebury ``.flo``, t->t-1, on any grid: they are resized with the usual
-magnitude rule) or computed with OpenCV's DIS optical flow, a classical
-method: the reference used FlowNet2, whose flows are smoother, so computed
-flows give somewhat different fusions. The image-domain models
+magnitude rule), computed with RAFT when ``--flow_weights`` names RAFT
+weights (``dastc_jax/flow/``), or else with OpenCV's DIS optical flow, a
+classical method: the reference used FlowNet2, whose flows are smoother, so
+DIS flows give somewhat different fusions. The image-domain models
 (``deeplabv2``) use no flow.
 
 Output, written to ``OUTPUT.partial`` and renamed to ``OUTPUT`` only when
@@ -203,7 +204,8 @@ def _write_animation(frames_dir: str, out_path: str, fmt: str,
 
 def run(config: ml_collections.ConfigDict, *, checkpoint: str,
         workdir: str, input_path: str, output: str, flows: str | None = None,
-        video_format: str = 'mp4', fps: float = 0.0, max_frames: int = 0,
+        flow_weights: str | None = None, video_format: str = 'mp4',
+        fps: float = 0.0, max_frames: int = 0,
         overwrite: bool = True) -> dict[str, str | int]:
   """Segments every frame of ``input_path`` into ``output`` (module doc).
 
@@ -225,9 +227,10 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
                    else None)
     tmp = paths.staging_dir(output)
     try:
-      count, animation = _segment(
+      count, animation, estimator = _segment(
           config, checkpoint=checkpoint, workdir=workdir,
-          input_path=local_input, flows=local_flows, tmp=tmp,
+          input_path=local_input, flows=local_flows,
+          flow_weights=flow_weights, tmp=tmp,
           video_format=video_format, fps=fps, max_frames=max_frames)
       cs = labels_lib.get_class_set(config.data.class_set)
       two_frames = models.clip_length(config.model) == 2
@@ -236,7 +239,7 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
                            for i in range(len(cs.classes))],
                 'input': os.fspath(paths.resolve(input_path)),
                 'frames': count,
-                'flows': (flows or 'OpenCV DIS (computed)') if two_frames
+                'flows': (flows or estimator) if two_frames
                          else 'none (single-frame model)'}
       with open(os.path.join(tmp, 'legend.json'), 'w') as f:
         json.dump(legend, f, indent=2)
@@ -251,18 +254,28 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
 
 
 def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
-             workdir: str, input_path: str, flows: str | None, tmp: str,
+             workdir: str, input_path: str, flows: str | None,
+             flow_weights: str | None, tmp: str,
              video_format: str, fps: float, max_frames: int
              ) -> tuple[int, str]:
   """Writes the overlays, label maps and animation of every frame into the
-  local folder ``tmp``; returns ``(frames, animation path or '')``."""
+  local folder ``tmp``; returns ``(frames, animation path or '', the flow
+  estimator's name)``."""
   palette = labels_lib.get_class_set(config.data.class_set).palette()
   size = tuple(config.data.target_val.image_size or ())
   two_frames = models.clip_length(config.model) == 2
   frames, video_fps = read_frames(input_path, max_frames)
   params, stats = load_weights(config, checkpoint, workdir)
   predict = make_predict_fn(config)
-  dis = DisFlow() if two_frames and not flows else None
+  estimate_flow, estimator = None, 'none'
+  if two_frames and not flows:
+    if flow_weights:
+      from dastc_jax.flow import estimate  # pylint: disable=g-import-not-at-top
+      raft = estimate.RaftEstimator(flow_weights)
+      estimate_flow = raft
+      estimator = f'{raft.name} ({raft.meta["source"]}, computed)'
+    else:
+      estimate_flow, estimator = DisFlow(), 'OpenCV DIS (computed)'
   os.makedirs(os.path.join(tmp, 'overlays'))
   os.makedirs(os.path.join(tmp, 'labels'))
   prev, count = None, 0
@@ -284,7 +297,7 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
         flow = transforms.resize_flow_np(
             read_flow_file(path), hw, config.model.per_axis_flow_scale)
       else:
-        flow = dis(cur, key)
+        flow = estimate_flow(cur, key)
       batch = np.stack([cur, key])[None]
       flow = flow[None]
     ids = np.asarray(predict(params, stats, batch, flow, tuple(hw)))[0]
@@ -301,4 +314,4 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
     animation = os.path.join(tmp, f'prediction.{video_format}')
     _write_animation(os.path.join(tmp, 'overlays'), animation,
                      video_format, fps or video_fps or 10.0)
-  return count, animation
+  return count, animation, estimator

@@ -269,15 +269,17 @@ def get_spec(name: str) -> Spec:
   return SPECS[name]
 
 
-def index(spec: Spec, root: str, split: str,
-          flow_dir: str | None) -> list[dict[str, Any]]:
+def index(spec: Spec, root: str, split: str, flow_dir: str | None,
+          require_flows: bool = True) -> list[dict[str, Any]]:
   """The sorted sample records of one split, derived from the layout."""
   if spec.name == 'viper':
-    return layouts.viper_index(root, flow_dir, split)
+    return layouts.viper_index(root, flow_dir, split,
+                               require_flows=require_flows)
   if spec.name == 'synthia_seq':
-    return layouts.synthia_seq_index(root, flow_dir)
+    return layouts.synthia_seq_index(root, flow_dir, require_flows)
   if spec.name == 'cityscapes_seq':
-    return layouts.cityscapes_seq_index(root, flow_dir, split, split)
+    return layouts.cityscapes_seq_index(root, flow_dir, split, split,
+                                        require_flows)
   if spec.name == 'gta5':
     return layouts.gta5_index(root)
   if spec.name == 'synthia_rand':

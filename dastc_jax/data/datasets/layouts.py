@@ -72,7 +72,8 @@ _VIPER_RE = re.compile(r'^(\d{3})_(\d{5})\.jpg$')
 
 
 def viper_index(root: str, flow_dir: str, split: str,
-                stride: int = 10) -> list[Record]:
+                stride: int = 10, require_flows: bool = True
+                ) -> list[Record]:
   """Lists VIPER samples: every ``stride``-th frame with its frame t-1.
 
   Args:
@@ -80,6 +81,8 @@ def viper_index(root: str, flow_dir: str, split: str,
     flow_dir: folder of ``int16_x10`` flows for this split.
     split: ``train`` or ``val``.
     stride: sample every stride-th frame.
+    require_flows: raise if a flow file is missing (off when the flows are
+      about to be computed).
 
   Returns:
     Records ``{'id', 'frames': [t, t-1], 'labels': [t, t-1], 'flow'}``.
@@ -110,7 +113,8 @@ def viper_index(root: str, flow_dir: str, split: str,
         'flow': viper_flow(flow_dir, seq, frame),
     }
     _require(rec['labels'], 'label')
-    _require([rec['flow']], 'flow file', io.FLOW_HELP)
+    if require_flows:
+      _require([rec['flow']], 'flow file', io.FLOW_HELP)
     records.append(rec)
   if not records:
     raise io.DataError(f'No VIPER samples in {img_dir}: expected frames '
@@ -138,7 +142,8 @@ _CS_RE = re.compile(r'^(.+)_(\d{6})_(\d{6})_gtFine_labelIds\.png$')
 
 
 def cityscapes_seq_index(root: str, flow_dir: str, split: str,
-                         clip: str) -> list[Record]:
+                         clip: str, require_flows: bool = True
+                         ) -> list[Record]:
   """Lists Cityscapes-Seq samples: the annotated frames of ``split``.
 
   Args:
@@ -148,6 +153,7 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
     split: ``train`` or ``val``.
     clip: ``train`` (t, t-1, t-2 and three flows) or ``val`` (t, t-1 and
       the flow t->t-1).
+    require_flows: raise if a flow file is missing.
 
   Returns:
     Records ``{'id', 'frames', 'label', 'flows': {name: path}}``.
@@ -167,7 +173,8 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
       flows['flow_t_t2'] = cs_flow(flow_dir, city, seq, t, t - 2)
       flows['flow_t1_t2'] = cs_flow(flow_dir, city, seq, t - 1, t - 2)
     _require(frames, 'frame (leftImg8bit_sequence)')
-    _require(list(flows.values()), 'flow file', io.FLOW_HELP)
+    if require_flows:
+      _require(list(flows.values()), 'flow file', io.FLOW_HELP)
     records.append({'id': f'{city}_{seq:06d}_{t:06d}', 'frames': frames,
                     'label': path, 'flows': flows})
   if not records:
@@ -220,7 +227,8 @@ def _numbered(folder: str, digits: int) -> set[int]:
   return out
 
 
-def synthia_seq_index(root: str, flow_dir: str) -> list[Record]:
+def synthia_seq_index(root: str, flow_dir: str,
+                      require_flows: bool = True) -> list[Record]:
   """Lists SYNTHIA-Seq samples: every frame t >= 1 with its frame t-1.
 
   Returns:
@@ -239,7 +247,8 @@ def synthia_seq_index(root: str, flow_dir: str) -> list[Record]:
                       os.path.join(lab_dir, f'{t - 1:06d}.png')],
            'flow': synthia_seq_flow(flow_dir, t)}
     _require(rec['labels'], 'label')
-    _require([rec['flow']], 'flow file', io.FLOW_HELP)
+    if require_flows:
+      _require([rec['flow']], 'flow file', io.FLOW_HELP)
     records.append(rec)
   if not records:
     raise io.DataError(f'No SYNTHIA-Seq samples in {rgb_dir}: expected '
