@@ -49,6 +49,7 @@ from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import transforms
 from dastc_jax.evaluation import forward
 from dastc_jax.evaluation import visualize
+from dastc_jax.flow import dis
 from dastc_jax import models
 from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import state as state_lib
@@ -138,18 +139,7 @@ def read_flow_file(path: str) -> np.ndarray:
   return flow.astype(np.float32)
 
 
-class DisFlow:
-  """OpenCV DIS optical flow t->t-1 on grey frames (the computed-flow path)."""
-
-  def __init__(self):
-    self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-
-  def __call__(self, frame_t: np.ndarray, frame_t1: np.ndarray) -> np.ndarray:
-    # calc(I0, I1) gives F with I0(x) ~ I1(x + F(x)): the backward flow
-    # t -> t-1 that the warp samples with.
-    g0 = cv2.cvtColor(frame_t, cv2.COLOR_RGB2GRAY)
-    g1 = cv2.cvtColor(frame_t1, cv2.COLOR_RGB2GRAY)
-    return self._dis.calc(g0, g1, None).astype(np.float32)
+DisFlow = dis.DisFlow
 
 
 # -------------------------------------------------------------------- model
@@ -275,7 +265,8 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
       estimate_flow = raft
       estimator = f'{raft.name} ({raft.meta["source"]}, computed)'
     else:
-      estimate_flow, estimator = DisFlow(), 'OpenCV DIS (computed)'
+      estimate_flow = DisFlow()
+      estimator = f'{estimate_flow.name} (computed)'
   os.makedirs(os.path.join(tmp, 'overlays'))
   os.makedirs(os.path.join(tmp, 'labels'))
   prev, count = None, 0

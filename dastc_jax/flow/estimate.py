@@ -69,6 +69,12 @@ class RaftEstimator:
   def name(self) -> str:
     return f'raft:{self.meta["variant"]}'
 
+  def info(self) -> dict[str, Any]:
+    """What identifies the flows this estimator writes."""
+    return {'estimator': 'raft', 'variant': self.meta['variant'],
+            'weights_sha256': self.meta.get('sha256'),
+            'iterations': self.iterations}
+
   def flows(self, frames_t: np.ndarray, frames_s: np.ndarray) -> np.ndarray:
     """RAFT flows of same-sized frames ``[B, H, W, 3]`` (H, W multiples of
     8), as ``[B, H, W, 2]`` float32; the batch is padded to the device

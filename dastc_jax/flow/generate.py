@@ -52,6 +52,7 @@ class Job:
   frame_t: str
   frame_s: str
   output: str
+  kind: str = 'flow'  # the record's key: flow, flow_t_t2 or flow_t1_t2
 
 
 def list_jobs(dataset: str, manual_dir: str, split: str,
@@ -66,14 +67,13 @@ def list_jobs(dataset: str, manual_dir: str, split: str,
   jobs = {}
   for rec in records:
     frames = rec['frames']
-    if 'flow' in rec:
-      pairs = {rec['flow']: (frames[0], frames[1])}
-    else:  # Cityscapes-Seq: t, t-1 (, t-2)
-      which = {'flow': (0, 1), 'flow_t_t2': (0, 2), 'flow_t1_t2': (1, 2)}
-      pairs = {path: (frames[which[k][0]], frames[which[k][1]])
-               for k, path in rec['flows'].items()}
-    for out, (t, s) in pairs.items():
-      jobs.setdefault(out, Job(t, s, out))
+    # Which frames of the record each flow joins (Cityscapes-Seq: t, t-1,
+    # t-2; the others: t, t-1).
+    which = {'flow': (0, 1), 'flow_t_t2': (0, 2), 'flow_t1_t2': (1, 2)}
+    flows = {'flow': rec['flow']} if 'flow' in rec else rec['flows']
+    for kind, out in flows.items():
+      t, s = which[kind]
+      jobs.setdefault(out, Job(frames[t], frames[s], out, kind))
   return list(jobs.values())
 
 
@@ -200,12 +200,9 @@ def generate(jobs: list[Job], flows_fn: Callable[[np.ndarray, np.ndarray],
           'pairs_per_s': round(written / seconds, 3) if written else None}
 
 
-def estimator_info(estimator: estimate.RaftEstimator,
-                   hw: Sequence[int]) -> dict[str, Any]:
+def estimator_info(estimator: Any, hw: Sequence[int]) -> dict[str, Any]:
   """What ``flow_estimator.json`` records (equal info = same estimator)."""
-  return {'estimator': 'raft', 'variant': estimator.meta['variant'],
-          'weights_sha256': estimator.meta.get('sha256'),
-          'iterations': estimator.iterations, 'size': list(hw),
+  return {**estimator.info(), 'size': list(hw),
           'format': 'int16(10 F), t -> s on frame t grid, channel 0 = dx'}
 
 
@@ -241,7 +238,7 @@ def default_splits_and_dirs(dataset: str, manual_dir: str,
 
 
 def run(dataset: str, manual_dir: str, splits: Sequence[str],
-        flow_dirs: dict[str, str], estimator: estimate.RaftEstimator, *,
+        flow_dirs: dict[str, str], estimator: Any, *,
         hw: Sequence[int] | None = None, batch_size: int = 0,
         host: tuple[int, int] = (0, 1)) -> dict[str, Any]:
   """Writes the flows of ``splits`` into ``flow_dirs[split]``.
@@ -251,7 +248,8 @@ def run(dataset: str, manual_dir: str, splits: Sequence[str],
     manual_dir: the dataset folder in its original layout.
     splits: the splits to compute.
     flow_dirs: output folder per split.
-    estimator: the RAFT estimator.
+    estimator: ``estimate.RaftEstimator`` or ``dis.DisFlow`` (anything with
+      ``flows``, ``info``, ``name`` and ``devices``).
     hw: storage size (default: the reference size of ``dataset``).
     batch_size: pairs per step (default: 2 per local device).
     host: ``(index, count)``: this host computes every count-th file.
