@@ -32,11 +32,28 @@ _TRAIN_FLOW_DIR = flags.DEFINE_string(
 _VAL_FLOW_DIR = flags.DEFINE_string('val_flow_dir', None,
                                     'Flow folder of the val split.')
 _SPLITS = flags.DEFINE_list('splits', None, 'Splits (default: all present).')
+_TRAIN_SIZE = flags.DEFINE_list(
+    'train_size', None, 'H,W: store the train split at the training '
+    'resolution (frames bicubic, labels nearest, flows rescaled; the aspect '
+    'ratio of the frames), e.g. 720,1280 for VIPER, 512,1024 for '
+    'Cityscapes-Seq. Reading then skips the full-size decode and resize. '
+    'Use its own --data_dir.')
 _COMPUTE_FLOWS = flags.DEFINE_string(
     'compute_flows', None, 'Compute the missing flows first with RAFT, from '
     'these weights (a torchvision RAFT file or a converted folder), into the '
     'flow folders (`python -m dastc_jax.flow` does only this step).')
 flags.mark_flags_as_required(['dataset', 'manual_dir'])
+
+
+def _size(value: list[str] | None) -> tuple[int, int] | None:
+  if not value:
+    return None
+  try:
+    h, w = (int(v) for v in value)
+  except ValueError:
+    raise app.UsageError(f'--train_size={",".join(value)}: expected H,W.'
+                         ) from None
+  return h, w
 
 
 def main(argv: Sequence[str]) -> None:
@@ -55,6 +72,7 @@ def main(argv: Sequence[str]) -> None:
                  estimate.RaftEstimator(_COMPUTE_FLOWS.value))
   counts = prepare.prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                            flow_dirs=flow_dirs,
+                           train_size=_size(_TRAIN_SIZE.value),
                            splits=_SPLITS.value)
   print(json.dumps({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
                     'samples': counts}))

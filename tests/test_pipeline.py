@@ -132,3 +132,45 @@ def test_eval_batches_pad_with_a_mask(smoke_config, tiny_data):
   assert len(set(ids)) == n
   # Native-size labels (the real protocol: 1024x2048 for Cityscapes).
   assert batches[0]['label'].shape[1:] == tuple(c.data.synthetic.target_size)
+
+
+def test_stored_at_train_size_reads_like_resizing_on_read(
+    smoke_config, tiny_world, tmp_path):
+  """``prepare --train_size``: frames and labels equal what the pipeline's
+  resize gives from the native copy; flows to the int16 0.1 px step; a
+  second storage size in the same data_dir is refused."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import io as io_lib  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.datasets import prepare  # pylint: disable=g-import-not-at-top
+  manual = os.path.join(tiny_world, 'Viper')
+  flows = {'train': os.path.join(tiny_world,
+                                 'estimated_optical_flow_viper_train')}
+  native, small = str(tmp_path / 'native'), str(tmp_path / 'small')
+  for root, size in ((native, None), (small, (36, 64))):
+    prepare.prepare('viper', manual, root, flow_dirs=flows, splits=['train'],
+                    check_counts=False, train_size=size)
+  c = smoke_config
+
+  def read(root):
+    spec, source = pipeline.data_source(c.data.source, root)
+    decode = pipeline.decoder(spec, 'train', c.data.class_set, True)
+    return [decode.map(source[i]) for i in range(len(source))]
+
+  resize = transforms.Resize(image_size=(36, 64))
+  pairs = list(zip(read(native), read(small)))
+  assert len(pairs) == 6
+  for a, b in pairs:
+    a = resize.map(a)
+    np.testing.assert_array_equal(a['frames'], b['frames'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+    np.testing.assert_allclose(a['flow'], b['flow'], rtol=0, atol=0.051)
+    assert b['frames'].shape[1:3] == (36, 64)
+  with pytest.raises(io_lib.DataError, match=r'stored at \[36, 64\]'):
+    prepare.prepare('viper', manual, small, flow_dirs=flows,
+                    splits=['train'], check_counts=False)
+  with pytest.raises(io_lib.DataError, match='another aspect ratio'):
+    prepare.prepare('viper', manual, str(tmp_path / 'bad'), flow_dirs=flows,
+                    splits=['train'], check_counts=False,
+                    train_size=(36, 36))

@@ -163,18 +163,28 @@ def run(workdir: str, workers: list[int], batches: int, clips: int,
     logging.info('Writing %d real-size clips per domain to %s', clips, root)
     write_real_size_data(root, clips)
     open(os.path.join(root, 'done'), 'w').close()
-  prepare.prepare('viper', f'{root}/Viper', data_dir, check_counts=False)
-  prepare.prepare('cityscapes_seq', f'{root}/Cityscapes', data_dir,
-                  check_counts=False, splits=['train'])
+  small_dir = os.path.join(workdir, 'tfds_train_size')
   config = _config(data_dir, model)
-  rates = {}
+  for folder, sizes in ((data_dir, (None, None)), (small_dir, (
+      tuple(config.data.source.image_size),
+      tuple(config.data.target.image_size)))):
+    prepare.prepare('viper', f'{root}/Viper', folder, check_counts=False,
+                    splits=['train'], train_size=sizes[0])
+    prepare.prepare('cityscapes_seq', f'{root}/Cityscapes', folder,
+                    check_counts=False, splits=['train'],
+                    train_size=sizes[1])
+  rates, stored = {}, {}
+  # Alternate the two storages per worker count (same machine state).
   for w in workers:
     rates[w] = loader_rate(config, data_dir, w, batches)
-    logging.info('loader, %d workers: %.2f clips/s', w, rates[w])
+    stored[w] = loader_rate(_config(small_dir, model), small_dir, w, batches)
+    logging.info('loader, %d workers: %.2f clips/s native, %.2f stored at '
+                 'the training size', w, rates[w], stored[w])
   step = step_rate(config, data_dir, steps)
   logging.info('train step (%s model): %.3f clips/s', model,
                step['clips_per_s'])
-  return {'loader_clips_per_s': rates, 'step': step, 'model': model,
+  return {'loader_clips_per_s': rates, 'stored_clips_per_s': stored,
+          'step': step, 'model': model,
           'device': str(jax.devices()[0].device_kind),
           'cpu_count': os.cpu_count(), 'machine': platform.processor() or
           platform.machine()}
@@ -210,6 +220,23 @@ def report(res: dict[str, Any], command: str) -> str:
     name = ('in-process (1 decode thread)' if w == 0 else
             f'{w} worker process(es)')
     lines.append(f'| {name} | {r:.2f} | {r / step:.1f} |')
+  stored = res.get('stored_clips_per_s')
+  if stored:
+    lines += [
+        '',
+        'The same clips prepared with `prepare --train_size` (frames, labels '
+        'and flows stored at 720x1280 / 512x1024, the training sizes), read '
+        'in the same run, alternating with the native copy:',
+        '',
+        '| loader | native storage clips/s | stored at training size '
+        'clips/s | speed-up |',
+        '|---|---:|---:|---:|',
+    ]
+    for w, r in sorted(rates.items()):
+      name = ('in-process (1 decode thread)' if w == 0 else
+              f'{w} worker process(es)')
+      lines.append(f'| {name} | {r:.2f} | {stored[w]:.2f} | '
+                   f'**{stored[w] / r:.2f}x** |')
   lines += [
       '',
       f'Train step (DA-STC, `{res["model"]}` model, real resolution): '

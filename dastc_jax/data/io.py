@@ -57,6 +57,16 @@ def read_rgb(path: str) -> np.ndarray:
   return np.asarray(img.convert('RGB'))
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+  """Encoded image bytes (PNG/JPEG) -> ``[H, W, 3]`` uint8 RGB."""
+  return np.asarray(Image.open(io_lib.BytesIO(data)).convert('RGB'))
+
+
+def decode_ids(data: bytes) -> np.ndarray:
+  """Single-channel PNG bytes -> ``[H, W]`` uint8 ids."""
+  return np.asarray(Image.open(io_lib.BytesIO(data)))
+
+
 def read_label(path: str) -> np.ndarray:
   """Reads a single-channel 8-bit id map (``L`` or palette ``P`` PNG).
 

@@ -109,7 +109,8 @@ def resize_rgb(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
                                                 Image.BICUBIC))
 
 
-def _resize_ids(lab: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def resize_ids(lab: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """Nearest-neighbour resize of a uint8 id map to ``size`` (H, W)."""
   if lab.shape == tuple(size):
     return lab
   return np.asarray(Image.fromarray(lab).resize((size[1], size[0]),
@@ -140,9 +141,9 @@ class Resize(grain.transforms.Map):
     lsize = size if self.label_size == 'image' else self.label_size
     if lsize is not None:
       if 'labels' in ex:
-        ex['labels'] = np.stack([_resize_ids(l, lsize) for l in ex['labels']])
+        ex['labels'] = np.stack([resize_ids(l, lsize) for l in ex['labels']])
       if 'label' in ex:
-        ex['label'] = _resize_ids(ex['label'], lsize)
+        ex['label'] = resize_ids(ex['label'], lsize)
     return ex
 
 
@@ -316,7 +317,7 @@ class SampleFusionPatches(grain.transforms.RandomMap):
             self.rare_index[k]))])
         if self.image_size:
           frame = resize_rgb(frame, self.image_size)
-          lab = _resize_ids(lab, self.image_size)
+          lab = resize_ids(lab, self.image_size)
         frame, lab = frame[r0:r0 + h, c0:c0 + w], lab[r0:r0 + h, c0:c0 + w]
         if np.count_nonzero(lab == k) > self.min_pixels:
           frames[slot], labs[slot], classes[slot] = frame, lab, k

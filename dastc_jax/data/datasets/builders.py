@@ -49,7 +49,8 @@ SYNTHIA_CROP_ROWS = 640  # the bottom 120 rows are cut (docs/reference_code.md, 
 
 # ------------------------------------------------------------ encoding
 def encode_flow(path: str, frame_hw: tuple[int, int],
-                crop_rows: int | None = None) -> bytes:
+                crop_rows: int | None = None,
+                out_size: tuple[int, int] | None = None) -> bytes:
   """Checks a flow file and returns its zlib-compressed ``.npy`` bytes.
 
   Args:
@@ -58,6 +59,8 @@ def encode_flow(path: str, frame_hw: tuple[int, int],
       flow must be on that grid or a rescaled copy of it.
     crop_rows: SYNTHIA: the frame's rows kept out of ``SYNTHIA_SIZE[0]``; a
       flow on the uncropped grid is cropped alike.
+    out_size: store it resized to this grid (magnitudes scaled), as the
+      pipeline would resize it when reading.
   """
   if not os.path.exists(path):
     raise io.DataError(f'Missing flow file: {path}. {io.FLOW_HELP}')
@@ -67,6 +70,9 @@ def encode_flow(path: str, frame_hw: tuple[int, int],
     if abs(arr.shape[0] / arr.shape[1] - full) < 0.01 * full:
       arr = arr[:round(arr.shape[0] * crop_rows / SYNTHIA_SIZE[0])]
   io.check_flow_grid(arr, frame_hw, path)
+  if out_size is not None:
+    from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top  (imports this module)
+    arr = transforms.resize_flow_np(arr, out_size)
   buf = io_lib.BytesIO()
   np.save(buf, np.round(arr * 10).astype(np.int16), allow_pickle=False)
   return zlib.compress(buf.getvalue(), 1)
@@ -296,8 +302,41 @@ def encode(spec: Spec, rec: dict[str, Any]) -> tuple[Example, np.ndarray]:
   return fn(rec)
 
 
+def check_stored_size(spec: Spec, rec: dict[str, Any],
+                      size: tuple[int, int]) -> None:
+  """Raises unless ``size`` keeps the aspect ratio of ``rec``'s frames (so
+  one magnitude scale serves both flow axes, as at read time)."""
+  h, w = ((SYNTHIA_CROP_ROWS, SYNTHIA_SIZE[1]) if spec.name == 'synthia_seq'
+          else io.image_size(rec['frames'][0]))
+  if abs(size[0] / size[1] - h / w) > 0.01 * h / w:
+    raise io.DataError(
+        f'Cannot store {spec.name} frames of {h}x{w} (e.g. '
+        f'{rec["frames"][0]}) at {size[0]}x{size[1]}: another aspect ratio. '
+        'Pass the training size, a scaled copy of the frame size.')
+
+
+def resize_encoded(spec: Spec, split: str, rec: dict[str, Any],
+                   cached: Example, size: tuple[int, int]) -> Example:
+  """``cached`` with every frame and label stored at ``size``: frames
+  bicubic and labels nearest, exactly as the pipeline's ``Resize`` would
+  resize them when reading; frames become lossless PNGs."""
+  from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top  (imports this module)
+  out = dict(cached)
+  frame_keys, _ = split_keys(spec, split)
+  for key, path in zip(frame_keys, rec['frames']):
+    img = (io.decode_rgb(cached[key]) if key in cached else
+           io.read_rgb(path))
+    out[key] = io.encode_png(transforms.resize_rgb(img, size))
+  for key in ('label_t', 'label_t1', 'label'):
+    if key in cached:
+      ids = io.decode_ids(cached[key])
+      out[key] = io.encode_png(transforms.resize_ids(ids, size))
+  return out
+
+
 def cheap_features(spec: Spec, split: str, rec: dict[str, Any],
-                   cached: Example) -> Example:
+                   cached: Example,
+                   size: tuple[int, int] | None = None) -> Example:
   """Frames (paths unless re-encoded) and flows; checked against frame t."""
   frame_keys, flow_keys = split_keys(spec, split)
   out = {'id': rec['id']}
@@ -310,7 +349,7 @@ def cheap_features(spec: Spec, split: str, rec: dict[str, Any],
       hw, crop = io.image_size(rec['frames'][0]), None
     flow_paths = ({'flow': rec['flow']} if 'flow' in rec else rec['flows'])
     for key in flow_keys:
-      out[key] = encode_flow(flow_paths[key], hw, crop)
+      out[key] = encode_flow(flow_paths[key], hw, crop, size)
   return out
 
 

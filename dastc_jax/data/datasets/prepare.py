@@ -38,6 +38,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dastc_jax import paths
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data.datasets import prepared
@@ -64,6 +65,32 @@ def default_flow_dir(spec: builders.Spec, manual_dir: str,
   return candidates[0]
 
 
+def stored_size_path(data_dir: str, spec: builders.Spec, split: str) -> str:
+  """Records the size the split's frames were stored at (or 'native')."""
+  return os.path.join(data_dir, spec.tfds_name, 'stats',
+                      f'{split}_stored_size.json')
+
+
+def _check_stored_size(data_dir: str, spec: builders.Spec, split: str,
+                       size: tuple[int, int] | None) -> None:
+  """Refuses to mix storage sizes: a split prepared (or half-prepared) at
+  one size is never continued at another."""
+  path = stored_size_path(data_dir, spec, split)
+  want = list(size) if size else 'native'
+  if os.path.exists(path):
+    with open(path) as f:
+      held = json.load(f)['frames']
+  elif is_prepared(data_dir, spec, split):
+    held = 'native'  # prepared before sizes were recorded
+  else:
+    return
+  if held != want:
+    raise io.DataError(
+        f'{spec.name} {split} in {data_dir} is stored at {held} frames; '
+        f'asked for {want}. Prepare each storage size into its own '
+        '--data_dir.')
+
+
 def _input_paths(rec: dict[str, Any]) -> list[str]:
   paths = list(rec['frames'])
   paths += rec.get('labels', [])
@@ -72,20 +99,22 @@ def _input_paths(rec: dict[str, Any]) -> list[str]:
   return paths
 
 
-def _stamp(rec: dict[str, Any]) -> str:
+def _stamp(rec: dict[str, Any], size: tuple[int, int] | None) -> str:
   out = []
   for p in _input_paths(rec):
     st = os.stat(p)
     out.append([p, st.st_size, st.st_mtime_ns])
-  return json.dumps(out)
+  return json.dumps({'files': out, 'size': size})
 
 
 class _SampleCache:
   """Per-sample results of ``builders.encode``, keyed by the input files."""
 
-  def __init__(self, directory: str, spec: builders.Spec):
+  def __init__(self, directory: str, spec: builders.Spec,
+               sizes: dict[str, tuple[int, int]]):
     self.directory = directory
     self.spec = spec
+    self.sizes = sizes  # split -> stored frame size (absent: native)
     self.hits = 0
     self.misses = 0
 
@@ -96,7 +125,8 @@ class _SampleCache:
           ) -> tuple[dict[str, bytes], np.ndarray]:
     """The cached encode of ``rec`` if its files are unchanged, else new."""
     path = self._path(split, rec)
-    stamp = _stamp(rec)
+    size = self.sizes.get(split)
+    stamp = _stamp(rec, size)
     if os.path.exists(path):
       try:
         with np.load(path, allow_pickle=False) as z:
@@ -109,6 +139,8 @@ class _SampleCache:
         # A cache entry cut short by a kill: redo the sample.
         logging.info('Unreadable cache entry %s; redoing the sample.', path)
     cached, hist = builders.encode(self.spec, rec)
+    if size is not None:
+      cached = builders.resize_encoded(self.spec, split, rec, cached, size)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}.npz'
     np.savez(tmp, stamp=np.array(stamp), hist=hist,
@@ -158,7 +190,8 @@ def _splits_to_prepare(spec: builders.Spec, manual_dir: str,
 def prepare(dataset: str, manual_dir: str, data_dir: str, *,
             flow_dirs: dict[str, str] | None = None,
             splits: Sequence[str] | None = None,
-            check_counts: bool = True) -> dict[str, int]:
+            check_counts: bool = True,
+            train_size: tuple[int, int] | None = None) -> dict[str, int]:
   """Prepares ``dataset`` (idempotent, resumable); see the module doc.
 
   Args:
@@ -169,6 +202,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *,
     splits: splits to prepare (default: all present).
     check_counts: compare full copies with the official sample counts
       (off for the synthetic world).
+    train_size: store the train split's frames, labels and flows at this
+      ``(H, W)`` (the training resolution; same aspect ratio as the frames)
+      instead of natively, so that reading skips the full-size decode and
+      the resize. Evaluation splits stay native.
 
   Returns:
     ``{split: number of samples}``.
@@ -192,7 +229,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *,
                            recursive=True):
       logging.info('Removing the leftovers of an interrupted run: %s', stale)
       shutil.rmtree(stale, ignore_errors=True)
-    cache = _SampleCache(os.path.join(base, '.prepare_cache'), spec)
+    sizes = {'train': tuple(train_size)} if train_size else {}
+    cache = _SampleCache(os.path.join(base, '.prepare_cache'), spec, sizes)
     # Cityscapes-Seq has one builder config per split (their clips differ);
     # the other datasets write all their splits in one version folder.
     groups = ([[s] for s in todo] if spec.name == 'cityscapes_seq'
@@ -209,6 +247,8 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
                     cache: _SampleCache,
                     check_counts: bool = True) -> dict[str, int]:
   """Writes one TFDS version folder holding ``splits`` and their stats."""
+  for split in splits:
+    _check_stored_size(data_dir, spec, split, cache.sizes.get(split))
   if all(is_prepared(data_dir, spec, s) for s in splits):
     counts = {s: len(builders.load_stats(data_dir, spec, s)[0])
               for s in splits}
@@ -219,6 +259,9 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
   for split in splits:
     records[split] = builders.index(spec, manual_dir, split,
                                     flow_dirs.get(split))
+    if cache.sizes.get(split) and records[split]:
+      builders.check_stored_size(spec, records[split][0],
+                                 cache.sizes[split])
     if check_counts:
       layouts.check_count(spec.name, split, manual_dir, records[split])
   hists = {s: {} for s in splits}
@@ -226,7 +269,8 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
   def example(split: str, rec: dict[str, Any]) -> builders.Example:
     cached, hist = cache.get(split, rec)
     hists[split][rec['id']] = hist
-    return {**builders.cheap_features(spec, split, rec, cached),
+    return {**builders.cheap_features(spec, split, rec, cached,
+                                      cache.sizes.get(split)),
             **{k: v for k, v in cached.items() if k.startswith('label')}}
 
   cls = builders.BUILDERS[spec.name]
@@ -264,6 +308,9 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
     np.savez(tmp, ids=np.array(ids),
              histogram=np.stack([hists[split][i] for i in ids]))
     os.replace(tmp, path)
+    size = cache.sizes.get(split)
+    paths.write_atomic(stored_size_path(data_dir, spec, split), json.dumps(
+        {'frames': list(size) if size else 'native'}))
     counts[split] = len(ids)
   logging.info('%s ready in %s: %s', spec.name, folder, counts)
   return counts
