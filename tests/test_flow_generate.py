@@ -182,3 +182,16 @@ def test_weights_of_the_wrong_variant(raft_file):
   with pytest.raises(flow_weights.ConversionError,
                      match='holds raft_small weights'):
     estimate.RaftEstimator(raft_file, variant='raft_large')
+
+
+def test_a_missing_frame_is_named(tiny_world, tmp_path):
+  """A Cityscapes-Seq sequence without its frame t-2."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'Cityscapes')
+  shutil.copytree(os.path.join(tiny_world, 'Cityscapes'), root)
+  gone = sorted(glob.glob(os.path.join(
+      root, 'leftImg8bit_sequence', 'train', '*', '*_000017_leftImg8bit.png'
+  )))[0]
+  os.remove(gone)
+  with pytest.raises(Exception, match=os.path.basename(gone)):
+    generate.list_jobs('cityscapes_seq', root, 'train', str(tmp_path / 'f'))
