@@ -1,0 +1,190 @@
+"""Mix Transformer (MiT, the SegFormer encoder), B0-B5, in Flax NNX.
+
+Four stages, each an overlapping patch embedding (a strided conv: 7x7/4,
+then 3x3/2 three times; LayerNorm eps 1e-5), blocks of efficient
+self-attention (keys and values from a ``sr x sr``-strided conv of the map
+plus LayerNorm eps 1e-5 when ``sr > 1``) and a Mix-FFN (fc1, 3x3 depthwise
+conv, exact GELU, fc2) with pre-LayerNorms (eps 1e-6), and a stage
+LayerNorm (eps 1e-6). Stochastic depth rises linearly over all blocks.
+Module names follow the mmseg/SegFormer ``mix_transformer.py`` state dict
+(``patch_embed1.proj``, ``block1.0.attn.kv``, ``block1.0.mlp.dwconv.dwconv``,
+``norm1``, ...), so ImageNet ``mit_b*.pth`` files convert key by key.
+Arrays are NHWC; any H, W (non-square inputs included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class MiTSpec:
+  """Sizes of one MiT variant."""
+  dims: tuple[int, int, int, int]
+  depths: tuple[int, int, int, int]
+  heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+  sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+  mlp_ratio: int = 4
+
+
+_WIDE = (64, 128, 320, 512)
+VARIANTS = {
+    'b0': MiTSpec((32, 64, 160, 256), (2, 2, 2, 2)),
+    'b1': MiTSpec(_WIDE, (2, 2, 2, 2)),
+    'b2': MiTSpec(_WIDE, (3, 4, 6, 3)),
+    'b3': MiTSpec(_WIDE, (3, 4, 18, 3)),
+    'b4': MiTSpec(_WIDE, (3, 8, 27, 3)),
+    'b5': MiTSpec(_WIDE, (3, 6, 40, 3)),
+}
+EMBED_EPS = 1e-5  # patch-embedding and spatial-reduction LayerNorms
+BLOCK_EPS = 1e-6  # block and stage LayerNorms
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, pad: int, *,
+          groups: int = 1, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
+                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                  use_bias=True, dtype=dtype, rngs=rngs)
+
+
+class OverlapPatchEmbed(nnx.Module):
+  """Strided conv (kernel > stride, so patches overlap) and LayerNorm."""
+
+  def __init__(self, cin: int, dim: int, kernel: int, stride: int, *,
+               eps: float, dtype, rngs: nnx.Rngs):
+    self.proj = _conv(cin, dim, kernel, stride, kernel // 2, dtype=dtype,
+                      rngs=rngs)
+    self.norm = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.proj(x))  # [B, H/s, W/s, D]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention whose keys/values come from a reduced map."""
+
+  def __init__(self, dim: int, heads: int, sr: int, *, eps: float, dtype,
+               rngs: nnx.Rngs):
+    self.heads = heads
+    self.q = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.kv = nnx.Linear(dim, 2 * dim, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.sr_ratio = sr
+    if sr > 1:
+      self.sr = _conv(dim, dim, sr, sr, 0, dtype=dtype, rngs=rngs)
+      self.norm = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    d = c // self.heads
+    q = self.q(x).reshape(b, h * w, self.heads, d)
+    y = self.norm(self.sr(x)) if self.sr_ratio > 1 else x
+    m = y.shape[1] * y.shape[2]
+    kv = self.kv(y).reshape(b, m, 2, self.heads, d)  # first C: keys
+    logits = jnp.einsum('bnhd,bmhd->bhnm', q, kv[:, :, 0]) * d**-0.5
+    att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    out = jnp.einsum('bhnm,bmhd->bnhd', att, kv[:, :, 1])
+    return self.proj(out.reshape(b, h, w, c))
+
+
+class DWConv(nnx.Module):
+  """3x3 depthwise conv with bias (mmseg's ``mlp.dwconv.dwconv``)."""
+
+  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.dwconv = _conv(dim, dim, 3, 1, 1, groups=dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.dwconv(x)
+
+
+class MixFFN(nnx.Module):
+  """fc1 -> 3x3 depthwise conv -> GELU (exact) -> fc2."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.dwconv = DWConv(hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) *
+                              (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: attention and Mix-FFN, each residual."""
+
+  def __init__(self, dim: int, heads: int, sr: int, mlp_ratio: int,
+               drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, epsilon=BLOCK_EPS, dtype=dtype,
+                               rngs=rngs)
+    self.attn = Attention(dim, heads, sr, eps=EMBED_EPS, dtype=dtype,
+                          rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=BLOCK_EPS, dtype=dtype,
+                               rngs=rngs)
+    self.mlp = MixFFN(dim, dim * mlp_ratio, dtype=dtype, rngs=rngs)
+    self.drop_path_rate = drop_path_rate
+
+  def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    k1 = k2 = None
+    if key is not None:
+      k1, k2 = jax.random.split(key)
+    x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, k1)
+    return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+
+
+def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[float]:
+  """Stochastic-depth rate of every block: 0 to ``rate``, linearly over all
+  blocks of all stages."""
+  total = sum(depths)
+  return [rate * i / max(total - 1, 1) for i in range(total)]
+
+
+class MiT(nnx.Module):
+  """The MiT encoder: four stages at strides 4, 8, 16, 32."""
+
+  STAGES = ('c1', 'c2', 'c3', 'c4')
+
+  def __init__(self, spec: MiTSpec, *, drop_path_rate: float = 0.1,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    rates = drop_path_rates(spec.depths, drop_path_rate)
+    self.out_features = dict(zip(self.STAGES, spec.dims))
+    cin, k = 3, 0
+    for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
+      kernel, stride = (7, 4) if i == 0 else (3, 2)
+      setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(
+          cin, dim, kernel, stride, eps=EMBED_EPS, dtype=dtype, rngs=rngs))
+      setattr(self, f'block{i + 1}', nnx.List([
+          Block(dim, spec.heads[i], spec.sr_ratios[i], spec.mlp_ratio,
+                rates[k + j], dtype=dtype, rngs=rngs)
+          for j in range(depth)]))
+      setattr(self, f'norm{i + 1}', nnx.LayerNorm(
+          dim, epsilon=BLOCK_EPS, dtype=dtype, rngs=rngs))
+      cin, k = dim, k + depth
+
+  def __call__(self, x: jax.Array, *, rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """``[B, H, W, 3]`` -> ``{c1..c4: [B, H/s, W/s, D_s]}``; ``rng`` turns
+    stochastic depth on (training)."""
+    out = {}
+    total = sum(len(getattr(self, f'block{i + 1}')) for i in range(4))
+    keys = (list(jax.random.split(rng, total)) if rng is not None
+            else [None] * total)  # one key per block
+    for i, name in enumerate(self.STAGES):
+      x = getattr(self, f'patch_embed{i + 1}')(x)
+      for block in getattr(self, f'block{i + 1}'):
+        x = block(x, keys.pop(0))
+      x = getattr(self, f'norm{i + 1}')(x)
+      out[name] = x
+    return out

@@ -1,0 +1,143 @@
+"""MiT encoder against HuggingFace transformers' PyTorch ``SegformerModel``
+built offline from a ``SegformerConfig`` with random weights.
+
+HF's attention has separate ``key``/``value`` Linears where the mmseg layout
+(ours) has one ``kv`` (keys first), and uses LayerNorm eps 1e-5 everywhere:
+the block and stage norms are set to the mmseg 1e-6 here so that the two
+compute the same function.
+"""
+
+import re
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import SegformerConfig
+from transformers import SegformerModel
+
+from dastc_jax.models import mit
+
+torch.set_num_threads(1)
+
+
+def hf_to_mmseg(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """HF Segformer encoder keys -> mmseg ``mix_transformer`` keys."""
+  out = {}
+  for k, v in sd.items():
+    parts = k.split('.')
+    if parts[0] != 'stages':
+      continue
+    i = int(parts[1]) + 1
+    rest = '.'.join(parts[2:])
+    if rest.startswith('patch_embeddings.'):
+      name = f'patch_embed{i}.' + rest[len('patch_embeddings.'):].replace(
+          'layer_norm', 'norm')
+    elif rest.startswith('layer_norm.'):
+      name = f'norm{i}.' + rest[len('layer_norm.'):]
+    else:  # blocks.j....
+      j, sub = rest.split('.', 2)[1:]
+      sub = (sub.replace('layernorm_before', 'norm1')
+             .replace('layernorm_after', 'norm2')
+             .replace('attention.q_proj', 'attn.q')
+             .replace('attention.o_proj', 'attn.proj')
+             .replace('attention.sequence_reduction.sequence_reduction',
+                      'attn.sr')
+             .replace('attention.sequence_reduction.layer_norm',
+                      'attn.norm'))
+      name = f'block{i}.{j}.{sub}'
+    out[name] = v
+  for k in list(out):  # one kv Linear: keys first, then values
+    if '.attention.k_proj.' in k:
+      leaf = k.rsplit('.', 1)[1]
+      base = k.split('.attention.')[0]
+      out[f'{base}.attn.kv.{leaf}'] = np.concatenate(
+          [out.pop(k), out.pop(k.replace('k_proj', 'v_proj'))], axis=0)
+  return out
+
+
+def load_mmseg(model: mit.MiT, sd: dict[str, np.ndarray]) -> None:
+  """Fills ``model`` from an mmseg-layout MiT state dict (exact names)."""
+  state = nnx.state(model, nnx.Param)
+  used = set()
+  for path, var in nnx.to_flat_state(state):
+    parts = [str(p) for p in path]
+    leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[parts[-1]]
+    name = '.'.join(parts[:-1] + [leaf])
+    value = sd[name]
+    if value.ndim == 4:
+      value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+    elif value.ndim == 2:
+      value = value.T  # Linear [out, in] -> [in, out]
+    assert value.shape == var.get_value().shape, name
+    var.set_value(jax.numpy.asarray(value))
+    used.add(name)
+  assert used == set(sd), sorted(set(sd) - used)[:5]
+  nnx.update(model, state)
+
+
+@pytest.mark.parametrize('hw', [(64, 96), (72, 40)])
+def test_every_stage_matches_transformers(hw):
+  spec = mit.MiTSpec((32, 64, 160, 256), (2, 1, 2, 1))
+  cfg = SegformerConfig(hidden_sizes=list(spec.dims), depths=list(
+      spec.depths), num_attention_heads=list(spec.heads),
+                        sr_ratios=list(spec.sr_ratios), drop_path_rate=0.0)
+  torch.manual_seed(0)
+  hf = SegformerModel(cfg).eval()
+  for name, m in hf.named_modules():  # the mmseg epsilons
+    if isinstance(m, torch.nn.LayerNorm) and (
+        name.endswith(('layernorm_before', 'layernorm_after')) or
+        re.fullmatch(r'stages\.\d+\.layer_norm', name)):
+      m.eps = mit.BLOCK_EPS
+  with torch.no_grad():  # non-trivial LayerNorm affines
+    for m in hf.modules():
+      if isinstance(m, torch.nn.LayerNorm):
+        m.weight.add_(0.1 * torch.randn_like(m.weight))
+        m.bias.add_(0.1 * torch.randn_like(m.bias))
+  model = nnx.eval_shape(lambda: mit.MiT(spec, rngs=nnx.Rngs(0)))
+  model = nnx.merge(*nnx.split(model))
+  load_mmseg(model, hf_to_mmseg({k: v.numpy() for k, v in
+                                 hf.state_dict().items()}))
+  x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(np.moveaxis(x, -1, 1)),
+             output_hidden_states=True).hidden_states
+  out = jax.jit(lambda m, x: m(x))(model, x)
+  for i, name in enumerate(mit.MiT.STAGES):
+    want = np.moveaxis(ref[i].numpy(), 1, -1)
+    got = np.asarray(out[name])
+    assert got.shape == want.shape
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-4, (name, rel)
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_b5_parameter_count():
+  """81,443,008 (the mmseg MiT-B5): counted on a one-block-per-stage B5
+  (building all 52 blocks takes half a minute), per part, times the depths."""
+  spec = mit.VARIANTS['b5']
+  one = nnx.eval_shape(lambda: mit.MiT(mit.MiTSpec(spec.dims, (1, 1, 1, 1)),
+                                       rngs=nnx.Rngs(0)))
+  n = 0
+  for i, depth in enumerate(spec.depths):
+    for part in (f'patch_embed{i + 1}', f'norm{i + 1}'):
+      n += _count(nnx.state(getattr(one, part), nnx.Param))
+    n += depth * _count(nnx.state(getattr(one, f'block{i + 1}')[0],
+                                  nnx.Param))
+  assert n == 81_443_008
+
+
+def test_drop_path_rises_linearly_over_all_blocks():
+  rates = mit.drop_path_rates(mit.VARIANTS['b5'].depths, 0.1)
+  assert len(rates) == 52 and rates[0] == 0.0
+  np.testing.assert_allclose(rates[-1], 0.1)
+  np.testing.assert_allclose(np.diff(rates), 0.1 / 51)
+  small = nnx.eval_shape(lambda: mit.MiT(mit.VARIANTS['b0'],
+                                         rngs=nnx.Rngs(0)))
+  got = [b.drop_path_rate for i in range(4)
+         for b in getattr(small, f'block{i + 1}')]
+  assert got == mit.drop_path_rates(mit.VARIANTS['b0'].depths, 0.1)
