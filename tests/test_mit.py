@@ -17,6 +17,7 @@ import torch
 from transformers import SegformerConfig
 from transformers import SegformerModel
 
+from dastc_jax import convert
 from dastc_jax.models import mit
 
 torch.set_num_threads(1)
@@ -57,26 +58,6 @@ def hf_to_mmseg(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def load_mmseg(model: mit.MiT, sd: dict[str, np.ndarray]) -> None:
-  """Fills ``model`` from an mmseg-layout MiT state dict (exact names)."""
-  state = nnx.state(model, nnx.Param)
-  used = set()
-  for path, var in nnx.to_flat_state(state):
-    parts = [str(p) for p in path]
-    leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[parts[-1]]
-    name = '.'.join(parts[:-1] + [leaf])
-    value = sd[name]
-    if value.ndim == 4:
-      value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
-    elif value.ndim == 2:
-      value = value.T  # Linear [out, in] -> [in, out]
-    assert value.shape == var.get_value().shape, name
-    var.set_value(jax.numpy.asarray(value))
-    used.add(name)
-  assert used == set(sd), sorted(set(sd) - used)[:5]
-  nnx.update(model, state)
-
-
 @pytest.mark.parametrize('hw', [(64, 96), (72, 40)])
 def test_every_stage_matches_transformers(hw):
   spec = mit.MiTSpec((32, 64, 160, 256), (2, 1, 2, 1))
@@ -97,8 +78,8 @@ def test_every_stage_matches_transformers(hw):
         m.bias.add_(0.1 * torch.randn_like(m.bias))
   model = nnx.eval_shape(lambda: mit.MiT(spec, rngs=nnx.Rngs(0)))
   model = nnx.merge(*nnx.split(model))
-  load_mmseg(model, hf_to_mmseg({k: v.numpy() for k, v in
-                                 hf.state_dict().items()}))
+  sd = hf_to_mmseg({k: v.numpy() for k, v in hf.state_dict().items()})
+  assert sorted(convert.load_by_names(model, sd)) == sorted(sd)
   x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
   with torch.no_grad():
     ref = hf(torch.from_numpy(np.moveaxis(x, -1, 1)),
