@@ -132,6 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
       # different speed; a run may resume under another value.
       conv_kernel_grad='auto',
       per_axis_flow_scale=False,  # False = the reference H'/H rule
+      # Transformer models (name 'accel_daformer' / 'daformer'): the MiT
+      # variant, its stochastic depth, and the DAFormer ASPP dilations
+      # (head_features is the head's embedding width, dropout its
+      # Dropout2d).
+      mit_variant='b5',
+      drop_path_rate=0.1,
+      daformer_dilations=(1, 6, 12, 18),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -284,6 +291,40 @@ def reference(c: ml_collections.ConfigDict) -> None:
   c.optim.constant_head_lr = True
   for key in ('source', 'target'):
     c.data[key].flip_negate_dx = False
+
+
+def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
+  """The transformer model (MiT-B5 + DAFormer head, QuadMix-ViT) with the
+  released ViT scripts' optimisation: AdamW 6e-5 (weight decay 0.01), x10
+  for the decoder and the fusion layer, a 1500-step linear warm-up from
+  1e-6 x then poly(1.0) to 40k steps, batch 1 + 1."""
+  c.model.name = 'daformer' if image else 'accel_daformer'
+  c.model.mit_variant = 'b5'
+  c.model.drop_path_rate = 0.1
+  c.model.head_features = 256
+  c.model.dropout = 0.1
+  c.model.daformer_dilations = (1, 6, 12, 18)
+  c.model.freeze_bn_affine = False  # the decoder's BatchNorms train
+  c.loss.aux_weight = 0.0  # no auxiliary head
+  c.dastc.aux_weight = 0.0
+  c.dastc.feature_layer = 'c1'
+  c.optim.name = 'adamw'
+  c.optim.lr = 6e-5
+  c.optim.weight_decay = 0.01
+  c.optim.b1, c.optim.b2 = 0.9, 0.999
+  c.optim.lr_mult = dict(backbone=1.0, fusion=10.0, head=10.0)
+  c.optim.schedule = 'poly'
+  c.optim.poly_power = 1.0
+  c.optim.warmup_steps = 1500
+  c.optim.warmup_ratio = 1e-6
+  c.optim.schedule_steps = 40000
+  c.train.num_steps = 40000
+
+
+def tiny_vit(c: ml_collections.ConfigDict) -> None:
+  """Shrinks the transformer to a test-size MiT of the same structure."""
+  c.model.mit_variant = 'tiny'
+  c.model.head_features = 16
 
 
 def tiny_model(c: ml_collections.ConfigDict) -> None:

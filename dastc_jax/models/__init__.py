@@ -7,12 +7,19 @@ import ml_collections
 
 from dastc_jax import errors
 from dastc_jax.models import accel
+from dastc_jax.models import accel_daformer
 from dastc_jax.models import layers
+from dastc_jax.models import mit
 from dastc_jax.models import resnet
 
-# 'deeplabv2' is the single-frame network of the image domain.
+# 'deeplabv2' and 'daformer' are the single-frame networks of the image
+# domain; 'accel_daformer' is the transformer video model.
 _MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
-           'deeplabv2': accel.AccelDeepLab}
+           'deeplabv2': accel.AccelDeepLab,
+           'accel_daformer': accel_daformer.AccelDAFormer,
+           'daformer': accel_daformer.AccelDAFormer}
+TRANSFORMERS = ('accel_daformer', 'daformer')
+MIT_VARIANTS = tuple(mit.VARIANTS)
 NAMES = tuple(_MODELS)  # config.model.name
 compute_dtype = layers.compute_dtype
 KERNEL_GRADS = layers.KERNEL_GRADS
@@ -37,10 +44,12 @@ def build_model(config: ml_collections.ConfigDict,
 
 def clip_length(config: ml_collections.ConfigDict) -> int:
   """Frames per clip the model consumes: 2 (video) or 1 (image domain)."""
-  return 1 if config.name == 'deeplabv2' else 2
+  return 1 if config.name in ('deeplabv2', 'daformer') else 2
 
 
-def shallow_stages() -> tuple[str, ...]:
-  """Backbone stages after which the feature-level fusion may exchange
-  features (every stage but the last)."""
+def shallow_stages(name: str = 'accel_deeplabv2') -> tuple[str, ...]:
+  """Backbone stages of model ``name`` after which the feature-level fusion
+  may exchange features (every stage but the last)."""
+  if name in TRANSFORMERS:
+    return mit.MiT.STAGES[:-1]
   return resnet.ResNetDeepLab.STAGES[:-1]

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dastc_jax.ops import image as image_ops
+
 
 @dataclasses.dataclass(frozen=True)
 class MiTSpec:
@@ -33,6 +35,8 @@ class MiTSpec:
 
 _WIDE = (64, 128, 320, 512)
 VARIANTS = {
+    # A test-size MiT of the same structure (the :smoke configs on CPU).
+    'tiny': MiTSpec((16, 32, 40, 64), (1, 1, 1, 1)),
     'b0': MiTSpec((32, 64, 160, 256), (2, 2, 2, 2)),
     'b1': MiTSpec(_WIDE, (2, 2, 2, 2)),
     'b2': MiTSpec(_WIDE, (3, 4, 6, 3)),
@@ -144,6 +148,18 @@ class Block(nnx.Module):
     return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
 
 
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+
+def imagenet_from_caffe(x: jax.Array) -> jax.Array:
+  """BGR minus the Caffe mean -> RGB with ImageNet mean/std (mmseg's
+  ``img_norm_cfg``)."""
+  rgb = (x + jnp.asarray(image_ops.BGR_MEAN, x.dtype))[..., ::-1]
+  return ((rgb - jnp.asarray(IMAGENET_MEAN_RGB, x.dtype)) /
+          jnp.asarray(IMAGENET_STD_RGB, x.dtype))
+
+
 def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[float]:
   """Stochastic-depth rate of every block: 0 to ``rate``, linearly over all
   blocks of all stages."""
@@ -157,8 +173,13 @@ class MiT(nnx.Module):
   STAGES = ('c1', 'c2', 'c3', 'c4')
 
   def __init__(self, spec: MiTSpec, *, drop_path_rate: float = 0.1,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               caffe_input: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     rates = drop_path_rates(spec.depths, drop_path_rate)
+    # True: inputs come as this project's frames (BGR minus the Caffe mean,
+    # ops/image.py) and are brought to the ImageNet normalisation that MiT
+    # weights are trained with (RGB, mean/std in 0-255 units).
+    self.caffe_input = caffe_input
     self.out_features = dict(zip(self.STAGES, spec.dims))
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
@@ -173,18 +194,34 @@ class MiT(nnx.Module):
           dim, epsilon=BLOCK_EPS, dtype=dtype, rngs=rngs))
       cin, k = dim, k + depth
 
-  def __call__(self, x: jax.Array, *, rng: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
-    """``[B, H, W, 3]`` -> ``{c1..c4: [B, H/s, W/s, D_s]}``; ``rng`` turns
-    stochastic depth on (training)."""
+  def __call__(self, x: jax.Array, train: bool = False, *,
+               rng: jax.Array | None = None, first: str = 'c1',
+               last: str = 'c4') -> dict[str, jax.Array]:
+    """Runs the stages ``first..last`` (``x`` is the input of ``first``).
+
+    Args:
+      x: ``[B, H, W, 3]`` image (or the previous stage's map).
+      train: unused (no BatchNorm); stochastic depth follows ``rng``.
+      rng: turns stochastic depth on (training); split into one key per
+        block of the whole network, so partial runs never share a key.
+      first: first stage to run.
+      last: last stage to run.
+
+    Returns:
+      ``{stage: [B, H/s, W/s, D_s]}`` for the stages that ran.
+    """
     out = {}
-    total = sum(len(getattr(self, f'block{i + 1}')) for i in range(4))
-    keys = (list(jax.random.split(rng, total)) if rng is not None
-            else [None] * total)  # one key per block
-    for i, name in enumerate(self.STAGES):
+    depths = [len(getattr(self, f'block{i + 1}')) for i in range(4)]
+    keys = (list(jax.random.split(rng, sum(depths))) if rng is not None
+            else [None] * sum(depths))
+    lo, hi = self.STAGES.index(first), self.STAGES.index(last)
+    if lo == 0 and self.caffe_input:
+      x = imagenet_from_caffe(x)
+    for i in range(lo, hi + 1):
       x = getattr(self, f'patch_embed{i + 1}')(x)
-      for block in getattr(self, f'block{i + 1}'):
-        x = block(x, keys.pop(0))
+      offset = sum(depths[:i])
+      for j, block in enumerate(getattr(self, f'block{i + 1}')):
+        x = block(x, keys[offset + j])
       x = getattr(self, f'norm{i + 1}')(x)
-      out[name] = x
+      out[self.STAGES[i]] = x
     return out

@@ -46,7 +46,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'train.nonfinite': divergence.POLICIES,
     'dastc.teacher': ('ema', 'reference'),
     'dastc.feature_mode': ('swap', 'blend'),
-    'dastc.feature_layer': models.shallow_stages(),
+    'dastc.feature_layer': tuple(dict.fromkeys(
+        models.shallow_stages('accel_deeplabv2') +
+        models.shallow_stages('accel_daformer'))),
+    'model.mit_variant': models.MIT_VARIANTS,
     'dastc.bn_update': ('fixed', 'all'),
     'dastc.alignment.kind': ('contrastive', 'mmd', 'none'),
     'dastc.alignment.feature': ('feat', 'logits'),
@@ -66,6 +69,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'model.width': (1, None),
     'model.head_features': (1, None),
     'model.dropout': (0, 1),
+    'model.drop_path_rate': (0, 1),
     'model.bn_momentum': (0, 1),
     'model.bn_group_size': (0, None),
     'model.init_std': (0, None),
@@ -212,7 +216,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
                     'adaptation step will run.',
                     config.train.source_only_steps, config.train.num_steps)
-  if config.model.head != 'proda':
+  d = config.dastc
+  stages = models.shallow_stages(config.model.name)
+  if d.feature_layer not in stages:
+    raise errors.ConfigError(
+        f'config.dastc.feature_layer={d.feature_layer!r}: '
+        f'config.model.name={config.model.name!r} exchanges features after '
+        f'one of {stages}.')
+  if config.model.name in models.TRANSFORMERS:
+    pass  # the DAFormer head always has its 256-d pre-logit feature
+  elif config.model.head != 'proda':
     raise errors.ConfigError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "

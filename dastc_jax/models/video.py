@@ -1,0 +1,221 @@
+"""Flow-guided score fusion of two frames (ACCEL), shared by the video models.
+
+A subclass supplies ``backbone`` (``(x, train, *, first, last, rng) ->
+{stage: map}`` with a ``STAGES`` tuple), ``heads`` (stage maps -> ``logits``,
+``aux``, ``feat``), ``clip_length`` (2, or 1 for the image domain),
+``sf_layer`` (2C -> C, initialised [I | 0]) and ``per_axis_flow_scale``.
+Both frames of a clip go through the same network: the current frame t with
+gradients, the key frame t-1 under ``stop_gradient``. The key-frame scores
+are warped to frame t with the flow t->t-1 and fused with the current scores
+by ``sf_layer``, so at initialisation the fused output equals the
+current-frame scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dastc_jax.ops import warp as warp_ops
+
+
+class FlowFusionModel(nnx.Module):
+  """The frame-pair forward passes around a per-frame network."""
+
+  backbone: Any
+  clip_length: int
+  # Whether the backbone takes a PRNG key in training (stochastic depth).
+  backbone_rng: bool = False
+
+  def heads(self, feats: dict[str, jax.Array], *, train: bool,
+            dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+    raise NotImplementedError
+
+  def _keys(self, key: jax.Array | None
+            ) -> tuple[jax.Array | None, jax.Array | None]:
+    """(backbone key, head key) from one dropout key."""
+    if key is None or not self.backbone_rng:
+      return None, key
+    k_backbone, k_head = jax.random.split(key)
+    return k_backbone, k_head
+
+  def single_frame(self, x: jax.Array, *, train: bool,
+                   dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+    """Per-frame network: logits, aux logits and the pre-logit feature.
+
+    Args:
+      x: ``[B, H, W, 3]`` normalised BGR frame.
+      train: batch-statistics BN and dropout when True.
+      dropout_key: key for Dropout2d (unused at eval).
+
+    Returns:
+      dict with ``logits``/``aux`` ``[B, h, w, C]`` and ``feat``
+      ``[B, h, w, F]`` at output stride 8.
+    """
+    k_backbone, k_head = self._keys(dropout_key if train else None)
+    feats = (self.backbone(x, train, rng=k_backbone) if self.backbone_rng
+             else self.backbone(x, train))
+    return self.heads(feats, train=train, dropout_key=k_head)
+
+  def fuse(self, cur: jax.Array, key: jax.Array, flow: jax.Array, *,
+           out_size: tuple[int, int] | None = None,
+           lt_mask: jax.Array | None = None) -> jax.Array:
+    """Warps key-frame scores to frame t and fuses them with ``cur``.
+
+    Args:
+      cur: ``[B, h, w, C]`` current-frame scores.
+      key: ``[B, h, w, C]`` key-frame scores.
+      flow: ``[B, H, W, 2]`` flow t->t-1 on any grid; it is resized to the
+        fusion grid with magnitude rescaling (docs/reference_code.md, "Optical flow").
+      out_size: fuse at this size (scores upsampled first, align corners);
+        None fuses at the score resolution.
+      lt_mask: ``[B, H', W']`` long-tail paste mask at ``out_size``: there
+        the warped key-frame scores are replaced by the current ones (the
+        pasted patches are static, docs/reference_code.md, "Models").
+
+    Returns:
+      Fused scores at the fusion grid.
+    """
+    if out_size is not None:
+      cur = warp_ops.resize_bilinear(cur, out_size)
+      key = warp_ops.resize_bilinear(key, out_size)
+    flow = warp_ops.resize_flow(flow.astype(jnp.float32), cur.shape[1:3],
+                                self.per_axis_flow_scale)
+    warped = warp_ops.warp(key, flow)
+    if lt_mask is not None:
+      m = lt_mask[..., None].astype(warped.dtype)
+      warped = warped * (1.0 - m) + cur * m
+    fused = self.sf_layer(jnp.concatenate([cur, warped], axis=-1))
+    return fused.astype(jnp.float32)
+
+  def _outputs(self, cur, key, flow, out_size, lt_mask):
+    if key is None:  # single frame: the scores are the current frame's
+      up = ((lambda x: warp_ops.resize_bilinear(x, out_size)) if out_size
+            else (lambda x: x))
+      return {'pred': up(cur['logits']), 'pred_aux': up(cur['aux']),
+              'logits': cur['logits'], 'aux': cur['aux'],
+              'feat': cur['feat']}
+    key = jax.lax.stop_gradient(key)
+    return {
+        'pred': self.fuse(cur['logits'], key['logits'], flow,
+                          out_size=out_size, lt_mask=lt_mask),
+        'pred_aux': self.fuse(cur['aux'], key['aux'], flow,
+                              out_size=out_size, lt_mask=lt_mask),
+        'logits': cur['logits'],
+        'aux': cur['aux'],
+        'feat': cur['feat'],
+        'key_logits': key['logits'],
+        'key_aux': key['aux'],
+        'key_feat': key['feat'],
+    }
+
+  def __call__(self, frame_cur: jax.Array, frame_key: jax.Array | None,
+               flow: jax.Array | None, *, train: bool,
+               rng: jax.Array | None = None,
+               fuse_at_input: bool = False,
+               lt_mask: jax.Array | None = None) -> dict[str, Any]:
+    """Two-frame forward pass.
+
+    Args:
+      frame_cur: ``[B, H, W, 3]`` normalised frame t.
+      frame_key: ``[B, H, W, 3]`` normalised key frame t-1 (None for
+        ``deeplabv2``).
+      flow: ``[B, H, W, 2]`` flow t->t-1 (pixels of its own grid; None for
+        ``deeplabv2``).
+      train: training mode (batch-stat BN, dropout).
+      rng: dropout key; required when ``train`` and dropout > 0.
+      fuse_at_input: fuse at the input resolution (the fusion clips).
+      lt_mask: ``[B, H, W]`` long-tail mask (with ``fuse_at_input``).
+
+    Returns:
+      dict: ``pred``/``pred_aux`` fused scores (``[B, h, w, C]``, or
+      ``[B, H, W, C]`` with ``fuse_at_input``), the current frame's
+      ``logits``/``aux``/``feat`` and the key frame's
+      ``key_logits``/``key_aux``/``key_feat`` (gradient-free).
+    """
+    k_cur = k_key = None
+    if train and rng is not None:
+      k_cur, k_key = jax.random.split(rng)
+    cur = self.single_frame(frame_cur, train=train, dropout_key=k_cur)
+    key = None
+    if self.clip_length == 2:
+      key = self.single_frame(frame_key, train=train, dropout_key=k_key)
+    out_size = frame_cur.shape[1:3] if fuse_at_input else None
+    return self._outputs(cur, key, flow, out_size, lt_mask)
+
+  def clip(self, frames: jax.Array, flow: jax.Array | None, *, train: bool,
+           rng: jax.Array | None = None, **kw) -> dict[str, Any]:
+    """Forward of a clip ``[B, T, H, W, 3]`` (t, t-1, ...; T >= clip
+    length) with its flow t->t-1 (None for ``deeplabv2``)."""
+    if self.clip_length == 1:
+      return self(frames[:, 0], None, None, train=train, rng=rng, **kw)
+    return self(frames[:, 0], frames[:, 1], flow, train=train, rng=rng, **kw)
+
+  def mixed_pair(self, clip_s: tuple[jax.Array, ...],
+                 clip_t: tuple[jax.Array, ...], masks: jax.Array, *,
+                 layer: str | None, mix_fn: Callable[..., Any] | None,
+                 train: bool, rng: jax.Array | None,
+                 lt_mask: jax.Array | None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Forwards the source- and target-context clips, mixing their shallow
+    features after ``layer`` inside ``masks`` (shallow-feature fusion).
+
+    Args:
+      clip_s: ``(cur, key, flow)`` of the source-context clip (``(cur,)``
+        for ``deeplabv2``).
+      clip_t: ``(cur, key, flow)`` of the target-context clip.
+      masks: a pytree of ``[B, T, H, W]`` masks (frame t, and frame t-1);
+        ``mix_fn`` receives frame f's slice ``[:, f]`` of every leaf.
+      layer: backbone stage after which features are mixed (``stem``,
+        ``layer1``, ...); None disables the feature-level fusion.
+      mix_fn: ``(feat_s, feat_t, masks_f) -> (feat_s, feat_t, info)``;
+        ``info`` is a dict of scalars, returned per frame in the source
+        clip's output under ``mix_info`` (``{name}_f{f}``).
+      train: training mode.
+      rng: dropout key.
+      lt_mask: ``[B, H, W]`` long-tail mask for the score swap.
+
+    Returns:
+      The two clips' outputs, fused at the input resolution.
+    """
+    keys = (list(jax.random.split(rng, 4)) if train and rng is not None
+            else [None] * 4)
+    frames = []
+    info = {}
+    for f in range(self.clip_length):
+      xs, xt = clip_s[f], clip_t[f]
+      kb_s, kh_s = self._keys(keys[2 * f])
+      kb_t, kh_t = self._keys(keys[2 * f + 1])
+      # A backbone with stochastic depth gets its key (ResNet: none).
+      net_s = (functools.partial(self.backbone, rng=kb_s)
+               if self.backbone_rng else self.backbone)
+      net_t = (functools.partial(self.backbone, rng=kb_t)
+               if self.backbone_rng else self.backbone)
+      if layer is None:
+        fs, ft = net_s(xs, train), net_t(xt, train)
+      else:
+        s1 = net_s(xs, train, last=layer)
+        t1 = net_t(xt, train, last=layer)
+        ms, mt, frame_info = mix_fn(s1[layer], t1[layer],
+                                    jax.tree.map(lambda m: m[:, f], masks))
+        info.update({f'{k}_f{f}': v for k, v in frame_info.items()})
+        stages = self.backbone.STAGES
+        nxt = stages[stages.index(layer) + 1]
+        # The mixed feature replaces the stage output (an aux head on it
+        # sees the mixed feature too).
+        fs = {**s1, layer: ms, **net_s(ms, train, first=nxt)}
+        ft = {**t1, layer: mt, **net_t(mt, train, first=nxt)}
+      frames.append((self.heads(fs, train=train, dropout_key=kh_s),
+                     self.heads(ft, train=train, dropout_key=kh_t)))
+    (cur_s, cur_t), (key_s, key_t) = (frames if self.clip_length == 2 else
+                                      (frames[0], (None, None)))
+    size = clip_s[0].shape[1:3]
+    flow_s = clip_s[2] if self.clip_length == 2 else None
+    flow_t = clip_t[2] if self.clip_length == 2 else None
+    out_s = self._outputs(cur_s, key_s, flow_s, size, lt_mask)
+    out_s['mix_info'] = info
+    return out_s, self._outputs(cur_t, key_t, flow_t, size, lt_mask)
