@@ -59,7 +59,7 @@ from dastc_jax import paths
 from dastc_jax import weight_files
 from dastc_jax.runtime import checkpointing
 
-LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision')
+LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision', 'mit', 'quadmix_vit')
 # Keys each layout drops silently (not part of any of our models).
 _IGNORED = {
     'accel': (r'.*num_batches_tracked$',),
@@ -94,8 +94,12 @@ class Report:
 
 # ------------------------------------------------------------------ mapping
 def detect_layout(keys: Sequence[str]) -> str:
-  """``accel``, ``caffe`` or ``torchvision`` from a state_dict's keys."""
+  """The layout (``LAYOUTS``) of a state_dict, from its keys."""
   keys = set(keys)
+  if 'patch_embed1.proj.weight' in keys:
+    return 'mit'
+  if 'model.patch_embed1.proj.weight' in keys:
+    return 'quadmix_vit'
   if any(k.startswith('Scale.') for k in keys):
     return 'caffe'
   if 'fc.weight' in keys:
@@ -196,6 +200,9 @@ def convert_state_dict(sd: dict[str, np.ndarray],
                           f'{LAYOUTS}.')
   if layout == 'auto':
     layout = detect_layout(list(sd))
+  if layout in ('mit', 'quadmix_vit'):
+    return convert_transformer(sd, model_config, layout, source=source,
+                               seed=seed)
   sd = {k[len('Scale.'):] if k.startswith('Scale.') else k: v
         for k, v in sd.items()}
   notes = []
@@ -331,6 +338,64 @@ def load_by_names(module: Any, sd: dict[str, np.ndarray], *,
                              ('shape-mismatched', mismatched)) if k))
   nnx.update(module, state)
   return used
+
+
+def convert_transformer(sd: dict[str, np.ndarray],
+                        model_config: ml_collections.ConfigDict,
+                        layout: str, *, source: str = '<memory>',
+                        seed: int = 0
+                        ) -> tuple[dict[str, Any], dict[str, Any], Report]:
+  """ImageNet MiT (``mit``: ``patch_embed1...``, its ``head.*`` ImageNet
+  classifier dropped; the DAFormer head and ``sf_layer`` keep this config's
+  initialisation) or a released QuadMix-ViT video model (``quadmix_vit``:
+  ``model.*`` encoder, ``decoder.*`` head and ``decoder.sf_layer``) into a
+  transformer config (``model.name`` ``accel_daformer`` / ``daformer``)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dastc_jax import models  # pylint: disable=g-import-not-at-top
+  if model_config.name not in models.TRANSFORMERS:
+    raise ConversionError(
+        f'{source} holds {layout} (transformer) weights; config.model.name='
+        f'{model_config.name!r} is not a transformer model (use one of '
+        f'{models.TRANSFORMERS}, e.g. configs/viper_vit.py).')
+  model = models.build_model(model_config, nnx.Rngs(params=seed))
+  sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
+  ignored = sorted(k for k in sd if layout == 'mit' and k.startswith('head.'))
+  used = set(ignored)
+  kept, notes = [], []
+  if layout == 'mit':
+    used |= set(load_by_names(model.backbone, sd, source=source))
+    kept = ['head/', 'sf_layer/'] if hasattr(model, 'sf_layer') else ['head/']
+    notes.append('ImageNet MiT encoder: the decode head (and sf_layer) keep '
+                 'this config\'s initialisation.')
+  else:
+    used |= set(load_by_names(model.backbone, sd, prefix='model.',
+                              source=source))
+    used |= set(load_by_names(model.head, sd, prefix='decoder.',
+                              source=source))
+    if hasattr(model, 'sf_layer'):
+      name = 'decoder.sf_layer.weight'
+      if name not in sd:
+        raise ConversionError(f'{source}: 1 missing: {name} (a video model; '
+                              'an image-domain file fits model.name='
+                              "'daformer').")
+      w = np.transpose(np.asarray(sd[name], np.float32), (2, 3, 1, 0))
+      if w.shape != tuple(model.sf_layer.kernel.shape):
+        raise ConversionError(f'{source}: {name}: file {sd[name].shape}, '
+                              f'model {model.sf_layer.kernel.shape} (another '
+                              'class count?).')
+      model.sf_layer.kernel.set_value(jax.numpy.asarray(w))
+      used.add(name)
+  unexpected = sorted(set(sd) - used)
+  if unexpected:
+    raise ConversionError(f'{source} ({layout} layout): {len(unexpected)} '
+                          'unexpected: ' + '; '.join(unexpected[:8]))
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+  stats = jax.tree.map(np.asarray, nnx.to_pure_dict(stats))
+  report = Report(source=source, layout=layout,
+                  converted=sorted(used - set(ignored)),
+                  missing_initialised=kept, ignored=ignored, notes=notes)
+  return params, stats, report
 
 
 # ------------------------------------------------------------------- output

@@ -1,0 +1,117 @@
+"""The transformer video model: released-layout conversion and the whole
+two-frame forward against PyTorch (transformers' MiT encoder, the restated
+DAFormer head, the ACCEL fusion by ``grid_sample``)."""
+
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from transformers import SegformerConfig
+from transformers import SegformerModel
+
+from configs import viper_vit
+from dastc_jax import convert
+from dastc_jax.benchmarks import torch_accel
+from dastc_jax.models import mit
+from dastc_jax.ops import image as image_ops
+from dastc_jax.runtime import state as state_lib
+from tests import test_daformer
+from tests import test_mit
+
+torch.set_num_threads(1)
+
+
+def _model_config():
+  return viper_vit.get_config('smoke').model  # the 'tiny' MiT, 15 classes
+
+
+def _torch_parts(mc, seed=0):
+  spec = mit.VARIANTS[mc.mit_variant]
+  torch.manual_seed(seed)
+  hf = SegformerModel(SegformerConfig(
+      hidden_sizes=list(spec.dims), depths=list(spec.depths),
+      num_attention_heads=list(spec.heads), sr_ratios=list(spec.sr_ratios),
+      drop_path_rate=0.0)).eval()
+  for name, m in hf.named_modules():
+    if isinstance(m, torch.nn.LayerNorm) and (
+        name.endswith(('layernorm_before', 'layernorm_after')) or
+        re.fullmatch(r'stages\.\d+\.layer_norm', name)):
+      m.eps = mit.BLOCK_EPS
+  head = test_daformer.TorchDAFormerHead(spec.dims, mc.num_classes,
+                                         mc.head_features).eval()
+  sf = torch.nn.Conv2d(2 * mc.num_classes, mc.num_classes, 1, bias=False)
+  with torch.no_grad():
+    for m in head.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.normal_(0, 0.2)
+        m.running_var.uniform_(0.5, 1.5)
+    sf.weight.normal_(0, 0.3)
+  sd = {'model.' + k: v for k, v in test_mit.hf_to_mmseg(
+      {k: v.numpy() for k, v in hf.state_dict().items()}).items()}
+  sd.update({'decoder.' + k: v.numpy() for k, v in head.state_dict().items()})
+  sd['decoder.sf_layer.weight'] = sf.weight.detach().numpy()
+  return hf, head, sf, sd
+
+
+def test_released_layout_converts_and_the_video_forward_matches():
+  mc = _model_config()
+  hf, head, sf, sd = _torch_parts(mc)
+  params, stats, report = convert.convert_state_dict(sd, mc)
+  assert report.layout == 'quadmix_vit' and not report.missing_initialised
+  graphdef = state_lib.model_graphdef(ml_collections.ConfigDict(
+      {'model': mc}))
+  model = nnx.merge(graphdef, params, stats)
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (1, 2, 64, 96, 3), dtype=np.uint8)
+  frames = np.asarray(image_ops.normalize(rgb))  # our input convention
+  flow = rng.normal(0, 2, (1, 64, 96, 2)).astype(np.float32)
+  out = jax.jit(lambda m, f, fl: m.clip(f, fl, train=False))(
+      model, jnp.asarray(frames), jnp.asarray(flow))
+  # PyTorch: ImageNet-normalised RGB into the encoder, head, ACCEL fusion.
+  mean = np.asarray(mit.IMAGENET_MEAN_RGB, np.float32)
+  std = np.asarray(mit.IMAGENET_STD_RGB, np.float32)
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1,
+                                                                     1)))
+
+  def scores(x):
+    feats = hf(nchw((x.astype(np.float32) - mean) / std),
+               output_hidden_states=True).hidden_states
+    return head(list(feats))[0]
+
+  holder = torch.nn.Module()
+  holder.sf_layer = sf
+  with torch.no_grad():
+    cur, key = scores(rgb[:, 0]), scores(rgb[:, 1])
+    pred = torch_accel.AccelDeepLab.fuse(holder, cur, key, nchw(flow))
+  for got, want in ((out['logits'], cur), (out['pred'], pred)):
+    want = np.moveaxis(want.numpy(), 1, -1)
+    assert got.shape == want.shape == (1, 16, 24, mc.num_classes)  # stride 4
+    rel = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+    assert rel < 1e-4, rel
+  # The key frame really contributes.
+  assert np.abs(np.asarray(out['pred'] - out['logits'])).max() > 1e-2
+
+
+def test_imagenet_mit_converts_the_encoder_only():
+  mc = _model_config()
+  _, _, _, sd = _torch_parts(mc)
+  imagenet = {k[len('model.'):]: v for k, v in sd.items()
+              if k.startswith('model.')}
+  imagenet['head.weight'] = np.zeros((1000, 64), np.float32)
+  imagenet['head.bias'] = np.zeros((1000,), np.float32)
+  params, _, report = convert.convert_state_dict(imagenet, mc)
+  assert report.layout == 'mit'
+  assert report.ignored == ['head.bias', 'head.weight']
+  assert report.missing_initialised == ['head/', 'sf_layer/']
+  np.testing.assert_array_equal(
+      params['backbone']['block1'][0]['attn']['kv']['kernel'],
+      imagenet['block1.0.attn.kv.weight'].T)
+  # Into the DeepLab model: refused with the reason.
+  from configs import viper  # pylint: disable=g-import-not-at-top
+  with pytest.raises(convert.ConversionError, match='not a transformer'):
+    convert.convert_state_dict(imagenet, viper.get_config('smoke').model)
