@@ -186,14 +186,15 @@ def demo(world: str, workdir: str) -> list[dict[str, Any]]:
     out = os.path.join(workdir, name)
     final = os.path.join(out, 'eval', f'step_{c.train.num_steps}',
                          'results.json')
-    start = time.time()
+    start, minutes = time.time(), None
     if not os.path.exists(final):
       train.train_and_evaluate(c, out)
+      minutes = (time.time() - start) / 60
     with open(final) as f:
       splits = json.load(f)['splits']
     rows.append({'flows': name, 'target_val': splits['target_val']['miou'],
                  'source_val': splits.get('source_val', {}).get('miou'),
-                 'minutes': (time.time() - start) / 60})
+                 'minutes': minutes})
     logging.info('%s', rows[-1])
   return rows
 
@@ -247,8 +248,10 @@ def _report(epe: list[dict[str, Any]], speed: list[dict[str, Any]],
               '|---|---|---|---|']
     for r in demo_rows:
       src = '-' if r['source_val'] is None else f'{r["source_val"]:.1f}'
+      mins = ('reused (an earlier run in --workdir)' if r['minutes'] is None
+              else f'{r["minutes"]:.1f}')
       lines.append(f'| {r["flows"]} | {r["target_val"]:.1f} | {src} | '
-                   f'{r["minutes"]:.1f} |')
+                   f'{mins} |')
   return '\n'.join(lines) + '\n'
 
 
