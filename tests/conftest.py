@@ -16,7 +16,7 @@ flags.FLAGS.mark_as_parsed()
 # Share compiled executables between tests that build identical steps.
 jax.config.update('jax_compilation_cache_dir',
                   os.path.join(os.path.dirname(__file__), '..', '.jax_cache'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.25)
 # Tests are compile-bound (tiny models): trade run time for compile time.
 jax.config.update('jax_disable_most_optimizations', True)
 

@@ -57,7 +57,7 @@ def environment(jax_cache: str) -> dict[str, str]:
              XLA_FLAGS='--xla_force_host_platform_device_count=8',
              DASTC_XLA_CPU_DEFAULTS='0',
              JAX_COMPILATION_CACHE_DIR=jax_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.25',
              JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   return env
 
