@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Dropout2d).
       mit_variant='b5',
       drop_path_rate=0.1,
+      remat=False,  # recompute encoder blocks in the backward pass
       daformer_dilations=(1, 6, 12, 18),
   ))
 

@@ -7,10 +7,12 @@ the block and stage norms are set to the mmseg 1e-6 here so that the two
 compute the same function.
 """
 
+import functools
 import re
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,41 @@ def test_drop_path_rises_linearly_over_all_blocks():
   got = [b.drop_path_rate for i in range(4)
          for b in getattr(small, f'block{i + 1}')]
   assert got == mit.drop_path_rates(mit.VARIANTS['b0'].depths, 0.1)
+
+
+def test_remat_and_drop_path_in_training():
+  """Rematerialised blocks give the same loss and gradients; stochastic
+  depth changes the output only with a key, and differently per key."""
+  spec = mit.VARIANTS['tiny']
+  x = np.random.default_rng(0).normal(size=(2, 32, 48, 3)).astype(np.float32)
+  key = jax.random.key(0)
+
+  model = nnx.eval_shape(lambda: mit.MiT(spec, drop_path_rate=0.3,
+                                         rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(  # random values without an eager init per shape
+      lambda v: jnp.asarray(np.random.default_rng(v.size).normal(
+          0, 0.2, v.shape), np.float32), state)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def run(state, rng, remat):  # remat is static below
+    def loss(st):
+      m = nnx.merge(graphdef, st)
+      m.remat = remat
+      return sum(jnp.sum(jnp.tanh(v)**2) for v in m(x, rng=rng).values())
+    return jax.value_and_grad(loss)(state)
+
+  def loss_and_grad(remat, rng):
+    if rng is None:
+      return jax.jit(lambda st: (
+          sum(jnp.sum(jnp.tanh(v)**2) for v in
+              nnx.merge(graphdef, st)(x).values()), None))(state)
+    return run(state, rng, remat)
+
+  (l0, g0), (l1, g1) = loss_and_grad(False, key), loss_and_grad(True, key)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+  l_eval, _ = loss_and_grad(False, None)
+  l_other, _ = loss_and_grad(False, jax.random.key(1))
+  assert len({float(l0), float(l_eval), float(l_other)}) == 3

@@ -41,7 +41,8 @@ class AccelDAFormer(video.FlowFusionModel):
     self.num_classes = c
     self.per_axis_flow_scale = config.per_axis_flow_scale
     self.backbone = mit.MiT(spec, drop_path_rate=config.drop_path_rate,
-                            caffe_input=True, dtype=dtype, rngs=rngs)
+                            caffe_input=True, remat=config.remat,
+                            dtype=dtype, rngs=rngs)
     self.head = daformer.DAFormerHead(
         spec.dims, c, embed=config.head_features,
         dilations=tuple(config.daformer_dilations), dropout=config.dropout,

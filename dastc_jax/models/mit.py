@@ -167,19 +167,28 @@ def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[float]:
   return [rate * i / max(total - 1, 1) for i in range(total)]
 
 
+@nnx.remat
+def _remat_block(block: Block, x: jax.Array,
+                 key: jax.Array | None) -> jax.Array:
+  return block(x, key)
+
+
 class MiT(nnx.Module):
   """The MiT encoder: four stages at strides 4, 8, 16, 32."""
 
   STAGES = ('c1', 'c2', 'c3', 'c4')
 
   def __init__(self, spec: MiTSpec, *, drop_path_rate: float = 0.1,
-               caffe_input: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               caffe_input: bool = False, remat: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     rates = drop_path_rates(spec.depths, drop_path_rate)
     # True: inputs come as this project's frames (BGR minus the Caffe mean,
     # ops/image.py) and are brought to the ImageNet normalisation that MiT
     # weights are trained with (RGB, mean/std in 0-255 units).
     self.caffe_input = caffe_input
+    # Recompute each block's activations in the backward pass instead of
+    # keeping them (memory for compute; same values).
+    self.remat = remat
     self.out_features = dict(zip(self.STAGES, spec.dims))
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
@@ -221,7 +230,8 @@ class MiT(nnx.Module):
       x = getattr(self, f'patch_embed{i + 1}')(x)
       offset = sum(depths[:i])
       for j, block in enumerate(getattr(self, f'block{i + 1}')):
-        x = block(x, keys[offset + j])
+        x = (_remat_block(block, x, keys[offset + j]) if self.remat
+             else block(x, keys[offset + j]))
       x = getattr(self, f'norm{i + 1}')(x)
       out[self.STAGES[i]] = x
     return out
