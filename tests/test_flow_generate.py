@@ -195,3 +195,32 @@ def test_a_missing_frame_is_named(tiny_world, tmp_path):
   os.remove(gone)
   with pytest.raises(Exception, match=os.path.basename(gone)):
     generate.list_jobs('cityscapes_seq', root, 'train', str(tmp_path / 'f'))
+
+
+@pytest.mark.integration
+def test_the_flow_command_then_prepare(tiny_world, raft_file, tmp_path):
+  """``python -m dastc_jax.flow`` as a user runs it, then ``prepare``
+  reading its output; a bad --manual_dir is one line, exit 2."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': repo}
+  out = str(tmp_path / 'flows')
+  run = lambda *a: subprocess.run(
+      [sys.executable, '-m', 'dastc_jax.flow', *a], cwd=repo, env=env,
+      capture_output=True, text=True, timeout=300, check=False)
+  res = run('--dataset=viper', f'--manual_dir={tiny_world}/Viper',
+            f'--weights={raft_file}', '--iterations=2', '--size=144,256',
+            '--splits=train', f'--train_flow_dir={out}')
+  assert res.returncode == 0, res.stderr[-2000:]
+  stats = json.loads(res.stdout.strip().splitlines()[-1])
+  assert stats['estimator'] == 'raft:raft_small'
+  assert stats['splits']['train']['written'] == 6 and len(_names(out)) == 6
+  counts = prepare.prepare('viper', f'{tiny_world}/Viper',
+                           str(tmp_path / 'tfds'), flow_dirs={'train': out},
+                           splits=['train'], check_counts=False)
+  assert counts == {'train': 6}
+  bad = run('--dataset=viper', f'--manual_dir={tmp_path}/none',
+            f'--weights={raft_file}')
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert 'is not a folder' in bad.stderr
