@@ -16,6 +16,7 @@ from transformers import SegformerModel
 
 from configs import viper_vit
 from dastc_jax import convert
+from dastc_jax.benchmarks import faults
 from dastc_jax.benchmarks import torch_accel
 from dastc_jax.models import mit
 from dastc_jax.ops import image as image_ops
@@ -115,3 +116,38 @@ def test_imagenet_mit_converts_the_encoder_only():
   from configs import viper  # pylint: disable=g-import-not-at-top
   with pytest.raises(convert.ConversionError, match='not a transformer'):
     convert.convert_state_dict(imagenet, viper.get_config('smoke').model)
+
+
+def test_vit_smoke_config_trains_dastc(world_cache, tmp_path):
+  """``configs/viper_vit.py:smoke``: a source-only step, then a DA-STC step
+  (pseudo-labels, both fusions after MiT stage c1, alignment on the
+  DAFormer feature), then evaluation; the DA-STC step moves the encoder
+  and the fusion layer."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from dastc_jax import train  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  c = viper_vit.get_config('smoke')
+  c.data.synthetic.cache_dir = world_cache
+  c.eval.num_overlays = 0
+  c.mesh.data = 4  # the global batch of 4 on 4 of the 8 simulated devices
+  c.eval.splits = ('target_val',)
+  workdir = str(tmp_path / 'vit')
+  final = train.train_and_evaluate(c, workdir)
+  assert set(final) == {'target_val'} and 0.0 <= final['target_val'] <= 100
+  with open(os.path.join(workdir, 'eval', 'step_2', 'results.json')) as f:
+    assert json.load(f)['step'] == 2
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    async_save=False, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+  finally:
+    ckpt.close()
+  assert steps[-2:] == [1, 2]
+  # The DA-STC step (step 2) moved the encoder and the fusion layer.
+  s1, _ = faults.final_state(workdir, 1)
+  s2, _ = faults.final_state(workdir, 2)
+  for part in ('backbone', 'sf_layer'):
+    a, b = jax.tree.leaves(s1['params'][part]), jax.tree.leaves(
+        s2['params'][part])
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) > 0, part
