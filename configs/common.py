@@ -322,6 +322,30 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.train.num_steps = 40000
 
 
+def vit_config(base, arg: str | None, image: bool = False
+               ) -> ml_collections.ConfigDict:
+  """A ``*_vit.py`` config: ``base``'s dataset pair and DA-STC settings with
+  the transformer model (``vit``). ``:smoke``: a test-size MiT on the tiny
+  synthetic world, 2 steps. ``:reference``: the released code's bug flags
+  and the frozen-then-self teacher with the ViT scripts' 4000-step switch.
+  Start from ImageNet MiT weights: ``python -m dastc_jax.convert
+  --config=configs/viper_vit.py --source=mit_b5.pth --output=weights/mit_b5``
+  then ``--config.train.init_from=weights/mit_b5``."""
+  args = parse_arg(arg)
+  c = base.get_config()
+  vit(c, image=image)
+  if 'reference' in args:
+    reference(c)
+    c.dastc.teacher_switch_steps = 4000  # the ViT scripts' switch
+  if 'smoke' in args:
+    if image:
+      smoke_images(c)
+    else:
+      smoke(c)
+    tiny_vit(c)
+  return c
+
+
 def tiny_vit(c: ml_collections.ConfigDict) -> None:
   """Shrinks the transformer to a test-size MiT of the same structure."""
   c.model.mit_variant = 'tiny'

@@ -1,16 +1,7 @@
-"""GTA5 -> Cityscapes (image domain) with the transformer model (QuadMix-ViT).
+"""GTA5 -> Cityscapes, the single-frame transformer (docs/vit.md).
 
-MiT-B5 encoder, DAFormer head (sepaspp, 256), flow-guided score fusion at
-output stride 4 for the video pair; the dataset pair and DA-STC settings of
-``configs/gta5.py``; the optimisation of the released ViT scripts
-(``common.vit``: AdamW 6e-5, x10 decoder, linear warm-up 1500 steps, poly
-1.0, 40k steps). Start from ImageNet MiT weights converted with
-``python -m dastc_jax.convert --config=configs/gta5_vit.py --source=mit_b5.pth
---output=weights/mit_b5`` (``--config.train.init_from=weights/mit_b5``).
-docs/vit.md lists what differs from the released model.
-
-Variants: ``:smoke`` (a test-size MiT on the tiny synthetic world, 2 steps),
-``:reference`` (the released code's bug flags and frozen-then-self teacher).
+``configs/gta5.py`` with ``common.vit``; variants ``:smoke`` and
+``:reference`` as documented in ``common.vit_config``.
 """
 
 from configs import common
@@ -18,13 +9,4 @@ from configs import gta5
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg)
-  c = gta5.get_config()
-  common.vit(c, image=True)
-  if 'reference' in args:
-    common.reference(c)
-    c.dastc.teacher_switch_steps = 4000  # the ViT scripts' switch
-  if 'smoke' in args:
-    common.smoke_images(c)
-    common.tiny_vit(c)
-  return c
+  return common.vit_config(gta5, arg, image=True)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
+from flax import nnx
+import jax
 import numpy as np
 
 from dastc_jax import errors
@@ -89,3 +92,59 @@ def sha256(path: str) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       h.update(chunk)
   return h.hexdigest()
+
+
+_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+               'mean': 'running_mean', 'var': 'running_var'}
+
+
+def torch_names(module: Any, prefix: str = '') -> dict[tuple[Any, ...], str]:
+  """State paths of an NNX module whose attribute names are the PyTorch
+  module's (MiT, the DAFormer head) -> the ``state_dict`` keys."""
+  return {tuple(path): prefix + '.'.join([str(p) for p in path[:-1]] +
+                                         [_LEAF_NAMES[str(path[-1])]])
+          for path, _ in nnx.to_flat_state(nnx.state(module))}
+
+
+def load_by_names(module: Any, sd: dict[str, np.ndarray], *,
+                  prefix: str = '',
+                  names: dict[tuple[Any, ...], str] | None = None,
+                  source: str = '<memory>') -> list[str]:
+  """Fills ``module`` in place from ``sd`` by name (conv weights OIHW ->
+  HWIO, Linear weights transposed). ``names`` maps state paths to keys
+  (default: :func:`torch_names`).
+
+  Returns:
+    The ``sd`` keys used.
+
+  Raises:
+    ConversionError: naming missing and shape-mismatched keys.
+  """
+  state = nnx.state(module)
+  flat = dict(nnx.to_flat_state(state))
+  missing, mismatched, used = [], [], []
+  for path, name in (names or torch_names(module, prefix)).items():
+    if name not in sd:
+      missing.append(name)
+      continue
+    value = np.asarray(sd[name], np.float32)
+    if value.ndim == 4:
+      value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+    elif value.ndim == 2:
+      value = value.T  # Linear [out, in] -> [in, out]
+    like = flat[path].get_value()
+    if value.shape != tuple(like.shape):
+      mismatched.append(f'{name}: file {tuple(sd[name].shape)}, model '
+                        f'{tuple(like.shape)}')
+      continue
+    flat[path].set_value(jax.numpy.asarray(value))
+    used.append(name)
+  if missing or mismatched:
+    raise ConversionError(
+        f'{source}: ' + ' | '.join(
+            f'{len(k)} {label}: ' + '; '.join(k[:6]) +
+            ('; ...' if len(k) > 6 else '')
+            for label, k in (('missing', missing),
+                             ('shape-mismatched', mismatched)) if k))
+  nnx.update(module, state)
+  return used

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dastc_jax import convert
 from dastc_jax.models import daformer
+from tests import torch_helpers
 
 torch.set_num_threads(1)
 
@@ -78,15 +79,7 @@ def test_head_matches_the_pytorch_restatement():
   dims, classes, embed = (8, 12, 20, 24), 5, 16
   torch.manual_seed(0)
   tm = TorchDAFormerHead(dims, classes, embed).eval()
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for m in tm.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+  torch_helpers.randomize_batchnorm(tm, 1)
   head = daformer.DAFormerHead(dims, classes, embed=embed,
                                rngs=nnx.Rngs(0))
   sd = {k: v.numpy() for k, v in tm.state_dict().items()

@@ -18,6 +18,7 @@ import torch
 from torchvision.models import optical_flow as tv_flow
 
 from dastc_jax.flow import correlation
+from tests import torch_helpers
 from dastc_jax.flow import raft
 from dastc_jax.flow import weights
 
@@ -27,15 +28,7 @@ torch.set_num_threads(1)
 def _torch_raft(variant: str, seed: int = 0) -> torch.nn.Module:
   torch.manual_seed(seed)
   model = getattr(tv_flow, variant)(weights=None).eval()
-  g = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(1 + 0.1 * torch.randn(n, generator=g))
-        m.bias.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+  torch_helpers.randomize_batchnorm(model, seed + 1, scale=0.1)
   return model
 
 

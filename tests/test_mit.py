@@ -60,6 +60,16 @@ def hf_to_mmseg(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def use_mmseg_epsilons(hf: torch.nn.Module) -> None:
+  """Sets the block and stage LayerNorms of an HF Segformer to mmseg's eps
+  (HF uses 1e-5 everywhere)."""
+  for name, m in hf.named_modules():
+    if isinstance(m, torch.nn.LayerNorm) and (
+        name.endswith(('layernorm_before', 'layernorm_after')) or
+        re.fullmatch(r'stages\.\d+\.layer_norm', name)):
+      m.eps = mit.BLOCK_EPS
+
+
 @pytest.mark.parametrize('hw', [(64, 96), (72, 40)])
 def test_every_stage_matches_transformers(hw):
   spec = mit.MiTSpec((32, 64, 160, 256), (2, 1, 2, 1))
@@ -68,11 +78,7 @@ def test_every_stage_matches_transformers(hw):
                         sr_ratios=list(spec.sr_ratios), drop_path_rate=0.0)
   torch.manual_seed(0)
   hf = SegformerModel(cfg).eval()
-  for name, m in hf.named_modules():  # the mmseg epsilons
-    if isinstance(m, torch.nn.LayerNorm) and (
-        name.endswith(('layernorm_before', 'layernorm_after')) or
-        re.fullmatch(r'stages\.\d+\.layer_norm', name)):
-      m.eps = mit.BLOCK_EPS
+  use_mmseg_epsilons(hf)
   with torch.no_grad():  # non-trivial LayerNorm affines
     for m in hf.modules():
       if isinstance(m, torch.nn.LayerNorm):

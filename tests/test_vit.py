@@ -2,8 +2,6 @@
 two-frame forward against PyTorch (transformers' MiT encoder, the restated
 DAFormer head, the ACCEL fusion by ``grid_sample``)."""
 
-import re
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from dastc_jax.ops import image as image_ops
 from dastc_jax.runtime import state as state_lib
 from tests import test_daformer
 from tests import test_mit
+from tests import torch_helpers
 
 torch.set_num_threads(1)
 
@@ -38,19 +37,12 @@ def _torch_parts(mc, seed=0):
       hidden_sizes=list(spec.dims), depths=list(spec.depths),
       num_attention_heads=list(spec.heads), sr_ratios=list(spec.sr_ratios),
       drop_path_rate=0.0)).eval()
-  for name, m in hf.named_modules():
-    if isinstance(m, torch.nn.LayerNorm) and (
-        name.endswith(('layernorm_before', 'layernorm_after')) or
-        re.fullmatch(r'stages\.\d+\.layer_norm', name)):
-      m.eps = mit.BLOCK_EPS
+  test_mit.use_mmseg_epsilons(hf)
   head = test_daformer.TorchDAFormerHead(spec.dims, mc.num_classes,
                                          mc.head_features).eval()
   sf = torch.nn.Conv2d(2 * mc.num_classes, mc.num_classes, 1, bias=False)
+  torch_helpers.randomize_batchnorm(head, seed + 1)
   with torch.no_grad():
-    for m in head.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 1.5)
     sf.weight.normal_(0, 0.3)
   sd = {'model.' + k: v for k, v in test_mit.hf_to_mmseg(
       {k: v.numpy() for k, v in hf.state_dict().items()}).items()}

@@ -77,36 +77,21 @@ def from_state_dict(sd: dict[str, np.ndarray], variant: str | None = None,
   model = raft_lib.abstract(variant)
   sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
   names = torch_names(model)
-  flat = dict(nnx.to_flat_state(nnx.state(model)))
-  values, missing, mismatched = {}, [], []
-  for path, name in names.items():
-    like = flat[path].get_value()
-    if name not in sd:
-      missing.append(name)
-      continue
-    value = np.asarray(sd[name], np.float32)
-    if value.ndim == 4:
-      value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
-    if value.shape != tuple(like.shape):
-      mismatched.append(f'{name}: file {tuple(sd[name].shape)}, model '
-                        f'{tuple(like.shape)}')
-      continue
-    values[path] = value
+  hint = (f' The file holds {held} weights; use variant {held}.'
+          if held != variant else '')
   unexpected = sorted(set(sd) - set(names.values()))
-  if missing or unexpected or mismatched:
-    parts = [f'{len(keys)} {label}: ' + '; '.join(keys[:6]) +
-             ('; ...' if len(keys) > 6 else '')
-             for label, keys in (('missing', missing),
-                                 ('unexpected', unexpected),
-                                 ('shape-mismatched', mismatched)) if keys]
-    hint = (f' The file holds {held} weights; use variant {held}.'
-            if held != variant else '')
-    raise ConversionError(f'{source} does not fit {variant}: ' +
-                          ' | '.join(parts) + '.' + hint)
-  state = nnx.state(model)
-  for path, variable in nnx.to_flat_state(state):
-    variable.set_value(jax.numpy.asarray(values[path]))
-  return nnx.merge(nnx.graphdef(model), state)
+  try:
+    weight_files.load_by_names(model, sd, names=names,
+                               source=f'{source} does not fit {variant}')
+  except ConversionError as e:
+    extra = (f' | {len(unexpected)} unexpected: ' +
+             '; '.join(unexpected[:6]) if unexpected else '')
+    raise ConversionError(f'{e}{extra}.{hint}') from None
+  if unexpected:
+    raise ConversionError(
+        f'{source} does not fit {variant}: {len(unexpected)} unexpected: ' +
+        '; '.join(unexpected[:6]) + '.' + hint)
+  return model
 
 
 def save(model: raft_lib.Raft, output: str, *, variant: str,

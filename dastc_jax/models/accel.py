@@ -69,10 +69,7 @@ class AccelDeepLab(video.FlowFusionModel):
                        "'proda' (DA-STC layer7) or 'aspp' (TPS layer6).")
     self.clip_length = 1 if config.name == 'deeplabv2' else 2
     if self.clip_length == 2:
-      # `sf_layer`: score fusion, initialised to output the current scores.
-      self.sf_layer = layers.Conv(2 * c, c, 1,
-                                  kernel_init=layers.identity_fusion_init(c),
-                                  dtype=dtype, rngs=rngs)
+      self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 
   def heads(self, feats: dict[str, jax.Array], *, train: bool,
             dropout_key: jax.Array | None) -> dict[str, jax.Array]:

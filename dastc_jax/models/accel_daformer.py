@@ -49,9 +49,7 @@ class AccelDAFormer(video.FlowFusionModel):
         bn_group_size=config.bn_group_size, dtype=dtype, rngs=rngs)
     self.clip_length = 1 if config.name == 'daformer' else 2
     if self.clip_length == 2:
-      self.sf_layer = layers.Conv(2 * c, c, 1,
-                                  kernel_init=layers.identity_fusion_init(c),
-                                  dtype=dtype, rngs=rngs)
+      self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 
   def heads(self, feats: dict[str, jax.Array], *, train: bool,
             dropout_key: jax.Array | None) -> dict[str, jax.Array]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dastc_jax.models import layers
 from dastc_jax.ops import warp as warp_ops
 
 
@@ -34,6 +35,14 @@ class FlowFusionModel(nnx.Module):
   def heads(self, feats: dict[str, jax.Array], *, train: bool,
             dropout_key: jax.Array | None) -> dict[str, jax.Array]:
     raise NotImplementedError
+
+  @staticmethod
+  def fusion_layer(num_classes: int, *, dtype, rngs: nnx.Rngs) -> layers.Conv:
+    """``sf_layer``: the bias-free 2C -> C 1x1 conv, initialised [I | 0] so
+    that the fused scores start as the current frame's."""
+    return layers.Conv(2 * num_classes, num_classes, 1,
+                       kernel_init=layers.identity_fusion_init(num_classes),
+                       dtype=dtype, rngs=rngs)
 
   def _keys(self, key: jax.Array | None
             ) -> tuple[jax.Array | None, jax.Array | None]:
