@@ -32,10 +32,6 @@ class FlowFusionModel(nnx.Module):
   # Whether the backbone takes a PRNG key in training (stochastic depth).
   backbone_rng: bool = False
 
-  def heads(self, feats: dict[str, jax.Array], *, train: bool,
-            dropout_key: jax.Array | None) -> dict[str, jax.Array]:
-    raise NotImplementedError
-
   @staticmethod
   def fusion_layer(num_classes: int, *, dtype, rngs: nnx.Rngs) -> layers.Conv:
     """``sf_layer``: the bias-free 2C -> C 1x1 conv, initialised [I | 0] so

@@ -223,9 +223,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.dastc.feature_layer={d.feature_layer!r}: '
         f'config.model.name={config.model.name!r} exchanges features after '
         f'one of {stages}.')
-  if config.model.name in models.TRANSFORMERS:
-    pass  # the DAFormer head always has its 256-d pre-logit feature
-  elif config.model.head != 'proda':
+  # (The DAFormer head of the transformer models always has its pre-logit
+  # feature.)
+  if (config.model.name not in models.TRANSFORMERS and
+      config.model.head != 'proda'):
     raise errors.ConfigError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
