@@ -306,6 +306,8 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.model.dropout = 0.1
   c.model.daformer_dilations = (1, 6, 12, 18)
   c.model.freeze_bn_affine = False  # the decoder's BatchNorms train
+  # Video: batch 1 + 1 (per-example statistics); image: over the batch.
+  c.model.bn_group_size = 0 if image else 1
   c.loss.aux_weight = 0.0  # no auxiliary head
   c.dastc.aux_weight = 0.0
   c.dastc.feature_layer = 'c1'
@@ -337,6 +339,9 @@ def vit_config(base, arg: str | None, image: bool = False
   if 'reference' in args:
     reference(c)
     c.dastc.teacher_switch_steps = 4000  # the ViT scripts' switch
+    # The ViT scripts schedule every group alike (the CNN script's constant
+    # head LR is not in them).
+    c.optim.constant_head_lr = False
   if 'smoke' in args:
     if image:
       smoke_images(c)

@@ -202,7 +202,7 @@ def convert_state_dict(sd: dict[str, np.ndarray],
     layout = detect_layout(list(sd))
   if layout in ('mit', 'quadmix_vit'):
     return convert_transformer(sd, model_config, layout, source=source,
-                               seed=seed)
+                               seed=seed, allow_unexpected=allow_unexpected)
   sd = {k[len('Scale.'):] if k.startswith('Scale.') else k: v
         for k, v in sd.items()}
   notes = []
@@ -292,13 +292,14 @@ load_by_names = weight_files.load_by_names
 def convert_transformer(sd: dict[str, np.ndarray],
                         model_config: ml_collections.ConfigDict,
                         layout: str, *, source: str = '<memory>',
-                        seed: int = 0
+                        seed: int = 0, allow_unexpected: Sequence[str] = ()
                         ) -> tuple[dict[str, Any], dict[str, Any], Report]:
   """ImageNet MiT (``mit``: ``patch_embed1...``, its ``head.*`` ImageNet
   classifier dropped; the DAFormer head and ``sf_layer`` keep this config's
   initialisation) or a released QuadMix-ViT video model (``quadmix_vit``:
   ``model.*`` encoder, ``decoder.*`` head and ``decoder.sf_layer``) into a
-  transformer config (``model.name`` ``accel_daformer`` / ``daformer``)."""
+  transformer config (``model.name`` ``accel_daformer`` / ``daformer``).
+  Keys matching ``allow_unexpected`` (e.g. an EMA copy) are ignored."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dastc_jax import models  # pylint: disable=g-import-not-at-top
   if model_config.name not in models.TRANSFORMERS:
@@ -308,7 +309,8 @@ def convert_transformer(sd: dict[str, np.ndarray],
         f'{models.TRANSFORMERS}, e.g. configs/viper_vit.py).')
   model = models.build_model(model_config, nnx.Rngs(params=seed))
   sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
-  ignored = sorted(k for k in sd if layout == 'mit' and k.startswith('head.'))
+  ignored = sorted(k for k in sd if (layout == 'mit' and k.startswith(
+      'head.')) or any(re.match(p, k) for p in allow_unexpected))
   used = set(ignored)
   kept, notes = [], []
   if layout == 'mit':

@@ -173,6 +173,9 @@ def test_bad_input_names_the_file(tiny_world, estimator, tmp_path):
   with pytest.raises(generate.FlowError, match='not a folder'):
     generate.default_splits_and_dirs('viper', str(tmp_path / 'none'), None,
                                      {})
+  with pytest.raises(generate.FlowError, match='another aspect ratio'):
+    generate.run('viper', os.path.join(tiny_world, 'Viper'), ['train'],
+                 {'train': str(tmp_path / 'k')}, estimator, hw=(144, 144))
   with pytest.raises(generate.FlowError, match='multiples of 8'):
     generate.run('viper', str(root), ['train'], {'train': str(tmp_path / 'h')},
                  estimator, hw=(100, 200))

@@ -86,6 +86,13 @@ def test_released_layout_converts_and_the_video_forward_matches():
     assert got.shape == want.shape == (1, 16, 24, mc.num_classes)  # stride 4
     rel = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
     assert rel < 1e-4, rel
+  # Extra keys (an EMA copy) stop the conversion unless allowed.
+  extra = {**sd, 'ema_model.patch_embed1.proj.weight': np.zeros(3)}
+  with pytest.raises(convert.ConversionError, match='1 unexpected'):
+    convert.convert_state_dict(extra, mc)
+  _, _, rep = convert.convert_state_dict(extra, mc,
+                                         allow_unexpected=(r'ema_model\.',))
+  assert rep.ignored == ['ema_model.patch_embed1.proj.weight']
   # The key frame really contributes.
   assert np.abs(np.asarray(out['pred'] - out['logits'])).max() > 1e-2
 

@@ -82,7 +82,7 @@ def is_done(path: str, hw: Sequence[int]) -> bool:
   try:
     arr = np.load(path, mmap_mode='r', allow_pickle=False)
     return arr.dtype == np.int16 and arr.shape == (hw[0], hw[1], 2)
-  except (OSError, ValueError):
+  except (OSError, ValueError, EOFError):  # missing, truncated, empty
     return False
 
 
@@ -266,6 +266,14 @@ def run(dataset: str, manual_dir: str, splits: Sequence[str],
   for split in splits:
     flow_dir = flow_dirs[split]
     jobs = list_jobs(dataset, manual_dir, split, flow_dir)
+    if jobs:
+      fh, fw = io.image_size(jobs[0].frame_t)
+      if abs(hw[0] / hw[1] - fh / fw) > 0.01 * fh / fw:
+        raise FlowError(
+            f'--size={hw[0]},{hw[1]} has another aspect ratio than the frames '
+            f'({fh}x{fw}, e.g. {jobs[0].frame_t}); flows must be a scaled '
+            "copy of the frame's grid (SYNTHIA-Seq: of the full 760x1280 "
+            'frame).')
     claim_folder(flow_dir, info)
     mine = jobs[host[0]::host[1]]
     logging.info('%s %s: %d flows (%d on this host) -> %s with %s at %dx%d',

@@ -33,13 +33,13 @@ _LEAF = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight',
 WEIGHT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 
 
-def detect_variant(sd: dict[str, np.ndarray]) -> str:
+def detect_variant(sd: dict[str, np.ndarray], source: str = '<memory>'
+                   ) -> str:
   """``raft_large`` or ``raft_small`` from a torchvision state dict."""
-  width = sd.get('feature_encoder.conv.weight')
-  if width is None:
+  if 'feature_encoder.conv.weight' not in sd:
     raise ConversionError(
-        'Not a torchvision RAFT state dict: no feature_encoder.conv.weight '
-        f'(first keys: {sorted(sd)[:5]}).')
+        f'{source} is not a torchvision RAFT state dict: no '
+        f'feature_encoder.conv.weight (first keys: {sorted(sd)[:5]}).')
   return 'raft_large' if 'mask_predictor.conv.weight' in sd else 'raft_small'
 
 
@@ -69,7 +69,7 @@ def from_state_dict(sd: dict[str, np.ndarray], variant: str | None = None,
     ConversionError: naming every missing, unexpected or mismatched key, and
       the variant the file holds when another one was asked for.
   """
-  held = detect_variant(sd)
+  held = detect_variant(sd, source)
   variant = variant or held
   if variant not in raft_lib.VARIANTS:
     raise ConversionError(f'Unknown RAFT variant {variant!r}; expected one '

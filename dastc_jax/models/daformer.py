@@ -27,6 +27,10 @@ from flax import nnx
 from dastc_jax.models import layers
 
 
+_KAIMING_FAN_OUT = nnx.initializers.variance_scaling(2.0, 'fan_out',
+                                                     'normal')
+
+
 class ConvModule(nnx.Module):
   """mmcv's ``ConvModule``: conv (no bias), BatchNorm, ReLU."""
 
@@ -34,10 +38,12 @@ class ConvModule(nnx.Module):
                groups: int = 1, bn_group_size: int = 0, dtype,
                rngs: nnx.Rngs):
     pad = dilation * (kernel // 2)
+    # mmcv's ConvModule init: Kaiming normal, fan_out, ReLU gain.
     self.conv = nnx.Conv(cin, cout, (kernel, kernel),
                          padding=((pad, pad), (pad, pad)),
                          kernel_dilation=dilation, feature_group_count=groups,
-                         use_bias=False, dtype=dtype, rngs=rngs)
+                         use_bias=False, kernel_init=_KAIMING_FAN_OUT,
+                         dtype=dtype, rngs=rngs)
     self.bn = layers.BatchNorm(cout, group_size=bn_group_size)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -117,7 +123,9 @@ class DAFormerHead(nnx.Module):
     self.fuse_layer = SepASPP(len(in_features) * embed, embed, dilations,
                               bn_group_size=bn_group_size, dtype=dtype,
                               rngs=rngs)
+    # mmseg's classifier init: N(0, 0.01), zero bias.
     self.conv_seg = nnx.Conv(embed, num_classes, (1, 1), use_bias=True,
+                             kernel_init=nnx.initializers.normal(0.01),
                              dtype=dtype, rngs=rngs)
     self.dropout = dropout
     self.out_features = embed

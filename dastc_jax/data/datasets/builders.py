@@ -305,7 +305,10 @@ def encode(spec: Spec, rec: dict[str, Any]) -> tuple[Example, np.ndarray]:
 def check_stored_size(spec: Spec, rec: dict[str, Any],
                       size: tuple[int, int]) -> None:
   """Raises unless ``size`` keeps the aspect ratio of ``rec``'s frames (so
-  one magnitude scale serves both flow axes, as at read time)."""
+  one magnitude scale serves both flow axes, as at read time); datasets
+  without flows may be stored at any size."""
+  if not spec.flows:
+    return
   h, w = ((SYNTHIA_CROP_ROWS, SYNTHIA_SIZE[1]) if spec.name == 'synthia_seq'
           else io.image_size(rec['frames'][0]))
   if abs(size[0] / size[1] - h / w) > 0.01 * h / w:

@@ -80,9 +80,13 @@ def _check_stored_size(data_dir: str, spec: builders.Spec, split: str,
   if os.path.exists(path):
     with open(path) as f:
       held = json.load(f)['frames']
-  elif is_prepared(data_dir, spec, split):
-    held = 'native'  # prepared before sizes were recorded
+  elif os.path.exists(os.path.join(prepared_dir(data_dir, spec, split),
+                                   'dataset_info.json')):
+    held = 'native'  # written before sizes were recorded
   else:
+    # Nothing written yet: record the size first, so that an interrupted
+    # run is never continued at another size.
+    paths.write_atomic(path, json.dumps({'frames': want}))
     return
   if held != want:
     raise io.DataError(
@@ -308,9 +312,6 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
     np.savez(tmp, ids=np.array(ids),
              histogram=np.stack([hists[split][i] for i in ids]))
     os.replace(tmp, path)
-    size = cache.sizes.get(split)
-    paths.write_atomic(stored_size_path(data_dir, spec, split), json.dumps(
-        {'frames': list(size) if size else 'native'}))
     counts[split] = len(ids)
   logging.info('%s ready in %s: %s', spec.name, folder, counts)
   return counts
