@@ -132,7 +132,7 @@ def test_wrong_variant_and_bad_keys_are_named(tmp_path):
   msg = str(e.value)
   assert 'x.pth' in msg and 'update_block.flow_head.conv2.bias' in msg
   assert 'extra.weight' in msg
-  with pytest.raises(weights.ConversionError, match='Not a torchvision RAFT'):
+  with pytest.raises(weights.ConversionError, match='is not a torchvision RAFT state dict'):
     weights.from_state_dict({'conv1.weight': np.zeros((1, 1, 1, 1))})
 
 
