@@ -30,7 +30,8 @@ _WORLD_FIXTURES = frozenset(
 # The longest integration tests (SIGKILLed subprocess runs, multi-device
 # DA-STC steps, the 2-process run) start first so that the two xdist
 # workers finish together.
-_LONGEST_FIRST = ('test_faults.py', 'test_dastc.py', 'test_scale.py')
+_LONGEST_FIRST = ('test_faults.py', 'test_dastc.py', 'test_vit.py',
+                  'test_scale.py')
 
 
 def pytest_collection_modifyitems(config, items):
