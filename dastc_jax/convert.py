@@ -355,8 +355,11 @@ def convert_file(source: str, output: str,
                  layout: str = 'auto',
                  allow_missing: Sequence[str] | None = None,
                  allow_unexpected: Sequence[str] = (),
-                 overwrite: bool = False) -> Report:
-  """Converts ``source`` and writes an orbax checkpoint under ``output``.
+                 overwrite: bool = False,
+                 loaded: tuple[dict[str, np.ndarray], str] | None = None
+                 ) -> Report:
+  """Converts ``source`` and writes an orbax checkpoint under ``output``
+  (``loaded``: ``weight_files.read(source)`` when the caller has read it).
 
   ``output/checkpoints/0`` holds ``{'params', 'batch_stats'}``;
   ``output/conversion.json`` says what was converted from where. The
@@ -372,9 +375,7 @@ def convert_file(source: str, output: str,
   output = os.fspath(paths.resolve(output))
   if paths.resolve(output).exists() and not overwrite:
     raise ConversionError(f'{output} exists; pass --overwrite to replace it.')
-  with paths.local_copy(source) as local_source:
-    sd = load_state_dict(local_source)
-    digest = weight_files.sha256(local_source)
+  sd, digest = loaded or weight_files.read(source)
   params, stats, report = convert_state_dict(
       sd, model_config, layout=layout, allow_missing=allow_missing,
       allow_unexpected=allow_unexpected, source=source)
@@ -424,19 +425,14 @@ def _define_flags():
   return flags.FLAGS
 
 
-def _is_raft(source: str) -> bool:
-  """Whether ``source`` holds torchvision RAFT weights (no config needed)."""
-  with paths.local_copy(source) as local:
-    return 'feature_encoder.conv.weight' in weight_files.load_state_dict(local)
-
-
 def _main(argv, f) -> None:
   if len(argv) > 1:
     raise SystemExit(f'Unexpected arguments: {argv[1:]}')
-  if _is_raft(f.source):
+  loaded = weight_files.read(f.source)  # read once, whatever the layout
+  if 'feature_encoder.conv.weight' in loaded[0]:  # torchvision RAFT
     from dastc_jax.flow import weights as flow_weights  # pylint: disable=g-import-not-at-top
     variant = flow_weights.convert_file(f.source, f.output,
-                                        overwrite=f.overwrite)
+                                        overwrite=f.overwrite, loaded=loaded)
     print(f'Wrote {paths.resolve(f.output)}: torchvision {variant} weights '
           'as an orbax checkpoint. Use it with `python -m dastc_jax.flow '
           f'--weights={f.output}` or `prepare --compute_flows={f.output}`.')
@@ -448,7 +444,7 @@ def _main(argv, f) -> None:
     report = convert_file(
         f.source, f.output, f.config.model, layout=f.layout,
         allow_missing=f.allow_missing, allow_unexpected=f.allow_unexpected,
-        overwrite=f.overwrite)
+        overwrite=f.overwrite, loaded=loaded)
   except ConversionError as e:
     raise SystemExit(f'error: {e}') from None
   print(f'Wrote {paths.resolve(f.output)}: {len(report.converted)} tensors '

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dastc_jax import errors
+from dastc_jax import paths
 
 
 class ConversionError(errors.UserError, ValueError):
@@ -83,6 +84,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def _strip_module(key: str) -> str:
   """Drops the ``module.`` prefix of a DataParallel-saved key."""
   return key[len('module.'):] if key.startswith('module.') else key
+
+
+def read(source: str) -> tuple[dict[str, np.ndarray], str]:
+  """``(state_dict, sha256)`` of a weight file (``gs://`` read through a
+  local copy), reading it once."""
+  with paths.local_copy(source) as local:
+    return load_state_dict(local), sha256(local)
 
 
 def sha256(path: str) -> str:

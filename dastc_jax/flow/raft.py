@@ -109,6 +109,19 @@ class ConvNormAct(nnx.Module):
     return jax.nn.relu(x) if self.relu else x
 
 
+def _shortcut(cin: int, cout: int, stride: int, norm: str | None,
+              rngs: nnx.Rngs) -> ConvNormAct | None:
+  """The projected shortcut of a strided block (``downsample``), or None."""
+  if stride == 1:
+    return None
+  return ConvNormAct(cin, cout, 1, stride, norm=norm, relu=False, rngs=rngs)
+
+
+def _add_shortcut(downsample: ConvNormAct | None, x: jax.Array,
+                  y: jax.Array) -> jax.Array:
+  return jax.nn.relu((x if downsample is None else downsample(x)) + y)
+
+
 class ResidualBlock(nnx.Module):
   """Two 3x3 conv-norm-ReLU, projected shortcut when strided, ReLU."""
 
@@ -117,15 +130,11 @@ class ResidualBlock(nnx.Module):
     self.convnormrelu1 = ConvNormAct(cin, cout, 3, stride, norm=norm,
                                      rngs=rngs)
     self.convnormrelu2 = ConvNormAct(cout, cout, 3, norm=norm, rngs=rngs)
-    self.downsample = (ConvNormAct(cin, cout, 1, stride, norm=norm,
-                                   relu=False, rngs=rngs)
-                       if stride != 1 else None)
+    self.downsample = _shortcut(cin, cout, stride, norm, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.convnormrelu2(self.convnormrelu1(x))
-    if self.downsample is not None:
-      x = self.downsample(x)
-    return jax.nn.relu(x + y)
+    return _add_shortcut(self.downsample, x,
+                         self.convnormrelu2(self.convnormrelu1(x)))
 
 
 class BottleneckBlock(nnx.Module):
@@ -138,15 +147,11 @@ class BottleneckBlock(nnx.Module):
     self.convnormrelu2 = ConvNormAct(mid, mid, 3, stride, norm=norm,
                                      rngs=rngs)
     self.convnormrelu3 = ConvNormAct(mid, cout, 1, norm=norm, rngs=rngs)
-    self.downsample = (ConvNormAct(cin, cout, 1, stride, norm=norm,
-                                   relu=False, rngs=rngs)
-                       if stride != 1 else None)
+    self.downsample = _shortcut(cin, cout, stride, norm, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = self.convnormrelu3(self.convnormrelu2(self.convnormrelu1(x)))
-    if self.downsample is not None:
-      x = self.downsample(x)
-    return jax.nn.relu(x + y)
+    return _add_shortcut(self.downsample, x, y)
 
 
 class FeatureEncoder(nnx.Module):

@@ -114,11 +114,12 @@ def save(model: raft_lib.Raft, output: str, *, variant: str,
 
 
 def convert_file(source: str, output: str, variant: str | None = None,
-                 overwrite: bool = False) -> str:
-  """torchvision ``.pth`` / ``.safetensors`` -> orbax; returns the variant."""
-  with paths.local_copy(source) as local:
-    sd = weight_files.load_state_dict(local)
-    digest = weight_files.sha256(local)
+                 overwrite: bool = False,
+                 loaded: tuple[dict[str, np.ndarray], str] | None = None
+                 ) -> str:
+  """torchvision ``.pth`` / ``.safetensors`` -> orbax; returns the variant.
+  ``loaded``: ``weight_files.read(source)`` when the caller has read it."""
+  sd, digest = loaded or weight_files.read(source)
   model = from_state_dict(sd, variant, source)
   variant = variant or detect_variant(sd)
   save(model, output, variant=variant, overwrite=overwrite,
@@ -141,9 +142,7 @@ def load(path: str, variant: str | None = None
   """
   root = paths.resolve(path)
   if str(path).endswith(WEIGHT_SUFFIXES):
-    with paths.local_copy(path) as local:
-      sd = weight_files.load_state_dict(local)
-      digest = weight_files.sha256(local)
+    sd, digest = weight_files.read(path)
     model = from_state_dict(sd, variant, str(path))
     return model, {'variant': variant or detect_variant(sd),
                    'source': str(path), 'sha256': digest}
