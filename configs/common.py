@@ -355,6 +355,7 @@ def tiny_vit(c: ml_collections.ConfigDict) -> None:
   """Shrinks the transformer to a test-size MiT of the same structure."""
   c.model.mit_variant = 'tiny'
   c.model.head_features = 16
+  c.model.daformer_dilations = (1, 6)  # a plain and a separable branch
 
 
 def tiny_model(c: ml_collections.ConfigDict) -> None:
