@@ -225,6 +225,9 @@ def dastc_config() -> ml_collections.ConfigDict:
       feature_mode='swap',
       feature_layer='layer1',  # 'stem', 'layer1', 'layer2' or 'layer3'
       feature_swap_classes=2,  # classes per direction and clip ('swap')
+      # 'both', or one direction only: 'to_target' (source features into
+      # the target-context clip) or 'to_source'.
+      feature_swap_directions='both',
       feature_other_weight=0.3,  # 'blend': weight of the other clip
       # BatchNorm running averages: 'fixed' = from the source and strong
       # target passes only (the same in every ablation); 'all' = every

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dastc_jax.method import fusion
 
@@ -137,7 +138,7 @@ def test_swap_masks_take_current_classes_outside_the_pastes():
   pasted = jnp.zeros((b, 2, h, w), bool).at[:, :, :2].set(True)
   m = fusion.swap_masks(jax.random.key(1), src_labels=src, tgt_labels=tgt,
                         tgt_confident=conf, pasted=pasted, num_classes=4,
-                        num_swap_classes=1)
+                        num_swap_classes=1, directions='both')
   for i in range(b):
     ks, kt = int(m['src_classes'][i, 0]), int(m['tgt_classes'][i, 0])
     assert ks >= 0 and kt >= 0 and ks != kt  # one class set per clip
@@ -158,6 +159,23 @@ def test_swap_masks_take_current_classes_outside_the_pastes():
                                 np.asarray(m['to_s'][:, 0]))
   np.testing.assert_array_equal(np.asarray(ft2[..., 0]),
                                 ~np.asarray(m['to_t'][:, 0]))
+
+
+@pytest.mark.parametrize('directions', ['to_target', 'to_source'])
+def test_swap_masks_in_one_direction_leave_the_other_empty(directions):
+  rng = np.random.default_rng(0)
+  src = jnp.asarray(rng.integers(0, 4, (3, 2, 6, 8)))
+  tgt = jnp.asarray(rng.integers(0, 4, (3, 2, 6, 8)))
+  kw = dict(src_labels=src, tgt_labels=tgt,
+            tgt_confident=jnp.ones((3, 2, 6, 8), bool),
+            pasted=jnp.zeros((3, 2, 6, 8), bool), num_classes=4,
+            num_swap_classes=1)
+  both = fusion.swap_masks(jax.random.key(1), directions='both', **kw)
+  one = fusion.swap_masks(jax.random.key(1), directions=directions, **kw)
+  kept, emptied = (('to_t', 'to_s') if directions == 'to_target' else
+                   ('to_s', 'to_t'))
+  assert np.asarray(both[emptied]).any() and not np.asarray(one[emptied]).any()
+  np.testing.assert_array_equal(np.asarray(one[kept]), np.asarray(both[kept]))
 
 
 def test_feature_swap_exchanges_inside_the_masks_only():

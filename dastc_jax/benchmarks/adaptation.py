@@ -24,7 +24,8 @@ budget (the reference likewise adapts from a pre-trained model):
 
 Extra variants (``--variants=...``): ``mmd_alignment`` (the reference's
 RBF-MMD on logits), ``blend_feature_fusion`` (the reference decoder
-variant's blend), ``pairs_alignment`` (the reference's per-pair aggregation),
+variant's blend), ``feature_swap_to_target`` and ``feature_swap_to_source``
+(the feature exchange in one direction only), ``pairs_alignment`` (the reference's per-pair aggregation),
 ``uniform_temporal``, ``student_labels_alignment``, ``reference_teacher``
 (the frozen warm start for the first 20% of the steps, then the student),
 ``no_histogram_match``, ``no_distribution_alignment`` and
@@ -126,6 +127,10 @@ VARIANTS: dict[str, tuple[Change, str]] = {
                                 'dastc.alignment.weight': 0.01,
                                 'dastc.alignment.feature': 'logits'}), 'hm'),
     'blend_feature_fusion': (_dastc(**{'dastc.feature_mode': 'blend'}), 'hm'),
+    'feature_swap_to_target': (
+        _dastc(**{'dastc.feature_swap_directions': 'to_target'}), 'hm'),
+    'feature_swap_to_source': (
+        _dastc(**{'dastc.feature_swap_directions': 'to_source'}), 'hm'),
     'pairs_alignment': (_dastc(**{'dastc.alignment.aggregation': 'pairs',
                                   'dastc.alignment.target_labels': 'student'}),
                         'hm'),

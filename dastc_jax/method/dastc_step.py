@@ -225,7 +225,8 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
         tgt_confident=(conf > d.confidence) & (tgt_labels < 255),
         pasted=fusion.fused_mask(masks) > 0,
         num_classes=config.model.num_classes,
-        num_swap_classes=d.feature_swap_classes)
+        num_swap_classes=d.feature_swap_classes,
+        directions=d.feature_swap_directions)
     clip_s, clip_t = fusion.apply_swap(swap, clip_s, clip_t)
   return masks, swap, clip_s, clip_t
 

@@ -223,9 +223,12 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
   return new_s, new_t, info
 
 
+SWAP_DIRECTIONS = ('both', 'to_target', 'to_source')
+
+
 def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
                tgt_confident: Array, pasted: Array, num_classes: int,
-               num_swap_classes: int) -> dict[str, Array]:
+               num_swap_classes: int, directions: str) -> dict[str, Array]:
   """The shallow-feature exchange masks of one iteration.
 
   Args:
@@ -236,6 +239,9 @@ def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
     pasted: ``[B, T, H, W]`` the image-level paste mask (excluded).
     num_classes: C.
     num_swap_classes: classes per direction and clip.
+    directions: ``'both'``, ``'to_target'`` (only source features go into
+      the target-context clip; ``to_s`` is empty) or ``'to_source'`` (only
+      target features go into the source-context clip).
 
   Returns:
     ``to_t`` (current source classes, frame by frame) and ``to_s``
@@ -254,6 +260,13 @@ def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
           jax.random.split(k_tgt, b), tgt_labels, tgt_confident, src_cls)
   to_t = jax.vmap(class_mask)(src_labels, src_cls) & free
   to_s = jax.vmap(class_mask)(tgt_labels, tgt_cls) & tgt_confident & free
+  if directions not in SWAP_DIRECTIONS:
+    raise ValueError(f'directions={directions!r}; expected one of '
+                     f'{SWAP_DIRECTIONS}.')
+  if directions == 'to_target':
+    to_s = jnp.zeros_like(to_s)
+  elif directions == 'to_source':
+    to_t = jnp.zeros_like(to_t)
   return {'to_s': to_s, 'to_t': to_t, 'src_classes': src_cls,
           'tgt_classes': tgt_cls}
 

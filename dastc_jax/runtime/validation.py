@@ -24,6 +24,7 @@ from dastc_jax.data import checked_source
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.synthetic import world
+from dastc_jax.method import fusion
 from dastc_jax.models import layers
 from dastc_jax.runtime import divergence
 
@@ -46,6 +47,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'train.nonfinite': divergence.POLICIES,
     'dastc.teacher': ('ema', 'reference'),
     'dastc.feature_mode': ('swap', 'blend'),
+    'dastc.feature_swap_directions': fusion.SWAP_DIRECTIONS,
     'dastc.feature_layer': tuple(dict.fromkeys(
         models.shallow_stages('accel_deeplabv2') +
         models.shallow_stages('accel_daformer'))),
