@@ -201,6 +201,12 @@ def dastc_config() -> ml_collections.ConfigDict:
       teacher='ema',  # 'ema' mean teacher or 'reference' (frozen, then self)
       ema_decay=0.999,
       teacher_switch_steps=8000,  # 'reference': frozen teacher this long
+      # The 'reference' teacher's frozen phase. weights='': the run's own
+      # weights when adaptation starts. Otherwise a weights folder (e.g. the
+      # released TPS model converted with model.head='aspp', as the released
+      # scripts use) of the model built from `model` with `model_name` and
+      # `head` replaced ('' keeps the student's).
+      frozen_teacher=dict(weights='', model_name='', head=''),
       # Probability of mirroring the teacher's input pair (reference: 0.5).
       teacher_flip=0.0,
       confidence=0.9,  # probability threshold of the pasted T' regions
@@ -276,6 +282,12 @@ def reference(c: ml_collections.ConfigDict) -> None:
   d = c.dastc
   d.teacher = 'reference'
   d.teacher_flip = 0.5
+  # The released video scripts' frozen teacher is the TPS model (ACCEL-
+  # DeepLabv2, layer6 head); the user gives its converted weights as
+  # dastc.frozen_teacher.weights (docs/weights.md).
+  video = c.model.name in ('accel_deeplabv2', 'accel_daformer')
+  d.frozen_teacher.model_name = 'accel_deeplabv2' if video else 'deeplabv2'
+  d.frozen_teacher.head = 'aspp'
   d.feature_fusion = False
   d.pl_distribution_alignment = False
   d.bn_update = 'all'
@@ -366,6 +378,7 @@ def tiny_model(c: ml_collections.ConfigDict) -> None:
   c.model.layers = (1, 1, 1, 1)
   c.model.width = 8
   c.model.head_features = 16
+  c.model.aspp_dilations = (6, 12)  # two summed branches (fast compiles)
 
 
 def use_synthetic(c: ml_collections.ConfigDict, size: str = 'default') -> None:

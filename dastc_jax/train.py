@@ -146,6 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if latest is None:
     if config.train.init_from:
       state = state_lib.init_from_checkpoint(config, state)
+    state = state_lib.load_frozen_teacher(config, state)
     state = jax.device_put(state, state_sharding)
   else:
     state = ckpt.restore(latest, checkpointing.abstract_with_sharding(

@@ -149,7 +149,7 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
   def teacher_stats(state):
     x = image_ops.normalize(tgt['frames'])
     _, _, stats, _ = dastc_step._pseudo_labels(  # pylint: disable=protected-access
-        c, graphdef, state, x, tgt, x.shape[2:4], 0, jax.random.key(0),
+        c, graphdef, None, state, x, tgt, x.shape[2:4], 0, jax.random.key(0),
         jax.random.key(1))
     return stats
 

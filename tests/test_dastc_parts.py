@@ -115,6 +115,18 @@ def test_config_validation_names_the_key():
   c.data.histogram_match = False
   with pytest.raises(ValueError, match='histogram_match'):
     train.check_config(c)
+  c = _config()
+  c.dastc.frozen_teacher.weights = 'weights/tps'  # with the EMA teacher
+  with pytest.raises(ValueError, match='config.dastc.frozen_teacher.weights'):
+    train.check_config(c)
+  c.dastc.teacher = 'reference'
+  c.dastc.frozen_teacher.model_name = 'deeplabv2'  # single frames
+  with pytest.raises(ValueError, match='frozen_teacher.model_name'):
+    train.check_config(c)
+  c.dastc.frozen_teacher.model_name = 'accel_deeplabv2'
+  c.dastc.frozen_teacher.head = 'layer6'
+  with pytest.raises(ValueError, match='config.dastc.frozen_teacher.head'):
+    train.check_config(c)
 
 
 def test_pseudo_label_metrics_show_per_class_shares():
@@ -152,7 +164,7 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
     c.dastc.teacher_flip = flip
     x = image_ops.normalize(clip['frames'])
     pl, _, _, _ = jax.jit(lambda s: dastc_step._pseudo_labels(  # pylint: disable=protected-access
-        c, graphdef, s, x, clip, x.shape[2:4], 0, jax.random.key(0),
+        c, graphdef, None, s, x, clip, x.shape[2:4], 0, jax.random.key(0),
         jax.random.key(1), src_labels))(state)
     return jax.device_get(pl)
 
@@ -164,6 +176,60 @@ def test_mirrored_teacher_input_gives_mirrored_pseudo_labels(smoke_config):
   for k in ('label_t', 'label_t1'):
     same = np.mean(back[k] == plain[k][:, :, ::-1])
     assert same > 0.99, (k, same)  # ties of an untrained model aside
+
+
+def test_frozen_teacher_is_a_separate_model_on_the_student_grid(world_cache,
+                                                               tmp_path):
+  """The ViT ``:reference`` run with a frozen TPS teacher
+  (``dastc.frozen_teacher``): the teacher is the ACCEL-DeepLab with the
+  ``aspp`` head loaded from its own weights folder (not the student, never
+  reset), and its scores of frame t-1, resized to the student's 1/4 grid
+  from its own 1/8 grid, are the pseudo-label probabilities."""
+  from configs import viper_vit  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from dastc_jax.ops import warp as warp_ops  # pylint: disable=g-import-not-at-top
+  c = viper_vit.get_config('reference,smoke')
+  c.data.synthetic.cache_dir = world_cache
+  c.dastc.teacher_flip = 0.0
+  c.train.source_only_steps = 0
+  c.dastc.frozen_teacher.weights = str(tmp_path / 'tps')
+  teacher_cfg = state_lib.frozen_teacher_model(c)
+  assert (teacher_cfg.name, teacher_cfg.head) == ('accel_deeplabv2', 'aspp')
+  t_graphdef, t_params, t_stats = state_lib.init_model(
+      type(c)({'model': teacher_cfg}), seed=7)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'tps' / 'checkpoints'),
+                                    async_save=False)
+  ckpt.save(0, {'params': t_params, 'batch_stats': t_stats})
+  ckpt.close()
+  train.check_config(c)
+  root = train.resolve_data_root(c)
+  batch = next(iter(pipeline.make_train_dataset(c, root,
+                                                local_batch_size=4)))
+  graphdef, state, _ = state_lib.create_train_state(
+      c, sizes=state_lib.carried_sizes(c, root))
+  # A ResNet teacher beside the MiT student.
+  assert 'layer1' in state.teacher['params']['backbone']
+  assert 'block1' in state.params['backbone']
+  state = state_lib.load_frozen_teacher(c, state)
+  chex_equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  assert chex_equal(state.teacher['params'], t_params)
+  tgt = batch['target']
+  x = image_ops.normalize(tgt['frames'])
+  pl, teacher, _, _ = jax.jit(lambda s: dastc_step._pseudo_labels(  # pylint: disable=protected-access
+      c, graphdef, state_lib.frozen_teacher_graphdef(c), s, x, tgt,
+      x.shape[2:4], 0, jax.random.key(0), jax.random.key(1),
+      batch['source']['labels']))(state)
+  assert chex_equal(teacher, state.teacher)  # not reset to the student
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  pred = jax.jit(lambda p, st: nnx.merge(t_graphdef, p, st).clip(
+      x[:, 1:3], jnp.asarray(tgt['flow_t1_t2']), train=False)['pred'])(
+          t_params, t_stats)
+  grid = pl['probs_t1_lo'].shape[1:3]
+  # The student's 1/4 grid; the teacher's is 1/8: a real resize.
+  assert grid == (x.shape[2] // 4, x.shape[3] // 4)
+  assert pred.shape[1:3] != grid
+  want = jax.nn.softmax(warp_ops.resize_bilinear(pred, grid), -1)
+  np.testing.assert_allclose(pl['probs_t1_lo'], want, atol=1e-5)
 
 
 def test_distribution_alignment_shifts_scores_towards_the_source_prior():

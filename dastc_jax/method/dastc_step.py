@@ -52,10 +52,15 @@ from dastc_jax.ops import warp as warp_ops
 Batch = dict[str, Any]
 
 
-def _teacher_forward(config, graphdef, state, frames, flow,
+def _teacher_forward(config, graphdef, teacher_graphdef, state, frames, flow,
                      adapt_start: int, rng: jax.Array):
   """The teacher's fused scores of frame t-1 (pair t-1, t-2; ``frames`` is
   that pair), or of frame t in the image domain; no gradient.
+
+  ``teacher_graphdef`` (not None) is a separately trained frozen teacher
+  (``dastc.frozen_teacher``) for the 'reference' teacher's first phase: it
+  is never reset to the student, and its scores are resized (bilinear) to
+  the student's score grid, so that the phases give labels of one shape.
 
   Returns ``(pred, aux, key, teacher, batch_stats)``: the fused scores of
   the clip's first frame and the key frame's own scores (None for a single
@@ -64,19 +69,35 @@ def _teacher_forward(config, graphdef, state, frames, flow,
   them, as the released code does; otherwise they are the state's).
   """
   d = config.dastc
-  first = state.step == adapt_start
-  # At the first adaptation step the teacher becomes the warm-started model.
-  teacher = jax.tree.map(lambda t, s: jnp.where(first, s, t), state.teacher,
-                         {'params': state.params,
-                          'batch_stats': state.batch_stats})
+  if teacher_graphdef is None:
+    first = state.step == adapt_start
+    # At the first adaptation step the teacher becomes the warm-started
+    # model.
+    teacher = jax.tree.map(lambda t, s: jnp.where(first, s, t),
+                           state.teacher, {'params': state.params,
+                                           'batch_stats': state.batch_stats})
+  else:
+    teacher = state.teacher
 
-  def run(params, stats, train):
-    model = nnx.merge(graphdef, params, stats)
+  def run(params, stats, train, gdef=graphdef):
+    model = nnx.merge(gdef, params, stats)
     out = model.clip(frames, flow, train=train, rng=rng if train else None)
     new_stats = (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train
                  else state.batch_stats)
     key = out.get('key_logits', jnp.zeros_like(out['pred']))
     return out['pred'], out['pred_aux'], key, new_stats
+
+  def run_student():
+    return run(state.params, state.batch_stats, True)
+
+  def run_frozen():
+    if teacher_graphdef is None:
+      return run(teacher['params'], teacher['batch_stats'], False)
+    grid = jax.eval_shape(run_student)[0].shape[1:3]
+    pred, aux, key, stats = run(teacher['params'], teacher['batch_stats'],
+                                False, teacher_graphdef)
+    up = lambda x: warp_ops.resize_bilinear(x, grid)
+    return up(pred), up(aux), up(key), stats
 
   if d.teacher == 'ema':
     pred, aux, key, stats = run(teacher['params'], teacher['batch_stats'],
@@ -85,8 +106,7 @@ def _teacher_forward(config, graphdef, state, frames, flow,
     pred, aux, key, stats = jax.lax.cond(
         pseudo_labels.use_student(state.step, adapt_start,
                                   d.teacher_switch_steps),
-        lambda: run(state.params, state.batch_stats, True),
-        lambda: run(teacher['params'], teacher['batch_stats'], False))
+        run_student, run_frozen)
   else:
     raise errors.ConfigError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
                      "'ema' or 'reference'.")
@@ -120,8 +140,8 @@ def _class_priors(config, state, src_labels, teacher_logits):
   return prior, jax.lax.stop_gradient(adjust)
 
 
-def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
-                   k_flip, k_teacher, src_labels=None):
+def _pseudo_labels(config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
+                   adapt_start, k_flip, k_teacher, src_labels=None):
   """Teacher pass (with the optional random mirror) and cross-frame labels.
 
   Besides the labels of ``pseudo_labels.cross_frame`` it returns the
@@ -149,7 +169,8 @@ def _pseudo_labels(config, graphdef, state, x_tgt, tgt, size, adapt_start,
       flow = pseudo_labels.hflip_flow(flow, flip,
                                       negate_dx=not d.bugs.flip_keep_dx)
   pred, aux, key, teacher, stats = _teacher_forward(
-      config, graphdef, state, frames, flow, adapt_start, k_teacher)
+      config, graphdef, teacher_graphdef, state, frames, flow, adapt_start,
+      k_teacher)
   prior = state.carried['class_prior']
   if d.pl_distribution_alignment:
     prior, adjust = _class_priors(config, state, src_labels[:, 0], pred)
@@ -375,7 +396,8 @@ def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
 def make_dastc_step(config: ml_collections.ConfigDict,
                     graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     *, class_names: tuple[str, ...],
-                    rare_classes: tuple[int, ...]
+                    rare_classes: tuple[int, ...],
+                    teacher_graphdef: nnx.GraphDef | None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState,
                                                              dict[str, Any]]]:
   """Builds ``dastc_step(state, batch) -> (state, metrics)`` (pure; the
@@ -383,6 +405,8 @@ def make_dastc_step(config: ml_collections.ConfigDict,
 
   ``class_names`` name the trained classes (pseudo-label monitoring);
   ``rare_classes`` are the long-tail class ids that the fusion pastes.
+  ``teacher_graphdef``: the graph of a separately trained frozen teacher
+  (``dastc.frozen_teacher``; its weights are ``state.teacher``), or None.
 
   ``batch['source']``: ``frames`` ``[B, 2, Hs, Ws, 3]`` uint8 (histogram
   matched), ``labels`` ``[B, 2, Hs, Ws]``, ``flow`` ``[B, Hs, Ws, 2]``, and
@@ -421,8 +445,8 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     src_flow, tgt_flow = src.get('flow'), tgt.get('flow')
 
     pl, teacher, stats0, prior = _pseudo_labels(
-        config, graphdef, state, x_tgt, tgt, size, adapt_start, k_flip,
-        k_teacher, src_labels=y_src)
+        config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
+        adapt_start, k_flip, k_teacher, src_labels=y_src)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
     x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],

@@ -38,9 +38,34 @@ def init_model(config: ml_collections.ConfigDict, seed: int
 
 def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
   """The model's static graph, without creating any parameter."""
+  return _graphdef(config.model)
+
+
+def _graphdef(model: ml_collections.ConfigDict) -> nnx.GraphDef:
   abstract = nnx.eval_shape(
-      lambda: models.build_model(config.model, nnx.Rngs(params=0)))
+      lambda: models.build_model(model, nnx.Rngs(params=0)))
   return nnx.split(abstract)[0]
+
+
+def frozen_teacher_model(config: ml_collections.ConfigDict
+                         ) -> ml_collections.ConfigDict | None:
+  """The model section of ``dastc.frozen_teacher`` (the student's with
+  ``model_name``/``head`` replaced), or None when the frozen teacher is the
+  run's own weights."""
+  if config.method != 'dastc' or not config.dastc.frozen_teacher.weights:
+    return None
+  f = config.dastc.frozen_teacher
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  model.name = f.model_name or model.name
+  model.head = f.head or model.head
+  return model
+
+
+def frozen_teacher_graphdef(config: ml_collections.ConfigDict
+                            ) -> nnx.GraphDef | None:
+  """The frozen teacher's static graph (None: it is the student's)."""
+  model = frozen_teacher_model(config)
+  return None if model is None else _graphdef(model)
 
 
 def _initial_state(config: ml_collections.ConfigDict,
@@ -55,10 +80,16 @@ def _initial_state(config: ml_collections.ConfigDict,
   rng = jax.random.key_data(jax.random.key(config.seed + 1))
   teacher = carried = None
   if config.method == 'dastc':
-    # The teacher is reset to the student when adaptation starts.
-    # Own buffers: the state is donated to the step, leaf by leaf.
-    teacher = jax.tree.map(jnp.copy, {'params': params,
-                                      'batch_stats': stats})
+    frozen = frozen_teacher_model(config)
+    if frozen is None:
+      # The teacher is reset to the student when adaptation starts.
+      # Own buffers: the state is donated to the step, leaf by leaf.
+      teacher = jax.tree.map(jnp.copy, {'params': params,
+                                        'batch_stats': stats})
+    else:  # a separate model; its weights are loaded by load_frozen_teacher
+      _, t_params, t_stats = init_model(
+          ml_collections.ConfigDict({'model': frozen}), config.seed)
+      teacher = {'params': t_params, 'batch_stats': t_stats}
     carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'],
                             models.clip_length(config.model),
                             config.model.num_classes)
@@ -126,7 +157,20 @@ def init_from_checkpoint(config: ml_collections.ConfigDict,
                                                    state.batch_stats)
   logging.info('Initialised the weights from %s step %d.', root, step)
   teacher = state.teacher
-  if teacher is not None:
+  if teacher is not None and frozen_teacher_model(config) is None:
     teacher = jax.tree.map(jnp.copy, {'params': params,
                                       'batch_stats': stats})
   return state.replace(params=params, batch_stats=stats, teacher=teacher)
+
+
+def load_frozen_teacher(config: ml_collections.ConfigDict,
+                        state: TrainState) -> TrainState:
+  """Puts the weights of ``dastc.frozen_teacher.weights`` into the teacher
+  (no-op when the frozen teacher is the run's own weights)."""
+  if frozen_teacher_model(config) is None:
+    return state
+  root, step = checkpointing.resolve('.', config.dastc.frozen_teacher.weights)
+  params, stats, step = checkpointing.load_weights(
+      root, step, state.teacher['params'], state.teacher['batch_stats'])
+  logging.info('Frozen teacher: %s step %d.', root, step)
+  return state.replace(teacher={'params': params, 'batch_stats': stats})

@@ -20,6 +20,7 @@ from dastc_jax.method import dastc_step
 from dastc_jax.method import train_step
 from dastc_jax.runtime import divergence
 from dastc_jax.runtime import optim
+from dastc_jax.runtime import state as state_lib
 
 Step = Callable[[Any, Any], tuple[Any, dict[str, Any]]]
 
@@ -53,4 +54,5 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   cs = labels_lib.get_class_set(config.data.class_set)
   return _with_runtime(dastc_step.make_dastc_step(
       config, graphdef, tx, class_names=tuple(cs.classes),
+      teacher_graphdef=state_lib.frozen_teacher_graphdef(config),
       rare_classes=labels_lib.RARE_CLASSES[config.data.class_set]), config)

@@ -199,6 +199,42 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
                                'not a data section of config.data.')
 
 
+def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
+  """``dastc.frozen_teacher``: a separately trained model for the frozen
+  phase of the 'reference' teacher, of the student's clip length."""
+  f = config.dastc.frozen_teacher
+  if not f.weights:  # model_name/head describe a model that is not used
+    if (config.dastc.teacher == 'reference' and config.train.init_from and
+        config.train.source_only_steps == 0):
+      logging.warning(
+          "The 'reference' teacher's frozen phase uses this run's initial "
+          'weights (config.train.init_from); if their head was initialised '
+          'rather than trained (a TPS file converted with --allow_missing), '
+          'set config.dastc.frozen_teacher.weights to the TPS model, as the '
+          'released scripts do.')
+    return
+  if config.dastc.teacher != 'reference':
+    raise errors.ConfigError(
+        'config.dastc.frozen_teacher.weights is set but config.dastc.teacher='
+        f"{config.dastc.teacher!r}; the frozen teacher is the 'reference' "
+        "teacher's first phase (config.dastc.teacher='reference').")
+  name = f.model_name or config.model.name
+  if name not in models.NAMES:
+    raise errors.ConfigError(
+        f'config.dastc.frozen_teacher.model_name={f.model_name!r}; expected '
+        f"'' (the student's) or one of {models.NAMES}.")
+  if f.head not in ('', 'proda', 'aspp'):
+    raise errors.ConfigError(
+        f"config.dastc.frozen_teacher.head={f.head!r}; expected '' (the "
+        "student's), 'proda' or 'aspp'.")
+  if models.clip_length(ml_collections.ConfigDict({'name': name})) != (
+      models.clip_length(config.model)):
+    raise errors.ConfigError(
+        f'config.dastc.frozen_teacher.model_name={name!r} takes clips of '
+        'another length than the student '
+        f'(config.model.name={config.model.name!r}).')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
   _check_choices(config)
@@ -233,6 +269,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
+  _check_frozen_teacher(config)
   d = config.dastc
   if d.feature_fusion and not d.image_fusion:
     raise errors.ConfigError('config.dastc.feature_fusion=True needs '
