@@ -124,6 +124,25 @@ def test_step_benchmark_batch_and_report():
   assert '| 2 | 1.25 | 0.80 |' in md
 
 
+def test_step_benchmark_vit_rows_build_both_frameworks():
+  """``--model=vit``: the transformer video model's config, and its PyTorch
+  eager baseline (transformers' MiT + the restated DAFormer head + the flow
+  fusion, AdamW) builds and runs a training step."""
+  from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+  c = step_bench._config(1, 'float32', model='vit', mit_variant='tiny')  # pylint: disable=protected-access
+  assert (c.model.name, c.model.mit_variant) == ('accel_daformer', 'tiny')
+  c.model.head_features = 16
+  one, info = step_bench.build_torch_step(c, 1, (32, 64))
+  assert info['transformers'] and info['version']
+  assert one() > 0
+  res = {'device': 'cpu', 'platform': 'cpu', 'cpu_count': 2, 'jax': '0',
+         'date': 'd', 'batch': 1, 'src_hw': (8, 16), 'tgt_hw': (8, 16),
+         'dtype': 'float32', 'peak': None, 'peak_kind': 'measured',
+         'peak_rss': 2**30, 'model': 'QuadMix-ViT (MiT-B5 + DAFormer head + '
+         'flow fusion)'}
+  assert 'QuadMix-ViT (MiT-B5' in step_bench.report(res, 'cmd')
+
+
 def test_step_benchmark_alternates_runners():
   from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
   calls = []

@@ -16,10 +16,10 @@ from configs import viper_vit
 from dastc_jax import convert
 from dastc_jax.benchmarks import faults
 from dastc_jax.benchmarks import torch_accel
+from dastc_jax.benchmarks import torch_daformer
 from dastc_jax.models import mit
 from dastc_jax.ops import image as image_ops
 from dastc_jax.runtime import state as state_lib
-from tests import test_daformer
 from tests import test_mit
 from tests import torch_helpers
 
@@ -38,7 +38,7 @@ def _torch_parts(mc, seed=0):
       num_attention_heads=list(spec.heads), sr_ratios=list(spec.sr_ratios),
       drop_path_rate=0.0)).eval()
   test_mit.use_mmseg_epsilons(hf)
-  head = test_daformer.TorchDAFormerHead(
+  head = torch_daformer.DAFormerHead(
       spec.dims, mc.num_classes, mc.head_features,
       tuple(mc.daformer_dilations)).eval()
   sf = torch.nn.Conv2d(2 * mc.num_classes, mc.num_classes, 1, bias=False)
@@ -77,11 +77,9 @@ def test_released_layout_converts_and_the_video_forward_matches():
                output_hidden_states=True).hidden_states
     return head(list(feats))[0]
 
-  holder = torch.nn.Module()
-  holder.sf_layer = sf
   with torch.no_grad():
     cur, key = scores(rgb[:, 0]), scores(rgb[:, 1])
-    pred = torch_accel.AccelDeepLab.fuse(holder, cur, key, nchw(flow))
+    pred = torch_accel.fuse(sf, cur, key, nchw(flow))
   for got, want in ((out['logits'], cur), (out['pred'], pred)):
     want = np.moveaxis(want.numpy(), 1, -1)
     assert got.shape == want.shape == (1, 16, 24, mc.num_classes)  # stride 4

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import viper as viper_config
+from configs import viper_vit as viper_vit_config
+from dastc_jax.models import mit
 from dastc_jax.runtime import host_malloc
 from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
@@ -57,8 +59,15 @@ BF16_PEAK = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
              'TPU v5p': 459e12}
 
 
-def _config(batch: int, dtype: str, bn_group_size: int = 1):
-  c = viper_config.get_config()
+def _config(batch: int, dtype: str, bn_group_size: int = 1,
+            model: str = 'accel', mit_variant: str = 'b5'):
+  """The VIPER config of the benchmarked model: ``accel`` (ACCEL-DeepLabv2-
+  ResNet-101) or ``vit`` (QuadMix-ViT: MiT ``mit_variant`` + DAFormer)."""
+  if model == 'vit':
+    c = viper_vit_config.get_config()
+    c.model.mit_variant = mit_variant
+  else:
+    c = viper_config.get_config()
   c.train.batch_size = batch
   c.model.dtype = dtype
   c.model.bn_group_size = bn_group_size
@@ -200,28 +209,50 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 # --------------------------------------------------------------- PyTorch
 def build_torch_step(config, batch: int, src_hw
                      ) -> tuple[Callable[[], float], dict[str, Any]] | None:
-  """The source-only ACCEL step in PyTorch eager (None without torch).
+  """The source-only step of ``config.model`` (ACCEL-DeepLabv2 with SGD, or
+  the transformer video model with AdamW) in PyTorch eager (None without
+  torch, or without ``transformers`` for the transformer).
 
   Returns:
     A closure that runs one step and returns its seconds, and facts about
     the PyTorch build.
   """
+  m = config.model
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from dastc_jax.benchmarks import torch_accel  # pylint: disable=g-import-not-at-top
+    versions = {'version': torch.__version__}
+    if m.name == 'accel_daformer':
+      from dastc_jax.benchmarks import torch_daformer  # pylint: disable=g-import-not-at-top
+      import transformers  # pylint: disable=g-import-not-at-top
+      versions['transformers'] = transformers.__version__
   except ImportError:
-    logging.warning('PyTorch is not installed: no baseline.')
+    logging.warning('PyTorch (or transformers) is not installed: no '
+                    'baseline.')
     return None
   torch.manual_seed(0)
-  m = config.model
-  model = torch_accel.AccelDeepLab(m.num_classes, tuple(m.layers), m.width,
-                                   m.head_features, tuple(m.aspp_dilations))
-  opt = torch.optim.SGD(model.parameters(), lr=config.optim.lr,
-                        momentum=0.9, weight_decay=5e-4)
   b = fake_batch(config, batch, src_hw, src_hw, dastc=False)['source']
-  mean = torch.tensor([104.00698793, 116.66876762, 122.67891434])
-  x = torch.from_numpy(b['frames'][..., ::-1].copy()).float() - mean
-  x = x.permute(0, 1, 4, 2, 3).contiguous()  # [B, T, 3, H, W] BGR
+  if m.name == 'accel_daformer':
+    spec = mit.VARIANTS[m.mit_variant]
+    model = torch_daformer.VitVideo(
+        spec.dims, spec.depths, spec.heads, spec.sr_ratios, m.num_classes,
+        m.head_features, tuple(m.daformer_dilations), m.drop_path_rate)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
+                            weight_decay=config.optim.weight_decay)
+    loss_fn = torch_daformer.source_loss
+    mean = torch.tensor(mit.IMAGENET_MEAN_RGB)
+    std = torch.tensor(mit.IMAGENET_STD_RGB)
+    x = (torch.from_numpy(b['frames']).float() - mean) / std  # RGB
+  else:
+    model = torch_accel.AccelDeepLab(m.num_classes, tuple(m.layers), m.width,
+                                     m.head_features,
+                                     tuple(m.aspp_dilations))
+    opt = torch.optim.SGD(model.parameters(), lr=config.optim.lr,
+                          momentum=0.9, weight_decay=5e-4)
+    loss_fn = torch_accel.source_loss
+    mean = torch.tensor([104.00698793, 116.66876762, 122.67891434])
+    x = torch.from_numpy(b['frames'][..., ::-1].copy()).float() - mean  # BGR
+  x = x.permute(0, 1, 4, 2, 3).contiguous()  # [B, T, 3, H, W]
   y = torch.from_numpy(b['labels'][:, 0]).long()
   flow = torch.from_numpy(b['flow']).permute(0, 3, 1, 2).contiguous()
   model.train()
@@ -229,15 +260,14 @@ def build_torch_step(config, batch: int, src_hw
   def one() -> float:
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = torch_accel.source_loss(model, x[:, 0], x[:, 1], flow, y)
+    loss = loss_fn(model, x[:, 0], x[:, 1], flow, y)
     loss.backward()
     opt.step()
     loss.item()
     return time.perf_counter() - t0
 
   one()  # warm-up
-  return one, {'threads': torch.get_num_threads(),
-               'version': torch.__version__}
+  return one, {'threads': torch.get_num_threads(), **versions}
 
 
 _CHILD = '''
@@ -250,15 +280,15 @@ if {framework!r} == 'jax':
   xla_cpu.set_defaults()
 import resource
 from dastc_jax.benchmarks import step as b
+c = b._config({batch}, 'float32', model={model!r}, mit_variant={mit!r})
 if {framework!r} == 'jax':
-  c = b._config({batch}, 'float32')
   for key, value in {overrides!r}.items():
     section, name = key.split('.')
     setattr(getattr(c, section), name, value)
   built = b.build_jax_step(c, 'source_only', {hw}, {hw})
   built[1]['xla_flags'] = os.environ.get('XLA_FLAGS', '')
 else:
-  built = b.build_torch_step(b._config({batch}, 'float32'), {batch}, {hw})
+  built = b.build_torch_step(c, {batch}, {hw})
 if built is None:
   print('NOTORCH', flush=True)
   sys.exit(0)
@@ -283,9 +313,11 @@ class StepProcess:
 
   def __init__(self, framework: str, batch: int, hw,
                env: dict[str, str] | None = None,
-               overrides: dict[str, Any] | None = None):
+               overrides: dict[str, Any] | None = None,
+               model: str = 'accel', mit_variant: str = 'b5'):
     code = _CHILD.format(repo=_REPO, framework=framework, batch=batch,
-                         hw=tuple(hw), overrides=dict(overrides or {}))
+                         hw=tuple(hw), overrides=dict(overrides or {}),
+                         model=model, mit=mit_variant)
     self.framework = framework
     # The child applies xla_cpu's defaults itself (or not, by `env`): start
     # it from the user's XLA_FLAGS, not from this process's.
@@ -383,6 +415,10 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
          'jax': jax.__version__,
          'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'host_malloc': args.get('host_malloc', 'not called')}
+  which = {'model': args['model'], 'mit_variant': args['mit_variant']}
+  res['model'] = (f'QuadMix-ViT (MiT-{args["mit_variant"].upper()} + '
+                  'DAFormer head + flow fusion)' if args['model'] == 'vit'
+                  else 'ACCEL-DeepLabv2-ResNet-101')
   res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
   res['peak_kind'] = ('measured float32 matmul' if on_cpu else
                       'published dense bf16')
@@ -396,7 +432,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     logging.warning('The PyTorch baseline runs on the CPU only; skipped on '
                     '%s.', dev.platform)
   elif torch_row and args['torch_process'] == 'same':
-    built = build_torch_step(_config(args['batch'], 'float32'),
+    built = build_torch_step(_config(args['batch'], 'float32', **which),
                              args['batch'], src_hw)
     if built:
       rows['torch'] = built[0], {**built[1], 'process': 'same'}
@@ -405,7 +441,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     if args['torch_malloc_row']:
       wanted['torch_malloc'] = {'DASTC_MALLOC_DEFAULTS': '1'}
     for name, env in wanted.items():
-      proc = StepProcess('torch', args['batch'], src_hw, env)
+      proc = StepProcess('torch', args['batch'], src_hw, env, **which)
       if not proc.info:
         logging.warning('PyTorch is not installed: no baseline.')
         break
@@ -422,13 +458,15 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
       # XLA's backward conv for the kernel gradients.
       variants['conv_wgrad'] = {}, {'model.conv_kernel_grad': 'conv'}
     for name, (env, overrides) in variants.items():
-      proc = StepProcess('jax', args['batch'], src_hw, env, overrides)
+      proc = StepProcess('jax', args['batch'], src_hw, env, overrides,
+                         **which)
       rows[name] = proc, {**proc.info, 'process': 'separate'}
   for kind in args['kinds']:
     if kind == 'source_only' and 'source_only' in rows:
       main_step, info = rows.pop('source_only')
     else:
-      main_step, info = build_jax_step(_config(args['batch'], dtype), kind,
+      main_step, info = build_jax_step(_config(args['batch'], dtype, **which),
+                                       kind,
                                        src_hw, tgt_hw)
     runners = {kind: main_step}
     if kind == 'source_only':
@@ -481,7 +519,7 @@ def report(res: dict[str, Any], command: str) -> str:
            f'Command: `{command}`', '',
            f'Hardware: {res["device"]} ({res["platform"]}; '
            f'{res["cpu_count"]} CPU cores), jax {res["jax"]}, '
-           f'{res["date"]}. ACCEL-DeepLabv2-ResNet-101, batch '
+           f'{res["date"]}. {res.get("model", "ACCEL-DeepLabv2-ResNet-101")}, batch '
            f'{res["batch"]}, source {res["src_hw"][0]}x{res["src_hw"][1]}, '
            f'target {res["tgt_hw"][0]}x{res["tgt_hw"][1]}, {res["dtype"]}.',
            '',
@@ -515,7 +553,9 @@ def report(res: dict[str, Any], command: str) -> str:
   if t:
     where = ('in a separate process' if t.get('process') == 'separate'
              else 'in the same process as JAX')
-    lines += ['', f'PyTorch {t["version"]} eager, same source-only step '
+    enc = (f', encoder from transformers {t["transformers"]}'
+           if t.get('transformers') else '')
+    lines += ['', f'PyTorch {t["version"]} eager{enc}, same source-only step '
                   f'({t["threads"]} threads, {where}; host_malloc: '
                   f'{t.get("host_malloc", res.get("host_malloc"))}), timed '
                   'alternately with the '
@@ -568,6 +608,12 @@ def _define_flags():
       'kinds': flags.DEFINE_list('kinds', ['source_only', 'dastc'],
                                  'Steps to measure.'),
       'torch': flags.DEFINE_bool('torch', True, 'PyTorch baseline.'),
+      'model': flags.DEFINE_enum(
+          'model', 'accel', ['accel', 'vit'],
+          'ACCEL-DeepLabv2-ResNet-101, or the transformer video model '
+          '(its PyTorch baseline needs transformers).'),
+      'mit_variant': flags.DEFINE_string('mit_variant', 'b5',
+                                         "--model=vit: the MiT size."),
       'torch_process': flags.DEFINE_enum(
           'torch_process', 'separate', ['separate', 'same'],
           'Run the PyTorch step in its own process (driven step by step '

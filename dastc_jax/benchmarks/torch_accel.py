@@ -116,24 +116,29 @@ class AccelDeepLab(nn.Module):
     l3, l4 = self.backbone(x)
     return getattr(self, self.head_name)(l4), self.layer5(l3)
 
-  def fuse(self, cur, key, flow):
-    h, w = cur.shape[2:]
-    fh = flow.shape[2]
-    flow = F.interpolate(flow, (h, w), mode='bilinear',
-                         align_corners=True) * (h / fh)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=flow.dtype),
-                            torch.arange(w, dtype=flow.dtype), indexing='ij')
-    gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    warped = F.grid_sample(key, torch.stack([gx, gy], -1), mode='bilinear',
-                           padding_mode='border', align_corners=True)
-    return self.sf_layer(torch.cat([cur, warped], 1))
-
   def forward(self, cur, key, flow):
     logits, aux = self.single_frame(cur)
     with torch.no_grad():
       key_logits, key_aux = self.single_frame(key)
-    return self.fuse(logits, key_logits, flow), self.fuse(aux, key_aux, flow)
+    return (fuse(self.sf_layer, logits, key_logits, flow),
+            fuse(self.sf_layer, aux, key_aux, flow))
+
+
+def fuse(sf_layer: nn.Module, cur, key, flow):
+  """ACCEL's fusion: the key frame's scores warped to the current frame by
+  the flow (resized to the score grid and scaled), concatenated with the
+  current scores, mixed by the 1x1 ``sf_layer``."""
+  h, w = cur.shape[2:]
+  fh = flow.shape[2]
+  flow = F.interpolate(flow, (h, w), mode='bilinear',
+                       align_corners=True) * (h / fh)
+  ys, xs = torch.meshgrid(torch.arange(h, dtype=flow.dtype),
+                          torch.arange(w, dtype=flow.dtype), indexing='ij')
+  gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
+  gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+  warped = F.grid_sample(key, torch.stack([gx, gy], -1), mode='bilinear',
+                         padding_mode='border', align_corners=True)
+  return sf_layer(torch.cat([cur, warped], 1))
 
 
 def source_loss(model: AccelDeepLab, cur, key, flow, label):
