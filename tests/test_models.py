@@ -301,3 +301,26 @@ def test_long_tail_pixels_take_the_current_scores_in_the_fusion():
   out = model.fuse(cur, key, flow, lt_mask=lt)
   np.testing.assert_allclose(out[:, :, :4], cur[:, :, :4], rtol=1e-6)
   np.testing.assert_allclose(out[:, :, 4:], key[:, :, 4:], rtol=1e-6)
+
+
+@pytest.mark.parametrize('dilation', [1, 6])
+def test_depthwise_conv_equals_the_grouped_convolution(dilation):
+  """Shifted sums give the grouped convolution's output and gradients, with
+  nnx.Conv's parameter names and shapes."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 5))
+  dw = layers.DepthwiseConv(5, 3, dilation=dilation, use_bias=True,
+                            rngs=nnx.Rngs(0))
+  ref = nnx.Conv(5, 5, (3, 3), padding=((dilation,) * 2,) * 2,
+                 kernel_dilation=dilation, feature_group_count=5,
+                 rngs=nnx.Rngs(0))
+  assert ref.kernel.shape == dw.kernel.shape == (3, 3, 1, 5)
+  ref.kernel[...] = dw.kernel[...]
+  ref.bias[...] = jnp.arange(5.0)
+  dw.bias[...] = jnp.arange(5.0)
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (gm_dw, gx_dw) = nnx.grad(loss, argnums=(0, 1))(dw, x)
+  (gm_ref, gx_ref) = nnx.grad(loss, argnums=(0, 1))(ref, x)
+  np.testing.assert_allclose(dw(x), ref(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx_dw, gx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gm_dw.kernel[...], gm_ref.kernel[...],
+                             rtol=1e-4, atol=1e-4)

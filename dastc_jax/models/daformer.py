@@ -39,11 +39,17 @@ class ConvModule(nnx.Module):
                rngs: nnx.Rngs):
     pad = dilation * (kernel // 2)
     # mmcv's ConvModule init: Kaiming normal, fan_out, ReLU gain.
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel),
-                         padding=((pad, pad), (pad, pad)),
-                         kernel_dilation=dilation, feature_group_count=groups,
-                         use_bias=False, kernel_init=_KAIMING_FAN_OUT,
-                         dtype=dtype, rngs=rngs)
+    if groups > 1:  # depthwise (groups == cin == cout)
+      self.conv = layers.DepthwiseConv(cin, kernel, dilation=dilation,
+                                       use_bias=False,
+                                       kernel_init=_KAIMING_FAN_OUT,
+                                       dtype=dtype, rngs=rngs)
+    else:
+      self.conv = nnx.Conv(cin, cout, (kernel, kernel),
+                           padding=((pad, pad), (pad, pad)),
+                           kernel_dilation=dilation, use_bias=False,
+                           kernel_init=_KAIMING_FAN_OUT, dtype=dtype,
+                           rngs=rngs)
     self.bn = layers.BatchNorm(cout, group_size=bn_group_size)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

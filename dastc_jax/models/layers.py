@@ -131,6 +131,45 @@ class Conv(nnx.Module):
 KERNEL_GRADS = ('auto', 'conv', 'im2col')
 
 
+class DepthwiseConv(nnx.Module):
+  """k x k depthwise convolution (stride 1, 'same' padding, dilation d) as
+  k*k shifted multiply-adds.
+
+  The parameters are those of ``nnx.Conv(C, C, k, feature_group_count=C)``
+  (``kernel`` [k, k, 1, C], optional ``bias`` [C]), so weights convert
+  alike. Why not a grouped convolution: XLA:CPU computes grouped
+  convolutions and their gradients slowly; measured forward + backward of a
+  3x3 depthwise conv on [1, 8, 16, 1280]: 91 ms as a grouped convolution,
+  2 ms as shifted sums (docs/performance.md). Shifted sums are elementwise
+  work that every backend fuses.
+  """
+
+  def __init__(self, dim: int, kernel: int = 3, *, dilation: int = 1,
+               use_bias: bool, kernel_init: Initializer | None = None,
+               dtype=None, rngs: nnx.Rngs):
+    init = kernel_init or nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim)))
+    self.bias = nnx.Param(jnp.zeros((dim,))) if use_bias else None
+    self.size, self.dilation, self.dtype = kernel, dilation, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)  # [B, H, W, C]
+    w = self.kernel[...].astype(dtype)
+    h, wd = x.shape[1:3]
+    p = self.dilation * (self.size // 2)
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for i in range(self.size):
+      for j in range(self.size):
+        di, dj = i * self.dilation, j * self.dilation
+        term = xp[:, di:di + h, dj:dj + wd, :] * w[i, j, 0]
+        out = term if out is None else out + term
+    if self.bias is not None:
+      out = out + self.bias[...].astype(dtype)
+    return out
+
+
 def check_kernel_grad(name: str) -> None:
   """Raises for an unknown ``config.model.conv_kernel_grad``."""
   if name not in KERNEL_GRADS:

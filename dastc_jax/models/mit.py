@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dastc_jax.models import layers
 from dastc_jax.ops import image as image_ops
 
 
@@ -49,10 +50,10 @@ BLOCK_EPS = 1e-6  # block and stage LayerNorms
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, pad: int, *,
-          groups: int = 1, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+          dtype, rngs: nnx.Rngs) -> nnx.Conv:
   return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
-                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                  use_bias=True, dtype=dtype, rngs=rngs)
+                  padding=((pad, pad), (pad, pad)), use_bias=True,
+                  dtype=dtype, rngs=rngs)
 
 
 class OverlapPatchEmbed(nnx.Module):
@@ -99,7 +100,8 @@ class DWConv(nnx.Module):
   """3x3 depthwise conv with bias (mmseg's ``mlp.dwconv.dwconv``)."""
 
   def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-    self.dwconv = _conv(dim, dim, 3, 1, 1, groups=dim, dtype=dtype, rngs=rngs)
+    self.dwconv = layers.DepthwiseConv(dim, 3, use_bias=True, dtype=dtype,
+                                       rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.dwconv(x)
