@@ -1,5 +1,6 @@
 """The DA-STC step's parts, one by one, on hand-made inputs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,15 +212,14 @@ def test_frozen_teacher_is_a_separate_model_on_the_student_grid(world_cache,
   assert 'layer1' in state.teacher['params']['backbone']
   assert 'block1' in state.params['backbone']
   state = state_lib.load_frozen_teacher(c, state)
-  chex_equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
-  assert chex_equal(state.teacher['params'], t_params)
+  chex.assert_trees_all_equal(state.teacher['params'], t_params)
   tgt = batch['target']
   x = image_ops.normalize(tgt['frames'])
   pl, teacher, _, _ = jax.jit(lambda s: dastc_step._pseudo_labels(  # pylint: disable=protected-access
       c, graphdef, state_lib.frozen_teacher_graphdef(c), s, x, tgt,
       x.shape[2:4], 0, jax.random.key(0), jax.random.key(1),
       batch['source']['labels']))(state)
-  assert chex_equal(teacher, state.teacher)  # not reset to the student
+  chex.assert_trees_all_equal(teacher, state.teacher)  # not reset
   from flax import nnx  # pylint: disable=g-import-not-at-top
   pred = jax.jit(lambda p, st: nnx.merge(t_graphdef, p, st).clip(
       x[:, 1:3], jnp.asarray(tgt['flow_t1_t2']), train=False)['pred'])(

@@ -223,10 +223,10 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f'config.dastc.frozen_teacher.model_name={f.model_name!r}; expected '
         f"'' (the student's) or one of {models.NAMES}.")
-  if f.head not in ('', 'proda', 'aspp'):
+  if f.head and f.head not in CHOICES['model.head']:
     raise errors.ConfigError(
         f"config.dastc.frozen_teacher.head={f.head!r}; expected '' (the "
-        "student's), 'proda' or 'aspp'.")
+        f"student's) or one of {CHOICES['model.head']}.")
   if models.clip_length(ml_collections.ConfigDict({'name': name})) != (
       models.clip_length(config.model)):
     raise errors.ConfigError(
