@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_ratio=1e-6,
       lr_mult=dict(backbone=1.0, fusion=10.0, head=10.0),
       constant_head_lr=False,  # True = reference bug (head LR never decays)
+      # Parameters whose path (a/b/c) contains one of these get no weight
+      # decay; the transformer presets exempt the MiT LayerNorms ('norm').
+      no_weight_decay=(),
       grad_clip_norm=0.0,
   ))
 
@@ -329,6 +332,7 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.optim.name = 'adamw'
   c.optim.lr = 6e-5
   c.optim.weight_decay = 0.01
+  c.optim.no_weight_decay = ('norm',)  # every MiT LayerNorm
   c.optim.b1, c.optim.b2 = 0.9, 0.999
   c.optim.lr_mult = dict(backbone=1.0, fusion=10.0, head=10.0)
   c.optim.schedule = 'poly'

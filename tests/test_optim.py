@@ -7,6 +7,7 @@ import optax
 
 from configs import synthetic as synthetic_config
 from configs import viper as viper_config
+from configs import viper_vit as viper_vit_config
 from dastc_jax.runtime import optim
 from dastc_jax.runtime import state as state_lib
 
@@ -103,3 +104,34 @@ def test_adaptation_phase_restarts_the_schedule():
   np.testing.assert_allclose(float(s(1250)), lr * (1 - 50 / 300) ** 0.9,
                              rtol=1e-5)
   assert float(s(1500)) == 0.0
+
+
+def test_vit_norms_get_no_weight_decay():
+  """With zero gradients AdamW's update is the decay alone: -lr * wd * p
+  for every parameter but the MiT LayerNorms (``optim.no_weight_decay``),
+  which stay where they are."""
+  c = viper_vit_config.get_config('smoke')
+  assert tuple(c.optim.no_weight_decay) == ('norm',)
+  c.method = 'source_only'
+  c.optim.warmup_steps = 0
+  _, st, tx = state_lib.create_train_state(c)
+  grads = jax.tree.map(jnp.zeros_like, st.params)
+  updates, _ = tx.update(grads, st.opt_state, st.params)
+  labels = optim.param_labels(st.params, c.model.freeze_bn_affine)
+  lrs = {g: float(s(0)) for g, s in optim.group_schedules(c.optim).items()}
+  flat_u = jax.tree_util.tree_flatten_with_path(updates)[0]
+  flat_p = jax.tree.leaves(st.params)
+  flat_l = jax.tree.leaves(labels)
+  exempt = 0
+  for (path, u), p, g in zip(flat_u, flat_p, flat_l):
+    name = optim.path_name(path)
+    if 'norm' in name:
+      assert name.startswith('backbone/'), name
+      exempt += 1
+      np.testing.assert_array_equal(u, 0.0, err_msg=name)
+    else:
+      np.testing.assert_allclose(u, -lrs[g] * c.optim.weight_decay * p,
+                                 rtol=1e-5, atol=1e-12, err_msg=name)
+  # Patch-embedding, attention-reduction, block and stage norms (scale and
+  # bias each) of the 4 stages.
+  assert exempt >= 4 * 2 * 3

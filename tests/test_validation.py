@@ -46,6 +46,7 @@ def test_unknown_values_fail_with_the_key(key, value):
     ('train.batch_size', 0), ('optim.lr', 0.0), ('dastc.ema_decay', 1.5),
     ('dastc.confidence', -0.1), ('model.dropout', float('nan')),
     ('dastc.alignment.temperature', 0.0), ('train.log_every', 0),
+    ('optim.no_weight_decay', ('norm', 3)), ('optim.no_weight_decay', ('',)),
 ])
 def test_out_of_range_values_fail_with_the_key(key, value):
   c = _with(key, value)

@@ -25,7 +25,9 @@ budget (the reference likewise adapts from a pre-trained model):
 Extra variants (``--variants=...``): ``mmd_alignment`` (the reference's
 RBF-MMD on logits), ``blend_feature_fusion`` (the reference decoder
 variant's blend), ``feature_swap_to_target`` and ``feature_swap_to_source``
-(the feature exchange in one direction only), ``pairs_alignment`` (the reference's per-pair aggregation),
+(the feature exchange in one direction only), ``feature_layer2`` and
+``feature_layer3`` (the exchange after a deeper ResNet stage),
+``pairs_alignment`` (the reference's per-pair aggregation),
 ``uniform_temporal``, ``student_labels_alignment``, ``reference_teacher``
 (the frozen warm start for the first 20% of the steps, then the student),
 ``no_histogram_match``, ``no_distribution_alignment`` and
@@ -131,6 +133,8 @@ VARIANTS: dict[str, tuple[Change, str]] = {
         _dastc(**{'dastc.feature_swap_directions': 'to_target'}), 'hm'),
     'feature_swap_to_source': (
         _dastc(**{'dastc.feature_swap_directions': 'to_source'}), 'hm'),
+    'feature_layer2': (_dastc(**{'dastc.feature_layer': 'layer2'}), 'hm'),
+    'feature_layer3': (_dastc(**{'dastc.feature_layer': 'layer3'}), 'hm'),
     'pairs_alignment': (_dastc(**{'dastc.alignment.aggregation': 'pairs',
                                   'dastc.alignment.target_labels': 'student'}),
                         'hm'),

@@ -6,6 +6,10 @@ and ``frozen`` (BatchNorm scale/bias when ``model.freeze_bn_affine``). Each
 group's LR is ``lr_mult[group] * schedule(step)``. The reference leaves the
 head group at a constant ``10 * base`` (``optim.constant_head_lr``, a bug
 flag that is off by default).
+
+``no_weight_decay`` names substrings of parameter paths (``a/b/c``) that get
+no weight decay in any group: the transformer presets exempt every MiT
+LayerNorm (``'norm'``), as the released ViT scripts do (docs/vit.md).
 """
 
 from __future__ import annotations
@@ -25,9 +29,7 @@ def param_labels(params: Any, freeze_bn_affine: bool) -> Any:
   """Labels each parameter leaf with its group name."""
 
   def label(path, _):
-    keys = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None)))
-            for k in path]
-    keys = [str(k) for k in keys]
+    keys = path_name(path).split('/')
     top = keys[0]
     if top == 'sf_layer':
       return 'fusion'
@@ -107,15 +109,39 @@ def group_schedules(config: ml_collections.ConfigDict, restart_at: int = 0
   return out
 
 
+def path_name(path: tuple[Any, ...]) -> str:
+  """``a/b/c`` for a pytree key path (dict keys, attributes, indices)."""
+  return '/'.join(
+      str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+      for k in path)
+
+
+def decay_mask(no_weight_decay: tuple[str, ...]) -> Any:
+  """A mask function for optax: True where weight decay applies, False for a
+  parameter whose path contains one of ``no_weight_decay``; None (decay
+  everywhere, no mask state) when that tuple is empty."""
+  keys = tuple(no_weight_decay)
+  if not keys:
+    return None
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(k in path_name(path) for k in keys), params)
+
+  return mask
+
+
 def _group_tx(config: ml_collections.ConfigDict,
               schedule: optax.Schedule) -> optax.GradientTransformation:
+  mask = decay_mask(config.no_weight_decay)
   if config.name == 'sgd':
     # PyTorch SGD: weight decay is added to the gradient before momentum.
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum))
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=mask),
+        optax.sgd(schedule, momentum=config.momentum))
   if config.name == 'adamw':
     return optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                       weight_decay=config.weight_decay)
+                       weight_decay=config.weight_decay, mask=mask)
   raise errors.ConfigError(f"Unknown config.optim.name={config.name!r}; expected "
                    "'sgd' or 'adamw'.")
 

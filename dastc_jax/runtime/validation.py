@@ -245,6 +245,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.model.num_classes={config.model.num_classes} but '
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
   _check_domains(config)
+  nwd = _get(config, 'optim.no_weight_decay')
+  if (not isinstance(nwd, (tuple, list))
+      or not all(isinstance(k, str) and k for k in nwd)):
+    raise errors.ConfigError(
+        f'config.optim.no_weight_decay={nwd!r}; expected a tuple of '
+        "parameter-name substrings, e.g. ('norm',).")
   if config.method == 'source_only_hm' and not config.data.histogram_match:
     raise errors.ConfigError("config.method='source_only_hm' needs "
                              'config.data.histogram_match=True.')
