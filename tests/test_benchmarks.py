@@ -1,5 +1,6 @@
 """The adaptation benchmark's run configs (no training here)."""
 
+import numpy as np
 import pytest
 
 from dastc_jax.benchmarks import adaptation
@@ -171,3 +172,24 @@ def test_image_domain_and_hard_world_run_configs():
       assert c.dastc.alignment.pairs == 1
   finally:
     flags.domain, flags.world = old
+
+
+def test_prototype_statistics():
+  """Per-class means, nearest-prototype classification by cosine among the
+  classes present, and label sampling at the centres of a coarser grid."""
+  from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+  feat = np.array([[1., 0.], [3., 0.], [0., 2.], [0., 4.]])
+  label = np.array([0, 0, 2, 2])
+  protos, counts = prototypes.prototypes(feat, label, 3)
+  np.testing.assert_allclose(protos, [[2., 0.], [0., 0.], [0., 3.]])
+  np.testing.assert_array_equal(counts, [2, 0, 2])
+  # Class 1 is absent: never chosen, even for [1, 1], which is its own
+  # direction (then a tie of classes 0 and 2: the lower index). Cosine, so
+  # the scale of a feature does not matter.
+  protos[1] = [1., 1.]
+  got = prototypes.nearest_prototype(
+      np.array([[5., 0.1], [0.1, 0.2], [1., 1.]]), protos, counts > 0)
+  np.testing.assert_array_equal(got, [0, 2, 0])
+  lab = np.arange(16).reshape(1, 4, 4)
+  np.testing.assert_array_equal(prototypes._nearest_labels(lab, (2, 2)),  # pylint: disable=protected-access
+                                [[[5, 7], [13, 15]]])

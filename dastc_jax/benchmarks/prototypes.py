@@ -1,0 +1,203 @@
+r"""Class prototypes of trained runs: what the alignment loss acts on.
+
+For runs of the adaptation benchmark (same flags: ``--world``, ``--domain``,
+``--workdir``, ``--seeds``, ``--variants``), this reads each run's final
+checkpoint and measures, on the labelled source-val and target-val splits,
+the 256-d feature the alignment uses (``out['feat']``, frame t, eval mode):
+
+* ``cos(s, t)``: cosine of each class's source and target prototype (the
+  per-class mean feature, ground-truth labels), averaged over classes seen in
+  both: how well the class means of the two domains agree;
+* ``cos(t, t')``: the mean cosine between the target prototypes of two
+  different classes (lower = better separated);
+* target-val mIoU at the feature grid of the head (``head``), of the nearest
+  source prototype (``nearest src``: classify each target pixel by the
+  source prototype it is closest to, in cosine), and of the nearest target
+  prototype (``nearest tgt``: the same with the target's own ground-truth
+  prototypes, an upper bound of what class means alone can separate).
+
+Example::
+
+  python -m dastc_jax.benchmarks.prototypes --world=default --domain=video \
+      --workdir=runs/adaptation_v2 --seeds=0,1,2 \
+      --variants=dastc,no_alignment --output=benchmarks/prototypes_default.md
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dastc_jax import models
+from dastc_jax.benchmarks import adaptation
+from dastc_jax.data import labels as labels_lib
+from dastc_jax.data import pipeline
+from dastc_jax.evaluation import metrics as metrics_lib
+from dastc_jax.ops import image as image_ops
+from dastc_jax.ops import warp as warp_ops
+from dastc_jax.runtime import checkpointing
+from dastc_jax.runtime import state as state_lib
+from dastc_jax import train
+
+FLAGS = flags.FLAGS
+
+
+def _nearest_labels(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """``[B, H, W]`` labels sampled at the centres of an ``hw`` grid."""
+  h, w = label.shape[1:]
+  rows = ((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(int)
+  cols = ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(int)
+  return label[:, rows][:, :, cols]
+
+
+def split_features(config: ml_collections.ConfigDict, forward, params,
+                   stats, split: str, data_root: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Features ``[N, D]``, head predictions ``[N]`` and labels ``[N]`` of
+  every labelled pixel of ``split`` at the feature grid."""
+  cs = labels_lib.get_class_set(config.data.class_set)
+  ds = pipeline.make_eval_dataset(config.data[split], data_root, cs.name,
+                                  config.model.per_axis_flow_scale)
+  feats, preds, labels = [], [], []
+  for batch in pipeline.eval_batches(ds, global_batch_size=8,
+                                     process_index=0, process_count=1):
+    feat, pred = forward(params, stats, batch['frames'], batch.get('flow'))
+    feat, pred = np.asarray(feat, np.float32), np.asarray(pred)
+    keep = np.asarray(batch['mask'])
+    label = _nearest_labels(np.asarray(batch['label']), feat.shape[1:3])
+    feat, pred, label = feat[keep], pred[keep], label[keep]
+    valid = label != labels_lib.IGNORE
+    feats.append(feat[valid])
+    preds.append(pred[valid])
+    labels.append(label[valid])
+  return (np.concatenate(feats), np.concatenate(preds),
+          np.concatenate(labels))
+
+
+def prototypes(feat: np.ndarray, label: np.ndarray, num_classes: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-class mean features ``[C, D]`` and pixel counts ``[C]``."""
+  sums = np.zeros((num_classes, feat.shape[1]), np.float64)
+  np.add.at(sums, label, feat)
+  counts = np.bincount(label, minlength=num_classes)
+  return sums / np.maximum(counts, 1)[:, None], counts
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def nearest_prototype(feat: np.ndarray, protos: np.ndarray,
+                      present: np.ndarray) -> np.ndarray:
+  """Index of the most cosine-similar prototype among ``present``."""
+  sim = _unit(feat) @ _unit(protos).T  # [N, C]
+  sim[:, ~present] = -np.inf
+  return np.argmax(sim, axis=1)
+
+
+def _miou(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+  cm = np.bincount(label * num_classes + pred,
+                   minlength=num_classes**2).reshape(num_classes, -1)
+  return 100 * metrics_lib.mean_iou(cm)
+
+
+def measure(config: ml_collections.ConfigDict, run_dir: str
+            ) -> dict[str, float]:
+  """The prototype statistics of one run's final checkpoint."""
+  root = train.resolve_data_root(config)
+  params_like, stats_like = jax.eval_shape(
+      lambda: state_lib.init_model(config, 0)[1:])
+  params, stats, _ = checkpointing.load_weights(
+      os.path.join(run_dir, 'checkpoints'), -1, params_like, stats_like)
+  graphdef = state_lib.model_graphdef(config)
+  dtype = models.compute_dtype(config.model.dtype)
+
+  @jax.jit
+  def forward(params, stats, frames, flow):
+    model = nnx.merge(graphdef, params, stats)
+    out = model.clip(image_ops.normalize(frames, dtype), flow, train=False)
+    feat = out['feat']  # [B, h, w, D]
+    logits = warp_ops.resize_bilinear(out['pred'], feat.shape[1:3])
+    return feat, jnp.argmax(logits, axis=-1)
+
+  n = config.model.num_classes
+  fs, _, ls = split_features(config, forward, params, stats, 'source_val',
+                             root)
+  ft, pt, lt = split_features(config, forward, params, stats, 'target_val',
+                              root)
+  ps, cnt_s = prototypes(fs, ls, n)
+  pt_gt, cnt_t = prototypes(ft, lt, n)
+  both = (cnt_s > 0) & (cnt_t > 0)
+  us, ut = _unit(ps), _unit(pt_gt)
+  cos_st = float(np.mean(np.sum(us[both] * ut[both], axis=1)))
+  tt = ut[cnt_t > 0] @ ut[cnt_t > 0].T
+  off = ~np.eye(len(tt), dtype=bool)
+  return {
+      'cos_st': cos_st,
+      'cos_tt': float(np.mean(tt[off])),
+      'head': _miou(pt, lt, n),
+      'nearest_src': _miou(nearest_prototype(ft, ps, cnt_s > 0), lt, n),
+      'nearest_tgt': _miou(nearest_prototype(ft, pt_gt, cnt_t > 0), lt, n),
+  }
+
+
+COLUMNS = (('cos_st', 'cos(s, t)', '{:.3f}'), ('cos_tt', "cos(t, t')",
+                                               '{:.3f}'),
+           ('head', 'head mIoU', '{:.1f}'),
+           ('nearest_src', 'nearest src mIoU', '{:.1f}'),
+           ('nearest_tgt', 'nearest tgt mIoU', '{:.1f}'))
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+  """Markdown: each statistic's seed mean ± std per variant."""
+  rows = ['| run | ' + ' | '.join(c[1] for c in COLUMNS) + ' |',
+          '|---|' + '---:|' * len(COLUMNS)]
+  for name, per_seed in results.items():
+    cells = []
+    for key, _, fmt in COLUMNS:
+      v = np.array([r[key] for r in per_seed])
+      cell = fmt.format(v.mean())
+      if len(v) > 1:
+        cell += ' ± ' + fmt.format(v.std(ddof=1))
+      cells.append(cell)
+    rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  seeds = [int(s) for s in FLAGS.seeds]
+  variants = FLAGS.variants or ['dastc', 'no_alignment']
+  results = {}
+  for v in variants:
+    results[v] = []
+    for seed in seeds:
+      base = os.path.join(FLAGS.workdir, f'{FLAGS.world}-{FLAGS.domain}',
+                          f'seed{seed}')
+      warm = adaptation.VARIANTS[v][1]
+      config = adaptation.run_config(seed, v, warm,
+                                     os.path.join(base, f'warm_{warm}'))
+      r = measure(config, os.path.join(base, v))
+      logging.info('seed %d %s: %s', seed, v, r)
+      results[v].append(r)
+  text = table(results)
+  print(text)
+  if FLAGS.output:
+    with open(FLAGS.output, 'w') as f:
+      f.write(f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
+              f'seeds {",".join(map(str, seeds))})\n\n{text}\n\n'
+              f'{time.time() - start:.0f} s.\n')
+
+
+if __name__ == '__main__':
+  app.run(main)
