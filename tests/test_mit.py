@@ -168,3 +168,44 @@ def test_remat_and_drop_path_in_training():
   l_eval, _ = loss_and_grad(False, None)
   l_other, _ = loss_and_grad(False, jax.random.key(1))
   assert len({float(l0), float(l_eval), float(l_other)}) == 3
+
+
+def test_initialisation_follows_mmseg_and_mmcv():
+  """The from-scratch init of the video ViT (drawn on the host): MiT Linear
+  N(0, 0.02^2), LayerNorm 1 / 0, convs N(0, 2 / (k k cout / groups)),
+  zero biases; DAFormer ConvModules Kaiming fan-out (torch's fan-out, also
+  for the depthwise ones), classifier N(0, 0.01^2), embeddings PyTorch's
+  default U(+-1/sqrt(fan_in)). Std checked on the largest tensors."""
+  from configs import viper_vit  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, p, _ = state_lib.init_model(viper_vit.get_config('smoke'), 0)
+  b, h = p['backbone'], p['head']
+  std = lambda x: float(np.std(np.asarray(x)))
+  blk = b['block4'][0]
+  np.testing.assert_allclose(std(blk['mlp']['fc1']['kernel']), 0.02,
+                             rtol=0.03)
+  np.testing.assert_allclose(std(blk['mlp']['dwconv']['dwconv']['kernel']),
+                             np.sqrt(2 / 9), rtol=0.05)
+  k = b['patch_embed4']['proj']['kernel']  # [3, 3, 40, 64]
+  np.testing.assert_allclose(std(k), np.sqrt(2 / (9 * k.shape[-1])),
+                             rtol=0.03)
+  for path, x in jax.tree_util.tree_flatten_with_path(b)[0]:
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['bias']"):
+      np.testing.assert_array_equal(x, 0.0, err_msg=name)
+    elif 'norm' in name and name.endswith("['scale']"):
+      np.testing.assert_array_equal(x, 1.0, err_msg=name)
+  fuse = h['fuse_layer']
+  k = fuse['bottleneck']['conv']['kernel']  # [3, 3, cin, 256]
+  np.testing.assert_allclose(std(k), np.sqrt(2 / (9 * k.shape[-1])),
+                             rtol=0.03)
+  k = fuse['aspp_modules'][1]['depthwise_conv']['conv']['kernel']
+  np.testing.assert_allclose(std(k), np.sqrt(2 / (9 * k.shape[-1])),
+                             rtol=0.05)
+  np.testing.assert_allclose(std(h['conv_seg']['kernel']), 0.01, rtol=0.05)
+  np.testing.assert_array_equal(h['conv_seg']['bias'], 0.0)
+  e = h['embed_layers'][3]['proj']
+  bound = 1 / np.sqrt(e['kernel'].shape[0])
+  assert float(np.abs(e['kernel']).max()) <= bound
+  np.testing.assert_allclose(std(e['kernel']), bound / np.sqrt(3), rtol=0.03)
+  assert 0 < float(np.abs(e['bias']).max()) <= bound

@@ -116,7 +116,8 @@ def test_vit_norms_get_no_weight_decay():
   c.optim.warmup_steps = 0
   _, st, tx = state_lib.create_train_state(c)
   grads = jax.tree.map(jnp.zeros_like, st.params)
-  updates, _ = tx.update(grads, st.opt_state, st.params)
+  # One compiled update (eager would compile each op per parameter shape).
+  updates, _ = jax.jit(tx.update)(grads, st.opt_state, st.params)
   labels = optim.param_labels(st.params, c.model.freeze_bn_affine)
   lrs = {g: float(s(0)) for g, s in optim.group_schedules(c.optim).items()}
   flat_u = jax.tree_util.tree_flatten_with_path(updates)[0]

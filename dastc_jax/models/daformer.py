@@ -27,8 +27,9 @@ from flax import nnx
 from dastc_jax.models import layers
 
 
-_KAIMING_FAN_OUT = nnx.initializers.variance_scaling(2.0, 'fan_out',
-                                                     'normal')
+# mmcv's kaiming_init (fan_out, ReLU gain, untruncated normal); torch's
+# fan_out is cout * kh * kw for depthwise kernels too. Host-drawn.
+_KAIMING_FAN_OUT = layers.he_normal()
 
 
 class ConvModule(nnx.Module):
@@ -100,7 +101,10 @@ class Embedding(nnx.Module):
   """``embed_layers.{i}``: one Linear ``proj``."""
 
   def __init__(self, cin: int, cout: int, *, dtype, rngs: nnx.Rngs):
-    self.proj = nnx.Linear(cin, cout, dtype=dtype, rngs=rngs)
+    # PyTorch's default nn.Linear init (mmseg leaves it as it is).
+    self.proj = nnx.Linear(cin, cout, kernel_init=layers.torch_linear(cin),
+                           bias_init=layers.torch_linear(cin), dtype=dtype,
+                           rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
@@ -131,7 +135,8 @@ class DAFormerHead(nnx.Module):
                               rngs=rngs)
     # mmseg's classifier init: N(0, 0.01), zero bias.
     self.conv_seg = nnx.Conv(embed, num_classes, (1, 1), use_bias=True,
-                             kernel_init=nnx.initializers.normal(0.01),
+                             kernel_init=layers.normal(0.01),
+                             bias_init=layers.zeros(),
                              dtype=dtype, rngs=rngs)
     self.dropout = dropout
     self.out_features = embed

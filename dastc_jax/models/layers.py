@@ -32,6 +32,11 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
+def _host_rng(key: jax.Array) -> np.random.Generator:
+  bits = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel()
+  return np.random.default_rng(bits.tolist())
+
+
 def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float,
                  dtype) -> jax.Array:
   """N(0, std^2) drawn on the host from a generator seeded by ``key``.
@@ -43,9 +48,44 @@ def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float,
   """
   if isinstance(key, jax.core.Tracer):
     return std * jax.random.normal(key, shape, dtype)
-  bits = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel()
-  rng = np.random.default_rng(bits.tolist())
-  return jnp.asarray(rng.standard_normal(shape) * std, dtype)
+  return jnp.asarray(_host_rng(key).standard_normal(shape) * std, dtype)
+
+
+def _host_uniform(key: jax.Array, shape: tuple[int, ...], bound: float,
+                  dtype) -> jax.Array:
+  """U(-bound, bound), drawn like ``_host_normal``."""
+  if isinstance(key, jax.core.Tracer):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return jnp.asarray(_host_rng(key).uniform(-bound, bound, shape), dtype)
+
+
+def zeros() -> Initializer:
+  """Zeros, built on the host (no compile per shape)."""
+  return lambda key, shape, dtype: jnp.asarray(np.zeros(shape), dtype)
+
+
+def ones() -> Initializer:
+  """Ones, built on the host (no compile per shape)."""
+  return lambda key, shape, dtype: jnp.asarray(np.ones(shape), dtype)
+
+
+def group_fan_out_normal(groups: int = 1) -> Initializer:
+  """N(0, 2 / fan_out) with ``fan_out = kh * kw * cout / groups`` (HWIO):
+  the MiT encoder's conv init in mmseg (``groups = cout`` for its
+  depthwise convs, so their fan-out is ``kh * kw``)."""
+
+  def init(key, shape, dtype):
+    fan_out = int(np.prod(shape[:-2])) * shape[-1] // groups
+    return _host_normal(key, shape, float(np.sqrt(2.0 / fan_out)), dtype)
+
+  return init
+
+
+def torch_linear(fan_in: int) -> Initializer:
+  """PyTorch's default ``nn.Linear`` init of the weight and of the bias:
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(np.sqrt(fan_in))
+  return lambda key, shape, dtype: _host_uniform(key, shape, bound, dtype)
 
 
 def he_normal() -> Initializer:
@@ -148,8 +188,9 @@ class DepthwiseConv(nnx.Module):
                use_bias: bool, kernel_init: Initializer | None = None,
                dtype=None, rngs: nnx.Rngs):
     init = kernel_init or nnx.initializers.lecun_normal()
-    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim)))
-    self.bias = nnx.Param(jnp.zeros((dim,))) if use_bias else None
+    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim),
+                                 jnp.float32))
+    self.bias = nnx.Param(_zeros(dim)) if use_bias else None
     self.size, self.dilation, self.dtype = kernel, dilation, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -49,11 +49,29 @@ EMBED_EPS = 1e-5  # patch-embedding and spatial-reduction LayerNorms
 BLOCK_EPS = 1e-6  # block and stage LayerNorms
 
 
+# Initialisation as mmseg's MiT: Linear N(0, 0.02^2) (timm's truncation at
+# +-2 never bites at that std), LayerNorm 1 / 0, conv N(0, 2 / fan_out) with
+# fan_out = k * k * cout / groups, zero biases. Drawn on the host
+# (layers._host_normal): no compile per parameter shape.
+
+
 def _conv(cin: int, cout: int, kernel: int, stride: int, pad: int, *,
           dtype, rngs: nnx.Rngs) -> nnx.Conv:
   return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
                   padding=((pad, pad), (pad, pad)), use_bias=True,
-                  dtype=dtype, rngs=rngs)
+                  kernel_init=layers.group_fan_out_normal(),
+                  bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
+
+
+def _linear(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(cin, cout, kernel_init=layers.normal(0.02),
+                    bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
+
+
+def _layer_norm(dim: int, eps: float, *, dtype,
+                rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=eps, scale_init=layers.ones(),
+                       bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
 
 
 class OverlapPatchEmbed(nnx.Module):
@@ -63,7 +81,7 @@ class OverlapPatchEmbed(nnx.Module):
                eps: float, dtype, rngs: nnx.Rngs):
     self.proj = _conv(cin, dim, kernel, stride, kernel // 2, dtype=dtype,
                       rngs=rngs)
-    self.norm = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+    self.norm = _layer_norm(dim, eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.norm(self.proj(x))  # [B, H/s, W/s, D]
@@ -75,13 +93,13 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, heads: int, sr: int, *, eps: float, dtype,
                rngs: nnx.Rngs):
     self.heads = heads
-    self.q = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.kv = nnx.Linear(dim, 2 * dim, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.q = _linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.kv = _linear(dim, 2 * dim, dtype=dtype, rngs=rngs)
+    self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
     self.sr_ratio = sr
     if sr > 1:
       self.sr = _conv(dim, dim, sr, sr, 0, dtype=dtype, rngs=rngs)
-      self.norm = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+      self.norm = _layer_norm(dim, eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -100,8 +118,9 @@ class DWConv(nnx.Module):
   """3x3 depthwise conv with bias (mmseg's ``mlp.dwconv.dwconv``)."""
 
   def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-    self.dwconv = layers.DepthwiseConv(dim, 3, use_bias=True, dtype=dtype,
-                                       rngs=rngs)
+    self.dwconv = layers.DepthwiseConv(
+        dim, 3, use_bias=True, kernel_init=layers.group_fan_out_normal(dim),
+        dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.dwconv(x)
@@ -111,9 +130,9 @@ class MixFFN(nnx.Module):
   """fc1 -> 3x3 depthwise conv -> GELU (exact) -> fc2."""
 
   def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.dwconv = DWConv(hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+    self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
@@ -133,12 +152,10 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, heads: int, sr: int, mlp_ratio: int,
                drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(dim, epsilon=BLOCK_EPS, dtype=dtype,
-                               rngs=rngs)
+    self.norm1 = _layer_norm(dim, BLOCK_EPS, dtype=dtype, rngs=rngs)
     self.attn = Attention(dim, heads, sr, eps=EMBED_EPS, dtype=dtype,
                           rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, epsilon=BLOCK_EPS, dtype=dtype,
-                               rngs=rngs)
+    self.norm2 = _layer_norm(dim, BLOCK_EPS, dtype=dtype, rngs=rngs)
     self.mlp = MixFFN(dim, dim * mlp_ratio, dtype=dtype, rngs=rngs)
     self.drop_path_rate = drop_path_rate
 
@@ -201,8 +218,8 @@ class MiT(nnx.Module):
           Block(dim, spec.heads[i], spec.sr_ratios[i], spec.mlp_ratio,
                 rates[k + j], dtype=dtype, rngs=rngs)
           for j in range(depth)]))
-      setattr(self, f'norm{i + 1}', nnx.LayerNorm(
-          dim, epsilon=BLOCK_EPS, dtype=dtype, rngs=rngs))
+      setattr(self, f'norm{i + 1}', _layer_norm(dim, BLOCK_EPS, dtype=dtype,
+                                                rngs=rngs))
       cin, k = dim, k + depth
 
   def __call__(self, x: jax.Array, train: bool = False, *,
