@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dastc_jax.benchmarks import adaptation
+from dastc_jax.data import labels as labels_lib
 
 
 def test_every_variant_continues_from_its_warm_start():
@@ -190,6 +191,14 @@ def test_prototype_statistics():
   got = prototypes.nearest_prototype(
       np.array([[5., 0.1], [0.1, 0.2], [1., 1.]]), protos, counts > 0)
   np.testing.assert_array_equal(got, [0, 2, 0])
-  lab = np.arange(16).reshape(1, 4, 4)
-  np.testing.assert_array_equal(prototypes._nearest_labels(lab, (2, 2)),  # pylint: disable=protected-access
-                                [[[5, 7], [13, 15]]])
+  # Corners aligned, as the evaluation upsamples: a 3x3 grid on 5x5 labels
+  # reads rows/columns 0, 2, 4.
+  lab = np.arange(25).reshape(1, 5, 5)
+  np.testing.assert_array_equal(prototypes._nearest_labels(lab, (3, 3)),  # pylint: disable=protected-access
+                                [[[0, 2, 4], [10, 12, 14], [20, 22, 24]]])
+  # The confusion matrix does not wrap around with uint8 labels (19 classes).
+  cs = labels_lib.get_class_set('cityscapes19')
+  label = np.array([18, 18, 3], np.uint8)
+  pred = np.array([18, 3, 3], np.uint8)
+  # IoU 0.5 for class 18 and for class 3 (the only classes present).
+  assert prototypes._miou(pred, label, cs) == 50.0  # pylint: disable=protected-access

@@ -200,12 +200,13 @@ def test_initialisation_follows_mmseg_and_mmcv():
   np.testing.assert_allclose(std(k), np.sqrt(2 / (9 * k.shape[-1])),
                              rtol=0.03)
   k = fuse['aspp_modules'][1]['depthwise_conv']['conv']['kernel']
+  # 576 draws: 10% (the two fan-out rules differ by a factor of 8).
   np.testing.assert_allclose(std(k), np.sqrt(2 / (9 * k.shape[-1])),
-                             rtol=0.05)
+                             rtol=0.1)
   np.testing.assert_allclose(std(h['conv_seg']['kernel']), 0.01, rtol=0.05)
   np.testing.assert_array_equal(h['conv_seg']['bias'], 0.0)
   e = h['embed_layers'][3]['proj']
   bound = 1 / np.sqrt(e['kernel'].shape[0])
   assert float(np.abs(e['kernel']).max()) <= bound
-  np.testing.assert_allclose(std(e['kernel']), bound / np.sqrt(3), rtol=0.03)
+  np.testing.assert_allclose(std(e['kernel']), bound / np.sqrt(3), rtol=0.06)
   assert 0 < float(np.abs(e['bias']).max()) <= bound

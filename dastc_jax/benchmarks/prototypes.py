@@ -1,7 +1,7 @@
 r"""Class prototypes of trained runs: what the alignment loss acts on.
 
-For runs of the adaptation benchmark (same flags: ``--world``, ``--domain``,
-``--workdir``, ``--seeds``, ``--variants``), this reads each run's final
+For video runs of the adaptation benchmark (same flags: ``--world``,
+``--workdir``, ``--seeds``, ``--variants``; ``--domain=video``), this reads each run's final
 checkpoint and measures, on the labelled source-val and target-val splits,
 the 256-d feature the alignment uses (``out['feat']``, frame t, eval mode):
 
@@ -52,10 +52,14 @@ FLAGS = flags.FLAGS
 
 
 def _nearest_labels(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """``[B, H, W]`` labels sampled at the centres of an ``hw`` grid."""
-  h, w = label.shape[1:]
-  rows = ((np.arange(hw[0]) + 0.5) * h / hw[0]).astype(int)
-  cols = ((np.arange(hw[1]) + 0.5) * w / hw[1]).astype(int)
+  """``[B, H, W]`` labels at the pixels of an ``hw`` feature grid, placed
+  as the evaluation's upsampling places them (corners aligned: feature
+  ``i`` sits at label row ``i (H - 1) / (h - 1)``), nearest."""
+  def at(n_out, n_in):
+    if n_out == 1:
+      return np.zeros((1,), int)
+    return np.round(np.arange(n_out) * (n_in - 1) / (n_out - 1)).astype(int)
+  rows, cols = at(hw[0], label.shape[1]), at(hw[1], label.shape[2])
   return label[:, rows][:, :, cols]
 
 
@@ -78,7 +82,7 @@ def split_features(config: ml_collections.ConfigDict, forward, params,
     valid = label != labels_lib.IGNORE
     feats.append(feat[valid])
     preds.append(pred[valid])
-    labels.append(label[valid])
+    labels.append(label[valid].astype(np.int64))
   return (np.concatenate(feats), np.concatenate(preds),
           np.concatenate(labels))
 
@@ -104,10 +108,13 @@ def nearest_prototype(feat: np.ndarray, protos: np.ndarray,
   return np.argmax(sim, axis=1)
 
 
-def _miou(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-  cm = np.bincount(label * num_classes + pred,
-                   minlength=num_classes**2).reshape(num_classes, -1)
-  return 100 * metrics_lib.mean_iou(cm)
+def _miou(pred: np.ndarray, label: np.ndarray, cs: labels_lib.ClassSet
+          ) -> float:
+  """mIoU (%) over the class set's scored classes; rows are labels."""
+  n = cs.num_classes
+  label, pred = label.astype(np.int64), pred.astype(np.int64)
+  cm = np.bincount(label * n + pred, minlength=n**2).reshape(n, n)
+  return 100 * metrics_lib.mean_iou(cm, cs.scored)
 
 
 def measure(config: ml_collections.ConfigDict, run_dir: str
@@ -129,7 +136,8 @@ def measure(config: ml_collections.ConfigDict, run_dir: str
     logits = warp_ops.resize_bilinear(out['pred'], feat.shape[1:3])
     return feat, jnp.argmax(logits, axis=-1)
 
-  n = config.model.num_classes
+  cs = labels_lib.get_class_set(config.data.class_set)
+  n = cs.num_classes
   fs, _, ls = split_features(config, forward, params, stats, 'source_val',
                              root)
   ft, pt, lt = split_features(config, forward, params, stats, 'target_val',
@@ -144,9 +152,9 @@ def measure(config: ml_collections.ConfigDict, run_dir: str
   return {
       'cos_st': cos_st,
       'cos_tt': float(np.mean(tt[off])),
-      'head': _miou(pt, lt, n),
-      'nearest_src': _miou(nearest_prototype(ft, ps, cnt_s > 0), lt, n),
-      'nearest_tgt': _miou(nearest_prototype(ft, pt_gt, cnt_t > 0), lt, n),
+      'head': _miou(pt, lt, cs),
+      'nearest_src': _miou(nearest_prototype(ft, ps, cnt_s > 0), lt, cs),
+      'nearest_tgt': _miou(nearest_prototype(ft, pt_gt, cnt_t > 0), lt, cs),
   }
 
 
@@ -175,6 +183,9 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.domain != 'video':
+    raise app.UsageError('prototypes needs a labelled source-val split: only '
+                         '--domain=video has one.')
   start = time.time()
   seeds = [int(s) for s in FLAGS.seeds]
   variants = FLAGS.variants or ['dastc', 'no_alignment']
