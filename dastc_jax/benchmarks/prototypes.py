@@ -42,9 +42,9 @@ from dastc_jax.benchmarks import adaptation
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.evaluation import metrics as metrics_lib
+from dastc_jax.evaluation import predict
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import warp as warp_ops
-from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import state as state_lib
 from dastc_jax import train
 
@@ -121,10 +121,7 @@ def measure(config: ml_collections.ConfigDict, run_dir: str
             ) -> dict[str, float]:
   """The prototype statistics of one run's final checkpoint."""
   root = train.resolve_data_root(config)
-  params_like, stats_like = jax.eval_shape(
-      lambda: state_lib.init_model(config, 0)[1:])
-  params, stats, _ = checkpointing.load_weights(
-      os.path.join(run_dir, 'checkpoints'), -1, params_like, stats_like)
+  params, stats = predict.load_weights(config, '', run_dir)  # the latest
   graphdef = state_lib.model_graphdef(config)
   dtype = models.compute_dtype(config.model.dtype)
 
