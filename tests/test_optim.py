@@ -136,3 +136,14 @@ def test_vit_norms_get_no_weight_decay():
   # Patch-embedding, attention-reduction, block and stage norms (scale and
   # bias each) of the 4 stages.
   assert exempt >= 4 * 2 * 3
+
+
+def test_the_initial_state_comes_with_the_same_graph_as_the_traced_build():
+  """create_train_state returns the graph of the model it built (no second,
+  traced build); it equals the graph of the shape-only build."""
+  for c in (viper_config.get_config('smoke'),
+            viper_vit_config.get_config('smoke')):
+    c.method = 'source_only'
+    graphdef, _, _ = state_lib.create_train_state(c)
+    assert graphdef == state_lib.model_graphdef(c)
+    assert state_lib.create_train_state(c, abstract=True)[0] == graphdef

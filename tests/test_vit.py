@@ -164,7 +164,7 @@ def test_b5_video_state_is_fsdp_sharded_in_eighths(monkeypatch):
   """The full-size QuadMix-ViT train state (MiT-B5 + DAFormer, ~85M
   parameters, the AdamW moments) on data=1 x fsdp=8: each device holds
   little more than an eighth of it (shapes only, nothing allocated)."""
-  # Tracing B5's initialisation takes ~40 s in this flax/jax pair: each of
+  # Tracing B5's initialisation takes 10-20 s in this flax/jax pair: each of
   # its ~2000 RNG draws makes JAX build an error text by walking the whole
   # trace (docs/performance.md). Only that text is skipped here.
   from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top

@@ -69,8 +69,10 @@ def frozen_teacher_graphdef(config: ml_collections.ConfigDict
 
 
 def _initial_state(config: ml_collections.ConfigDict,
-                   sizes: dict[str, Any] | None) -> TrainState:
-  _, params, stats = init_model(config, config.seed)
+                   sizes: dict[str, Any] | None
+                   ) -> tuple[nnx.GraphDef, TrainState]:
+  """The model's graph and the initial train state."""
+  graphdef, params, stats = init_model(config, config.seed)
   tx = optim.make_optimizer(config.optim, params,
                             config.model.freeze_bn_affine,
                             optim.adaptation_start(config))
@@ -93,9 +95,9 @@ def _initial_state(config: ml_collections.ConfigDict,
     carried = empty_carried(sizes['batch'], sizes['source'], sizes['target'],
                             models.clip_length(config.model),
                             config.model.num_classes)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=stats, opt_state=opt_state, rng=rng,
-                    teacher=teacher, carried=carried)
+  return graphdef, TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+      opt_state=opt_state, rng=rng, teacher=teacher, carried=carried)
 
 
 def create_train_state(config: ml_collections.ConfigDict, *,
@@ -118,13 +120,16 @@ def create_train_state(config: ml_collections.ConfigDict, *,
   if config.method == 'dastc' and sizes is None:
     raise ValueError('DA-STC train states need the carried clip sizes.')
   if abstract:
-    state = jax.eval_shape(lambda: _initial_state(config, sizes))
+    state = jax.eval_shape(lambda: _initial_state(config, sizes)[1])
+    graphdef = model_graphdef(config)
   else:
-    state = _initial_state(config, sizes)
+    # The graph of the model just built: no second (traced) build, which
+    # for MiT-B5 costs ~9 s (docs/performance.md).
+    graphdef, state = _initial_state(config, sizes)
   tx = optim.make_optimizer(config.optim, state.params,
                             config.model.freeze_bn_affine,
                             optim.adaptation_start(config))
-  return model_graphdef(config), state, tx
+  return graphdef, state, tx
 
 
 def abstract_train_state(config: ml_collections.ConfigDict,
