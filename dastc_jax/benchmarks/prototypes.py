@@ -117,11 +117,10 @@ def _miou(pred: np.ndarray, label: np.ndarray, cs: labels_lib.ClassSet
   return 100 * metrics_lib.mean_iou(cm, cs.scored)
 
 
-def measure(config: ml_collections.ConfigDict, run_dir: str
-            ) -> dict[str, float]:
-  """The prototype statistics of one run's final checkpoint."""
-  root = train.resolve_data_root(config)
-  params, stats = predict.load_weights(config, '', run_dir)  # the latest
+def make_forward(config: ml_collections.ConfigDict):
+  """Jitted ``(params, stats, frames, flow) -> (feat [B, h, w, D], head
+  prediction [B, h, w])`` in eval mode, the fused scores resized (corners
+  aligned) to the feature grid."""
   graphdef = state_lib.model_graphdef(config)
   dtype = models.compute_dtype(config.model.dtype)
 
@@ -133,6 +132,14 @@ def measure(config: ml_collections.ConfigDict, run_dir: str
     logits = warp_ops.resize_bilinear(out['pred'], feat.shape[1:3])
     return feat, jnp.argmax(logits, axis=-1)
 
+  return forward
+
+
+def measure(config: ml_collections.ConfigDict, run_dir: str, forward
+            ) -> dict[str, float]:
+  """The prototype statistics of one run's final checkpoint."""
+  root = train.resolve_data_root(config)
+  params, stats = predict.load_weights(config, '', run_dir)  # the latest
   cs = labels_lib.get_class_set(config.data.class_set)
   n = cs.num_classes
   fs, _, ls = split_features(config, forward, params, stats, 'source_val',
@@ -187,6 +194,7 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds]
   variants = FLAGS.variants or ['dastc', 'no_alignment']
   results = {}
+  forwards = {}  # one compiled forward per model config
   for v in variants:
     results[v] = []
     for seed in seeds:
@@ -195,7 +203,10 @@ def main(argv):
       warm = adaptation.VARIANTS[v][1]
       config = adaptation.run_config(seed, v, warm,
                                      os.path.join(base, f'warm_{warm}'))
-      r = measure(config, os.path.join(base, v))
+      key = config.model.to_json()
+      if key not in forwards:
+        forwards[key] = make_forward(config)
+      r = measure(config, os.path.join(base, v), forwards[key])
       logging.info('seed %d %s: %s', seed, v, r)
       results[v].append(r)
   text = table(results)

@@ -119,13 +119,17 @@ def create_train_state(config: ml_collections.ConfigDict, *,
   """
   if config.method == 'dastc' and sizes is None:
     raise ValueError('DA-STC train states need the carried clip sizes.')
-  if abstract:
-    state = jax.eval_shape(lambda: _initial_state(config, sizes)[1])
-    graphdef = model_graphdef(config)
-  else:
-    # The graph of the model just built: no second (traced) build, which
-    # for MiT-B5 costs ~9 s (docs/performance.md).
-    graphdef, state = _initial_state(config, sizes)
+  # The graph comes from the one build of the model (eager, or traced for
+  # shapes): a second, traced build costs ~9 s for MiT-B5
+  # (docs/performance.md). A graph holds no arrays, so it may leave the trace.
+  built = {}
+
+  def initial():
+    built['graphdef'], state = _initial_state(config, sizes)
+    return state
+
+  state = jax.eval_shape(initial) if abstract else initial()
+  graphdef = built['graphdef']
   tx = optim.make_optimizer(config.optim, state.params,
                             config.model.freeze_bn_affine,
                             optim.adaptation_start(config))
