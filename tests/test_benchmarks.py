@@ -175,7 +175,38 @@ def test_image_domain_and_hard_world_run_configs():
     flags.domain, flags.world = old
 
 
-def test_prototype_statistics():
+def test_transformer_run_configs_and_folders():
+  """``--model=mit_b0``: every run of the benchmark (warm starts and
+  variants, video and image) is the MiT-B0 transformer with its exchange
+  after the first stage, in a folder of its own; the variants stay what
+  they are."""
+  from dastc_jax.runtime import validation  # pylint: disable=g-import-not-at-top
+  flags = adaptation.FLAGS
+  old = flags.model, flags.domain, flags.workdir
+  try:
+    flags.model, flags.workdir = 'mit_b0', '/w'
+    for domain, name in (('video', 'accel_daformer'), ('image', 'daformer')):
+      flags.domain = domain
+      assert adaptation.seed_dir(1) == f'/w/default-{domain}-mit-b0/seed1'
+      runs = [adaptation.run_config(0, None, 'hm', '/w')] + [
+          adaptation.run_config(0, v, 'hm', '/w')
+          for v in adaptation.DEFAULT_VARIANTS[domain]]
+      for c in runs:
+        assert (c.model.name, c.model.mit_variant) == (name, 'b0')
+        assert c.dastc.feature_layer == 'c1'
+        assert c.loss.aux_weight == c.dastc.aux_weight == 0.0
+        validation.check_config(c)
+      dastc = runs[1 + adaptation.DEFAULT_VARIANTS[domain].index('dastc')]
+      assert dastc.method == 'dastc' and dastc.dastc.image_fusion
+    flags.model, flags.domain = 'deeplab', 'video'
+    assert adaptation.seed_dir(2) == '/w/default-video/seed2'
+    assert adaptation.run_config(0, 'dastc', 'hm', '/w').model.name == (
+        'accel_deeplabv2')
+  finally:
+    flags.model, flags.domain, flags.workdir = old
+
+
+
   """Per-class means, nearest-prototype classification by cosine among the
   classes present, and label sampling at the centres of a coarser grid."""
   from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top

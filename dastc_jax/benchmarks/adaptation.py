@@ -39,9 +39,13 @@ The image domain (``--domain=image``) trains single-frame DeepLabv2 on the
 world's GTA5-layout source and Cityscapes-layout target (19 classes) with
 ``source_only``, ``source_only_hm``, ``pseudo_label_only`` and ``dastc``.
 
+``--model=mit_b0`` swaps the demo's DeepLabv2-ResNet for the transformer
+(MiT-B0 encoder, DAFormer head; the ACCEL-style video model, or the image
+model with ``--domain=image``), from scratch with the demo's optimizer.
+
 Each run is an ordinary training run in
-``{workdir}/{world}-{domain}/seed{S}/{variant}`` (resumable; finished runs
-are reused). The report (``--output``, markdown plus a JSON beside it) has
+``{workdir}/{world}-{domain}[-mit-b0]/seed{S}/{variant}`` (resumable;
+finished runs are reused). The report (``--output``, markdown plus a JSON beside it) has
 target-val mIoU of the last checkpoint (mean +- std over seeds, per seed),
 the paired per-seed difference to ``dastc`` and the training wall time.
 """
@@ -72,8 +76,12 @@ flags.DEFINE_enum('world', 'default', ['default', 'hard'],
 flags.DEFINE_enum('domain', 'video', ['video', 'image'],
                   'Video (ACCEL, VIPER/Cityscapes-Seq layouts) or image '
                   '(DeepLabv2, GTA5/Cityscapes layouts).')
+flags.DEFINE_enum('model', 'deeplab', ['deeplab', 'mit_b0'],
+                  "'deeplab': the demo's small DeepLabv2-ResNet (ACCEL for "
+                  "video); 'mit_b0': the transformer (MiT-B0 + DAFormer "
+                  'head, ACCEL-style video model) from scratch.')
 flags.DEFINE_string('output', '', 'Markdown report (default: '
-                    'benchmarks/adaptation_{world}[_image].md).')
+                    'benchmarks/adaptation_{world}[_image][_mit_b0].md).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (all of them are reported).')
 flags.DEFINE_list('variants', None, 'Subset of variants (default: the '
                   "domain's default list).")
@@ -175,6 +183,20 @@ def _image_domain(c: ml_collections.ConfigDict) -> None:
   c.dastc.num_rare_classes = 2
 
 
+def _mit_b0(c: ml_collections.ConfigDict) -> None:
+  """The transformer at MiT-B0 size with the demo's optimizer: a 256-d
+  DAFormer head, trained BatchNorm affines, no auxiliary head, the feature
+  exchange after the first MiT stage, no weight decay on the LayerNorms."""
+  c.model.name = 'daformer' if FLAGS.domain == 'image' else 'accel_daformer'
+  c.model.mit_variant = 'b0'
+  c.model.head_features = 256
+  c.model.freeze_bn_affine = False
+  c.loss.aux_weight = 0.0
+  c.dastc.aux_weight = 0.0
+  c.dastc.feature_layer = 'c1'
+  c.optim.no_weight_decay = ('norm',)
+
+
 def run_config(seed: int, variant: str | None, warm: str,
                warm_dir: str) -> ml_collections.ConfigDict:
   """The config of one run (``variant=None``: the ``warm`` warm start)."""
@@ -182,6 +204,8 @@ def run_config(seed: int, variant: str | None, warm: str,
   c.data.synthetic.shift = FLAGS.world
   if FLAGS.domain == 'image':
     _image_domain(c)
+  if FLAGS.model == 'mit_b0':
+    _mit_b0(c)
   c.seed = seed
   c.train.batch_size = (FLAGS.warm_batch_size if variant is None else
                         FLAGS.batch_size)
@@ -198,6 +222,15 @@ def run_config(seed: int, variant: str | None, warm: str,
     c.train.init_from = os.path.join(warm_dir, 'checkpoints')
   c.train.checkpoint_every = c.train.num_steps
   return c
+
+
+def seed_dir(seed: int) -> str:
+  """The folder of one seed's runs: ``{workdir}/{world}-{domain}[-model]``
+  ``/seed{S}``."""
+  model = '' if FLAGS.model == 'deeplab' else f'-{FLAGS.model}'.replace(
+      '_', '-')
+  return os.path.join(FLAGS.workdir, f'{FLAGS.world}-{FLAGS.domain}{model}',
+                      f'seed{seed}')
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str
@@ -259,17 +292,17 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'Unknown --variants {unknown}; expected some of '
                          f'{sorted(VARIANTS)}.')
-  tag = f'{FLAGS.world}-{FLAGS.domain}'
+  model_tag = '' if FLAGS.model == 'deeplab' else f'_{FLAGS.model}'
   output = FLAGS.output or os.path.join(
       'benchmarks', f'adaptation_{FLAGS.world}'
-      f'{"_image" if FLAGS.domain == "image" else ""}.md')
+      f'{"_image" if FLAGS.domain == "image" else ""}{model_tag}.md')
   warms = sorted({VARIANTS[v][1] for v in variants})
   results = {f'warm start ({w})': {} for w in warms}
   results.update({v: {} for v in variants})
   minutes = {k: [] for k in results}
   start = time.time()
   for seed in seeds:
-    base = os.path.join(FLAGS.workdir, tag, f'seed{seed}')
+    base = seed_dir(seed)
     warm_dirs = {w: os.path.join(base, f'warm_{w}') for w in warms}
     for w, wdir in warm_dirs.items():
       miou, mins = _run(run_config(seed, None, w, wdir), wdir)
@@ -300,6 +333,7 @@ def main(argv):
     seeds = complete
   cmd = ('python -m dastc_jax.benchmarks.adaptation '
          f'--world={FLAGS.world} --domain={FLAGS.domain} '
+         + (f'--model={FLAGS.model} ' if FLAGS.model != 'deeplab' else '') +
          f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
          f'--warm_steps={FLAGS.warm_steps} --adapt_steps={FLAGS.adapt_steps} '
          f'--warm_batch_size={FLAGS.warm_batch_size} '
@@ -315,7 +349,7 @@ def main(argv):
   note = (f' {reused} finished runs were reused from an earlier invocation '
           '(their time is not counted).' if reused else '')
   text = (f'# Adaptation on the synthetic world: {FLAGS.world} world, '
-          f'{FLAGS.domain} domain\n\nCommand: `{cmd}`\n\n'
+          f'{FLAGS.domain} domain, {FLAGS.model}\n\nCommand: `{cmd}`\n\n'
           f'Target val mIoU (%) of the last checkpoint, {len(seeds)} seed(s). '
           f'Warm starts: {FLAGS.warm_steps} source-only steps (global batch '
           f'{FLAGS.warm_batch_size}), plain or on histogram-matched source '

@@ -198,8 +198,7 @@ def main(argv):
   for v in variants:
     results[v] = []
     for seed in seeds:
-      base = os.path.join(FLAGS.workdir, f'{FLAGS.world}-{FLAGS.domain}',
-                          f'seed{seed}')
+      base = adaptation.seed_dir(seed)
       warm = adaptation.VARIANTS[v][1]
       config = adaptation.run_config(seed, v, warm,
                                      os.path.join(base, f'warm_{warm}'))
@@ -211,10 +210,16 @@ def main(argv):
       results[v].append(r)
   text = table(results)
   print(text)
+  cmd = ('python -m dastc_jax.benchmarks.prototypes '
+         f'--world={FLAGS.world} --domain={FLAGS.domain} '
+         + (f'--model={FLAGS.model} ' if FLAGS.model != 'deeplab' else '') +
+         f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
+         f'--variants={",".join(variants)} --output={FLAGS.output}')
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
       f.write(f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
-              f'seeds {",".join(map(str, seeds))})\n\n{text}\n\n'
+              f'{FLAGS.model}, seeds {",".join(map(str, seeds))})\n\n'
+              f'Command: `{cmd}`\n\n{text}\n\n'
               f'{time.time() - start:.0f} s.\n')
 
 
