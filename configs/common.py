@@ -248,7 +248,9 @@ def dastc_config() -> ml_collections.ConfigDict:
           blur_sigma=(0.1, 2.0), blur_kernel=9,
           wrap_normalized_bug=False),  # True: the reference's [0,1] wrap
       alignment=dict(
-          kind='contrastive',  # 'contrastive', 'mmd' (reference), 'none'
+          # 'contrastive'; 'cosine' (intra-class pull only); 'mmd'
+          # (reference); 'none'
+          kind='contrastive',
           weight=0.1,
           feature='feat',  # 'feat' (256-d pre-logit) or 'logits' (C-d)
           temperature=0.1,

@@ -66,6 +66,37 @@ def test_an_absent_class_changes_nothing():
   assert float(none) == 0.0
 
 
+def test_cosine_pull_keeps_pulling_where_the_contrastive_loss_saturates():
+  """Classes already far apart, each at cosine 0.8 to its source mean: the
+  contrastive loss is nearly 0 and its gradient a tenth of the pull's (at
+  equal weights), the pull still has the 0.2 gap to close and its step
+  raises every class's cosine."""
+  c, d = 4, 8
+  src = jnp.eye(c, d)
+  side = jnp.eye(c, d, k=c)  # orthogonal to every source row
+  tgt = 0.8 * src + 0.6 * side  # unit rows, cos(t_k, s_k) = 0.8
+  present = jnp.ones((c,), bool)
+  con = lambda t: alignment.contrastive(src, t, present, temperature=0.1,
+                                        margin=0.2)
+  pull = lambda t: alignment.cosine_pull(src, t, present)
+  assert float(con(tgt)) < 0.01
+  assert (float(jnp.abs(jax.grad(con)(tgt)).max()) <
+          0.1 * float(jnp.abs(jax.grad(pull)(tgt)).max()))
+  np.testing.assert_allclose(float(alignment.cosine_pull(src, tgt, present)),
+                             0.2, rtol=1e-6)
+  moved = tgt - 0.5 * jax.grad(pull)(tgt)
+  cos = np.sum(np.asarray(moved) * np.asarray(src), -1) / np.linalg.norm(
+      np.asarray(moved), axis=-1)
+  assert np.all(cos > 0.84)  # from 0.8
+  # Absent classes neither count nor get a gradient; none present: 0.
+  some = jnp.asarray([True, False, True, True])
+  np.testing.assert_allclose(float(alignment.cosine_pull(src, tgt, some)),
+                             0.2, rtol=1e-6)
+  grad = jax.grad(lambda t: alignment.cosine_pull(src, t, some))(tgt)
+  np.testing.assert_array_equal(np.asarray(grad[1]), 0.0)
+  assert float(alignment.cosine_pull(src, tgt, jnp.zeros((c,), bool))) == 0.0
+
+
 def test_temporal_weights_favour_the_more_certain_pair():
   w = alignment.temporal_weights(jnp.asarray([0.2, 0.6]), 0.1, True)
   assert float(w[0]) > float(w[1]) and abs(float(w.sum()) - 1) < 1e-6

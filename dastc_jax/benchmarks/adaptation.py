@@ -33,7 +33,7 @@ variant's blend), ``feature_swap_to_target`` and ``feature_swap_to_source``
 ``no_histogram_match``, ``no_distribution_alignment`` and
 ``pseudo_label_only_no_distribution_alignment`` (without the pseudo-label
 distribution alignment), ``alignment_weight_1`` (the alignment loss at 10x
-its default weight).
+its default weight), ``cosine_alignment`` (the intra-class pull alone).
 
 The image domain (``--domain=image``) trains single-frame DeepLabv2 on the
 world's GTA5-layout source and Cityscapes-layout target (19 classes) with
@@ -155,6 +155,10 @@ VARIANTS: dict[str, tuple[Change, str]] = {
     'no_distribution_alignment': (
         _dastc(**{'dastc.pl_distribution_alignment': False}), 'hm'),
     'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
+    # Weight 1.0: the pull's gradient per unit of cosine is 1, the
+    # contrastive's (unsaturated) up to 1/tau = 10 at its weight 0.1.
+    'cosine_alignment': (_dastc(**{'dastc.alignment.kind': 'cosine',
+                                   'dastc.alignment.weight': 1.0}), 'hm'),
     'pseudo_label_only_no_distribution_alignment': (
         _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False,
                   'dastc.alignment.kind': 'none',

@@ -8,6 +8,9 @@ the 256-d feature the alignment uses (``out['feat']``, frame t, eval mode):
 * ``cos(s, t)``: cosine of each class's source and target prototype (the
   per-class mean feature, ground-truth labels), averaged over classes seen in
   both: how well the class means of the two domains agree;
+* ``cos(s, t) predicted``: the same with the target prototypes taken over
+  the model's own predicted classes (as a training step's prototypes are,
+  over pseudo-labels): the agreement the alignment loss can see;
 * ``cos(t, t')``: the mean cosine between the target prototypes of two
   different classes (lower = better separated);
 * target-val mIoU at the feature grid of the head (``head``), of the nearest
@@ -151,10 +154,17 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
   both = (cnt_s > 0) & (cnt_t > 0)
   us, ut = _unit(ps), _unit(pt_gt)
   cos_st = float(np.mean(np.sum(us[both] * ut[both], axis=1)))
+  # Target prototypes over the model's own predictions (what a training
+  # step's prototypes use: predicted, not true, classes).
+  pt_pred, cnt_pred = prototypes(ft, pt.astype(np.int64), n)
+  both_pred = (cnt_s > 0) & (cnt_pred > 0)
+  cos_st_pred = float(np.mean(np.sum(us[both_pred] * _unit(pt_pred)[both_pred],
+                                     axis=1)))
   tt = ut[cnt_t > 0] @ ut[cnt_t > 0].T
   off = ~np.eye(len(tt), dtype=bool)
   return {
       'cos_st': cos_st,
+      'cos_st_pred': cos_st_pred,
       'cos_tt': float(np.mean(tt[off])),
       'head': _miou(pt, lt, cs),
       'nearest_src': _miou(nearest_prototype(ft, ps, cnt_s > 0), lt, cs),
@@ -162,8 +172,9 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
   }
 
 
-COLUMNS = (('cos_st', 'cos(s, t)', '{:.3f}'), ('cos_tt', "cos(t, t')",
-                                               '{:.3f}'),
+COLUMNS = (('cos_st', 'cos(s, t)', '{:.3f}'),
+           ('cos_st_pred', 'cos(s, t) predicted', '{:.3f}'),
+           ('cos_tt', "cos(t, t')", '{:.3f}'),
            ('head', 'head mIoU', '{:.1f}'),
            ('nearest_src', 'nearest src mIoU', '{:.1f}'),
            ('nearest_tgt', 'nearest tgt mIoU', '{:.1f}'))

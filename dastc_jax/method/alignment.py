@@ -27,6 +27,7 @@ Default (``alignment.aggregation='frames'``), see docs/method.md:
    additive margin on the positive pair, symmetrised over target->source and
    source->target. Classes absent from either domain are masked out of
    positives *and* negatives; they never act as zero prototypes.
+   ``kind='cosine'`` keeps the intra-class pull alone (``cosine_pull``).
 
 The reference (``aggregation='pairs'``): per temporal pair, the class means
 of the pair's *fused* output with its own argmax as labels, averaged over
@@ -243,6 +244,16 @@ def contrastive(source: Array, target: Array, present: Array, *,
     return jnp.sum(jnp.where(present, per_class, 0.0)) / n
 
   return 0.5 * (direction(logits) + direction(logits.T))
+
+
+def cosine_pull(source: Array, target: Array, present: Array) -> Array:
+  """Intra-class pull only: the mean over classes present in both domains
+  of ``1 - cos(target_k, source_k)``. Unlike ``contrastive`` it does not
+  saturate once other classes are far apart: its gradient stays until the
+  two class means point the same way (0 when no class is present)."""
+  cos = jnp.sum(_normalize(target) * _normalize(source), axis=-1)  # [C]
+  n = jnp.maximum(jnp.sum(present), 1)
+  return jnp.sum(jnp.where(present, 1.0 - cos, 0.0)) / n
 
 
 def mmd_rbf(source: Array, target: Array, kernel_num: int = 5,

@@ -347,11 +347,14 @@ def _alignment_loss(config, out_s, labels_src, target_passes, pl):
       info[f'align_w/{name}'] = wv
   if a.kind == 'mmd':
     loss = alignment.mmd_rbf(ps, pt)
-  else:  # 'contrastive' (``runtime/validation.py`` checks the value)
+  else:  # 'contrastive' or 'cosine' (``runtime/validation.py`` checks it)
     if a.detach_source:
       ps = jax.lax.stop_gradient(ps)
-    loss = alignment.contrastive(ps, pt, pres_s & pres_t,
-                                 temperature=a.temperature, margin=a.margin)
+    if a.kind == 'cosine':
+      loss = alignment.cosine_pull(ps, pt, pres_s & pres_t)
+    else:
+      loss = alignment.contrastive(ps, pt, pres_s & pres_t,
+                                   temperature=a.temperature, margin=a.margin)
   info['align_classes'] = jnp.sum(pres_s & pres_t).astype(jnp.float32)
   return loss, info
 

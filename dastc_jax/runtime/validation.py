@@ -53,7 +53,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         models.shallow_stages('accel_daformer'))),
     'model.mit_variant': models.MIT_VARIANTS,
     'dastc.bn_update': ('fixed', 'all'),
-    'dastc.alignment.kind': ('contrastive', 'mmd', 'none'),
+    'dastc.alignment.kind': ('contrastive', 'cosine', 'mmd', 'none'),
     'dastc.alignment.feature': ('feat', 'logits'),
     'dastc.alignment.aggregation': ('frames', 'pairs'),
     'dastc.alignment.target_labels': ('teacher', 'student'),
