@@ -45,9 +45,10 @@ model with ``--domain=image``), from scratch with the demo's optimizer.
 
 Each run is an ordinary training run in
 ``{workdir}/{world}-{domain}[-mit-b0]/seed{S}/{variant}`` (resumable;
-finished runs are reused). The report (``--output``, markdown plus a JSON beside it) has
-target-val mIoU of the last checkpoint (mean +- std over seeds, per seed),
-the paired per-seed difference to ``dastc`` and the training wall time.
+finished runs are reused). The report (``--output``, markdown plus a JSON
+beside it) has target-val mIoU of the last checkpoint (mean +- std over
+seeds, per seed), the paired per-seed difference to ``dastc`` and the
+training wall time.
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ def main(argv):
          f'--world={FLAGS.world} --domain={FLAGS.domain} '
          + (f'--model={FLAGS.model} ' if FLAGS.model != 'deeplab' else '') +
          f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
-         f'--variants={",".join(variants)} --output={FLAGS.output}')
+         f'--variants={",".join(variants)}'
+         + (f' --output={FLAGS.output}' if FLAGS.output else ''))
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
       f.write(f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
