@@ -229,6 +229,11 @@ def run_config(seed: int, variant: str | None, warm: str,
   return c
 
 
+def model_flag() -> str:
+  """``'--model=... '`` for a report's command (empty for the default)."""
+  return '' if FLAGS.model == 'deeplab' else f'--model={FLAGS.model} '
+
+
 def seed_dir(seed: int) -> str:
   """The folder of one seed's runs: ``{workdir}/{world}-{domain}[-model]``
   ``/seed{S}``."""
@@ -338,8 +343,8 @@ def main(argv):
     seeds = complete
   cmd = ('python -m dastc_jax.benchmarks.adaptation '
          f'--world={FLAGS.world} --domain={FLAGS.domain} '
-         + (f'--model={FLAGS.model} ' if FLAGS.model != 'deeplab' else '') +
-         f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
+         f'{model_flag()}--workdir={FLAGS.workdir} '
+         f'--seeds={",".join(map(str, seeds))} '
          f'--warm_steps={FLAGS.warm_steps} --adapt_steps={FLAGS.adapt_steps} '
          f'--warm_batch_size={FLAGS.warm_batch_size} '
          f'--batch_size={FLAGS.batch_size}')

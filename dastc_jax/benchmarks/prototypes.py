@@ -223,8 +223,8 @@ def main(argv):
   print(text)
   cmd = ('python -m dastc_jax.benchmarks.prototypes '
          f'--world={FLAGS.world} --domain={FLAGS.domain} '
-         + (f'--model={FLAGS.model} ' if FLAGS.model != 'deeplab' else '') +
-         f'--workdir={FLAGS.workdir} --seeds={",".join(map(str, seeds))} '
+         f'{adaptation.model_flag()}--workdir={FLAGS.workdir} '
+         f'--seeds={",".join(map(str, seeds))} '
          f'--variants={",".join(variants)}'
          + (f' --output={FLAGS.output}' if FLAGS.output else ''))
   if FLAGS.output:
