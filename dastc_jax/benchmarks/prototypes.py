@@ -3,7 +3,8 @@ r"""Class prototypes of trained runs: what the alignment loss acts on.
 For video runs of the adaptation benchmark (same flags: ``--world``,
 ``--model``, ``--workdir``, ``--seeds``, ``--variants``; ``--domain=video``),
 this reads each run's final checkpoint and measures, on the labelled
-source-val and target-val splits, the 256-d feature the alignment uses (``out['feat']``, frame t, eval mode):
+source-val and target-val splits, the 256-d feature the alignment uses
+(``out['feat']``, frame t, eval mode):
 
 * ``cos(s, t)``: cosine of each class's source and target prototype (the
   per-class mean feature, ground-truth labels), averaged over classes seen in
