@@ -404,7 +404,15 @@ def use_synthetic(c: ml_collections.ConfigDict, size: str = 'default') -> None:
 
 
 def smoke(c: ml_collections.ConfigDict) -> None:
-  """A seconds-long CPU run on a tiny world: 2 steps, tiny model."""
+  """A seconds-long CPU run on a tiny world: 2 steps, tiny model.
+
+  The LR schedule keeps the full run's length (a config that ties it to
+  ``train.num_steps`` is untied), so smoke runs of any length compile the
+  same step program (the persistent compilation cache then serves them).
+  """
+  steps = int(c.optim.schedule_steps)
+  del c.optim['schedule_steps']  # drops a reference to train.num_steps
+  c.optim.schedule_steps = steps
   tiny_model(c)
   use_synthetic(c, 'tiny')
   c.data.synthetic.num_workers = 1
