@@ -233,3 +233,36 @@ def test_transformer_run_configs_and_folders():
   pred = np.array([18, 3, 3], np.uint8)
   # IoU 0.5 for class 18 and for class 3 (the only classes present).
   assert prototypes._miou(pred, label, cs) == 50.0  # pylint: disable=protected-access
+
+
+
+_FLOW_SPEED = """
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from dastc_jax.benchmarks import flow
+r = flow.throughput('raft_small', (128, 128), reps=1, iterations=2, batch=2)
+assert r['batch'] == 2 and r['size'] == '128x128', r
+assert len(r['ours_all']) == len(r['torch_all']) == 1, r
+assert r['ours_s'] > 0 and r['torch_s'] > 0, r
+md = flow._report([], [r], None, [])
+assert '| raft_small | 128x128 | 2 | ' in md, md
+assert 'raft_small batch 2 ours' in md, md
+print('ok')
+"""
+
+
+@pytest.mark.integration
+def test_flow_throughput_per_pair_over_a_batch_and_report():
+  """Times are per pair over calls of ``batch`` pairs, for ours and
+  torchvision's alike, and the report names the batch. (In a subprocess:
+  the flow benchmark's flags share names with the adaptation benchmark's,
+  which this module imports.)"""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  r = subprocess.run([sys.executable, '-c', _FLOW_SPEED], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-3000:]

@@ -61,7 +61,9 @@ flags.DEFINE_string('raft_large', None, 'torchvision raft_large weights '
 flags.DEFINE_string('raft_small', None, 'torchvision raft_small weights.')
 flags.DEFINE_integer('iterations', 12, 'RAFT updates per pair.')
 flags.DEFINE_list('size', ['256', '512'], 'H,W of the throughput pairs.')
-flags.DEFINE_integer('reps', 5, 'Timed pairs per implementation.')
+flags.DEFINE_integer('reps', 5, 'Timed calls per implementation.')
+flags.DEFINE_list('batch', ['1', '2'], 'Pairs per call of the throughput '
+                  'rows (the flow command runs 2 per device by default).')
 flags.DEFINE_bool('demo', False, 'Also train the demo with DIS flows and '
                   'with exact flows (about 20 minutes).')
 flags.DEFINE_string('workdir', 'runs/flow_benchmark', '--demo: runs and '
@@ -117,8 +119,9 @@ def epe_rows(world: str, estimators: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def throughput(variant: str, hw: tuple[int, int], reps: int,
-               iterations: int) -> dict[str, Any]:
-  """Pairs/s of our RAFT (jit) and torchvision's (eager), alternated."""
+               iterations: int, batch: int = 1) -> dict[str, Any]:
+  """Seconds per pair of our RAFT (jit) and torchvision's (eager), calls of
+  ``batch`` pairs timed alternately."""
   import torch  # pylint: disable=g-import-not-at-top
   from torchvision.models import optical_flow as tv_flow  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -127,8 +130,8 @@ def throughput(variant: str, hw: tuple[int, int], reps: int,
                                    tm.state_dict().items()})
   run = jax.jit(lambda a, b: model(a, b, iterations))
   rng = np.random.default_rng(0)
-  a = rng.uniform(-1, 1, (1, *hw, 3)).astype(np.float32)
-  b = rng.uniform(-1, 1, (1, *hw, 3)).astype(np.float32)
+  a = rng.uniform(-1, 1, (batch, *hw, 3)).astype(np.float32)
+  b = rng.uniform(-1, 1, (batch, *hw, 3)).astype(np.float32)
   ta = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
   tb = torch.from_numpy(np.ascontiguousarray(np.moveaxis(b, -1, 1)))
   start = time.time()
@@ -140,12 +143,12 @@ def throughput(variant: str, hw: tuple[int, int], reps: int,
   for _ in range(reps):
     start = time.time()
     run(a, b).block_until_ready()
-    ours.append(time.time() - start)
+    ours.append((time.time() - start) / batch)
     with torch.no_grad():
       start = time.time()
       tm(ta, tb, num_flow_updates=iterations)
-      theirs.append(time.time() - start)
-  return {'variant': variant, 'size': f'{hw[0]}x{hw[1]}',
+      theirs.append((time.time() - start) / batch)
+  return {'variant': variant, 'size': f'{hw[0]}x{hw[1]}', 'batch': batch,
           'ours_s': float(np.median(ours)), 'torch_s': float(np.median(theirs)),
           'ours_all': ours, 'torch_all': theirs, 'compile_s': compile_s,
           'torch_threads': torch.get_num_threads(), 'torch': torch.__version__}
@@ -221,21 +224,24 @@ def _report(epe: list[dict[str, Any]], speed: list[dict[str, Any]],
   for m in missing:
     lines.append(f'\n{m}')
   lines += ['', '## Throughput: our RAFT (jit) vs torchvision RAFT (eager)',
-            '', 'Same random weights and pair, batch 1, '
-            f'{FLAGS.iterations} iterations, median of {FLAGS.reps} pairs '
-            'each, timed alternately in one process.', '',
-            '| variant | size | ours (s/pair) | torchvision (s/pair) | ours '
-            'pairs/s | torchvision pairs/s | time ratio ours/torch | '
-            'our compile (s) |', '|---|---|---|---|---|---|---|---|']
+            '', 'Same random weights and pairs, '
+            f'{FLAGS.iterations} iterations; calls of `batch` pairs (the '
+            'flow command runs 2 per device by default), median of '
+            f'{FLAGS.reps} calls each, timed alternately in one process; '
+            'times per pair.', '',
+            '| variant | size | batch | ours (s/pair) | torchvision (s/pair) '
+            '| ours pairs/s | torchvision pairs/s | time ratio ours/torch | '
+            'our compile (s) |', '|---|---|---|---|---|---|---|---|---|']
   for r in speed:
-    lines.append(f'| {r["variant"]} | {r["size"]} | {r["ours_s"]:.3f} | '
+    lines.append(f'| {r["variant"]} | {r["size"]} | {r["batch"]} | '
+                 f'{r["ours_s"]:.3f} | '
                  f'{r["torch_s"]:.3f} | {1 / r["ours_s"]:.2f} | '
                  f'{1 / r["torch_s"]:.2f} | **{r["ours_s"] / r["torch_s"]:.2f}**'
                  f' | {r["compile_s"]:.1f} |')
   if speed:
     lines += ['', f'torch {speed[0]["torch"]}, '
               f'{speed[0]["torch_threads"]} threads. Per-pair times (s): ' +
-              '; '.join(f'{r["variant"]} ours ' +
+              '; '.join(f'{r["variant"]} batch {r["batch"]} ours ' +
                         ', '.join(f'{t:.3f}' for t in r['ours_all']) +
                         ' / torch ' + ', '.join(f'{t:.3f}' for t in
                                                 r['torch_all'])
@@ -272,8 +278,8 @@ def main(argv):
           'torchvision\'s trained weights, see docs/optical_flow.md).')
   epe = epe_rows(world, estimators)
   hw = tuple(int(v) for v in FLAGS.size)
-  speed = [throughput(v, hw, FLAGS.reps, FLAGS.iterations)
-           for v in ('raft_small', 'raft_large')]
+  speed = [throughput(v, hw, FLAGS.reps, FLAGS.iterations, int(b))
+           for v in ('raft_small', 'raft_large') for b in FLAGS.batch]
   demo_rows = demo(world, FLAGS.workdir) if FLAGS.demo else None
   text = _report(epe, speed, demo_rows, missing)
   print(text)
