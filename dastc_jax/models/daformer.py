@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dastc_jax.models import layers
-from dastc_jax.ops import warp as warp_ops
 
 
 # mmcv's kaiming_init (fan_out, ReLU gain, untruncated normal); torch's
@@ -114,7 +113,12 @@ class Embedding(nnx.Module):
 def resize_half_pixel(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
   """Bilinear resize with half-pixel centres (``align_corners=False``,
   no antialiasing), as ``F.interpolate`` does."""
-  return warp_ops.resize_bilinear(x, hw, align_corners=False)
+  if x.shape[1:3] == tuple(hw):
+    return x
+  return jax.image.scale_and_translate(
+      x, (x.shape[0], hw[0], hw[1], x.shape[3]), (1, 2),
+      jnp.array([hw[0] / x.shape[1], hw[1] / x.shape[2]], jnp.float32),
+      jnp.zeros((2,), jnp.float32), 'linear', antialias=False)
 
 
 class DAFormerHead(nnx.Module):

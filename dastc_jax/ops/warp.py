@@ -14,29 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _linear_taps(n_in: int, n_out: int, align_corners: bool):
-  """Source taps and weights of a 1-D linear resize: corners aligned, or
-  half-pixel centres (source clamped to the image, as PyTorch does)."""
-  if n_in == 1 or (align_corners and n_out == 1):
+def _linear_taps(n_in: int, n_out: int):
+  """Source taps and weights of a 1-D align-corners linear resize."""
+  if n_out == 1 or n_in == 1:
     src = np.zeros((n_out,), np.float64)
-  elif align_corners:
-    src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
   else:
-    src = np.clip(
-        (np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5, 0,
-        n_in - 1)
+    src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
   i0 = np.clip(np.floor(src).astype(np.int32), 0, max(n_in - 2, 0))
   i1 = np.minimum(i0 + 1, n_in - 1)
   w1 = (src - i0).astype(np.float32)
   return i0, i1, w1
 
 
-def _resize_axis(x: jax.Array, axis: int, n_out: int,
-                 align_corners: bool) -> jax.Array:
+def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
   n_in = x.shape[axis]
   if n_in == n_out:
     return x
-  i0, i1, w1 = _linear_taps(n_in, n_out, align_corners)
+  i0, i1, w1 = _linear_taps(n_in, n_out)
   shape = [1] * x.ndim
   shape[axis] = n_out
   w1 = jnp.asarray(w1.reshape(shape), dtype=x.dtype)
@@ -45,22 +39,19 @@ def _resize_axis(x: jax.Array, axis: int, n_out: int,
   return a + (b - a) * w1
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int],
-                    align_corners: bool = True) -> jax.Array:
-  """Bilinear resize, PyTorch's ``F.interpolate(mode='bilinear')``.
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Bilinear resize with ``align_corners=True`` (PyTorch semantics).
 
   Args:
     x: ``[..., H, W, C]`` array.
     size: target ``(H', W')``.
-    align_corners: PyTorch's flag: True maps corner pixel centres onto each
-      other; False uses half-pixel centres (no antialiasing).
 
   Returns:
     ``[..., H', W', C]`` array of the same dtype.
   """
   h_axis, w_axis = x.ndim - 3, x.ndim - 2
-  x = _resize_axis(x, h_axis, int(size[0]), align_corners)
-  return _resize_axis(x, w_axis, int(size[1]), align_corners)
+  x = _resize_axis(x, h_axis, int(size[0]))
+  return _resize_axis(x, w_axis, int(size[1]))
 
 
 def resize_flow(flow: jax.Array, size: Sequence[int],
