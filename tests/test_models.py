@@ -297,7 +297,7 @@ def test_long_tail_pixels_take_the_current_scores_in_the_fusion():
   lt = jnp.zeros((1, 6, 8)).at[:, :, :4].set(1.0)
   # A fusion layer that outputs the (warped) key-frame half only.
   w = jnp.concatenate([jnp.zeros((5, 5)), jnp.eye(5)], 0)[None, None]
-  model.sf_layer.kernel.value = w
+  model.sf_layer.kernel[...] = w
   out = model.fuse(cur, key, flow, lt_mask=lt)
   np.testing.assert_allclose(out[:, :, :4], cur[:, :, :4], rtol=1e-6)
   np.testing.assert_allclose(out[:, :, 4:], key[:, :, 4:], rtol=1e-6)
