@@ -1,4 +1,8 @@
-"""The adaptation benchmark's run configs (no training here)."""
+"""The benchmarks' run configs and reports (no training here)."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -257,9 +261,6 @@ def test_flow_throughput_per_pair_over_a_batch_and_report():
   torchvision's alike, and the report names the batch. (In a subprocess:
   the flow benchmark's flags share names with the adaptation benchmark's,
   which this module imports.)"""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu', XLA_FLAGS='',
              JAX_DISABLE_MOST_OPTIMIZATIONS='1')
