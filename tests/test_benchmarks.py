@@ -239,7 +239,6 @@ def test_transformer_run_configs_and_folders():
   assert prototypes._miou(pred, label, cs) == 50.0  # pylint: disable=protected-access
 
 
-
 _FLOW_SPEED = """
 from absl import flags
 flags.FLAGS.mark_as_parsed()
