@@ -216,7 +216,7 @@ def convert_state_dict(sd: dict[str, np.ndarray],
     _fold_torchvision_input(sd)
     notes.append('Folded torchvision input normalisation (RGB, /255, '
                  'ImageNet mean/std) into conv1 and bn1.running_mean.')
-    if model_config.get('stride_in_1x1', True):
+    if model_config.stride_in_1x1:
       notes.append('torchvision ResNets stride in the 3x3 conv; this config '
                    'strides in the 1x1 conv (model.stride_in_1x1=True).')
   if allow_missing is None:
