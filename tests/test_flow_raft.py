@@ -74,14 +74,17 @@ def test_every_iteration_matches_torchvision(variant):
 
 def test_lookup_is_bilinear_with_zero_outside():
   """Against scipy on one level: zero padding, fractional and far-out
-  centres, and RAFT's (x offset, y offset) ordering."""
+  centres, windows that only touch the map's first or last row/column,
+  and RAFT's (x offset, y offset) ordering."""
   rng = np.random.default_rng(0)
-  h, w, hl, wl, r = 2, 3, 7, 9, 2
+  h, w, hl, wl, r = 3, 3, 7, 9, 2
   corr = rng.normal(size=(1, h * w, hl, wl)).astype(np.float32)
   coords = np.array([[[0.0, 0.0], [3.25, 2.5], [8.9, 6.1]],
-                     [[-1.5, 3.0], [4.0, -2.75], [20.0, 20.0]]],
+                     [[-1.5, 3.0], [4.0, -2.75], [20.0, 20.0]],
+                    [[-2.5, 3.0], [10.5, 7.5], [-3.5, -9.0]]],
                     np.float32)[None]
-  got = np.asarray(correlation.lookup([corr], coords, r))
+  got = np.asarray(correlation.lookup(correlation.pad_levels([corr], r),
+                                      coords, r))
   assert got.shape == (1, h, w, (2 * r + 1)**2)
   for q in range(h * w):
     cx, cy = coords[0].reshape(-1, 2)[q]

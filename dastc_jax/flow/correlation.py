@@ -5,8 +5,9 @@ Pure functions on NHWC arrays. The lookup samples, for every pixel of frame
 match in frame 2, bilinearly with zero outside the map (what torch's
 ``grid_sample(align_corners=True, padding_mode='zeros')`` does on pixel
 coordinates). All points of one window share the same fractional offset, so
-a window is read as one (2r+2) x (2r+2) gather of integer positions and
-four weighted shifts of it.
+a window is read as one (2r+2) x (2r+2) block of integer positions (a slice
+of the zero-padded level, cheaper on XLA:CPU than a gather of single
+elements) and four weighted shifts of it.
 """
 
 from __future__ import annotations
@@ -30,59 +31,91 @@ def pyramid(fmap1: jax.Array, fmap2: jax.Array,
     (odd sizes drop the last row/column, as ``avg_pool2d`` does).
   """
   b, h, w, c = fmap1.shape
-  corr = jnp.einsum('bqc,bkc->bqk', fmap1.reshape(b, h * w, c),
+  # Scaling the [B, hw, C] features, not the [B, hw, hw] products, saves a
+  # pass over the largest array.
+  corr = jnp.einsum('bqc,bkc->bqk',
+                    (fmap1 / jnp.sqrt(jnp.float32(c))).reshape(b, h * w, c),
                     fmap2.reshape(b, h * w, c))
-  corr = (corr / jnp.sqrt(jnp.float32(c))).reshape(b, h * w, h, w)
+  corr = corr.reshape(b, h * w, h, w)
   out = [corr]
   for _ in range(levels - 1):
     hh, ww = corr.shape[2] // 2, corr.shape[3] // 2
-    corr = corr[:, :, :2 * hh, :2 * ww].reshape(b, h * w, hh, 2, ww, 2)
-    corr = corr.mean(axis=(3, 5))
+    # Pairs of rows, then pairs of columns (on XLA:CPU faster than one
+    # mean over a [.., hh, 2, ww, 2] view).
+    rows = corr[:, :, :2 * hh, :2 * ww].reshape(b, h * w, hh, 2, 2 * ww)
+    rows = rows.sum(axis=3)
+    corr = rows.reshape(b, h * w, hh, ww, 2).sum(axis=-1) * 0.25
     out.append(corr)
   return out
 
 
-def _window(corr: jax.Array, centre: jax.Array, radius: int) -> jax.Array:
+def _margin(radius: int) -> int:
+  """Zero rows/columns on each side of a padded level: any window that
+  overlaps the map then lies inside the padded map."""
+  return 2 * radius + 1
+
+
+def pad_levels(levels: list[jax.Array], radius: int) -> list[jax.Array]:
+  """Zero-pads every pyramid level for :func:`lookup` (once per pair; the
+  levels are the same in every iteration).
+
+  Args:
+    levels: the output of :func:`pyramid`, [B, N, h_l, w_l] each.
+    radius: window radius r.
+
+  Returns:
+    [B, N, h_l + 2m, w_l + 2m] each, m = 2r + 1.
+  """
+  m = _margin(radius)
+  return [jnp.pad(corr, ((0, 0), (0, 0), (m, m), (m, m))) for corr in levels]
+
+
+def _window(padded: jax.Array, centre: jax.Array, radius: int) -> jax.Array:
   """Bilinear (2r+1)^2 window of one level around ``centre``.
 
   Args:
-    corr: [B, N, h_l, w_l] one pyramid level (N = query pixels).
+    padded: [B, N, h_l + 2m, w_l + 2m] one level from :func:`pad_levels`
+      (N = query pixels).
     centre: [B, N, 2] (x, y) in this level's pixel units.
     radius: r.
 
   Returns:
     [B, N, (2r+1)^2], ordered x offset major, y offset minor (RAFT's order).
   """
-  b, n, hl, wl = corr.shape
+  m, side = _margin(radius), 2 * radius + 2
+  hl, wl = padded.shape[2] - 2 * m, padded.shape[3] - 2 * m
   base = jnp.floor(centre)
   frac = centre - base  # [B, N, 2]
   base = base.astype(jnp.int32)
-  offsets = jnp.arange(-radius, radius + 2, dtype=jnp.int32)  # 2r+2
-  xs = base[..., 0:1] + offsets  # [B, N, 2r+2]
-  ys = base[..., 1:2] + offsets
+  x0 = base[..., 0] - radius  # [B, N] first column of the window
+  y0 = base[..., 1] - radius
+  # One (2r+2)^2 block per query, read as a slice of the padded map. A
+  # window that misses the map is clamped into it here and zeroed below.
+  sy = jnp.clip(y0 + m, 0, hl + 2 * m - side)
+  sx = jnp.clip(x0 + m, 0, wl + 2 * m - side)
+  block = lambda c, y, x: jax.lax.dynamic_slice(c, (y, x), (side, side))
+  values = jax.vmap(jax.vmap(block))(padded, sy, sx)  # [B, N, side, side]
+  offsets = jnp.arange(side, dtype=jnp.int32)
+  ys = y0[..., None] + offsets  # [B, N, side]
+  xs = x0[..., None] + offsets
   inside = (((ys >= 0) & (ys < hl))[..., :, None] &
             ((xs >= 0) & (xs < wl))[..., None, :])  # [B, N, y, x]
-  index = (jnp.clip(ys, 0, hl - 1)[..., :, None] * wl +
-           jnp.clip(xs, 0, wl - 1)[..., None, :])
-  side = 2 * radius + 2
-  values = jnp.take_along_axis(corr.reshape(b, n, hl * wl),
-                               index.reshape(b, n, side * side), axis=-1)
-  values = jnp.where(inside, values.reshape(b, n, side, side), 0.0)
+  values = jnp.where(inside, values, 0.0)
   fx = frac[..., 0, None, None]
   fy = frac[..., 1, None, None]
   window = ((1 - fy) * ((1 - fx) * values[..., :-1, :-1] +
                         fx * values[..., :-1, 1:]) +
             fy * ((1 - fx) * values[..., 1:, :-1] + fx * values[..., 1:, 1:]))
   # window[e, d]: y offset e, x offset d -> RAFT flattens (x, y).
-  return jnp.swapaxes(window, -1, -2).reshape(b, n, -1)
+  return jnp.swapaxes(window, -1, -2).reshape(window.shape[:2] + (-1,))
 
 
-def lookup(levels: list[jax.Array], coords: jax.Array,
+def lookup(padded_levels: list[jax.Array], coords: jax.Array,
            radius: int) -> jax.Array:
   """Correlation features of every pixel at its current match ``coords``.
 
   Args:
-    levels: the output of :func:`pyramid`.
+    padded_levels: the pyramid after :func:`pad_levels` with this radius.
     coords: [B, h, w, 2] (x, y) positions in frame 2, in 1/8-resolution
       pixels.
     radius: window radius r.
@@ -93,6 +126,6 @@ def lookup(levels: list[jax.Array], coords: jax.Array,
   b, h, w, _ = coords.shape
   centre = coords.reshape(b, h * w, 2)
   out = []
-  for level, corr in enumerate(levels):
-    out.append(_window(corr, centre / 2**level, radius))
+  for level, padded in enumerate(padded_levels):
+    out.append(_window(padded, centre / 2**level, radius))
   return jnp.concatenate(out, axis=-1).reshape(b, h, w, -1)

@@ -201,25 +201,56 @@ class MotionEncoder(nnx.Module):
 
 
 class ConvGRU(nnx.Module):
-  """Convolutional GRU cell."""
+  """Convolutional GRU cell.
+
+  Its input is ``[h, context, motion]`` along channels (torchvision's order).
+  A convolution is linear in its input channels, so the context's share of
+  each gate (the context is the same in every iteration) is computed once
+  per image pair by :meth:`context_terms` and added inside the loop; only
+  ``[h, motion]`` is convolved per iteration. The result equals the
+  convolution of the full concatenation up to float summation order.
+  """
 
   def __init__(self, inputs: int, hidden: int, kernel: tuple[int, int], *,
                rngs: nnx.Rngs):
+    self.hidden = hidden
     self.convz = _conv(hidden + inputs, hidden, kernel, rngs=rngs)
     self.convr = _conv(hidden + inputs, hidden, kernel, rngs=rngs)
     self.convq = _conv(hidden + inputs, hidden, kernel, rngs=rngs)
 
-  def __call__(self, h: jax.Array, x: jax.Array) -> jax.Array:
-    hx = jnp.concatenate([h, x], axis=-1)
-    # convz and convr read the same input: one conv with both kernels.
-    kernel = jnp.concatenate([self.convz.kernel[...], self.convr.kernel[...]],
-                             axis=-1)
-    bias = jnp.concatenate([self.convz.bias[...], self.convr.bias[...]])
-    zr = jax.lax.conv_general_dilated(
-        hx, kernel, (1, 1), self.convz.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  def _kernels(self, context_channels: int):
+    """The (z|r, q) kernels split into (context, hidden+motion) inputs."""
+    zr = jnp.concatenate([self.convz.kernel[...], self.convr.kernel[...]],
+                         axis=-1)  # [kh, kw, Cin, 2 hidden]
+    q = self.convq.kernel[...]
+    lo, hi = self.hidden, self.hidden + context_channels
+
+    def split(k):
+      return k[:, :, lo:hi], jnp.concatenate([k[:, :, :lo], k[:, :, hi:]],
+                                             axis=2)
+    return split(zr), split(q)
+
+  def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), self.convz.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def context_terms(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The context's part (with the biases) of the z|r and q gates."""
+    (zr_c, _), (q_c, _) = self._kernels(context.shape[-1])
+    zr_bias = jnp.concatenate([self.convz.bias[...], self.convr.bias[...]])
+    return (self._conv(context, zr_c) + zr_bias,  # [B, h, w, 2 hidden]
+            self._conv(context, q_c) + self.convq.bias[...])
+
+  def __call__(self, h: jax.Array, motion: jax.Array,
+               terms: tuple[jax.Array, jax.Array],
+               context_channels: int) -> jax.Array:
+    (_, zr_k), (_, q_k) = self._kernels(context_channels)
+    zr_ctx, q_ctx = terms
+    zr = self._conv(jnp.concatenate([h, motion], axis=-1), zr_k) + zr_ctx
     z, r = jnp.split(jax.nn.sigmoid(zr), 2, axis=-1)
-    q = jnp.tanh(self.convq(jnp.concatenate([r * h, x], axis=-1)))
+    q = jnp.tanh(self._conv(jnp.concatenate([r * h, motion], axis=-1), q_k)
+                 + q_ctx)
     return (1 - z) * h + z * q
 
 
@@ -232,9 +263,17 @@ class RecurrentBlock(nnx.Module):
               ConvGRU(inputs, spec.hidden, kernel, rngs=rngs))
     self.count = len(spec.gru_kernels)
 
-  def __call__(self, h: jax.Array, x: jax.Array) -> jax.Array:
-    for i in range(self.count):
-      h = getattr(self, f'convgru{i + 1}')(h, x)
+  def _grus(self) -> list[ConvGRU]:
+    return [getattr(self, f'convgru{i + 1}') for i in range(self.count)]
+
+  def context_terms(self, context: jax.Array) -> list:
+    """Each GRU's iteration-invariant context terms."""
+    return [gru.context_terms(context) for gru in self._grus()]
+
+  def __call__(self, h: jax.Array, motion: jax.Array, terms: list,
+               context_channels: int) -> jax.Array:
+    for gru, t in zip(self._grus(), terms):
+      h = gru(h, motion, t, context_channels)
     return h
 
 
@@ -259,10 +298,13 @@ class UpdateBlock(nnx.Module):
                                           rngs=rngs)
     self.flow_head = FlowHead(spec.hidden, spec.flow_head_hidden, rngs=rngs)
 
-  def __call__(self, hidden, context, corr, flow):
+  def context_terms(self, context: jax.Array) -> list:
+    """What the context adds to the GRU gates (the same every iteration)."""
+    return self.recurrent_block.context_terms(context)
+
+  def __call__(self, hidden, context_channels, terms, corr, flow):
     motion = self.motion_encoder(flow, corr)
-    hidden = self.recurrent_block(
-        hidden, jnp.concatenate([context, motion], axis=-1))
+    hidden = self.recurrent_block(hidden, motion, terms, context_channels)
     return hidden, self.flow_head(hidden)
 
 
@@ -352,11 +394,14 @@ class Raft(nnx.Module):
     if h % 8 or w % 8:
       raise ValueError(f'RAFT needs H and W divisible by 8, got {h}x{w}.')
     fmaps = self.feature_encoder(jnp.concatenate([image1, image2], axis=0))
-    levels = correlation.pyramid(fmaps[:b], fmaps[b:],
-                                 self.spec.corr_levels)
+    levels = correlation.pad_levels(
+        correlation.pyramid(fmaps[:b], fmaps[b:], self.spec.corr_levels),
+        self.spec.corr_radius)
     context = self.context_encoder(image1)  # [B, h, w, Cctx]
     hidden = jnp.tanh(context[..., :self.spec.hidden])
     context = jax.nn.relu(context[..., self.spec.hidden:])
+    terms = self.update_block.context_terms(context)
+    context_channels = context.shape[-1]
     ys, xs = jnp.meshgrid(jnp.arange(h // 8, dtype=jnp.float32),
                           jnp.arange(w // 8, dtype=jnp.float32),
                           indexing='ij')
@@ -367,8 +412,8 @@ class Raft(nnx.Module):
       hidden, coords1 = carry
       coords1 = jax.lax.stop_gradient(coords1)
       corr = correlation.lookup(levels, coords1, self.spec.corr_radius)
-      hidden, delta = self.update_block(hidden, context, corr,
-                                        coords1 - coords0)
+      hidden, delta = self.update_block(hidden, context_channels, terms,
+                                        corr, coords1 - coords0)
       coords1 = coords1 + delta
       out = (self._upsample(coords1 - coords0, hidden) if all_iterations
              else None)
