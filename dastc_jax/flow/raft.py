@@ -206,7 +206,7 @@ class ConvGRU(nnx.Module):
   Its input is ``[h, context, motion]`` along channels (torchvision's order).
   A convolution is linear in its input channels, so the context's share of
   each gate (the context is the same in every iteration) is computed once
-  per image pair by :meth:`context_terms` and added inside the loop; only
+  per image pair by :meth:`prepare` and added inside the loop; only
   ``[h, motion]`` is convolved per iteration. The result equals the
   convolution of the full concatenation up to float summation order.
   """
@@ -218,39 +218,32 @@ class ConvGRU(nnx.Module):
     self.convr = _conv(hidden + inputs, hidden, kernel, rngs=rngs)
     self.convq = _conv(hidden + inputs, hidden, kernel, rngs=rngs)
 
-  def _kernels(self, context_channels: int):
-    """The (z|r, q) kernels split into (context, hidden+motion) inputs."""
-    zr = jnp.concatenate([self.convz.kernel[...], self.convr.kernel[...]],
-                         axis=-1)  # [kh, kw, Cin, 2 hidden]
-    q = self.convq.kernel[...]
-    lo, hi = self.hidden, self.hidden + context_channels
-
-    def split(k):
-      return k[:, :, lo:hi], jnp.concatenate([k[:, :, :lo], k[:, :, hi:]],
-                                             axis=2)
-    return split(zr), split(q)
-
   def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), self.convz.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-  def context_terms(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The context's part (with the biases) of the z|r and q gates."""
-    (zr_c, _), (q_c, _) = self._kernels(context.shape[-1])
+  def prepare(self, context: jax.Array) -> dict[str, jax.Array]:
+    """What every iteration reuses: the context's part of the z|r and q
+    gates (with the biases) and the kernels of the ``[h, motion]`` part."""
+    lo, hi = self.hidden, self.hidden + context.shape[-1]
+    zr = jnp.concatenate([self.convz.kernel[...], self.convr.kernel[...]],
+                         axis=-1)  # [kh, kw, Cin, 2 hidden]: z and r at once
+    q = self.convq.kernel[...]
+    rest = lambda k: jnp.concatenate([k[:, :, :lo], k[:, :, hi:]], axis=2)
     zr_bias = jnp.concatenate([self.convz.bias[...], self.convr.bias[...]])
-    return (self._conv(context, zr_c) + zr_bias,  # [B, h, w, 2 hidden]
-            self._conv(context, q_c) + self.convq.bias[...])
+    return {
+        'zr_context': self._conv(context, zr[:, :, lo:hi]) + zr_bias,
+        'q_context': self._conv(context, q[:, :, lo:hi]) + self.convq.bias[...],
+        'zr_kernel': rest(zr), 'q_kernel': rest(q)}
 
   def __call__(self, h: jax.Array, motion: jax.Array,
-               terms: tuple[jax.Array, jax.Array],
-               context_channels: int) -> jax.Array:
-    (_, zr_k), (_, q_k) = self._kernels(context_channels)
-    zr_ctx, q_ctx = terms
-    zr = self._conv(jnp.concatenate([h, motion], axis=-1), zr_k) + zr_ctx
+               prepared: dict[str, jax.Array]) -> jax.Array:
+    zr = (self._conv(jnp.concatenate([h, motion], axis=-1),
+                     prepared['zr_kernel']) + prepared['zr_context'])
     z, r = jnp.split(jax.nn.sigmoid(zr), 2, axis=-1)
-    q = jnp.tanh(self._conv(jnp.concatenate([r * h, motion], axis=-1), q_k)
-                 + q_ctx)
+    q = jnp.tanh(self._conv(jnp.concatenate([r * h, motion], axis=-1),
+                            prepared['q_kernel']) + prepared['q_context'])
     return (1 - z) * h + z * q
 
 
@@ -266,14 +259,14 @@ class RecurrentBlock(nnx.Module):
   def _grus(self) -> list[ConvGRU]:
     return [getattr(self, f'convgru{i + 1}') for i in range(self.count)]
 
-  def context_terms(self, context: jax.Array) -> list:
-    """Each GRU's iteration-invariant context terms."""
-    return [gru.context_terms(context) for gru in self._grus()]
+  def prepare(self, context: jax.Array) -> list[dict[str, jax.Array]]:
+    """Each GRU's iteration-invariant part (:meth:`ConvGRU.prepare`)."""
+    return [gru.prepare(context) for gru in self._grus()]
 
-  def __call__(self, h: jax.Array, motion: jax.Array, terms: list,
-               context_channels: int) -> jax.Array:
-    for gru, t in zip(self._grus(), terms):
-      h = gru(h, motion, t, context_channels)
+  def __call__(self, h: jax.Array, motion: jax.Array,
+               prepared: list[dict[str, jax.Array]]) -> jax.Array:
+    for gru, p in zip(self._grus(), prepared):
+      h = gru(h, motion, p)
     return h
 
 
@@ -298,13 +291,13 @@ class UpdateBlock(nnx.Module):
                                           rngs=rngs)
     self.flow_head = FlowHead(spec.hidden, spec.flow_head_hidden, rngs=rngs)
 
-  def context_terms(self, context: jax.Array) -> list:
-    """What the context adds to the GRU gates (the same every iteration)."""
-    return self.recurrent_block.context_terms(context)
+  def prepare(self, context: jax.Array) -> list[dict[str, jax.Array]]:
+    """The GRUs' iteration-invariant part, from the context features."""
+    return self.recurrent_block.prepare(context)
 
-  def __call__(self, hidden, context_channels, terms, corr, flow):
+  def __call__(self, hidden, prepared, corr, flow):
     motion = self.motion_encoder(flow, corr)
-    hidden = self.recurrent_block(hidden, motion, terms, context_channels)
+    hidden = self.recurrent_block(hidden, motion, prepared)
     return hidden, self.flow_head(hidden)
 
 
@@ -400,8 +393,7 @@ class Raft(nnx.Module):
     context = self.context_encoder(image1)  # [B, h, w, Cctx]
     hidden = jnp.tanh(context[..., :self.spec.hidden])
     context = jax.nn.relu(context[..., self.spec.hidden:])
-    terms = self.update_block.context_terms(context)
-    context_channels = context.shape[-1]
+    prepared = self.update_block.prepare(context)
     ys, xs = jnp.meshgrid(jnp.arange(h // 8, dtype=jnp.float32),
                           jnp.arange(w // 8, dtype=jnp.float32),
                           indexing='ij')
@@ -412,8 +404,8 @@ class Raft(nnx.Module):
       hidden, coords1 = carry
       coords1 = jax.lax.stop_gradient(coords1)
       corr = correlation.lookup(levels, coords1, self.spec.corr_radius)
-      hidden, delta = self.update_block(hidden, context_channels, terms,
-                                        corr, coords1 - coords0)
+      hidden, delta = self.update_block(hidden, prepared, corr,
+                                        coords1 - coords0)
       coords1 = coords1 + delta
       out = (self._upsample(coords1 - coords0, hidden) if all_iterations
              else None)
