@@ -30,7 +30,7 @@ CACHE = os.path.join(os.path.dirname(os.path.dirname(
 
 def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
   r = faults.run(workdir, cache_dir, devices, steps, extra, jax_cache=CACHE,
-                 **kw)
+                 xla_flags=os.environ['XLA_FLAGS'], **kw)
   return r['rc'], r['log']
 
 

@@ -38,6 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
+DEVICE_FLAGS = '--xla_force_host_platform_device_count=8'
+
+
 def command(workdir: str, cache_dir: str, devices: int, steps: int,
             extra: Sequence[str] = ()) -> list[str]:
   """The training command of one fault run."""
@@ -48,13 +51,15 @@ def command(workdir: str, cache_dir: str, devices: int, steps: int,
           '--config.eval.splits=()', *extra]
 
 
-def environment(jax_cache: str) -> dict[str, str]:
+def environment(jax_cache: str, xla_flags: str = DEVICE_FLAGS
+                ) -> dict[str, str]:
   """The JAX setup of the test suite (8 simulated CPU devices, fast
-  compiles, XLA's default CPU fusion) with a shared compilation cache, so a
-  run here computes bitwise what the same run inside pytest computes."""
+  compiles, none of ``runtime/xla_cpu.py``'s defaults) with a shared
+  compilation cache, so a run here computes bitwise what the same run
+  inside pytest computes. ``xla_flags``: the test process's ``XLA_FLAGS``
+  (they are part of the cache key)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags,
              DASTC_XLA_CPU_DEFAULTS='0',
              JAX_COMPILATION_CACHE_DIR=jax_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.25',
@@ -77,6 +82,7 @@ def saving(workdir: str) -> bool:
 
 def run(workdir: str, cache_dir: str, devices: int, steps: int,
         extra: Sequence[str] = (), *, jax_cache: str,
+        xla_flags: str = DEVICE_FLAGS,
         until: Callable[[str], bool] | None = None, delay: float = 0.0,
         sig: int = signal.SIGKILL) -> dict[str, Any]:
   """Runs training; sends ``sig`` ``delay`` s after ``until(workdir)`` holds.
@@ -88,7 +94,7 @@ def run(workdir: str, cache_dir: str, devices: int, steps: int,
   # loop below waits would fill up and block the run.
   with tempfile.TemporaryFile('w+') as log:
     proc = subprocess.Popen(command(workdir, cache_dir, devices, steps, extra),
-                            cwd=REPO, env=environment(jax_cache), stdout=log,
+                            cwd=REPO, env=environment(jax_cache, xla_flags), stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     sent = None
     try:
