@@ -14,12 +14,13 @@ import pytest  # pylint: disable=g-import-not-at-top
 # grain reads absl flags in workers (google/grain#1355).
 flags.FLAGS.mark_as_parsed()
 # Share compiled executables between tests that build identical steps, and
-# with the subprocess runs of test_faults.py and test_scale.py. Spelled as
-# they spell it: JAX puts the folder's path into the compile options, so
-# `tests/../.jax_cache` and `.jax_cache` would give every program two keys.
-JAX_CACHE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.jax_cache')
-jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
+# with the subprocess runs of test_faults.py and test_scale.py, which read
+# this setting: JAX puts the folder's path into the compile options, so two
+# spellings of it (`tests/../.jax_cache`, `.jax_cache`) give every program
+# two cache keys.
+jax.config.update('jax_compilation_cache_dir', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    '.jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.25)
 # Tests are compile-bound (tiny models): trade run time for compile time.
 jax.config.update('jax_disable_most_optimizations', True)

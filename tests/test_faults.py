@@ -24,12 +24,11 @@ from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import preemption
 from dastc_jax import train
 
-CACHE = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), '.jax_cache')
-
-
 def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
-  r = faults.run(workdir, cache_dir, devices, steps, extra, jax_cache=CACHE,
+  # The cache folder and XLA flags of this process (both are part of the
+  # cache key), so the subprocess loads the steps compiled here.
+  r = faults.run(workdir, cache_dir, devices, steps, extra,
+                 jax_cache=jax.config.jax_compilation_cache_dir,
                  xla_flags=os.environ['XLA_FLAGS'], **kw)
   return r['rc'], r['log']
 

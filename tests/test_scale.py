@@ -155,7 +155,7 @@ def _launch_two(workdir, world_cache, steps, port):
                XLA_FLAGS='--xla_force_host_platform_device_count=1',
                # Fast compiles, shared between the launches (CI budget).
                JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-               JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.jax_cache'),
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
     # Output to files: two pipes read one after the other could block.
     logs.append(tempfile.TemporaryFile('w+'))

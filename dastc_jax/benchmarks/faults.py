@@ -94,8 +94,8 @@ def run(workdir: str, cache_dir: str, devices: int, steps: int,
   # loop below waits would fill up and block the run.
   with tempfile.TemporaryFile('w+') as log:
     proc = subprocess.Popen(command(workdir, cache_dir, devices, steps, extra),
-                            cwd=REPO, env=environment(jax_cache, xla_flags), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=environment(jax_cache, xla_flags),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     sent = None
     try:
       if until is not None:
