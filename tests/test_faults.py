@@ -24,6 +24,7 @@ from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import preemption
 from dastc_jax import train
 
+
 def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
   # The cache folder and XLA flags of this process (both are part of the
   # cache key), so the subprocess loads the steps compiled here.
