@@ -67,6 +67,9 @@ def _cpu() -> tuple[float, float]:
 
 
 def pytest_configure(config):
+  if 'PYTEST_XDIST_WORKER' not in os.environ:  # the run's first process
+    for stale in glob.glob(os.path.join(_out_dir(), '*.json')):
+      os.remove(stale)  # an earlier run's workers
   import jax.monitoring  # pylint: disable=g-import-not-at-top
   recorder = _Recorder()
   jax.monitoring.register_event_duration_secs_listener(recorder.on_duration)
