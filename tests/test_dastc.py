@@ -20,9 +20,10 @@ from dastc_jax import train
 pytestmark = pytest.mark.xdist_group('dastc_steps')
 
 
-def _step_fn(config, root, n_devices, fsdp=1):
-  """The jitted DA-STC step on the first n devices (``fsdp`` of them
-  sharding the parameters), and a fresh state."""
+def jitted_step(config, root, n_devices, fsdp=1):
+  """The DA-STC step jitted on the first n devices (``fsdp`` of them
+  sharding the parameters), a fresh state, and the state and batch
+  shardings."""
   mesh = jax.make_mesh((n_devices // fsdp, fsdp), sharding_lib.BATCH_AXES,
                        axis_types=(AxisType.Auto,) * 2,
                        devices=jax.devices()[:n_devices])
@@ -33,6 +34,12 @@ def _step_fn(config, root, n_devices, fsdp=1):
   fn = jax.jit(steps.make_dastc_step(config, graphdef, tx),
                in_shardings=(st_sh, data),
                out_shardings=(st_sh, sharding_lib.replicated(mesh)))
+  return fn, state, st_sh, data
+
+
+def _step_fn(config, root, n_devices, fsdp=1):
+  """``jitted_step`` as a host-to-host function, and the fresh state."""
+  fn, state, st_sh, data = jitted_step(config, root, n_devices, fsdp)
 
   def run(st, batch):
     st, m = fn(jax.device_put(st, st_sh), sharding_lib.shard_batch(batch, data))
