@@ -138,7 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Dropout2d).
       mit_variant='b5',
       drop_path_rate=0.1,
-      remat=False,  # recompute encoder blocks in the backward pass
+      # Recompute each encoder block (MiT block, ResNet bottleneck) in the
+      # backward pass instead of keeping its activations.
+      remat=False,
       daformer_dilations=(1, 6, 12, 18),
   ))
 
@@ -204,6 +206,12 @@ def dastc_config() -> ml_collections.ConfigDict:
       teacher='ema',  # 'ema' mean teacher or 'reference' (frozen, then self)
       ema_decay=0.999,
       teacher_switch_steps=8000,  # 'reference': frozen teacher this long
+      # DA-STC refuses to start when the model that labels its first step
+      # has an initialised head (no train.init_from with a trained head,
+      # no train.source_only_steps warm-up, no trained frozen teacher);
+      # True runs it anyway (docs/method.md, "Where the first pseudo-labels
+      # come from").
+      allow_untrained_teacher=False,
       # The 'reference' teacher's frozen phase. weights='': the run's own
       # weights when adaptation starts. Otherwise a weights folder (e.g. the
       # released TPS model converted with model.head='aspp', as the released
@@ -242,10 +250,15 @@ def dastc_config() -> ml_collections.ConfigDict:
       # target passes only (the same in every ablation); 'all' = every
       # train-mode pass, as the released code.
       bn_update='fixed',
+      # Strong augmentation of the target pair (the consistency loss's
+      # perturbation). The blur sigma is in pixels of an image
+      # blur_reference_width wide, scaled to the clip's width: the released
+      # code blurs the 1024-wide pair with a PIL radius (= sigma) of 5-9.
+      # blur_kernel=0: 2 * ceil(3 * sigma) + 1 taps.
       strong_aug=dict(
           enabled=True, p_blur=0.6, p_jitter=0.8, p_gray=0.2,
           brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-          blur_sigma=(0.1, 2.0), blur_kernel=9,
+          blur_sigma=(5.0, 9.0), blur_reference_width=1024, blur_kernel=0,
           wrap_normalized_bug=False),  # True: the reference's [0,1] wrap
       alignment=dict(
           # 'contrastive'; 'cosine' (intra-class pull only); 'mmd'
@@ -303,6 +316,10 @@ def reference(c: ml_collections.ConfigDict) -> None:
   d.alignment.feature = 'logits'
   d.alignment.temporal = 'uniform'
   d.strong_aug.wrap_normalized_bug = True
+  if c.data.source.dataset == 'viper':
+    # The released VIPER scripts (CNN and ViT) drop blur, jitter and
+    # grayscale; their only perturbation is the [0, 1] wrap above.
+    d.strong_aug.enabled = False
   d.bugs.confidence_from_logit = True
   d.bugs.unclipped_lt_mask = True
   d.bugs.flow_mix_key_masks = True
@@ -343,6 +360,10 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.optim.warmup_ratio = 1e-6
   c.optim.schedule_steps = 40000
   c.train.num_steps = 40000
+  # The decode head starts initialised (ImageNet MiT weights cover the
+  # encoder only): 1000 source-only steps train it before the EMA teacher
+  # labels anything; each phase has its own warm-up and poly decay.
+  c.train.source_only_steps = 1000
 
 
 def vit_config(base, arg: str | None, image: bool = False
@@ -360,6 +381,9 @@ def vit_config(base, arg: str | None, image: bool = False
   if 'reference' in args:
     reference(c)
     c.dastc.teacher_switch_steps = 4000  # the ViT scripts' switch
+    # The frozen (TPS) teacher labels the first steps: no head warm-up,
+    # as released (its weights are required, runtime/teacher_start.py).
+    c.train.source_only_steps = 0
     # The ViT scripts schedule every group alike (the CNN script's constant
     # head LR is not in them).
     c.optim.constant_head_lr = False
@@ -466,6 +490,9 @@ def image_domain(c: ml_collections.ConfigDict, source: str,
   c.train.num_steps = 40000
   c.dastc.teacher = 'ema'
   c.dastc.ema_decay = 0.999
+  # From ImageNet weights the head is initialised: 1000 source-only steps
+  # train it before the EMA teacher labels anything.
+  c.train.source_only_steps = 1000
   c.dastc.lambda_t = 1.0
   c.dastc.alignment.pairs = 1
   c.dastc.num_rare_classes = 2

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
   # 64x128 frames.
   c.dastc.ema_decay = 0.99
   c.dastc.strong_aug.blur_sigma = (0.1, 1.0)
+  c.dastc.strong_aug.blur_reference_width = 128  # pixels of these frames
   c.dastc.strong_aug.blur_kernel = 5
   c.eval.batch_size = 8
   c.eval.num_overlays = 6

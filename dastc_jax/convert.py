@@ -173,7 +173,8 @@ def convert_state_dict(sd: dict[str, np.ndarray],
                        layout: str = 'auto',
                        allow_missing: Sequence[str] | None = None,
                        allow_unexpected: Sequence[str] = (),
-                       source: str = '<memory>', seed: int = 0
+                       source: str = '<memory>', seed: int = 0,
+                       head_from_tps: bool = False
                        ) -> tuple[dict[str, Any], dict[str, Any], Report]:
   """Maps a PyTorch ``state_dict`` onto this config's model.
 
@@ -187,6 +188,9 @@ def convert_state_dict(sd: dict[str, np.ndarray],
     allow_unexpected: regexes of ``sd`` keys that may be left unused.
     source: name of the file, for messages.
     seed: initialisation seed of the parameters that are not converted.
+    head_from_tps: build DA-STC's ``layer7`` head from a TPS file's
+      ``layer6`` so that the model predicts exactly what TPS predicts
+      (:func:`_head_from_tps`).
 
   Returns:
     ``(params, batch_stats, report)`` as float32 numpy trees.
@@ -232,6 +236,16 @@ def convert_state_dict(sd: dict[str, np.ndarray],
       ml_collections.ConfigDict({'model': cfg}), seed)
   trees = {'params': checkpointing.flat_keys(init_params),
            'batch_stats': checkpointing.flat_keys(init_stats)}
+  transplanted, made = [], set()
+  if head_from_tps:
+    transplanted, made = _head_from_tps(sd, trees['params'], model_config, layout,
+                                  source)
+    notes.append(
+        f"layer7 built from TPS's layer6 ({', '.join(transplanted[:2])}, "
+        '...): its first num_classes features are layer6\'s logits and the '
+        'classifier passes them through ([I | 0]); the other features keep '
+        'the initialisation with zero classifier weights, so the model '
+        'predicts exactly what TPS predicts.')
   out = {'params': {}, 'batch_stats': {}}
   used, missing, mismatched, kept = set(), [], [], []
   for kind, flat in trees.items():
@@ -277,11 +291,71 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   unflat = lambda flat, like: jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(like),
       [flat[k] for k in checkpointing.flat_keys(like)])
-  report = Report(source=source, layout=layout, converted=sorted(used),
+  converted = sorted((used - made) | set(transplanted))
+  report = Report(source=source, layout=layout, converted=converted,
                   missing_initialised=sorted(kept), ignored=ignored,
                   notes=notes)
   return (unflat(out['params'], init_params),
           unflat(out['batch_stats'], init_stats), report)
+
+
+def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
+                   model_config: ml_collections.ConfigDict, layout: str,
+                   source: str) -> tuple[list[str], set[str]]:
+  """Replaces a TPS file's ``layer6`` (ASPP sum straight to the C classes)
+  in ``sd`` by an equivalent DA-STC ``layer7`` (ASPP sum to F features, then
+  a bias-free 1x1 classifier), in place; returns the layer6 keys used and
+  the layer7 keys made from them.
+
+  Branch i of layer7 gets layer6's branch i as its first C output channels
+  (weights and bias); the other F - C channels keep this config's
+  initialisation (``init``, our flat parameters). The classifier is [I | 0]:
+  logits = the first C features = layer6's logits, exactly, in eval mode.
+  The zero columns get gradients from the (non-zero) extra features, so the
+  whole head trains. This lets the EMA teacher, reset to the student when
+  adaptation starts, label with TPS's predictions from the first step.
+  """
+  if layout != 'accel' or model_config.head != 'proda':
+    raise ConversionError(
+        f'--head_from_tps needs a TPS file (accel layout, got {layout}) and '
+        "config.model.head='proda' (DA-STC's layer7), got "
+        f'{model_config.head!r}.')
+  if any(k.startswith('layer7.') for k in sd):
+    raise ConversionError(f'{source} already has a layer7 head; '
+                          '--head_from_tps is for TPS files (layer6 only).')
+  keys = sorted(k for k in sd if k.startswith('layer6.conv2d_list.'))
+  n = len(model_config.aspp_dilations)
+  want = [f'layer6.conv2d_list.{i}.{p}' for i in range(n)
+          for p in ('weight', 'bias')]
+  if sorted(want) != keys:
+    raise ConversionError(
+        f'--head_from_tps: {source} has layer6 keys {keys[:4]}...; expected '
+        f'{want[:4]}... ({n} ASPP branches, config.model.aspp_dilations).')
+  c = model_config.num_classes
+  f = model_config.head_features
+  for i in range(n):
+    w6, b6 = sd.pop(want[2 * i]), sd.pop(want[2 * i + 1])
+    if w6.shape[0] != c:
+      raise ConversionError(
+          f'{want[2 * i]} has {w6.shape[0]} output classes; '
+          f'config.model.num_classes={c}.')
+    if f < c:
+      raise ConversionError(f'--head_from_tps needs config.model.'
+                            f'head_features >= num_classes ({f} < {c}).')
+    kernel = np.asarray(init[f'head/aspp/branches/{i}/kernel'], np.float32)
+    w7 = np.transpose(kernel, (3, 2, 0, 1)).copy()  # HWIO -> OIHW
+    if w7.shape[1:] != w6.shape[1:]:
+      raise ConversionError(f'{want[2 * i]}: file {w6.shape}, model layer7 '
+                            f'{w7.shape} (another depth or width?).')
+    w7[:c] = w6
+    b7 = np.asarray(init[f'head/aspp/branches/{i}/bias'], np.float32).copy()
+    b7[:c] = b6
+    sd[f'layer7.conv2d_list.{i}.weight'] = w7
+    sd[f'layer7.conv2d_list.{i}.bias'] = b7
+  cls = np.zeros((c, f, 1, 1), np.float32)
+  cls[np.arange(c), np.arange(c)] = 1.0
+  sd['layer7.head.1.weight'] = cls
+  return want, {k for k in sd if k.startswith('layer7.')}
 
 
 # ------------------------------------------------- modules named like torch
@@ -356,8 +430,8 @@ def convert_file(source: str, output: str,
                  allow_missing: Sequence[str] | None = None,
                  allow_unexpected: Sequence[str] = (),
                  overwrite: bool = False,
-                 loaded: tuple[dict[str, np.ndarray], str] | None = None
-                 ) -> Report:
+                 loaded: tuple[dict[str, np.ndarray], str] | None = None,
+                 head_from_tps: bool = False) -> Report:
   """Converts ``source`` and writes an orbax checkpoint under ``output``
   (``loaded``: ``weight_files.read(source)`` when the caller has read it).
 
@@ -378,7 +452,8 @@ def convert_file(source: str, output: str,
   sd, digest = loaded or weight_files.read(source)
   params, stats, report = convert_state_dict(
       sd, model_config, layout=layout, allow_missing=allow_missing,
-      allow_unexpected=allow_unexpected, source=source)
+      allow_unexpected=allow_unexpected, source=source,
+      head_from_tps=head_from_tps)
   tmp = paths.staging_dir(output)
   try:
     ckpt = checkpointing.Checkpointer(os.path.join(tmp, 'checkpoints'),
@@ -420,6 +495,10 @@ def _define_flags():
                     'file lacks them (default: the layout\'s).')
   flags.DEFINE_list('allow_unexpected', [], 'Regexes of file keys that may '
                     "stay unused (e.g. 'layer6\\.').")
+  flags.DEFINE_bool('head_from_tps', False, "Build DA-STC's layer7 head from "
+                    "a TPS file's layer6, so that the converted model "
+                    'predicts exactly what TPS predicts (the start of '
+                    'DA-STC training, docs/weights.md).')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --output.')
   flags.mark_flags_as_required(['source', 'output'])
   return flags.FLAGS
@@ -444,7 +523,7 @@ def _main(argv, f) -> None:
     report = convert_file(
         f.source, f.output, f.config.model, layout=f.layout,
         allow_missing=f.allow_missing, allow_unexpected=f.allow_unexpected,
-        overwrite=f.overwrite, loaded=loaded)
+        overwrite=f.overwrite, loaded=loaded, head_from_tps=f.head_from_tps)
   except ConversionError as e:
     raise SystemExit(f'error: {e}') from None
   print(f'Wrote {paths.resolve(f.output)}: {len(report.converted)} tensors '

@@ -20,7 +20,6 @@ from dastc_jax.runtime import xla_cpu
 
 # Before any thread allocates and before JAX starts the CPU backend.
 _MALLOC = host_malloc.configure()
-xla_cpu.set_defaults()
 
 from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -69,11 +68,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # XLA:CPU flags by the config's frame size, before the backend starts.
+  xla_flags = xla_cpu.set_defaults(pixels=xla_cpu.train_pixels(FLAGS.config))
   log_filter.install()
   distributed.initialize_if_requested()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info('Host malloc settings (host_malloc.py): %s', _MALLOC)
+  logging.info('XLA_FLAGS (xla_cpu.py): %s', xla_flags or '(none)')
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'predict':
     from dastc_jax.evaluation import predict

@@ -39,6 +39,7 @@ from dastc_jax.runtime import preemption
 from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
+from dastc_jax.runtime import teacher_start
 from dastc_jax.runtime import validation
 from dastc_jax.runtime import workdir as workdir_lib
 
@@ -144,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       sizes=state_lib.carried_sizes(config, data_root))
   state_sharding = sharding_lib.state_shardings(state, mesh)
   if latest is None:
+    teacher_start.check(config)  # no pseudo-labels from an initialised head
     if config.train.init_from:
       state = state_lib.init_from_checkpoint(config, state)
     state = state_lib.load_frozen_teacher(config, state)

@@ -2,15 +2,23 @@
 datasets whose label spaces fit its class set."""
 
 import importlib
+import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 from dastc_jax.data.datasets import builders
 from dastc_jax.data import labels
 from dastc_jax import models
 from dastc_jax import train
+from dastc_jax.ops import augment
+from dastc_jax.ops import image as image_ops
 
-CONFIGS = ('synthetic', 'viper', 'synthia_seq', 'gta5', 'synthia')
+# Every config file in configs/ (a new one is covered without an edit).
+CONFIGS = tuple(sorted(
+    p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob(
+        '*.py') if p.stem not in ('__init__', 'common')))
 # The demo has no reference variant.
 CASES = [(n, v) for n in CONFIGS
          for v in ('', 'smoke', 'reference', 'reference,smoke')
@@ -53,3 +61,31 @@ def test_reference_hyper_parameters():
     assert c.model.name == 'deeplabv2' and c.model.num_classes == n
     assert c.data.target.dataset == 'cityscapes'
     assert c.optim.name == 'adamw' and c.optim.lr == 6e-5
+
+
+@pytest.mark.parametrize('name,variant', CASES)
+def test_strong_clip_differs_from_the_clean_clip(name, variant):
+  """Wherever the consistency loss is on, the strong target clip is a
+  perturbation of the clean one: measured on 4 random clips of the config's
+  target size (the blur scales with it), through the step's function."""
+  c = importlib.import_module(f'configs.{name}').get_config(variant)
+  if c.method != 'dastc' or c.dastc.lambda_t == 0:
+    return
+  d = c.data.target
+  h, w = d.crop_size or d.image_size or (64, 128)
+  t = models.clip_length(c.model)
+  n = 8
+  rgb = np.random.default_rng(0).integers(0, 256, (n, t, h, w, 3), np.uint8)
+  a = c.dastc.strong_aug
+  strong = np.asarray(jax.jit(
+      lambda k, x: augment.strong_augment(k, x, a))(jax.random.key(0), rgb))
+  clean = np.asarray(image_ops.normalize(rgb))
+  changed = np.abs(strong - clean).reshape(n, -1).mean(-1) > 1.0
+  if a.wrap_normalized_bug:
+    assert changed.all(), (name, variant)  # another range for every clip
+    return
+  # Each clip is left as it is with probability (1 - p_blur)(1 - p_jitter)
+  # (1 - p_gray) (6.4% with the defaults); one clip in 8 must change.
+  assert a.enabled
+  assert (1 - a.p_blur) * (1 - a.p_jitter) * (1 - a.p_gray) < 0.1
+  assert changed.any(), (name, variant)

@@ -16,7 +16,8 @@ def _cfg(**kw):
            width=8, head_features=16, aspp_dilations=(6, 12, 18, 24),
            dropout=0.1, bn_momentum=0.1, backbone_init='he', init_std=0.01,
            dtype='float32', per_axis_flow_scale=False, head='proda',
-           conv_kernel_grad='auto', bn_group_size=0, stride_in_1x1=True)
+           conv_kernel_grad='auto', bn_group_size=0, stride_in_1x1=True,
+           remat=False)
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -207,6 +208,49 @@ def test_im2col_kernel_gradient_equals_torch_and_xla(k, stride, dilation):
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_auto_kernel_gradient_is_chosen_per_shape(monkeypatch):
+  """'auto' takes im2col on CPU only where the stacked patches of the call
+  fit AUTO_IM2COL_MAX_BYTES: at the real configs' sizes XLA's backward
+  convolution keeps the step's memory down."""
+  pick = layers._im2col_kernel_grad  # pylint: disable=protected-access
+  k3 = jnp.zeros((3, 3, 512, 512))
+  small = jax.ShapeDtypeStruct((2, 16, 32, 512), jnp.float32)  # 128x256/8
+  real = jax.ShapeDtypeStruct((2, 90, 160, 512), jnp.float32)  # 720x1280/8
+  assert jax.default_backend() == 'cpu'
+  assert pick('auto', small, k3, 1) and not pick('auto', real, k3, 1)
+  assert pick('im2col', real, k3, 1) and not pick('conv', small, k3, 1)
+  # Stride 2 counts the output grid: a 7x7/2 stem on 720x1280 RGB.
+  stem = jnp.zeros((7, 7, 3, 64))
+  x = jax.ShapeDtypeStruct((2, 720, 1280, 3), jnp.float32)
+  assert 2 * 360 * 640 * 49 * 3 * 4 > layers.AUTO_IM2COL_MAX_BYTES
+  assert not pick('auto', x, stem, 2)
+  monkeypatch.setattr(layers, 'AUTO_IM2COL_MAX_BYTES', 2**40)
+  assert pick('auto', real, k3, 1)
+
+
+def test_resnet_remat_gives_the_same_loss_gradients_and_statistics():
+  """``model.remat`` recomputes each bottleneck in the backward pass: the
+  same loss, gradients and BatchNorm running averages (train mode)."""
+  x = jax.random.normal(jax.random.key(0), (2, 2, 33, 41, 3))
+  flow = jax.random.normal(jax.random.key(1), (2, 33, 41, 2))
+  outs = []
+  for remat in (False, True):
+    g, p, s = _split(_cfg(layers=(2, 1, 2, 1), remat=remat))
+
+    def loss(p, s):
+      m = nnx.merge(g, p, s)
+      out = m.clip(x, flow, train=True, rng=jax.random.key(3))
+      stats = nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+      return jnp.sum(jnp.tanh(out['pred'])**2), stats
+
+    (l, stats), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(p, s)
+    outs.append((l, stats, grad))
+  (l0, s0, g0), (l1, s1, g1) = outs
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((s0, g0)), jax.tree.leaves((s1, g1))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
 def test_bad_model_config_values_name_the_key():

@@ -138,7 +138,8 @@ def test_vit_smoke_config_trains_dastc(world_cache, tmp_path):
   c.mesh.data = 4
   c.model.dtype = 'bfloat16'
   c.eval.splits = ('target_val',)
-  c.train.source_only_steps = 0  # one compiled step
+  c.train.source_only_steps = 0  # one compiled step...
+  c.dastc.allow_untrained_teacher = True  # ...from an initialised model
   workdir = str(tmp_path / 'vit')
   final = train.train_and_evaluate(c, workdir)
   assert set(final) == {'target_val'} and 0.0 <= final['target_val'] <= 100

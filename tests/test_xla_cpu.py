@@ -21,6 +21,24 @@ def test_appends_defaults_once_and_keeps_user_flags():
       '--xla_cpu_experimental_ynn_fusion_type=+eltwise')
 
 
+def test_the_fusion_flag_is_chosen_by_the_training_frame_size():
+  """Only runs whose largest training frame is at most 256x512 get the
+  flag: it doubles the step's temporaries at the real sizes."""
+  from configs import gta5, synthetic, viper  # pylint: disable=g-import-not-at-top
+  assert xla_cpu.train_pixels(viper.get_config()) == 720 * 1280
+  assert xla_cpu.train_pixels(gta5.get_config()) == 512 * 512
+  assert xla_cpu.train_pixels(synthetic.get_config()) == 72 * 128
+  assert xla_cpu.train_pixels(synthetic.get_config('smoke')) == 40 * 72
+  c = viper.get_config()
+  c.data.source.image_size = None  # native size of a real dataset: unknown
+  assert xla_cpu.train_pixels(c) is None
+  flag = '--xla_cpu_experimental_ynn_fusion_type=+eltwise'
+  assert xla_cpu.set_defaults({}, pixels=72 * 128) == flag
+  assert xla_cpu.set_defaults({}, pixels=256 * 512) == flag
+  assert xla_cpu.set_defaults({}, pixels=720 * 1280) == ''
+  assert xla_cpu.set_defaults({'XLA_FLAGS': '--a=1'}, pixels=None) == '--a=1'
+
+
 def test_strip_defaults_restores_the_user_flags():
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   assert xla_cpu.strip_defaults(xla_cpu.set_defaults(env)) == (

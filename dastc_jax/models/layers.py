@@ -154,7 +154,7 @@ class Conv(nnx.Module):
     else:
       kernel, pads = _crop_to_reachable_taps(kernel, x.shape[1:3],
                                              self.dilation)
-      if _im2col_kernel_grad(self.kernel_grad):
+      if _im2col_kernel_grad(self.kernel_grad, x, kernel, self.stride):
         y = conv_im2col_wgrad(x, kernel, self.stride, self.dilation, pads)
       else:
         y = _conv(x, kernel, self.stride, self.dilation, pads)
@@ -167,8 +167,14 @@ class Conv(nnx.Module):
 # 'conv' = XLA's backward convolution; 'im2col' = one matmul over stacked
 # shifted inputs (XLA:CPU's kernel-gradient convolution is well below its
 # matmul speed; the whole-step effect is measured in benchmarks/step.md);
-# 'auto' = 'im2col' on CPU, 'conv' elsewhere.
+# 'auto' = 'im2col' on CPU where the stacked patches of the call take at
+# most AUTO_IM2COL_MAX_BYTES, 'conv' otherwise and on other backends. The
+# patches are kh*kw times the input: at 128x256 im2col is the faster choice
+# on CPU (benchmarks/step.md), but at the real configs' sizes (a ResNet-101
+# layer4 map of 90x160 has 265 MB of patches, an ASPP branch 1 GB) it
+# multiplies the step's temporaries (issue figures in benchmarks/memory.md).
 KERNEL_GRADS = ('auto', 'conv', 'im2col')
+AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
 class DepthwiseConv(nnx.Module):
@@ -218,9 +224,17 @@ def check_kernel_grad(name: str) -> None:
                      f'expected one of {KERNEL_GRADS}.')
 
 
-def _im2col_kernel_grad(name: str) -> bool:
-  return name == 'im2col' or (name == 'auto' and
-                              jax.default_backend() == 'cpu')
+def _im2col_kernel_grad(name: str, x: jax.Array, kernel: jax.Array,
+                        stride: int) -> bool:
+  """Whether the kernel gradient of this call is an im2col matmul."""
+  if name != 'auto':
+    return name == 'im2col'
+  if jax.default_backend() != 'cpu':
+    return False
+  kh, kw, cin, _ = kernel.shape
+  b, h, w = x.shape[0], -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  patches = b * h * w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
+  return patches <= AUTO_IM2COL_MAX_BYTES
 
 
 def _conv(x, kernel, stride, dilation, pads):

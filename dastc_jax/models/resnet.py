@@ -9,6 +9,7 @@ so that tests and the CPU demo run small variants of the same code.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -62,6 +63,12 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(out + x)
 
 
+@functools.partial(nnx.remat, static_argnums=(2,))
+def _remat_block(block: Bottleneck, x: jax.Array, train: bool) -> jax.Array:
+  """A bottleneck whose activations are recomputed in the backward pass."""
+  return block(x, train)
+
+
 class ResNetDeepLab(nnx.Module):
   """Dilated ResNet trunk; returns the stem, layer1..layer4 feature maps."""
 
@@ -70,7 +77,8 @@ class ResNetDeepLab(nnx.Module):
   def __init__(self, *, blocks: Sequence[int], width: int,
                bn_momentum: float, kernel_init: layers.Initializer,
                dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0,
-               stride_in_1x1: bool = True, kernel_grad: str = 'auto'):
+               stride_in_1x1: bool = True, kernel_grad: str = 'auto',
+               remat: bool = False):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
     self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
@@ -94,6 +102,9 @@ class ResNetDeepLab(nnx.Module):
     self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION
                          for i in range(4)}
     self.out_features['stem'] = width
+    # Recompute each bottleneck's activations in the backward pass instead
+    # of keeping them (memory for compute; same values).
+    self.remat = remat
 
   def stem(self, x: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, 3] normalised BGR -> [B, H/4, W/4, width] (ceil)
@@ -105,7 +116,7 @@ class ResNetDeepLab(nnx.Module):
     if name == 'stem':
       return self.stem(x, train)
     for block in getattr(self, name):
-      x = block(x, train)
+      x = _remat_block(block, x, train) if self.remat else block(x, train)
     return x
 
   def __call__(self, x: jax.Array, train: bool, *, first: str = 'stem',

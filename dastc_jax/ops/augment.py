@@ -9,9 +9,15 @@ available as ``wrap_normalized_bug``.
 Order (torchvision's ``RandomApply`` chain): Gaussian blur (p_blur) ->
 colour jitter (p_jitter; brightness, contrast, saturation, hue in that fixed
 order) -> random grayscale (p_gray).
+
+The blur follows the input resolution: ``blur_sigma`` is given in pixels of
+an image ``blur_reference_width`` wide and is scaled by ``W /
+blur_reference_width`` for clips ``W`` wide (:func:`blur_params`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +89,19 @@ def _jitter(x, key, cfg):
   return x
 
 
+def blur_params(cfg: ml_collections.ConfigDict, height: int, width: int
+                ) -> tuple[float, float, int]:
+  """``(sigma_low, sigma_high, taps)`` of the blur for ``height x width``
+  clips: ``blur_sigma`` scaled by ``width / blur_reference_width``; the
+  kernel is ``blur_kernel`` taps, or with ``blur_kernel=0`` the
+  ``2 * ceil(3 * sigma_high) + 1`` taps that hold the Gaussian to 3 sigma,
+  never wider than the reflect padding allows (``2 * min(H, W) - 1``)."""
+  scale = width / cfg.blur_reference_width
+  lo, hi = cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale
+  taps = cfg.blur_kernel or 2 * math.ceil(3 * hi) + 1
+  return lo, hi, min(taps, 2 * min(height, width) - 1)
+
+
 def augment_clip(key: jax.Array, clip: jax.Array,
                  cfg: ml_collections.ConfigDict) -> jax.Array:
   """Augments one clip with one set of parameters.
@@ -96,10 +115,10 @@ def augment_clip(key: jax.Array, clip: jax.Array,
     ``[T, H, W, 3]`` in [0, 1].
   """
   k_blur, k_sigma, k_jit, k_jp, k_gray = jax.random.split(key, 5)
-  sigma = jax.random.uniform(k_sigma, (), minval=cfg.blur_sigma[0],
-                             maxval=cfg.blur_sigma[1])
+  lo, hi, taps = blur_params(cfg, clip.shape[1], clip.shape[2])
+  sigma = jax.random.uniform(k_sigma, (), minval=lo, maxval=hi)
   x = jnp.where(jax.random.uniform(k_blur) < cfg.p_blur,
-                _gaussian_blur(clip, sigma, cfg.blur_kernel), clip)
+                _gaussian_blur(clip, sigma, taps), clip)
   x = jnp.where(jax.random.uniform(k_jp) < cfg.p_jitter,
                 _jitter(x, k_jit, cfg), x)
   gray = jnp.broadcast_to(_gray(x), x.shape)

@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         models.shallow_stages('accel_daformer'))),
     'model.mit_variant': models.MIT_VARIANTS,
     'dastc.bn_update': ('fixed', 'all'),
+    'dastc.allow_untrained_teacher': (False, True),
     'dastc.alignment.kind': ('contrastive', 'cosine', 'mmd', 'none'),
     'dastc.alignment.feature': ('feat', 'logits'),
     'dastc.alignment.aggregation': ('frames', 'pairs'),
@@ -114,6 +115,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'dastc.alignment.temperature': (0, None),
     'dastc.alignment.margin': (0, None),
     'dastc.alignment.min_pixels': (1, None),
+    'dastc.strong_aug.blur_reference_width': (1, None),
+    'dastc.strong_aug.blur_kernel': (0, None),
     'dastc.alignment.temporal_temperature': (0, None),
 }
 OPEN_AT_ZERO = ('optim.lr', 'dastc.alignment.temperature',
@@ -235,6 +238,27 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
         f'(config.model.name={config.model.name!r}).')
 
 
+def _check_perturbation(config: ml_collections.ConfigDict) -> None:
+  """The consistency loss (weight ``dastc.lambda_t``) compares the student
+  on the strong clip with the teacher's labels: without a perturbation the
+  strong clip is the clean one and the term teaches nothing."""
+  d = config.dastc
+  a = d.strong_aug
+  if d.lambda_t == 0 or a.wrap_normalized_bug:
+    return
+  blur = a.p_blur > 0 and a.blur_sigma[1] > 0
+  jitter = a.p_jitter > 0 and max(a.brightness, a.contrast, a.saturation,
+                                  a.hue) > 0
+  if not (a.enabled and (blur or jitter or a.p_gray > 0)):
+    raise errors.ConfigError(
+        f'config.dastc.strong_aug (enabled={a.enabled}, p_blur={a.p_blur}, '
+        f'p_jitter={a.p_jitter}, p_gray={a.p_gray}) leaves the strong target '
+        'clip equal to the clean one, so the consistency loss '
+        f'(config.dastc.lambda_t={d.lambda_t}) sees no perturbation; set '
+        'config.dastc.strong_aug.enabled=True with a non-zero probability, '
+        'or config.dastc.lambda_t=0.')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
   _check_choices(config)
@@ -276,6 +300,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
   _check_frozen_teacher(config)
+  _check_perturbation(config)
   d = config.dastc
   if d.feature_fusion and not d.image_fusion:
     raise errors.ConfigError('config.dastc.feature_fusion=True needs '

@@ -12,6 +12,12 @@ produced them, which removes the duplication: the ResNet-101 train step at
 128x256 goes from ~3.3 s to ~2.9 s on 2 cores. The first-step loss agrees
 with the default to 1e-6 relative (float summation order only).
 
+The same fusions keep more buffers alive at once: at the real configs'
+sizes the flag multiplies the DA-STC step's temporaries by 1.8 to 2
+(benchmarks/memory.md). So it is chosen per shape: a run whose largest
+training frame has more than :data:`ELTWISE_MAX_PIXELS` pixels (the real
+configs: 512x1024 and up) does not get it (:func:`train_pixels`).
+
 The flags are read when the CPU backend starts, so :func:`set_defaults`
 must run before the first JAX computation. It only appends flags that the
 user's ``XLA_FLAGS`` does not already set, and they only affect the CPU
@@ -22,14 +28,41 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
+
 DEFAULT_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=+eltwise',)
+# Largest training frame (H * W) that gets DEFAULT_FLAGS: 256x512.
+ELTWISE_MAX_PIXELS = 256 * 512
 
 
-def set_defaults(environ: dict[str, str] | None = None) -> str:
+def train_pixels(config: ml_collections.ConfigDict) -> int | None:
+  """Pixels of the largest training frame of ``config`` (crop, else resize;
+  None when a frame keeps a native size that the config does not state and
+  the data is not the built-in synthetic world)."""
+  most = 0
+  for key in ('source', 'target'):
+    d = config.data.get(key)
+    if d is None:
+      continue
+    size = d.crop_size or d.image_size
+    if size is None:
+      world = config.data.synthetic
+      if not world.enabled:
+        return None
+      size = world.source_size if key == 'source' else world.target_size
+    most = max(most, int(size[0]) * int(size[1]))
+  return most
+
+
+def set_defaults(environ: dict[str, str] | None = None,
+                 pixels: int | None = 0) -> str:
   """Appends :data:`DEFAULT_FLAGS` to ``XLA_FLAGS`` unless already set.
 
   Args:
     environ: the environment to edit (default ``os.environ``).
+    pixels: the largest training frame's pixel count (:func:`train_pixels`);
+      above :data:`ELTWISE_MAX_PIXELS`, or None (unknown), nothing is
+      appended. 0: no training frame (commands other than training).
 
   Returns:
     The resulting ``XLA_FLAGS`` value.
@@ -37,6 +70,8 @@ def set_defaults(environ: dict[str, str] | None = None) -> str:
   env = os.environ if environ is None else environ
   current = env.get('XLA_FLAGS', '')
   if env.get('DASTC_XLA_CPU_DEFAULTS', '1') == '0':
+    return current
+  if pixels is None or pixels > ELTWISE_MAX_PIXELS:
     return current
   present = {f.split('=')[0] for f in current.split()}
   extra = [f for f in DEFAULT_FLAGS if f.split('=')[0] not in present]
