@@ -141,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Recompute each encoder block (MiT block, ResNet bottleneck) in the
       # backward pass instead of keeping its activations.
       remat=False,
+      # Run a stage's identical blocks (all after its first) as one
+      # lax.scan: one compiled body instead of one per block (compile time;
+      # same values, same parameter layout).
+      scan_blocks=True,
       daformer_dilations=(1, 6, 12, 18),
   ))
 
@@ -384,6 +388,9 @@ def vit_config(base, arg: str | None, image: bool = False
     # The frozen (TPS) teacher labels the first steps: no head warm-up,
     # as released (its weights are required, runtime/teacher_start.py).
     c.train.source_only_steps = 0
+    # The released ViT scripts align the strong pair only (no clean
+    # (t, t-2) pass).
+    c.dastc.alignment.pairs = 1
     # The ViT scripts schedule every group alike (the CNN script's constant
     # head LR is not in them).
     c.optim.constant_head_lr = False

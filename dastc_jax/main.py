@@ -30,6 +30,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 from dastc_jax import errors  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import log_filter  # pylint: disable=g-import-not-at-top
+from dastc_jax.runtime import oom  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:variant]).',
@@ -85,12 +86,13 @@ def main(argv):
     if not (FLAGS.checkpoint or FLAGS.workdir):
       raise app.UsageError('--mode=predict needs --checkpoint (or the '
                            '--workdir of a run).')
-    predict.run(FLAGS.config, checkpoint=FLAGS.checkpoint,
-                workdir=FLAGS.workdir or '.', input_path=FLAGS.input,
-                output=FLAGS.output, flows=FLAGS.flows,
-                flow_weights=FLAGS.flow_weights,
-                video_format=FLAGS.video_format, fps=FLAGS.fps,
-                max_frames=FLAGS.max_frames)
+    with oom.reported('prediction'):
+      predict.run(FLAGS.config, checkpoint=FLAGS.checkpoint,
+                  workdir=FLAGS.workdir or '.', input_path=FLAGS.input,
+                  output=FLAGS.output, flows=FLAGS.flows,
+                  flow_weights=FLAGS.flow_weights,
+                  video_format=FLAGS.video_format, fps=FLAGS.fps,
+                  max_frames=FLAGS.max_frames)
     return
   if not FLAGS.workdir:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --workdir.')
@@ -98,13 +100,15 @@ def main(argv):
     from dastc_jax.runtime import preemption
     from dastc_jax import train
     # A SIGTERM saves a checkpoint, then exits with 75 (preemption.py).
-    preemption.exit_if_preempted(train.train_and_evaluate, FLAGS.config,
-                                 FLAGS.workdir)
+    with oom.reported('training (train steps and evaluation)'):
+      preemption.exit_if_preempted(train.train_and_evaluate, FLAGS.config,
+                                   FLAGS.workdir)
   else:
     from dastc_jax.evaluation import eval_job
-    eval_job.run(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                 watch=FLAGS.watch, watch_interval=FLAGS.watch_interval,
-                 watch_timeout=FLAGS.watch_timeout)
+    with oom.reported('evaluation'):
+      eval_job.run(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                   watch=FLAGS.watch, watch_interval=FLAGS.watch_interval,
+                   watch_timeout=FLAGS.watch_timeout)
 
 
 if __name__ == '__main__':

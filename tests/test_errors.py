@@ -31,3 +31,25 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, override, expected):
   assert 'Traceback' not in r.stderr
   last = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
   assert last and expected in r.stderr, r.stderr[-2000:]
+
+
+def test_out_of_memory_is_one_line_with_the_knobs():
+  """XLA's failed allocation (here 2.2 TB on the CPU) becomes a UserError
+  that names the stage, the request and the config keys that reduce it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dastc_jax import errors  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import oom  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.UserError) as e:
+    with oom.reported('training'):
+      jax.jit(lambda x: jnp.zeros((2**39,), jnp.float32) + x)(
+          1.0).block_until_ready()
+  msg = str(e.value)
+  assert '\n' not in msg and 'Out of memory in training' in msg
+  assert '2199.0 GB' in msg and 'GB)' in msg
+  for knob in ('config.model.remat', "config.model.dtype='bfloat16'",
+               'config.mesh.fsdp', 'benchmarks/memory.md'):
+    assert knob in msg
+  with pytest.raises(ValueError):  # anything else passes through
+    with oom.reported('training'):
+      raise ValueError('not memory')

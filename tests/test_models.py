@@ -17,7 +17,7 @@ def _cfg(**kw):
            dropout=0.1, bn_momentum=0.1, backbone_init='he', init_std=0.01,
            dtype='float32', per_axis_flow_scale=False, head='proda',
            conv_kernel_grad='auto', bn_group_size=0, stride_in_1x1=True,
-           remat=False)
+           remat=False, scan_blocks=False)
   c.update(kw)
   return ml_collections.ConfigDict(c)
 

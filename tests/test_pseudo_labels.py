@@ -71,6 +71,28 @@ def test_strong_augmentation_uses_one_parameter_set_per_clip():
   np.testing.assert_allclose(off, bgr, atol=1e-3)
 
 
+def test_blur_follows_the_input_width():
+  """sigma is stated at blur_reference_width and scales with the clip's
+  width; the kernel holds 3 sigma; the blur is a normalised Gaussian
+  (scipy's, away from the border)."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  cfg = _aug_cfg()  # (5, 9) px at 1024 wide, blur_kernel=0
+  assert augment.blur_params(cfg, 512, 1024) == (5.0, 9.0, 55)
+  assert augment.blur_params(cfg, 256, 512) == (2.5, 4.5, 29)
+  lo, hi, taps = augment.blur_params(cfg, 32, 64)
+  assert (lo, hi, taps) == (5 / 16, 9 / 16, 5)
+  # Never wider than the reflect padding of a small clip allows.
+  assert augment.blur_params(_aug_cfg(blur_kernel=0), 8, 1024)[2] == 15
+  assert augment.blur_params(_aug_cfg(blur_kernel=9), 512, 1024)[2] == 9
+  x = np.random.default_rng(0).uniform(0, 1, (1, 40, 48, 3)).astype('f')
+  got = np.asarray(augment._gaussian_blur(  # pylint: disable=protected-access
+      jnp.asarray(x), jnp.float32(2.0), 13))
+  want = scipy.ndimage.gaussian_filter(x, (0, 2.0, 2.0, 0), truncate=3.0,
+                                       mode='mirror')
+  np.testing.assert_allclose(got[:, 8:-8, 8:-8], want[:, 8:-8, 8:-8],
+                             atol=1e-5)
+
+
 def test_histogram_matching_takes_the_reference_distribution():
   rng = np.random.default_rng(0)
   ref = (2 * rng.integers(0, 128, (20, 30, 3))).astype(np.uint8)

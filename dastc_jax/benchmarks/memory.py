@@ -45,6 +45,7 @@ VARIANTS = {
     'bfloat16': {'model.dtype': 'bfloat16'},
     'remat': {'model.remat': True},
     'remat_bfloat16': {'model.remat': True, 'model.dtype': 'bfloat16'},
+    'unrolled': {'model.scan_blocks': False},
 }
 GB = 1e9
 
@@ -136,6 +137,9 @@ def measure(name: str, variant: str, run_steps: int) -> dict[str, Any]:
       'config': name, 'variant': variant, 'sizes': sizes,
       'model': c.model.name, 'layers': tuple(c.model.layers),
       'mit_variant': c.model.mit_variant,
+      'scan_blocks': bool(c.model.get('scan_blocks', False)),
+      'remat': bool(c.model.remat), 'dtype': c.model.dtype,
+      'conv_kernel_grad': c.model.conv_kernel_grad,
       'device': jax.devices()[0].device_kind,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'trace_lower_s': lower_s, 'compile_s': compile_s,
@@ -143,7 +147,11 @@ def measure(name: str, variant: str, run_steps: int) -> dict[str, Any]:
       'argument_gb': arg / GB, 'output_gb': out / GB, 'alias_gb': alias / GB,
       'temp_gb': temp / GB, 'peak_gb': (arg + out - alias + temp) / GB,
   }
+  res['peak_rss_gb'] = _rss_gb()
+  # Recorded before the steps run: a step the host cannot hold is killed.
+  print('COMPILED', json.dumps(res), flush=True)
   if run_steps:
+    del lowered, hlo
     _, real_state, _ = state_lib.create_train_state(c, sizes=sizes)
     real_state = jax.device_put(real_state, st_sh)
     batch = sharding_lib.shard_batch(host, data)
@@ -154,9 +162,12 @@ def measure(name: str, variant: str, run_steps: int) -> dict[str, Any]:
       loss = float(metrics['loss'])
       times.append(time.perf_counter() - t0)
     res.update(step_s=times, loss=loss)
-  res['peak_rss_gb'] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss *
-                        1024 / GB)
+  res['peak_rss_gb'] = _rss_gb()
   return res
+
+
+def _rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
 _CHILD = '''
@@ -184,12 +195,22 @@ def in_child(name: str, variant: str, run_steps: int, timeout: float
   except subprocess.TimeoutExpired:
     return {'config': name, 'variant': variant,
             'error': f'not finished within {timeout:.0f} s'}
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not line:
+  lines = {l.split(' ', 1)[0]: l.split(' ', 1)[1]
+           for l in proc.stdout.splitlines()
+           if l.startswith(('RESULT ', 'COMPILED '))}
+  if proc.returncode or 'RESULT' not in lines:
     tail = [l for l in proc.stderr.splitlines() if l.strip()][-3:]
-    return {'config': name, 'variant': variant,
-            'error': f'exit {proc.returncode}: ' + ' | '.join(tail)[-600:]}
-  res = json.loads(line[0][len('RESULT '):])
+    why = ('killed (SIGKILL: the kernel\'s out-of-memory killer when the '
+           'host runs out)' if proc.returncode == -9 else
+           f'exit {proc.returncode}: ' + ' | '.join(tail)[-600:])
+    res = {'config': name, 'variant': variant}
+    if 'COMPILED' in lines:  # compiled, then the step failed
+      res = json.loads(lines['COMPILED'])
+      why = 'the step ' + why
+    res['error'] = why
+    res['wall_s'] = time.perf_counter() - t0
+    return res
+  res = json.loads(lines['RESULT'])
   res['wall_s'] = time.perf_counter() - t0
   return res
 
@@ -209,14 +230,14 @@ def report(results: list[dict[str, Any]], command: str) -> str:
       'step s | RSS GB |',
       '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in results:
-    if 'error' in r:
-      lines.append(f'| {r["config"]} | {r["variant"]} | | | | | | | | | | | '
-                   f'| \n\n  error: {r["error"]}\n')
+    if 'compile_s' not in r:
+      lines.append(f'| {r["config"]} | {r["variant"]} | {r["error"]} |'
+                   + ' |' * 10)
       continue
     model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
              else f'R{3 * sum(r["layers"]) + 2}')
     s = r['sizes']
-    step = ('' if 'step_s' not in r else
+    step = (r['error'] if 'error' in r else '' if 'step_s' not in r else
             ', '.join(f'{t:.0f}' for t in r['step_s']))
     lines.append(
         f'| {r["config"]} | {r["variant"]} | {r["model"]} {model} | '

@@ -45,7 +45,8 @@ class AccelDeepLab(video.FlowFusionModel):
         bn_momentum=config.bn_momentum, kernel_init=backbone_init,
         bn_group_size=config.bn_group_size,
         stride_in_1x1=config.stride_in_1x1,
-        kernel_grad=kernel_grad, remat=config.remat, dtype=dtype, rngs=rngs)
+        kernel_grad=kernel_grad, remat=config.remat,
+        scan_blocks=config.scan_blocks, dtype=dtype, rngs=rngs)
     feats = self.backbone.out_features
     # `layer5` of the reference: the aux classifier on layer3.
     self.aux_head = heads.ASPPSum(feats['layer3'], c, config.aspp_dilations,

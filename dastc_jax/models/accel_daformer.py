@@ -42,6 +42,7 @@ class AccelDAFormer(video.FlowFusionModel):
     self.per_axis_flow_scale = config.per_axis_flow_scale
     self.backbone = mit.MiT(spec, drop_path_rate=config.drop_path_rate,
                             caffe_input=True, remat=config.remat,
+                            scan_blocks=config.scan_blocks,
                             dtype=dtype, rngs=rngs)
     self.head = daformer.DAFormerHead(
         spec.dims, c, embed=config.head_features,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dastc_jax.models import layers
+from dastc_jax.models import scan
 from dastc_jax.ops import image as image_ops
 
 
@@ -138,9 +139,11 @@ class MixFFN(nnx.Module):
     return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per example."""
-  if key is None or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array,
+              key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example (``rate``
+  may be traced, as inside a scan over blocks)."""
+  if key is None or (isinstance(rate, float) and rate == 0.0):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) *
                               (x.ndim - 1))
@@ -159,12 +162,15 @@ class Block(nnx.Module):
     self.mlp = MixFFN(dim, dim * mlp_ratio, dtype=dtype, rngs=rngs)
     self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, key: jax.Array | None,
+               rate: jax.Array | None = None) -> jax.Array:
+    """``rate`` replaces ``drop_path_rate`` (a scan passes each block's)."""
+    rate = self.drop_path_rate if rate is None else rate
     k1 = k2 = None
     if key is not None:
       k1, k2 = jax.random.split(key)
-    x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, k1)
-    return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+    x = x + drop_path(self.attn(self.norm1(x)), rate, k1)
+    return x + drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
@@ -199,7 +205,8 @@ class MiT(nnx.Module):
 
   def __init__(self, spec: MiTSpec, *, drop_path_rate: float = 0.1,
                caffe_input: bool = False, remat: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               scan_blocks: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     rates = drop_path_rates(spec.depths, drop_path_rate)
     # True: inputs come as this project's frames (BGR minus the Caffe mean,
     # ops/image.py) and are brought to the ImageNet normalisation that MiT
@@ -208,6 +215,8 @@ class MiT(nnx.Module):
     # Recompute each block's activations in the backward pass instead of
     # keeping them (memory for compute; same values).
     self.remat = remat
+    # Run each stage's blocks as one scan (models/scan.py).
+    self.scan_blocks = scan_blocks
     self.out_features = dict(zip(self.STAGES, spec.dims))
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
@@ -240,17 +249,27 @@ class MiT(nnx.Module):
     """
     out = {}
     depths = [len(getattr(self, f'block{i + 1}')) for i in range(4)]
-    keys = (list(jax.random.split(rng, sum(depths))) if rng is not None
-            else [None] * sum(depths))
+    key_array = (jax.random.split(rng, sum(depths)) if rng is not None
+                 else None)
+    keys = (list(key_array) if rng is not None else [None] * sum(depths))
     lo, hi = self.STAGES.index(first), self.STAGES.index(last)
     if lo == 0 and self.caffe_input:
       x = imagenet_from_caffe(x)
     for i in range(lo, hi + 1):
       x = getattr(self, f'patch_embed{i + 1}')(x)
       offset = sum(depths[:i])
-      for j, block in enumerate(getattr(self, f'block{i + 1}')):
-        x = (_remat_block(block, x, keys[offset + j]) if self.remat
-             else block(x, keys[offset + j]))
+      blocks = getattr(self, f'block{i + 1}')
+      if self.scan_blocks and len(blocks) > 1:
+        per_block = (
+            None if rng is None else key_array[offset:offset + len(blocks)],
+            jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32))
+        x = scan.scan_blocks(
+            list(blocks), x, lambda b, h, kr: b(h, kr[0], rate=kr[1]),
+            per_block, remat=self.remat)
+      else:
+        for j, block in enumerate(blocks):
+          x = (_remat_block(block, x, keys[offset + j]) if self.remat
+               else block(x, keys[offset + j]))
       x = getattr(self, f'norm{i + 1}')(x)
       out[self.STAGES[i]] = x
     return out

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dastc_jax.models import layers
+from dastc_jax.models import scan
 
 EXPANSION = 4
 
@@ -78,7 +79,7 @@ class ResNetDeepLab(nnx.Module):
                bn_momentum: float, kernel_init: layers.Initializer,
                dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0,
                stride_in_1x1: bool = True, kernel_grad: str = 'auto',
-               remat: bool = False):
+               remat: bool = False, scan_blocks: bool = False):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
     self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
@@ -105,6 +106,8 @@ class ResNetDeepLab(nnx.Module):
     # Recompute each bottleneck's activations in the backward pass instead
     # of keeping them (memory for compute; same values).
     self.remat = remat
+    # Run the identical blocks after each stage's first as one scan.
+    self.scan_blocks = scan_blocks
 
   def stem(self, x: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, 3] normalised BGR -> [B, H/4, W/4, width] (ceil)
@@ -115,7 +118,13 @@ class ResNetDeepLab(nnx.Module):
     """Runs one named stage of ``STAGES`` on the previous stage's output."""
     if name == 'stem':
       return self.stem(x, train)
-    for block in getattr(self, name):
+    blocks = getattr(self, name)
+    if self.scan_blocks and len(blocks) > 2:
+      first = blocks[0]
+      x = _remat_block(first, x, train) if self.remat else first(x, train)
+      return scan.scan_blocks(list(blocks)[1:], x,
+                              lambda b, h, _: b(h, train), remat=self.remat)
+    for block in blocks:
       x = _remat_block(block, x, train) if self.remat else block(x, train)
     return x
 
