@@ -46,6 +46,7 @@ VARIANTS = {
     'remat': {'model.remat': True},
     'remat_bfloat16': {'model.remat': True, 'model.dtype': 'bfloat16'},
     'unrolled': {'model.scan_blocks': False},
+    'unrolled_remat': {'model.scan_blocks': False, 'model.remat': True},
 }
 GB = 1e9
 
@@ -215,6 +216,21 @@ def in_child(name: str, variant: str, run_steps: int, timeout: float
   return res
 
 
+def _commit() -> str:
+  """The checkout's commit (``+dirty`` with uncommitted changes)."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_REPO,
+                          capture_output=True, text=True, check=True
+                          ).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--',
+                            'dastc_jax', 'configs'], cwd=_REPO,
+                           capture_output=True, text=True, check=True
+                           ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('+dirty' if dirty else '')
+
+
 def report(results: list[dict[str, Any]], command: str) -> str:
   """The markdown table of :func:`measure` results."""
   lines = [
@@ -283,6 +299,7 @@ def main(argv: list[str]) -> None:
     for variant in a.variants.split(','):
       print(f'{name} {variant} ...', flush=True)
       res = in_child(name, variant, a.run_steps, a.timeout)
+      res['commit'] = _commit()
       print(json.dumps(res), flush=True)
       data['results'] = [r for r in data['results'] if (
           r['config'], r['variant']) != (name, variant)] + [res]
