@@ -141,10 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Recompute each encoder block (MiT block, ResNet bottleneck) in the
       # backward pass instead of keeping its activations.
       remat=False,
-      # Run a stage's identical blocks (all after its first) as one
-      # lax.scan: one compiled body instead of one per block (compile time;
-      # same values, same parameter layout).
-      scan_blocks=True,
+      # Run a stage's identical blocks as one lax.scan whose body is
+      # recomputed in the backward pass: one compiled body instead of one
+      # per block (same values, same parameter layout; less memory, one
+      # more forward of those blocks). See docs/performance.md.
+      scan_blocks=False,
       daformer_dilations=(1, 6, 12, 18),
   ))
 
@@ -347,6 +348,9 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.model.dropout = 0.1
   c.model.daformer_dilations = (1, 6, 12, 18)
   c.model.freeze_bn_affine = False  # the decoder's BatchNorms train
+  # MiT-B5's 3, 6, 40 and 3 blocks as scans: the real-size DA-STC step
+  # compiles in minutes instead of not within 30 (benchmarks/memory.md).
+  c.model.scan_blocks = True
   # Video: batch 1 + 1 (per-example statistics); image: over the batch.
   c.model.bn_group_size = 0 if image else 1
   c.loss.aux_weight = 0.0  # no auxiliary head

@@ -21,10 +21,12 @@ batch of the config's sizes, and records:
   seconds include nothing but the step; compile is done), and the process's
   peak resident memory.
 
-Variants: ``float32`` (the config as it is), ``bfloat16`` (``model.dtype``),
-``remat`` (``model.remat``: each encoder block recomputed in the backward
-pass) and ``remat_bfloat16``. On an accelerator the same command gives the
-device's figures.
+Variants (``VARIANTS``): ``float32`` (the config as it is), ``bfloat16``
+(``model.dtype``), ``remat`` (``model.remat``: each encoder block and the
+transformer's decode head recomputed in the backward pass),
+``remat_bfloat16``, and ``unrolled``/``scan`` (``model.scan_blocks``, alone
+or with ``_remat``). On an accelerator the same command gives the device's
+figures.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ VARIANTS = {
     'remat_bfloat16': {'model.remat': True, 'model.dtype': 'bfloat16'},
     'unrolled': {'model.scan_blocks': False},
     'unrolled_remat': {'model.scan_blocks': False, 'model.remat': True},
+    'scan': {'model.scan_blocks': True},
+    'scan_remat': {'model.scan_blocks': True, 'model.remat': True},
 }
 GB = 1e9
 
@@ -241,27 +245,31 @@ def report(results: list[dict[str, Any]], command: str) -> str:
       'temporaries, what the device must hold at once. Host *RSS* is the '
       'process\'s peak resident memory (build, compile and, where timed, '
       'the steps). CPU figures are from 2 cores; times are wall seconds.', '',
-      '| config | variant | model | source / target (batch) | device | '
-      'lower s | compile s | HLO lines | args GB | temps GB | peak GB | '
-      'step s | RSS GB |',
-      '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+      '| config | variant: scan, remat, dtype | model | source / target '
+      '(batch) | device | lower s | compile s | HLO lines | args GB | '
+      'temps GB | peak GB | step s | RSS GB | commit |',
+      '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in results:
     if 'compile_s' not in r:
       lines.append(f'| {r["config"]} | {r["variant"]} | {r["error"]} |'
-                   + ' |' * 10)
+                   + ' |' * 11)
       continue
     model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
              else f'R{3 * sum(r["layers"]) + 2}')
     s = r['sizes']
     step = (r['error'] if 'error' in r else '' if 'step_s' not in r else
             ', '.join(f'{t:.0f}' for t in r['step_s']))
+    how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
+           f'{"remat" if r.get("remat") else "no remat"}, '
+           f'{r.get("dtype", "float32")}')
     lines.append(
-        f'| {r["config"]} | {r["variant"]} | {r["model"]} {model} | '
+        f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
         f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
         f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | '
         f'{r["trace_lower_s"]:.0f} | {r["compile_s"]:.0f} | '
         f'{r["hlo_lines"]:,} | {r["argument_gb"]:.2f} | {r["temp_gb"]:.1f} | '
-        f'{r["peak_gb"]:.1f} | {step} | {r["peak_rss_gb"]:.1f} |')
+        f'{r["peak_gb"]:.1f} | {step} | {r["peak_rss_gb"]:.1f} | '
+        f'{r.get("commit", "")} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -265,7 +265,7 @@ class MiT(nnx.Module):
             jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32))
         x = scan.scan_blocks(
             list(blocks), x, lambda b, h, kr: b(h, kr[0], rate=kr[1]),
-            per_block, remat=self.remat)
+            per_block)
       else:
         for j, block in enumerate(blocks):
           x = (_remat_block(block, x, keys[offset + j]) if self.remat

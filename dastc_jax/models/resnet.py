@@ -123,7 +123,7 @@ class ResNetDeepLab(nnx.Module):
       first = blocks[0]
       x = _remat_block(first, x, train) if self.remat else first(x, train)
       return scan.scan_blocks(list(blocks)[1:], x,
-                              lambda b, h, _: b(h, train), remat=self.remat)
+                              lambda b, h, _: b(h, train))
     for block in blocks:
       x = _remat_block(block, x, train) if self.remat else block(x, train)
     return x
