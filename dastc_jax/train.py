@@ -121,6 +121,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   check_config(config)
   workdir = paths.resolve(workdir)
+  ckpt_dir = workdir / 'checkpoints'
+  if not (ckpt_dir.exists() and any(p.name.isdigit()
+                                    for p in ckpt_dir.iterdir())):
+    teacher_start.check(config)  # no pseudo-labels from an initialised head
   workdir_lib.check_and_write_config(config, workdir)
   data_root = resolve_data_root(config)
 
@@ -145,7 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       sizes=state_lib.carried_sizes(config, data_root))
   state_sharding = sharding_lib.state_shardings(state, mesh)
   if latest is None:
-    teacher_start.check(config)  # no pseudo-labels from an initialised head
     if config.train.init_from:
       state = state_lib.init_from_checkpoint(config, state)
     state = state_lib.load_frozen_teacher(config, state)

@@ -21,6 +21,10 @@ def _main(*args):
       '--config.data.data_dir={tmp}/nothing_here'),
      'is not prepared in'),
     (('--config.dastc.feature_layer=layer9',), 'config.dastc.feature_layer'),
+    (('--config.train.source_only_steps=0',),
+     'config.train.source_only_steps (a head warm-up'),
+    (('--config.dastc.strong_aug.enabled=False',),
+     'sees no perturbation'),
 ])
 @pytest.mark.integration
 def test_user_errors_print_one_line_and_exit_2(tmp_path, override, expected):
