@@ -358,6 +358,31 @@ def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
   return want, {k for k in sd if k.startswith('layer7.')}
 
 
+def export_state_dict(params: Any, batch_stats: Any,
+                      model_config: ml_collections.ConfigDict
+                      ) -> dict[str, np.ndarray]:
+  """Our ACCEL-DeepLabv2 parameters as a released-layout ``state_dict``
+  (the inverse of :func:`convert_state_dict` for the ``accel`` layout):
+  OIHW kernels, the reference key of every parameter (``layer6`` for
+  ``head='aspp'``, ``layer7`` for ``'proda'``), and a zero
+  ``num_batches_tracked`` beside every BatchNorm as PyTorch writes it.
+
+  Used to write stand-ins of released files (the full-scale rehearsal).
+  """
+  out = {}
+  for tree in (params, batch_stats):
+    for path, value in checkpointing.flat_keys(tree).items():
+      name = torch_name(path, model_config.head)
+      value = np.asarray(value, np.float32)
+      if path.split('/')[-1] == 'kernel':
+        value = np.transpose(value, (3, 2, 0, 1))  # HWIO -> OIHW
+      out[name] = np.ascontiguousarray(value)
+      if name.endswith('.running_var'):
+        out[name[:-len('running_var')] + 'num_batches_tracked'] = np.zeros(
+            (), np.int64)
+  return out
+
+
 # ------------------------------------------------- modules named like torch
 torch_names = weight_files.torch_names
 load_by_names = weight_files.load_by_names

@@ -170,3 +170,22 @@ def test_every_real_config_starts_with_a_trained_labeller(module):
     assert ref.dastc.teacher == 'reference'
     with pytest.raises(errors.ConfigError, match='frozen_teacher|init_from'):
       teacher_start.check(ref)
+
+
+def test_export_writes_the_released_tps_layout_and_converts_back():
+  """A stand-in for a released file: our weights exported to the reference
+  keys (641 for a full-size TPS model) and converted back unchanged."""
+  mc = tc._model_config('aspp')  # pylint: disable=protected-access
+  _, sd = _tps_file()
+  params, stats, _ = convert.convert_state_dict(dict(sd), mc)
+  out = convert.export_state_dict(params, stats, mc)
+  assert set(out) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(out[k], v, err_msg=k)
+  full = viper.get_config().model
+  full.head = 'aspp'
+  abstract = jax.eval_shape(lambda: state_lib.init_model(
+      type(viper.get_config())({'model': full}), 0)[1:])
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
+  keys = convert.export_state_dict(*zeros, full)
+  assert set(keys) == set(tc._released_keys('aspp', 15))  # pylint: disable=protected-access

@@ -167,8 +167,11 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   return 1
 
 
-def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
-  """Writes a complete world into the (new) folder ``root``."""
+def generate(root: str, params: dict[str, Any], num_workers: int = 1,
+             prepare_tfds: bool = True) -> None:
+  """Writes a complete world into the (new) folder ``root``; with
+  ``prepare_tfds=False`` only the dataset layouts and flows (for a caller
+  that runs ``python -m dastc_jax.prepare`` on them itself)."""
   for name in ('viper_train', 'viper_val', 'cityscapes_seq_train',
                'cityscapes_seq_val'):
     os.makedirs(os.path.join(root, f'estimated_optical_flow_{name}'),
@@ -190,6 +193,8 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1) -> None:
   else:
     for fn, arg in jobs:
       fn(arg)
+  if not prepare_tfds:
+    return
   # Prepared exactly like the real datasets (TFDS ArrayRecord builders).
   for dataset, folder in (('viper', 'Viper'), ('cityscapes_seq', 'Cityscapes'),
                           ('gta5', 'GTA5'), ('cityscapes', 'Cityscapes')):

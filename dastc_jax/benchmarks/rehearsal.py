@@ -1,0 +1,366 @@
+"""The paper's recipe rehearsed as a user runs it, at the real sizes.
+
+  python -m dastc_jax.benchmarks.rehearsal --config=viper \
+      --workdir=runs/rehearsal_viper --output=benchmarks/rehearsal.md
+  python -m dastc_jax.benchmarks.rehearsal --config=viper --smoke \
+      --workdir=/tmp/rehearsal
+
+Every stage runs the command the docs give (README, docs/weights.md,
+docs/optical_flow.md, docs/evaluation.md) in its own process, on a world
+rendered at the real datasets' resolutions and layouts, and is timed with
+its peak resident memory (``os.wait4``):
+
+1. **render**: the synthetic world at VIPER's 1080x1920 (JPEG frames, raw
+   class PNGs) and Cityscapes-Seq's 1024x2048 (``leftImg8bit_sequence``
+   frames t-2..t, ``gtFine`` on frame 19), with its exact flows in the
+   reference ``estimated_optical_flow_*`` folders; no TFDS preparation;
+2. **prepare** (``python -m dastc_jax.prepare``) of both datasets;
+3. **RAFT flows**: torchvision's RAFT-small with *random* weights (the
+   plumbing, not the flow quality), converted (``python -m
+   dastc_jax.convert``), the Cityscapes-Seq flows computed by ``python -m
+   dastc_jax.flow`` into a copy of the layout without flows, and prepared;
+4. **TPS stand-in**: a short source-only run of the config's model with the
+   TPS head, exported to the released TPS key layout (``.pth``);
+5. **convert** it as docs/weights.md says (``--head_from_tps``, and the
+   ``model.head=aspp`` copy for evaluation);
+6. **train**: the documented command with ``train.init_from``, for a few
+   steps (the rehearsal's data folder and step count added; on a host
+   without the memory of the float32 step, ``model.remat=True``, said in
+   the report), which ends with an evaluation at the full label size;
+7. **eval** (``--mode=eval``) of the run's checkpoints, and **predict** on a
+   full-resolution clip.
+
+It also reads the teacher's pseudo-label accuracy (``pl_accuracy``, against
+the world's labels, never used by a loss) of the first training steps from
+the run's TensorBoard scalars: an untrained teacher would show as chance.
+Supported: the VIPER configs with the CNN (``viper``); ``--smoke`` renders
+a small world and trains the ``:smoke`` model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+GB = 1e9
+# (source VIPER, target Cityscapes-Seq) frame sizes of the rendered world.
+REAL_SIZES = ((1080, 1920), (1024, 2048))
+SMOKE_SIZES = ((72, 128), (64, 128))
+SUPPORTED = ('viper',)
+
+
+class Stage:
+  """One command, run to completion and measured."""
+
+  def __init__(self, name: str, argv: list[str], what: str):
+    self.name, self.argv, self.what = name, argv, what
+    self.wall_s = self.rss_gb = None
+    self.returncode = None
+    self.tail = ''
+
+  def run(self, log_dir: str, env: dict[str, str]) -> 'Stage':
+    log = os.path.join(log_dir, f'{self.name}.log')
+    t0 = time.perf_counter()
+    with open(log, 'w') as f:
+      proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
+                              cwd=_REPO, env=env)
+      _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    self.wall_s = time.perf_counter() - t0
+    self.rss_gb = usage.ru_maxrss * 1024 / GB
+    self.returncode = proc.returncode
+    with open(log) as f:
+      lines = [l.rstrip() for l in f if l.strip()]
+    self.tail = ' | '.join(lines[-3:])[-500:]
+    return self
+
+  def command(self) -> str:
+    shown = [a for a in self.argv]
+    if shown[:2] == [sys.executable, '-m']:
+      shown = ['python', '-m'] + shown[2:]
+    elif shown[:1] == [sys.executable]:
+      shown = ['python'] + shown[1:]
+    return ' '.join(shown)
+
+
+def render(root: str, smoke: bool) -> dict[str, Any]:
+  """The world's dataset layouts and exact flows (no TFDS preparation)."""
+  sys.path.insert(0, _REPO)
+  from dastc_jax.data.synthetic import world  # pylint: disable=g-import-not-at-top
+  src, tgt = SMOKE_SIZES if smoke else REAL_SIZES
+  params = {'seed': 0, 'source_size': list(src), 'target_size': list(tgt),
+            'source_train_seqs': 1, 'source_val_seqs': 1,
+            'samples_per_seq': 2, 'target_train_clips': 2,
+            'target_val_clips': 2, 'version': world.VERSION}
+  if os.path.isdir(root):
+    shutil.rmtree(root)
+  os.makedirs(root)
+  world.generate(root, params, prepare_tfds=False)
+  return params
+
+
+def _write_raft_standin(path: str) -> None:
+  """torchvision's RAFT-small with random weights, as a ``.pth`` file."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision.models import optical_flow  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  torch.save(optical_flow.raft_small(weights=None).state_dict(), path)
+
+
+def _export_tps(run_dir: str, config_arg: str, out: str) -> None:
+  """The stand-in TPS run's last checkpoint as a released-layout file."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
+  from dastc_jax import convert  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = _load_config(config_arg)
+  config.model.head = 'aspp'
+  _, params, stats = state_lib.init_model(config, 0)
+  params, stats, _ = checkpointing.load_weights(
+      os.path.join(run_dir, 'checkpoints'), -1, params, stats)
+  sd = convert.export_state_dict(params, stats, config.model)
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, out)
+
+
+def _load_config(config_arg: str):
+  import importlib  # pylint: disable=g-import-not-at-top
+  path, _, variant = config_arg.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return importlib.import_module(f'configs.{name}').get_config(
+      variant or None)
+
+
+def pl_accuracy(run_dir: str) -> list[tuple[int, float]]:
+  """``(step, pl_accuracy)`` of a run's TensorBoard scalars."""
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
+    for raw in tf.data.TFRecordDataset(path):
+      ev = event_pb2.Event.FromString(raw.numpy())
+      for v in ev.summary.value:
+        if v.tag == 'pl_accuracy':
+          out[ev.step] = float(tf.make_ndarray(v.tensor)) if v.HasField(
+              'tensor') else v.simple_value
+  return sorted(out.items())
+
+
+def stages(a: argparse.Namespace, work: str) -> list[Stage]:
+  """The documented commands of the rehearsal, in order."""
+  py = [sys.executable, '-m']
+  cfg = f'configs/{a.config}.py' + (':smoke' if a.smoke else '')
+  world_dir = os.path.join(work, 'world')
+  tfds = os.path.join(work, 'tfds')
+  data = [f'--config.data.data_dir={tfds}']
+  if a.smoke:  # the :smoke model reads the built-in world otherwise
+    data.append('--config.data.synthetic.enabled=False')
+  fit = [] if a.float32 else ['--config.model.remat=True']
+  steps = [f'--config.train.num_steps={a.steps}', '--config.train.log_every=1',
+           f'--config.train.checkpoint_every={a.steps}',
+           '--config.eval.num_overlays=1']
+  w = lambda *p: os.path.join(work, *p)
+  out = [
+      Stage('prepare_viper', py + [
+          'dastc_jax.prepare', '--dataset=viper',
+          f'--manual_dir={world_dir}/Viper', f'--data_dir={tfds}'],
+            'VIPER layout -> TFDS ArrayRecord (exact flows)'),
+      Stage('prepare_cityscapes_seq', py + [
+          'dastc_jax.prepare', '--dataset=cityscapes_seq',
+          f'--manual_dir={world_dir}/Cityscapes', f'--data_dir={tfds}'],
+            'Cityscapes-Seq layout -> TFDS ArrayRecord (exact flows)'),
+  ]
+  if a.raft:
+    out += [
+        Stage('convert_raft', py + [
+            'dastc_jax.convert', f'--source={w("raft_small_random.pth")}',
+            f'--output={w("weights", "raft_small")}'],
+              'torchvision RAFT-small (random weights) -> orbax'),
+        Stage('flow_raft', py + [
+            'dastc_jax.flow', '--dataset=cityscapes_seq',
+            f'--manual_dir={w("world_raft", "Cityscapes")}',
+            f'--weights={w("weights", "raft_small")}'],
+              'Cityscapes-Seq flows computed with RAFT in JAX'),
+        Stage('prepare_raft_flows', py + [
+            'dastc_jax.prepare', '--dataset=cityscapes_seq',
+            f'--manual_dir={w("world_raft", "Cityscapes")}',
+            f'--data_dir={w("tfds_raft")}'],
+              'Cityscapes-Seq with the RAFT flows -> TFDS'),
+    ]
+  out += [
+      Stage('tps_standin_train', py + [
+          'dastc_jax.main', f'--config={cfg}', f'--workdir={w("tps_run")}',
+          '--config.method=source_only', '--config.model.head=aspp',
+          *data, *fit, *steps],
+            'stand-in for the released TPS model: source-only steps with '
+            'the TPS head'),
+      Stage('tps_standin_export', [sys.executable, '-c', (
+          f'import sys; sys.path.insert(0, {_REPO!r}); '
+          'from dastc_jax.benchmarks import rehearsal as r; '
+          f'r._export_tps({w("tps_run")!r}, {cfg!r}, '
+          f'{w("tps_standin.pth")!r})')],
+            'its weights exported to the released TPS key layout (.pth)'),
+      Stage('convert_tps_init', py + [
+          'dastc_jax.convert', f'--config={cfg}',
+          f'--source={w("tps_standin.pth")}',
+          f'--output={w("weights", "tps_init")}', '--head_from_tps'],
+            'docs/weights.md: DA-STC start from TPS'),
+      Stage('convert_tps_aspp', py + [
+          'dastc_jax.convert', f'--config={cfg}', '--config.model.head=aspp',
+          f'--source={w("tps_standin.pth")}',
+          f'--output={w("weights", "tps_viper")}'],
+            'docs/weights.md: the TPS model itself'),
+      Stage('train', py + [
+          'dastc_jax.main', f'--config={cfg}', f'--workdir={w("run")}',
+          f'--config.train.init_from={w("weights", "tps_init")}',
+          *data, *fit, *steps],
+            'README: DA-STC from TPS; ends with the evaluation at the full '
+            'label size'),
+      Stage('eval', py + [
+          'dastc_jax.main', f'--config={cfg}', f'--workdir={w("eval")}',
+          '--mode=eval', f'--checkpoint={w("run")}', *data, *fit],
+            'docs/evaluation.md: every checkpoint of the run'),
+      Stage('predict', py + [
+          'dastc_jax.main', f'--config={cfg}', '--mode=predict',
+          f'--checkpoint={w("run")}', f'--input={w("clip")}',
+          f'--output={w("prediction")}', *data, *fit],
+            'docs/evaluation.md: prediction on a full-resolution clip '
+            '(OpenCV DIS flows)'),
+  ]
+  return out
+
+
+def _prepare_inputs(a: argparse.Namespace, work: str) -> None:
+  """Files the documented commands read: the RAFT stand-in, a copy of the
+  Cityscapes layout without flows, a clip of full-resolution frames."""
+  world_dir = os.path.join(work, 'world')
+  if a.raft:
+    _write_raft_standin(os.path.join(work, 'raft_small_random.pth'))
+    raft_root = os.path.join(work, 'world_raft')
+    shutil.copytree(os.path.join(world_dir, 'Cityscapes'),
+                    os.path.join(raft_root, 'Cityscapes'))
+  frames = sorted(glob.glob(os.path.join(
+      world_dir, 'Cityscapes', 'leftImg8bit_sequence', 'train', '*', '*.png')))
+  clip = os.path.join(work, 'clip')
+  os.makedirs(clip, exist_ok=True)
+  for f in frames[:3]:
+    shutil.copy(f, clip)
+
+
+def report(res: dict[str, Any]) -> str:
+  lines = [
+      f'# Rehearsal: `{res["config"]}` as a user runs it', '',
+      f'Command: `{res["command"]}` (commit {res["commit"]}, '
+      f'{res["date"]}, {res["cpus"]} CPU cores, '
+      f'{res["host_gb"]:.0f} GB host memory).', '',
+      f'World: VIPER layout {res["sizes"][0][0]}x{res["sizes"][0][1]}, '
+      f'Cityscapes-Seq layout {res["sizes"][1][0]}x{res["sizes"][1][1]}, '
+      f'{res["world"]["target_train_clips"]} train and '
+      f'{res["world"]["target_val_clips"]} val target clips (frames t-2..t '
+      'of each snippet; the real snippets have 30 frames, of which the '
+      f'loaders read these). Rendering took {res["render_s"]:.0f} s. '
+      + ('' if res['float32'] else
+         'Every model command adds `--config.model.remat=True` (at the real '
+         'size the float32 step does not fit a 24 GB host, '
+         'benchmarks/memory.md). '), '',
+      '| stage | what | wall s | peak RSS GB | exit | command |',
+      '|---|---|---:|---:|---:|---|']
+  for s in res['stages']:
+    lines.append(f'| {s["name"]} | {s["what"]} | {s["wall_s"]:.0f} | '
+                 f'{s["rss_gb"]:.1f} | {s["returncode"]} | '
+                 f'`{s["command"]}` |')
+  failed = [s for s in res['stages'] if s['returncode']]
+  for s in failed:
+    lines += ['', f'**{s["name"]} failed** (exit {s["returncode"]}): '
+              f'{s["tail"]}']
+  pl = res.get('pl_accuracy') or []
+  lines += ['', 'Teacher pseudo-label accuracy of the first DA-STC steps '
+            '(frame t, against the world\'s labels; monitoring only): ' +
+            (', '.join(f'step {k}: {100 * v:.1f}%' for k, v in pl) or
+             'not logged') + '.']
+  if res.get('results'):
+    lines += ['', 'Final evaluation of the train command (target val, full '
+              f'label size): {res["results"]}.']
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv: list[str]) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='viper', choices=SUPPORTED)
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--output', default='',
+                 help='the markdown report (and a .json beside it)')
+  p.add_argument('--smoke', action='store_true',
+                 help='small world, the :smoke model')
+  p.add_argument('--steps', type=int, default=2,
+                 help='train steps of the stand-in TPS run and of DA-STC')
+  p.add_argument('--no_raft', dest='raft', action='store_false',
+                 help='skip the RAFT flow stages (they need torchvision)')
+  p.add_argument('--float32', action='store_true',
+                 help='no model.remat (a host with the memory for it)')
+  a = p.parse_args(argv)
+  work = os.path.abspath(a.workdir)
+  if os.path.isdir(work):
+    shutil.rmtree(work)
+  os.makedirs(os.path.join(work, 'logs'))
+  t0 = time.perf_counter()
+  params = render(os.path.join(work, 'world'), a.smoke)
+  render_s = time.perf_counter() - t0
+  _prepare_inputs(a, work)
+  env = dict(os.environ)
+  done = []
+  for st in stages(a, work):
+    print(f'[rehearsal] {st.name}: {st.command()}', flush=True)
+    st.run(os.path.join(work, 'logs'), env)
+    print(f'[rehearsal] {st.name}: exit {st.returncode}, {st.wall_s:.0f} s, '
+          f'{st.rss_gb:.1f} GB', flush=True)
+    done.append(st)
+    if st.returncode:
+      break
+  results = ''
+  res_json = os.path.join(work, 'run', 'eval')
+  found = sorted(glob.glob(os.path.join(res_json, 'step_*', 'results.json')))
+  if found:
+    with open(found[-1]) as f:
+      r = json.load(f)
+    results = ', '.join(
+        f'{k} mIoU {v["miou"]:.1f} over {v["num_images"]} images'
+        for k, v in r.get('splits', {}).items()) or json.dumps(r)[:200]
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_REPO,
+                          capture_output=True, text=True).stdout.strip()
+  res = {
+      'config': f'configs/{a.config}.py' + (':smoke' if a.smoke else ''),
+      'command': 'python -m dastc_jax.benchmarks.rehearsal ' + ' '.join(argv),
+      'commit': commit, 'date': time.strftime('%Y-%m-%d'),
+      'cpus': os.cpu_count(), 'host_gb': host, 'float32': a.float32,
+      'sizes': SMOKE_SIZES if a.smoke else REAL_SIZES, 'world': params,
+      'render_s': render_s, 'results': results,
+      'pl_accuracy': (pl_accuracy(os.path.join(work, 'run'))
+                      if os.path.isdir(os.path.join(work, 'run')) else []),
+      'stages': [{'name': s.name, 'what': s.what, 'wall_s': s.wall_s,
+                  'rss_gb': s.rss_gb, 'returncode': s.returncode,
+                  'command': s.command(), 'tail': s.tail} for s in done],
+  }
+  text = report(res)
+  print(text)
+  if a.output:
+    with open(a.output, 'w') as f:
+      f.write(text)
+    with open(os.path.splitext(a.output)[0] + '.json', 'w') as f:
+      json.dump(res, f, indent=1)
+  if any(s.returncode for s in done):
+    raise SystemExit(1)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,46 @@
+"""The rehearsal (``benchmarks/rehearsal.py``) at its ``--smoke`` size: every
+documented command, from a rendered world in the real layouts through a
+stand-in TPS file in the released key layout to training, evaluation and
+prediction, exits 0 and leaves its outputs."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from dastc_jax.benchmarks import rehearsal
+
+
+@pytest.mark.integration
+def test_documented_commands_run_on_the_rehearsal_world(tmp_path,
+                                                        monkeypatch):
+  # The children share the suite's compilation cache and settings.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR',
+                     jax.config.jax_compilation_cache_dir)
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  monkeypatch.setenv('XLA_FLAGS', '')
+  work, out = tmp_path / 'r', tmp_path / 'rehearsal.md'
+  rehearsal.main(['--config=viper', '--smoke', '--no_raft',
+                  f'--workdir={work}', f'--output={out}'])
+  with open(tmp_path / 'rehearsal.json') as f:
+    res = json.load(f)
+  names = [s['name'] for s in res['stages']]
+  assert names == ['prepare_viper', 'prepare_cityscapes_seq',
+                   'tps_standin_train', 'tps_standin_export',
+                   'convert_tps_init', 'convert_tps_aspp', 'train', 'eval',
+                   'predict']
+  assert all(s['returncode'] == 0 and s['rss_gb'] > 0.1
+             for s in res['stages'])
+  # The stand-in converted with --head_from_tps has no initialised head.
+  with open(work / 'weights' / 'tps_init' / 'conversion.json') as f:
+    assert not json.load(f)['missing_initialised']
+  # The teacher labelled the first DA-STC step; the run evaluated at the
+  # full label size; the eval job and the prediction wrote their outputs.
+  assert res['pl_accuracy'] and 0.0 <= res['pl_accuracy'][0][1] <= 1.0
+  assert 'target_val mIoU' in res['results']
+  assert (work / 'eval' / 'eval' / 'summary.json').exists()
+  assert len(os.listdir(work / 'prediction' / 'labels')) == 3
+  text = out.read_text()
+  assert '| train |' in text and 'Teacher pseudo-label accuracy' in text
