@@ -349,7 +349,8 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.model.daformer_dilations = (1, 6, 12, 18)
   c.model.freeze_bn_affine = False  # the decoder's BatchNorms train
   # MiT-B5's 3, 6, 40 and 3 blocks as scans: the real-size DA-STC step
-  # compiles in minutes instead of not within 30 (benchmarks/memory.md).
+  # compiles in about 4 minutes on 2 CPU cores; unrolled it did not finish
+  # within 30 minutes (benchmarks/memory.md).
   c.model.scan_blocks = True
   # Video: batch 1 + 1 (per-example statistics); image: over the batch.
   c.model.bn_group_size = 0 if image else 1

@@ -238,8 +238,8 @@ def convert_state_dict(sd: dict[str, np.ndarray],
            'batch_stats': checkpointing.flat_keys(init_stats)}
   transplanted, made = [], set()
   if head_from_tps:
-    transplanted, made = _head_from_tps(sd, trees['params'], model_config, layout,
-                                  source)
+    transplanted, made = _head_from_tps(sd, trees['params'], model_config,
+                                        layout, source)
     notes.append(
         f"layer7 built from TPS's layer6 ({', '.join(transplanted[:2])}, "
         '...): its first num_classes features are layer6\'s logits and the '
@@ -278,8 +278,10 @@ def convert_state_dict(sd: dict[str, np.ndarray],
         'layer6.' in k for k in missing):
       hint.append("TPS/DA-VSN checkpoints have the 'layer6' head: use "
                   "--config.model.head=aspp to evaluate them, or "
-                  "--allow_missing=head/ --allow_unexpected='layer6\\.' to "
-                  "start DA-STC from their backbone (the reference does).")
+                  "--head_from_tps to start DA-STC from them (docs/"
+                  "weights.md; --allow_missing=head/ --allow_unexpected="
+                  "'layer6\\.' keeps only their backbone, as the released "
+                  "recipe does with a frozen TPS teacher).")
     if mismatched:
       hint.append('Mismatched shapes usually mean another class count '
                   '(model.num_classes) or depth (model.layers).')
@@ -333,15 +335,15 @@ def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
         f'{want[:4]}... ({n} ASPP branches, config.model.aspp_dilations).')
   c = model_config.num_classes
   f = model_config.head_features
+  if f < c:
+    raise ConversionError(f'--head_from_tps needs config.model.'
+                          f'head_features >= num_classes ({f} < {c}).')
   for i in range(n):
     w6, b6 = sd.pop(want[2 * i]), sd.pop(want[2 * i + 1])
     if w6.shape[0] != c:
       raise ConversionError(
-          f'{want[2 * i]} has {w6.shape[0]} output classes; '
+          f'{source}: {want[2 * i]} has {w6.shape[0]} output classes; '
           f'config.model.num_classes={c}.')
-    if f < c:
-      raise ConversionError(f'--head_from_tps needs config.model.'
-                            f'head_features >= num_classes ({f} < {c}).')
     kernel = np.asarray(init[f'head/aspp/branches/{i}/kernel'], np.float32)
     w7 = np.transpose(kernel, (3, 2, 0, 1)).copy()  # HWIO -> OIHW
     if w7.shape[1:] != w6.shape[1:]:

@@ -218,16 +218,18 @@ def test_auto_kernel_gradient_is_chosen_per_shape(monkeypatch):
   k3 = jnp.zeros((3, 3, 512, 512))
   small = jax.ShapeDtypeStruct((2, 16, 32, 512), jnp.float32)  # 128x256/8
   real = jax.ShapeDtypeStruct((2, 90, 160, 512), jnp.float32)  # 720x1280/8
-  assert jax.default_backend() == 'cpu'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert pick('auto', small, k3, 1) and not pick('auto', real, k3, 1)
   assert pick('im2col', real, k3, 1) and not pick('conv', small, k3, 1)
-  # Stride 2 counts the output grid: a 7x7/2 stem on 720x1280 RGB.
-  stem = jnp.zeros((7, 7, 3, 64))
-  x = jax.ShapeDtypeStruct((2, 720, 1280, 3), jnp.float32)
-  assert 2 * 360 * 640 * 49 * 3 * 4 > layers.AUTO_IM2COL_MAX_BYTES
-  assert not pick('auto', x, stem, 2)
+  # Stride 2 counts the output grid: 75.5 MB of patches at stride 1,
+  # 18.9 MB at stride 2.
+  k = jnp.zeros((3, 3, 64, 64))
+  x = jax.ShapeDtypeStruct((1, 128, 256, 64), jnp.float32)
+  assert not pick('auto', x, k, 1) and pick('auto', x, k, 2)
   monkeypatch.setattr(layers, 'AUTO_IM2COL_MAX_BYTES', 2**40)
   assert pick('auto', real, k3, 1)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not pick('auto', small, k3, 1)
 
 
 def test_resnet_remat_gives_the_same_loss_gradients_and_statistics():

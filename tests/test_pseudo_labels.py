@@ -84,6 +84,9 @@ def test_blur_follows_the_input_width():
   # Never wider than the reflect padding of a small clip allows.
   assert augment.blur_params(_aug_cfg(blur_kernel=0), 8, 1024)[2] == 15
   assert augment.blur_params(_aug_cfg(blur_kernel=9), 512, 1024)[2] == 9
+  # A 512x512 crop of a 512x1024 frame keeps the frame's scale.
+  assert augment.blur_params(cfg, 512, 512, image_width=1024) == (5.0, 9.0,
+                                                                   55)
   x = np.random.default_rng(0).uniform(0, 1, (1, 40, 48, 3)).astype('f')
   got = np.asarray(augment._gaussian_blur(  # pylint: disable=protected-access
       jnp.asarray(x), jnp.float32(2.0), 13))

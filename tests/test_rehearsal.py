@@ -38,7 +38,8 @@ def test_documented_commands_run_on_the_rehearsal_world(tmp_path,
     assert not json.load(f)['missing_initialised']
   # The teacher labelled the first DA-STC step; the run evaluated at the
   # full label size; the eval job and the prediction wrote their outputs.
-  assert res['pl_accuracy'] and 0.0 <= res['pl_accuracy'][0][1] <= 1.0
+  # (better than chance over the 15 classes: a trained head, however briefly)
+  assert res['pl_accuracy'] and res['pl_accuracy'][0][1] > 1.5 / 15
   assert 'target_val mIoU' in res['results']
   assert (work / 'eval' / 'eval' / 'summary.json').exists()
   assert len(os.listdir(work / 'prediction' / 'labels')) == 3

@@ -24,7 +24,9 @@ def test_appends_defaults_once_and_keeps_user_flags():
 def test_the_fusion_flag_is_chosen_by_the_training_frame_size():
   """Only runs whose largest training frame is at most 256x512 get the
   flag: it doubles the step's temporaries at the real sizes."""
-  from configs import gta5, synthetic, viper  # pylint: disable=g-import-not-at-top
+  from configs import gta5  # pylint: disable=g-import-not-at-top
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from configs import viper  # pylint: disable=g-import-not-at-top
   assert xla_cpu.train_pixels(viper.get_config()) == 720 * 1280
   assert xla_cpu.train_pixels(gta5.get_config()) == 512 * 512
   assert xla_cpu.train_pixels(synthetic.get_config()) == 72 * 128

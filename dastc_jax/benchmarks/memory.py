@@ -51,6 +51,10 @@ VARIANTS = {
     'unrolled_remat': {'model.scan_blocks': False, 'model.remat': True},
     'scan': {'model.scan_blocks': True},
     'scan_remat': {'model.scan_blocks': True, 'model.remat': True},
+    # The CPU speed choices as taken at 128x256 (im2col kernel gradients
+    # everywhere and the YNNPACK elementwise fusion), at the real size.
+    'im2col_eltwise': {'model.conv_kernel_grad': 'im2col', '_eltwise': True},
+    'eltwise': {'_eltwise': True},
 }
 GB = 1e9
 
@@ -61,6 +65,8 @@ def _config(name: str, variant: str):
   module, _, arg = name.partition(':')
   c = importlib.import_module(f'configs.{module}').get_config(arg or None)
   for key, value in VARIANTS[variant].items():
+    if key.startswith('_'):
+      continue  # a process setting (_CHILD)
     section, leaf = key.split('.')
     c[section][leaf] = value
   c.mesh.data = 1
@@ -182,7 +188,9 @@ from dastc_jax.runtime import host_malloc
 host_malloc.configure()
 from dastc_jax.benchmarks import memory
 from dastc_jax.runtime import xla_cpu
-xla_cpu.set_defaults(pixels=xla_cpu.train_pixels(memory._config({name!r}, {variant!r})))
+force = memory.VARIANTS[{variant!r}].get('_eltwise', False)
+pixels = xla_cpu.train_pixels(memory._config({name!r}, {variant!r}))
+xla_cpu.set_defaults(pixels=0 if force else pixels)
 print('RESULT', json.dumps(memory.measure({name!r}, {variant!r}, {steps})))
 '''
 

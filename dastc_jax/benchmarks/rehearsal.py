@@ -8,7 +8,8 @@
 Every stage runs the command the docs give (README, docs/weights.md,
 docs/optical_flow.md, docs/evaluation.md) in its own process, on a world
 rendered at the real datasets' resolutions and layouts, and is timed with
-its peak resident memory (``os.wait4``):
+the peak resident memory of that process (``os.wait4``; a stage's worker
+processes, if any, are not added to it):
 
 1. **render**: the synthetic world at VIPER's 1080x1920 (JPEG frames, raw
    class PNGs) and Cityscapes-Seq's 1024x2048 (``leftImg8bit_sequence``
@@ -24,9 +25,10 @@ its peak resident memory (``os.wait4``):
 5. **convert** it as docs/weights.md says (``--head_from_tps``, and the
    ``model.head=aspp`` copy for evaluation);
 6. **train**: the documented command with ``train.init_from``, for a few
-   steps (the rehearsal's data folder and step count added; on a host
-   without the memory of the float32 step, ``model.remat=True``, said in
-   the report), which ends with an evaluation at the full label size;
+   steps (the rehearsal's data folder and step count added; unless
+   ``--float32``, ``model.scan_blocks=True`` and ``model.remat=True``, which
+   the float32 step of the CNN needs to fit a 24 GB host; said in the
+   report), which ends with an evaluation at the full label size;
 7. **eval** (``--mode=eval``) of the run's checkpoints, and **predict** on a
    full-resolution clip.
 
@@ -84,7 +86,7 @@ class Stage:
     return self
 
   def command(self) -> str:
-    shown = [a for a in self.argv]
+    shown = list(self.argv)
     if shown[:2] == [sys.executable, '-m']:
       shown = ['python', '-m'] + shown[2:]
     elif shown[:1] == [sys.executable]:
@@ -119,7 +121,6 @@ def _write_raft_standin(path: str) -> None:
 def _export_tps(run_dir: str, config_arg: str, out: str) -> None:
   """The stand-in TPS run's last checkpoint as a released-layout file."""
   import torch  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   from dastc_jax import convert  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -164,7 +165,8 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
   data = [f'--config.data.data_dir={tfds}']
   if a.smoke:  # the :smoke model reads the built-in world otherwise
     data.append('--config.data.synthetic.enabled=False')
-  fit = [] if a.float32 else ['--config.model.remat=True']
+  fit = [] if a.float32 else ['--config.model.scan_blocks=True',
+                              '--config.model.remat=True']
   steps = [f'--config.train.num_steps={a.steps}', '--config.train.log_every=1',
            f'--config.train.checkpoint_every={a.steps}',
            '--config.eval.num_overlays=1']
@@ -269,9 +271,11 @@ def report(res: dict[str, Any]) -> str:
       'of each snippet; the real snippets have 30 frames, of which the '
       f'loaders read these). Rendering took {res["render_s"]:.0f} s. '
       + ('' if res['float32'] else
-         'Every model command adds `--config.model.remat=True` (at the real '
-         'size the float32 step does not fit a 24 GB host, '
-         'benchmarks/memory.md). '), '',
+         'Every model command adds `--config.model.scan_blocks=True '
+         '--config.model.remat=True`: at the real size the float32 CNN step '
+         f'does not fit this {res["host_gb"]:.0f} GB host '
+         '(benchmarks/memory.md). '), '',
+      'Peak RSS: the largest resident size of the stage\'s process.', '',
       '| stage | what | wall s | peak RSS GB | exit | command |',
       '|---|---|---:|---:|---:|---|']
   for s in res['stages']:
@@ -327,8 +331,9 @@ def main(argv: list[str]) -> None:
     if st.returncode:
       break
   results = ''
-  res_json = os.path.join(work, 'run', 'eval')
-  found = sorted(glob.glob(os.path.join(res_json, 'step_*', 'results.json')))
+  found = sorted(glob.glob(os.path.join(work, 'run', 'eval', 'step_*',
+                                        'results.json')),
+                 key=lambda f: int(f.split('step_')[-1].split(os.sep)[0]))
   if found:
     with open(found[-1]) as f:
       r = json.load(f)
@@ -337,7 +342,9 @@ def main(argv: list[str]) -> None:
         for k, v in r.get('splits', {}).items()) or json.dumps(r)[:200]
   host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_REPO,
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True,
+                          check=False).stdout.strip() or 'unknown'
+
   res = {
       'config': f'configs/{a.config}.py' + (':smoke' if a.smoke else ''),
       'command': 'python -m dastc_jax.benchmarks.rehearsal ' + ' '.join(argv),

@@ -452,8 +452,11 @@ def make_dastc_step(config: ml_collections.ConfigDict,
         adapt_start, k_flip, k_teacher, src_labels=y_src)
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
+    # The blur follows the resized frame's width, not the crop's.
+    resized = config.data.target.image_size
     x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],
-                                  d.strong_aug, dtype)
+                                  d.strong_aug, dtype,
+                                  image_width=resized[1] if resized else None)
     if d.image_fusion:
       masks, swap, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
           (k_paste, k_swap), config, state, src, tgt_flow, x_src, x_st,

@@ -172,7 +172,7 @@ class Conv(nnx.Module):
 # patches are kh*kw times the input: at 128x256 im2col is the faster choice
 # on CPU (benchmarks/step.md), but at the real configs' sizes (a ResNet-101
 # layer4 map of 90x160 has 265 MB of patches, an ASPP branch 1 GB) it
-# multiplies the step's temporaries (issue figures in benchmarks/memory.md).
+# multiplies the step's temporaries (benchmarks/memory.md).
 KERNEL_GRADS = ('auto', 'conv', 'im2col')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 

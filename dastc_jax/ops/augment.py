@@ -12,7 +12,8 @@ order) -> random grayscale (p_gray).
 
 The blur follows the input resolution: ``blur_sigma`` is given in pixels of
 an image ``blur_reference_width`` wide and is scaled by ``W /
-blur_reference_width`` for clips ``W`` wide (:func:`blur_params`).
+blur_reference_width`` for frames resized to ``W`` wide (:func:`blur_params`;
+a random crop of such a frame keeps the frame's scale).
 """
 
 from __future__ import annotations
@@ -89,33 +90,37 @@ def _jitter(x, key, cfg):
   return x
 
 
-def blur_params(cfg: ml_collections.ConfigDict, height: int, width: int
-                ) -> tuple[float, float, int]:
+def blur_params(cfg: ml_collections.ConfigDict, height: int, width: int,
+                image_width: int | None = None) -> tuple[float, float, int]:
   """``(sigma_low, sigma_high, taps)`` of the blur for ``height x width``
-  clips: ``blur_sigma`` scaled by ``width / blur_reference_width``; the
+  clips cut from frames ``image_width`` wide (default ``width``):
+  ``blur_sigma`` scaled by ``image_width / blur_reference_width``; the
   kernel is ``blur_kernel`` taps, or with ``blur_kernel=0`` the
   ``2 * ceil(3 * sigma_high) + 1`` taps that hold the Gaussian to 3 sigma,
   never wider than the reflect padding allows (``2 * min(H, W) - 1``)."""
-  scale = width / cfg.blur_reference_width
+  scale = (image_width or width) / cfg.blur_reference_width
   lo, hi = cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale
   taps = cfg.blur_kernel or 2 * math.ceil(3 * hi) + 1
   return lo, hi, min(taps, 2 * min(height, width) - 1)
 
 
 def augment_clip(key: jax.Array, clip: jax.Array,
-                 cfg: ml_collections.ConfigDict) -> jax.Array:
+                 cfg: ml_collections.ConfigDict,
+                 image_width: int | None = None) -> jax.Array:
   """Augments one clip with one set of parameters.
 
   Args:
     key: PRNG key.
     clip: ``[T, H, W, 3]`` float RGB in [0, 1].
     cfg: ``dastc.strong_aug`` config.
+    image_width: width of the resized frame the clip was cut from (the blur
+      scale; default the clip's).
 
   Returns:
     ``[T, H, W, 3]`` in [0, 1].
   """
   k_blur, k_sigma, k_jit, k_jp, k_gray = jax.random.split(key, 5)
-  lo, hi, taps = blur_params(cfg, clip.shape[1], clip.shape[2])
+  lo, hi, taps = blur_params(cfg, clip.shape[1], clip.shape[2], image_width)
   sigma = jax.random.uniform(k_sigma, (), minval=lo, maxval=hi)
   x = jnp.where(jax.random.uniform(k_blur) < cfg.p_blur,
                 _gaussian_blur(clip, sigma, taps), clip)
@@ -126,8 +131,8 @@ def augment_clip(key: jax.Array, clip: jax.Array,
 
 
 def strong_augment(key: jax.Array, frames: jax.Array,
-                   cfg: ml_collections.ConfigDict, dtype=jnp.float32
-                   ) -> jax.Array:
+                   cfg: ml_collections.ConfigDict, dtype=jnp.float32,
+                   image_width: int | None = None) -> jax.Array:
   """Augments a batch of clips and returns normalised network inputs.
 
   Args:
@@ -135,6 +140,8 @@ def strong_augment(key: jax.Array, frames: jax.Array,
     frames: ``[B, T, H, W, 3]`` uint8 RGB.
     cfg: ``dastc.strong_aug`` config (``enabled`` False: normalise only).
     dtype: output dtype.
+    image_width: width of the resized frames the clips were cut from (the
+      blur scale; default the clips' own).
 
   Returns:
     ``[B, T, H, W, 3]`` normalised BGR (Caffe mean subtracted), or with
@@ -149,7 +156,7 @@ def strong_augment(key: jax.Array, frames: jax.Array,
     x = frames.astype(jnp.float32) / 255.0
   if cfg.enabled:
     keys = jax.random.split(key, frames.shape[0])
-    x = jax.vmap(augment_clip, in_axes=(0, 0, None))(keys, x, cfg)
+    x = jax.vmap(lambda k, c: augment_clip(k, c, cfg, image_width))(keys, x)
   if cfg.wrap_normalized_bug:
     return x.astype(dtype)
   return image_ops.normalize(x * 255.0, dtype)

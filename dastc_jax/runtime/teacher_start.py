@@ -51,18 +51,35 @@ def initialised_head(weights: str) -> str | None:
   return None
 
 
-def _labeller(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(config key, weights) of the model that labels the first step."""
+def _labeller(config: ml_collections.ConfigDict) -> tuple[str, str, bool]:
+  """(config key, weights, frozen) of the model that labels the first
+  adaptation step: a separately trained frozen teacher, or the student's
+  start."""
   d = config.dastc
   if d.teacher == 'reference' and d.frozen_teacher.weights:
-    return 'config.dastc.frozen_teacher.weights', d.frozen_teacher.weights
-  return 'config.train.init_from', config.train.init_from
+    return ('config.dastc.frozen_teacher.weights', d.frozen_teacher.weights,
+            True)
+  return 'config.train.init_from', config.train.init_from, False
 
 
-_FIXES = ('set config.train.source_only_steps (a head warm-up on source '
-          'labels, e.g. 1000), start from trained weights (a TPS file '
-          'converted with --head_from_tps, docs/weights.md), or set '
-          'config.dastc.allow_untrained_teacher=True to run it anyway')
+def _fixes(config: ml_collections.ConfigDict, frozen: bool) -> str:
+  """What the user can set, for this teacher."""
+  if frozen:
+    return ('set config.dastc.frozen_teacher.weights to a trained model (the '
+            "TPS file converted with --config.model.head=aspp, "
+            'docs/weights.md), or config.dastc.allow_untrained_teacher=True '
+            'to run it anyway')
+  fixes = ['set config.train.source_only_steps (a head warm-up on source '
+           'labels, e.g. 1000)',
+           'start from trained weights (config.train.init_from; a TPS file '
+           'converted with --head_from_tps, docs/weights.md)']
+  if config.dastc.teacher == 'reference':
+    fixes.append('give the frozen teacher its own trained weights '
+                 '(config.dastc.frozen_teacher.weights, as the released '
+                 'scripts do)')
+  fixes.append('or set config.dastc.allow_untrained_teacher=True to run it '
+               'anyway')
+  return ', '.join(fixes)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -70,18 +87,18 @@ def check(config: ml_collections.ConfigDict) -> None:
   labelled by an initialised head (see the module docstring)."""
   if config.method != 'dastc' or config.dastc.allow_untrained_teacher:
     return
-  key, weights = _labeller(config)
-  if config.train.source_only_steps > 0 and key == 'config.train.init_from':
+  key, weights, frozen = _labeller(config)
+  if config.train.source_only_steps > 0 and not frozen:
     return  # the student's head is trained on source labels first
   if not weights:
     raise errors.ConfigError(
         'DA-STC would start from an initialised model (config.train.init_from'
         "='' and config.train.source_only_steps=0), so the teacher's first "
-        f'pseudo-labels would be noise; {_FIXES}.')
+        f'pseudo-labels would be noise; {_fixes(config, frozen)}.')
   report = initialised_head(weights)
   if report:
     raise errors.ConfigError(
         f'{key}={weights} has an initialised classifier head ({report} lists '
         f"{HEAD_PREFIX}... as initialised), and config.dastc.teacher="
         f"{config.dastc.teacher!r} would label the target with it from the "
-        f'first adaptation step; {_FIXES}.')
+        f'first adaptation step; {_fixes(config, frozen)}.')

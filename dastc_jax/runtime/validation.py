@@ -116,7 +116,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'dastc.alignment.margin': (0, None),
     'dastc.alignment.min_pixels': (1, None),
     'dastc.strong_aug.blur_reference_width': (1, None),
-    'dastc.strong_aug.blur_kernel': (0, None),
+    'dastc.strong_aug.blur_kernel': (0, None),  # odd, or 0 (derived)
     'dastc.alignment.temporal_temperature': (0, None),
 }
 OPEN_AT_ZERO = ('optim.lr', 'dastc.alignment.temperature',
@@ -207,15 +207,7 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
   phase of the 'reference' teacher, of the student's clip length."""
   f = config.dastc.frozen_teacher
   if not f.weights:  # model_name/head describe a model that is not used
-    if (config.dastc.teacher == 'reference' and config.train.init_from and
-        config.train.source_only_steps == 0):
-      logging.warning(
-          "The 'reference' teacher's frozen phase uses this run's initial "
-          'weights (config.train.init_from); if their head was initialised '
-          'rather than trained (a TPS file converted with --allow_missing), '
-          'set config.dastc.frozen_teacher.weights to the TPS model, as the '
-          'released scripts do.')
-    return
+    return  # (an untrained start is refused by runtime/teacher_start.py)
   if config.dastc.teacher != 'reference':
     raise errors.ConfigError(
         'config.dastc.frozen_teacher.weights is set but config.dastc.teacher='
@@ -236,6 +228,14 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
         f'config.dastc.frozen_teacher.model_name={name!r} takes clips of '
         'another length than the student '
         f'(config.model.name={config.model.name!r}).')
+
+
+def _check_blur(config: ml_collections.ConfigDict) -> None:
+  k = config.dastc.strong_aug.blur_kernel
+  if k and k % 2 == 0:
+    raise errors.ConfigError(
+        f'config.dastc.strong_aug.blur_kernel={k}; expected an odd number of '
+        'taps, or 0 (2 * ceil(3 * sigma) + 1).')
 
 
 def _check_perturbation(config: ml_collections.ConfigDict) -> None:
@@ -300,6 +300,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
         "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
   _check_frozen_teacher(config)
+  _check_blur(config)
   _check_perturbation(config)
   d = config.dastc
   if d.feature_fusion and not d.image_fusion:

@@ -60,9 +60,11 @@ def set_defaults(environ: dict[str, str] | None = None,
 
   Args:
     environ: the environment to edit (default ``os.environ``).
-    pixels: the largest training frame's pixel count (:func:`train_pixels`);
-      above :data:`ELTWISE_MAX_PIXELS`, or None (unknown), nothing is
-      appended. 0: no training frame (commands other than training).
+    pixels: the largest training frame's pixel count of the config
+      (:func:`train_pixels`; ``main.py`` uses it for every mode, since
+      evaluation and prediction run frames of the same sizes); above
+      :data:`ELTWISE_MAX_PIXELS`, or None (unknown), nothing is appended.
+      0: small, or no config (the flow command, benchmarks).
 
   Returns:
     The resulting ``XLA_FLAGS`` value.
