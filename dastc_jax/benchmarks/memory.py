@@ -22,8 +22,8 @@ batch of the config's sizes, and records:
   peak resident memory.
 
 Variants (``VARIANTS``): ``float32`` (the config as it is), ``bfloat16``
-(``model.dtype``), ``remat`` (``model.remat``: each encoder block and the
-transformer's decode head recomputed in the backward pass),
+(``model.dtype``), ``remat`` (``model.remat``: each encoder block
+recomputed in the backward pass),
 ``remat_bfloat16``, and ``unrolled``/``scan`` (``model.scan_blocks``, alone
 or with ``_remat``). On an accelerator the same command gives the device's
 figures.

@@ -13,8 +13,6 @@ weights.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,14 +23,6 @@ from dastc_jax.models import daformer
 from dastc_jax.models import layers
 from dastc_jax.models import mit
 from dastc_jax.models import video
-
-
-@functools.partial(nnx.remat, static_argnums=(2,))
-def _remat_head(head: daformer.DAFormerHead, feats: list[jax.Array],
-                train: bool, dropout_key: jax.Array | None):
-  """The decode head, recomputed in the backward pass (``model.remat``):
-  its 1/4-resolution maps are the largest activations of the step."""
-  return head(feats, train=train, dropout_key=dropout_key)
 
 
 class AccelDAFormer(video.FlowFusionModel):
@@ -58,7 +48,6 @@ class AccelDAFormer(video.FlowFusionModel):
         spec.dims, c, embed=config.head_features,
         dilations=tuple(config.daformer_dilations), dropout=config.dropout,
         bn_group_size=config.bn_group_size, dtype=dtype, rngs=rngs)
-    self.remat = config.remat
     self.clip_length = 1 if config.name == 'daformer' else 2
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
@@ -66,10 +55,7 @@ class AccelDAFormer(video.FlowFusionModel):
   def heads(self, feats: dict[str, jax.Array], *, train: bool,
             dropout_key: jax.Array | None) -> dict[str, jax.Array]:
     """DAFormer head on c1..c4 (float32 scores at stride 4)."""
-    maps = [feats[s] for s in mit.MiT.STAGES]
-    if self.remat:
-      logits, feat = _remat_head(self.head, maps, train, dropout_key)
-    else:
-      logits, feat = self.head(maps, train=train, dropout_key=dropout_key)
+    logits, feat = self.head([feats[s] for s in mit.MiT.STAGES], train=train,
+                             dropout_key=dropout_key)
     logits = logits.astype(jnp.float32)
     return {'logits': logits, 'aux': logits, 'feat': feat}
