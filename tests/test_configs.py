@@ -74,6 +74,7 @@ def test_strong_clip_differs_from_the_clean_clip(name, variant):
     pytest.skip('no consistency loss')
   d = c.data.target
   h, w = d.crop_size or d.image_size or (64, 128)
+  h = min(h, 64)  # a band of rows: the blur's scale follows the width
   width = d.image_size[1] if d.image_size else None
   t = models.clip_length(c.model)
   n = 8

@@ -257,7 +257,10 @@ def report(results: list[dict[str, Any]], command: str) -> str:
       '(batch) | device | lower s | compile s | HLO lines | args GB | '
       'temps GB | peak GB | step s | RSS GB | commit |',
       '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+  notes = []
   for r in results:
+    if r.get('note'):
+      notes.append(f'- {r["config"]} {r["variant"]}: {r["note"]}.')
     if 'compile_s' not in r:
       lines.append(f'| {r["config"]} | {r["variant"]} | {r["error"]} |'
                    + ' |' * 11)
@@ -278,6 +281,8 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         f'{r["hlo_lines"]:,} | {r["argument_gb"]:.2f} | {r["temp_gb"]:.1f} | '
         f'{r["peak_gb"]:.1f} | {step} | {r["peak_rss_gb"]:.1f} | '
         f'{r.get("commit", "")} |')
+  if notes:
+    lines += ['', 'Rows of code that has changed since:', ''] + notes
   return '\n'.join(lines) + '\n'
 
 
