@@ -268,7 +268,8 @@ def report(results: list[dict[str, Any]], command: str) -> str:
     model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
              else f'R{3 * sum(r["layers"]) + 2}')
     s = r['sizes']
-    step = (r['error'] if 'error' in r else '' if 'step_s' not in r else
+    step = ('failed: ' + r['error'].split(' | ')[-1][-120:] if 'error' in r
+            else '' if 'step_s' not in r else
             ', '.join(f'{t:.0f}' for t in r['step_s']))
     how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
            f'{"remat" if r.get("remat") else "no remat"}, '

@@ -13,7 +13,7 @@ produced them, which removes the duplication: the ResNet-101 train step at
 with the default to 1e-6 relative (float summation order only).
 
 The same fusions keep more buffers alive at once: at the real configs'
-sizes the flag multiplies the DA-STC step's temporaries by 1.8 to 2
+sizes the flag multiplies the DA-STC step's temporaries by 2.4
 (benchmarks/memory.md). So it is chosen per shape: a run whose largest
 training frame has more than :data:`ELTWISE_MAX_PIXELS` pixels (the real
 configs: 512x1024 and up) does not get it (:func:`train_pixels`).
