@@ -96,7 +96,6 @@ class Stage:
 
 def render(root: str, smoke: bool) -> dict[str, Any]:
   """The world's dataset layouts and exact flows (no TFDS preparation)."""
-  sys.path.insert(0, _REPO)
   from dastc_jax.data.synthetic import world  # pylint: disable=g-import-not-at-top
   src, tgt = SMOKE_SIZES if smoke else REAL_SIZES
   params = {'seed': 0, 'source_size': list(src), 'target_size': list(tgt),
