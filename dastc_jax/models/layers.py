@@ -154,10 +154,12 @@ class Conv(nnx.Module):
     else:
       kernel, pads = _crop_to_reachable_taps(kernel, x.shape[1:3],
                                              self.dilation)
-      if _im2col_kernel_grad(self.kernel_grad, x, kernel, self.stride):
-        y = conv_im2col_wgrad(x, kernel, self.stride, self.dilation, pads)
-      else:
+      grad = _kernel_grad_mode(self.kernel_grad, x, kernel, self.stride)
+      if grad is None:
         y = _conv(x, kernel, self.stride, self.dilation, pads)
+      else:
+        y = conv_explicit_grads(x, kernel, self.stride, self.dilation, pads,
+                                grad)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -168,12 +170,14 @@ class Conv(nnx.Module):
 # shifted inputs (XLA:CPU's kernel-gradient convolution is well below its
 # matmul speed; the whole-step effect is measured in benchmarks/step.md);
 # 'auto' = 'im2col' on CPU where the stacked patches of the call take at
-# most AUTO_IM2COL_MAX_BYTES, 'conv' otherwise and on other backends. The
-# patches are kh*kw times the input: at 128x256 im2col is the faster choice
-# on CPU (benchmarks/step.md), but at the real configs' sizes (a ResNet-101
-# layer4 map of 90x160 has 265 MB of patches, an ASPP branch 1 GB) it
-# multiplies the step's temporaries (benchmarks/memory.md).
-KERNEL_GRADS = ('auto', 'conv', 'im2col')
+# most AUTO_IM2COL_MAX_BYTES, 'conv' otherwise. The patches are kh*kw times
+# the input: at 128x256 im2col is the faster choice on CPU
+# (benchmarks/step.md), but at the real configs' sizes (a ResNet-101 layer4
+# map of 90x160 has 265 MB of patches, an ASPP branch 1 GB) it multiplies
+# the step's temporaries (benchmarks/memory.md). On CPU both write the input
+# gradient out explicitly (``conv_explicit_grads``); 'auto' on other
+# backends leaves the whole backward pass to XLA.
+KERNEL_GRADS = ('auto', 'conv', 'im2col', 'taps')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
@@ -224,17 +228,18 @@ def check_kernel_grad(name: str) -> None:
                      f'expected one of {KERNEL_GRADS}.')
 
 
-def _im2col_kernel_grad(name: str, x: jax.Array, kernel: jax.Array,
-                        stride: int) -> bool:
-  """Whether the kernel gradient of this call is an im2col matmul."""
+def _kernel_grad_mode(name: str, x: jax.Array, kernel: jax.Array,
+                      stride: int) -> str | None:
+  """'im2col' or 'conv' for :func:`conv_explicit_grads`, or None for XLA's
+  own backward pass ('auto' off CPU)."""
   if name != 'auto':
-    return name == 'im2col'
+    return name
   if jax.default_backend() != 'cpu':
-    return False
+    return None
   kh, kw, cin, _ = kernel.shape
   b, h, w = x.shape[0], -(-x.shape[1] // stride), -(-x.shape[2] // stride)
   patches = b * h * w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
-  return patches <= AUTO_IM2COL_MAX_BYTES
+  return 'im2col' if patches <= AUTO_IM2COL_MAX_BYTES else 'taps'
 
 
 def _conv(x, kernel, stride, dilation, pads):
@@ -244,36 +249,46 @@ def _conv(x, kernel, stride, dilation, pads):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_im2col_wgrad(x: jax.Array, kernel: jax.Array, stride: int,
-                      dilation: int, pads) -> jax.Array:
-  """Convolution whose kernel gradient is one im2col matmul.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_explicit_grads(x: jax.Array, kernel: jax.Array, stride: int,
+                        dilation: int, pads, kernel_grad: str) -> jax.Array:
+  """Convolution whose backward pass is written out.
 
-  The forward pass and the input gradient are XLA's convolutions; the
-  kernel gradient ``sum_p patch(x)[p] (x) dy[p]`` is a single
-  ``[Cout, P] x [P, kh*kw*Cin]`` matmul over the stacked shifted (and
-  strided) inputs, accumulated in float32 and transposed to HWIO. ``pads`` is
-  ``((top, bottom), (left, right))``.
+  The forward pass is XLA's convolution. The input gradient is a
+  convolution of ``dy`` with the flipped kernel in HWIO order
+  (:func:`_conv_input_grad`). The kernel gradient is XLA's backward
+  convolution (``kernel_grad='conv'``) or one ``[Cout, P] x [P, kh*kw*Cin]``
+  matmul over the stacked shifted (and strided) inputs, accumulated in
+  float32 (``'im2col'``). ``pads`` is ``((top, bottom), (left, right))``.
   """
   return _conv(x, kernel, stride, dilation, pads)
 
 
-def _im2col_fwd(x, kernel, stride, dilation, pads):
+def _explicit_fwd(x, kernel, stride, dilation, pads, kernel_grad):
+  del kernel_grad
   return _conv(x, kernel, stride, dilation, pads), (x, kernel)
 
 
-def _im2col_bwd(stride, dilation, pads, res, dy):
+def _explicit_bwd(stride, dilation, pads, kernel_grad, res, dy):
   x, kernel = res
   # dy: [B, h, w, Cout]
-  dx = jax.vjp(lambda a: _conv(a, kernel, stride, dilation, pads),
-               x)[1](dy)[0]
+  dx = _conv_input_grad(dy, kernel, x.shape[1:3], stride, dilation, pads)
+  if kernel_grad == 'conv':
+    dk = jax.vjp(lambda k: _conv(x, k, stride, dilation, pads),
+                 kernel)[1](dy)[0]
+    return dx, dk
   kh, kw, cin, cout = kernel.shape
   h, w = dy.shape[1:3]
   s, d = stride, dilation
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  cols = jnp.stack([xp[:, i * d:i * d + (h - 1) * s + 1:s,
-                       j * d:j * d + (w - 1) * s + 1:s]
-                    for i in range(kh) for j in range(kw)], axis=3)
+  taps = [xp[:, i * d:i * d + (h - 1) * s + 1:s, j * d:j * d + (w - 1) * s + 1:s]
+          for i in range(kh) for j in range(kw)]  # each [B, h, w, Cin]
+  if kernel_grad == 'taps':
+    dk = jnp.stack([jnp.einsum('bhwc,bhwo->co', t, dy,
+                               preferred_element_type=jnp.float32)
+                    for t in taps])  # [kh*kw, Cin, Cout]
+    return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+  cols = jnp.stack(taps, axis=3)
   # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
   # the patches are read in their own layout, without a transpose.
   dk = jnp.transpose(jnp.einsum('bhwo,bhwkc->okc', dy, cols,
@@ -282,7 +297,34 @@ def _im2col_bwd(stride, dilation, pads, res, dy):
   return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
 
 
-conv_im2col_wgrad.defvjp(_im2col_fwd, _im2col_bwd)
+conv_explicit_grads.defvjp(_explicit_fwd, _explicit_bwd)
+
+
+def _conv_input_grad(dy: jax.Array, kernel: jax.Array, hw: tuple[int, int],
+                     stride: int, dilation: int, pads) -> jax.Array:
+  """The gradient of :func:`_conv` with respect to its input.
+
+  A convolution of ``dy`` (dilated by the stride) with the spatially
+  flipped kernel, its in/out axes swapped to HWIO. The flipped kernel goes
+  through an optimisation barrier: otherwise XLA folds the flip and the
+  axis swap into the convolution's dimension labels ('01oi'), and XLA:CPU
+  runs a convolution with such a kernel as a generic loop instead of its
+  Eigen kernel. Inside a scanned or rematerialised block that happened to
+  every 3x3 input gradient, and made the 512x1024 source-only step more than
+  ten times slower (docs/performance.md).
+  """
+  kh, kw = kernel.shape[:2]
+  k = jax.lax.optimization_barrier(
+      jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))  # [kh, kw, Cout, Cin]
+  new_pads = []
+  for n, m, ks, (lo, _) in zip(hw, dy.shape[1:3], (kh, kw), pads):
+    span = dilation * (ks - 1) + 1
+    before = span - 1 - lo
+    new_pads.append((before, n + span - 2 - (m - 1) * stride - before))
+  return jax.lax.conv_general_dilated(
+      dy, k, window_strides=(1, 1), padding=new_pads,
+      lhs_dilation=(stride, stride), rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def _crop_to_reachable_taps(kernel: jax.Array, hw: tuple[int, int],
