@@ -45,3 +45,32 @@ def test_documented_commands_run_on_the_rehearsal_world(tmp_path,
   assert len(os.listdir(work / 'prediction' / 'labels')) == 3
   text = out.read_text()
   assert '| train |' in text and 'Teacher pseudo-label accuracy' in text
+
+
+def test_synthia_seq_world_is_prepared_by_the_synthia_builder(tmp_path):
+  """The rehearsal's SYNTHIA-Seq render: 16-bit RGB labels with the class id
+  in channel 0 and flows under the reference name, read back by the
+  SYNTHIA-Seq builder into SYNTHIA12 train ids; the stages prepare that
+  folder with the documented command."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import io  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import labels  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data.datasets import prepare  # pylint: disable=g-import-not-at-top
+  params = rehearsal.render(str(tmp_path / 'world'), True, 'synthia_seq')
+  seq = tmp_path / 'world' / 'SynthiaSeq' / 'SEQS-04-DAWN'
+  raw = io.read_label16_channel0(str(seq / 'label' / '000002.png'))
+  assert raw.dtype == np.uint16 and raw.shape == tuple(
+      params['synthia_seq_size'])
+  train_ids = set(np.unique(labels.SYNTHIA_TO_TRAIN[raw])) - {255}
+  assert {0, 2, 8} <= train_ids  # road, building, sky
+  prepare.prepare('synthia_seq', str(seq), str(tmp_path / 'tfds'),
+                  check_counts=False)
+  ds = tfds.builder('dastc_synthia_seq', data_dir=str(tmp_path / 'tfds'))
+  assert ds.info.splits['train'].num_examples == 4  # t = 1..4 with t-1
+  a = argparse.Namespace(config='synthia_seq', smoke=True, float32=False,
+                         steps=2, raft=False)
+  first = rehearsal.stages(a, str(tmp_path))[0]
+  assert first.name == 'prepare_synthia_seq'
+  assert f'--manual_dir={tmp_path}/world/SynthiaSeq/SEQS-04-DAWN' in first.argv

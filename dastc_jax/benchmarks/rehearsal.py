@@ -35,8 +35,10 @@ processes, if any, are not added to it):
 It also reads the teacher's pseudo-label accuracy (``pl_accuracy``, against
 the world's labels, never used by a loss) of the first training steps from
 the run's TensorBoard scalars: an untrained teacher would show as chance.
-Supported: the VIPER configs with the CNN (``viper``); ``--smoke`` renders
-a small world and trains the ``:smoke`` model.
+Supported: the CNN video configs (``viper``, ``synthia_seq``: SYNTHIA-Seq's
+760x1280 frames with 16-bit labels); ``--smoke`` renders a small world and
+trains the ``:smoke`` model. The transformer configs need more memory than
+a 24 GB host has at their real size (benchmarks/memory.md).
 """
 
 from __future__ import annotations
@@ -54,10 +56,19 @@ from typing import Any
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 GB = 1e9
-# (source VIPER, target Cityscapes-Seq) frame sizes of the rendered world.
-REAL_SIZES = ((1080, 1920), (1024, 2048))
-SMOKE_SIZES = ((72, 128), (64, 128))
-SUPPORTED = ('viper',)
+# (source VIPER, target Cityscapes-Seq, SYNTHIA-Seq) frame sizes of the
+# rendered world.
+REAL_SIZES = ((1080, 1920), (1024, 2048), (760, 1280))
+SMOKE_SIZES = ((72, 128), (64, 128), (76, 128))
+SUPPORTED = ('viper', 'synthia_seq')
+# Per config: the source dataset's prepare command (name, --dataset, its
+# folder in the world) and the TPS file name of docs/weights.md.
+SOURCE = {'viper': ('prepare_viper', 'viper', 'Viper',
+                    'VIPER layout -> TFDS ArrayRecord (exact flows)'),
+          'synthia_seq': ('prepare_synthia_seq', 'synthia_seq',
+                          'SynthiaSeq/SEQS-04-DAWN',
+                          'SYNTHIA-Seq layout (16-bit labels) -> TFDS '
+                          'ArrayRecord (exact flows)')}
 
 
 class Stage:
@@ -94,14 +105,16 @@ class Stage:
     return ' '.join(shown)
 
 
-def render(root: str, smoke: bool) -> dict[str, Any]:
+def render(root: str, smoke: bool, config: str = 'viper') -> dict[str, Any]:
   """The world's dataset layouts and exact flows (no TFDS preparation)."""
   from dastc_jax.data.synthetic import world  # pylint: disable=g-import-not-at-top
-  src, tgt = SMOKE_SIZES if smoke else REAL_SIZES
+  src, tgt, syn = SMOKE_SIZES if smoke else REAL_SIZES
   params = {'seed': 0, 'source_size': list(src), 'target_size': list(tgt),
             'source_train_seqs': 1, 'source_val_seqs': 1,
             'samples_per_seq': 2, 'target_train_clips': 2,
             'target_val_clips': 2, 'version': world.VERSION}
+  if config == 'synthia_seq':  # frames 0..4: samples t = 1..4
+    params.update(synthia_seq_frames=4, synthia_seq_size=list(syn))
   if os.path.isdir(root):
     shutil.rmtree(root)
   os.makedirs(root)
@@ -170,11 +183,11 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
            f'--config.train.checkpoint_every={a.steps}',
            '--config.eval.num_overlays=1']
   w = lambda *p: os.path.join(work, *p)
+  name, dataset, folder, what = SOURCE[a.config]
   out = [
-      Stage('prepare_viper', py + [
-          'dastc_jax.prepare', '--dataset=viper',
-          f'--manual_dir={world_dir}/Viper', f'--data_dir={tfds}'],
-            'VIPER layout -> TFDS ArrayRecord (exact flows)'),
+      Stage(name, py + [
+          'dastc_jax.prepare', f'--dataset={dataset}',
+          f'--manual_dir={world_dir}/{folder}', f'--data_dir={tfds}'], what),
       Stage('prepare_cityscapes_seq', py + [
           'dastc_jax.prepare', '--dataset=cityscapes_seq',
           f'--manual_dir={world_dir}/Cityscapes', f'--data_dir={tfds}'],
@@ -264,6 +277,9 @@ def report(res: dict[str, Any]) -> str:
       f'{res["date"]}, {res["cpus"]} CPU cores, '
       f'{res["host_gb"]:.0f} GB host memory).', '',
       f'World: VIPER layout {res["sizes"][0][0]}x{res["sizes"][0][1]}, '
+      + (f'SYNTHIA-Seq layout {res["sizes"][2][0]}x{res["sizes"][2][1]} '
+         f'({res["world"]["synthia_seq_frames"]} samples), '
+         if res['world'].get('synthia_seq_frames') else '') +
       f'Cityscapes-Seq layout {res["sizes"][1][0]}x{res["sizes"][1][1]}, '
       f'{res["world"]["target_train_clips"]} train and '
       f'{res["world"]["target_val_clips"]} val target clips (frames t-2..t '
@@ -316,7 +332,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(work)
   os.makedirs(os.path.join(work, 'logs'))
   t0 = time.perf_counter()
-  params = render(os.path.join(work, 'world'), a.smoke)
+  params = render(os.path.join(work, 'world'), a.smoke, a.config)
   render_s = time.perf_counter() - t0
   _prepare_inputs(a, work)
   env = dict(os.environ)

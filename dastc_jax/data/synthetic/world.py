@@ -52,7 +52,14 @@ CITYSCAPES_ID = {'ego': 1, 'road': 7, 'sidewalk': 8, 'building': 11,
 _TO_VIPER = np.array([labels.VIPER_RAW[_VIPER_NAME.get(c, c)]
                       for c in scn.CLASSES], np.uint8)
 _TO_CS = np.array([CITYSCAPES_ID[c] for c in scn.CLASSES], np.uint8)
-_DOMAIN = {'viper': 1, 'cityscapes': 2}
+# World class -> SYNTHIA raw class id (channel 0 of the 16-bit label), the
+# inverse of labels.SYNTHIA_TO_TRAIN; the classes SYNTHIA12 lacks (terrain,
+# the large vehicles, two-wheelers, the ego vehicle) are void (0).
+SYNTHIA_ID = {'sky': 1, 'building': 2, 'road': 3, 'sidewalk': 4, 'fence': 5,
+              'vegetation': 6, 'tree': 6, 'pole': 7, 'car': 8, 'sign': 9,
+              'person': 10, 'light': 15}
+_TO_SYNTHIA = np.array([SYNTHIA_ID.get(c, 0) for c in scn.CLASSES], np.uint16)
+_DOMAIN = {'viper': 1, 'cityscapes': 2, 'synthia_seq': 3}
 _SPLIT = {'train': 1, 'val': 2}
 # Target appearance: 'default' (camera look: textures, cast, blur, noise) or
 # 'hard' (another city at dusk after rain: per-class materials and local
@@ -124,6 +131,37 @@ def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
   return n
 
 
+def _synthia_seq_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
+  """SYNTHIA-Seq layout: ``SynthiaSeq/SEQS-04-DAWN/{rgb,label}/{t:06d}.png``
+  (16-bit RGB labels, class id in channel 0) for t = 0..N, and the flows
+  t -> t-1 beside it. Needs OpenCV (16-bit PNG writing)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  root, params, _, seq = job
+  rng = np.random.default_rng([params['seed'], _DOMAIN['synthia_seq'], seq])
+  h, w = params['synthia_seq_size']
+  n = params['synthia_seq_frames']
+  cam = scn.sample_camera(rng, h, w, z0=0.0)
+  scene = scn.sample_scene(rng, cam.z0, cam.position(n)[1] + scn.ZFAR,
+                           (0, n))
+  base = os.path.join(root, 'SynthiaSeq')
+  seq_dir = os.path.join(base, 'SEQS-04-DAWN')
+  flow_dir = os.path.join(base, 'estimated_optical_flow_synthiaseq_train')
+  for sub in ('rgb', 'label'):
+    os.makedirs(os.path.join(seq_dir, sub), exist_ok=True)
+  os.makedirs(flow_dir, exist_ok=True)
+  for t in range(n + 1):
+    r = scn.render(scene, cam, t, (t - 1,) if t else ())
+    Image.fromarray(sty.source_style(r)).save(
+        os.path.join(seq_dir, 'rgb', f'{t:06d}.png'))
+    ids = _TO_SYNTHIA[r.sem]
+    # OpenCV writes BGR: the class id goes to the last channel (R).
+    label = np.stack([np.zeros_like(ids), np.zeros_like(ids), ids], -1)
+    cv2.imwrite(os.path.join(seq_dir, 'label', f'{t:06d}.png'), label)
+    if t:
+      _save_flow(layouts.synthia_seq_flow(flow_dir, t), r.flows[t - 1])
+  return n
+
+
 def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   root, params, split, index = job
   rng = np.random.default_rng([params['seed'], _DOMAIN['cityscapes'],
@@ -171,7 +209,9 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1,
              prepare_tfds: bool = True) -> None:
   """Writes a complete world into the (new) folder ``root``; with
   ``prepare_tfds=False`` only the dataset layouts and flows (for a caller
-  that runs ``python -m dastc_jax.prepare`` on them itself)."""
+  that runs ``python -m dastc_jax.prepare`` on them itself). With
+  ``params['synthia_seq_frames'] = N`` (and ``synthia_seq_size``) it also
+  writes a SYNTHIA-Seq sequence of N + 1 frames, never prepared here."""
   for name in ('viper_train', 'viper_val', 'cityscapes_seq_train',
                'cityscapes_seq_val'):
     os.makedirs(os.path.join(root, f'estimated_optical_flow_{name}'),
@@ -184,6 +224,8 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1,
            for i in range(params['target_train_clips'])] +
           [(_cityscapes_clip, (root, params, 'val', i))
            for i in range(params['target_val_clips'])])
+  if params.get('synthia_seq_frames'):  # only where asked (the rehearsal)
+    jobs.append((_synthia_seq_sequence, (root, params, 'train', 1)))
   if num_workers > 1:
     ctx = multiprocessing.get_context('spawn')
     with ctx.Pool(num_workers) as pool:
