@@ -177,7 +177,7 @@ class Conv(nnx.Module):
 # the step's temporaries (benchmarks/memory.md). On CPU both write the input
 # gradient out explicitly (``conv_explicit_grads``); 'auto' on other
 # backends leaves the whole backward pass to XLA.
-KERNEL_GRADS = ('auto', 'conv', 'im2col', 'taps')
+KERNEL_GRADS = ('auto', 'conv', 'im2col')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
@@ -239,7 +239,7 @@ def _kernel_grad_mode(name: str, x: jax.Array, kernel: jax.Array,
   kh, kw, cin, _ = kernel.shape
   b, h, w = x.shape[0], -(-x.shape[1] // stride), -(-x.shape[2] // stride)
   patches = b * h * w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
-  return 'im2col' if patches <= AUTO_IM2COL_MAX_BYTES else 'taps'
+  return 'im2col' if patches <= AUTO_IM2COL_MAX_BYTES else 'conv'
 
 
 def _conv(x, kernel, stride, dilation, pads):
@@ -256,10 +256,13 @@ def conv_explicit_grads(x: jax.Array, kernel: jax.Array, stride: int,
 
   The forward pass is XLA's convolution. The input gradient is a
   convolution of ``dy`` with the flipped kernel in HWIO order
-  (:func:`_conv_input_grad`). The kernel gradient is XLA's backward
-  convolution (``kernel_grad='conv'``) or one ``[Cout, P] x [P, kh*kw*Cin]``
-  matmul over the stacked shifted (and strided) inputs, accumulated in
-  float32 (``'im2col'``). ``pads`` is ``((top, bottom), (left, right))``.
+  (:func:`_conv_input_grad`). The kernel gradient is a convolution of the
+  input with ``dy`` (``kernel_grad='conv'``) or one
+  ``[Cout, P] x [P, kh*kw*Cin]`` matmul over the stacked shifted (and
+  strided) inputs (``'im2col'``), accumulated in float32. Every convolution
+  here has NHWC/HWIO operands held in that order by optimisation barriers,
+  the only form XLA:CPU runs with Eigen inside loops. ``pads`` is
+  ``((top, bottom), (left, right))``.
   """
   return _conv(x, kernel, stride, dilation, pads)
 
@@ -273,21 +276,27 @@ def _explicit_bwd(stride, dilation, pads, kernel_grad, res, dy):
   x, kernel = res
   # dy: [B, h, w, Cout]
   dx = _conv_input_grad(dy, kernel, x.shape[1:3], stride, dilation, pads)
-  if kernel_grad == 'conv':
-    dk = jax.vjp(lambda k: _conv(x, k, stride, dilation, pads),
-                 kernel)[1](dy)[0]
-    return dx, dk
   kh, kw, cin, cout = kernel.shape
   h, w = dy.shape[1:3]
   s, d = stride, dilation
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  if kernel_grad == 'conv':
+    # The kernel gradient as a convolution in the layout XLA:CPU hands to
+    # Eigen: [Cin, Hp, Wp, B] (B as features) * [h, w, B, Cout] (dy as the
+    # kernel, dilated by the stride), strided by the dilation ->
+    # [Cin, kh, kw, Cout]. The barriers keep XLA from folding the two
+    # transposes back into the dimension labels ('f01b_i01o'), which
+    # XLA:CPU runs as a generic loop inside scanned or rematerialised blocks.
+    lhs = jax.lax.optimization_barrier(jnp.transpose(xp, (3, 1, 2, 0)))
+    rhs = jax.lax.optimization_barrier(jnp.transpose(dy, (1, 2, 0, 3)))
+    dk = jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides=(d, d), padding=((0, 0), (0, 0)),
+        rhs_dilation=(s, s), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        preferred_element_type=jnp.float32)
+    dk = jnp.transpose(dk[:, :kh, :kw], (1, 2, 0, 3))  # [kh, kw, Cin, Cout]
+    return dx, dk.astype(kernel.dtype)
   taps = [xp[:, i * d:i * d + (h - 1) * s + 1:s, j * d:j * d + (w - 1) * s + 1:s]
           for i in range(kh) for j in range(kw)]  # each [B, h, w, Cin]
-  if kernel_grad == 'taps':
-    dk = jnp.stack([jnp.einsum('bhwc,bhwo->co', t, dy,
-                               preferred_element_type=jnp.float32)
-                    for t in taps])  # [kh*kw, Cin, Cout]
-    return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
   cols = jnp.stack(taps, axis=3)
   # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
   # the patches are read in their own layout, without a transpose.
