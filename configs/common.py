@@ -128,9 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
       init_std=0.01,
       dtype='float32',
       # Kernel gradient of the k > 1 convs: 'auto' (on CPU an im2col matmul
-      # for small calls, one matmul per tap for large ones; XLA's backward
-      # pass elsewhere), 'conv', 'im2col' or 'taps'. Same arithmetic,
-      # different speed; a run may resume under another value.
+      # for small calls, a convolution for large ones; XLA's backward pass
+      # elsewhere), 'conv' or 'im2col'. Same arithmetic, different speed;
+      # a run may resume under another value.
       conv_kernel_grad='auto',
       per_axis_flow_scale=False,  # False = the reference H'/H rule
       # Transformer models (name 'accel_daformer' / 'daformer'): the MiT

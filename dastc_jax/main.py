@@ -15,11 +15,15 @@ DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 """
 
 
+import sys
+
 from dastc_jax.runtime import host_malloc
 from dastc_jax.runtime import xla_cpu
 
-# Before any thread allocates and before JAX starts the CPU backend.
-_MALLOC = host_malloc.configure()
+# Before any thread allocates and before JAX starts the CPU backend; not
+# for frames above host_malloc.MAX_PIXELS (the --config file decides).
+_MALLOC = host_malloc.configure(
+    pixels=host_malloc.pixels_from_argv(sys.argv[1:]))
 
 from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags  # pylint: disable=g-import-not-at-top

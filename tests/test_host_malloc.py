@@ -69,3 +69,16 @@ def test_settings_stop_page_faults_of_repeated_large_buffers():
   # most one new block per window, usually none).
   assert off >= 8 * 16384 * 0.9, off
   assert on <= 16384 + 512, (on, off)
+
+
+def test_settings_are_chosen_by_the_configs_frame_size():
+  """main.py reads the --config file's largest training frame before absl
+  parses the flags: the real configs' multi-GB step blocks get glibc's
+  defaults, the small ones the reuse settings."""
+  argv = ['--config=configs/viper.py', '--workdir=/tmp/x']
+  assert host_malloc.pixels_from_argv(argv) == 720 * 1280
+  assert host_malloc.pixels_from_argv(['--config', 'configs/viper.py:smoke'
+                                       ]) <= host_malloc.MAX_PIXELS
+  assert host_malloc.pixels_from_argv(['--config=missing.py']) is None
+  assert host_malloc.configure({}, pixels=720 * 1280).startswith(
+      'skipped: training frames of 921600 pixels')

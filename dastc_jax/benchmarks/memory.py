@@ -185,11 +185,11 @@ _CHILD = '''
 import json, sys
 sys.path.insert(0, {repo!r})
 from dastc_jax.runtime import host_malloc
-host_malloc.configure()
 from dastc_jax.benchmarks import memory
 from dastc_jax.runtime import xla_cpu
-force = memory.VARIANTS[{variant!r}].get('_eltwise', False)
 pixels = xla_cpu.train_pixels(memory._config({name!r}, {variant!r}))
+host_malloc.configure(pixels=pixels)  # as main.py sets it
+force = memory.VARIANTS[{variant!r}].get('_eltwise', False)
 xla_cpu.set_defaults(pixels=0 if force else pixels)
 print('RESULT', json.dumps(memory.measure({name!r}, {variant!r}, {steps})))
 '''

@@ -166,7 +166,9 @@ class Conv(nnx.Module):
 
 
 # How the kernel gradient of a k x k (k > 1) convolution is computed:
-# 'conv' = XLA's backward convolution; 'im2col' = one matmul over stacked
+# 'conv' = a convolution of the input with the output gradient (the one
+# XLA's autodiff would build, in the layout XLA:CPU runs with Eigen);
+# 'im2col' = one matmul over stacked
 # shifted inputs (XLA:CPU's kernel-gradient convolution is well below its
 # matmul speed; the whole-step effect is measured in benchmarks/step.md);
 # 'auto' = 'im2col' on CPU where the stacked patches of the call take at
@@ -295,9 +297,9 @@ def _explicit_bwd(stride, dilation, pads, kernel_grad, res, dy):
         preferred_element_type=jnp.float32)
     dk = jnp.transpose(dk[:, :kh, :kw], (1, 2, 0, 3))  # [kh, kw, Cin, Cout]
     return dx, dk.astype(kernel.dtype)
-  taps = [xp[:, i * d:i * d + (h - 1) * s + 1:s, j * d:j * d + (w - 1) * s + 1:s]
-          for i in range(kh) for j in range(kw)]  # each [B, h, w, Cin]
-  cols = jnp.stack(taps, axis=3)
+  cols = jnp.stack([xp[:, i * d:i * d + (h - 1) * s + 1:s,
+                       j * d:j * d + (w - 1) * s + 1:s]
+                    for i in range(kh) for j in range(kw)], axis=3)
   # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
   # the patches are read in their own layout, without a transpose.
   dk = jnp.transpose(jnp.einsum('bhwo,bhwkc->okc', dy, cols,
@@ -319,8 +321,9 @@ def _conv_input_grad(dy: jax.Array, kernel: jax.Array, hw: tuple[int, int],
   axis swap into the convolution's dimension labels ('01oi'), and XLA:CPU
   runs a convolution with such a kernel as a generic loop instead of its
   Eigen kernel. Inside a scanned or rematerialised block that happened to
-  every 3x3 input gradient, and made the 512x1024 source-only step more than
-  ten times slower (docs/performance.md).
+  every 3x3 input gradient, and with the kernel gradients the 512x1024
+  source-only step went from 34 s to more than 8 minutes
+  (docs/performance.md).
   """
   kh, kw = kernel.shape[:2]
   k = jax.lax.optimization_barrier(

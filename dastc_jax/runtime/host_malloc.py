@@ -38,6 +38,17 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
             (M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
 
 # Packages whose presence means JAX will pick an accelerator by default.
+# Above this many pixels per training frame (256x512) the settings are not
+# applied. At the real sizes XLA:CPU allocates a step's temporaries as one
+# block of many GB; in a heap that never maps, unmaps or trims, the block
+# freed by one step is split by small allocations before the next step asks
+# for it again, and the heap grows by a second block: the VIPER DA-STC
+# step (14 GB of temporaries) was killed at 24.6 GB in its second step on
+# a 23 GB host (benchmarks/rehearsal.md). With glibc's defaults such blocks
+# are mapped and unmapped per step, and their page faults are a small part
+# of a step that takes minutes.
+MAX_PIXELS = 256 * 512
+
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
 
@@ -49,11 +60,14 @@ def _will_use_cpu(env) -> bool:
   return not any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS)
 
 
-def configure(environ: dict[str, str] | None = None) -> str:
+def configure(environ: dict[str, str] | None = None,
+              pixels: int | None = None) -> str:
   """Applies :data:`SETTINGS` where they help (see the module doc).
 
   Args:
     environ: the environment to read (default ``os.environ``).
+    pixels: the largest training frame of the run (``xla_cpu.train_pixels``;
+      None = unknown); above :data:`MAX_PIXELS` nothing is set.
 
   Returns:
     What was done: ``'applied'``, or ``'skipped: <reason>'``.
@@ -62,6 +76,9 @@ def configure(environ: dict[str, str] | None = None) -> str:
   choice = env.get('DASTC_MALLOC_DEFAULTS', '')
   if choice == '0':
     return 'skipped: DASTC_MALLOC_DEFAULTS=0'
+  if choice != '1' and pixels is not None and pixels > MAX_PIXELS:
+    return (f'skipped: training frames of {pixels} pixels (above '
+            f'{MAX_PIXELS}; see host_malloc.MAX_PIXELS)')
   if choice != '1' and not _will_use_cpu(env):
     return 'skipped: JAX will not compute on the CPU'
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
@@ -74,3 +91,27 @@ def configure(environ: dict[str, str] | None = None) -> str:
   if failed:
     return f'skipped: mallopt refused parameters {failed}'
   return 'applied'
+
+
+def pixels_from_argv(argv: list[str]) -> int | None:
+  """The largest training frame of the ``--config=FILE[:variant]`` in
+  ``argv``, read before absl parses the flags (the allocator must be set
+  before any thread allocates); overrides are not applied. None when there
+  is no such flag or the file does not load (the flag parser reports it)."""
+  from dastc_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+  if not value:
+    return None
+  path, _, variant = value.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_dastc_early_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return xla_cpu.train_pixels(module.get_config(variant or None))
+  except Exception:  # pylint: disable=broad-except
+    return None
