@@ -258,8 +258,9 @@ def test_gradients_in_a_scanned_remat_block_are_eigen_convolutions(mode):
   """Inside scanned, checkpointed blocks XLA folds the flipped kernel of an
   input gradient into '01oi' dimension labels and the kernel gradient into
   'f01b_i01o', and XLA:CPU runs such convolutions as generic loops (the
-  512x1024 step went from 34 s to more than 8 minutes). Every convolution of
-  the compiled gradient keeps the one form XLA:CPU hands to Eigen."""
+  real-size step did not finish its first step in 16 minutes). Every
+  convolution of the compiled gradient keeps the one form XLA:CPU hands to
+  Eigen."""
   conv = layers.Conv(8, 8, 3, dilation=2, kernel_init=layers.he_normal(),
                      rngs=nnx.Rngs(params=0), kernel_grad=mode)
   kernels = jnp.stack([conv.kernel[...]] * 3)  # [3, 3, 3, 8, 8]

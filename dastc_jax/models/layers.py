@@ -321,8 +321,8 @@ def _conv_input_grad(dy: jax.Array, kernel: jax.Array, hw: tuple[int, int],
   axis swap into the convolution's dimension labels ('01oi'), and XLA:CPU
   runs a convolution with such a kernel as a generic loop instead of its
   Eigen kernel. Inside a scanned or rematerialised block that happened to
-  every 3x3 input gradient, and with the kernel gradients the 512x1024
-  source-only step went from 34 s to more than 8 minutes
+  every 3x3 input gradient; with the kernel gradients, the real-size
+  source-only step did not finish its first step in 16 minutes
   (docs/performance.md).
   """
   kh, kw = kernel.shape[:2]
