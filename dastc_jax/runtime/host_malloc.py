@@ -18,8 +18,9 @@ its peak heap until it exits, which is what a training job does anyway.
 The settings only pay off when JAX computes on the host, so they are applied
 only when JAX will use the CPU backend (``JAX_PLATFORMS`` names only
 ``cpu``, or no GPU/TPU plugin is installed), on glibc, before any thread has
-allocated (first thing in ``main.py``). ``DASTC_MALLOC_DEFAULTS=0`` turns
-them off; ``=1`` forces them.
+allocated (first thing in ``main.py``), and only for training frames of
+at most :data:`MAX_PIXELS` (read from the ``--config`` file).
+``DASTC_MALLOC_DEFAULTS=0`` turns them off; ``=1`` forces them.
 """
 
 from __future__ import annotations
@@ -37,18 +38,18 @@ M_ARENA_MAX = -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
             (M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
 
-# Packages whose presence means JAX will pick an accelerator by default.
 # Above this many pixels per training frame (256x512) the settings are not
 # applied. At the real sizes XLA:CPU allocates a step's temporaries as one
 # block of many GB; in a heap that never maps, unmaps or trims, the block
 # freed by one step is split by small allocations before the next step asks
 # for it again, and the heap grows by a second block: the VIPER DA-STC
 # step (14 GB of temporaries) was killed at 24.6 GB in its second step on
-# a 23 GB host (benchmarks/rehearsal.md). With glibc's defaults such blocks
-# are mapped and unmapped per step, and their page faults are a small part
-# of a step that takes minutes.
+# a 23 GB host (the full-size rehearsal at commit b648dbe). With glibc's
+# defaults such blocks are mapped and unmapped per step, and their page
+# faults are a small part of a step that takes minutes.
 MAX_PIXELS = 256 * 512
 
+# Packages whose presence means JAX will pick an accelerator by default.
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
 
