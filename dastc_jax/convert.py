@@ -385,6 +385,35 @@ def export_state_dict(params: Any, batch_stats: Any,
   return out
 
 
+def export_mit_imagenet(model_config: ml_collections.ConfigDict,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+  """This config's MiT encoder, initialised with ``seed``, as an ImageNet
+  MiT file's ``state_dict`` (the ``mit`` layout: ``patch_embed1.proj``,
+  ``block1.0.attn.q``, ..., plus a 1000-class ``head``): the inverse of
+  :func:`convert_transformer` for that layout.
+
+  Used to write stand-ins of the ImageNet MiT files (the full-scale
+  rehearsal).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dastc_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model(model_config, nnx.Rngs(params=seed))
+  flat = dict(nnx.to_flat_state(nnx.state(model.backbone)))
+  out = {}
+  for path, name in torch_names(model.backbone).items():
+    value = np.asarray(flat[path].get_value(), np.float32)
+    if value.ndim == 4:
+      value = np.transpose(value, (3, 2, 0, 1))  # HWIO -> OIHW
+    elif value.ndim == 2:
+      value = value.T  # Linear [in, out] -> [out, in]
+    out[name] = np.ascontiguousarray(value)
+  width = model.backbone.out_features['c4']
+  rng = np.random.default_rng(seed)
+  out['head.weight'] = rng.normal(0, 0.02, (1000, width)).astype(np.float32)
+  out['head.bias'] = np.zeros((1000,), np.float32)
+  return out
+
+
 # ------------------------------------------------- modules named like torch
 torch_names = weight_files.torch_names
 load_by_names = weight_files.load_by_names

@@ -14,6 +14,7 @@ from transformers import SegformerModel
 
 from configs import viper_vit
 from dastc_jax import convert
+from dastc_jax import models
 from dastc_jax.benchmarks import faults
 from dastc_jax.benchmarks import torch_accel
 from dastc_jax.benchmarks import torch_daformer
@@ -187,3 +188,20 @@ def test_b5_video_state_is_fsdp_sharded_in_eighths(monkeypatch):
     per_device += nbytes * np.prod(s.shard_shape(x.shape)) / max(x.size, 1)
   assert total > 3 * 4 * 84e6  # params and the two AdamW moments
   assert per_device < total / 8 * 1.05, (per_device / total)
+
+
+def test_exported_imagenet_mit_file_converts_back_to_the_same_encoder():
+  """The rehearsal's stand-in ImageNet file: our initialised encoder in the
+  ``mit`` layout, which ``convert`` reads back tensor for tensor."""
+  mc = _model_config()
+  sd = convert.export_mit_imagenet(mc, seed=3)
+  assert convert.detect_layout(list(sd)) == 'mit'
+  params, _, report = convert.convert_state_dict(sd, mc)
+  assert report.ignored == ['head.bias', 'head.weight']
+  model = models.build_model(mc, nnx.Rngs(params=3))
+  ref = nnx.to_pure_dict(nnx.state(model.backbone, nnx.Param))
+  got = jax.tree.leaves_with_path(params['backbone'])
+  want = dict(jax.tree.leaves_with_path(ref))
+  assert len(got) == len(want) > 0
+  for path, value in got:
+    np.testing.assert_array_equal(value, want[path], err_msg=str(path))

@@ -183,9 +183,82 @@ KERNEL_GRADS = ('auto', 'conv', 'im2col')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
+def _shifted_sum(xp: jax.Array, w: jax.Array, hw: tuple[int, int],
+                 dilation: int, flip: bool = False) -> jax.Array:
+  """sum_ij xp[:, i*d:i*d+h, j*d:j*d+w, :] * w[i, j] (w flipped if asked);
+  ``xp`` [B, H + 2p, W + 2p, C], ``w`` [k, k, C] -> [B, H, W, C]."""
+  k = w.shape[0]
+  h, wd = hw
+  out = None
+  for i in range(k):
+    for j in range(k):
+      di, dj = i * dilation, j * dilation
+      tap = w[k - 1 - i, k - 1 - j] if flip else w[i, j]
+      term = xp[:, di:di + h, dj:dj + wd, :] * tap
+      out = term if out is None else out + term
+  return out
+
+
+def _pad_hw(x: jax.Array, p: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
+  """Depthwise k x k convolution (stride 1, 'same' zero padding, dilation
+  ``dilation``) as shifted multiply-adds; ``x`` [B, H, W, C], ``w``
+  [k, k, C] (odd k).
+
+  The backward pass is written out so that it keeps only ``x`` and ``w``:
+  the input gradient is the same shifted sum of the padded output gradient
+  with the flipped kernel, and each kernel tap's gradient one fused
+  reduction. Left to autodiff, XLA materialised every tap's shifted slice of
+  the input as a residual: k*k copies of the input per convolution (the
+  DAFormer head's three dilated 1024-channel convolutions at 180x320 held
+  15 GB of temporaries for one forward and backward pass in float32;
+  docs/performance.md).
+  """
+  p = dilation * (w.shape[0] // 2)
+  return _shifted_sum(_pad_hw(x, p), w, x.shape[1:3], dilation)
+
+
+def _depthwise_fwd(x, w, dilation):
+  return depthwise_conv(x, w, dilation), (x, w)
+
+
+def _depthwise_bwd(dilation, res, g):
+  # The barrier keeps XLA from merging the backward's shifted slices with
+  # the forward's (common-subexpression elimination would keep those alive
+  # from the forward to the backward pass).
+  x, w = jax.lax.optimization_barrier(res)  # [B, H, W, C], [k, k, C]
+  k = w.shape[0]
+  p = dilation * (k // 2)
+  hw = x.shape[1:3]
+  g = g.astype(x.dtype)
+  # out[h] = sum_i x[h + i*d - p] w[i]  =>  dx[m] = sum_i g[m - i*d + p] w[i],
+  # a shifted sum of the padded g with the kernel flipped.
+  dx = _shifted_sum(_pad_hw(g, p), w, hw, dilation, flip=True)
+  xp = _pad_hw(x, p)
+  g32 = g.astype(jnp.float32)
+  b, h, wd, c = x.shape
+  offsets = dilation * jnp.array([(i, j) for i in range(k) for j in range(k)],
+                                 jnp.int32)  # [k*k, 2]
+
+  def tap_grad(offset: jax.Array) -> jax.Array:  # one tap at a time
+    tap = jax.lax.dynamic_slice(xp, (0, offset[0], offset[1], 0),
+                                (b, h, wd, c))
+    return jnp.sum(tap.astype(jnp.float32) * g32, axis=(0, 1, 2))  # [C]
+
+  dw = jax.lax.map(tap_grad, offsets).reshape(k, k, c)
+  return dx, dw.astype(w.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nnx.Module):
   """k x k depthwise convolution (stride 1, 'same' padding, dilation d) as
-  k*k shifted multiply-adds.
+  k*k shifted multiply-adds (:func:`depthwise_conv`).
 
   The parameters are those of ``nnx.Conv(C, C, k, feature_group_count=C)``
   (``kernel`` [k, k, 1, C], optional ``bias`` [C]), so weights convert
@@ -208,16 +281,8 @@ class DepthwiseConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
     x = x.astype(dtype)  # [B, H, W, C]
-    w = self.kernel[...].astype(dtype)
-    h, wd = x.shape[1:3]
-    p = self.dilation * (self.size // 2)
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    out = None
-    for i in range(self.size):
-      for j in range(self.size):
-        di, dj = i * self.dilation, j * self.dilation
-        term = xp[:, di:di + h, dj:dj + wd, :] * w[i, j, 0]
-        out = term if out is None else out + term
+    w = self.kernel[...].astype(dtype)[:, :, 0]  # [k, k, C]
+    out = depthwise_conv(x, w, self.dilation)
     if self.bias is not None:
       out = out + self.bias[...].astype(dtype)
     return out
