@@ -74,3 +74,30 @@ def test_synthia_seq_world_is_prepared_by_the_synthia_builder(tmp_path):
   first = rehearsal.stages(a, str(tmp_path))[0]
   assert first.name == 'prepare_synthia_seq'
   assert f'--manual_dir={tmp_path}/world/SynthiaSeq/SEQS-04-DAWN' in first.argv
+
+
+def test_transformer_rehearsal_starts_from_an_imagenet_mit_file(tmp_path):
+  """The transformer configs' stages: an ImageNet MiT stand-in converted
+  with the documented command, the documented train command as configured
+  (no memory flags) with the head warm-up shortened to one step; RAFT
+  flows only for the video configs; GTA5 rendered at its own size."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  a = argparse.Namespace(config='gta5_vit', smoke=True, float32=False,
+                         steps=2, raft=True)
+  image = rehearsal.stages(a, str(tmp_path))
+  assert [s.name for s in image] == [
+      'prepare_gta5', 'prepare_cityscapes', 'mit_standin', 'convert_mit',
+      'train', 'eval', 'predict']
+  a.config = 'viper_vit'
+  video = {s.name: s.argv for s in rehearsal.stages(a, str(tmp_path))}
+  assert {'flow_raft', 'mit_standin', 'convert_mit'} <= set(video)
+  train = video['train']
+  assert f'--config.train.init_from={tmp_path}/weights/mit_b5' in train
+  assert '--config.train.source_only_steps=1' in train
+  assert '--config.train.num_steps=3' in train
+  assert not any('remat' in x or 'scan_blocks' in x for x in train)
+  params = rehearsal.render(str(tmp_path / 'world'), True, 'gta5_vit')
+  with Image.open(tmp_path / 'world' / 'GTA5' / 'images' / '00001.png') as im:
+    assert im.size[::-1] == tuple(params['gta5_size']) == (
+        rehearsal.SMOKE_SIZES['gta5'])

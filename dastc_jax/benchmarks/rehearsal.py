@@ -6,44 +6,50 @@
       --workdir=/tmp/rehearsal
 
 Every stage runs the command the docs give (README, docs/weights.md,
-docs/optical_flow.md, docs/evaluation.md) in its own process, on a world
-rendered at the real datasets' resolutions and layouts, and is timed with
-the peak resident memory of that process (``os.wait4``; a stage's worker
-processes, if any, are not added to it):
+docs/optical_flow.md, docs/evaluation.md, docs/reproducing.md) in its own
+process, on a world rendered at the real datasets' resolutions and layouts,
+and is timed with the peak resident memory of that process (``os.wait4``; a
+stage's worker processes, if any, are not added to it):
 
 1. **render**: the synthetic world at VIPER's 1080x1920 (JPEG frames, raw
-   class PNGs) and Cityscapes-Seq's 1024x2048 (``leftImg8bit_sequence``
-   frames t-2..t, ``gtFine`` on frame 19), with its exact flows in the
-   reference ``estimated_optical_flow_*`` folders; no TFDS preparation;
-2. **prepare** (``python -m dastc_jax.prepare``) of both datasets;
-3. **RAFT flows**: torchvision's RAFT-small with *random* weights (the
-   plumbing, not the flow quality), converted (``python -m
+   class PNGs), Cityscapes-Seq's 1024x2048 (``leftImg8bit_sequence`` frames
+   t-2..t, ``gtFine`` on frame 19; the ``leftImg8bit`` frames of the image
+   domain beside them), and as the config needs SYNTHIA-Seq's 760x1280
+   (16-bit labels) or GTA5's 1052x1914, with exact flows in the reference
+   ``estimated_optical_flow_*`` folders; no TFDS preparation;
+2. **prepare** (``python -m dastc_jax.prepare``) of the source and target;
+3. video configs, **RAFT flows**: torchvision's RAFT-small with *random*
+   weights (the plumbing, not the flow quality), converted (``python -m
    dastc_jax.convert``), the Cityscapes-Seq flows computed by ``python -m
    dastc_jax.flow`` into a copy of the layout without flows, and prepared;
-4. **TPS stand-in**: a short source-only run of the config's model with the
-   TPS head, exported to the released TPS key layout (``.pth``);
-5. **convert** it as docs/weights.md says (``--head_from_tps``, and the
-   ``model.head=aspp`` copy for evaluation);
-6. **train**: the documented command with ``train.init_from``, for a few
-   steps (the rehearsal's data folder and step count added; unless
-   ``--float32``, ``model.scan_blocks=True`` and ``model.remat=True``, which
-   the float32 step of the CNN needs to fit a 24 GB host; said in the
-   report), which ends with an evaluation at the full label size;
-7. **eval** (``--mode=eval``) of the run's checkpoints, and **predict** on a
-   full-resolution clip.
+4. the start weights. CNN configs: a **TPS stand-in**, a short source-only
+   run of the config's model with the TPS head exported to the released TPS
+   key layout (``.pth``), **converted** as docs/weights.md says
+   (``--head_from_tps``, and the ``model.head=aspp`` copy). Transformer
+   configs: an **ImageNet MiT stand-in**, the encoder at its initialisation
+   in the SegFormer/mmseg key layout, **converted** as docs/reproducing.md
+   says;
+5. **train**: the documented command with ``train.init_from``, for a few
+   steps (the rehearsal's data folder and step count added; the
+   transformer's head warm-up, ``train.source_only_steps``, shortened to one
+   step; for the CNN unless ``--float32``, ``model.scan_blocks=True`` and
+   ``model.remat=True``, which its float32 step needs to fit a 24 GB host;
+   said in the report), which ends with an evaluation at the full label
+   size;
+6. **eval** (``--mode=eval``) of the run's checkpoints, and **predict** on
+   full-resolution frames.
 
 It also reads the teacher's pseudo-label accuracy (``pl_accuracy``, against
-the world's labels, never used by a loss) of the first training steps from
-the run's TensorBoard scalars: an untrained teacher would show as chance.
-Supported: the CNN video configs (``viper``, ``synthia_seq``: SYNTHIA-Seq's
-760x1280 frames with 16-bit labels); ``--smoke`` renders a small world and
-trains the ``:smoke`` model. The transformer configs need more memory than
-a 24 GB host has at their real size (benchmarks/memory.md).
+the world's labels, never used by a loss) of the first DA-STC steps from the
+run's TensorBoard scalars: an untrained teacher would show as chance.
+Supported: ``SUPPORTED`` (the four video configs and ``gta5_vit``);
+``--smoke`` renders a small world and trains the ``:smoke`` model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -56,19 +62,46 @@ from typing import Any
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 GB = 1e9
-# (source VIPER, target Cityscapes-Seq, SYNTHIA-Seq) frame sizes of the
-# rendered world.
-REAL_SIZES = ((1080, 1920), (1024, 2048), (760, 1280))
-SMOKE_SIZES = ((72, 128), (64, 128), (76, 128))
-SUPPORTED = ('viper', 'synthia_seq')
-# Per config: the source dataset's prepare command (name, --dataset, its
-# folder in the world) and the TPS file name of docs/weights.md.
-SOURCE = {'viper': ('prepare_viper', 'viper', 'Viper',
-                    'VIPER layout -> TFDS ArrayRecord (exact flows)'),
-          'synthia_seq': ('prepare_synthia_seq', 'synthia_seq',
-                          'SynthiaSeq/SEQS-04-DAWN',
-                          'SYNTHIA-Seq layout (16-bit labels) -> TFDS '
-                          'ArrayRecord (exact flows)')}
+# Frame sizes (H, W) of the rendered world's layouts.
+REAL_SIZES = {'viper': (1080, 1920), 'cityscapes': (1024, 2048),
+              'synthia_seq': (760, 1280), 'gta5': (1052, 1914)}
+SMOKE_SIZES = {'viper': (72, 128), 'cityscapes': (64, 128),
+               'synthia_seq': (76, 128), 'gta5': (70, 128)}
+# A dataset's prepare stage: (stage name, --dataset, folder in the world,
+# what the report says).
+_VIPER = ('prepare_viper', 'viper', 'Viper',
+          'VIPER layout -> TFDS ArrayRecord (exact flows)')
+_SYNTHIA_SEQ = ('prepare_synthia_seq', 'synthia_seq', 'SynthiaSeq/SEQS-04-DAWN',
+                'SYNTHIA-Seq layout (16-bit labels) -> TFDS ArrayRecord '
+                '(exact flows)')
+_GTA5 = ('prepare_gta5', 'gta5', 'GTA5',
+         'GTA5 layout (PNG frames, labelIds) -> TFDS ArrayRecord')
+_CITYSCAPES_SEQ = ('prepare_cityscapes_seq', 'cityscapes_seq', 'Cityscapes',
+                   'Cityscapes-Seq layout -> TFDS ArrayRecord (exact flows)')
+_CITYSCAPES = ('prepare_cityscapes', 'cityscapes', 'Cityscapes',
+               'Cityscapes layout (leftImg8bit, gtFine) -> TFDS ArrayRecord')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What a config of configs/ reads and starts from."""
+  source: tuple[str, str, str, str]
+  target: tuple[str, str, str, str]
+  transformer: bool  # starts from ImageNet MiT weights, else from TPS
+
+  @property
+  def video(self) -> bool:
+    return self.target is _CITYSCAPES_SEQ
+
+
+SETTINGS = {
+    'viper': Setting(_VIPER, _CITYSCAPES_SEQ, False),
+    'synthia_seq': Setting(_SYNTHIA_SEQ, _CITYSCAPES_SEQ, False),
+    'viper_vit': Setting(_VIPER, _CITYSCAPES_SEQ, True),
+    'synthia_seq_vit': Setting(_SYNTHIA_SEQ, _CITYSCAPES_SEQ, True),
+    'gta5_vit': Setting(_GTA5, _CITYSCAPES, True),
+}
+SUPPORTED = tuple(SETTINGS)
 
 
 class Stage:
@@ -108,13 +141,18 @@ class Stage:
 def render(root: str, smoke: bool, config: str = 'viper') -> dict[str, Any]:
   """The world's dataset layouts and exact flows (no TFDS preparation)."""
   from dastc_jax.data.synthetic import world  # pylint: disable=g-import-not-at-top
-  src, tgt, syn = SMOKE_SIZES if smoke else REAL_SIZES
-  params = {'seed': 0, 'source_size': list(src), 'target_size': list(tgt),
+  sizes = SMOKE_SIZES if smoke else REAL_SIZES
+  params = {'seed': 0, 'source_size': list(sizes['viper']),
+            'target_size': list(sizes['cityscapes']),
             'source_train_seqs': 1, 'source_val_seqs': 1,
             'samples_per_seq': 2, 'target_train_clips': 2,
             'target_val_clips': 2, 'version': world.VERSION}
-  if config == 'synthia_seq':  # frames 0..4: samples t = 1..4
-    params.update(synthia_seq_frames=4, synthia_seq_size=list(syn))
+  setting = SETTINGS[config]
+  if setting.source is _SYNTHIA_SEQ:  # frames 0..4: samples t = 1..4
+    params.update(synthia_seq_frames=4,
+                  synthia_seq_size=list(sizes['synthia_seq']))
+  if setting.source is _GTA5:
+    params.update(gta5_size=list(sizes['gta5']))
   if os.path.isdir(root):
     shutil.rmtree(root)
   os.makedirs(root)
@@ -145,6 +183,15 @@ def _export_tps(run_dir: str, config_arg: str, out: str) -> None:
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, out)
 
 
+def _export_mit(config_arg: str, out: str) -> None:
+  """An ImageNet MiT file stand-in: the config's encoder at its
+  initialisation, in the ``mit`` key layout (``.pth``)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from dastc_jax import convert  # pylint: disable=g-import-not-at-top
+  sd = convert.export_mit_imagenet(_load_config(config_arg).model)
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, out)
+
+
 def _load_config(config_arg: str):
   import importlib  # pylint: disable=g-import-not-at-top
   path, _, variant = config_arg.partition(':')
@@ -171,29 +218,26 @@ def pl_accuracy(run_dir: str) -> list[tuple[int, float]]:
 def stages(a: argparse.Namespace, work: str) -> list[Stage]:
   """The documented commands of the rehearsal, in order."""
   py = [sys.executable, '-m']
+  setting = SETTINGS[a.config]
   cfg = f'configs/{a.config}.py' + (':smoke' if a.smoke else '')
   world_dir = os.path.join(work, 'world')
   tfds = os.path.join(work, 'tfds')
   data = [f'--config.data.data_dir={tfds}']
   if a.smoke:  # the :smoke model reads the built-in world otherwise
     data.append('--config.data.synthetic.enabled=False')
-  fit = [] if a.float32 else ['--config.model.scan_blocks=True',
-                              '--config.model.remat=True']
+  # The CNN's float32 step does not fit a 24 GB host at the real size; the
+  # transformer's (scanned blocks by default) does (benchmarks/memory.md).
+  fit = [] if a.float32 or setting.transformer else [
+      '--config.model.scan_blocks=True', '--config.model.remat=True']
   steps = [f'--config.train.num_steps={a.steps}', '--config.train.log_every=1',
            f'--config.train.checkpoint_every={a.steps}',
            '--config.eval.num_overlays=1']
   w = lambda *p: os.path.join(work, *p)
-  name, dataset, folder, what = SOURCE[a.config]
-  out = [
-      Stage(name, py + [
-          'dastc_jax.prepare', f'--dataset={dataset}',
-          f'--manual_dir={world_dir}/{folder}', f'--data_dir={tfds}'], what),
-      Stage('prepare_cityscapes_seq', py + [
-          'dastc_jax.prepare', '--dataset=cityscapes_seq',
-          f'--manual_dir={world_dir}/Cityscapes', f'--data_dir={tfds}'],
-            'Cityscapes-Seq layout -> TFDS ArrayRecord (exact flows)'),
-  ]
-  if a.raft:
+  out = [Stage(name, py + [
+      'dastc_jax.prepare', f'--dataset={dataset}',
+      f'--manual_dir={world_dir}/{folder}', f'--data_dir={tfds}'], what)
+         for name, dataset, folder, what in (setting.source, setting.target)]
+  if a.raft and setting.video:
     out += [
         Stage('convert_raft', py + [
             'dastc_jax.convert', f'--source={w("raft_small_random.pth")}',
@@ -210,35 +254,64 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
             f'--data_dir={w("tfds_raft")}'],
               'Cityscapes-Seq with the RAFT flows -> TFDS'),
     ]
+  export = [sys.executable, '-c', (
+      f'import sys; sys.path.insert(0, {_REPO!r}); '
+      'from dastc_jax.benchmarks import rehearsal as r; ')]
+  if setting.transformer:
+    init = w('weights', 'mit_b5')
+    out += [
+        Stage('mit_standin', export[:2] + [export[2] + (
+            f'r._export_mit({cfg!r}, {w("mit_b5.pth")!r})')],
+              'stand-in for the ImageNet MiT-B5 file: the encoder at its '
+              'initialisation in the SegFormer/mmseg key layout (.pth)'),
+        Stage('convert_mit', py + [
+            'dastc_jax.convert', f'--config={cfg}',
+            f'--source={w("mit_b5.pth")}', f'--output={init}'],
+              'docs/reproducing.md: ImageNet MiT-B5 -> orbax (head '
+              'initialised)'),
+    ]
+    # The head warm-up (train.source_only_steps, 1000 as configured)
+    # shortened to one step, then the DA-STC steps.
+    train_steps = [f'--config.train.num_steps={a.steps + 1}',
+                   '--config.train.source_only_steps=1',
+                   '--config.train.log_every=1',
+                   f'--config.train.checkpoint_every={a.steps + 1}',
+                   '--config.eval.num_overlays=1']
+    train_what = ('README: DA-STC from ImageNet MiT after a 1-step head '
+                  'warm-up on source labels; ends with the evaluation at '
+                  'the full label size')
+  else:
+    init = w('weights', 'tps_init')
+    out += [
+        Stage('tps_standin_train', py + [
+            'dastc_jax.main', f'--config={cfg}', f'--workdir={w("tps_run")}',
+            '--config.method=source_only', '--config.model.head=aspp',
+            *data, *fit, *steps],
+              'stand-in for the released TPS model: source-only steps with '
+              'the TPS head'),
+        Stage('tps_standin_export', export[:2] + [export[2] + (
+            f'r._export_tps({w("tps_run")!r}, {cfg!r}, '
+            f'{w("tps_standin.pth")!r})')],
+              'its weights exported to the released TPS key layout (.pth)'),
+        Stage('convert_tps_init', py + [
+            'dastc_jax.convert', f'--config={cfg}',
+            f'--source={w("tps_standin.pth")}', f'--output={init}',
+            '--head_from_tps'],
+              'docs/weights.md: DA-STC start from TPS'),
+        Stage('convert_tps_aspp', py + [
+            'dastc_jax.convert', f'--config={cfg}', '--config.model.head=aspp',
+            f'--source={w("tps_standin.pth")}',
+            f'--output={w("weights", "tps_viper")}'],
+              'docs/weights.md: the TPS model itself'),
+    ]
+    train_steps = steps
+    train_what = ('README: DA-STC from TPS; ends with the evaluation at the '
+                  'full label size')
   out += [
-      Stage('tps_standin_train', py + [
-          'dastc_jax.main', f'--config={cfg}', f'--workdir={w("tps_run")}',
-          '--config.method=source_only', '--config.model.head=aspp',
-          *data, *fit, *steps],
-            'stand-in for the released TPS model: source-only steps with '
-            'the TPS head'),
-      Stage('tps_standin_export', [sys.executable, '-c', (
-          f'import sys; sys.path.insert(0, {_REPO!r}); '
-          'from dastc_jax.benchmarks import rehearsal as r; '
-          f'r._export_tps({w("tps_run")!r}, {cfg!r}, '
-          f'{w("tps_standin.pth")!r})')],
-            'its weights exported to the released TPS key layout (.pth)'),
-      Stage('convert_tps_init', py + [
-          'dastc_jax.convert', f'--config={cfg}',
-          f'--source={w("tps_standin.pth")}',
-          f'--output={w("weights", "tps_init")}', '--head_from_tps'],
-            'docs/weights.md: DA-STC start from TPS'),
-      Stage('convert_tps_aspp', py + [
-          'dastc_jax.convert', f'--config={cfg}', '--config.model.head=aspp',
-          f'--source={w("tps_standin.pth")}',
-          f'--output={w("weights", "tps_viper")}'],
-            'docs/weights.md: the TPS model itself'),
       Stage('train', py + [
           'dastc_jax.main', f'--config={cfg}', f'--workdir={w("run")}',
-          f'--config.train.init_from={w("weights", "tps_init")}',
-          *data, *fit, *steps],
-            'README: DA-STC from TPS; ends with the evaluation at the full '
-            'label size'),
+          f'--config.train.init_from={init}', *data, *fit, *train_steps],
+            train_what),
       Stage('eval', py + [
           'dastc_jax.main', f'--config={cfg}', f'--workdir={w("eval")}',
           '--mode=eval', f'--checkpoint={w("run")}', *data, *fit],
@@ -247,8 +320,8 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
           'dastc_jax.main', f'--config={cfg}', '--mode=predict',
           f'--checkpoint={w("run")}', f'--input={w("clip")}',
           f'--output={w("prediction")}', *data, *fit],
-            'docs/evaluation.md: prediction on a full-resolution clip '
-            '(OpenCV DIS flows)'),
+            'docs/evaluation.md: prediction on full-resolution frames' +
+            (' (OpenCV DIS flows)' if setting.video else '')),
   ]
   return out
 
@@ -257,7 +330,7 @@ def _prepare_inputs(a: argparse.Namespace, work: str) -> None:
   """Files the documented commands read: the RAFT stand-in, a copy of the
   Cityscapes layout without flows, a clip of full-resolution frames."""
   world_dir = os.path.join(work, 'world')
-  if a.raft:
+  if a.raft and SETTINGS[a.config].video:
     _write_raft_standin(os.path.join(work, 'raft_small_random.pth'))
     raft_root = os.path.join(work, 'world_raft')
     shutil.copytree(os.path.join(world_dir, 'Cityscapes'),
@@ -276,20 +349,25 @@ def report(res: dict[str, Any]) -> str:
       f'Command: `{res["command"]}` (commit {res["commit"]}, '
       f'{res["date"]}, {res["cpus"]} CPU cores, '
       f'{res["host_gb"]:.0f} GB host memory).', '',
-      f'World: VIPER layout {res["sizes"][0][0]}x{res["sizes"][0][1]}, '
-      + (f'SYNTHIA-Seq layout {res["sizes"][2][0]}x{res["sizes"][2][1]} '
-         f'({res["world"]["synthia_seq_frames"]} samples), '
-         if res['world'].get('synthia_seq_frames') else '') +
-      f'Cityscapes-Seq layout {res["sizes"][1][0]}x{res["sizes"][1][1]}, '
-      f'{res["world"]["target_train_clips"]} train and '
+      'World: ' + ', '.join(
+          f'{name} layout {h}x{w}' for name, key in (
+              ('VIPER', 'viper'), ('SYNTHIA-Seq', 'synthia_seq'),
+              ('GTA5', 'gta5'), ('Cityscapes(-Seq)', 'cityscapes'))
+          if key in res['layouts'] for h, w in [res['sizes'][key]]) +
+      f'; {res["world"]["target_train_clips"]} train and '
       f'{res["world"]["target_val_clips"]} val target clips (frames t-2..t '
       'of each snippet; the real snippets have 30 frames, of which the '
-      f'loaders read these). Rendering took {res["render_s"]:.0f} s. '
-      + ('' if res['float32'] else
+      'loaders read these)' +
+      ('; the GTA5 frames are the VIPER renders resized to GTA5\'s size '
+       '(bilinear frames, nearest labels)' if 'gta5' in res['layouts']
+       else '') + f'. Rendering took {res["render_s"]:.0f} s. '
+      + ('' if res['float32'] or res['transformer'] else
          'Every model command adds `--config.model.scan_blocks=True '
          '--config.model.remat=True`: at the real size the float32 CNN step '
          f'does not fit this {res["host_gb"]:.0f} GB host '
-         '(benchmarks/memory.md). '), '',
+         '(benchmarks/memory.md). ')
+      + ('The transformer configs run as configured (float32, scanned '
+         'encoder blocks). ' if res['transformer'] else ''), '',
       'Peak RSS: the largest resident size of the stage\'s process.', '',
       '| stage | what | wall s | peak RSS GB | exit | command |',
       '|---|---|---:|---:|---:|---|']
@@ -366,6 +444,9 @@ def main(argv: list[str]) -> None:
       'commit': commit, 'date': time.strftime('%Y-%m-%d'),
       'cpus': os.cpu_count(), 'host_gb': host, 'float32': a.float32,
       'sizes': SMOKE_SIZES if a.smoke else REAL_SIZES, 'world': params,
+      'layouts': ['viper', 'cityscapes'] + [
+          k for k in ('synthia_seq', 'gta5') if f'{k}_size' in params],
+      'transformer': SETTINGS[a.config].transformer,
       'render_s': render_s, 'results': results,
       'pl_accuracy': (pl_accuracy(os.path.join(work, 'run'))
                       if os.path.isdir(os.path.join(work, 'run')) else []),

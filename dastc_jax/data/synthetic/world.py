@@ -121,11 +121,18 @@ def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
       if split == 'train' and frame == t:
         # The image-domain source: the same frames t in the GTA5 layout
         # (PNG frames, Cityscapes labelIds with the ego vehicle as id 1).
+        # With params['gta5_size'] (the rehearsal: GTA5's 1052x1914) the
+        # render is resized to it (bilinear frame, nearest labels).
         i = (seq - 1) * n + k
-        for sub, arr in (('images', styled), ('labels', _TO_CS[r.sem])):
+        gsize = params.get('gta5_size')
+        for sub, arr, how in (('images', styled, Image.BILINEAR),
+                              ('labels', _TO_CS[r.sem], Image.NEAREST)):
           path = os.path.join(root, 'GTA5', sub, f'{i:05d}.png')
           os.makedirs(os.path.dirname(path), exist_ok=True)
-          Image.fromarray(arr).save(path)
+          img = Image.fromarray(arr)
+          if gsize:
+            img = img.resize((gsize[1], gsize[0]), how)
+          img.save(path)
       if earlier:
         _save_flow(layouts.viper_flow(flow_dir, seq, t), r.flows[t - 1])
   return n
