@@ -266,3 +266,29 @@ def test_flow_throughput_per_pair_over_a_batch_and_report():
   r = subprocess.run([sys.executable, '-c', _FLOW_SPEED], cwd=repo, env=env,
                      capture_output=True, text=True, timeout=300, check=False)
   assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-3000:]
+
+
+def test_step_md_real_size_section_is_rewritten_in_place():
+  """benchmarks/memory.py owns step.md's real-size rows: a rerun replaces
+  them between the markers, leaves the rest, and step.py keeps them."""
+  from dastc_jax.benchmarks import memory  # pylint: disable=g-import-not-at-top
+  row = {'config': 'viper', 'variant': 'scan_remat', 'model': 'accel_deeplabv2',
+         'layers': [3, 4, 23, 3], 'mit_variant': 'b5',
+         'sizes': {'batch': 1, 'source': [720, 1280], 'target': [512, 1024]},
+         'scan_blocks': True, 'remat': True, 'dtype': 'float32',
+         'device': 'cpu', 'compile_s': 52.4, 'argument_gb': 0.8,
+         'output_gb': 0.77, 'temp_gb': 14.3, 'peak_gb': 15.2,
+         'step_s': [270.2, 263.4], 'peak_rss_gb': 20.1, 'commit': 'abc1234'}
+  compiled_only = dict(row, variant='float32')
+  del compiled_only['step_s']
+  section = memory.step_section([row, compiled_only])
+  assert '| viper | scan_remat: scan, remat, float32 | accel_deeplabv2 R101 |' in section
+  assert '| 52 | 0.80 | 0.77 | 14.3 | 15.2 | 270, 263 | 20.1 | abc1234 |' in section
+  assert 'float32: unrolled' not in section and '| float32:' not in section
+  text = memory.with_step_section('# Train step\n\nrows\n', section)
+  assert text.startswith('# Train step\n\nrows\n') and section in text
+  again = memory.with_step_section(
+      text, memory.step_section([dict(row, step_s=[1.0])]))
+  assert again.count(memory.STEP_MD_BEGIN) == 1
+  assert '| 1 | 20.1 |' in again and '270, 263' not in again
+  assert again.startswith('# Train step\n\nrows\n')

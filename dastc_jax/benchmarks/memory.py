@@ -287,6 +287,82 @@ def report(results: list[dict[str, Any]], command: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+# benchmarks/step.md's section of real-size rows (written here, kept by
+# benchmarks/step.py when it rewrites the rest of that file).
+STEP_MD_BEGIN = ('<!-- real-size rows: written by python -m '
+                 'dastc_jax.benchmarks.memory --step_md -->')
+STEP_MD_END = '<!-- end of the real-size rows -->'
+
+
+def step_section(results: list[dict[str, Any]]) -> str:
+  """The rows of ``results`` that ran steps, as step.md's real-size table."""
+  lines = [
+      STEP_MD_BEGIN, '', '## At the configured sizes', '',
+      'The real configs\' DA-STC step at their configured crop sizes, depth '
+      'and batch, from `python -m dastc_jax.benchmarks.memory '
+      '--configs=CONFIG --variants=VARIANT --run_steps=2 '
+      '--output=benchmarks/memory.json --step_md=benchmarks/step.md` (each '
+      'row has its commit; benchmarks/memory.md has the rows that were only '
+      'compiled). Memory from XLA\'s `compiled.memory_analysis()`: '
+      'arguments, outputs, temporaries and peak (arguments + outputs - '
+      'donated + temporaries); RSS is the process\'s peak resident memory. '
+      'Step seconds: each timed step, after compiling; on the CPU rows, 2 '
+      'cores.', '',
+      '| config | variant: scan, remat, dtype | model | source / target '
+      '(batch) | device | compile s | args GB | outputs GB | temps GB | '
+      'peak GB | step s | RSS GB | commit |',
+      '|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|']
+  rows = [r for r in results if r.get('step_s') and 'error' not in r]
+  for r in rows:
+    model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
+             else f'R{3 * sum(r["layers"]) + 2}')
+    s = r['sizes']
+    how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
+           f'{"remat" if r.get("remat") else "no remat"}, '
+           f'{r.get("dtype", "float32")}')
+    lines.append(
+        f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
+        f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
+        f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | '
+        f'{r["compile_s"]:.0f} | {r["argument_gb"]:.2f} | '
+        f'{r["output_gb"]:.2f} | {r["temp_gb"]:.1f} | {r["peak_gb"]:.1f} | '
+        + ', '.join(f'{t:.0f}' for t in r['step_s']) +
+        f' | {r["peak_rss_gb"]:.1f} | {r.get("commit", "")} |')
+  if not rows:
+    lines.append('| (none measured yet) |' + ' |' * 12)
+  return '\n'.join(lines + ['', STEP_MD_END])
+
+
+def with_step_section(text: str, section: str) -> str:
+  """``text`` (a step.md) with its real-size section replaced by
+  ``section`` (appended where it has none)."""
+  if STEP_MD_BEGIN in text and STEP_MD_END in text:
+    head, rest = text.split(STEP_MD_BEGIN, 1)
+    tail = rest.split(STEP_MD_END, 1)[1]
+    return head + section + tail
+  return text.rstrip('\n') + '\n\n' + section + '\n'
+
+
+def existing_step_section(path: str) -> str | None:
+  """The real-size section of the step.md at ``path``, if it has one."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    text = f.read()
+  if STEP_MD_BEGIN not in text or STEP_MD_END not in text:
+    return None
+  return (STEP_MD_BEGIN + text.split(STEP_MD_BEGIN, 1)[1].split(
+      STEP_MD_END, 1)[0] + STEP_MD_END)
+
+
+def _write_step_md(path: str, results: list[dict[str, Any]]) -> None:
+  with open(path) as f:
+    text = f.read()
+  with open(path + '.tmp', 'w') as f:
+    f.write(with_step_section(text, step_section(results)))
+  os.replace(path + '.tmp', path)
+
+
 def main(argv: list[str]) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -301,12 +377,17 @@ def main(argv: list[str]) -> None:
   p.add_argument('--output', required=True,
                  help='.json: measure and add to it; .md: --report to it')
   p.add_argument('--report', default='', help='a .json of results')
+  p.add_argument('--step_md', default='',
+                 help='also rewrite the real-size section of this step.md '
+                      '(benchmarks/step.md) from the rows that ran steps')
   a = p.parse_args(argv)
   if a.report:
     with open(a.report) as f:
       data = json.load(f)
     with open(a.output, 'w') as f:
       f.write(report(data['results'], data['command']))
+    if a.step_md:
+      _write_step_md(a.step_md, data['results'])
     return
   bad = set(a.variants.split(',')) - set(VARIANTS)
   if bad:
@@ -328,6 +409,8 @@ def main(argv: list[str]) -> None:
       with open(a.output + '.tmp', 'w') as f:
         json.dump(data, f, indent=1)
       os.replace(a.output + '.tmp', a.output)
+      if a.step_md:
+        _write_step_md(a.step_md, data['results'])
 
 
 if __name__ == '__main__':
