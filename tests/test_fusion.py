@@ -111,9 +111,11 @@ def test_feature_mix_is_identity_on_an_empty_mask():
   np.testing.assert_array_equal(np.asarray(s2), np.asarray(fs))
   np.testing.assert_array_equal(np.asarray(t2), np.asarray(ft))
   assert float(info['feat_rel_diff']) == 0.0
+  assert float(info['mix_area']) == 0.0
   s3, t3, info = fusion.feature_mix(fs, ft, jnp.ones((2, 16, 20)), 0.3)
   ref = np.linalg.norm(fs - ft) / np.linalg.norm(ft)
   np.testing.assert_allclose(float(info['feat_rel_diff']), ref, rtol=1e-5)
+  assert float(info['mix_area']) == 1.0
   np.testing.assert_allclose(np.asarray(s3), 0.7 * fs + 0.3 * ft, atol=1e-6)
   np.testing.assert_allclose(np.asarray(t3), 0.7 * ft + 0.3 * fs, atol=1e-6)
 
@@ -192,3 +194,6 @@ def test_feature_swap_exchanges_inside_the_masks_only():
   ref = np.linalg.norm(ft[:, :2] - fs[:, :2]) / np.linalg.norm(fs[:, :2])
   np.testing.assert_allclose(float(info['feat_rel_diff_to_s']), ref,
                              rtol=1e-5)
+  # The exchanged area on the 4x5 grid: rows 0-1 and row 3.
+  assert float(info['swap_area_to_s']) == 2 / 4
+  assert float(info['swap_area_to_t']) == 1 / 4

@@ -202,17 +202,8 @@ def _load_config(config_arg: str):
 
 def pl_accuracy(run_dir: str) -> list[tuple[int, float]]:
   """``(step, pl_accuracy)`` of a run's TensorBoard scalars."""
-  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
-    for raw in tf.data.TFRecordDataset(path):
-      ev = event_pb2.Event.FromString(raw.numpy())
-      for v in ev.summary.value:
-        if v.tag == 'pl_accuracy':
-          out[ev.step] = float(tf.make_ndarray(v.tensor)) if v.HasField(
-              'tensor') else v.simple_value
-  return sorted(out.items())
+  from dastc_jax.runtime import workdir  # pylint: disable=g-import-not-at-top
+  return workdir.read_scalars(run_dir, 'pl_accuracy')
 
 
 def stages(a: argparse.Namespace, work: str) -> list[Stage]:

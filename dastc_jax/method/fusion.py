@@ -212,12 +212,17 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
   Returns:
     The exchanged ``(feat_s, feat_t)`` and ``{'feat_rel_diff_to_s',
     'feat_rel_diff_to_t'}``: the relative difference of the features being
-    replaced, measured before the exchange (0 would mean a no-op).
+    replaced, measured before the exchange (0 would mean a no-op; two
+    unrelated images give about 1 even within one domain, so it does not
+    measure a domain gap), and ``{'swap_area_to_s', 'swap_area_to_t'}``:
+    the fraction of the feature grid exchanged in each direction.
   """
   to_s = _resize_mask(masks['to_s'], feat_s.shape, feat_s.dtype)
   to_t = _resize_mask(masks['to_t'], feat_t.shape, feat_t.dtype)
   info = {'feat_rel_diff_to_s': relative_difference(feat_t, feat_s, to_s),
-          'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t)}
+          'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t),
+          'swap_area_to_s': jnp.mean(to_s.astype(jnp.float32)),
+          'swap_area_to_t': jnp.mean(to_t.astype(jnp.float32))}
   new_s = jnp.where(to_s > 0, feat_t, feat_s)
   new_t = jnp.where(to_t > 0, feat_s, feat_t)
   return new_s, new_t, info
@@ -313,11 +318,13 @@ def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
 
   Returns:
     The mixed ``(feat_s, feat_t)`` and ``{'feat_rel_diff'}``, the relative
-    difference of the two clips' features inside the mask before mixing.
+    difference of the two clips' features inside the mask before mixing,
+    and ``{'mix_area'}``, the fraction of the feature grid mixed.
   """
   inside = _resize_mask(mask, feat_s.shape, feat_s.dtype)
   m = inside * other_weight
-  info = {'feat_rel_diff': relative_difference(feat_s, feat_t, inside)}
+  info = {'feat_rel_diff': relative_difference(feat_s, feat_t, inside),
+          'mix_area': jnp.mean(inside.astype(jnp.float32))}
   return (feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t),
           info)
 

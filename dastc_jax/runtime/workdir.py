@@ -1,8 +1,11 @@
-"""The run's workdir: the config it was trained with."""
+"""The run's workdir: the config it was trained with, and its logged
+scalars read back."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 from etils import epath
 from flax import traverse_util
@@ -38,3 +41,19 @@ def check_and_write_config(config: ml_collections.ConfigDict,
           + '. Use another --workdir or the original values.')
   if jax.process_index() == 0:
     paths.write_atomic(path, config.to_json_best_effort(indent=2))
+
+
+def read_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
+  """``(step, value)`` of one TensorBoard scalar ``tag`` in the event files
+  of ``log_dir`` (the run's workdir; ``eval/`` for the eval job), by step."""
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(log_dir, 'events.out.tfevents.*')):
+    for raw in tf.data.TFRecordDataset(path):
+      ev = event_pb2.Event.FromString(raw.numpy())
+      for v in ev.summary.value:
+        if v.tag == tag:
+          out[ev.step] = float(tf.make_ndarray(v.tensor)) if v.HasField(
+              'tensor') else v.simple_value
+  return sorted(out.items())
