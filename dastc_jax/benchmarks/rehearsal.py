@@ -346,9 +346,11 @@ def report(res: dict[str, Any]) -> str:
               ('GTA5', 'gta5'), ('Cityscapes(-Seq)', 'cityscapes'))
           if key in res['layouts'] for h, w in [res['sizes'][key]]) +
       f'; {res["world"]["target_train_clips"]} train and '
-      f'{res["world"]["target_val_clips"]} val target clips (frames t-2..t '
-      'of each snippet; the real snippets have 30 frames, of which the '
-      'loaders read these)' +
+      f'{res["world"]["target_val_clips"]} val target clips ' +
+      ('(frames t-2..t of each snippet; the real snippets have 30 frames, '
+       'of which the loaders read these)' if res.get('video', True) else
+       '(the image-domain loaders read their annotated frame, '
+       '`leftImg8bit`)') +
       ('; the GTA5 frames are the VIPER renders resized to GTA5\'s size '
        '(bilinear frames, nearest labels)' if 'gta5' in res['layouts']
        else '') + f'. Rendering took {res["render_s"]:.0f} s. '
@@ -438,6 +440,7 @@ def main(argv: list[str]) -> None:
       'layouts': ['viper', 'cityscapes'] + [
           k for k in ('synthia_seq', 'gta5') if f'{k}_size' in params],
       'transformer': SETTINGS[a.config].transformer,
+      'video': SETTINGS[a.config].video,
       'render_s': render_s, 'results': results,
       'pl_accuracy': (pl_accuracy(os.path.join(work, 'run'))
                       if os.path.isdir(os.path.join(work, 'run')) else []),
