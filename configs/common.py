@@ -243,7 +243,8 @@ def dastc_config() -> ml_collections.ConfigDict:
       # Shallow-feature-level fusion (inactive in the released code):
       # 'swap' exchanges current-iteration class regions between the two
       # fused clips after `feature_layer`; 'blend' is the reference decoder
-      # variant's 0.7 own + 0.3 other inside the fused mask.
+      # variant's 0.7 own + 0.3 other inside the fused mask; 'pixel_swap'
+      # (a control) moves the regions of 'swap' as input pixels.
       feature_fusion=True,
       feature_mode='swap',
       feature_layer='layer1',  # 'stem', 'layer1', 'layer2' or 'layer3'
@@ -251,6 +252,10 @@ def dastc_config() -> ml_collections.ConfigDict:
       # 'both', or one direction only: 'to_target' (source features into
       # the target-context clip) or 'to_source'.
       feature_swap_directions='both',
+      # Controls (docs/benchmarks.md): 'kept' leaves the receiving clip's
+      # labels and flows under the exchanged features; feature_mode
+      # 'pixel_swap' moves the same regions as input pixels instead.
+      feature_swap_labels='exchanged',
       feature_other_weight=0.3,  # 'blend': weight of the other clip
       # BatchNorm running averages: 'fixed' = from the source and strong
       # target passes only (the same in every ablation); 'all' = every

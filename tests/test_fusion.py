@@ -197,3 +197,80 @@ def test_feature_swap_exchanges_inside_the_masks_only():
   # The exchanged area on the 4x5 grid: rows 0-1 and row 3.
   assert float(info['swap_area_to_s']) == 2 / 4
   assert float(info['swap_area_to_t']) == 1 / 4
+
+
+def test_swap_pixels_moves_the_regions_frame_by_frame():
+  """The 'pixel_swap' control: each frame's exchange masks move input
+  pixels between the clips; labels and flows are left alone."""
+  k = jax.random.split(jax.random.key(1), 2)
+  xs = jax.random.normal(k[0], (1, 2, 4, 6, 3))
+  xt = jax.random.normal(k[1], (1, 2, 4, 6, 3))
+  to_s = jnp.zeros((1, 2, 4, 6), bool).at[:, 0, :2].set(True)  # frame 0
+  to_t = jnp.zeros((1, 2, 4, 6), bool).at[:, 1, :, :3].set(True)  # frame 1
+  ys, yt = jnp.zeros((1, 2, 4, 6), jnp.int32), jnp.ones((1, 2, 4, 6),
+                                                         jnp.int32)
+  (xs2, ys2, fs2), (xt2, yt2, ft2) = fusion.swap_pixels(
+      {'to_s': to_s, 'to_t': to_t}, (xs, ys, None), (xt, yt, None))
+  np.testing.assert_array_equal(xs2[:, 0, :2], xt[:, 0, :2])
+  np.testing.assert_array_equal(xs2[:, 0, 2:], xs[:, 0, 2:])
+  np.testing.assert_array_equal(xs2[:, 1], xs[:, 1])
+  np.testing.assert_array_equal(xt2[:, 1, :, :3], xs[:, 1, :, :3])
+  np.testing.assert_array_equal(xt2[:, 1, :, 3:], xt[:, 1, :, 3:])
+  np.testing.assert_array_equal(xt2[:, 0], xt[:, 0])
+  assert ys2 is ys and yt2 is yt and fs2 is None and ft2 is None
+
+
+@pytest.mark.parametrize('mode,labels', [('swap', 'exchanged'),
+                                         ('swap', 'kept'),
+                                         ('pixel_swap', 'exchanged')])
+def test_exchange_controls_in_the_fused_clips(smoke_config, mode, labels):
+  """The fused clips the DA-STC step trains on, built eagerly from a real
+  batch: 'swap' exchanges labels with the features (frames untouched);
+  the 'kept' control leaves the receiving clip's labels; 'pixel_swap'
+  moves the same regions as pixels with their labels."""
+  from dastc_jax import train  # pylint: disable=g-import-not-at-top
+  from dastc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dastc_jax.method import dastc_step  # pylint: disable=g-import-not-at-top
+  from dastc_jax.ops import image as image_ops  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+  c = smoke_config
+  c.dastc.feature_mode, c.dastc.feature_swap_labels = mode, labels
+  root = train.resolve_data_root(c)
+  batch = next(iter(pipeline.make_train_dataset(
+      c, root, local_batch_size=c.train.batch_size)))
+  _, state, _ = state_lib.create_train_state(
+      c, sizes=state_lib.carried_sizes(c, root))
+  src, tgt = batch['source'], batch['target']
+  size = tgt['frames'].shape[2:4]
+  x_src = image_ops.normalize(src['frames'], jnp.float32)
+  x_st = image_ops.normalize(tgt['frames'][:, :2], jnp.float32)
+  b, h, w = tgt['label'].shape
+  # Pseudo-labels: every pixel confident, class 1 in frame t, 2 in t-1.
+  pl = {'label_t': jnp.ones((b, h, w), jnp.int32),
+        'label_t1': jnp.full((b, h, w), 2, jnp.int32),
+        'conf_t': jnp.ones((b, h, w)), 'conf_t1': jnp.ones((b, h, w))}
+  keys = tuple(jax.random.split(jax.random.key(0), 2))
+  run = lambda d: dastc_step._fusion_inputs(  # pylint: disable=protected-access
+      keys, c, state, src, tgt['flow'], x_src, x_st, pl, size, (3,))
+  masks, swap, (xs, ys, _), (xt, yt, _) = run(c.dastc)
+  c.dastc.feature_fusion = False
+  _, none, (xs0, ys0, _), (xt0, yt0, _) = run(c.dastc)
+  assert none is None and swap is not None
+  to_s, to_t = np.asarray(swap['to_s']), np.asarray(swap['to_t'])
+  assert to_s.any() and to_t.any()
+  moved = lambda new, old, m: (np.asarray(new) != np.asarray(old))[m].mean()
+  same = lambda new, old: np.array_equal(np.asarray(new), np.asarray(old))
+  if labels == 'exchanged':  # the labels follow the regions
+    np.testing.assert_array_equal(np.asarray(ys)[to_s], np.asarray(yt0)[to_s])
+    np.testing.assert_array_equal(np.asarray(yt)[to_t], np.asarray(ys0)[to_t])
+  else:
+    assert same(ys, ys0) and same(yt, yt0)
+  if mode == 'pixel_swap':  # the frames hold the other clip's pixels there
+    np.testing.assert_array_equal(np.asarray(xs)[to_s],
+                                  np.asarray(xt0)[to_s])
+    np.testing.assert_array_equal(np.asarray(xt)[to_t],
+                                  np.asarray(xs0)[to_t])
+    assert moved(xs, xs0, to_s) > 0.5
+  else:  # the exchange happens on features, later
+    assert same(xs, xs0) and same(xt, xt0)
+  del masks

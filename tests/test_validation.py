@@ -114,3 +114,12 @@ def test_config_errors_name_the_key_and_the_expected_values():
   from configs import viper  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"Unknown config variant.*'smok'"):
     viper.get_config('smok')
+
+
+def test_kept_labels_control_needs_the_feature_swap():
+  c = _with('dastc.feature_swap_labels', 'kept')
+  validation.check_config(c)  # with the default 'swap'
+  c.dastc.feature_mode = 'blend'
+  with pytest.raises(errors.ConfigError,
+                     match="feature_swap_labels='kept'.*'blend'"):
+    validation.check_config(c)

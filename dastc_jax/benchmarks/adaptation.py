@@ -142,6 +142,13 @@ VARIANTS: dict[str, tuple[Change, str]] = {
         _dastc(**{'dastc.feature_swap_directions': 'to_target'}), 'hm'),
     'feature_swap_to_source': (
         _dastc(**{'dastc.feature_swap_directions': 'to_source'}), 'hm'),
+    # Controls of the exchange: the features exchanged under the receiving
+    # clip's own labels (must hurt if the exchange carries content), and
+    # the same regions moved as pixels (if it scores the same, the
+    # exchange is one more class-mix).
+    'feature_swap_kept_labels': (
+        _dastc(**{'dastc.feature_swap_labels': 'kept'}), 'hm'),
+    'pixel_swap': (_dastc(**{'dastc.feature_mode': 'pixel_swap'}), 'hm'),
     'feature_layer2': (_dastc(**{'dastc.feature_layer': 'layer2'}), 'hm'),
     'feature_layer3': (_dastc(**{'dastc.feature_layer': 'layer3'}), 'hm'),
     'pairs_alignment': (_dastc(**{'dastc.alignment.aggregation': 'pairs',

@@ -205,7 +205,9 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
   Returns ``(masks, swap, clip_s, clip_t)``: the image-level paste masks,
   the shallow-feature exchange masks (None when that fusion is off or in
   ``'blend'`` mode) and the two clips ``(frames, labels, flow)``, whose
-  labels and flows already follow the feature exchange.
+  labels and flows already follow the feature exchange (unless
+  ``feature_swap_labels='kept'``) and, for ``'pixel_swap'``, whose frames
+  hold the exchanged regions.
   """
   k_paste, k_swap = keys
   d = config.dastc
@@ -239,7 +241,7 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
     ft = fusion.mix_flow(tgt_flow, **flows)
   clip_s, clip_t = (xs, ys, fs), (xt, yt, ft)
   swap = None
-  if d.feature_fusion and d.feature_mode == 'swap':
+  if d.feature_fusion and d.feature_mode in ('swap', 'pixel_swap'):
     conf = jnp.stack([pl[k] for k in ('conf_t', 'conf_t1') if k in pl], 1)
     swap = fusion.swap_masks(
         k_swap, src_labels=src_labels, tgt_labels=tgt_labels,
@@ -248,7 +250,10 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
         num_classes=config.model.num_classes,
         num_swap_classes=d.feature_swap_classes,
         directions=d.feature_swap_directions)
-    clip_s, clip_t = fusion.apply_swap(swap, clip_s, clip_t)
+    if d.feature_swap_labels == 'exchanged':
+      clip_s, clip_t = fusion.apply_swap(swap, clip_s, clip_t)
+    if d.feature_mode == 'pixel_swap':
+      clip_s, clip_t = fusion.swap_pixels(swap, clip_s, clip_t)
   return masks, swap, clip_s, clip_t
 
 
@@ -426,7 +431,9 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   lam = d.lambda_t
   dtype = models.compute_dtype(config.model.dtype)
   adapt_start = config.train.source_only_steps
-  layer = d.feature_layer if d.feature_fusion else None
+  # 'pixel_swap' moves the exchange's regions as pixels (_fusion_inputs).
+  layer = (d.feature_layer if d.feature_fusion and
+           d.feature_mode != 'pixel_swap' else None)
   if d.feature_mode == 'blend':
     mix_fn = functools.partial(fusion.feature_mix,
                                other_weight=d.feature_other_weight)

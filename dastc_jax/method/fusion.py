@@ -229,6 +229,13 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
 
 
 SWAP_DIRECTIONS = ('both', 'to_target', 'to_source')
+# dastc.feature_mode: the exchange of shallow features, the reference
+# decoder's blend, and a control that moves the same regions as pixels.
+FEATURE_MODES = ('swap', 'blend', 'pixel_swap')
+# dastc.feature_swap_labels: labels follow the exchanged features, or (a
+# control that must hurt if the exchange carries content) stay the
+# receiving clip's.
+SWAP_LABELS = ('exchanged', 'kept')
 
 
 def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
@@ -299,6 +306,28 @@ def apply_swap(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
     fs, ft = (jnp.where(masks['to_s'][:, 0, ..., None], ft, fs),
               jnp.where(masks['to_t'][:, 0, ..., None], fs, ft))
   return (xs, ys2, fs), (xt, yt2, ft)
+
+
+def swap_pixels(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
+                clip_t: tuple[Array, Array, Any]
+                ) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
+  """The control ``dastc.feature_mode='pixel_swap'``: the exchange's class
+  regions moved as input pixels instead of shallow features (every frame
+  with its own masks); labels and flows are left to :func:`apply_swap`.
+
+  Args:
+    masks: from ``swap_masks`` (``to_s``/``to_t`` ``[B, T, H, W]``).
+    clip_s: ``(frames [B, T, H, W, 3], labels, flow)`` of the
+      source-context clip.
+    clip_t: the same for the target-context clip.
+
+  Returns:
+    The two clips with exchanged frames.
+  """
+  (xs, ys, fs), (xt, yt, ft) = clip_s, clip_t
+  xs2 = jnp.where(masks['to_s'][..., None], xt, xs)
+  xt2 = jnp.where(masks['to_t'][..., None], xs, xt)
+  return (xs2, ys, fs), (xt2, yt, ft)
 
 
 def feature_mix(feat_s: Array, feat_t: Array, mask: Array,

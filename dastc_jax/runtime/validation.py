@@ -46,7 +46,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'optim.schedule': ('poly', 'constant'),
     'train.nonfinite': divergence.POLICIES,
     'dastc.teacher': ('ema', 'reference'),
-    'dastc.feature_mode': ('swap', 'blend'),
+    'dastc.feature_mode': fusion.FEATURE_MODES,
+    'dastc.feature_swap_labels': fusion.SWAP_LABELS,
     'dastc.feature_swap_directions': fusion.SWAP_DIRECTIONS,
     'dastc.feature_layer': tuple(dict.fromkeys(
         models.shallow_stages('accel_deeplabv2') +
@@ -308,3 +309,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                              'config.dastc.image_fusion=True: the shallow '
                              'features are exchanged between the two fused '
                              'clips.')
+  if d.feature_swap_labels == 'kept' and d.feature_mode != 'swap':
+    raise errors.ConfigError(
+        "config.dastc.feature_swap_labels='kept' (a control) applies to "
+        "config.dastc.feature_mode='swap' only; it is "
+        f'{d.feature_mode!r}.')
