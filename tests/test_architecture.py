@@ -50,3 +50,30 @@ def test_the_checker_sees_imports():
   assert _package_imports(ROOT / 'method' / 'dastc_step.py') >= {
       'method', 'models', 'ops'}
   assert 'runtime' in _package_imports(ROOT / 'runtime' / 'steps.py')
+
+
+def test_training_imports_need_no_test_only_dependency():
+  """The commands import without torch, torchvision, transformers, pytest
+  or cityscapesscripts (requirements-dev.txt only): a fresh interpreter in
+  which importing any of them fails."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = '''
+import importlib, sys
+BLOCKED = ('torch', 'torchvision', 'transformers', 'pytest',
+           'cityscapesscripts')
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'test-only dependency imported: {name}')
+sys.meta_path.insert(0, Block())
+for m in ('dastc_jax.main', 'dastc_jax.train', 'dastc_jax.prepare',
+          'dastc_jax.convert', 'dastc_jax.flow.generate',
+          'dastc_jax.evaluation.eval_job', 'dastc_jax.evaluation.predict',
+          'configs.viper', 'configs.viper_vit', 'configs.gta5_vit'):
+  importlib.import_module(m)
+print('OK')
+'''
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=str(ROOT.parent), check=False)
+  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-2000:]
