@@ -43,7 +43,9 @@ It also reads the teacher's pseudo-label accuracy (``pl_accuracy``, against
 the world's labels, never used by a loss) of the first DA-STC steps from the
 run's TensorBoard scalars: an untrained teacher would show as chance.
 Supported: ``SUPPORTED`` (the four video configs and ``gta5_vit``);
-``--smoke`` renders a small world and trains the ``:smoke`` model.
+``--smoke`` renders a small world and trains the ``:smoke`` model (which
+reads the VIPER layout for every video config: for the SYNTHIA-Seq configs
+it prepares both).
 """
 
 from __future__ import annotations
@@ -224,10 +226,15 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
            f'--config.train.checkpoint_every={a.steps}',
            '--config.eval.num_overlays=1']
   w = lambda *p: os.path.join(work, *p)
+  prepared = [setting.source, setting.target]
+  if a.smoke and setting.source is _SYNTHIA_SEQ:
+    # Every :smoke variant trains on the VIPER layout (viper15 classes);
+    # the SYNTHIA-Seq layout is still prepared, and read at full size.
+    prepared.append(_VIPER)
   out = [Stage(name, py + [
       'dastc_jax.prepare', f'--dataset={dataset}',
       f'--manual_dir={world_dir}/{folder}', f'--data_dir={tfds}'], what)
-         for name, dataset, folder, what in (setting.source, setting.target)]
+         for name, dataset, folder, what in prepared]
   if a.raft and setting.video:
     out += [
         Stage('convert_raft', py + [
