@@ -243,6 +243,19 @@ def _commit() -> str:
   return head + ('+dirty' if dirty else '')
 
 
+def _row_head(r: dict[str, Any]) -> str:
+  """A result's first cells: config, variant, model, sizes, device."""
+  model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
+           else f'R{3 * sum(r["layers"]) + 2}')
+  s = r['sizes']
+  how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
+         f'{"remat" if r.get("remat") else "no remat"}, '
+         f'{r.get("dtype", "float32")}')
+  return (f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
+          f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
+          f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | ')
+
+
 def report(results: list[dict[str, Any]], command: str) -> str:
   """The markdown table of :func:`measure` results."""
   lines = [
@@ -265,20 +278,11 @@ def report(results: list[dict[str, Any]], command: str) -> str:
       lines.append(f'| {r["config"]} | {r["variant"]} | {r["error"]} |'
                    + ' |' * 11)
       continue
-    model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
-             else f'R{3 * sum(r["layers"]) + 2}')
-    s = r['sizes']
     step = ('failed: ' + r['error'].split(' | ')[-1][-120:] if 'error' in r
             else '' if 'step_s' not in r else
             ', '.join(f'{t:.0f}' for t in r['step_s']))
-    how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
-           f'{"remat" if r.get("remat") else "no remat"}, '
-           f'{r.get("dtype", "float32")}')
     lines.append(
-        f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
-        f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
-        f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | '
-        f'{r["trace_lower_s"]:.0f} | {r["compile_s"]:.0f} | '
+        _row_head(r) + f'{r["trace_lower_s"]:.0f} | {r["compile_s"]:.0f} | '
         f'{r["hlo_lines"]:,} | {r["argument_gb"]:.2f} | {r["temp_gb"]:.1f} | '
         f'{r["peak_gb"]:.1f} | {step} | {r["peak_rss_gb"]:.1f} | '
         f'{r.get("commit", "")} |')
@@ -314,17 +318,8 @@ def step_section(results: list[dict[str, Any]]) -> str:
       '|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|']
   rows = [r for r in results if r.get('step_s') and 'error' not in r]
   for r in rows:
-    model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
-             else f'R{3 * sum(r["layers"]) + 2}')
-    s = r['sizes']
-    how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
-           f'{"remat" if r.get("remat") else "no remat"}, '
-           f'{r.get("dtype", "float32")}')
     lines.append(
-        f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
-        f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
-        f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | '
-        f'{r["compile_s"]:.0f} | {r["argument_gb"]:.2f} | '
+        _row_head(r) + f'{r["compile_s"]:.0f} | {r["argument_gb"]:.2f} | '
         f'{r["output_gb"]:.2f} | {r["temp_gb"]:.1f} | {r["peak_gb"]:.1f} | '
         + ', '.join(f'{t:.0f}' for t in r['step_s']) +
         f' | {r["peak_rss_gb"]:.1f} | {r.get("commit", "")} |')
