@@ -252,14 +252,15 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
             f'--data_dir={w("tfds_raft")}'],
               'Cityscapes-Seq with the RAFT flows -> TFDS'),
     ]
-  export = [sys.executable, '-c', (
+  # A function of this module, run in its own process like the commands.
+  here = lambda call: [sys.executable, '-c', (
       f'import sys; sys.path.insert(0, {_REPO!r}); '
-      'from dastc_jax.benchmarks import rehearsal as r; ')]
+      f'from dastc_jax.benchmarks import rehearsal as r; r.{call}')]
   if setting.transformer:
     init = w('weights', 'mit_b5')
     out += [
-        Stage('mit_standin', export[:2] + [export[2] + (
-            f'r._export_mit({cfg!r}, {w("mit_b5.pth")!r})')],
+        Stage('mit_standin', here(
+            f'_export_mit({cfg!r}, {w("mit_b5.pth")!r})'),
               'stand-in for the ImageNet MiT-B5 file: the encoder at its '
               'initialisation in the SegFormer/mmseg key layout (.pth)'),
         Stage('convert_mit', py + [
@@ -287,9 +288,9 @@ def stages(a: argparse.Namespace, work: str) -> list[Stage]:
             *data, *fit, *steps],
               'stand-in for the released TPS model: source-only steps with '
               'the TPS head'),
-        Stage('tps_standin_export', export[:2] + [export[2] + (
-            f'r._export_tps({w("tps_run")!r}, {cfg!r}, '
-            f'{w("tps_standin.pth")!r})')],
+        Stage('tps_standin_export', here(
+            f'_export_tps({w("tps_run")!r}, {cfg!r}, '
+            f'{w("tps_standin.pth")!r})'),
               'its weights exported to the released TPS key layout (.pth)'),
         Stage('convert_tps_init', py + [
             'dastc_jax.convert', f'--config={cfg}',
