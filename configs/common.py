@@ -59,8 +59,9 @@ def synthetic_world(size: str = 'default') -> ml_collections.ConfigDict:
       cache_dir='~/.cache/dastc_jax',
       num_workers=2,
       seed=0,
-      # Target appearance: 'default' or 'hard' (per-class materials and
-      # local illumination; see docs/synthetic_world.md).
+      # Target: 'default', 'hard' (per-class materials and local
+      # illumination) or 'winter' (a suburb in snow and fog; another
+      # object mix); see docs/synthetic_world.md.
       shift='default',
       source_size=(72, 128) if tiny else (144, 256),
       target_size=(64, 128) if tiny else (128, 256),

@@ -72,7 +72,7 @@ from dastc_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/adaptation', 'Output folder of the runs.')
-flags.DEFINE_enum('world', 'default', ['default', 'hard'],
+flags.DEFINE_enum('world', 'default', ['default', 'hard', 'winter'],
                   'Synthetic world (data.synthetic.shift).')
 flags.DEFINE_enum('domain', 'video', ['video', 'image'],
                   'Video (ACCEL, VIPER/Cityscapes-Seq layouts) or image '

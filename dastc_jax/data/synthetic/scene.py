@@ -101,6 +101,51 @@ class Scene:
   billboards: list[Billboard]
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a kind of street is made of: widths, wall and object mixes.
+
+  Spacings are mean metres of road per object (Poisson counts).
+  """
+  road_half: tuple[float, float]
+  sidewalk: tuple[float, float]
+  setback: tuple[float, float]  # wall plane behind the fence line
+  wall_kinds: tuple[str, ...]
+  wall_probs: tuple[float, ...]
+  wall_length: tuple[float, float]
+  wall_height: tuple[float, float]
+  fence_prob: float
+  vehicle_spacing: float
+  vehicle_probs: tuple[float, float, float, float]  # car truck bus motorbike
+  parked_spacing: float
+  bicycle_spacing: float
+  person_spacing: float
+  tree_spacing: float
+  pole_spacing: float
+
+
+# A city street: continuous facades, wide sidewalks, busy.
+CITY = Family(road_half=(3.5, 6.5), sidewalk=(1.8, 3.5), setback=(0.5, 6.0),
+              wall_kinds=('building', 'vegetation', 'gap'),
+              wall_probs=(0.7, 0.18, 0.12), wall_length=(8.0, 30.0),
+              wall_height=(6.0, 22.0), fence_prob=0.25, vehicle_spacing=14.0,
+              vehicle_probs=(0.78, 0.08, 0.08, 0.06), parked_spacing=25.0,
+              bicycle_spacing=90.0, person_spacing=9.0, tree_spacing=12.0,
+              pole_spacing=30.0)
+# A suburban road: two narrow lanes, narrow sidewalks, detached low
+# houses behind front gardens, hedges and gaps, garden fences, many street
+# trees, few people, delivery and service trucks, hardly any motorbikes.
+SUBURB = Family(road_half=(3.0, 4.5), sidewalk=(0.8, 1.6),
+                setback=(4.0, 15.0),
+                wall_kinds=('building', 'vegetation', 'gap'),
+                wall_probs=(0.4, 0.35, 0.25), wall_length=(10.0, 25.0),
+                wall_height=(4.0, 9.0), fence_prob=0.5, vehicle_spacing=24.0,
+                vehicle_probs=(0.74, 0.18, 0.05, 0.03), parked_spacing=45.0,
+                bicycle_spacing=300.0, person_spacing=40.0, tree_spacing=7.0,
+                pole_spacing=22.0)
+FAMILIES = {'city': CITY, 'suburb': SUBURB}
+
+
 def _segments(rng, z0, z1, kinds, probs, length, height):
   segs, z = [], z0
   while z < z1:
@@ -113,7 +158,8 @@ def _segments(rng, z0, z1, kinds, probs, length, height):
 
 
 def sample_scene(rng: np.random.Generator, z0: float, z1: float,
-                 t_range: tuple[float, float]) -> Scene:
+                 t_range: tuple[float, float],
+                 family: Family = CITY) -> Scene:
   """Samples a street covering ``[z0, z1]`` metres along the road.
 
   Args:
@@ -121,21 +167,24 @@ def sample_scene(rng: np.random.Generator, z0: float, z1: float,
     z0: first visible depth (world Z).
     z1: last visible depth.
     t_range: frames over which moving objects must stay plausible.
+    family: the kind of street (``CITY`` or ``SUBURB``).
 
   Returns:
     The scene.
   """
-  road_half = rng.uniform(3.5, 6.5)
-  sidewalk = (rng.uniform(1.8, 3.5), rng.uniform(1.8, 3.5))
+  fam = family
+  road_half = rng.uniform(*fam.road_half)
+  sidewalk = (rng.uniform(*fam.sidewalk), rng.uniform(*fam.sidewalk))
   fence_x = (road_half + sidewalk[0], road_half + sidewalk[1])
-  walls = (fence_x[0] + rng.uniform(0.5, 6.0), fence_x[1] + rng.uniform(0.5,
-                                                                        6.0))
+  walls = (fence_x[0] + rng.uniform(*fam.setback),
+           fence_x[1] + rng.uniform(*fam.setback))
   wall_segments = tuple(
-      _segments(rng, z0, z1, ['building', 'vegetation', 'gap'],
-                [0.7, 0.18, 0.12], (8.0, 30.0), (6.0, 22.0))
+      _segments(rng, z0, z1, list(fam.wall_kinds), list(fam.wall_probs),
+                fam.wall_length, fam.wall_height)
       for _ in range(2))
   fences = tuple(
-      [s for s in _segments(rng, z0, z1, ['fence', 'gap'], [0.25, 0.75],
+      [s for s in _segments(rng, z0, z1, ['fence', 'gap'],
+                            [fam.fence_prob, 1.0 - fam.fence_prob],
                             (6.0, 20.0), (0.9, 1.4)) if s.cls == 'fence']
       for _ in range(2))
   bb = []
@@ -148,9 +197,9 @@ def sample_scene(rng: np.random.Generator, z0: float, z1: float,
                         yt, shape, int(rng.integers(1 << 30))))
 
   lane = road_half / 2
-  for _ in range(rng.poisson(span / 14)):  # vehicles in lanes
+  for _ in range(rng.poisson(span / fam.vehicle_spacing)):  # in lanes
     kind = rng.choice(['car', 'truck', 'bus', 'motorcycle'],
-                      p=[0.78, 0.08, 0.08, 0.06])
+                      p=list(fam.vehicle_probs))
     side = rng.choice([-1.0, 1.0])
     speed = rng.uniform(0.3, 1.2) * (1.0 if side > 0 else -1.0)
     x = side * lane + rng.uniform(-0.4, 0.4)
@@ -167,26 +216,26 @@ def sample_scene(rng: np.random.Generator, z0: float, z1: float,
     else:
       add('motorcycle', x, z, 0.0, speed, 0.8, 0.0, 1.3, 'twowheel')
   for side_i, side in enumerate((-1.0, 1.0)):  # parked cars, bicycles
-    for _ in range(rng.poisson(span / 25)):
+    for _ in range(rng.poisson(span / fam.parked_spacing)):
       x = side * (road_half - 1.1)
       add('car', x, rng.uniform(z0 + 5, z1), 0.0, 0.0,
           rng.uniform(1.7, 2.0), 0.0, rng.uniform(1.4, 1.7), 'car')
-    for _ in range(rng.poisson(span / 90)):
+    for _ in range(rng.poisson(span / fam.bicycle_spacing)):
       x = side * (road_half + 0.5)
       add('bicycle', x, rng.uniform(z0 + 5, z1), 0.0, 0.0, 0.7, 0.0, 1.1,
           'twowheel')
     sw = sidewalk[side_i]
-    for _ in range(rng.poisson(span / 9)):  # pedestrians
+    for _ in range(rng.poisson(span / fam.person_spacing)):  # pedestrians
       x = side * (road_half + rng.uniform(0.4, sw - 0.3))
       add('person', x, rng.uniform(z0 + 3, z1), rng.uniform(-0.02, 0.02),
           rng.uniform(-0.1, 0.1), rng.uniform(0.5, 0.7), 0.0,
           rng.uniform(1.6, 1.9), 'person')
-    for _ in range(rng.poisson(span / 12)):  # trees at the sidewalk edge
+    for _ in range(rng.poisson(span / fam.tree_spacing)):  # trees at the sidewalk edge
       x = side * (road_half + sw - 0.6)
       w = rng.uniform(2.0, 4.0)
       add('tree', x, rng.uniform(z0 + 5, z1), 0.0, 0.0, w, 0.0,
           rng.uniform(4.0, 7.0), 'tree')
-    for _ in range(rng.poisson(span / 30)):  # poles with lights or signs
+    for _ in range(rng.poisson(span / fam.pole_spacing)):  # poles with lights or signs
       x = side * (road_half + 0.4)
       z = rng.uniform(z0 + 5, z1)
       top = rng.uniform(3.0, 4.5)
@@ -243,6 +292,7 @@ class Render:
   surf: np.ndarray  # [H, W, 2] surface coordinates (metres) for texturing
   seed: np.ndarray  # [H, W] per-surface seed (instance) for appearance
   shade: np.ndarray  # [H, W] extra per-surface pattern in [0, 1]
+  depth: np.ndarray  # [H, W] metres along the view axis (sky: inf)
   flows: dict[int, np.ndarray]  # s -> [H, W, 2] flow t->s
 
 
@@ -257,9 +307,11 @@ class _Canvas:
     self.surf = np.stack([self.cols / w * 40.0, self.rows / h * 20.0], -1)
     self.seed = np.zeros((h, w), np.int64)
     self.shade = np.zeros((h, w), np.float64)
+    self.depth = np.full((h, w), np.inf)
     self.flows = {s: np.zeros((h, w, 2), np.float64) for s in earlier}
 
-  def paint(self, sl, mask, sem, surf_a, surf_b, seed, shade, world_fn):
+  def paint(self, sl, mask, sem, surf_a, surf_b, seed, shade, depth,
+            world_fn):
     """Paints ``mask`` inside the window ``sl``.
 
     ``world_fn(s, mask)`` returns the image coordinates at frame s of the
@@ -272,6 +324,7 @@ class _Canvas:
     self.surf[sl][mask] = np.stack([surf_a[mask], surf_b[mask]], -1)
     self.seed[sl][mask] = seed if np.isscalar(seed) else seed[mask]
     self.shade[sl][mask] = shade if np.isscalar(shade) else shade[mask]
+    self.depth[sl][mask] = depth if np.isscalar(depth) else depth[mask]
     for s in self.earlier:
       col, row = world_fn(s, mask)
       fl = self.flows[s][sl]
@@ -315,7 +368,7 @@ def render(scene: Scene, cam: Camera, t: int,
   shade = np.where(lane_mark, 1.0, np.where(curb, 0.6, 0.0))
   full = (slice(None), slice(None))
   Xg, Zg = X, Z
-  cv.paint(full, g, sem, Xg, Zg, 11, shade,
+  cv.paint(full, g, sem, Xg, Zg, 11, shade, zr,
            lambda s, m: cam.project(Xg[m], 0.0, Zg[m], s))
 
   # Side walls (buildings, hedges) and fences, far planes first.
@@ -356,7 +409,7 @@ def render(scene: Scene, cam: Camera, t: int,
                    & (Yw > 2.5) & (seg_cls == CID['building'])).astype(
                        np.float64)
       Zc, Yc = Zw, Yw
-      cv.paint(full, m, seg_cls, Zw, Yw, seg_seed, pattern,
+      cv.paint(full, m, seg_cls, Zw, Yw, seg_seed, pattern, zr,
                lambda s, mm, xw_world=xw_world, Zc=Zc, Yc=Yc: cam.project(
                    xw_world, Yc[mm], Zc[mm], s))
 
@@ -390,14 +443,14 @@ def render(scene: Scene, cam: Camera, t: int,
       px, pz = b.at(s)
       return cam.project(px - b.width / 2 + su[mm], sv[mm], pz, s)
 
-    cv.paint(sl, m, CID[b.cls], su, sv, b.seed, shade, world_fn)
+    cv.paint(sl, m, CID[b.cls], su, sv, b.seed, shade, zr, world_fn)
 
   # Ego-vehicle hood at the bottom centre: moves with the camera.
   hood = ((cols + 0.5 - cx_img) / (0.42 * w))**2 + (
       (rows + 0.5 - 1.06 * h) / (0.15 * h))**2 < 1
-  cv.paint(full, hood, CID['ego'], cols / w, rows / h, 7, 0.0,
+  cv.paint(full, hood, CID['ego'], cols / w, rows / h, 7, 0.0, 1.0,
            lambda s, m: (cols[m], rows[m]))
-  return Render(cv.sem, cv.surf, cv.seed, cv.shade,
+  return Render(cv.sem, cv.surf, cv.seed, cv.shade, cv.depth,
                 {s: cv.flows[s].astype(np.float32) for s in earlier})
 
 

@@ -34,6 +34,7 @@ from dastc_jax.data.datasets import prepare
 from dastc_jax.data import labels
 from dastc_jax.data.synthetic import scene as scn
 from dastc_jax.data.synthetic import style as sty
+from dastc_jax.data.synthetic import winter
 
 VERSION = 6  # bump when the rendering or the storage changes
 TFDS_DIR = 'tfds'  # the prepared copy inside a world folder
@@ -61,10 +62,17 @@ SYNTHIA_ID = {'sky': 1, 'building': 2, 'road': 3, 'sidewalk': 4, 'fence': 5,
 _TO_SYNTHIA = np.array([SYNTHIA_ID.get(c, 0) for c in scn.CLASSES], np.uint16)
 _DOMAIN = {'viper': 1, 'cityscapes': 2, 'synthia_seq': 3}
 _SPLIT = {'train': 1, 'val': 2}
-# Target appearance: 'default' (camera look: textures, cast, blur, noise) or
-# 'hard' (another city at dusk after rain: per-class materials and local
-# illumination that a global histogram mapping cannot undo).
-SHIFTS = ('default', 'hard')
+# Target: 'default' (camera look: textures, cast, blur, noise), 'hard'
+# (another city at dusk after rain: per-class materials and local
+# illumination that a global histogram mapping cannot undo) or 'winter'
+# (another kind of street, a suburb, in snow and fog; docs/synthetic_world.md).
+# shift -> (street family, clip look sampler, frame style).
+TARGETS = {
+    'default': (scn.CITY, sty.sample_target_look, sty.target_style),
+    'hard': (scn.CITY, sty.sample_hard_look, sty.hard_target_style),
+    'winter': (scn.SUBURB, winter.sample_look, winter.winter_style),
+}
+SHIFTS = tuple(TARGETS)
 CITIES = {'train': ('synthtown', 'synthburg'), 'val': ('synthville',)}
 
 
@@ -178,11 +186,10 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   h, w = params['target_size']
   t = ANNOTATED
   cam = scn.sample_camera(rng, h, w, z0=rng.uniform(0, 50))
+  family, sample_look, style = TARGETS[params.get('shift', 'default')]
   scene = scn.sample_scene(rng, cam.z0, cam.position(t)[1] + scn.ZFAR,
-                           (t - 2, t))
-  hard = params.get('shift', 'default') == 'hard'
-  look = sty.sample_hard_look(rng) if hard else sty.sample_target_look(rng)
-  style = sty.hard_target_style if hard else sty.target_style
+                           (t - 2, t), family)
+  look = sample_look(rng)
   croot = os.path.join(root, 'Cityscapes')
   flow_dir = os.path.join(root,
                           f'estimated_optical_flow_cityscapes_seq_{split}')
