@@ -210,7 +210,7 @@ def test_transformer_run_configs_and_folders():
     flags.model, flags.domain, flags.workdir = old
 
 
-
+def test_prototype_helpers():
   """Per-class means, nearest-prototype classification by cosine among the
   classes present, and label sampling at the centres of a coarser grid."""
   from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top
@@ -237,6 +237,51 @@ def test_transformer_run_configs_and_folders():
   pred = np.array([18, 3, 3], np.uint8)
   # IoU 0.5 for class 18 and for class 3 (the only classes present).
   assert prototypes._miou(pred, label, cs) == 50.0  # pylint: disable=protected-access
+
+
+def test_alignment_diagnostics_see_what_uncentred_cosines_hide():
+  """A shift shared by all classes makes uncentred class means look aligned
+  (cosine near 1) while the centred cosine reads the classes' own
+  directions; the classifier gap is in units of the distance between two
+  source classes; the batch diagnostics count the classes that reach
+  min_pixels in both domains and compare the two losses' gradients."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+  shared = np.array([10., 10., 10.])
+  ps = shared + np.array([[1., 0., 0.], [0., 1., 0.], [0., 0., 1.]])
+  pt = shared + np.array([[0., 1., 0.], [1., 0., 0.], [0., 0., 1.]])
+  both = np.array([True, True, True])
+  fs = ft = np.repeat(shared[None], 4, 0)
+  # The first two classes are swapped between the domains: uncentred
+  # cosines stay above 0.99, centred ones are 0 (orthogonal) and 1.
+  assert np.all(np.sum(prototypes._unit(ps) * prototypes._unit(pt), 1) > 0.99)  # pylint: disable=protected-access
+  w = np.eye(3)  # logits = the feature
+  ccos, gap = prototypes.class_gaps(ps, pt, fs, ft, both, w)
+  np.testing.assert_allclose(ccos, [0., 0., 1.], atol=1e-12)
+  # Swapped classes are one class distance apart; the third coincides.
+  np.testing.assert_allclose(gap, [1., 1., 0.], atol=1e-12)
+  c = synthetic.get_config('smoke')
+  c.model.num_classes = 3
+  c.dastc.alignment.min_pixels = 3
+  rng = np.random.default_rng(0)
+  # Two batches of 4 "images" of 5 pixels; per batch class 2 has 4 pixels
+  # in the source but 2 in the target, so only classes 0 and 1 enter.
+  ls = np.tile(np.array([0, 0, 1, 1, 2]), 8)
+  lt = np.tile(np.array([0, 1, 1, 0, 0]), 8)
+  lt[::10] = 2  # a class-2 pixel in every second target image
+  img = np.repeat(np.arange(8), 5)
+  fs = rng.normal(size=(40, 3))
+  ft = rng.normal(size=(40, 3))
+  d = prototypes.batch_diagnostics(c, (w, np.zeros(3)), fs, ls, img, ft, lt,
+                                   img)
+  assert d['classes'] == 2.0
+  # The alignment's gradient enters with its weight.
+  c.dastc.alignment.weight *= 10
+  d10 = prototypes.batch_diagnostics(c, (w, np.zeros(3)), fs, ls, img, ft,
+                                     lt, img)
+  assert d['grad_ratio'] > 0
+  np.testing.assert_allclose(d10['grad_ratio'], 10 * d['grad_ratio'],
+                             rtol=1e-4)
 
 
 _FLOW_SPEED = """

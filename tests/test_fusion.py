@@ -197,6 +197,30 @@ def test_feature_swap_exchanges_inside_the_masks_only():
   # The exchanged area on the 4x5 grid: rows 0-1 and row 3.
   assert float(info['swap_area_to_s']) == 2 / 4
   assert float(info['swap_area_to_t']) == 1 / 4
+  # One clip per batch: no same-domain baseline to compare with.
+  assert 'feat_rel_diff_same_s' not in info
+
+
+def test_feature_swap_same_domain_baseline():
+  """The baseline compares the moving features with the next clip of the
+  same domain at the same pixels (built so that the answer is known: the
+  second source clip is the first scaled by 1.5)."""
+  k = jax.random.split(jax.random.key(1), 2)
+  fs0 = jax.random.normal(k[0], (1, 4, 5, 3))
+  fs = jnp.concatenate([fs0, 1.5 * fs0])
+  ft = jax.random.normal(k[1], (2, 4, 5, 3))
+  to_s = jnp.zeros((2, 8, 10), bool).at[:, :4].set(True)
+  to_t = jnp.zeros((2, 8, 10), bool).at[:, 6:].set(True)
+  _, _, info = fusion.feature_swap(fs, ft, {'to_s': to_s, 'to_t': to_t})
+  # Clip 0 against clip 1 (rolled): ||x - 1.5x||^2 / ||1.5x||^2 = 0.25 /
+  # 2.25; clip 1 against clip 0: 0.25 / 1; pooled over both clips.
+  want = np.sqrt((0.25 + 0.25) / (2.25 + 1.0))
+  np.testing.assert_allclose(float(info['feat_rel_diff_same_s']), want,
+                             rtol=1e-5)
+  ref = np.linalg.norm(ft[:, :2] - jnp.roll(ft, 1, 0)[:, :2]) / np.linalg.norm(
+      jnp.roll(ft, 1, 0)[:, :2])
+  np.testing.assert_allclose(float(info['feat_rel_diff_same_t']), ref,
+                             rtol=1e-5)
 
 
 def test_swap_pixels_moves_the_regions_frame_by_frame():

@@ -47,9 +47,11 @@ from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.evaluation import metrics as metrics_lib
 from dastc_jax.evaluation import predict
+from dastc_jax.method import alignment
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import warp as warp_ops
 from dastc_jax.runtime import state as state_lib
+from dastc_jax.runtime import workdir as workdir_lib
 from dastc_jax import train
 
 FLAGS = flags.FLAGS
@@ -69,13 +71,15 @@ def _nearest_labels(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def split_features(config: ml_collections.ConfigDict, forward, params,
                    stats, split: str, data_root: str
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Features ``[N, D]``, head predictions ``[N]`` and labels ``[N]`` of
-  every labelled pixel of ``split`` at the feature grid."""
+                   ) -> tuple[np.ndarray, ...]:
+  """Features ``[N, D]``, head predictions ``[N]``, labels ``[N]`` and the
+  image index ``[N]`` of every labelled pixel of ``split`` at the feature
+  grid."""
   cs = labels_lib.get_class_set(config.data.class_set)
   ds = pipeline.make_eval_dataset(config.data[split], data_root, cs.name,
                                   config.model.per_axis_flow_scale)
-  feats, preds, labels = [], [], []
+  feats, preds, labels, images = [], [], [], []
+  seen = 0
   for batch in pipeline.eval_batches(ds, global_batch_size=8,
                                      process_index=0, process_count=1):
     feat, pred = forward(params, stats, batch['frames'], batch.get('flow'))
@@ -83,12 +87,16 @@ def split_features(config: ml_collections.ConfigDict, forward, params,
     keep = np.asarray(batch['mask'])
     label = _nearest_labels(np.asarray(batch['label']), feat.shape[1:3])
     feat, pred, label = feat[keep], pred[keep], label[keep]
+    image = np.broadcast_to(
+        seen + np.arange(len(label))[:, None, None], label.shape)
+    seen += len(label)
     valid = label != labels_lib.IGNORE
     feats.append(feat[valid])
     preds.append(pred[valid])
     labels.append(label[valid].astype(np.int64))
+    images.append(image[valid])
   return (np.concatenate(feats), np.concatenate(preds),
-          np.concatenate(labels))
+          np.concatenate(labels), np.concatenate(images))
 
 
 def prototypes(feat: np.ndarray, label: np.ndarray, num_classes: int
@@ -139,6 +147,108 @@ def make_forward(config: ml_collections.ConfigDict):
   return forward
 
 
+def classifier(config: ml_collections.ConfigDict, params, stats
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+  """The last layer, ``W [D, C]`` and ``b [C]``, that turns ``out['feat']``
+  into logits; None for a head without one (``head='aspp'``, whose
+  "feature" is layer4)."""
+  model = nnx.merge(state_lib.model_graphdef(config), params, stats)
+  layer = (getattr(model.head, 'classifier', None) or
+           getattr(model.head, 'conv_seg', None))
+  if layer is None:
+    return None
+  n = config.model.num_classes
+  return (np.asarray(layer.kernel[...], np.float64).reshape(-1, n),
+          np.asarray(layer.bias[...], np.float64))
+
+
+def class_gaps(ps: np.ndarray, pt: np.ndarray, fs: np.ndarray, ft: np.ndarray,
+               both: np.ndarray, w: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Per class (NaN where a class is missing in a domain):
+
+  * the centred cosine of the source and target prototypes, both taken
+    relative to the mean feature of the two domains (each weighted 1/2),
+    so that a shift shared by all classes does not count as agreement;
+  * the gap as the classifier sees it, ``||W^T (mu_s,k - mu_t,k)||``,
+    divided by the median logit-space distance between two different
+    source class means (1 = as far as two classes are apart).
+  """
+  centre = 0.5 * (fs.mean(0) + ft.mean(0))
+  us, ut = _unit(ps - centre), _unit(pt - centre)
+  ccos = np.where(both, np.sum(us * ut, axis=1), np.nan)
+  if w is None:
+    return ccos, np.full(len(ps), np.nan)
+  ls, lt = ps @ w, pt @ w  # the bias cancels in differences
+  gap = np.linalg.norm(ls - lt, axis=1)
+  seen = np.flatnonzero(both)
+  pair = np.linalg.norm(ls[seen][:, None] - ls[seen][None], axis=-1)
+  scale = np.median(pair[~np.eye(len(seen), dtype=bool)])
+  return ccos, np.where(both, gap / scale, np.nan)
+
+
+def batch_diagnostics(config: ml_collections.ConfigDict, w_b, fs, ls, img_s,
+                      ft, pt, img_t, batch_images: int = 4
+                      ) -> dict[str, float]:
+  """What the alignment loss sees in a training-sized batch.
+
+  Pairs batches of ``batch_images`` source-val images (ground-truth labels)
+  with as many target-val images (the model's own predictions as labels,
+  as pseudo-labels would be), and reports the mean number of classes that
+  reach ``alignment.min_pixels`` in both at the feature grid, and the
+  gradient norm at the source features of the alignment loss (times its
+  weight; the default contrastive loss for runs trained without one)
+  divided by that of the cross-entropy through the last layer (the
+  per-frame classifier; the training step's cross-entropy reads the fused
+  two-frame output, so this is the classifier's direct path only).
+  """
+  a = config.dastc.alignment
+  n = config.model.num_classes
+  if w_b is None:
+    return {'classes': float('nan'), 'grad_ratio': float('nan')}
+  w, b = (jnp.asarray(v, jnp.float32) for v in w_b)
+
+  def align(f_s, f_t, l_s, l_t):
+    ps, pres_s = alignment.class_prototypes(f_s[None, :, None], l_s[None, :,
+                                                                    None],
+                                            n, a.min_pixels)
+    pt_, pres_t = alignment.class_prototypes(f_t[None, :, None], l_t[None, :,
+                                                                     None],
+                                             n, a.min_pixels)
+    present = pres_s & pres_t
+    if a.kind == 'cosine':
+      loss = alignment.cosine_pull(ps, pt_, present)
+    else:  # the contrastive default (also for runs trained without it)
+      loss = alignment.contrastive(ps, pt_, present, temperature=a.temperature,
+                                   margin=a.margin)
+    return a.weight * loss, jnp.sum(present)
+
+  def ce(f_s, l_s):
+    logp = jax.nn.log_softmax(f_s @ w + b, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, l_s[:, None], 1))
+
+  g_align = jax.jit(jax.grad(align, has_aux=True))
+  g_ce = jax.jit(jax.grad(ce))
+  classes, ratios = [], []
+  for i in range((min(img_s.max(), img_t.max()) + 1) // batch_images):
+    ms = (img_s >= i * batch_images) & (img_s < (i + 1) * batch_images)
+    mt = (img_t >= i * batch_images) & (img_t < (i + 1) * batch_images)
+    f_s, l_s = jnp.asarray(fs[ms]), jnp.asarray(ls[ms], jnp.int32)
+    f_t, l_t = jnp.asarray(ft[mt]), jnp.asarray(pt[mt], jnp.int32)
+    ga, k = g_align(f_s, f_t, l_s, l_t)
+    gc = g_ce(f_s, l_s)
+    classes.append(float(k))
+    ratios.append(float(jnp.linalg.norm(ga) / jnp.linalg.norm(gc)))
+  return {'classes': float(np.mean(classes)),
+          'grad_ratio': float(np.median(ratios))}
+
+
+def _logged_mean(run_dir: str, tag: str) -> float:
+  """Mean of a training scalar over the run (NaN if it was not logged)."""
+  values = [v for _, v in workdir_lib.read_scalars(run_dir, tag)]
+  return float(np.mean(values)) if values else float('nan')
+
+
 def measure(config: ml_collections.ConfigDict, run_dir: str, forward
             ) -> dict[str, float]:
   """The prototype statistics of one run's final checkpoint."""
@@ -146,10 +256,10 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
   params, stats = predict.load_weights(config, '', run_dir)  # the latest
   cs = labels_lib.get_class_set(config.data.class_set)
   n = cs.num_classes
-  fs, _, ls = split_features(config, forward, params, stats, 'source_val',
-                             root)
-  ft, pt, lt = split_features(config, forward, params, stats, 'target_val',
-                              root)
+  fs, _, ls, img_s = split_features(config, forward, params, stats,
+                                    'source_val', root)
+  ft, pt, lt, img_t = split_features(config, forward, params, stats,
+                                     'target_val', root)
   ps, cnt_s = prototypes(fs, ls, n)
   pt_gt, cnt_t = prototypes(ft, lt, n)
   both = (cnt_s > 0) & (cnt_t > 0)
@@ -163,7 +273,21 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
                                      axis=1)))
   tt = ut[cnt_t > 0] @ ut[cnt_t > 0].T
   off = ~np.eye(len(tt), dtype=bool)
+  w_b = classifier(config, params, stats)
+  ccos, gap = class_gaps(ps, pt_gt, fs, ft, both,
+                         None if w_b is None else w_b[0])
+  small = both & (cnt_t / cnt_t.sum() < SMALL_SHARE)
   return {
+      'ccos': float(np.nanmean(ccos)),
+      'ccos_small': float(np.nanmean(ccos[small])) if small.any() else
+                    float('nan'),
+      'gap': float(np.nanmean(gap)),
+      'gap_small': float(np.nanmean(gap[small])) if small.any() else
+                   float('nan'),
+      **batch_diagnostics(config, w_b, fs, ls, img_s, ft, pt, img_t),
+      'classes_logged': _logged_mean(run_dir, 'align_classes'),
+      'per_class_ccos': ccos.tolist(),
+      'per_class_gap': gap.tolist(),
       'cos_st': cos_st,
       'cos_st_pred': cos_st_pred,
       'cos_tt': float(np.mean(tt[off])),
@@ -173,27 +297,57 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
   }
 
 
+# Classes below this share of the target-val pixels count as small.
+SMALL_SHARE = 0.02
 COLUMNS = (('cos_st', 'cos(s, t)', '{:.3f}'),
            ('cos_st_pred', 'cos(s, t) predicted', '{:.3f}'),
            ('cos_tt', "cos(t, t')", '{:.3f}'),
            ('head', 'head mIoU', '{:.1f}'),
            ('nearest_src', 'nearest src mIoU', '{:.1f}'),
            ('nearest_tgt', 'nearest tgt mIoU', '{:.1f}'))
+# What the alignment can act on (docs/benchmarks.md, "Reading the
+# diagnostics").
+DIAGNOSTICS = (('ccos', 'centred cos(s, t)', '{:.3f}'),
+               ('ccos_small', 'centred, small classes', '{:.3f}'),
+               ('gap', 'classifier gap', '{:.2f}'),
+               ('gap_small', 'classifier gap, small', '{:.2f}'),
+               ('classes', 'classes / batch (val)', '{:.1f}'),
+               ('classes_logged', 'classes / batch (training)', '{:.1f}'),
+               ('grad_ratio', '|grad align| / |grad CE|', '{:.3f}'))
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def table(results: dict[str, list[dict[str, float]]],
+          columns=COLUMNS) -> str:
   """Markdown: each statistic's seed mean ± std per variant."""
-  rows = ['| run | ' + ' | '.join(c[1] for c in COLUMNS) + ' |',
-          '|---|' + '---:|' * len(COLUMNS)]
+  rows = ['| run | ' + ' | '.join(c[1] for c in columns) + ' |',
+          '|---|' + '---:|' * len(columns)]
   for name, per_seed in results.items():
     cells = []
-    for key, _, fmt in COLUMNS:
-      v = np.array([r[key] for r in per_seed])
+    for key, _, fmt in columns:
+      v = np.array([r[key] for r in per_seed], np.float64)
       cell = fmt.format(v.mean())
       if len(v) > 1:
         cell += ' ± ' + fmt.format(v.std(ddof=1))
       cells.append(cell)
     rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)
+
+
+def per_class_table(results: dict[str, list[dict[str, float]]],
+                    class_names: tuple[str, ...]) -> str:
+  """Markdown: per class, the seed-mean centred cosine / classifier gap of
+  every variant ('-' where the class is missing in a domain)."""
+  names = list(results)
+  rows = ['| class | ' + ' | '.join(names) + ' |',
+          '|---|' + '---:|' * len(names)]
+  for k, cls in enumerate(class_names):
+    cells = []
+    for v in names:
+      c = np.array([r['per_class_ccos'][k] for r in results[v]], np.float64)
+      g = np.array([r['per_class_gap'][k] for r in results[v]], np.float64)
+      cells.append('-' if np.isnan(c).all() else
+                   f'{np.nanmean(c):.2f} / {np.nanmean(g):.2f}')
+    rows.append(f'| {cls} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
 
 
@@ -220,7 +374,11 @@ def main(argv):
       r = measure(config, os.path.join(base, v), forwards[key])
       logging.info('seed %d %s: %s', seed, v, r)
       results[v].append(r)
-  text = table(results)
+  cs = labels_lib.get_class_set(config.data.class_set)
+  text = (table(results) + '\n\nWhat the alignment can act on:\n\n' +
+          table(results, DIAGNOSTICS) +
+          '\n\nPer class, centred cos(s, t) / classifier gap:\n\n' +
+          per_class_table(results, cs.classes))
   print(text)
   cmd = ('python -m dastc_jax.benchmarks.prototypes '
          f'--world={FLAGS.world} --domain={FLAGS.domain} '

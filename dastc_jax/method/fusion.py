@@ -215,7 +215,13 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
     replaced, measured before the exchange (0 would mean a no-op; two
     unrelated images give about 1 even within one domain, so it does not
     measure a domain gap), and ``{'swap_area_to_s', 'swap_area_to_t'}``:
-    the fraction of the feature grid exchanged in each direction.
+    the fraction of the feature grid exchanged in each direction. With more
+    than one clip per batch also the same-domain baselines
+    ``{'feat_rel_diff_same_s', 'feat_rel_diff_same_t'}``: the same measure
+    between the exchanged features and those of the *next clip of the same
+    domain* at the same pixels (``to_t`` for the source features, ``to_s``
+    for the target's). Only the excess of ``feat_rel_diff_to_*`` over these
+    can be read as a difference between the domains.
   """
   to_s = _resize_mask(masks['to_s'], feat_s.shape, feat_s.dtype)
   to_t = _resize_mask(masks['to_t'], feat_t.shape, feat_t.dtype)
@@ -223,6 +229,12 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
           'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t),
           'swap_area_to_s': jnp.mean(to_s.astype(jnp.float32)),
           'swap_area_to_t': jnp.mean(to_t.astype(jnp.float32))}
+  if feat_s.shape[0] > 1:
+    # The features that move, against the same domain's next clip there.
+    info['feat_rel_diff_same_s'] = relative_difference(
+        feat_s, jnp.roll(feat_s, 1, axis=0), to_t)
+    info['feat_rel_diff_same_t'] = relative_difference(
+        feat_t, jnp.roll(feat_t, 1, axis=0), to_s)
   new_s = jnp.where(to_s > 0, feat_t, feat_s)
   new_t = jnp.where(to_t > 0, feat_s, feat_t)
   return new_s, new_t, info
