@@ -12,23 +12,31 @@ from __future__ import annotations
 import ml_collections
 
 
-def parse_arg(arg: str | None,
-              known: tuple[str, ...] = ('reference', 'smoke')) -> set[str]:
+def parse_arg(
+    arg: str | None, known: tuple[str, ...] = ('reference', 'smoke')
+) -> set[str]:
   """``'smoke,reference'`` -> ``{'smoke', 'reference'}`` (big_vision style
   variants); an unknown variant is an error, not silently ignored."""
   args = {a.strip() for a in (arg or '').split(',') if a.strip()}
   unknown = sorted(args - set(known))
   if unknown:
-    raise ValueError(f'Unknown config variant(s) {unknown} in {arg!r}; this '
-                     f'config has {sorted(known)}.')
+    raise ValueError(
+        f'Unknown config variant(s) {unknown} in {arg!r}; this '
+        f'config has {sorted(known)}.'
+    )
   return args
 
 
-def domain(dataset: str, split: str, image_size: tuple[int, int] | None, *,
-           flip: bool = False, label_size: str = 'image',
-           scale: tuple[float, float] = (1.0, 1.0),
-           crop_size: tuple[int, int] | None = None
-           ) -> ml_collections.ConfigDict:
+def domain(
+    dataset: str,
+    split: str,
+    image_size: tuple[int, int] | None,
+    *,
+    flip: bool = False,
+    label_size: str = 'image',
+    scale: tuple[float, float] = (1.0, 1.0),
+    crop_size: tuple[int, int] | None = None,
+) -> ml_collections.ConfigDict:
   """A prepared dataset split and how its clips are resized and augmented.
 
   Args:
@@ -44,33 +52,44 @@ def domain(dataset: str, split: str, image_size: tuple[int, int] | None, *,
     scale: ``(low, high)`` random rescale of the clip (training only).
     crop_size: ``(H, W)`` random crop of the clip (training only).
   """
-  return ml_collections.ConfigDict(dict(
-      dataset=dataset, split=split, image_size=image_size, flip=flip,
-      label_size=label_size, scale=scale, crop_size=crop_size,
-      # False reproduces the reference bug: flipped flows keep their dx sign.
-      flip_negate_dx=True))
+  return ml_collections.ConfigDict(
+      dict(
+          dataset=dataset,
+          split=split,
+          image_size=image_size,
+          flip=flip,
+          label_size=label_size,
+          scale=scale,
+          crop_size=crop_size,
+          # False reproduces the reference bug: flipped flows keep their dx
+          # sign.
+          flip_negate_dx=True,
+      )
+  )
 
 
 def synthetic_world(size: str = 'default') -> ml_collections.ConfigDict:
   """The built-in synthetic world; ``size`` is ``default`` or ``tiny``."""
   tiny = size == 'tiny'
-  return ml_collections.ConfigDict(dict(
-      enabled=False,
-      cache_dir='~/.cache/dastc_jax',
-      num_workers=2,
-      seed=0,
-      # Target: 'default', 'hard' (per-class materials and local
-      # illumination) or 'winter' (a suburb in snow and fog; another
-      # object mix); see docs/synthetic_world.md.
-      shift='default',
-      source_size=(72, 128) if tiny else (144, 256),
-      target_size=(64, 128) if tiny else (128, 256),
-      source_train_seqs=2 if tiny else 24,
-      source_val_seqs=1 if tiny else 4,
-      samples_per_seq=3 if tiny else 10,
-      target_train_clips=6 if tiny else 240,
-      target_val_clips=4 if tiny else 48,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          cache_dir='~/.cache/dastc_jax',
+          num_workers=2,
+          seed=0,
+          # Target: 'default', 'hard' (per-class materials and local
+          # illumination) or 'winter' (a suburb in snow and fog; another
+          # object mix); see docs/synthetic_world.md.
+          shift='default',
+          source_size=(72, 128) if tiny else (144, 256),
+          target_size=(64, 128) if tiny else (128, 256),
+          source_train_seqs=2 if tiny else 24,
+          source_val_seqs=1 if tiny else 4,
+          samples_per_seq=3 if tiny else 10,
+          target_train_clips=6 if tiny else 240,
+          target_val_clips=4 if tiny else 48,
+      )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -101,103 +120,112 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = domain('viper', 'train', (720, 1280))
   c.data.target = domain('cityscapes_seq', 'train', (512, 1024))
   c.data.source_val = domain('viper', 'val', (720, 1280))
-  c.data.target_val = domain('cityscapes_seq', 'val', (512, 1024),
-                             label_size='native')
+  c.data.target_val = domain(
+      'cityscapes_seq', 'val', (512, 1024), label_size='native'
+  )
 
-  c.model = ml_collections.ConfigDict(dict(
-      name='accel_deeplabv2',
-      num_classes=15,
-      layers=(3, 4, 23, 3),  # ResNet-101
-      width=64,
-      # 'proda': DA-STC's layer7 (ASPP -> head_features, 1x1 classifier);
-      # 'aspp': DA-VSN/TPS's layer6 (ASPP -> classes), to evaluate their
-      # released checkpoints.
-      head='proda',
-      head_features=256,
-      # Caffe/DeepLab ResNet (stride on the first 1x1 conv); False = the
-      # torchvision layout (stride on the 3x3 conv).
-      stride_in_1x1=True,
-      aspp_dilations=(6, 12, 18, 24),
-      dropout=0.1,
-      bn_momentum=0.1,
-      # Examples per BatchNorm statistics group: 1 = each example on its own
-      # (the reference's batch-1 statistics, on any number of devices);
-      # 0 = the whole global batch (synchronised BN).
-      bn_group_size=1,
-      freeze_bn_affine=True,
-      backbone_init='he',  # 'he' from scratch; 'normal' = N(0, init_std)
-      init_std=0.01,
-      dtype='float32',
-      # Kernel gradient of the k > 1 convs: 'auto' (on CPU an im2col matmul
-      # for small calls, a convolution for large ones; XLA's backward pass
-      # elsewhere), 'conv' or 'im2col'. Same arithmetic, different speed;
-      # a run may resume under another value.
-      conv_kernel_grad='auto',
-      per_axis_flow_scale=False,  # False = the reference H'/H rule
-      # Transformer models (name 'accel_daformer' / 'daformer'): the MiT
-      # variant, its stochastic depth, and the DAFormer ASPP dilations
-      # (head_features is the head's embedding width, dropout its
-      # Dropout2d).
-      mit_variant='b5',
-      drop_path_rate=0.1,
-      # Recompute each encoder block (MiT block, ResNet bottleneck) in the
-      # backward pass instead of keeping its activations.
-      remat=False,
-      # Run a stage's identical blocks as one lax.scan whose body is
-      # recomputed in the backward pass: one compiled body instead of one
-      # per block (same values, same parameter layout; less memory, one
-      # more forward of those blocks). See docs/performance.md.
-      scan_blocks=False,
-      daformer_dilations=(1, 6, 12, 18),
-  ))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          name='accel_deeplabv2',
+          num_classes=15,
+          layers=(3, 4, 23, 3),  # ResNet-101
+          width=64,
+          # 'proda': DA-STC's layer7 (ASPP -> head_features, 1x1 classifier);
+          # 'aspp': DA-VSN/TPS's layer6 (ASPP -> classes), to evaluate their
+          # released checkpoints.
+          head='proda',
+          head_features=256,
+          # Caffe/DeepLab ResNet (stride on the first 1x1 conv); False = the
+          # torchvision layout (stride on the 3x3 conv).
+          stride_in_1x1=True,
+          aspp_dilations=(6, 12, 18, 24),
+          dropout=0.1,
+          bn_momentum=0.1,
+          # Examples per BatchNorm statistics group: 1 = each example on its own
+          # (the reference's batch-1 statistics, on any number of devices);
+          # 0 = the whole global batch (synchronised BN).
+          bn_group_size=1,
+          freeze_bn_affine=True,
+          backbone_init='he',  # 'he' from scratch; 'normal' = N(0, init_std)
+          init_std=0.01,
+          dtype='float32',
+          # Kernel gradient of the k > 1 convs: 'auto' (on CPU an im2col matmul
+          # for small calls, a convolution for large ones; XLA's backward pass
+          # elsewhere), 'conv' or 'im2col'. Same arithmetic, different speed;
+          # a run may resume under another value.
+          conv_kernel_grad='auto',
+          per_axis_flow_scale=False,  # False = the reference H'/H rule
+          # Transformer models (name 'accel_daformer' / 'daformer'): the MiT
+          # variant, its stochastic depth, and the DAFormer ASPP dilations
+          # (head_features is the head's embedding width, dropout its
+          # Dropout2d).
+          mit_variant='b5',
+          drop_path_rate=0.1,
+          # Recompute each encoder block (MiT block, ResNet bottleneck) in the
+          # backward pass instead of keeping its activations.
+          remat=False,
+          # Run a stage's identical blocks as one lax.scan whose body is
+          # recomputed in the backward pass: one compiled body instead of one
+          # per block (same values, same parameter layout; less memory, one
+          # more forward of those blocks). See docs/performance.md.
+          scan_blocks=False,
+          daformer_dilations=(1, 6, 12, 18),
+      )
+  )
 
-  c.optim = ml_collections.ConfigDict(dict(
-      name='sgd',
-      lr=1e-4,
-      momentum=0.9,
-      weight_decay=5e-4,
-      b1=0.9,
-      b2=0.999,
-      schedule='poly',
-      schedule_steps=250000,  # ADVENT MAX_ITERS; training stops at 40k
-      poly_power=0.9,
-      warmup_steps=0,
-      warmup_ratio=1e-6,
-      lr_mult=dict(backbone=1.0, fusion=10.0, head=10.0),
-      constant_head_lr=False,  # True = reference bug (head LR never decays)
-      # Parameters whose path (a/b/c) contains one of these get no weight
-      # decay; the transformer presets exempt the MiT LayerNorms ('norm').
-      no_weight_decay=(),
-      grad_clip_norm=0.0,
-  ))
+  c.optim = ml_collections.ConfigDict(
+      dict(
+          name='sgd',
+          lr=1e-4,
+          momentum=0.9,
+          weight_decay=5e-4,
+          b1=0.9,
+          b2=0.999,
+          schedule='poly',
+          schedule_steps=250000,  # ADVENT MAX_ITERS; training stops at 40k
+          poly_power=0.9,
+          warmup_steps=0,
+          warmup_ratio=1e-6,
+          lr_mult=dict(backbone=1.0, fusion=10.0, head=10.0),
+          constant_head_lr=False,  # True = reference bug (head LR never decays)
+          # Parameters whose path (a/b/c) contains one of these get no weight
+          # decay; the transformer presets exempt the MiT LayerNorms ('norm').
+          no_weight_decay=(),
+          grad_clip_norm=0.0,
+      )
+  )
 
   c.loss = ml_collections.ConfigDict(dict(aux_weight=0.1))
   c.dastc = dastc_config()
 
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=1,  # global: source clips (and target clips) per step
-      num_steps=40000,
-      # Source-only steps before adaptation starts (a warm start inside the
-      # run; the reference instead starts from a TPS checkpoint).
-      source_only_steps=0,
-      # Start from another run's weights (a checkpoint step folder, a
-      # checkpoint root or a workdir); optimizer state starts fresh.
-      init_from='',
-      log_every=50,
-      checkpoint_every=1000,
-      eval_every=0,  # 0 = evaluate only at the end
-      max_checkpoints=3,
-      # A non-finite loss or gradient: 'stop' the run, or 'skip' the step
-      # (state unchanged; more than max_consecutive_skips in a row stop).
-      nonfinite='stop',
-      max_consecutive_skips=10,
-  ))
+  c.train = ml_collections.ConfigDict(
+      dict(
+          batch_size=1,  # global: source clips (and target clips) per step
+          num_steps=40000,
+          # Source-only steps before adaptation starts (a warm start inside the
+          # run; the reference instead starts from a TPS checkpoint).
+          source_only_steps=0,
+          # Start from another run's weights (a checkpoint step folder, a
+          # checkpoint root or a workdir); optimizer state starts fresh.
+          init_from='',
+          log_every=50,
+          checkpoint_every=1000,
+          eval_every=0,  # 0 = evaluate only at the end
+          max_checkpoints=3,
+          # A non-finite loss or gradient: 'stop' the run, or 'skip' the step
+          # (state unchanged; more than max_consecutive_skips in a row stop).
+          nonfinite='stop',
+          max_consecutive_skips=10,
+      )
+  )
 
-  c.eval = ml_collections.ConfigDict(dict(
-      batch_size=1,
-      splits=('target_val',),
-      num_overlays=4,
-  ))
+  c.eval = ml_collections.ConfigDict(
+      dict(
+          batch_size=1,
+          splits=('target_val',),
+          num_overlays=4,
+      )
+  )
 
   # Devices: data x fsdp (data=-1: all the rest). fsdp > 1 shards the
   # parameters and optimizer state over that axis.
@@ -207,102 +235,119 @@ def base_config() -> ml_collections.ConfigDict:
 
 def dastc_config() -> ml_collections.ConfigDict:
   """DA-STC (docs/method.md): the paper-faithful defaults."""
-  return ml_collections.ConfigDict(dict(
-      lambda_t=1.0,  # weight of the target terms (VIPER: 0.2)
-      aux_weight=0.1,
-      teacher='ema',  # 'ema' mean teacher or 'reference' (frozen, then self)
-      ema_decay=0.999,
-      teacher_switch_steps=8000,  # 'reference': frozen teacher this long
-      # DA-STC refuses to start when the model that labels its first step
-      # has an initialised head (no train.init_from with a trained head,
-      # no train.source_only_steps warm-up, no trained frozen teacher);
-      # True runs it anyway (docs/method.md, "Where the first pseudo-labels
-      # come from").
-      allow_untrained_teacher=False,
-      # The 'reference' teacher's frozen phase. weights='': the run's own
-      # weights when adaptation starts. Otherwise a weights folder (e.g. the
-      # released TPS model converted with model.head='aspp', as the released
-      # scripts use) of the model built from `model` with `model_name` and
-      # `head` replaced ('' keeps the student's).
-      frozen_teacher=dict(weights='', model_name='', head=''),
-      # Probability of mirroring the teacher's input pair (reference: 0.5).
-      teacher_flip=0.0,
-      confidence=0.9,  # probability threshold of the pasted T' regions
-      # Pseudo-labels below this probability are ignored by the losses
-      # (0: the reference's hard labels on every pixel).
-      pl_threshold=0.0,
-      # Pseudo-label distribution alignment: shift the teacher's scores by
-      # log(source class prior / running target prediction prior), so that
-      # one class cannot swallow others (see docs/method.md).
-      pl_distribution_alignment=True,
-      prior_momentum=0.99,
-      # Image-sequence-level fusion (QuadMix pastes).
-      image_fusion=True,
-      num_source_classes=2,  # random S' classes per clip
-      num_target_classes=2,  # random T' classes per clip
-      num_rare_classes=3,  # long-tail patches per clip (SYNTHIA: 2)
-      # Shallow-feature-level fusion (inactive in the released code):
-      # 'swap' exchanges current-iteration class regions between the two
-      # fused clips after `feature_layer`; 'blend' is the reference decoder
-      # variant's 0.7 own + 0.3 other inside the fused mask; 'pixel_swap'
-      # (a control) moves the regions of 'swap' as input pixels.
-      feature_fusion=True,
-      feature_mode='swap',
-      feature_layer='layer1',  # 'stem', 'layer1', 'layer2' or 'layer3'
-      feature_swap_classes=2,  # classes per direction and clip ('swap')
-      # 'both', or one direction only: 'to_target' (source features into
-      # the target-context clip) or 'to_source'.
-      feature_swap_directions='both',
-      # Controls (docs/benchmarks.md): 'kept' leaves the receiving clip's
-      # labels and flows under the exchanged features; feature_mode
-      # 'pixel_swap' moves the same regions as input pixels instead.
-      feature_swap_labels='exchanged',
-      feature_other_weight=0.3,  # 'blend': weight of the other clip
-      # BatchNorm running averages: 'fixed' = from the source and strong
-      # target passes only (the same in every ablation); 'all' = every
-      # train-mode pass, as the released code.
-      bn_update='fixed',
-      # Strong augmentation of the target pair (the consistency loss's
-      # perturbation). The blur sigma is in pixels of an image
-      # blur_reference_width wide, scaled to the clip's width: the released
-      # code blurs the 1024-wide pair with a PIL radius (= sigma) of 5-9.
-      # blur_kernel=0: 2 * ceil(3 * sigma) + 1 taps.
-      strong_aug=dict(
-          enabled=True, p_blur=0.6, p_jitter=0.8, p_gray=0.2,
-          brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-          blur_sigma=(5.0, 9.0), blur_reference_width=1024, blur_kernel=0,
-          wrap_normalized_bug=False),  # True: the reference's [0,1] wrap
-      alignment=dict(
-          # 'contrastive'; 'cosine' (intra-class pull only); 'mmd'
-          # (reference); 'none'
-          kind='contrastive',
-          weight=0.1,
-          feature='feat',  # 'feat' (256-d pre-logit) or 'logits' (C-d)
-          temperature=0.1,
-          margin=0.2,
-          min_pixels=5,
-          pairs=2,  # target passes: (t, t-1) [and the clean (t, t-2)]
-          # 'frames': per-class prototypes over frames t, t-1, t-2, each
-          # pooled with its own labels; 'pairs': the reference's per-pair
-          # fused outputs with self-labels.
-          aggregation='frames',
-          # Class membership of target pixels ('frames'): the teacher's
-          # labels of each frame, or the student's own argmax.
-          target_labels='teacher',
-          # 'adaptive': per class and frame, softmax(reliability / tau)
-          # ('pairs': softmax(-entropy / tau) per pair); 'uniform'.
-          temporal='adaptive',
-          temporal_temperature=0.1,
-          detach_source=False),
-      # Reference bugs, reproducible one by one (docs/method.md, section 7).
-      bugs=dict(confidence_from_logit=False, unclipped_lt_mask=False,
-                flow_mix_key_masks=False,
-                # Teacher mirror: keep the flow's dx sign; warp the mirrored
-                # scores and mirror the label maps afterwards.
-                flip_keep_dx=False, warp_before_unflip=False,
-                # Temporal prototype = sum_i w_i p_i with zero rows.
-                zero_rows_in_temporal_mean=False),
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          lambda_t=1.0,  # weight of the target terms (VIPER: 0.2)
+          aux_weight=0.1,
+          # 'ema' mean teacher or 'reference' (frozen, then self)
+          teacher='ema',
+          ema_decay=0.999,
+          teacher_switch_steps=8000,  # 'reference': frozen teacher this long
+          # DA-STC refuses to start when the model that labels its first step
+          # has an initialised head (no train.init_from with a trained head,
+          # no train.source_only_steps warm-up, no trained frozen teacher);
+          # True runs it anyway (docs/method.md, "Where the first pseudo-labels
+          # come from").
+          allow_untrained_teacher=False,
+          # The 'reference' teacher's frozen phase. weights='': the run's own
+          # weights when adaptation starts. Otherwise a weights folder (e.g. the
+          # released TPS model converted with model.head='aspp', as the released
+          # scripts use) of the model built from `model` with `model_name` and
+          # `head` replaced ('' keeps the student's).
+          frozen_teacher=dict(weights='', model_name='', head=''),
+          # Probability of mirroring the teacher's input pair (reference: 0.5).
+          teacher_flip=0.0,
+          confidence=0.9,  # probability threshold of the pasted T' regions
+          # Pseudo-labels below this probability are ignored by the losses
+          # (0: the reference's hard labels on every pixel).
+          pl_threshold=0.0,
+          # Pseudo-label distribution alignment: shift the teacher's scores by
+          # log(source class prior / running target prediction prior), so that
+          # one class cannot swallow others (see docs/method.md).
+          pl_distribution_alignment=True,
+          prior_momentum=0.99,
+          # Image-sequence-level fusion (QuadMix pastes).
+          image_fusion=True,
+          num_source_classes=2,  # random S' classes per clip
+          num_target_classes=2,  # random T' classes per clip
+          num_rare_classes=3,  # long-tail patches per clip (SYNTHIA: 2)
+          # Shallow-feature-level fusion (inactive in the released code):
+          # 'swap' exchanges current-iteration class regions between the two
+          # fused clips after `feature_layer`; 'blend' is the reference decoder
+          # variant's 0.7 own + 0.3 other inside the fused mask; 'pixel_swap'
+          # (a control) moves the regions of 'swap' as input pixels.
+          feature_fusion=True,
+          feature_mode='swap',
+          feature_layer='layer1',  # 'stem', 'layer1', 'layer2' or 'layer3'
+          feature_swap_classes=2,  # classes per direction and clip ('swap')
+          # 'both', or one direction only: 'to_target' (source features into
+          # the target-context clip) or 'to_source'.
+          feature_swap_directions='both',
+          # Controls (docs/benchmarks.md): 'kept' leaves the receiving clip's
+          # labels and flows under the exchanged features; feature_mode
+          # 'pixel_swap' moves the same regions as input pixels instead.
+          feature_swap_labels='exchanged',
+          feature_other_weight=0.3,  # 'blend': weight of the other clip
+          # BatchNorm running averages: 'fixed' = from the source and strong
+          # target passes only (the same in every ablation); 'all' = every
+          # train-mode pass, as the released code.
+          bn_update='fixed',
+          # Strong augmentation of the target pair (the consistency loss's
+          # perturbation). The blur sigma is in pixels of an image
+          # blur_reference_width wide, scaled to the clip's width: the released
+          # code blurs the 1024-wide pair with a PIL radius (= sigma) of 5-9.
+          # blur_kernel=0: 2 * ceil(3 * sigma) + 1 taps.
+          strong_aug=dict(
+              enabled=True,
+              p_blur=0.6,
+              p_jitter=0.8,
+              p_gray=0.2,
+              brightness=0.8,
+              contrast=0.8,
+              saturation=0.8,
+              hue=0.2,
+              blur_sigma=(5.0, 9.0),
+              blur_reference_width=1024,
+              blur_kernel=0,
+              wrap_normalized_bug=False,
+          ),  # True: the reference's [0,1] wrap
+          alignment=dict(
+              # 'contrastive'; 'cosine' (intra-class pull only); 'mmd'
+              # (reference); 'none'
+              kind='contrastive',
+              weight=0.1,
+              feature='feat',  # 'feat' (256-d pre-logit) or 'logits' (C-d)
+              temperature=0.1,
+              margin=0.2,
+              min_pixels=5,
+              pairs=2,  # target passes: (t, t-1) [and the clean (t, t-2)]
+              # 'frames': per-class prototypes over frames t, t-1, t-2, each
+              # pooled with its own labels; 'pairs': the reference's per-pair
+              # fused outputs with self-labels.
+              aggregation='frames',
+              # Class membership of target pixels ('frames'): the teacher's
+              # labels of each frame, or the student's own argmax.
+              target_labels='teacher',
+              # 'adaptive': per class and frame, softmax(reliability / tau)
+              # ('pairs': softmax(-entropy / tau) per pair); 'uniform'.
+              temporal='adaptive',
+              temporal_temperature=0.1,
+              detach_source=False,
+          ),
+          # Reference bugs, reproducible one by one (docs/method.md, section 7).
+          bugs=dict(
+              confidence_from_logit=False,
+              unclipped_lt_mask=False,
+              flow_mix_key_masks=False,
+              # Teacher mirror: keep the flow's dx sign; warp the mirrored
+              # scores and mirror the label maps afterwards.
+              flip_keep_dx=False,
+              warp_before_unflip=False,
+              # Temporal prototype = sum_i w_i p_i with zero rows.
+              zero_rows_in_temporal_mean=False,
+          ),
+      )
+  )
 
 
 def reference(c: ml_collections.ConfigDict) -> None:
@@ -382,8 +427,9 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   c.train.source_only_steps = 1000
 
 
-def vit_config(base, arg: str | None, image: bool = False
-               ) -> ml_collections.ConfigDict:
+def vit_config(
+    base, arg: str | None, image: bool = False
+) -> ml_collections.ConfigDict:
   """A ``*_vit.py`` config: ``base``'s dataset pair and DA-STC settings with
   the transformer model (``vit``). ``:smoke``: a test-size MiT on the tiny
   synthetic world, 2 steps. ``:reference``: the released code's bug flags
@@ -441,8 +487,7 @@ def use_synthetic(c: ml_collections.ConfigDict, size: str = 'default') -> None:
   c.data.source = domain('viper', 'train', None)
   c.data.source_val = domain('viper', 'val', None)
   c.data.target = domain('cityscapes_seq', 'train', None)
-  c.data.target_val = domain('cityscapes_seq', 'val', None,
-                             label_size='native')
+  c.data.target_val = domain('cityscapes_seq', 'val', None, label_size='native')
   c.eval.splits = ('source_val', 'target_val')
 
 
@@ -470,17 +515,23 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.eval.num_overlays = 2
   c.optim.warmup_steps = 0
   c.train.source_only_steps = 1 if c.method == 'dastc' else 0
-  for key, size in (('source', (40, 72)), ('source_val', (40, 72)),
-                    ('target', (32, 64)), ('target_val', (32, 64))):
+  for key, size in (
+      ('source', (40, 72)),
+      ('source_val', (40, 72)),
+      ('target', (32, 64)),
+      ('target_val', (32, 64)),
+  ):
     c.data[key].image_size = size
   c.dastc.strong_aug.blur_kernel = 3
 
 
-def image_domain(c: ml_collections.ConfigDict, source: str,
-                 class_set: str) -> None:
+def image_domain(
+    c: ml_collections.ConfigDict, source: str, class_set: str
+) -> None:
   """DA-STC on images (clip length 1, no flow, no temporal terms).
 
-  The released image code builds on HRDA + MIC (docs/reference_code.md, "Models"); those
+  The released image code builds on HRDA + MIC (docs/reference_code.md,
+  "Models"); those
   multi-resolution and masking parts are not part of DA-STC and are not
   reproduced. The settings follow its DACS/DAFormer base without HRDA:
   source resized to 720x1280, Cityscapes to 512x1024, random 512x512 crops,
@@ -492,10 +543,12 @@ def image_domain(c: ml_collections.ConfigDict, source: str,
   c.model.num_classes = num
   c.model.name = 'deeplabv2'
   c.data.source = domain(source, 'train', (720, 1280), crop_size=(512, 512))
-  c.data.target = domain('cityscapes', 'train', (512, 1024),
-                         crop_size=(512, 512))
-  c.data.target_val = domain('cityscapes', 'val', (512, 1024),
-                             label_size='native')
+  c.data.target = domain(
+      'cityscapes', 'train', (512, 1024), crop_size=(512, 512)
+  )
+  c.data.target_val = domain(
+      'cityscapes', 'val', (512, 1024), label_size='native'
+  )
   del c.data['source_val']
   c.eval.splits = ('target_val',)
   c.optim.name = 'adamw'
@@ -524,9 +577,7 @@ def smoke_images(c: ml_collections.ConfigDict) -> None:
   smoke(c)
   c.data.class_set, c.model.num_classes = class_set, classes
   c.data.source = domain('gta5', 'train', (40, 72), crop_size=(32, 48))
-  c.data.target = domain('cityscapes', 'train', (32, 64),
-                         crop_size=(32, 48))
-  c.data.target_val = domain('cityscapes', 'val', (32, 64),
-                             label_size='native')
+  c.data.target = domain('cityscapes', 'train', (32, 64), crop_size=(32, 48))
+  c.data.target_val = domain('cityscapes', 'val', (32, 64), label_size='native')
   del c.data['source_val']
   c.eval.splits = ('target_val',)

@@ -1,6 +1,7 @@
 """GTA5 -> Cityscapes (image domain, 19 classes) with DeepLabv2-ResNet-101.
 
-DA-STC with clip length 1 (docs/reference_code.md, "Models"): the image-sequence-level pastes,
+DA-STC with clip length 1 (docs/reference_code.md, "Models"): the
+image-sequence-level pastes,
 the shallow-feature fusion and the category-aware alignment on single
 frames; no flow and no temporal terms. Prepare the data first (README,
 "Datasets")::

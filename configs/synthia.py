@@ -1,7 +1,8 @@
 """SYNTHIA-RAND-CITYSCAPES -> Cityscapes (image domain, 16 classes; the
 mIoU13 of the literature is reported alongside) with DeepLabv2-ResNet-101.
 
-DA-STC with clip length 1 (docs/reference_code.md, "Models"); see ``configs/gta5.py``. Prepare
+DA-STC with clip length 1 (docs/reference_code.md, "Models"); see
+``configs/gta5.py``. Prepare
 the data first (README, "Datasets")::
 
   python -m dastc_jax.prepare --dataset=synthia_rand \\

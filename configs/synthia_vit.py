@@ -1,4 +1,5 @@
-"""SYNTHIA-RAND-CITYSCAPES -> Cityscapes, the single-frame transformer (docs/vit.md).
+"""SYNTHIA-RAND-CITYSCAPES -> Cityscapes, the single-frame transformer
+(docs/vit.md).
 
 ``configs/synthia.py`` with ``common.vit``; variants ``:smoke`` and
 ``:reference`` as documented in ``common.vit_config``.

@@ -1,6 +1,7 @@
 """VIPER -> Cityscapes-Seq with ACCEL-DeepLabv2-ResNet-101 (reference values).
 
-Hyper-parameters follow the released CNN script (docs/reference_code.md, "Training"):
+Hyper-parameters follow the released CNN script (docs/reference_code.md,
+"Training"):
 SGD, momentum 0.9, weight decay 5e-4, base LR 1e-4, poly(0.9) over 250k
 steps, x10 LR for the fusion layer and heads, 40k iterations, batch 1 + 1,
 seed 1234; lambda_T = 0.2 (hard-coded in the VIPER script), three long-tail

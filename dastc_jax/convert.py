@@ -81,6 +81,7 @@ load_state_dict = weight_files.load_state_dict
 @dataclasses.dataclass
 class Report:
   """What a conversion matched, dropped and initialised."""
+
   source: str
   layout: str
   converted: list[str]
@@ -104,14 +105,19 @@ def detect_layout(keys: Sequence[str]) -> str:
     return 'caffe'
   if 'fc.weight' in keys:
     return 'torchvision'
-  if any(k.startswith(('layer5.', 'layer6.', 'layer7.', 'sf_layer'))
-         for k in keys):
+  if any(
+      k.startswith(('layer5.', 'layer6.', 'layer7.', 'sf_layer')) for k in keys
+  ):
     return 'accel'
   return 'caffe'  # a bare backbone
 
 
-_BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-       'var': 'running_var'}
+_BN = {
+    'scale': 'weight',
+    'bias': 'bias',
+    'mean': 'running_mean',
+    'var': 'running_var',
+}
 
 
 def torch_name(path: str, head: str = 'proda') -> str:
@@ -124,8 +130,13 @@ def torch_name(path: str, head: str = 'proda') -> str:
   leaf = parts[-1]
   if parts[0] == 'backbone':
     mods = parts[1:-1]
-    mods = [{'downsample_conv': 'downsample.0',
-             'downsample_bn': 'downsample.1'}.get(m, m) for m in mods]
+    mods = [
+        {
+            'downsample_conv': 'downsample.0',
+            'downsample_bn': 'downsample.1',
+        }.get(m, m)
+        for m in mods
+    ]
     base = '.'.join(mods)
     is_bn = mods[-1].startswith('bn') or mods[-1] == 'downsample.1'
     return f'{base}.{_BN[leaf] if is_bn else "weight"}'
@@ -145,8 +156,10 @@ def torch_name(path: str, head: str = 'proda') -> str:
 def _to_ours(name: str, value: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == 'kernel':
     if value.ndim != 4:
-      raise ConversionError(f'{name}: expected a 4-D conv weight (O, I, kH, '
-                            f'kW), got shape {value.shape}.')
+      raise ConversionError(
+          f'{name}: expected a 4-D conv weight (O, I, kH, '
+          f'kW), got shape {value.shape}.'
+      )
     return np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
   return value
 
@@ -159,23 +172,26 @@ def _fold_torchvision_input(sd: dict[str, np.ndarray]) -> None:
   scale = 1.0 / (255.0 * _TV_STD)
   shift = (_CAFFE_MEAN_BGR[::-1] / 255.0 - _TV_MEAN) / _TV_STD
   sd['conv1.weight'] = (w * scale[None, :, None, None])[:, ::-1].astype(
-      np.float32)
+      np.float32
+  )
   # The constant shift adds sum(W * shift) to every conv1 output (away from
   # the zero padding): move it into bn1's running mean.
   const = np.einsum('ochw,c->o', w, shift)
   if 'bn1.running_mean' in sd:
-    sd['bn1.running_mean'] = (sd['bn1.running_mean'] - const).astype(
-        np.float32)
+    sd['bn1.running_mean'] = (sd['bn1.running_mean'] - const).astype(np.float32)
 
 
-def convert_state_dict(sd: dict[str, np.ndarray],
-                       model_config: ml_collections.ConfigDict, *,
-                       layout: str = 'auto',
-                       allow_missing: Sequence[str] | None = None,
-                       allow_unexpected: Sequence[str] = (),
-                       source: str = '<memory>', seed: int = 0,
-                       head_from_tps: bool = False
-                       ) -> tuple[dict[str, Any], dict[str, Any], Report]:
+def convert_state_dict(
+    sd: dict[str, np.ndarray],
+    model_config: ml_collections.ConfigDict,
+    *,
+    layout: str = 'auto',
+    allow_missing: Sequence[str] | None = None,
+    allow_unexpected: Sequence[str] = (),
+    source: str = '<memory>',
+    seed: int = 0,
+    head_from_tps: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], Report]:
   """Maps a PyTorch ``state_dict`` onto this config's model.
 
   Args:
@@ -199,16 +215,26 @@ def convert_state_dict(sd: dict[str, np.ndarray],
     ConversionError: listing missing, unexpected and mismatched keys.
   """
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+
   if layout not in LAYOUTS:
-    raise ConversionError(f'Unknown layout {layout!r}; expected one of '
-                          f'{LAYOUTS}.')
+    raise ConversionError(
+        f'Unknown layout {layout!r}; expected one of ' f'{LAYOUTS}.'
+    )
   if layout == 'auto':
     layout = detect_layout(list(sd))
   if layout in ('mit', 'quadmix_vit'):
-    return convert_transformer(sd, model_config, layout, source=source,
-                               seed=seed, allow_unexpected=allow_unexpected)
-  sd = {k[len('Scale.'):] if k.startswith('Scale.') else k: v
-        for k, v in sd.items()}
+    return convert_transformer(
+        sd,
+        model_config,
+        layout,
+        source=source,
+        seed=seed,
+        allow_unexpected=allow_unexpected,
+    )
+  sd = {
+      k[len('Scale.') :] if k.startswith('Scale.') else k: v
+      for k, v in sd.items()
+  }
   notes = []
   # Our earlier PyTorch restatement named the DA-STC classifier
   # `layer7.classifier`; the released checkpoints hold `layer7.head.1`.
@@ -218,11 +244,15 @@ def convert_state_dict(sd: dict[str, np.ndarray],
       notes.append(f'Read {old} as {new}.')
   if layout == 'torchvision':
     _fold_torchvision_input(sd)
-    notes.append('Folded torchvision input normalisation (RGB, /255, '
-                 'ImageNet mean/std) into conv1 and bn1.running_mean.')
+    notes.append(
+        'Folded torchvision input normalisation (RGB, /255, '
+        'ImageNet mean/std) into conv1 and bn1.running_mean.'
+    )
     if model_config.stride_in_1x1:
-      notes.append('torchvision ResNets stride in the 3x3 conv; this config '
-                   'strides in the 1x1 conv (model.stride_in_1x1=True).')
+      notes.append(
+          'torchvision ResNets stride in the 3x3 conv; this config '
+          'strides in the 1x1 conv (model.stride_in_1x1=True).'
+      )
   if allow_missing is None:
     allow_missing = _NON_BACKBONE if layout != 'accel' else ()
   # Keys the layout never maps (e.g. the Caffe net's COCO `layer5`, which is
@@ -233,19 +263,24 @@ def convert_state_dict(sd: dict[str, np.ndarray],
   head = model_config.head
   cfg = ml_collections.ConfigDict(model_config.to_dict())
   _, init_params, init_stats = state_lib.init_model(
-      ml_collections.ConfigDict({'model': cfg}), seed)
-  trees = {'params': checkpointing.flat_keys(init_params),
-           'batch_stats': checkpointing.flat_keys(init_stats)}
+      ml_collections.ConfigDict({'model': cfg}), seed
+  )
+  trees = {
+      'params': checkpointing.flat_keys(init_params),
+      'batch_stats': checkpointing.flat_keys(init_stats),
+  }
   transplanted, made = [], set()
   if head_from_tps:
-    transplanted, made = _head_from_tps(sd, trees['params'], model_config,
-                                        layout, source)
+    transplanted, made = _head_from_tps(
+        sd, trees['params'], model_config, layout, source
+    )
     notes.append(
         f"layer7 built from TPS's layer6 ({', '.join(transplanted[:2])}, "
-        '...): its first num_classes features are layer6\'s logits and the '
+        "...): its first num_classes features are layer6's logits and the "
         'classifier passes them through ([I | 0]); the other features keep '
         'the initialisation with zero classifier weights, so the model '
-        'predicts exactly what TPS predicts.')
+        'predicts exactly what TPS predicts.'
+    )
   out = {'params': {}, 'batch_stats': {}}
   used, missing, mismatched, kept = set(), [], [], []
   for kind, flat in trees.items():
@@ -261,49 +296,77 @@ def convert_state_dict(sd: dict[str, np.ndarray],
       used.add(name)
       value = _to_ours(name, np.asarray(sd[name]), path.split('/')[-1])
       if value.shape != tuple(like.shape):
-        mismatched.append(f'{name}: file {tuple(sd[name].shape)} -> '
-                          f'{value.shape}, model {tuple(like.shape)}')
+        mismatched.append(
+            f'{name}: file {tuple(sd[name].shape)} -> '
+            f'{value.shape}, model {tuple(like.shape)}'
+        )
         continue
       out[kind][path] = value.astype(np.float32)
   unexpected = sorted(set(sd) - used)
   if missing or unexpected or mismatched:
     parts = []
-    for label, keys in (('missing', missing), ('unexpected', unexpected),
-                        ('shape-mismatched', mismatched)):
+    for label, keys in (
+        ('missing', missing),
+        ('unexpected', unexpected),
+        ('shape-mismatched', mismatched),
+    ):
       if keys:
-        parts.append(f'{len(keys)} {label}: ' + '; '.join(keys[:8]) +
-                     ('; ...' if len(keys) > 8 else ''))
+        parts.append(
+            f'{len(keys)} {label}: '
+            + '; '.join(keys[:8])
+            + ('; ...' if len(keys) > 8 else '')
+        )
     hint = []
     if any(k.startswith('layer6.') for k in unexpected) or any(
-        'layer6.' in k for k in missing):
-      hint.append("TPS/DA-VSN checkpoints have the 'layer6' head: use "
-                  "--config.model.head=aspp to evaluate them, or "
-                  "--head_from_tps to start DA-STC from them (docs/"
-                  "weights.md; --allow_missing=head/ --allow_unexpected="
-                  "'layer6\\.' keeps only their backbone, as the released "
-                  "recipe does with a frozen TPS teacher).")
+        'layer6.' in k for k in missing
+    ):
+      hint.append(
+          "TPS/DA-VSN checkpoints have the 'layer6' head: use "
+          '--config.model.head=aspp to evaluate them, or '
+          '--head_from_tps to start DA-STC from them (docs/'
+          'weights.md; --allow_missing=head/ --allow_unexpected='
+          "'layer6\\.' keeps only their backbone, as the released "
+          'recipe does with a frozen TPS teacher).'
+      )
     if mismatched:
-      hint.append('Mismatched shapes usually mean another class count '
-                  '(model.num_classes) or depth (model.layers).')
+      hint.append(
+          'Mismatched shapes usually mean another class count '
+          '(model.num_classes) or depth (model.layers).'
+      )
     raise ConversionError(
         f'{source} ({layout} layout) does not fit config.model '
         f'(name={model_config.name}, num_classes={model_config.num_classes}'
         f', layers={tuple(model_config.layers)}, head={head}): '
-        + ' | '.join(parts) + ('. ' + ' '.join(hint) if hint else '.'))
+        + ' | '.join(parts)
+        + ('. ' + ' '.join(hint) if hint else '.')
+    )
   unflat = lambda flat, like: jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(like),
-      [flat[k] for k in checkpointing.flat_keys(like)])
+      [flat[k] for k in checkpointing.flat_keys(like)],
+  )
   converted = sorted((used - made) | set(transplanted))
-  report = Report(source=source, layout=layout, converted=converted,
-                  missing_initialised=sorted(kept), ignored=ignored,
-                  notes=notes)
-  return (unflat(out['params'], init_params),
-          unflat(out['batch_stats'], init_stats), report)
+  report = Report(
+      source=source,
+      layout=layout,
+      converted=converted,
+      missing_initialised=sorted(kept),
+      ignored=ignored,
+      notes=notes,
+  )
+  return (
+      unflat(out['params'], init_params),
+      unflat(out['batch_stats'], init_stats),
+      report,
+  )
 
 
-def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
-                   model_config: ml_collections.ConfigDict, layout: str,
-                   source: str) -> tuple[list[str], set[str]]:
+def _head_from_tps(
+    sd: dict[str, np.ndarray],
+    init: dict[str, Any],
+    model_config: ml_collections.ConfigDict,
+    layout: str,
+    source: str,
+) -> tuple[list[str], set[str]]:
   """Replaces a TPS file's ``layer6`` (ASPP sum straight to the C classes)
   in ``sd`` by an equivalent DA-STC ``layer7`` (ASPP sum to F features, then
   a bias-free 1x1 classifier), in place; returns the layer6 keys used and
@@ -321,34 +384,46 @@ def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
     raise ConversionError(
         f'--head_from_tps needs a TPS file (accel layout, got {layout}) and '
         "config.model.head='proda' (DA-STC's layer7), got "
-        f'{model_config.head!r}.')
+        f'{model_config.head!r}.'
+    )
   if any(k.startswith('layer7.') for k in sd):
-    raise ConversionError(f'{source} already has a layer7 head; '
-                          '--head_from_tps is for TPS files (layer6 only).')
+    raise ConversionError(
+        f'{source} already has a layer7 head; '
+        '--head_from_tps is for TPS files (layer6 only).'
+    )
   keys = sorted(k for k in sd if k.startswith('layer6.conv2d_list.'))
   n = len(model_config.aspp_dilations)
-  want = [f'layer6.conv2d_list.{i}.{p}' for i in range(n)
-          for p in ('weight', 'bias')]
+  want = [
+      f'layer6.conv2d_list.{i}.{p}'
+      for i in range(n)
+      for p in ('weight', 'bias')
+  ]
   if sorted(want) != keys:
     raise ConversionError(
         f'--head_from_tps: {source} has layer6 keys {keys[:4]}...; expected '
-        f'{want[:4]}... ({n} ASPP branches, config.model.aspp_dilations).')
+        f'{want[:4]}... ({n} ASPP branches, config.model.aspp_dilations).'
+    )
   c = model_config.num_classes
   f = model_config.head_features
   if f < c:
-    raise ConversionError(f'--head_from_tps needs config.model.'
-                          f'head_features >= num_classes ({f} < {c}).')
+    raise ConversionError(
+        f'--head_from_tps needs config.model.'
+        f'head_features >= num_classes ({f} < {c}).'
+    )
   for i in range(n):
     w6, b6 = sd.pop(want[2 * i]), sd.pop(want[2 * i + 1])
     if w6.shape[0] != c:
       raise ConversionError(
           f'{source}: {want[2 * i]} has {w6.shape[0]} output classes; '
-          f'config.model.num_classes={c}.')
+          f'config.model.num_classes={c}.'
+      )
     kernel = np.asarray(init[f'head/aspp/branches/{i}/kernel'], np.float32)
     w7 = np.transpose(kernel, (3, 2, 0, 1)).copy()  # HWIO -> OIHW
     if w7.shape[1:] != w6.shape[1:]:
-      raise ConversionError(f'{want[2 * i]}: file {w6.shape}, model layer7 '
-                            f'{w7.shape} (another depth or width?).')
+      raise ConversionError(
+          f'{want[2 * i]}: file {w6.shape}, model layer7 '
+          f'{w7.shape} (another depth or width?).'
+      )
     w7[:c] = w6
     b7 = np.asarray(init[f'head/aspp/branches/{i}/bias'], np.float32).copy()
     b7[:c] = b6
@@ -360,9 +435,9 @@ def _head_from_tps(sd: dict[str, np.ndarray], init: dict[str, Any],
   return want, {k for k in sd if k.startswith('layer7.')}
 
 
-def export_state_dict(params: Any, batch_stats: Any,
-                      model_config: ml_collections.ConfigDict
-                      ) -> dict[str, np.ndarray]:
+def export_state_dict(
+    params: Any, batch_stats: Any, model_config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
   """Our ACCEL-DeepLabv2 parameters as a released-layout ``state_dict``
   (the inverse of :func:`convert_state_dict` for the ``accel`` layout):
   OIHW kernels, the reference key of every parameter (``layer6`` for
@@ -380,13 +455,15 @@ def export_state_dict(params: Any, batch_stats: Any,
         value = np.transpose(value, (3, 2, 0, 1))  # HWIO -> OIHW
       out[name] = np.ascontiguousarray(value)
       if name.endswith('.running_var'):
-        out[name[:-len('running_var')] + 'num_batches_tracked'] = np.zeros(
-            (), np.int64)
+        out[name[: -len('running_var')] + 'num_batches_tracked'] = np.zeros(
+            (), np.int64
+        )
   return out
 
 
-def export_mit_imagenet(model_config: ml_collections.ConfigDict,
-                        seed: int = 0) -> dict[str, np.ndarray]:
+def export_mit_imagenet(
+    model_config: ml_collections.ConfigDict, seed: int = 0
+) -> dict[str, np.ndarray]:
   """This config's MiT encoder, initialised with ``seed``, as an ImageNet
   MiT file's ``state_dict`` (the ``mit`` layout: ``patch_embed1.proj``,
   ``block1.0.attn.q``, ..., plus a 1000-class ``head``): the inverse of
@@ -397,6 +474,7 @@ def export_mit_imagenet(model_config: ml_collections.ConfigDict,
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dastc_jax import models  # pylint: disable=g-import-not-at-top
+
   model = models.build_model(model_config, nnx.Rngs(params=seed))
   flat = dict(nnx.to_flat_state(nnx.state(model.backbone)))
   out = {}
@@ -419,11 +497,15 @@ torch_names = weight_files.torch_names
 load_by_names = weight_files.load_by_names
 
 
-def convert_transformer(sd: dict[str, np.ndarray],
-                        model_config: ml_collections.ConfigDict,
-                        layout: str, *, source: str = '<memory>',
-                        seed: int = 0, allow_unexpected: Sequence[str] = ()
-                        ) -> tuple[dict[str, Any], dict[str, Any], Report]:
+def convert_transformer(
+    sd: dict[str, np.ndarray],
+    model_config: ml_collections.ConfigDict,
+    layout: str,
+    *,
+    source: str = '<memory>',
+    seed: int = 0,
+    allow_unexpected: Sequence[str] = (),
+) -> tuple[dict[str, Any], dict[str, Any], Report]:
   """ImageNet MiT (``mit``: ``patch_embed1...``, its ``head.*`` ImageNet
   classifier dropped; the DAFormer head and ``sf_layer`` keep this config's
   initialisation) or a released QuadMix-ViT video model (``quadmix_vit``:
@@ -432,62 +514,85 @@ def convert_transformer(sd: dict[str, np.ndarray],
   Keys matching ``allow_unexpected`` (e.g. an EMA copy) are ignored."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dastc_jax import models  # pylint: disable=g-import-not-at-top
+
   if model_config.name not in models.TRANSFORMERS:
     raise ConversionError(
         f'{source} holds {layout} (transformer) weights; config.model.name='
         f'{model_config.name!r} is not a transformer model (use one of '
-        f'{models.TRANSFORMERS}, e.g. configs/viper_vit.py).')
+        f'{models.TRANSFORMERS}, e.g. configs/viper_vit.py).'
+    )
   model = models.build_model(model_config, nnx.Rngs(params=seed))
   sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
-  ignored = sorted(k for k in sd if (layout == 'mit' and k.startswith(
-      'head.')) or any(re.match(p, k) for p in allow_unexpected))
+  ignored = sorted(
+      k
+      for k in sd
+      if (layout == 'mit' and k.startswith('head.'))
+      or any(re.match(p, k) for p in allow_unexpected)
+  )
   used = set(ignored)
   kept, notes = [], []
   if layout == 'mit':
     used |= set(load_by_names(model.backbone, sd, source=source))
     kept = ['head/', 'sf_layer/'] if hasattr(model, 'sf_layer') else ['head/']
-    notes.append('ImageNet MiT encoder: the decode head (and sf_layer) keep '
-                 'this config\'s initialisation.')
+    notes.append(
+        'ImageNet MiT encoder: the decode head (and sf_layer) keep '
+        "this config's initialisation."
+    )
   else:
-    used |= set(load_by_names(model.backbone, sd, prefix='model.',
-                              source=source))
-    used |= set(load_by_names(model.head, sd, prefix='decoder.',
-                              source=source))
+    used |= set(
+        load_by_names(model.backbone, sd, prefix='model.', source=source)
+    )
+    used |= set(load_by_names(model.head, sd, prefix='decoder.', source=source))
     if hasattr(model, 'sf_layer'):
       name = 'decoder.sf_layer.weight'
       if name not in sd:
-        raise ConversionError(f'{source}: 1 missing: {name} (a video model; '
-                              'an image-domain file fits model.name='
-                              "'daformer').")
+        raise ConversionError(
+            f'{source}: 1 missing: {name} (a video model; '
+            'an image-domain file fits model.name='
+            "'daformer')."
+        )
       w = np.transpose(np.asarray(sd[name], np.float32), (2, 3, 1, 0))
       if w.shape != tuple(model.sf_layer.kernel.shape):
-        raise ConversionError(f'{source}: {name}: file {sd[name].shape}, '
-                              f'model {model.sf_layer.kernel.shape} (another '
-                              'class count?).')
+        raise ConversionError(
+            f'{source}: {name}: file {sd[name].shape}, '
+            f'model {model.sf_layer.kernel.shape} (another '
+            'class count?).'
+        )
       model.sf_layer.kernel.set_value(jax.numpy.asarray(w))
       used.add(name)
   unexpected = sorted(set(sd) - used)
   if unexpected:
-    raise ConversionError(f'{source} ({layout} layout): {len(unexpected)} '
-                          'unexpected: ' + '; '.join(unexpected[:8]))
+    raise ConversionError(
+        f'{source} ({layout} layout): {len(unexpected)} '
+        'unexpected: ' + '; '.join(unexpected[:8])
+    )
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
   stats = jax.tree.map(np.asarray, nnx.to_pure_dict(stats))
-  report = Report(source=source, layout=layout,
-                  converted=sorted(used - set(ignored)),
-                  missing_initialised=kept, ignored=ignored, notes=notes)
+  report = Report(
+      source=source,
+      layout=layout,
+      converted=sorted(used - set(ignored)),
+      missing_initialised=kept,
+      ignored=ignored,
+      notes=notes,
+  )
   return params, stats, report
 
 
 # ------------------------------------------------------------------- output
-def convert_file(source: str, output: str,
-                 model_config: ml_collections.ConfigDict, *,
-                 layout: str = 'auto',
-                 allow_missing: Sequence[str] | None = None,
-                 allow_unexpected: Sequence[str] = (),
-                 overwrite: bool = False,
-                 loaded: tuple[dict[str, np.ndarray], str] | None = None,
-                 head_from_tps: bool = False) -> Report:
+def convert_file(
+    source: str,
+    output: str,
+    model_config: ml_collections.ConfigDict,
+    *,
+    layout: str = 'auto',
+    allow_missing: Sequence[str] | None = None,
+    allow_unexpected: Sequence[str] = (),
+    overwrite: bool = False,
+    loaded: tuple[dict[str, np.ndarray], str] | None = None,
+    head_from_tps: bool = False,
+) -> Report:
   """Converts ``source`` and writes an orbax checkpoint under ``output``
   (``loaded``: ``weight_files.read(source)`` when the caller has read it).
 
@@ -507,29 +612,44 @@ def convert_file(source: str, output: str,
     raise ConversionError(f'{output} exists; pass --overwrite to replace it.')
   sd, digest = loaded or weight_files.read(source)
   params, stats, report = convert_state_dict(
-      sd, model_config, layout=layout, allow_missing=allow_missing,
-      allow_unexpected=allow_unexpected, source=source,
-      head_from_tps=head_from_tps)
+      sd,
+      model_config,
+      layout=layout,
+      allow_missing=allow_missing,
+      allow_unexpected=allow_unexpected,
+      source=source,
+      head_from_tps=head_from_tps,
+  )
   tmp = paths.staging_dir(output)
   try:
-    ckpt = checkpointing.Checkpointer(os.path.join(tmp, 'checkpoints'),
-                                      async_save=False)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(tmp, 'checkpoints'), async_save=False
+    )
     try:
       ckpt.save(0, {'params': params, 'batch_stats': stats})
     finally:
       ckpt.close()
-    meta = {**report.to_json(), 'sha256': digest,
-            'model': model_config.to_dict()}
+    meta = {
+        **report.to_json(),
+        'sha256': digest,
+        'model': model_config.to_dict(),
+    }
     with open(os.path.join(tmp, 'conversion.json'), 'w') as f:
       json.dump(meta, f, indent=2, default=str)
     paths.publish_dir(tmp, output, last='conversion.json')
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  logging.info('Converted %d tensors of %s (%s layout) into %s; kept the '
-               'initialisation of %d parameters; ignored %d keys.',
-               len(report.converted), source, report.layout, output,
-               len(report.missing_initialised), len(report.ignored))
+  logging.info(
+      'Converted %d tensors of %s (%s layout) into %s; kept the '
+      'initialisation of %d parameters; ignored %d keys.',
+      len(report.converted),
+      source,
+      report.layout,
+      output,
+      len(report.missing_initialised),
+      len(report.ignored),
+  )
   for note in report.notes:
     logging.warning('%s', note)
   return report
@@ -538,23 +658,39 @@ def convert_file(source: str, output: str,
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config whose model receives the weights '
+      'config',
+      None,
+      'Experiment config whose model receives the weights '
       '(not needed for torchvision RAFT files, which are recognised).',
-      lock_config=True)
-  flags.DEFINE_string('source', None, 'PyTorch .pth/.pt/.bin or '
-                      '.safetensors file.')
+      lock_config=True,
+  )
+  flags.DEFINE_string(
+      'source', None, 'PyTorch .pth/.pt/.bin or ' '.safetensors file.'
+  )
   flags.DEFINE_string('output', None, 'Output folder (orbax checkpoint).')
   flags.DEFINE_enum('layout', 'auto', LAYOUTS, 'Key layout of the file.')
-  flags.DEFINE_list('allow_missing', None, 'Prefixes of our parameter paths '
-                    '(e.g. head/) that keep their initialisation when the '
-                    'file lacks them (default: the layout\'s).')
-  flags.DEFINE_list('allow_unexpected', [], 'Regexes of file keys that may '
-                    "stay unused (e.g. 'layer6\\.').")
-  flags.DEFINE_bool('head_from_tps', False, "Build DA-STC's layer7 head from "
-                    "a TPS file's layer6, so that the converted model "
-                    'predicts exactly what TPS predicts (the start of '
-                    'DA-STC training, docs/weights.md).')
+  flags.DEFINE_list(
+      'allow_missing',
+      None,
+      'Prefixes of our parameter paths '
+      '(e.g. head/) that keep their initialisation when the '
+      "file lacks them (default: the layout's).",
+  )
+  flags.DEFINE_list(
+      'allow_unexpected',
+      [],
+      'Regexes of file keys that may ' "stay unused (e.g. 'layer6\\.').",
+  )
+  flags.DEFINE_bool(
+      'head_from_tps',
+      False,
+      "Build DA-STC's layer7 head from "
+      "a TPS file's layer6, so that the converted model "
+      'predicts exactly what TPS predicts (the start of '
+      'DA-STC training, docs/weights.md).',
+  )
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --output.')
   flags.mark_flags_as_required(['source', 'output'])
   return flags.FLAGS
@@ -566,31 +702,47 @@ def _main(argv, f) -> None:
   loaded = weight_files.read(f.source)  # read once, whatever the layout
   if 'feature_encoder.conv.weight' in loaded[0]:  # torchvision RAFT
     from dastc_jax.flow import weights as flow_weights  # pylint: disable=g-import-not-at-top
-    variant = flow_weights.convert_file(f.source, f.output,
-                                        overwrite=f.overwrite, loaded=loaded)
-    print(f'Wrote {paths.resolve(f.output)}: torchvision {variant} weights '
-          'as an orbax checkpoint. Use it with `python -m dastc_jax.flow '
-          f'--weights={f.output}` or `prepare --compute_flows={f.output}`.')
+
+    variant = flow_weights.convert_file(
+        f.source, f.output, overwrite=f.overwrite, loaded=loaded
+    )
+    print(
+        f'Wrote {paths.resolve(f.output)}: torchvision {variant} weights '
+        'as an orbax checkpoint. Use it with `python -m dastc_jax.flow '
+        f'--weights={f.output}` or `prepare --compute_flows={f.output}`.'
+    )
     return
   if f.config is None:
-    raise SystemExit('error: --config is needed (its model receives the '
-                     'weights); only RAFT weight files convert without one.')
+    raise SystemExit(
+        'error: --config is needed (its model receives the '
+        'weights); only RAFT weight files convert without one.'
+    )
   try:
     report = convert_file(
-        f.source, f.output, f.config.model, layout=f.layout,
-        allow_missing=f.allow_missing, allow_unexpected=f.allow_unexpected,
-        overwrite=f.overwrite, loaded=loaded, head_from_tps=f.head_from_tps)
+        f.source,
+        f.output,
+        f.config.model,
+        layout=f.layout,
+        allow_missing=f.allow_missing,
+        allow_unexpected=f.allow_unexpected,
+        overwrite=f.overwrite,
+        loaded=loaded,
+        head_from_tps=f.head_from_tps,
+    )
   except ConversionError as e:
     raise SystemExit(f'error: {e}') from None
-  print(f'Wrote {paths.resolve(f.output)}: {len(report.converted)} tensors '
-        f'converted ({report.layout} layout), '
-        f'{len(report.missing_initialised)} parameters initialised by the '
-        f'config, {len(report.ignored)} file keys ignored. Use it with '
-        f'--config.train.init_from={f.output} or --mode=eval '
-        f'--checkpoint={f.output}.')
+  print(
+      f'Wrote {paths.resolve(f.output)}: {len(report.converted)} tensors '
+      f'converted ({report.layout} layout), '
+      f'{len(report.missing_initialised)} parameters initialised by the '
+      f'config, {len(report.ignored)} file keys ignored. Use it with '
+      f'--config.train.init_from={f.output} or --mode=eval '
+      f'--checkpoint={f.output}.'
+  )
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _flags = _define_flags()
   app.run(errors.report_user_errors(lambda argv: _main(argv, _flags)))

@@ -116,8 +116,11 @@ def publish_dir(staged: str, output: PathLike, last: str = '') -> None:
   out = epath.Path(output)
   if out.exists():
     out.rmtree()
-  files = sorted(os.path.relpath(os.path.join(d, f), staged)
-                 for d, _, names in os.walk(staged) for f in names)
+  files = sorted(
+      os.path.relpath(os.path.join(d, f), staged)
+      for d, _, names in os.walk(staged)
+      for f in names
+  )
   files.sort(key=lambda rel: rel == last)  # stable: `last` goes last
   for rel in files:
     dst = out / rel

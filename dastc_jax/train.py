@@ -57,31 +57,37 @@ def _host_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _make_steps(config, graphdef, tx, state_sharding, data, repl):
   """Jitted train step(s): ``[(first_step, fn), ...]`` in order."""
-  jit = lambda fn: jax.jit(fn, in_shardings=(state_sharding, data),
-                           out_shardings=(state_sharding, repl),
-                           donate_argnums=(0,))
+  jit = lambda fn: jax.jit(
+      fn,
+      in_shardings=(state_sharding, data),
+      out_shardings=(state_sharding, repl),
+      donate_argnums=(0,),
+  )
   if config.method == 'target_only':
-    return [(0, jit(step_lib.make_train_step(config, graphdef, tx,
-                                             'target')))]
+    return [(0, jit(step_lib.make_train_step(config, graphdef, tx, 'target')))]
   source = (0, jit(step_lib.make_train_step(config, graphdef, tx, 'source')))
   if config.method in ('source_only', 'source_only_hm'):
     return [source]
-  adapt = (config.train.source_only_steps,
-           jit(step_lib.make_dastc_step(config, graphdef, tx)))
+  adapt = (
+      config.train.source_only_steps,
+      jit(step_lib.make_dastc_step(config, graphdef, tx)),
+  )
   return [source, adapt] if config.train.source_only_steps > 0 else [adapt]
 
 
 def _jit_eval_step(config, graphdef, state_sharding, repl, data):
   """The jitted eval step; parameters keep the state's (FSDP) sharding."""
-  return jax.jit(forward.make_eval_step(config, graphdef),
-                 in_shardings=(state_sharding.params,
-                               state_sharding.batch_stats, data),
-                 out_shardings=(repl, data))
+  return jax.jit(
+      forward.make_eval_step(config, graphdef),
+      in_shardings=(state_sharding.params, state_sharding.batch_stats, data),
+      out_shardings=(repl, data),
+  )
 
 
 @dataclasses.dataclass
 class _Run:
   """The objects a training run wires together (built once, in order)."""
+
   config: ml_collections.ConfigDict
   workdir: epath.Path
   data_root: str
@@ -99,14 +105,21 @@ class _Run:
 
   def evaluate(self, state, step: int, num_overlays: int):
     return evaluate.evaluate_splits(
-        self.config, self.data_root, self.eval_step, state.params,
-        state.batch_stats, self.data_sharding,
-        self.workdir / 'eval' / f'step_{step}', step,
-        num_overlays)
+        self.config,
+        self.data_root,
+        self.eval_step,
+        state.params,
+        state.batch_stats,
+        self.data_sharding,
+        self.workdir / 'eval' / f'step_{step}',
+        step,
+        num_overlays,
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
   """Trains (resuming from ``workdir`` if possible), then evaluates.
 
   Args:
@@ -122,8 +135,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_config(config)
   workdir = paths.resolve(workdir)
   ckpt_dir = workdir / 'checkpoints'
-  if not (ckpt_dir.exists() and any(p.name.isdigit()
-                                    for p in ckpt_dir.iterdir())):
+  if not (
+      ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+  ):
     teacher_start.check(config)  # no pseudo-labels from an initialised head
   workdir_lib.check_and_write_config(config, workdir)
   data_root = resolve_data_root(config)
@@ -133,20 +147,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharding(mesh)
   local_bs = sharding_lib.local_batch_size(config.train.batch_size, mesh)
-  train_iter = iter(pipeline.make_train_dataset(
-      config, data_root, local_batch_size=local_bs,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      with_target=config.method != 'source_only'))
+  train_iter = iter(
+      pipeline.make_train_dataset(
+          config,
+          data_root,
+          local_batch_size=local_bs,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          with_target=config.method != 'source_only',
+      )
+  )
 
   # Model, optimizer and state: restore the latest checkpoint, or init.
   ckpt = checkpointing.Checkpointer(
-      workdir / 'checkpoints',
-      max_to_keep=config.train.max_checkpoints)
+      workdir / 'checkpoints', max_to_keep=config.train.max_checkpoints
+  )
   latest = ckpt.latest_step()
   graphdef, state, tx = state_lib.create_train_state(
-      config, abstract=latest is not None,
-      sizes=state_lib.carried_sizes(config, data_root))
+      config,
+      abstract=latest is not None,
+      sizes=state_lib.carried_sizes(config, data_root),
+  )
   state_sharding = sharding_lib.state_shardings(state, mesh)
   if latest is None:
     if config.train.init_from:
@@ -154,27 +175,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state = state_lib.load_frozen_teacher(config, state)
     state = jax.device_put(state, state_sharding)
   else:
-    state = ckpt.restore(latest, checkpointing.abstract_with_sharding(
-        state, state_sharding), train_iter)
+    state = ckpt.restore(
+        latest,
+        checkpointing.abstract_with_sharding(state, state_sharding),
+        train_iter,
+    )
   start = int(jax.device_get(state.step))
   train_steps = _make_steps(config, graphdef, tx, state_sharding, data, repl)
   eval_step = _jit_eval_step(config, graphdef, state_sharding, repl, data)
 
   # Logging and progress hooks (process 0 writes).
   writer = metric_writers.create_default_writer(
-      os.fspath(workdir), just_logging=jax.process_index() > 0)
+      os.fspath(workdir), just_logging=jax.process_index() > 0
+  )
   if start == 0:
     hparams = traverse_util.flatten_dict(config.to_dict(), sep='.')
-    writer.write_hparams({k: v for k, v in hparams.items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+        {
+            k: v
+            for k, v in hparams.items()
+            if isinstance(v, (int, float, str, bool))
+        }
+    )
   report = periodic_actions.ReportProgress(
-      num_train_steps=config.train.num_steps, writer=writer,
-      every_steps=config.train.log_every)
-  logging.info('Training from step %d to %d on %d devices (%d hosts), global '
-               'batch %d.', start, config.train.num_steps, mesh.devices.size,
-               jax.process_count(), config.train.batch_size)
-  run = _Run(config, workdir, data_root, train_iter, train_steps, eval_step,
-             data, ckpt, writer, report)
+      num_train_steps=config.train.num_steps,
+      writer=writer,
+      every_steps=config.train.log_every,
+  )
+  logging.info(
+      'Training from step %d to %d on %d devices (%d hosts), global '
+      'batch %d.',
+      start,
+      config.train.num_steps,
+      mesh.devices.size,
+      jax.process_count(),
+      config.train.batch_size,
+  )
+  run = _Run(
+      config,
+      workdir,
+      data_root,
+      train_iter,
+      train_steps,
+      eval_step,
+      data,
+      ckpt,
+      writer,
+      report,
+  )
   try:
     with metric_writers.ensure_flushes(writer):
       state = _train_loop(run, state, start)
@@ -188,8 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return {r.name: 100 * r.miou for r in results}
 
 
-def _train_loop(run: _Run, state: state_lib.TrainState,
-                start: int) -> state_lib.TrainState:
+def _train_loop(
+    run: _Run, state: state_lib.TrainState, start: int
+) -> state_lib.TrainState:
   """Runs steps ``start..num_steps``; returns the final state.
 
   Every step's loss and gradient norm are checked for finiteness: step k-1
@@ -197,13 +246,18 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   derived from it is logged or saved.
   """
   config, ckpt = run.config, run.ckpt
-  monitor = divergence.Monitor(config.train.nonfinite,
-                               config.train.max_consecutive_skips)
+  monitor = divergence.Monitor(
+      config.train.nonfinite, config.train.max_consecutive_skips
+  )
 
   def check(metrics, step):
     if metrics is not None:
-      monitor.check(_host_scalars(metrics), step, ckpt.directory,
-                    ckpt.latest_step_committed)
+      monitor.check(
+          _host_scalars(metrics),
+          step,
+          ckpt.directory,
+          ckpt.latest_step_committed,
+      )
 
   preempt = preemption.Preemption()
   try:
@@ -214,9 +268,14 @@ def _train_loop(run: _Run, state: state_lib.TrainState,
   return state
 
 
-def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
-          monitor: divergence.Monitor,
-          preempt: preemption.Preemption) -> state_lib.TrainState:
+def _loop(
+    run: _Run,
+    state: state_lib.TrainState,
+    start: int,
+    check,
+    monitor: divergence.Monitor,
+    preempt: preemption.Preemption,
+) -> state_lib.TrainState:
   """Steps ``start..num_steps`` with logging, saves, evals, preemption."""
   config, ckpt = run.config, run.ckpt
   num_steps = config.train.num_steps
@@ -231,8 +290,11 @@ def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       with run.report.timed('data', wait_jax_async_dispatch=False):
         host = next(run.train_iter)
-        bad_records += sum(int(np.sum(host[d].pop('bad_records')))
-                           for d in host if 'bad_records' in host[d])
+        bad_records += sum(
+            int(np.sum(host[d].pop('bad_records')))
+            for d in host
+            if 'bad_records' in host[d]
+        )
         batch = sharding_lib.shard_batch(host, run.data_sharding)
       state, metrics = run.step_fn(step)(state, batch)
     done = step + 1
@@ -251,22 +313,40 @@ def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
       host = [_host_scalars(m) for m in window]
       keys = sorted({k for m in host for k in m})  # phases log other terms
       # Skipped steps (non-finite terms) count, but do not poison the means.
-      scalars = {k: float(np.mean([m[k] for m in host if k in m and
-                                   np.isfinite(m[k])] or [np.nan]))
-                 for k in keys}
+      scalars = {
+          k: float(
+              np.mean(
+                  [m[k] for m in host if k in m and np.isfinite(m[k])]
+                  or [np.nan]
+              )
+          )
+          for k in keys
+      }
       scalars['skipped_total'] = float(monitor.total_skipped)
       if config.data.on_error == 'skip':
         scalars['data/bad_records_total'] = float(bad_records)
       run.writer.write_scalars(done, scalars)
       rate = (time.time() - t_start) / (done - phase_start)
       if done < adapt:
-        logging.info('step %d/%d  loss %.4f  (source-only warm start: ETA '
-                     '%.0fs to step %d; the %d DA-STC steps after it are '
-                     'slower)', done, num_steps, scalars['loss'],
-                     rate * (adapt - done), adapt, num_steps - adapt)
+        logging.info(
+            'step %d/%d  loss %.4f  (source-only warm start: ETA '
+            '%.0fs to step %d; the %d DA-STC steps after it are '
+            'slower)',
+            done,
+            num_steps,
+            scalars['loss'],
+            rate * (adapt - done),
+            adapt,
+            num_steps - adapt,
+        )
       else:
-        logging.info('step %d/%d  loss %.4f  (ETA %.0fs)', done, num_steps,
-                     scalars['loss'], rate * (num_steps - done))
+        logging.info(
+            'step %d/%d  loss %.4f  (ETA %.0fs)',
+            done,
+            num_steps,
+            scalars['loss'],
+            rate * (num_steps - done),
+        )
       window = []
     if save:
       ckpt.save(done, state, run.train_iter)
@@ -276,10 +356,14 @@ def _loop(run: _Run, state: state_lib.TrainState, start: int, check,
         ckpt.save(done, state, run.train_iter)
       ckpt.wait()
       raise preemption.Preempted(done, ckpt.directory)
-    if (config.train.eval_every and done % config.train.eval_every == 0
-        and not last):
+    if (
+        config.train.eval_every
+        and done % config.train.eval_every == 0
+        and not last
+    ):
       with run.report.timed('eval'):
         res = run.evaluate(state, done, 0)
-      run.writer.write_scalars(done, {f'eval/{r.name}/miou': 100 * r.miou
-                                      for r in res})
+      run.writer.write_scalars(
+          done, {f'eval/{r.name}/miou': 100 * r.miou for r in res}
+      )
   return state

@@ -37,22 +37,29 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ConversionError(f'{path}: reading .safetensors needs the '
-                            '`safetensors` package (pip install '
-                            'safetensors).') from e
+      raise ConversionError(
+          f'{path}: reading .safetensors needs the '
+          '`safetensors` package (pip install '
+          'safetensors).'
+      ) from e
     try:
       tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types.
-      raise ConversionError(f'{path} is not a readable safetensors file '
-                            f'(truncated or corrupt?): {e}') from e
-    return {_strip_module(k): (v.astype(np.float32) if v.dtype.kind == 'f'
-                               else v) for k, v in tensors.items()}
+      raise ConversionError(
+          f'{path} is not a readable safetensors file '
+          f'(truncated or corrupt?): {e}'
+      ) from e
+    return {
+        _strip_module(k): (v.astype(np.float32) if v.dtype.kind == 'f' else v)
+        for k, v in tensors.items()
+    }
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(
         f'{path}: reading PyTorch files needs torch (CPU is enough: pip '
-        'install torch), or convert it to .safetensors first.') from e
+        'install torch), or convert it to .safetensors first.'
+    ) from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # truncated zip, bad pickle, unsafe globals...
@@ -61,21 +68,23 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         f'Cannot read {path} as a PyTorch weight file '
         f'(torch.load(weights_only=True)): {type(e).__name__}: {msg}. '
         'Is it complete (compare its size or checksum with the release), '
-        'and a state_dict rather than a pickled model object?') from e
+        'and a state_dict rather than a pickled model object?'
+    ) from e
   for wrapper in ('state_dict', 'model_state_dict', 'model', 'net'):
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
       obj = obj[wrapper]
       break
   if not isinstance(obj, dict):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a '
-                          'state_dict (a dict of tensors).')
+    raise ConversionError(
+        f'{path} holds a {type(obj).__name__}, not a '
+        'state_dict (a dict of tensors).'
+    )
   out = {}
   for k, v in obj.items():
     if not hasattr(v, 'numpy'):
       continue  # e.g. an epoch counter stored beside the weights
     v = v.detach().cpu()
-    out[_strip_module(k)] = (v.float() if v.is_floating_point() else v
-                             ).numpy()
+    out[_strip_module(k)] = (v.float() if v.is_floating_point() else v).numpy()
   if not out:
     raise ConversionError(f'{path} contains no tensors.')
   return out
@@ -83,7 +92,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def _strip_module(key: str) -> str:
   """Drops the ``module.`` prefix of a DataParallel-saved key."""
-  return key[len('module.'):] if key.startswith('module.') else key
+  return key[len('module.') :] if key.startswith('module.') else key
 
 
 def read(source: str) -> tuple[dict[str, np.ndarray], str]:
@@ -102,22 +111,33 @@ def sha256(path: str) -> str:
   return h.hexdigest()
 
 
-_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-               'mean': 'running_mean', 'var': 'running_var'}
+_LEAF_NAMES = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'bias': 'bias',
+    'mean': 'running_mean',
+    'var': 'running_var',
+}
 
 
 def torch_names(module: Any, prefix: str = '') -> dict[tuple[Any, ...], str]:
   """State paths of an NNX module whose attribute names are the PyTorch
   module's (MiT, the DAFormer head) -> the ``state_dict`` keys."""
-  return {tuple(path): prefix + '.'.join([str(p) for p in path[:-1]] +
-                                         [_LEAF_NAMES[str(path[-1])]])
-          for path, _ in nnx.to_flat_state(nnx.state(module))}
+  return {
+      tuple(path): prefix
+      + '.'.join([str(p) for p in path[:-1]] + [_LEAF_NAMES[str(path[-1])]])
+      for path, _ in nnx.to_flat_state(nnx.state(module))
+  }
 
 
-def load_by_names(module: Any, sd: dict[str, np.ndarray], *,
-                  prefix: str = '',
-                  names: dict[tuple[Any, ...], str] | None = None,
-                  source: str = '<memory>') -> list[str]:
+def load_by_names(
+    module: Any,
+    sd: dict[str, np.ndarray],
+    *,
+    prefix: str = '',
+    names: dict[tuple[Any, ...], str] | None = None,
+    source: str = '<memory>',
+) -> list[str]:
   """Fills ``module`` in place from ``sd`` by name (conv weights OIHW ->
   HWIO, Linear weights transposed). ``names`` maps state paths to keys
   (default: :func:`torch_names`).
@@ -142,17 +162,25 @@ def load_by_names(module: Any, sd: dict[str, np.ndarray], *,
       value = value.T  # Linear [out, in] -> [in, out]
     like = flat[path].get_value()
     if value.shape != tuple(like.shape):
-      mismatched.append(f'{name}: file {tuple(sd[name].shape)}, model '
-                        f'{tuple(like.shape)}')
+      mismatched.append(
+          f'{name}: file {tuple(sd[name].shape)}, model ' f'{tuple(like.shape)}'
+      )
       continue
     flat[path].set_value(jax.numpy.asarray(value))
     used.append(name)
   if missing or mismatched:
     raise ConversionError(
-        f'{source}: ' + ' | '.join(
-            f'{len(k)} {label}: ' + '; '.join(k[:6]) +
-            ('; ...' if len(k) > 6 else '')
-            for label, k in (('missing', missing),
-                             ('shape-mismatched', mismatched)) if k))
+        f'{source}: '
+        + ' | '.join(
+            f'{len(k)} {label}: '
+            + '; '.join(k[:6])
+            + ('; ...' if len(k) > 6 else '')
+            for label, k in (
+                ('missing', missing),
+                ('shape-mismatched', mismatched),
+            )
+            if k
+        )
+    )
   nnx.update(module, state)
   return used

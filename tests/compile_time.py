@@ -20,8 +20,10 @@ import os
 import tempfile
 import time
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '')
+    + ' --xla_force_host_platform_device_count=8'
+)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -31,17 +33,30 @@ import jax  # pylint: disable=g-import-not-at-top
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('model', choices=('cnn', 'vit'))
-  parser.add_argument('--devices', type=int, default=1,
-                      help='devices of the mesh')
-  parser.add_argument('--fsdp', type=int, default=1,
-                      help='of those, how many shard the parameters')
-  parser.add_argument('--metrics', action='store_true',
-                      help='run the step once and print some metrics')
-  parser.add_argument('--bfloat16', action='store_true',
-                      help='compute in bfloat16 (config.model.dtype)')
-  parser.add_argument('--world_cache', default=os.path.join(
-      tempfile.gettempdir(), 'dastc_compile_time_world'),
-                      help='where the tiny synthetic world is generated once')
+  parser.add_argument(
+      '--devices', type=int, default=1, help='devices of the mesh'
+  )
+  parser.add_argument(
+      '--fsdp',
+      type=int,
+      default=1,
+      help='of those, how many shard the parameters',
+  )
+  parser.add_argument(
+      '--metrics',
+      action='store_true',
+      help='run the step once and print some metrics',
+  )
+  parser.add_argument(
+      '--bfloat16',
+      action='store_true',
+      help='compute in bfloat16 (config.model.dtype)',
+  )
+  parser.add_argument(
+      '--world_cache',
+      default=os.path.join(tempfile.gettempdir(), 'dastc_compile_time_world'),
+      help='where the tiny synthetic world is generated once',
+  )
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
   jax.config.update('jax_disable_most_optimizations', True)
@@ -61,10 +76,16 @@ def main() -> None:
   if args.bfloat16:
     c.model.dtype = 'bfloat16'
   root = train.resolve_data_root(c)
-  batch = next(iter(pipeline.make_train_dataset(
-      c, root, local_batch_size=c.train.batch_size)))
+  batch = next(
+      iter(
+          pipeline.make_train_dataset(
+              c, root, local_batch_size=c.train.batch_size
+          )
+      )
+  )
   fn, state, state_sharding, data = test_dastc.jitted_step(
-      c, root, args.devices, args.fsdp)
+      c, root, args.devices, args.fsdp
+  )
   state = jax.device_put(state, state_sharding)
   batch = sharding_lib.shard_batch(batch, data)
 
@@ -77,15 +98,21 @@ def main() -> None:
   t3 = time.perf_counter()
   compiled = lowered.compile()
   t4 = time.perf_counter()
-  print(f'{args.model} step, {args.devices} device(s) (fsdp {args.fsdp}), '
-        f'{"bfloat16" if args.bfloat16 else "float32"}: trace {t1 - t0:.1f} s, '
-        f'lower {t2 - t1:.1f} s, XLA compile {t4 - t3:.1f} s; '
-        f'{lines} lines of StableHLO. '
-        f'XLA_FLAGS={os.environ["XLA_FLAGS"].strip()}')
+  print(
+      f'{args.model} step, {args.devices} device(s) (fsdp {args.fsdp}), '
+      f'{"bfloat16" if args.bfloat16 else "float32"}: trace {t1 - t0:.1f} s, '
+      f'lower {t2 - t1:.1f} s, XLA compile {t4 - t3:.1f} s; '
+      f'{lines} lines of StableHLO. '
+      f'XLA_FLAGS={os.environ["XLA_FLAGS"].strip()}'
+  )
   if args.metrics:
     _, metrics = compiled(state, batch)
-    for k in ('loss', 'grad_norm', 'feat_rel_diff_to_t_f0',
-              'feat_rel_diff_to_t_f1'):
+    for k in (
+        'loss',
+        'grad_norm',
+        'feat_rel_diff_to_t_f0',
+        'feat_rel_diff_to_t_f1',
+    ):
       print(f'  {k} = {float(metrics[k]):.7g}')
 
 

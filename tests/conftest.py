@@ -3,8 +3,10 @@
 import os
 
 # Must run before jax is imported anywhere.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '')
+    + ' --xla_force_host_platform_device_count=8'
+)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -18,9 +20,13 @@ flags.FLAGS.mark_as_parsed()
 # this setting: JAX puts the folder's path into the compile options, so two
 # spellings of it (`tests/../.jax_cache`, `.jax_cache`) give every program
 # two cache keys.
-jax.config.update('jax_compilation_cache_dir', os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    '.jax_cache'))
+jax.config.update(
+    'jax_compilation_cache_dir',
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        '.jax_cache',
+    ),
+)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.25)
 # Tests are compile-bound (tiny models): trade run time for compile time.
 jax.config.update('jax_disable_most_optimizations', True)
@@ -31,12 +37,17 @@ jax.config.update('jax_disable_most_optimizations', True)
 # other test is a unit test of pure functions on tiny arrays. Both run in
 # CI; `pytest -m "not integration"` runs the unit tests alone.
 _WORLD_FIXTURES = frozenset(
-    {'world_cache', 'tiny_world', 'tiny_data', 'smoke_config', 'weights'})
+    {'world_cache', 'tiny_world', 'tiny_data', 'smoke_config', 'weights'}
+)
 # The longest integration tests (SIGKILLed subprocess runs, multi-device
 # DA-STC steps, the 2-process run) start first so that the two xdist
 # workers finish together.
-_LONGEST_FIRST = ('test_faults.py', 'test_dastc.py', 'test_vit.py',
-                  'test_scale.py')
+_LONGEST_FIRST = (
+    'test_faults.py',
+    'test_dastc.py',
+    'test_vit.py',
+    'test_scale.py',
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,12 +58,18 @@ def pytest_collection_modifyitems(config, items):
 
   def order(item):
     module = item.path.name
-    long_first = (_LONGEST_FIRST.index(module) if module in _LONGEST_FIRST
-                  else len(_LONGEST_FIRST))
+    long_first = (
+        _LONGEST_FIRST.index(module)
+        if module in _LONGEST_FIRST
+        else len(_LONGEST_FIRST)
+    )
     # Grouped tests (one xdist worker each) first, so that the groups are
     # the first work units and go to different workers.
-    return (item.get_closest_marker('integration') is None,
-            item.get_closest_marker('xdist_group') is None, long_first)
+    return (
+        item.get_closest_marker('integration') is None,
+        item.get_closest_marker('xdist_group') is None,
+        long_first,
+    )
 
   items.sort(key=order)
 
@@ -68,6 +85,7 @@ def tiny_world(world_cache):
   """Generates (once) the tiny synthetic world; returns its folder."""
   from configs import common  # pylint: disable=g-import-not-at-top
   from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
+
   cfg = common.synthetic_world('tiny')
   cfg.cache_dir = world_cache
   return synthetic.ensure_world(cfg, num_workers=1)
@@ -82,6 +100,7 @@ def smoke_config(world_cache):
   keep this config unchanged so that they share one compiled step.
   """
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+
   c = synthetic_config.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   c.train.num_steps = 3
@@ -93,6 +112,7 @@ def smoke_config(world_cache):
 def tiny_data(tiny_world):
   """The tiny world's prepared TFDS folder (what the pipeline reads)."""
   from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
+
   return os.path.join(tiny_world, synthetic.TFDS_DIR)
 
 
@@ -101,6 +121,7 @@ def weights(smoke_config, tmp_path):
   """Random weights of the smoke model as a (converted-style) checkpoint."""
   from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+
   _, params, stats = state_lib.init_model(smoke_config, 0)
   root = str(tmp_path / 'weights' / 'checkpoints')
   ckpt = checkpointing.Checkpointer(root, async_save=False)

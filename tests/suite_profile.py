@@ -62,8 +62,7 @@ class _Recorder:
 def _cpu() -> tuple[float, float]:
   own = resource.getrusage(resource.RUSAGE_SELF)
   children = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return (own.ru_utime + own.ru_stime,
-          children.ru_utime + children.ru_stime)
+  return (own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime)
 
 
 def pytest_configure(config):
@@ -71,11 +70,11 @@ def pytest_configure(config):
     for stale in glob.glob(os.path.join(_out_dir(), '*.json')):
       os.remove(stale)  # an earlier run's workers
   import jax.monitoring  # pylint: disable=g-import-not-at-top
+
   recorder = _Recorder()
   jax.monitoring.register_event_duration_secs_listener(recorder.on_duration)
   jax.monitoring.register_event_listener(recorder.on_event)
   config.stash[_KEY] = recorder
-
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,23 +83,29 @@ def pytest_runtest_protocol(item, nextitem):
   rec = item.config.stash[_KEY]
   own0, child0 = _cpu()
   t0 = time.time()
-  sec0, cnt0, fn0 = (dict(rec.seconds), dict(rec.counts),
-                     dict(rec.by_function))
+  sec0, cnt0, fn0 = (dict(rec.seconds), dict(rec.counts), dict(rec.by_function))
   yield
   own1, child1 = _cpu()
   delta = lambda new, old, k: new[k] - old.get(k, 0)
-  rec.rows.append(dict(
-      test=item.nodeid, wall=time.time() - t0, cpu=own1 - own0,
-      child_cpu=child1 - child0,
-      compile=delta(rec.seconds, sec0, _COMPILE),
-      trace=delta(rec.seconds, sec0, _TRACE),
-      lower=delta(rec.seconds, sec0, _LOWER),
-      saved=delta(rec.seconds, sec0, _SAVED),
-      hits=delta(rec.counts, cnt0, _HIT),
-      misses=delta(rec.counts, cnt0, _MISS),
-      functions={k: round(delta(rec.by_function, fn0, k), 2)
-                 for k in rec.by_function
-                 if delta(rec.by_function, fn0, k) > 0.5}))
+  rec.rows.append(
+      dict(
+          test=item.nodeid,
+          wall=time.time() - t0,
+          cpu=own1 - own0,
+          child_cpu=child1 - child0,
+          compile=delta(rec.seconds, sec0, _COMPILE),
+          trace=delta(rec.seconds, sec0, _TRACE),
+          lower=delta(rec.seconds, sec0, _LOWER),
+          saved=delta(rec.seconds, sec0, _SAVED),
+          hits=delta(rec.counts, cnt0, _HIT),
+          misses=delta(rec.counts, cnt0, _MISS),
+          functions={
+              k: round(delta(rec.by_function, fn0, k), 2)
+              for k in rec.by_function
+              if delta(rec.by_function, fn0, k) > 0.5
+          },
+      )
+  )
 
 
 def pytest_unconfigure(config):
@@ -118,7 +123,7 @@ def summary(folder: str, top: int = 25) -> str:
   compiled functions."""
   rows = []
   for path in sorted(glob.glob(os.path.join(folder, '*.json'))):
-    worker = os.path.basename(path)[:-len('.json')]
+    worker = os.path.basename(path)[: -len('.json')]
     with open(path) as f:
       rows += [dict(r, worker=worker) for r in json.load(f)]
   if not rows:
@@ -130,17 +135,22 @@ def summary(folder: str, top: int = 25) -> str:
       f'In the test processes: XLA compile {total("compile"):.0f} s, '
       f'tracing {total("trace"):.0f} s, lowering {total("lower"):.0f} s; '
       f'persistent cache {total("hits")} hits (saved '
-      f'{total("saved"):.0f} s), {total("misses")} misses.']
+      f'{total("saved"):.0f} s), {total("misses")} misses.',
+  ]
   for worker in sorted({r['worker'] for r in rows}):
     mine = [r for r in rows if r['worker'] == worker]
-    lines.append(f'  worker {worker}: {len(mine)} tests, '
-                 f'{sum(r["wall"] for r in mine):.0f} s of test wall time')
+    lines.append(
+        f'  worker {worker}: {len(mine)} tests, '
+        f'{sum(r["wall"] for r in mine):.0f} s of test wall time'
+    )
   lines.append(f'\nCostliest {top} tests (CPU s = own + subprocesses):')
   lines.append('   cpu  child  compile  trace  miss  hit  test')
   for r in sorted(rows, key=lambda r: -(r['cpu'] + r['child_cpu']))[:top]:
-    lines.append(f'{r["cpu"]:6.0f} {r["child_cpu"]:6.0f} {r["compile"]:8.0f} '
-                 f'{r["trace"]:6.0f} {r["misses"]:5d} {r["hits"]:4d}  '
-                 f'{r["test"]}')
+    lines.append(
+        f'{r["cpu"]:6.0f} {r["child_cpu"]:6.0f} {r["compile"]:8.0f} '
+        f'{r["trace"]:6.0f} {r["misses"]:5d} {r["hits"]:4d}  '
+        f'{r["test"]}'
+    )
   by_fn = collections.Counter()
   for r in rows:
     by_fn.update(r['functions'])

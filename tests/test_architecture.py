@@ -27,8 +27,11 @@ def _package_imports(path: pathlib.Path) -> set[str]:
       elif node.module.startswith('dastc_jax.'):
         names = [node.module.split('.')[1]]
     elif isinstance(node, ast.Import):
-      names = [a.name.split('.')[1] for a in node.names
-               if a.name.startswith('dastc_jax.')]
+      names = [
+          a.name.split('.')[1]
+          for a in node.names
+          if a.name.startswith('dastc_jax.')
+      ]
     out.update(names)
   return out
 
@@ -39,8 +42,11 @@ def test_every_layer_imports_only_what_it_may():
     for path in sorted((ROOT / layer).rglob('*.py')):
       if path.name == '__main__.py':
         continue  # a command (python -m dastc_jax.LAYER): may import anything
-      bad = _package_imports(path) - allowed - {layer, 'errors', 'paths',
-                                                 'weight_files'}
+      bad = (
+          _package_imports(path)
+          - allowed
+          - {layer, 'errors', 'paths', 'weight_files'}
+      )
       if bad:
         violations.append(f'{path.relative_to(ROOT)} imports {sorted(bad)}')
   assert not violations, '\n'.join(violations)
@@ -48,7 +54,10 @@ def test_every_layer_imports_only_what_it_may():
 
 def test_the_checker_sees_imports():
   assert _package_imports(ROOT / 'method' / 'dastc_step.py') >= {
-      'method', 'models', 'ops'}
+      'method',
+      'models',
+      'ops',
+  }
   assert 'runtime' in _package_imports(ROOT / 'runtime' / 'steps.py')
 
 
@@ -58,7 +67,8 @@ def test_training_imports_need_no_test_only_dependency():
   which importing any of them fails."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = '''
+
+  code = """
 import importlib, sys
 BLOCKED = ('torch', 'torchvision', 'transformers', 'pytest',
            'cityscapesscripts')
@@ -73,7 +83,12 @@ for m in ('dastc_jax.main', 'dastc_jax.train', 'dastc_jax.prepare',
           'configs.viper', 'configs.viper_vit', 'configs.gta5_vit'):
   importlib.import_module(m)
 print('OK')
-'''
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, cwd=str(ROOT.parent), check=False)
+"""
+  proc = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      cwd=str(ROOT.parent),
+      check=False,
+  )
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-2000:]

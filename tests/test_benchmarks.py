@@ -17,8 +17,10 @@ def test_every_variant_continues_from_its_warm_start():
   assert warm.train.init_from == ''
   assert warm.train.num_steps == adaptation.FLAGS.warm_steps
   assert adaptation.run_config(0, None, 'plain', '/w').method == 'source_only'
-  configs = {v: adaptation.run_config(0, v, w, f'/w/seed0/warm_{w}')
-             for v, (_, w) in adaptation.VARIANTS.items()}
+  configs = {
+      v: adaptation.run_config(0, v, w, f'/w/seed0/warm_{w}')
+      for v, (_, w) in adaptation.VARIANTS.items()
+  }
   for v, c in configs.items():
     w = adaptation.VARIANTS[v][1]
     assert c.train.init_from == f'/w/seed0/warm_{w}/checkpoints', v
@@ -33,12 +35,17 @@ def test_every_variant_continues_from_its_warm_start():
   assert configs['source_only_hm'].method == 'source_only_hm'
   assert configs['oracle'].method == 'target_only'
   d = {v: c.dastc for v, c in configs.items()}
-  assert (d['dastc'].image_fusion, d['dastc'].feature_fusion,
-          d['dastc'].alignment.kind, d['dastc'].teacher) == (
-              True, True, 'contrastive', 'ema')
-  assert (d['pseudo_label_only'].image_fusion,
-          d['pseudo_label_only'].feature_fusion,
-          d['pseudo_label_only'].alignment.kind) == (False, False, 'none')
+  assert (
+      d['dastc'].image_fusion,
+      d['dastc'].feature_fusion,
+      d['dastc'].alignment.kind,
+      d['dastc'].teacher,
+  ) == (True, True, 'contrastive', 'ema')
+  assert (
+      d['pseudo_label_only'].image_fusion,
+      d['pseudo_label_only'].feature_fusion,
+      d['pseudo_label_only'].alignment.kind,
+  ) == (False, False, 'none')
   assert not d['no_image_fusion'].image_fusion
   assert d['no_image_fusion'].alignment.kind == 'contrastive'
   assert d['no_feature_fusion'].image_fusion
@@ -46,28 +53,36 @@ def test_every_variant_continues_from_its_warm_start():
   assert d['no_alignment'].alignment.kind == 'none'
   assert d['mmd_alignment'].alignment.kind == 'mmd'
   assert d['reference_teacher'].teacher == 'reference'
-  assert (d['reference_teacher'].teacher_switch_steps ==
-          adaptation.FLAGS.adapt_steps // 5)
+  assert (
+      d['reference_teacher'].teacher_switch_steps
+      == adaptation.FLAGS.adapt_steps // 5
+  )
   # Apart from the switched parts, every DA-STC variant is the same run.
   base = configs['dastc'].to_dict()
   for v in ('no_feature_fusion', 'no_alignment'):
     other = configs[v].to_dict()
     diff = {k for k in base['dastc'] if base['dastc'][k] != other['dastc'][k]}
-    assert diff == ({'feature_fusion'} if v == 'no_feature_fusion' else
-                    {'alignment'}), (v, diff)
+    assert diff == (
+        {'feature_fusion'} if v == 'no_feature_fusion' else {'alignment'}
+    ), (v, diff)
   assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS['video']
   assert configs['dastc'].data.histogram_match
   assert not configs['no_histogram_match'].data.histogram_match
 
 
 def test_table_reports_mean_std_and_paired_differences():
-  table = adaptation.table({'dastc': {0: 12.0, 1: 21.0, 2: 33.0},
-                            'a': {0: 10.0, 1: 20.0, 2: 30.0}}, [0, 1, 2],
-                           {'a': [2.0, 4.0]})
+  table = adaptation.table(
+      {'dastc': {0: 12.0, 1: 21.0, 2: 33.0}, 'a': {0: 10.0, 1: 20.0, 2: 30.0}},
+      [0, 1, 2],
+      {'a': [2.0, 4.0]},
+  )
   assert '| dastc | 22.0 ± 10.5 | 12.0 | 21.0 | 33.0 | - | - | reused |' in (
-      table)
-  assert ('| a | 20.0 ± 10.0 | 10.0 | 20.0 | 30.0 | -2.0 ± 1.0 (-2.0, -1.0, '
-          '-3.0) | 3/3 | 3.0 |') in table
+      table
+  )
+  assert (
+      '| a | 20.0 ± 10.0 | 10.0 | 20.0 | 30.0 | -2.0 ± 1.0 (-2.0, -1.0, '
+      '-3.0) | 3/3 | 3.0 |'
+  ) in table
 
 
 def test_unknown_variant_is_refused():
@@ -77,12 +92,18 @@ def test_unknown_variant_is_refused():
 
 def test_input_benchmark_report_and_core_count():
   from dastc_jax.benchmarks import input as input_bench  # pylint: disable=g-import-not-at-top
+
   assert input_bench.cores_needed(1.0, 1.33) == 2  # 2 clips/s from 1.33
   assert input_bench.cores_needed(0.1, 1.33) == 1
   assert input_bench.cores_needed(4.0, 1.0) == 8
-  res = {'loader_clips_per_s': {0: 1.4, 1: 1.0, 2: 1.9},
-         'step': {'clips_per_s': 0.5, 'first_step_s': 3.0}, 'model': 'tiny',
-         'device': 'cpu', 'cpu_count': 2, 'machine': 'x86_64'}
+  res = {
+      'loader_clips_per_s': {0: 1.4, 1: 1.0, 2: 1.9},
+      'step': {'clips_per_s': 0.5, 'first_step_s': 3.0},
+      'model': 'tiny',
+      'device': 'cpu',
+      'cpu_count': 2,
+      'machine': 'x86_64',
+  }
   md = input_bench.report(res, 'python -m dastc_jax.benchmarks.input')
   assert '| 1 worker process(es) | 1.00 | 2.0 |' in md
   assert 'needs 1 loader core(s)' in md
@@ -92,39 +113,72 @@ def test_input_benchmark_report_and_core_count():
 def test_step_benchmark_batch_and_report():
   from configs import viper  # pylint: disable=g-import-not-at-top
   from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+
   c = viper.get_config()
   b = step_bench.fake_batch(c, 2, (24, 40), (16, 32))
   assert b['source']['frames'].shape == (2, 2, 24, 40, 3)
-  assert b['source']['rare_frames'].shape == (2, c.dastc.num_rare_classes,
-                                              16, 32, 3)
+  assert b['source']['rare_frames'].shape == (
+      2,
+      c.dastc.num_rare_classes,
+      16,
+      32,
+      3,
+  )
   assert b['target']['frames'].shape == (2, 3, 16, 32, 3)
   assert set(b['target']) >= {'flow', 'flow_t_t2', 'flow_t1_t2'}
-  res = {'device': 'cpu', 'platform': 'cpu', 'cpu_count': 2, 'jax': '0',
-         'date': 'd', 'batch': 1, 'src_hw': (8, 16), 'tgt_hw': (8, 16),
-         'dtype': 'float32', 'peak': 50e9, 'peak_kind': 'measured',
-         'peak_rss': 2**30, 'xla_flags': '--f=1',
-         'source_only': {'step_s': 2.0, 'frames_per_s': 1.0, 'compile_s': 3,
-                         'flops': 60e9, 'flop_per_s': 30e9,
-                         'peak_bytes': None, 'times': [2.0, 2.1]},
-         'torch': {'step_s': 1.6, 'threads': 2, 'version': 't',
-                   'times': [1.6, 1.5]},
-         'torch_malloc': {'step_s': 1.5, 'times': [1.5, 1.5]},
-         'xla_default': {'step_s': 2.5, 'times': [2.5, 2.5]},
-         'host_malloc': 'applied',
-         'weak': {1: 1.0, 2: 1.25}}
+  res = {
+      'device': 'cpu',
+      'platform': 'cpu',
+      'cpu_count': 2,
+      'jax': '0',
+      'date': 'd',
+      'batch': 1,
+      'src_hw': (8, 16),
+      'tgt_hw': (8, 16),
+      'dtype': 'float32',
+      'peak': 50e9,
+      'peak_kind': 'measured',
+      'peak_rss': 2**30,
+      'xla_flags': '--f=1',
+      'source_only': {
+          'step_s': 2.0,
+          'frames_per_s': 1.0,
+          'compile_s': 3,
+          'flops': 60e9,
+          'flop_per_s': 30e9,
+          'peak_bytes': None,
+          'times': [2.0, 2.1],
+      },
+      'torch': {
+          'step_s': 1.6,
+          'threads': 2,
+          'version': 't',
+          'times': [1.6, 1.5],
+      },
+      'torch_malloc': {'step_s': 1.5, 'times': [1.5, 1.5]},
+      'xla_default': {'step_s': 2.5, 'times': [2.5, 2.5]},
+      'host_malloc': 'applied',
+      'weak': {1: 1.0, 2: 1.25},
+  }
   md = step_bench.report(res, 'cmd')
   assert '| source_only | 2.000 | 1.00 | 3.0 | 60 | 30.0 | 60% | - |' in md
-  assert 'peak resident memory of the process after the JAX steps: 1.00 GiB' in md
+  assert (
+      'peak resident memory of the process after the JAX steps: 1.00 GiB' in md
+  )
   assert 'JAX / PyTorch time ratio: 1.25' in md
   assert 'JAX: 2.00, 2.10; PyTorch: 1.60, 1.50.' in md
   # 2.0/1.6 = 1.25 and 2.1/1.5 = 1.40, paired step by step.
-  assert ('| PyTorch eager, glibc malloc defaults (as users run it) | 1.600 '
-          '| 1.25 | 1.33 (1.29-1.36; 1.25-1.40, 2 pairs) |') in md
+  assert (
+      '| PyTorch eager, glibc malloc defaults (as users run it) | 1.600 '
+      '| 1.25 | 1.33 (1.29-1.36; 1.25-1.40, 2 pairs) |'
+  ) in md
   assert 'XLA_FLAGS of the JAX steps: `--f=1`' in md
   assert 'Host malloc settings of this process: applied' in md
   # Rows: the ratio of medians (2.0 / 1.5) and the pairs 2.0/1.5, 2.1/1.5.
-  assert ('| PyTorch eager with the host_malloc.py settings | 1.500 | 1.33 | '
-          '1.37 (1.35-1.38; 1.33-1.40, 2 pairs) |') in md
+  assert (
+      '| PyTorch eager with the host_malloc.py settings | 1.500 | 1.33 | '
+      '1.37 (1.35-1.38; 1.33-1.40, 2 pairs) |'
+  ) in md
   assert "| JAX, XLA:CPU's default fusion" in md
   assert '| 2.500 | 0.80 | 0.82 (0.81-0.83; 0.80-0.84, 2 pairs) |' in md
   assert '| 2 | 1.25 | 0.80 |' in md
@@ -135,25 +189,39 @@ def test_step_benchmark_vit_rows_build_both_frameworks():
   eager baseline (transformers' MiT + the restated DAFormer head + the flow
   fusion, AdamW) builds and runs a training step."""
   from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+
   c = step_bench._config(1, 'float32', model='vit', mit_variant='tiny')  # pylint: disable=protected-access
   assert (c.model.name, c.model.mit_variant) == ('accel_daformer', 'tiny')
   c.model.head_features = 16
   one, info = step_bench.build_torch_step(c, 1, (32, 64))
   assert info['transformers'] and info['version']
   assert one() > 0
-  res = {'device': 'cpu', 'platform': 'cpu', 'cpu_count': 2, 'jax': '0',
-         'date': 'd', 'batch': 1, 'src_hw': (8, 16), 'tgt_hw': (8, 16),
-         'dtype': 'float32', 'peak': None, 'peak_kind': 'measured',
-         'peak_rss': 2**30, 'model': 'QuadMix-ViT (MiT-B5 + DAFormer head + '
-         'flow fusion)'}
+  res = {
+      'device': 'cpu',
+      'platform': 'cpu',
+      'cpu_count': 2,
+      'jax': '0',
+      'date': 'd',
+      'batch': 1,
+      'src_hw': (8, 16),
+      'tgt_hw': (8, 16),
+      'dtype': 'float32',
+      'peak': None,
+      'peak_kind': 'measured',
+      'peak_rss': 2**30,
+      'model': 'QuadMix-ViT (MiT-B5 + DAFormer head + ' 'flow fusion)',
+  }
   assert 'QuadMix-ViT (MiT-B5' in step_bench.report(res, 'cmd')
 
 
 def test_step_benchmark_alternates_runners():
   from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
+
   calls = []
-  runners = {'a': lambda: calls.append('a') or 1.0,
-             'b': lambda: calls.append('b') or 2.0}
+  runners = {
+      'a': lambda: calls.append('a') or 1.0,
+      'b': lambda: calls.append('b') or 2.0,
+  }
   times = step_bench.interleaved(runners, 3)
   assert calls == ['a', 'b'] * 3
   assert times == {'a': [1.0] * 3, 'b': [2.0] * 3}
@@ -171,8 +239,10 @@ def test_image_domain_and_hard_world_run_configs():
       c = adaptation.run_config(0, variant, 'hm', '/w')
       assert c.model.name == 'deeplabv2' and c.model.num_classes == 19
       assert c.data.class_set == 'cityscapes19'
-      assert (c.data.source.dataset, c.data.target.dataset) == ('gta5',
-                                                                 'cityscapes')
+      assert (c.data.source.dataset, c.data.target.dataset) == (
+          'gta5',
+          'cityscapes',
+      )
       assert c.data.synthetic.shift == 'hard'
       assert c.dastc.alignment.pairs == 1
   finally:
@@ -185,6 +255,7 @@ def test_transformer_run_configs_and_folders():
   after the first stage, in a folder of its own; the variants stay what
   they are."""
   from dastc_jax.runtime import validation  # pylint: disable=g-import-not-at-top
+
   flags = adaptation.FLAGS
   old = flags.model, flags.domain, flags.workdir
   try:
@@ -194,7 +265,8 @@ def test_transformer_run_configs_and_folders():
       assert adaptation.seed_dir(1) == f'/w/default-{domain}-mit-b0/seed1'
       runs = [adaptation.run_config(0, None, 'hm', '/w')] + [
           adaptation.run_config(0, v, 'hm', '/w')
-          for v in adaptation.DEFAULT_VARIANTS[domain]]
+          for v in adaptation.DEFAULT_VARIANTS[domain]
+      ]
       for c in runs:
         assert (c.model.name, c.model.mit_variant) == (name, 'b0')
         assert c.dastc.feature_layer == 'c1'
@@ -205,7 +277,8 @@ def test_transformer_run_configs_and_folders():
     flags.model, flags.domain = 'deeplab', 'video'
     assert adaptation.seed_dir(2) == '/w/default-video/seed2'
     assert adaptation.run_config(0, 'dastc', 'hm', '/w').model.name == (
-        'accel_deeplabv2')
+        'accel_deeplabv2'
+    )
   finally:
     flags.model, flags.domain, flags.workdir = old
 
@@ -214,23 +287,27 @@ def test_prototype_helpers():
   """Per-class means, nearest-prototype classification by cosine among the
   classes present, and label sampling at the centres of a coarser grid."""
   from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top
-  feat = np.array([[1., 0.], [3., 0.], [0., 2.], [0., 4.]])
+
+  feat = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
   label = np.array([0, 0, 2, 2])
   protos, counts = prototypes.prototypes(feat, label, 3)
-  np.testing.assert_allclose(protos, [[2., 0.], [0., 0.], [0., 3.]])
+  np.testing.assert_allclose(protos, [[2.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
   np.testing.assert_array_equal(counts, [2, 0, 2])
   # Class 1 is absent: never chosen, even for [1, 1], which is its own
   # direction (then a tie of classes 0 and 2: the lower index). Cosine, so
   # the scale of a feature does not matter.
-  protos[1] = [1., 1.]
+  protos[1] = [1.0, 1.0]
   got = prototypes.nearest_prototype(
-      np.array([[5., 0.1], [0.1, 0.2], [1., 1.]]), protos, counts > 0)
+      np.array([[5.0, 0.1], [0.1, 0.2], [1.0, 1.0]]), protos, counts > 0
+  )
   np.testing.assert_array_equal(got, [0, 2, 0])
   # Corners aligned, as the evaluation upsamples: a 3x3 grid on 5x5 labels
   # reads rows/columns 0, 2, 4.
   lab = np.arange(25).reshape(1, 5, 5)
-  np.testing.assert_array_equal(prototypes._nearest_labels(lab, (3, 3)),  # pylint: disable=protected-access
-                                [[[0, 2, 4], [10, 12, 14], [20, 22, 24]]])
+  np.testing.assert_array_equal(
+      prototypes._nearest_labels(lab, (3, 3)),  # pylint: disable=protected-access
+      [[[0, 2, 4], [10, 12, 14], [20, 22, 24]]],
+  )
   # The confusion matrix does not wrap around with uint8 labels (19 classes).
   cs = labels_lib.get_class_set('cityscapes19')
   label = np.array([18, 18, 3], np.uint8)
@@ -247,9 +324,10 @@ def test_alignment_diagnostics_see_what_uncentred_cosines_hide():
   min_pixels in both domains and compare the two losses' gradients."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   from dastc_jax.benchmarks import prototypes  # pylint: disable=g-import-not-at-top
-  shared = np.array([10., 10., 10.])
-  ps = shared + np.array([[1., 0., 0.], [0., 1., 0.], [0., 0., 1.]])
-  pt = shared + np.array([[0., 1., 0.], [1., 0., 0.], [0., 0., 1.]])
+
+  shared = np.array([10.0, 10.0, 10.0])
+  ps = shared + np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+  pt = shared + np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
   both = np.array([True, True, True])
   fs = ft = np.repeat(shared[None], 4, 0)
   # The first two classes are swapped between the domains: uncentred
@@ -257,9 +335,9 @@ def test_alignment_diagnostics_see_what_uncentred_cosines_hide():
   assert np.all(np.sum(prototypes._unit(ps) * prototypes._unit(pt), 1) > 0.99)  # pylint: disable=protected-access
   w = np.eye(3)  # logits = the feature
   ccos, gap = prototypes.class_gaps(ps, pt, fs, ft, both, w)
-  np.testing.assert_allclose(ccos, [0., 0., 1.], atol=1e-12)
+  np.testing.assert_allclose(ccos, [0.0, 0.0, 1.0], atol=1e-12)
   # Swapped classes are one class distance apart; the third coincides.
-  np.testing.assert_allclose(gap, [1., 1., 0.], atol=1e-12)
+  np.testing.assert_allclose(gap, [1.0, 1.0, 0.0], atol=1e-12)
   c = synthetic.get_config('smoke')
   c.model.num_classes = 3
   c.dastc.alignment.min_pixels = 3
@@ -272,16 +350,17 @@ def test_alignment_diagnostics_see_what_uncentred_cosines_hide():
   img = np.repeat(np.arange(8), 5)
   fs = rng.normal(size=(40, 3))
   ft = rng.normal(size=(40, 3))
-  d = prototypes.batch_diagnostics(c, (w, np.zeros(3)), fs, ls, img, ft, lt,
-                                   img)
+  d = prototypes.batch_diagnostics(
+      c, (w, np.zeros(3)), fs, ls, img, ft, lt, img
+  )
   assert d['classes'] == 2.0
   # The alignment's gradient enters with its weight.
   c.dastc.alignment.weight *= 10
-  d10 = prototypes.batch_diagnostics(c, (w, np.zeros(3)), fs, ls, img, ft,
-                                     lt, img)
+  d10 = prototypes.batch_diagnostics(
+      c, (w, np.zeros(3)), fs, ls, img, ft, lt, img
+  )
   assert d['grad_ratio'] > 0
-  np.testing.assert_allclose(d10['grad_ratio'], 10 * d['grad_ratio'],
-                             rtol=1e-4)
+  np.testing.assert_allclose(d10['grad_ratio'], 10 * d['grad_ratio'], rtol=1e-4)
 
 
 _FLOW_SPEED = """
@@ -306,10 +385,22 @@ def test_flow_throughput_per_pair_over_a_batch_and_report():
   the flow benchmark's flags share names with the adaptation benchmark's,
   which this module imports.)"""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu', XLA_FLAGS='',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  r = subprocess.run([sys.executable, '-c', _FLOW_SPEED], cwd=repo, env=env,
-                     capture_output=True, text=True, timeout=300, check=False)
+  env = dict(
+      os.environ,
+      PYTHONPATH=repo,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  )
+  r = subprocess.run(
+      [sys.executable, '-c', _FLOW_SPEED],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-3000:]
 
 
@@ -317,23 +408,44 @@ def test_step_md_real_size_section_is_rewritten_in_place():
   """benchmarks/memory.py owns step.md's real-size rows: a rerun replaces
   them between the markers, leaves the rest, and step.py keeps them."""
   from dastc_jax.benchmarks import memory  # pylint: disable=g-import-not-at-top
-  row = {'config': 'viper', 'variant': 'scan_remat', 'model': 'accel_deeplabv2',
-         'layers': [3, 4, 23, 3], 'mit_variant': 'b5',
-         'sizes': {'batch': 1, 'source': [720, 1280], 'target': [512, 1024]},
-         'scan_blocks': True, 'remat': True, 'dtype': 'float32',
-         'device': 'cpu', 'compile_s': 52.4, 'argument_gb': 0.8,
-         'output_gb': 0.77, 'temp_gb': 14.3, 'peak_gb': 15.2,
-         'step_s': [270.2, 263.4], 'peak_rss_gb': 20.1, 'commit': 'abc1234'}
+
+  row = {
+      'config': 'viper',
+      'variant': 'scan_remat',
+      'model': 'accel_deeplabv2',
+      'layers': [3, 4, 23, 3],
+      'mit_variant': 'b5',
+      'sizes': {'batch': 1, 'source': [720, 1280], 'target': [512, 1024]},
+      'scan_blocks': True,
+      'remat': True,
+      'dtype': 'float32',
+      'device': 'cpu',
+      'compile_s': 52.4,
+      'argument_gb': 0.8,
+      'output_gb': 0.77,
+      'temp_gb': 14.3,
+      'peak_gb': 15.2,
+      'step_s': [270.2, 263.4],
+      'peak_rss_gb': 20.1,
+      'commit': 'abc1234',
+  }
   compiled_only = dict(row, variant='float32')
   del compiled_only['step_s']
   section = memory.step_section([row, compiled_only])
-  assert '| viper | scan_remat: scan, remat, float32 | accel_deeplabv2 R101 |' in section
-  assert '| 52 | 0.80 | 0.77 | 14.3 | 15.2 | 270, 263 | 20.1 | abc1234 |' in section
+  assert (
+      '| viper | scan_remat: scan, remat, float32 | accel_deeplabv2 R101 |'
+      in section
+  )
+  assert (
+      '| 52 | 0.80 | 0.77 | 14.3 | 15.2 | 270, 263 | 20.1 | abc1234 |'
+      in section
+  )
   assert 'float32: unrolled' not in section and '| float32:' not in section
   text = memory.with_step_section('# Train step\n\nrows\n', section)
   assert text.startswith('# Train step\n\nrows\n') and section in text
   again = memory.with_step_section(
-      text, memory.step_section([dict(row, step_s=[1.0])]))
+      text, memory.step_section([dict(row, step_s=[1.0])])
+  )
   assert again.count(memory.STEP_MD_BEGIN) == 1
   assert '| 1 | 20.1 |' in again and '270, 263' not in again
   assert again.startswith('# Train step\n\nrows\n')

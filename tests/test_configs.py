@@ -16,13 +16,20 @@ from dastc_jax.ops import augment
 from dastc_jax.ops import image as image_ops
 
 # Every config file in configs/ (a new one is covered without an edit).
-CONFIGS = tuple(sorted(
-    p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob(
-        '*.py') if p.stem not in ('__init__', 'common')))
+CONFIGS = tuple(
+    sorted(
+        p.stem
+        for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
+        if p.stem not in ('__init__', 'common')
+    )
+)
 # The demo has no reference variant.
-CASES = [(n, v) for n in CONFIGS
-         for v in ('', 'smoke', 'reference', 'reference,smoke')
-         if not (n == 'synthetic' and 'reference' in v)]
+CASES = [
+    (n, v)
+    for n in CONFIGS
+    for v in ('', 'smoke', 'reference', 'reference,smoke')
+    if not (n == 'synthetic' and 'reference' in v)
+]
 
 
 @pytest.mark.parametrize('name,variant', CASES)
@@ -48,11 +55,18 @@ def test_config_loads_and_is_consistent(name, variant):
 
 def test_reference_hyper_parameters():
   from configs import gta5, synthia, synthia_seq, viper  # pylint: disable=g-import-not-at-top
+
   v, s = viper.get_config(), synthia_seq.get_config()
   assert (v.optim.lr, v.dastc.lambda_t, v.dastc.num_rare_classes) == (
-      1e-4, 0.2, 3)
+      1e-4,
+      0.2,
+      3,
+  )
   assert (s.optim.lr, s.dastc.lambda_t, s.dastc.num_rare_classes) == (
-      2.5e-4, 1.0, 2)
+      2.5e-4,
+      1.0,
+      2,
+  )
   assert s.data.class_set == 'synthia12' and s.model.num_classes == 12
   assert labels.SYNTHIA12.scored == tuple(i for i in range(12) if i != 3)
   assert v.data.source.image_size == (720, 1280)
@@ -80,8 +94,11 @@ def test_strong_clip_differs_from_the_clean_clip(name, variant):
   n = 8
   rgb = np.random.default_rng(0).integers(0, 256, (n, t, h, w, 3), np.uint8)
   a = c.dastc.strong_aug
-  strong = np.asarray(jax.jit(lambda k, x: augment.strong_augment(
-      k, x, a, image_width=width))(jax.random.key(0), rgb))
+  strong = np.asarray(
+      jax.jit(lambda k, x: augment.strong_augment(k, x, a, image_width=width))(
+          jax.random.key(0), rgb
+      )
+  )
   clean = np.asarray(image_ops.normalize(rgb))
   if a.wrap_normalized_bug:  # the released range: [0, 1], not normalised
     assert strong.min() >= 0 and strong.max() <= 1 and clean.min() < -50

@@ -20,18 +20,21 @@ def test_head_matches_the_pytorch_restatement():
   torch.manual_seed(0)
   tm = torch_daformer.DAFormerHead(dims, classes, embed).eval()
   torch_helpers.randomize_batchnorm(tm, 1)
-  head = daformer.DAFormerHead(dims, classes, embed=embed,
-                               rngs=nnx.Rngs(0))
-  sd = {k: v.numpy() for k, v in tm.state_dict().items()
-        if not k.endswith('num_batches_tracked')}
+  head = daformer.DAFormerHead(dims, classes, embed=embed, rngs=nnx.Rngs(0))
+  sd = {
+      k: v.numpy()
+      for k, v in tm.state_dict().items()
+      if not k.endswith('num_batches_tracked')
+  }
   assert sorted(convert.load_by_names(head, sd)) == sorted(sd)
   rng = np.random.default_rng(0)
   # A non-square 40x56 input: strides 4..32 (ceil sizes as MiT's convs).
-  feats = [rng.normal(size=(2, h, w, c)).astype(np.float32) for (h, w), c in
-           zip(((10, 14), (5, 7), (3, 4), (2, 2)), dims)]
+  feats = [
+      rng.normal(size=(2, h, w, c)).astype(np.float32)
+      for (h, w), c in zip(((10, 14), (5, 7), (3, 4), (2, 2)), dims)
+  ]
   with torch.no_grad():
-    logits, feat = tm([torch.from_numpy(np.moveaxis(f, -1, 1))
-                       for f in feats])
+    logits, feat = tm([torch.from_numpy(np.moveaxis(f, -1, 1)) for f in feats])
   out, out_feat = jax.jit(lambda m, f: m(f, train=False))(head, feats)
   for got, want in ((out, logits), (out_feat, feat)):
     want = np.moveaxis(want.numpy(), 1, -1)
@@ -44,12 +47,24 @@ def test_half_pixel_resize_matches_torch_interpolate():
   (the embeddings to stride 4), down, and with a one-pixel side."""
   rng = np.random.default_rng(0)
   resize = jax.jit(daformer.resize_half_pixel, static_argnums=1)
-  for size_in, size_out in (((4, 8), (16, 32)), ((5, 7), (13, 29)),
-                            ((16, 32), (4, 8)), ((1, 3), (4, 5))):
+  for size_in, size_out in (
+      ((4, 8), (16, 32)),
+      ((5, 7), (13, 29)),
+      ((16, 32), (4, 8)),
+      ((1, 3), (4, 5)),
+  ):
     x = rng.standard_normal((2, *size_in, 3)).astype(np.float32)
-    want = torch.nn.functional.interpolate(
-        torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out,
-        mode='bilinear', align_corners=False).permute(0, 2, 3, 1).numpy()
+    want = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2),
+            size=size_out,
+            mode='bilinear',
+            align_corners=False,
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     got = resize(x, size_out)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6,
-                               err_msg=str((size_in, size_out)))
+    np.testing.assert_allclose(
+        np.asarray(got), want, atol=2e-6, err_msg=str((size_in, size_out))
+    )

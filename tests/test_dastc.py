@@ -24,16 +24,22 @@ def jitted_step(config, root, n_devices, fsdp=1):
   """The DA-STC step jitted on the first n devices (``fsdp`` of them
   sharding the parameters), a fresh state, and the state and batch
   shardings."""
-  mesh = jax.make_mesh((n_devices // fsdp, fsdp), sharding_lib.BATCH_AXES,
-                       axis_types=(AxisType.Auto,) * 2,
-                       devices=jax.devices()[:n_devices])
+  mesh = jax.make_mesh(
+      (n_devices // fsdp, fsdp),
+      sharding_lib.BATCH_AXES,
+      axis_types=(AxisType.Auto,) * 2,
+      devices=jax.devices()[:n_devices],
+  )
   data = sharding_lib.data_sharding(mesh)
   graphdef, state, tx = state_lib.create_train_state(
-      config, sizes=state_lib.carried_sizes(config, root))
+      config, sizes=state_lib.carried_sizes(config, root)
+  )
   st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(steps.make_dastc_step(config, graphdef, tx),
-               in_shardings=(st_sh, data),
-               out_shardings=(st_sh, sharding_lib.replicated(mesh)))
+  fn = jax.jit(
+      steps.make_dastc_step(config, graphdef, tx),
+      in_shardings=(st_sh, data),
+      out_shardings=(st_sh, sharding_lib.replicated(mesh)),
+  )
   return fn, state, st_sh, data
 
 
@@ -54,13 +60,20 @@ def _flat(tree):
 
 def _assert_same_metrics(a, b):
   assert set(a) == set(b)
-  for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
-            'loss_align', 'grad_norm', 'pl_accuracy'):
+  for k in (
+      'loss',
+      'loss_src',
+      'loss_cons',
+      'loss_src_mix',
+      'loss_tgt_mix',
+      'loss_align',
+      'grad_norm',
+      'pl_accuracy',
+  ):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
-    smoke_config):
+def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(smoke_config):
   """Each step is the same function of (state, batch) on 1 device and on 4
   devices that split the batch and shard the parameters, teacher and
   optimizer state (fsdp=4).
@@ -83,21 +96,28 @@ def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
   _assert_same_metrics(m1, m4)
   # The total is the documented combination of the logged terms.
   d = c.dastc
-  total = (m1['loss_src'] + m1['loss_src_mix'] + d.lambda_t * (
-      m1['loss_cons'] + m1['loss_tgt_mix']) + d.alignment.weight *
-           m1['loss_align'])
+  total = (
+      m1['loss_src']
+      + m1['loss_src_mix']
+      + d.lambda_t * (m1['loss_cons'] + m1['loss_tgt_mix'])
+      + d.alignment.weight * m1['loss_align']
+  )
   np.testing.assert_allclose(m1['loss'], total, rtol=1e-6)
   assert m1['feat_rel_diff_to_s_f0'] > 0 or m1['feat_rel_diff_to_t_f0'] > 0
   # First adaptation step: the teacher is reset to the warm-started model,
   # then takes one EMA step towards the updated student.
   a = d.ema_decay
   ema = lambda p0, p1: a * p0 + (1 - a) * p1
-  chex.assert_trees_all_close(s1.teacher['params'],
-                              jax.tree.map(ema, init.params, s1.params),
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+      s1.teacher['params'],
+      jax.tree.map(ema, init.params, s1.params),
+      rtol=1e-5,
+      atol=1e-7,
+  )
   for k in ('tgt_labels', 'tgt_masks', 'src_frames'):
-    np.testing.assert_array_equal(np.asarray(s1.carried[k]),
-                                  np.asarray(s4.carried[k]))
+    np.testing.assert_array_equal(
+        np.asarray(s1.carried[k]), np.asarray(s4.carried[k])
+    )
   # Parameters agree to float32 noise. The *updates* of the convolutions
   # under a train-mode BatchNorm are small differences (the BN backward
   # subtracts two batch means from the incoming gradient), so reduction-order
@@ -115,18 +135,21 @@ def test_dastc_step_is_the_same_on_1_device_and_4_fsdp_devices(
   # Second step: no reset, one more EMA step from the first step's teacher.
   chex.assert_trees_all_close(
       t1.teacher['params'],
-      jax.tree.map(ema, s1.teacher['params'], t1.params), rtol=1e-5,
-      atol=1e-7)
+      jax.tree.map(ema, s1.teacher['params'], t1.params),
+      rtol=1e-5,
+      atol=1e-7,
+  )
   assert bool(t1.carried['has_prev']) and bool(t4.carried['has_prev'])
-  np.testing.assert_array_equal(np.asarray(t1.carried['src_frames']),
-                                batches[1]['source']['frames'])
-  np.testing.assert_array_equal(np.asarray(t4.carried['src_frames']),
-                                batches[1]['source']['frames'])
+  np.testing.assert_array_equal(
+      np.asarray(t1.carried['src_frames']), batches[1]['source']['frames']
+  )
+  np.testing.assert_array_equal(
+      np.asarray(t4.carried['src_frames']), batches[1]['source']['frames']
+  )
   chex.assert_trees_all_close(t4.teacher, t1.teacher, rtol=1e-5, atol=1e-6)
 
 
-def test_reference_preset_trains_and_its_self_teacher_updates_bn(
-    smoke_config):
+def test_reference_preset_trains_and_its_self_teacher_updates_bn(smoke_config):
   """The released code's training: frozen teacher, then the student itself
   in train mode (its pass updates the BN averages), mirrored teacher input,
   MMD, every bug flag."""
@@ -142,22 +165,38 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
   s, m = run(init, batches[0])
   t, m2 = run(s, batches[1])
   for metrics in (m, m2):
-    for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
-              'loss_align'):
+    for k in (
+        'loss',
+        'loss_src',
+        'loss_cons',
+        'loss_src_mix',
+        'loss_tgt_mix',
+        'loss_align',
+    ):
       assert np.isfinite(metrics[k]), k
   # The reference's per-pair aggregation with uniform weights.
   assert m['loss_align'] > 0 and m['align_w/strong'] == 0.5
   assert m['align_w/clean'] == 0.5
   graphdef, _, _ = state_lib.create_train_state(
-      c, sizes=state_lib.carried_sizes(c, root))
+      c, sizes=state_lib.carried_sizes(c, root)
+  )
   tgt = batches[1]['target']
 
   @jax.jit
   def teacher_stats(state):
     x = image_ops.normalize(tgt['frames'])
     _, _, stats, _ = dastc_step._pseudo_labels(  # pylint: disable=protected-access
-        c, graphdef, None, state, x, tgt, x.shape[2:4], 0, jax.random.key(0),
-        jax.random.key(1))
+        c,
+        graphdef,
+        None,
+        state,
+        x,
+        tgt,
+        x.shape[2:4],
+        0,
+        jax.random.key(0),
+        jax.random.key(1),
+    )
     return stats
 
   same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
@@ -165,11 +204,11 @@ def test_reference_preset_trains_and_its_self_teacher_updates_bn(
   assert not same(teacher_stats(s), s.batch_stats)  # student, train mode
 
 
-def test_image_domain_dastc_step_has_no_flow_and_no_temporal_terms(
-    world_cache):
+def test_image_domain_dastc_step_has_no_flow_and_no_temporal_terms(world_cache):
   """DA-STC with clip length 1 (configs/gta5.py): single frames, no flows,
   the teacher labels frame t itself, one alignment pair."""
   from configs import gta5  # pylint: disable=g-import-not-at-top
+
   c = gta5.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   c.train.source_only_steps = 0
@@ -190,14 +229,21 @@ def test_image_domain_dastc_step_has_no_flow_and_no_temporal_terms(
   s, m = run(init, batches[0])
   s, m2 = run(s, batches[1])  # pastes from the carried single frames
   for metrics in (m, m2):
-    for k in ('loss', 'loss_src', 'loss_cons', 'loss_src_mix', 'loss_tgt_mix',
-              'loss_align'):
+    for k in (
+        'loss',
+        'loss_src',
+        'loss_cons',
+        'loss_src_mix',
+        'loss_tgt_mix',
+        'loss_align',
+    ):
       assert np.isfinite(metrics[k]), k
   # Frame t of the strong pass is the only target view (no key frames).
   assert [k for k in m2 if k.startswith('align_w/')] == ['align_w/t_strong']
   assert bool(s.carried['has_prev'])
-  np.testing.assert_array_equal(s.carried['src_frames'],
-                                batches[1]['source']['frames'])
+  np.testing.assert_array_equal(
+      s.carried['src_frames'], batches[1]['source']['frames']
+  )
 
 
 def test_ablations_share_the_batchnorm_running_averages(smoke_config):
@@ -218,5 +264,6 @@ def test_ablations_share_the_batchnorm_running_averages(smoke_config):
   run2, _ = _step_fn(c2, root, 1)
   bare, _ = run2(init, batch)
   chex.assert_trees_all_equal(full.batch_stats, bare.batch_stats)
-  assert not jax.tree.all(jax.tree.map(np.array_equal, full.batch_stats,
-                                       init.batch_stats))
+  assert not jax.tree.all(
+      jax.tree.map(np.array_equal, full.batch_stats, init.batch_stats)
+  )

@@ -11,29 +11,48 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  return subprocess.run([sys.executable, '-m', 'dastc_jax.main', *args],
-                        capture_output=True, text=True, cwd=REPO, env=env,
-                        timeout=300)
+  return subprocess.run(
+      [sys.executable, '-m', 'dastc_jax.main', *args],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env=env,
+      timeout=300,
+  )
 
 
-@pytest.mark.parametrize('override,expected', [
-    (('--config.data.synthetic.enabled=False',
-      '--config.data.data_dir={tmp}/nothing_here'),
-     'is not prepared in'),
-    (('--config.dastc.feature_layer=layer9',), 'config.dastc.feature_layer'),
-    (('--config.train.source_only_steps=0',),
-     'config.train.source_only_steps (a head warm-up'),
-    (('--config.dastc.strong_aug.enabled=False',),
-     'sees no perturbation'),
-])
+@pytest.mark.parametrize(
+    'override,expected',
+    [
+        (
+            (
+                '--config.data.synthetic.enabled=False',
+                '--config.data.data_dir={tmp}/nothing_here',
+            ),
+            'is not prepared in',
+        ),
+        (
+            ('--config.dastc.feature_layer=layer9',),
+            'config.dastc.feature_layer',
+        ),
+        (
+            ('--config.train.source_only_steps=0',),
+            'config.train.source_only_steps (a head warm-up',
+        ),
+        (('--config.dastc.strong_aug.enabled=False',), 'sees no perturbation'),
+    ],
+)
 @pytest.mark.integration
 def test_user_errors_print_one_line_and_exit_2(tmp_path, override, expected):
   args = [a.format(tmp=tmp_path) for a in override]
-  r = _main('--config=configs/synthetic.py:smoke',
-            f'--workdir={tmp_path / "run"}', *args)
+  r = _main(
+      '--config=configs/synthetic.py:smoke',
+      f'--workdir={tmp_path / "run"}',
+      *args,
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   assert 'Traceback' not in r.stderr
-  last = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+  last = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
   assert last and expected in r.stderr, r.stderr[-2000:]
 
 
@@ -43,21 +62,33 @@ def test_out_of_memory_is_one_line_with_the_knobs():
   import jax  # pylint: disable=g-import-not-at-top
   from dastc_jax import errors  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import oom  # pylint: disable=g-import-not-at-top
+
   xla = jax.errors.JaxRuntimeError(
-      'RESOURCE_EXHAUSTED: Out of memory allocating 29410057664 bytes.')
+      'RESOURCE_EXHAUSTED: Out of memory allocating 29410057664 bytes.'
+  )
   with pytest.raises(errors.UserError) as e:
     with oom.reported('training'):
       raise xla
   msg = str(e.value)
   assert '\n' not in msg and 'Out of memory in training' in msg
   assert 'an allocation of 29.4 GB failed' in msg and 'GB)' in msg
-  for knob in ('config.model.scan_blocks=True', 'config.model.remat=True',
-               'config.mesh.fsdp', 'benchmarks/memory.md'):
+  for knob in (
+      'config.model.scan_blocks=True',
+      'config.model.remat=True',
+      'config.mesh.fsdp',
+      'benchmarks/memory.md',
+  ):
     assert knob in msg
-  assert 'of 12 MB' in oom.message('x', jax.errors.JaxRuntimeError(
-      'RESOURCE_EXHAUSTED: Out of memory allocating 12000000 bytes'))
-  for other in (ValueError('not memory'),
-                jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: quota')):
+  assert 'of 12 MB' in oom.message(
+      'x',
+      jax.errors.JaxRuntimeError(
+          'RESOURCE_EXHAUSTED: Out of memory allocating 12000000 bytes'
+      ),
+  )
+  for other in (
+      ValueError('not memory'),
+      jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: quota'),
+  ):
     with pytest.raises(type(other)):
       with oom.reported('training'):
         raise other

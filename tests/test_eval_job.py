@@ -18,6 +18,7 @@ from dastc_jax import train
 def _trained(world_cache, tmp_path_factory):
   """One source-only run with checkpoints 1, 2, 3 (shared by this module)."""
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+
   c = synthetic_config.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   c.mesh.data = 4
@@ -67,7 +68,8 @@ def test_folder_of_checkpoints_last_and_best(three_checkpoints, tmp_path):
 
 
 def test_watch_evaluates_new_checkpoints_until_the_last_step(
-    three_checkpoints, tmp_path):
+    three_checkpoints, tmp_path
+):
   c, workdir = three_checkpoints
   src = os.path.join(workdir, 'checkpoints')
   root = str(tmp_path / 'live' / 'checkpoints')
@@ -81,8 +83,14 @@ def test_watch_evaluates_new_checkpoints_until_the_last_step(
     step = pending.pop(0)
     shutil.copytree(os.path.join(src, step), os.path.join(root, step))
 
-  summary = eval_job.run(c, str(tmp_path / 'watch'), root, watch=True,
-                         watch_interval=0, sleep=sleep)
+  summary = eval_job.run(
+      c,
+      str(tmp_path / 'watch'),
+      root,
+      watch=True,
+      watch_interval=0,
+      sleep=sleep,
+  )
   assert sorted(summary['splits']['target_val']['steps']) == ['1', '2', '3']
   assert len(polls) == 2  # stopped at config.train.num_steps
 
@@ -96,9 +104,16 @@ def test_watch_evaluates_new_checkpoints_until_the_last_step(
     t[0] += seconds
 
   c.train.num_steps = 10
-  summary = eval_job.run(c, str(tmp_path / 'watch2'), root, watch=True,
-                         watch_interval=30, watch_timeout=100, clock=clock,
-                         sleep=idle)
+  summary = eval_job.run(
+      c,
+      str(tmp_path / 'watch2'),
+      root,
+      watch=True,
+      watch_interval=30,
+      watch_timeout=100,
+      clock=clock,
+      sleep=idle,
+  )
   assert len(summary['splits']['target_val']['steps']) == 3
   assert t[0] > 100
 
@@ -107,9 +122,13 @@ def test_corrupt_and_mismatched_checkpoints(three_checkpoints, tmp_path):
   c, workdir = three_checkpoints
   bad = str(tmp_path / 'bad' / 'checkpoints')
   shutil.copytree(os.path.join(workdir, 'checkpoints'), bad)
-  data = [f for f in glob.glob(os.path.join(bad, '2', 'state', '**', '*'),
-                               recursive=True)
-          if os.path.isfile(f) and os.path.getsize(f) > 1000]
+  data = [
+      f
+      for f in glob.glob(
+          os.path.join(bad, '2', 'state', '**', '*'), recursive=True
+      )
+      if os.path.isfile(f) and os.path.getsize(f) > 1000
+  ]
   assert data
   for f in data:  # truncate every array file of step 2
     with open(f, 'r+b') as fh:
@@ -117,11 +136,12 @@ def test_corrupt_and_mismatched_checkpoints(three_checkpoints, tmp_path):
   out = str(tmp_path / 'out')
   with pytest.raises(checkpointing.CheckpointError, match=f'{bad}/2'):
     eval_job.run(c, out, os.path.join(bad, '2'))
-  assert not os.path.exists(os.path.join(out, 'eval', 'step_2',
-                                         'results.json'))
+  assert not os.path.exists(os.path.join(out, 'eval', 'step_2', 'results.json'))
   # Another architecture or class count: the mismatched keys are named.
   c.model.width = 16
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r'checkpoints/3 do not fit.*shape mismatches '
-                     r'\(aux_head/branches/0/kernel: \(3, 3, 128, 15\) vs'):
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match=r'checkpoints/3 do not fit.*shape mismatches '
+      r'\(aux_head/branches/0/kernel: \(3, 3, 128, 15\) vs',
+  ):
     eval_job.evaluate_checkpoint(c, out, workdir)

@@ -29,9 +29,16 @@ from dastc_jax import train
 def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
   # The cache folder and XLA flags of this process (both are part of the
   # cache key), so the subprocess loads the steps compiled here.
-  r = faults.run(workdir, cache_dir, devices, steps, extra,
-                 jax_cache=jax.config.jax_compilation_cache_dir,
-                 xla_flags=os.environ['XLA_FLAGS'], **kw)
+  r = faults.run(
+      workdir,
+      cache_dir,
+      devices,
+      steps,
+      extra,
+      jax_cache=jax.config.jax_compilation_cache_dir,
+      xla_flags=os.environ['XLA_FLAGS'],
+      **kw,
+  )
   return r['rc'], r['log']
 
 
@@ -63,6 +70,7 @@ _DEVICES, _STEPS = 4, 3
 def reference_run(world_cache, tmp_path_factory):
   """The uninterrupted 4-device run every fault run must end equal to."""
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+
   c = synthetic_config.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   workdir = str(tmp_path_factory.mktemp('reference') / 'ref')
@@ -74,15 +82,22 @@ def reference_run(world_cache, tmp_path_factory):
 @pytest.mark.xdist_group('smoke_dastc_4dev')  # one worker, one reference
 @pytest.mark.parametrize('delay', [0.0, 0.02])
 def test_sigkill_during_a_save_then_rerun_is_bitwise_uninterrupted(
-    delay, reference_run, world_cache, tmp_path):
+    delay, reference_run, world_cache, tmp_path
+):
   """SIGKILL while a checkpoint after the first is being written (its
   temporary folder exists), ``delay`` seconds into the save; 4 devices, so
   the save writes sharded arrays."""
   c, ref, a, it_a = reference_run
   c = copy.deepcopy(c)
   run = str(tmp_path / 'killed')
-  rc, out = _run(run, world_cache, _DEVICES, _STEPS, delay=delay,
-                 until=lambda w: faults.committed(w) and faults.saving(w))
+  rc, out = _run(
+      run,
+      world_cache,
+      _DEVICES,
+      _STEPS,
+      delay=delay,
+      until=lambda w: faults.committed(w) and faults.saving(w),
+  )
   assert rc == -signal.SIGKILL, out[-3000:]
   assert faults.committed(run) and max(faults.committed(run)) < _STEPS
   # No step folder looks committed without restoring completely.
@@ -104,24 +119,33 @@ def _resumed_iterator_and_carried_clips(c, ref):
   """Restoring step 2 puts the data iterator where an uninterrupted one is
   after 2 batches, and restores the clips step 2 carries to step 3."""
   root = train.resolve_data_root(c)
-  make = lambda: iter(pipeline.make_train_dataset(
-      c, root, local_batch_size=c.train.batch_size))
+  make = lambda: iter(
+      pipeline.make_train_dataset(c, root, local_batch_size=c.train.batch_size)
+  )
   it = make()
   batches = [next(it) for _ in range(3)]
   resumed = make()
-  ckpt = checkpointing.Checkpointer(os.path.join(ref, 'checkpoints'),
-                                    async_save=False, read_only=True)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(ref, 'checkpoints'), async_save=False, read_only=True
+  )
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
-  state2 = ckpt.restore(2, state_lib.abstract_train_state(
-      c, state_lib.carried_sizes(c, root)), resumed)
+
+  state2 = ckpt.restore(
+      2,
+      state_lib.abstract_train_state(c, state_lib.carried_sizes(c, root)),
+      resumed,
+  )
   ckpt.close()
   _assert_bitwise(batches[2], next(resumed))
   # Step 2 was a DA-STC step: the clips it carries to step 3 were saved.
   assert bool(state2.carried['has_prev'])
-  np.testing.assert_array_equal(np.asarray(state2.carried['src_frames']),
-                                batches[1]['source']['frames'])
-  np.testing.assert_array_equal(np.asarray(state2.carried['tgt_frames']),
-                                batches[1]['target']['frames'][:, :2])
+  np.testing.assert_array_equal(
+      np.asarray(state2.carried['src_frames']), batches[1]['source']['frames']
+  )
+  np.testing.assert_array_equal(
+      np.asarray(state2.carried['tgt_frames']),
+      batches[1]['target']['frames'][:, :2],
+  )
 
 
 def test_a_preempted_run_exits_75():
@@ -145,9 +169,9 @@ def _poisoned(monkeypatch, bad_calls):
     def poison(batch):
       calls['n'] += 1
       if calls['n'] in bad_calls:
-        batch['source']['flow'] = np.full_like(batch['source']['flow'],
-                                               np.nan)
+        batch['source']['flow'] = np.full_like(batch['source']['flow'], np.nan)
       return batch
+
     return make(*args, **kw).map(poison)
 
   monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
@@ -155,17 +179,20 @@ def _poisoned(monkeypatch, bad_calls):
 
 def _restore(config, workdir, step):
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+
   _, abstract, _ = state_lib.create_train_state(config, abstract=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    async_save=False, read_only=True)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True
+  )
   try:
     return ckpt.restore(step, abstract)
   finally:
     ckpt.close()
 
 
-def test_skip_policy_leaves_the_state_unchanged(smoke_config, tmp_path,
-                                                monkeypatch, caplog):
+def test_skip_policy_leaves_the_state_unchanged(
+    smoke_config, tmp_path, monkeypatch, caplog
+):
   c = smoke_config
   c.method = 'source_only'
   c.train.num_steps = 4
@@ -179,12 +206,17 @@ def test_skip_policy_leaves_the_state_unchanged(smoke_config, tmp_path,
   _assert_bitwise(s2.params, s3.params)
   _assert_bitwise(s2.opt_state, s3.opt_state)
   _assert_bitwise(s2.batch_stats, s3.batch_stats)
-  assert not np.array_equal(np.asarray(s3.params['sf_layer']['kernel']),
-                            np.asarray(s4.params['sf_layer']['kernel']))
-  assert all(np.isfinite(np.asarray(x)).all() for x in
-             jax.tree.leaves(s4.params))
-  assert any('Step 3 skipped' in r.message and 'loss_src_main=nan' in
-             r.message for r in caplog.records)
+  assert not np.array_equal(
+      np.asarray(s3.params['sf_layer']['kernel']),
+      np.asarray(s4.params['sf_layer']['kernel']),
+  )
+  assert all(
+      np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s4.params)
+  )
+  assert any(
+      'Step 3 skipped' in r.message and 'loss_src_main=nan' in r.message
+      for r in caplog.records
+  )
   # Too many skips in a row stop the run: tests/test_loop.py.
 
 
@@ -205,30 +237,41 @@ class _Flaky:
 
 def test_undecodable_record_policy():
   ids = [{'id': f'rec{i}'.encode()} for i in range(4)]
-  fail = checked_source.CheckedSource(_Flaky(4, 2), name='dastc_viper/train',
-                                      data_dir='/data/tfds', id_source=ids)
+  fail = checked_source.CheckedSource(
+      _Flaky(4, 2),
+      name='dastc_viper/train',
+      data_dir='/data/tfds',
+      id_source=ids,
+  )
   assert fail[1] == {'x': 1}
-  with pytest.raises(io_lib.DataError, match=r"Record 2 \(id 'rec2'\) of "
-                     r'dastc_viper/train in /data/tfds cannot be decoded.*'
-                     'Invalid JPEG'):
+  with pytest.raises(
+      io_lib.DataError,
+      match=r"Record 2 \(id 'rec2'\) of "
+      r'dastc_viper/train in /data/tfds cannot be decoded.*'
+      'Invalid JPEG',
+  ):
     fail[2]  # pylint: disable=pointless-statement
-  skip = checked_source.CheckedSource(_Flaky(4, 2), name='v', data_dir='d',
-                                      policy='skip', id_source=ids)
+  skip = checked_source.CheckedSource(
+      _Flaky(4, 2), name='v', data_dir='d', policy='skip', id_source=ids
+  )
   assert skip[2] == {'x': 3, 'bad_records': 1}  # the next record, counted
   assert skip[1] == {'x': 1, 'bad_records': 0}
   # Random access stays exact (what checkpointed iterators need): a fresh
   # source gives the same replacement and count for the same index.
-  again = checked_source.CheckedSource(_Flaky(4, 2), name='v', data_dir='d',
-                                       policy='skip', id_source=ids)
+  again = checked_source.CheckedSource(
+      _Flaky(4, 2), name='v', data_dir='d', policy='skip', id_source=ids
+  )
   assert again[2] == {'x': 3, 'bad_records': 1}
   # A bad last record is replaced by the first one (wrapping around).
-  last = checked_source.CheckedSource(_Flaky(4, 3), name='v', data_dir='d',
-                                      policy='skip', id_source=ids)
+  last = checked_source.CheckedSource(
+      _Flaky(4, 3), name='v', data_dir='d', policy='skip', id_source=ids
+  )
   assert last[3] == {'x': 0, 'bad_records': 1}
 
 
-def test_skip_policy_counts_bad_records_in_a_run(smoke_config, tmp_path,
-                                                 monkeypatch):
+def test_skip_policy_counts_bad_records_in_a_run(
+    smoke_config, tmp_path, monkeypatch
+):
   c = smoke_config
   c.method = 'source_only'
   c.train.num_steps = 2
@@ -243,8 +286,9 @@ def test_skip_policy_counts_bad_records_in_a_run(smoke_config, tmp_path,
 
   monkeypatch.setattr(checked_source.CheckedSource, '__getitem__', flaky)
   train.train_and_evaluate(c, str(tmp_path / 'run'))
-  total = workdir_lib.read_scalars(str(tmp_path / 'run'),
-                                   'data/bad_records_total')
+  total = workdir_lib.read_scalars(
+      str(tmp_path / 'run'), 'data/bad_records_total'
+  )
   # A running total over the consumed batches only (the prefetched records
   # beyond them are not counted): one per source example.
   b = c.train.batch_size
@@ -267,5 +311,6 @@ def test_resume_on_another_device_count(smoke_config, tmp_path):
   train.train_and_evaluate(c, workdir)  # resumes from step 2 on 2 devices
   state = _restore(c, workdir, 3)
   assert int(state.step) == 3
-  assert all(np.isfinite(np.asarray(x)).all() for x in
-             jax.tree.leaves(state.params))
+  assert all(
+      np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params)
+  )

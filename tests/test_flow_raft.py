@@ -40,7 +40,8 @@ def _pair(h=128, w=160, seed=0):
   """Frame 1 and a shifted, noisy frame 2, RGB in [-1, 1], NHWC."""
   rng = np.random.default_rng(seed)
   smooth = scipy.ndimage.gaussian_filter(
-      rng.normal(size=(1, h, w, 3)), (0, 2, 2, 0))
+      rng.normal(size=(1, h, w, 3)), (0, 2, 2, 0)
+  )
   a = np.clip(smooth / smooth.std(), -1, 1).astype(np.float32)
   b = np.roll(a, (3, -5), axis=(1, 2))
   b = (b + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
@@ -59,8 +60,9 @@ def test_every_iteration_matches_torchvision(variant):
   with torch.no_grad():
     ref = tm(_nchw(a), _nchw(b), num_flow_updates=12)
   ref = np.stack([np.moveaxis(r.numpy(), 1, -1) for r in ref])
-  out = np.asarray(jax.jit(
-      lambda x, y: model(x, y, 12, all_iterations=True))(a, b))
+  out = np.asarray(
+      jax.jit(lambda x, y: model(x, y, 12, all_iterations=True))(a, b)
+  )
   assert out.shape == ref.shape == (12, 1, 128, 160, 2)
   for i in range(12):
     rel = np.abs(out[i] - ref[i]).max() / np.abs(ref[i]).max()
@@ -79,22 +81,30 @@ def test_lookup_is_bilinear_with_zero_outside():
   rng = np.random.default_rng(0)
   h, w, hl, wl, r = 3, 3, 7, 9, 2
   corr = rng.normal(size=(1, h * w, hl, wl)).astype(np.float32)
-  coords = np.array([[[0.0, 0.0], [3.25, 2.5], [8.9, 6.1]],
-                     [[-1.5, 3.0], [4.0, -2.75], [20.0, 20.0]],
-                    [[-2.5, 3.0], [10.5, 7.5], [-3.5, -9.0]]],
-                    np.float32)[None]
-  got = np.asarray(correlation.lookup(correlation.pad_levels([corr], r),
-                                      coords, r))
-  assert got.shape == (1, h, w, (2 * r + 1)**2)
+  coords = np.array(
+      [
+          [[0.0, 0.0], [3.25, 2.5], [8.9, 6.1]],
+          [[-1.5, 3.0], [4.0, -2.75], [20.0, 20.0]],
+          [[-2.5, 3.0], [10.5, 7.5], [-3.5, -9.0]],
+      ],
+      np.float32,
+  )[None]
+  got = np.asarray(
+      correlation.lookup(correlation.pad_levels([corr], r), coords, r)
+  )
+  assert got.shape == (1, h, w, (2 * r + 1) ** 2)
   for q in range(h * w):
     cx, cy = coords[0].reshape(-1, 2)[q]
     d = np.arange(-r, r + 1)
     xs, ys = np.meshgrid(cx + d, cy + d, indexing='ij')  # x major
     want = scipy.ndimage.map_coordinates(
-        corr[0, q], [ys.ravel(), xs.ravel()], order=1, mode='grid-constant',
-        cval=0.0)
-    np.testing.assert_allclose(got[0].reshape(h * w, -1)[q], want,
-                               atol=1e-5)
+        corr[0, q],
+        [ys.ravel(), xs.ravel()],
+        order=1,
+        mode='grid-constant',
+        cval=0.0,
+    )
+    np.testing.assert_allclose(got[0].reshape(h * w, -1)[q], want, atol=1e-5)
   assert np.all(got[0, 1, 2] == 0)  # a centre far outside reads zeros
 
 
@@ -108,24 +118,30 @@ def test_pyramid_pools_like_avg_pool2d():
   for i, level in enumerate(levels):
     if i:
       ref = torch.nn.functional.avg_pool2d(ref, 2, 2)
-    np.testing.assert_allclose(np.asarray(level)[0], ref[:, 0].numpy(),
-                               rtol=1e-5, atol=1e-5)
-  assert [tuple(level.shape[2:]) for level in levels] == [(5, 7), (2, 3),
-                                                          (1, 1)]
+    np.testing.assert_allclose(
+        np.asarray(level)[0], ref[:, 0].numpy(), rtol=1e-5, atol=1e-5
+    )
+  assert [tuple(level.shape[2:]) for level in levels] == [
+      (5, 7),
+      (2, 3),
+      (1, 1),
+  ]
 
 
 def test_parameter_counts_are_torchvisions():
   for variant, count in (('raft_large', 5_257_536), ('raft_small', 990_162)):
     params = nnx.state(raft.abstract(variant), nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == (
-        count), variant
+        count
+    ), variant
 
 
 def test_wrong_variant_and_bad_keys_are_named(tmp_path):
   sd = _state_dict(_torch_raft('raft_small'))
-  with pytest.raises(weights.ConversionError,
-                     match='holds raft_small weights; use variant '
-                     'raft_small'):
+  with pytest.raises(
+      weights.ConversionError,
+      match='holds raft_small weights; use variant ' 'raft_small',
+  ):
     weights.from_state_dict(sd, 'raft_large', 'small.pth')
   bad = dict(sd)
   del bad['update_block.flow_head.conv2.bias']
@@ -135,7 +151,9 @@ def test_wrong_variant_and_bad_keys_are_named(tmp_path):
   msg = str(e.value)
   assert 'x.pth' in msg and 'update_block.flow_head.conv2.bias' in msg
   assert 'extra.weight' in msg
-  with pytest.raises(weights.ConversionError, match='is not a torchvision RAFT state dict'):
+  with pytest.raises(
+      weights.ConversionError, match='is not a torchvision RAFT state dict'
+  ):
     weights.from_state_dict({'conv1.weight': np.zeros((1, 1, 1, 1))})
 
 

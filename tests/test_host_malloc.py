@@ -14,10 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_skipped_off_cpu_or_when_turned_off():
   # No mallopt call is made on these paths (this process is not changed).
   assert host_malloc.configure({'DASTC_MALLOC_DEFAULTS': '0'}) == (
-      'skipped: DASTC_MALLOC_DEFAULTS=0')
+      'skipped: DASTC_MALLOC_DEFAULTS=0'
+  )
   for platforms in ('cuda', 'tpu', 'cuda,cpu'):
     assert host_malloc.configure({'JAX_PLATFORMS': platforms}) == (
-        'skipped: JAX will not compute on the CPU')
+        'skipped: JAX will not compute on the CPU'
+    )
 
 
 # Allocates a fresh 64 MiB output per call (above glibc's largest mmap
@@ -25,7 +27,7 @@ def test_skipped_off_cpu_or_when_turned_off():
 # calls (of 4 windows: with the settings the heap may still grow by a block
 # now and then, when JAX frees a buffer late or alignment leaves a freed
 # block a little too small).
-_FAULTS = r'''
+_FAULTS = r"""
 import resource, sys
 sys.path.insert(0, {repo!r})
 from dastc_jax.runtime import host_malloc
@@ -42,18 +44,25 @@ for _ in range(4):
     f(x).block_until_ready()
   windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print('FAULTS', min(windows))
-'''
+"""
 
 
 def _faults(setting: str) -> tuple[str, int]:
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'DASTC_MALLOC_DEFAULTS': setting}
-  proc = subprocess.run([sys.executable, '-c', _FAULTS.format(repo=REPO)],
-                        capture_output=True, text=True, env=env, timeout=300,
-                        check=False)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'DASTC_MALLOC_DEFAULTS': setting}
+  proc = subprocess.run(
+      [sys.executable, '-c', _FAULTS.format(repo=REPO)],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  out = dict(l.split(' ', 1) for l in proc.stdout.splitlines()
-             if l.startswith(('STATE', 'FAULTS')))
+  out = dict(
+      ln.split(' ', 1)
+      for ln in proc.stdout.splitlines()
+      if ln.startswith(('STATE', 'FAULTS'))
+  )
   return out['STATE'], int(out['FAULTS'])
 
 
@@ -77,8 +86,11 @@ def test_settings_are_chosen_by_the_configs_frame_size():
   defaults, the small ones the reuse settings."""
   argv = ['--config=configs/viper.py', '--workdir=/tmp/x']
   assert host_malloc.pixels_from_argv(argv) == 720 * 1280
-  assert host_malloc.pixels_from_argv(['--config', 'configs/viper.py:smoke'
-                                       ]) <= host_malloc.MAX_PIXELS
+  assert (
+      host_malloc.pixels_from_argv(['--config', 'configs/viper.py:smoke'])
+      <= host_malloc.MAX_PIXELS
+  )
   assert host_malloc.pixels_from_argv(['--config=missing.py']) is None
   assert host_malloc.configure({}, pixels=720 * 1280).startswith(
-      'skipped: training frames of 921600 pixels')
+      'skipped: training frames of 921600 pixels'
+  )

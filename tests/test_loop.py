@@ -57,8 +57,9 @@ def _batches(bad_every=0):
   def make(i):
     out = {'source': {'x': np.full((4, 2), i, np.float32)}}
     if bad_every:
-      out['source']['bad_records'] = np.full((4,), (i % bad_every) == 0,
-                                             np.int32)
+      out['source']['bad_records'] = np.full(
+          (4,), (i % bad_every) == 0, np.int32
+      )
     return out
 
   return iter(grain.MapDataset.range(1000).map(make).to_iter_dataset())
@@ -85,12 +86,16 @@ def _step(tag, nan_at=()):
   def step(state, batch):
     x = jnp.mean(batch['source']['x'])
     bad = jnp.isin(state['step'], jnp.asarray(nan_at or (-1,)))
-    new = {'step': state['step'] + 1,
-           'w': jnp.where(bad, state['w'], state['w'] + x)}
-    metrics = {'loss': jnp.where(bad, jnp.nan, x),
-               'grad_norm': jnp.float32(1.0),
-               'skipped': bad.astype(jnp.float32),
-               f'phase_{tag}': jnp.float32(1.0)}
+    new = {
+        'step': state['step'] + 1,
+        'w': jnp.where(bad, state['w'], state['w'] + x),
+    }
+    metrics = {
+        'loss': jnp.where(bad, jnp.nan, x),
+        'grad_norm': jnp.float32(1.0),
+        'skipped': bad.astype(jnp.float32),
+        f'phase_{tag}': jnp.float32(1.0),
+    }
     return new, metrics
 
   return jax.jit(step, donate_argnums=(0,))
@@ -98,18 +103,33 @@ def _step(tag, nan_at=()):
 
 def _run(tmp_path, config, steps, it=None):
   mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1])
-  ckpt = checkpointing.Checkpointer(tmp_path / 'checkpoints',
-                                    max_to_keep=100, async_save=False)
-  return _FakeRun(config, tmp_path, '', it or _batches(), steps, None,
-                  sharding_lib.data_sharding(mesh), ckpt, _Writer(),
-                  _Report())
+  ckpt = checkpointing.Checkpointer(
+      tmp_path / 'checkpoints', max_to_keep=100, async_save=False
+  )
+  return _FakeRun(
+      config,
+      tmp_path,
+      '',
+      it or _batches(),
+      steps,
+      None,
+      sharding_lib.data_sharding(mesh),
+      ckpt,
+      _Writer(),
+      _Report(),
+  )
 
 
 def _config(**train_kw):
   c = synthetic.get_config('smoke')
   c.method = 'source_only'
-  c.train.update(num_steps=7, log_every=3, checkpoint_every=2, eval_every=0,
-                 source_only_steps=0)
+  c.train.update(
+      num_steps=7,
+      log_every=3,
+      checkpoint_every=2,
+      eval_every=0,
+      source_only_steps=0,
+  )
   c.train.update(train_kw)
   return c
 
@@ -126,9 +146,11 @@ def test_log_windows_checkpoints_and_evals(tmp_path):
   assert int(state['step']) == 7 and float(state['w']) == sum(range(7))
   # Logs at every 3rd step and the last; each is the mean of its window.
   assert sorted(s for s, v in run.writer.scalars.items() if 'loss' in v) == [
-      3, 6, 7]
-  assert [run.writer.scalars[s]['loss'] for s in (3, 6, 7)] == [1.0, 4.0,
-                                                              6.0]
+      3,
+      6,
+      7,
+  ]
+  assert [run.writer.scalars[s]['loss'] for s in (3, 6, 7)] == [1.0, 4.0, 6.0]
   assert run.writer.scalars[7]['skipped_total'] == 0
   # Checkpoints at every 2nd step and the last; periodic evals (not at the
   # end: the final evaluation is train_and_evaluate's).
@@ -147,8 +169,9 @@ def test_phase_switch_and_resume_position(tmp_path):
   assert log[6]['phase_adapt'] == 1 and 'phase_warm' not in log[6]
   # Resuming at a checkpoint continues with the saved iterator position.
   it = _batches()
-  ckpt = checkpointing.Checkpointer(tmp_path / 'checkpoints',
-                                    async_save=False, read_only=True)
+  ckpt = checkpointing.Checkpointer(
+      tmp_path / 'checkpoints', async_save=False, read_only=True
+  )
   state = ckpt.restore(4, jax.eval_shape(_state), it)
   ckpt.close()
   assert float(state['w']) == 0 + 1 + 2 + 3
@@ -166,8 +189,9 @@ def test_skipped_steps_leave_the_means_finite_and_are_counted(tmp_path):
   # Too many skips in a row stop the run.
   c = _config(nonfinite='skip', max_consecutive_skips=1)
   run = _run(tmp_path / 'limit', c, [(0, _step('a', nan_at=(1, 2, 3)))])
-  with pytest.raises(train.NonFiniteLossError,
-                     match='2 consecutive skipped steps'):
+  with pytest.raises(
+      train.NonFiniteLossError, match='2 consecutive skipped steps'
+  ):
     train._train_loop(run, _state(), 0)  # pylint: disable=protected-access
   run.ckpt.close()
   # 'stop' ends the run at the first non-finite step, before saving it.
@@ -189,8 +213,9 @@ def test_bad_records_are_counted(tmp_path):
 
 
 def test_preemption_saves_the_step_and_stops(tmp_path, monkeypatch):
-  monkeypatch.setattr(preemption.Preemption, 'reached',
-                      lambda self, step: step == 3)
+  monkeypatch.setattr(
+      preemption.Preemption, 'reached', lambda self, step: step == 3
+  )
   run = _run(tmp_path, _config(), [(0, _step('a'))])
   with pytest.raises(preemption.Preempted, match='saved checkpoint step 3'):
     train._train_loop(run, _state(), 0)  # pylint: disable=protected-access
@@ -217,8 +242,9 @@ def test_sigterm_saves_stops_and_resumes_exactly(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # uninstalled
   run.ckpt.close()
   it = _batches()
-  ckpt = checkpointing.Checkpointer(tmp_path / 'part' / 'checkpoints',
-                                    async_save=False)
+  ckpt = checkpointing.Checkpointer(
+      tmp_path / 'part' / 'checkpoints', async_save=False
+  )
   state = ckpt.restore(e.value.step, jax.eval_shape(_state), it)
   rerun = _run(tmp_path / 'part', c, [(0, _step('a'))], it=it)
   ckpt.close()

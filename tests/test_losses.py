@@ -8,12 +8,14 @@ from dastc_jax.method import losses
 
 def test_cross_entropy_hand_values_and_ignore():
   # Two pixels with p(class 1) = 3/4 and one pixel with p(class 0) = 1/2.
-  logits = jnp.asarray([[[[0.0, np.log(3.0)], [0.0, np.log(3.0)],
-                          [0.0, 0.0], [5.0, -5.0]]]])  # [1, 1, 4, 2]
+  logits = jnp.asarray(
+      [[[[0.0, np.log(3.0)], [0.0, np.log(3.0)], [0.0, 0.0], [5.0, -5.0]]]]
+  )  # [1, 1, 4, 2]
   labels = jnp.asarray([[[1, 1, 0, 255]]])
   expected = (2 * -np.log(0.75) - np.log(0.5)) / 3
-  np.testing.assert_allclose(float(losses.cross_entropy(logits, labels)),
-                             expected, rtol=1e-6)
+  np.testing.assert_allclose(
+      float(losses.cross_entropy(logits, labels)), expected, rtol=1e-6
+  )
 
 
 def test_cross_entropy_without_valid_pixels_is_zero():
@@ -29,5 +31,5 @@ def test_upsampled_cross_entropy_uses_label_resolution():
   p2, p0 = 2 / 4, 1 / 4
   expected = 0.5 * -np.log(p2) + 0.5 * -np.log(p0)
   np.testing.assert_allclose(
-      float(losses.upsampled_cross_entropy(logits, labels)), expected,
-      rtol=1e-5)
+      float(losses.upsampled_cross_entropy(logits, labels)), expected, rtol=1e-5
+  )

@@ -33,8 +33,9 @@ def test_absent_classes_are_nan_and_skipped():
 def test_padding_mask_excludes_examples():
   label = jnp.zeros((2, 2, 2), jnp.int32)
   pred = jnp.zeros((2, 2, 2), jnp.int32).at[1].set(1)
-  cm = np.asarray(metrics.confusion_matrix(pred, label, 2,
-                                           jnp.asarray([True, False])))
+  cm = np.asarray(
+      metrics.confusion_matrix(pred, label, 2, jnp.asarray([True, False]))
+  )
   np.testing.assert_array_equal(cm, [[4, 0], [0, 0]])
 
 
@@ -55,10 +56,15 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
   monkeypatch.setenv('CITYSCAPES_RESULTS', str(tmp_path / 'results'))
   # cityscapesscripts 2.3.0 still calls np.in1d, removed in NumPy 2.4; give
   # it the documented equivalent so the reference itself runs unchanged.
-  monkeypatch.setattr(np, 'in1d', lambda a, b, invert=False: np.isin(
-      np.ravel(a), b, invert=invert), raising=False)
+  monkeypatch.setattr(
+      np,
+      'in1d',
+      lambda a, b, invert=False: np.isin(np.ravel(a), b, invert=invert),
+      raising=False,
+  )
   ev = importlib.import_module(
-      'cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling')
+      'cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling'
+  )
   rng = np.random.default_rng(0)
   ids = np.array(labels.CITYSCAPES19.cityscapes_ids + (0, 1, 4))
   gt_files, pred_files = [], []
@@ -66,8 +72,9 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
   for i in range(3):
     gt = rng.choice(ids, size=(64, 128)).astype(np.uint8)
     # Predictions: 60% correct, the rest random evaluated classes.
-    pred = np.where(rng.random((64, 128)) < 0.6, gt,
-                    rng.choice(ids[:19], size=(64, 128))).astype(np.uint8)
+    pred = np.where(
+        rng.random((64, 128)) < 0.6, gt, rng.choice(ids[:19], size=(64, 128))
+    ).astype(np.uint8)
     pred = np.where(np.isin(pred, ids[:19]), pred, 7).astype(np.uint8)
     city = 'testcity'
     gdir = tmp_path / 'gtFine' / 'val' / city
@@ -81,8 +88,11 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
     gt_files.append(str(g))
     pred_files.append(str(p))
     lut = labels.CITYSCAPES_TO_19
-    cm += np.asarray(metrics.confusion_matrix(
-        jnp.asarray(lut[pred])[None], jnp.asarray(lut[gt])[None], 19))
+    cm += np.asarray(
+        metrics.confusion_matrix(
+            jnp.asarray(lut[pred])[None], jnp.asarray(lut[gt])[None], 19
+        )
+    )
   args = ev.args
   args.evalInstLevelScore = False
   args.quiet = True
@@ -92,6 +102,7 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
   ours = metrics.mean_iou(cm)
   np.testing.assert_allclose(ours, result['averageScoreClasses'], rtol=1e-9)
   from cityscapesscripts.helpers import labels as cs_labels  # pylint: disable=g-import-not-at-top
+
   iou = metrics.iou_per_class(cm)
   compared = 0
   for name, score in result['classScores'].items():
@@ -104,6 +115,7 @@ def test_miou_matches_cityscapesscripts_on_label_pngs(tmp_path, monkeypatch):
 
 def test_synthia16_reports_miou13_beside_miou16():
   from dastc_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+
   cs = labels.get_class_set('synthia16')
   cm = np.zeros((16, 16), np.int64)
   for i in range(16):

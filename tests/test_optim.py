@@ -27,8 +27,10 @@ def test_parameter_groups():
   assert set(groups) == {'backbone', 'fusion', 'head', 'frozen'}
   assert groups['fusion'] == ["['sf_layer']['kernel']"]
   assert all('head' in k for k in groups['head'])
-  assert all(k.endswith("['scale']") or k.endswith("['bias']")
-             for k in groups['frozen'])
+  assert all(
+      k.endswith("['scale']") or k.endswith("['bias']")
+      for k in groups['frozen']
+  )
   assert all('kernel' in k for k in groups['backbone'])
   unfrozen = _labels_by_group(optim.param_labels(params, False))
   assert 'frozen' not in unfrozen
@@ -39,15 +41,15 @@ def test_reference_schedule_values():
   s = optim.group_schedules(o)
   lr = lambda i: 1e-4 * (1 - i / 250000) ** 0.9
   for step in (0, 1000, 40000):
-    np.testing.assert_allclose(float(s['backbone'](step)), lr(step),
-                               rtol=1e-5)
-    np.testing.assert_allclose(float(s['fusion'](step)), 10 * lr(step),
-                               rtol=1e-5)
-    np.testing.assert_allclose(float(s['head'](step)), 10 * lr(step),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(s['backbone'](step)), lr(step), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(s['fusion'](step)), 10 * lr(step), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(s['head'](step)), 10 * lr(step), rtol=1e-5)
   # After 40k of 250k poly steps the decay has only reached ~0.855.
-  np.testing.assert_allclose(float(s['backbone'](40000)) / 1e-4, 0.855,
-                             atol=1e-3)
+  np.testing.assert_allclose(
+      float(s['backbone'](40000)) / 1e-4, 0.855, atol=1e-3
+  )
   o.constant_head_lr = True  # the reference bug: heads never decay
   s = optim.group_schedules(o)
   np.testing.assert_allclose(float(s['head'](40000)), 1e-3, rtol=1e-6)
@@ -57,8 +59,11 @@ def test_warmup_then_poly():
   o = synthetic_config.get_config().optim
   s = optim.lr_schedule(o)
   assert float(s(0)) < 1e-8
-  np.testing.assert_allclose(float(s(o.warmup_steps)), o.lr * (
-      1 - o.warmup_steps / o.schedule_steps) ** o.poly_power, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(s(o.warmup_steps)),
+      o.lr * (1 - o.warmup_steps / o.schedule_steps) ** o.poly_power,
+      rtol=1e-5,
+  )
   assert float(s(o.schedule_steps)) == 0.0
   # Every step against the closed form: a linear ramp, then poly decay over
   # the absolute step.
@@ -66,9 +71,12 @@ def test_warmup_then_poly():
   w, total, p = o.warmup_steps, o.schedule_steps, o.poly_power
   ramp = o.lr * (o.warmup_ratio + (1 - o.warmup_ratio) * steps / w)
   poly = o.lr * np.clip(1 - steps / total, 0, 1) ** p
-  np.testing.assert_allclose(np.asarray(s(steps)),
-                             np.where(steps < w, ramp, poly), rtol=1e-4,
-                             atol=1e-9)
+  np.testing.assert_allclose(
+      np.asarray(s(steps)),
+      np.where(steps < w, ramp, poly),
+      rtol=1e-4,
+      atol=1e-9,
+  )
 
 
 def test_frozen_bn_affine_is_untouched_and_heads_move_10x():
@@ -85,12 +93,13 @@ def test_frozen_bn_affine_is_untouched_and_heads_move_10x():
   assert float(jnp.abs(bn['scale']).max()) == 0.0
   assert float(jnp.abs(bn['bias']).max()) == 0.0
   lr = float(optim.lr_schedule(c.optim)(0))
-  np.testing.assert_allclose(updates['backbone']['conv1']['kernel'], -lr,
-                             rtol=1e-6)
-  np.testing.assert_allclose(updates['head']['classifier']['kernel'],
-                             -10 * lr, rtol=1e-6)
-  np.testing.assert_allclose(updates['sf_layer']['kernel'], -10 * lr,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      updates['backbone']['conv1']['kernel'], -lr, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      updates['head']['classifier']['kernel'], -10 * lr, rtol=1e-6
+  )
+  np.testing.assert_allclose(updates['sf_layer']['kernel'], -10 * lr, rtol=1e-6)
   assert optax.tree.norm(updates) > 0
 
 
@@ -102,8 +111,9 @@ def test_adaptation_phase_restarts_the_schedule():
   assert float(s(0)) < 1e-8  # warm-up of the warm start
   assert float(s(1199)) < 0.01 * lr  # decayed by the end of the warm start
   assert float(s(1200)) < 1e-8  # the adaptation phase warms up again
-  np.testing.assert_allclose(float(s(1250)), lr * (1 - 50 / 300) ** 0.9,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(s(1250)), lr * (1 - 50 / 300) ** 0.9, rtol=1e-5
+  )
   assert float(s(1500)) == 0.0
 
 
@@ -132,8 +142,13 @@ def test_vit_norms_get_no_weight_decay():
       exempt += 1
       np.testing.assert_array_equal(u, 0.0, err_msg=name)
     else:
-      np.testing.assert_allclose(u, -lrs[g] * c.optim.weight_decay * p,
-                                 rtol=1e-5, atol=1e-12, err_msg=name)
+      np.testing.assert_allclose(
+          u,
+          -lrs[g] * c.optim.weight_decay * p,
+          rtol=1e-5,
+          atol=1e-12,
+          err_msg=name,
+      )
   # Patch-embedding, attention-reduction, block and stage norms (scale and
   # bias each) of the 4 stages.
   assert exempt >= 4 * 2 * 3
@@ -142,8 +157,10 @@ def test_vit_norms_get_no_weight_decay():
 def test_the_initial_state_comes_with_the_same_graph_as_the_traced_build():
   """create_train_state returns the graph of the model it built (no second,
   traced build); it equals the graph of the shape-only build."""
-  for c in (viper_config.get_config('smoke'),
-            viper_vit_config.get_config('smoke')):
+  for c in (
+      viper_config.get_config('smoke'),
+      viper_vit_config.get_config('smoke'),
+  ):
     c.method = 'source_only'
     graphdef, _, _ = state_lib.create_train_state(c)
     assert graphdef == state_lib.model_graphdef(c)

@@ -5,7 +5,8 @@ replaces epath's non-local backend by functions that record every path
 they are called with and serve it from a local folder. So these tests show
 that workdirs, checkpoint roots, eval outputs, data dirs, weight files
 (convert) and prediction inputs/outputs given as ``gs://...`` go through
-epath as ``gs://...`` (never made local by ``os.path``); orbax and TFDS reading and writing real object stores is
+epath as ``gs://...`` (never made local by ``os.path``); orbax and TFDS reading
+and writing real object stores is
 their own code and is not exercised here.
 """
 
@@ -46,7 +47,7 @@ def bucket(tmp_path):
       assert 'gs:/' not in p, f'a gs:// path was made local: {p}'
       return p
     seen.append(p)
-    return str(tmp_path / p[len('gs://'):])
+    return str(tmp_path / p[len('gs://') :])
 
   def glob_fn(_, p):
     p = os.fspath(p)
@@ -63,7 +64,8 @@ def bucket(tmp_path):
       exists=lambda _, p: os.path.exists(local(p)),
       isdir=lambda _, p: os.path.isdir(local(p)),
       listdir=lambda _, p: os.listdir(local(p)),
-      makedirs=mkdirs, mkdir=mkdirs,
+      makedirs=mkdirs,
+      mkdir=mkdirs,
       remove=lambda _, p: os.remove(local(p)),
       rename=lambda _, a, b, **k: os.rename(local(a), local(b)),
       replace=lambda _, a, b, **k: os.replace(local(a), local(b)),
@@ -74,16 +76,20 @@ def bucket(tmp_path):
   )
   # With TensorFlow installed epath sends gs:// to its TF backend whatever
   # the mock says; route it to the (mocked) default backend instead.
-  with mock.patch.object(gpath, '_is_tf_installed', lambda: False), \
-      epath_testing.mock_epath(**fns):
+  with (
+      mock.patch.object(gpath, '_is_tf_installed', lambda: False),
+      epath_testing.mock_epath(**fns),
+  ):
     yield seen
 
 
-def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path,
-                                                          monkeypatch):
+def test_resolve_keeps_urls_and_makes_local_paths_absolute(
+    tmp_path, monkeypatch
+):
   assert os.fspath(paths.resolve('gs://b/run')) == 'gs://b/run'
   assert os.fspath(paths.resolve('gs://b/run') / 'checkpoints') == (
-      'gs://b/run/checkpoints')
+      'gs://b/run/checkpoints'
+  )
   monkeypatch.chdir(tmp_path)
   assert os.fspath(paths.resolve('run')) == str(tmp_path / 'run')
   root, step = checkpointing.resolve('gs://b/run', '')
@@ -118,8 +124,9 @@ def test_eval_outputs_on_a_bucket(bucket, tmp_path):
   assert 'gs://b/run/eval/step_5/results.json' in bucket
   per_step = eval_job.evaluated_steps('gs://b/run', ['target_val'])
   assert per_step == {5: {'target_val': 100.0}}
-  eval_job.write_summary('gs://b/run', {5: {'target_val': 100.0}},
-                         'gs://b/run/checkpoints')
+  eval_job.write_summary(
+      'gs://b/run', {5: {'target_val': 100.0}}, 'gs://b/run/checkpoints'
+  )
   summary = json.loads((tmp_path / 'b/run/eval/summary.json').read_text())
   assert summary['checkpoints'] == 'gs://b/run/checkpoints'
   visualize.save_png('gs://b/run/eval/x.png', np.zeros((2, 3, 3), np.uint8))
@@ -150,8 +157,11 @@ def test_local_copy_and_publish_dir_on_a_bucket(bucket, tmp_path):
       f.write(name)
   bucket.clear()
   paths.publish_dir(staged, 'gs://b/out', last='done.json')
-  writes = [p for p in bucket if p.startswith('gs://b/out/') and
-            p.endswith(('.txt', '.json'))]
+  writes = [
+      p
+      for p in bucket
+      if p.startswith('gs://b/out/') and p.endswith(('.txt', '.json'))
+  ]
   assert writes[-1] == 'gs://b/out/done.json'  # the completion marker last
   assert (tmp_path / 'b/out/sub/x.txt').read_text() == 'sub/x.txt'
   assert not os.path.exists(staged)
@@ -161,12 +171,16 @@ def test_convert_reads_and_writes_a_bucket(bucket, tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   from tests import test_convert  # pylint: disable=g-import-not-at-top
   from dastc_jax import convert  # pylint: disable=g-import-not-at-top
+
   c = synthetic_config.get_config('smoke')
   (tmp_path / 'b/weights').mkdir(parents=True)
-  torch.save(test_convert._torch_model(c.model).state_dict(),  # pylint: disable=protected-access
-             tmp_path / 'b/weights/accel.pth')
-  report = convert.convert_file('gs://b/weights/accel.pth', 'gs://b/conv',
-                                c.model)
+  torch.save(
+      test_convert._torch_model(c.model).state_dict(),  # pylint: disable=protected-access
+      tmp_path / 'b/weights/accel.pth',
+  )
+  report = convert.convert_file(
+      'gs://b/weights/accel.pth', 'gs://b/conv', c.model
+  )
   assert 'gs://b/weights/accel.pth' in bucket
   assert len(report.converted) > 50
   meta = json.loads((tmp_path / 'b/conv/conversion.json').read_text())
@@ -176,16 +190,23 @@ def test_convert_reads_and_writes_a_bucket(bucket, tmp_path):
     convert.convert_file('gs://b/weights/accel.pth', 'gs://b/conv', c.model)
 
 
-def test_predict_reads_and_writes_a_bucket(bucket, smoke_config, weights,
-                                           tmp_path):
+def test_predict_reads_and_writes_a_bucket(
+    bucket, smoke_config, weights, tmp_path
+):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from dastc_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+
   (tmp_path / 'b/frames').mkdir(parents=True)
   for i, f in enumerate(test_predict._frames(3)):  # pylint: disable=protected-access
     Image.fromarray(f).save(tmp_path / f'b/frames/f{i}.png')
-  res = predict.run(smoke_config, checkpoint=weights, workdir='.',
-                    input_path='gs://b/frames', output='gs://b/pred',
-                    video_format='gif')
+  res = predict.run(
+      smoke_config,
+      checkpoint=weights,
+      workdir='.',
+      input_path='gs://b/frames',
+      output='gs://b/pred',
+      video_format='gif',
+  )
   assert res['output'] == 'gs://b/pred' and res['frames'] == 3
   assert 'gs://b/frames/f0.png' in bucket
   written = [p for p in bucket if p.startswith('gs://b/pred/')]

@@ -17,8 +17,9 @@ def _leaves_equal(a, b):
 
 
 def _train_iter(config, root, **kw):
-  return iter(pipeline.make_train_dataset(config, root, local_batch_size=4,
-                                          **kw))
+  return iter(
+      pipeline.make_train_dataset(config, root, local_batch_size=4, **kw)
+  )
 
 
 def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_data):
@@ -40,8 +41,9 @@ def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_data):
   # Fusion inputs: a crop window of the target size inside the source
   # frame, and long-tail patches cropped to it.
   assert src['crop'].shape == (4, 2)
-  assert np.all(src['crop'][:, 0] <= 36 - h) and np.all(src['crop'][:, 1] <=
-                                                         64 - w)
+  assert np.all(src['crop'][:, 0] <= 36 - h) and np.all(
+      src['crop'][:, 1] <= 64 - w
+  )
   k = c.dastc.num_rare_classes
   assert src['rare_frames'].shape == (4, k, h, w, 3)
   assert src['rare_labels'].shape == (4, k, h, w)
@@ -54,8 +56,7 @@ def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_data):
   assert set(no_target) == {'source'}
 
 
-def test_stream_is_deterministic_and_resumes_exactly(smoke_config,
-                                                     tiny_data):
+def test_stream_is_deterministic_and_resumes_exactly(smoke_config, tiny_data):
   it = _train_iter(smoke_config, tiny_data)
   first = [next(it) for _ in range(3)]
   state = it.get_state()
@@ -70,27 +71,41 @@ def test_stream_is_deterministic_and_resumes_exactly(smoke_config,
   assert not _leaves_equal(first[0], next(other))
 
 
-def test_hosts_read_disjoint_halves_and_epochs_reshuffle(smoke_config,
-                                                        tiny_data):
+def test_hosts_read_disjoint_halves_and_epochs_reshuffle(
+    smoke_config, tiny_data
+):
   c = smoke_config
   kw = dict(seed=7, per_axis_flow_scale=False, keep_ids=True)
   n = len(pipeline.data_source(c.data.source, tiny_data)[1])
   ids = []
   for p in range(2):
-    ds = pipeline.domain_dataset(c.data.source, tiny_data, 'viper15',
-                                 process_index=p, process_count=2, **kw)
+    ds = pipeline.domain_dataset(
+        c.data.source,
+        tiny_data,
+        'viper15',
+        process_index=p,
+        process_count=2,
+        **kw,
+    )
     ids.append([ds[i]['id'] for i in range(n // 2)])
   assert not set(ids[0]) & set(ids[1])
   assert len(set(ids[0]) | set(ids[1])) == 2 * (n // 2)
-  ds = pipeline.domain_dataset(c.data.source, tiny_data, 'viper15',
-                               process_index=0, process_count=1, **kw)
+  ds = pipeline.domain_dataset(
+      c.data.source,
+      tiny_data,
+      'viper15',
+      process_index=0,
+      process_count=1,
+      **kw,
+  )
   epoch0 = [ds[i]['id'] for i in range(n)]
   epoch1 = [ds[n + i]['id'] for i in range(n)]
   assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
 
 
-def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
-                                                       tiny_data, tmp_path):
+def test_paired_stream_round_trips_through_a_checkpoint(
+    smoke_config, tiny_data, tmp_path
+):
   it = _train_iter(smoke_config, tiny_data)
   for _ in range(2):
     next(it)
@@ -100,16 +115,18 @@ def test_paired_stream_round_trips_through_a_checkpoint(smoke_config,
   ckpt.wait()
   expected = next(it)
   fresh = _train_iter(smoke_config, tiny_data)
-  restored = ckpt.restore(2, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), fresh)
+  restored = ckpt.restore(
+      2,
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+      fresh,
+  )
   ckpt.close()
   np.testing.assert_array_equal(restored['w'], state['w'])
   assert _leaves_equal(expected, next(fresh))
   assert set(expected) == {'source', 'target'}
 
 
-def test_multiprocess_workers_yield_the_same_stream(smoke_config,
-                                                   tiny_data):
+def test_multiprocess_workers_yield_the_same_stream(smoke_config, tiny_data):
   ref = _train_iter(smoke_config, tiny_data)
   expected = [next(ref) for _ in range(2)]
   smoke_config.data.num_workers = 2
@@ -121,11 +138,15 @@ def test_multiprocess_workers_yield_the_same_stream(smoke_config,
 
 def test_eval_batches_pad_with_a_mask(smoke_config, tiny_data):
   c = smoke_config
-  ds = pipeline.make_eval_dataset(c.data.target_val, tiny_data, 'viper15',
-                                  False)
+  ds = pipeline.make_eval_dataset(
+      c.data.target_val, tiny_data, 'viper15', False
+  )
   n = len(ds)
-  batches = list(pipeline.eval_batches(ds, global_batch_size=3,
-                                       process_index=0, process_count=1))
+  batches = list(
+      pipeline.eval_batches(
+          ds, global_batch_size=3, process_index=0, process_count=1
+      )
+  )
   masks = np.concatenate([b['mask'] for b in batches])
   assert masks.sum() == n and len(masks) == 3 * -(-n // 3)
   ids = [i for b in batches for i, m in zip(b['id'], b['mask']) if m]
@@ -135,7 +156,8 @@ def test_eval_batches_pad_with_a_mask(smoke_config, tiny_data):
 
 
 def test_stored_at_train_size_reads_like_resizing_on_read(
-    smoke_config, tiny_world, tmp_path):
+    smoke_config, tiny_world, tmp_path
+):
   """``prepare --train_size``: frames and labels equal what the pipeline's
   resize gives from the native copy; flows to the int16 0.1 px step; a
   second storage size in the same data_dir is refused."""
@@ -144,13 +166,22 @@ def test_stored_at_train_size_reads_like_resizing_on_read(
   from dastc_jax.data import io as io_lib  # pylint: disable=g-import-not-at-top
   from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from dastc_jax.data.datasets import prepare  # pylint: disable=g-import-not-at-top
+
   manual = os.path.join(tiny_world, 'Viper')
-  flows = {'train': os.path.join(tiny_world,
-                                 'estimated_optical_flow_viper_train')}
+  flows = {
+      'train': os.path.join(tiny_world, 'estimated_optical_flow_viper_train')
+  }
   native, small = str(tmp_path / 'native'), str(tmp_path / 'small')
   for root, size in ((native, None), (small, (36, 64))):
-    prepare.prepare('viper', manual, root, flow_dirs=flows, splits=['train'],
-                    check_counts=False, train_size=size)
+    prepare.prepare(
+        'viper',
+        manual,
+        root,
+        flow_dirs=flows,
+        splits=['train'],
+        check_counts=False,
+        train_size=size,
+    )
   c = smoke_config
 
   def read(root):
@@ -168,9 +199,21 @@ def test_stored_at_train_size_reads_like_resizing_on_read(
     np.testing.assert_allclose(a['flow'], b['flow'], rtol=0, atol=0.051)
     assert b['frames'].shape[1:3] == (36, 64)
   with pytest.raises(io_lib.DataError, match=r'stored at \[36, 64\]'):
-    prepare.prepare('viper', manual, small, flow_dirs=flows,
-                    splits=['train'], check_counts=False)
+    prepare.prepare(
+        'viper',
+        manual,
+        small,
+        flow_dirs=flows,
+        splits=['train'],
+        check_counts=False,
+    )
   with pytest.raises(io_lib.DataError, match='another aspect ratio'):
-    prepare.prepare('viper', manual, str(tmp_path / 'bad'), flow_dirs=flows,
-                    splits=['train'], check_counts=False,
-                    train_size=(36, 36))
+    prepare.prepare(
+        'viper',
+        manual,
+        str(tmp_path / 'bad'),
+        flow_dirs=flows,
+        splits=['train'],
+        check_counts=False,
+        train_size=(36, 36),
+    )

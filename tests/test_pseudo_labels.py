@@ -30,11 +30,13 @@ def test_teacher_scores_of_t_minus_1_are_warped_to_t():
   pl = pseudo_labels.cross_frame(pred, pred, flow, (h, w))
   expected = np.maximum(np.arange(w) - 4, 0) // 4
   np.testing.assert_array_equal(np.asarray(pl['label_t'][0, 3]), expected)
-  np.testing.assert_array_equal(np.asarray(pl['label_t1'][0, 3]),
-                                np.arange(w) // 4)
+  np.testing.assert_array_equal(
+      np.asarray(pl['label_t1'][0, 3]), np.arange(w) // 4
+  )
   assert float(pl['conf_t'].max()) <= 1.0  # a probability
-  logit_conf = pseudo_labels.cross_frame(pred, pred, flow, (h, w),
-                                         confidence_from_logit=True)
+  logit_conf = pseudo_labels.cross_frame(
+      pred, pred, flow, (h, w), confidence_from_logit=True
+  )
   np.testing.assert_allclose(float(logit_conf['conf_t1'].max()), 10.0)
 
 
@@ -53,21 +55,33 @@ def _aug_cfg(**kw):
 def test_strong_augmentation_uses_one_parameter_set_per_clip():
   frame = jax.random.randint(jax.random.key(0), (3, 1, 16, 20, 3), 0, 255)
   clip = jnp.concatenate([frame, frame], 1).astype(jnp.uint8)
-  out = np.asarray(augment.strong_augment(jax.random.key(1), clip,
-                                          _aug_cfg(p_blur=1.0, p_jitter=1.0)))
+  out = np.asarray(
+      augment.strong_augment(
+          jax.random.key(1), clip, _aug_cfg(p_blur=1.0, p_jitter=1.0)
+      )
+  )
   np.testing.assert_allclose(out[:, 0], out[:, 1], atol=1e-4)
   assert not np.allclose(out[0, 0], out[1, 0])  # clips differ
-  gray = np.asarray(augment.strong_augment(
-      jax.random.key(2), clip, _aug_cfg(p_blur=0.0, p_jitter=0.0,
-                                        p_gray=1.0)))
-  rgb = gray[..., ::-1] + np.asarray([104.00698793, 116.66876762,
-                                      122.67891434])[::-1]
+  gray = np.asarray(
+      augment.strong_augment(
+          jax.random.key(2),
+          clip,
+          _aug_cfg(p_blur=0.0, p_jitter=0.0, p_gray=1.0),
+      )
+  )
+  rgb = (
+      gray[..., ::-1]
+      + np.asarray([104.00698793, 116.66876762, 122.67891434])[::-1]
+  )
   np.testing.assert_allclose(rgb[..., 0], rgb[..., 1], atol=1e-3)
-  off = np.asarray(augment.strong_augment(jax.random.key(3), clip,
-                                          _aug_cfg(enabled=False)))
-  bgr = np.asarray(clip, np.float64)[..., ::-1] - [104.00698793,
-                                                   116.66876762,
-                                                   122.67891434]
+  off = np.asarray(
+      augment.strong_augment(jax.random.key(3), clip, _aug_cfg(enabled=False))
+  )
+  bgr = np.asarray(clip, np.float64)[..., ::-1] - [
+      104.00698793,
+      116.66876762,
+      122.67891434,
+  ]
   np.testing.assert_allclose(off, bgr, atol=1e-3)
 
 
@@ -76,6 +90,7 @@ def test_blur_follows_the_input_width():
   width; the kernel holds 3 sigma; the blur is a normalised Gaussian
   (scipy's, away from the border)."""
   import scipy.ndimage  # pylint: disable=g-import-not-at-top
+
   cfg = _aug_cfg()  # (5, 9) px at 1024 wide, blur_kernel=0
   assert augment.blur_params(cfg, 512, 1024) == (5.0, 9.0, 55)
   assert augment.blur_params(cfg, 256, 512) == (2.5, 4.5, 29)
@@ -85,15 +100,17 @@ def test_blur_follows_the_input_width():
   assert augment.blur_params(_aug_cfg(blur_kernel=0), 8, 1024)[2] == 15
   assert augment.blur_params(_aug_cfg(blur_kernel=9), 512, 1024)[2] == 9
   # A 512x512 crop of a 512x1024 frame keeps the frame's scale.
-  assert augment.blur_params(cfg, 512, 512, image_width=1024) == (5.0, 9.0,
-                                                                   55)
+  assert augment.blur_params(cfg, 512, 512, image_width=1024) == (5.0, 9.0, 55)
   x = np.random.default_rng(0).uniform(0, 1, (1, 40, 48, 3)).astype('f')
-  got = np.asarray(augment._gaussian_blur(  # pylint: disable=protected-access
-      jnp.asarray(x), jnp.float32(2.0), 13))
-  want = scipy.ndimage.gaussian_filter(x, (0, 2.0, 2.0, 0), truncate=3.0,
-                                       mode='mirror')
-  np.testing.assert_allclose(got[:, 8:-8, 8:-8], want[:, 8:-8, 8:-8],
-                             atol=1e-5)
+  got = np.asarray(
+      augment._gaussian_blur(  # pylint: disable=protected-access
+          jnp.asarray(x), jnp.float32(2.0), 13
+      )
+  )
+  want = scipy.ndimage.gaussian_filter(
+      x, (0, 2.0, 2.0, 0), truncate=3.0, mode='mirror'
+  )
+  np.testing.assert_allclose(got[:, 8:-8, 8:-8], want[:, 8:-8, 8:-8], atol=1e-5)
 
 
 def test_histogram_matching_takes_the_reference_distribution():
@@ -106,8 +123,9 @@ def test_histogram_matching_takes_the_reference_distribution():
   img = (perm // 2).reshape(20, 30, 3).astype(np.uint8)
   out = transforms.match_histograms(img, ref)
   for c in range(3):
-    np.testing.assert_array_equal(np.sort(out[..., c].ravel()),
-                                  np.sort(ref[..., c].ravel()))
+    np.testing.assert_array_equal(
+        np.sort(out[..., c].ravel()), np.sort(ref[..., c].ravel())
+    )
   # The order of pixels follows the input (monotonic mapping).
   order = np.argsort(img[..., 0].ravel(), kind='stable')
   assert np.all(np.diff(out[..., 0].ravel()[order].astype(int)) >= 0)
@@ -131,15 +149,23 @@ def test_mirrored_flow_negates_dx():
   flow = jax.random.uniform(k[1], (2, 9, 12, 2), minval=-2.0, maxval=2.0)
   flip = jnp.asarray([True, False])
   want = pseudo_labels.hflip(warp.warp(img, flow), flip)
-  got = warp.warp(pseudo_labels.hflip(img, flip),
-                  pseudo_labels.hflip_flow(flow, flip))
+  got = warp.warp(
+      pseudo_labels.hflip(img, flip), pseudo_labels.hflip_flow(flow, flip)
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  bug = warp.warp(pseudo_labels.hflip(img, flip),
-                  pseudo_labels.hflip_flow(flow, flip, negate_dx=False))
+  bug = warp.warp(
+      pseudo_labels.hflip(img, flip),
+      pseudo_labels.hflip_flow(flow, flip, negate_dx=False),
+  )
   assert float(jnp.abs(bug[0] - want[0]).max()) > 0.1
-  np.testing.assert_allclose(np.asarray(bug[1]), np.asarray(want[1]),
-                             atol=1e-5)  # not mirrored: unchanged
+  np.testing.assert_allclose(
+      np.asarray(bug[1]), np.asarray(want[1]), atol=1e-5
+  )  # not mirrored: unchanged
   np.testing.assert_array_equal(
-      np.asarray(pseudo_labels.hflip_labels(jnp.arange(6).reshape(1, 2, 3),
-                                            jnp.asarray([True]))),
-      [[[2, 1, 0], [5, 4, 3]]])
+      np.asarray(
+          pseudo_labels.hflip_labels(
+              jnp.arange(6).reshape(1, 2, 3), jnp.asarray([True])
+          )
+      ),
+      [[[2, 1, 0], [5, 4, 3]]],
+  )

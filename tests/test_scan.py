@@ -16,8 +16,9 @@ from tests import test_models
 
 def _close(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-4,
-                               atol=1e-5 * max(np.abs(x).max(), 1e-6))
+    np.testing.assert_allclose(
+        x, y, rtol=1e-4, atol=1e-5 * max(np.abs(x).max(), 1e-6)
+    )
 
 
 def test_resnet_stage_scan_equals_the_unrolled_loop():
@@ -25,21 +26,24 @@ def test_resnet_stage_scan_equals_the_unrolled_loop():
   flow = jax.random.normal(jax.random.key(1), (2, 33, 41, 2))
   outs = {}
   for scan, remat in ((False, False), (True, False), (True, True)):
-    cfg = test_models._cfg(layers=(1, 3, 4, 1), remat=remat,  # pylint: disable=protected-access
-                           scan_blocks=scan)
+    cfg = test_models._cfg(
+        layers=(1, 3, 4, 1),
+        remat=remat,  # pylint: disable=protected-access
+        scan_blocks=scan,
+    )
     g, p, s = test_models._split(cfg)  # pylint: disable=protected-access
 
     def loss(p, s, g=g):
       m = nnx.merge(g, p, s)
       out = m.clip(x, flow, train=True, rng=jax.random.key(3))
       stats = nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
-      return jnp.sum(jnp.tanh(out['pred'])**2), stats
+      return jnp.sum(jnp.tanh(out['pred']) ** 2), stats
 
     outs[scan, remat] = jax.jit(jax.value_and_grad(loss, has_aux=True))(p, s)
   ref = outs[False, False]
   for key in ((True, False), (True, True)):
-    (l, stats), grad = outs[key]
-    np.testing.assert_allclose(l, ref[0][0], rtol=1e-6)
+    (value, stats), grad = outs[key]
+    np.testing.assert_allclose(value, ref[0][0], rtol=1e-6)
     _close(ref[0][1], stats)  # running averages of every block moved alike
     _close(ref[1], grad)
   # The scanned program does not grow with the depth of a stage (the
@@ -50,8 +54,16 @@ def test_resnet_stage_scan_equals_the_unrolled_loop():
     for depth in (4, 12):
       cfg = test_models._cfg(layers=(1, 3, depth, 1), scan_blocks=scan)  # pylint: disable=protected-access
       g, p, s = test_models._split(cfg)  # pylint: disable=protected-access
-      f = jax.jit(jax.grad(lambda p, s, g=g: jnp.sum(nnx.merge(g, p, s).clip(
-          x, flow, train=True, rng=jax.random.key(3))['pred']**2)))
+      f = jax.jit(
+          jax.grad(
+              lambda p, s, g=g: jnp.sum(
+                  nnx.merge(g, p, s).clip(
+                      x, flow, train=True, rng=jax.random.key(3)
+                  )['pred']
+                  ** 2
+              )
+          )
+      )
       lines[scan, depth] = f.lower(p, s).as_text().count('\n')
   grow = {k: lines[k, 12] - lines[k, 4] for k in (False, True)}
   assert grow[True] < grow[False] / 5, lines
@@ -62,21 +74,27 @@ def test_mit_stage_scan_equals_the_unrolled_loop():
   x = np.random.default_rng(0).normal(size=(2, 32, 48, 3)).astype(np.float32)
 
   def build(scan):
-    return nnx.eval_shape(lambda: mit.MiT(spec, drop_path_rate=0.3,
-                                          scan_blocks=scan,
-                                          rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: mit.MiT(
+            spec, drop_path_rate=0.3, scan_blocks=scan, rngs=nnx.Rngs(0)
+        )
+    )
 
   graphdefs = {s: nnx.split(build(s))[0] for s in (False, True)}
   state = jax.tree.map(
-      lambda v: jnp.asarray(np.random.default_rng(v.size).normal(
-          0, 0.2, v.shape), np.float32), nnx.split(build(False))[1])
+      lambda v: jnp.asarray(
+          np.random.default_rng(v.size).normal(0, 0.2, v.shape), np.float32
+      ),
+      nnx.split(build(False))[1],
+  )
 
   @functools.partial(jax.jit, static_argnums=(1, 2))
   def run(state, scan, remat, rng):
     def loss(st):
       m = nnx.merge(graphdefs[scan], st)
       m.remat = remat
-      return sum(jnp.sum(jnp.tanh(v)**2) for v in m(x, rng=rng).values())
+      return sum(jnp.sum(jnp.tanh(v) ** 2) for v in m(x, rng=rng).values())
+
     return jax.value_and_grad(loss)(state)
 
   key = jax.random.key(4)
@@ -86,6 +104,7 @@ def test_mit_stage_scan_equals_the_unrolled_loop():
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     _close(ref[1], got[1])
   # Drop path is live (another key, another loss) in the scan too.
-  assert abs(float(run(state, True, False, jax.random.key(5))[0]) -
-             float(ref[0])) > 1e-3
-
+  assert (
+      abs(float(run(state, True, False, jax.random.key(5))[0]) - float(ref[0]))
+      > 1e-3
+  )

@@ -22,8 +22,11 @@ def _render_pair(seed, t=30, static=False):
   scene = scn.sample_scene(rng, 0.0, cam.position(t)[1] + scn.ZFAR, (0, t))
   if static:  # ground and walls only: nothing can occlude anything
     scene = dataclasses.replace(scene, billboards=[], fences=([], []))
-  return cam, scn.render(scene, cam, t, (t - 1, t - 2)), {
-      s: scn.render(scene, cam, s, ()) for s in (t - 1, t - 2)}
+  return (
+      cam,
+      scn.render(scene, cam, t, (t - 1, t - 2)),
+      {s: scn.render(scene, cam, s, ()) for s in (t - 1, t - 2)},
+  )
 
 
 def _interior_match(cur, other, flow):
@@ -37,12 +40,15 @@ def _interior_match(cur, other, flow):
 
   def uniform(m):  # the 3x3 neighbourhood is one surface
     return scipy.ndimage.maximum_filter(m, 3) == scipy.ndimage.minimum_filter(
-        m, 3)
+        m, 3
+    )
 
-  interior = (inside & uniform(cur.seed * 100 + cur.sem) &
-              uniform(other.seed * 100 + other.sem)[qyi, qxi])
-  agree = (other.seed[qyi, qxi] == cur.seed) & (other.sem[qyi, qxi] ==
-                                                cur.sem)
+  interior = (
+      inside
+      & uniform(cur.seed * 100 + cur.sem)
+      & uniform(other.seed * 100 + other.sem)[qyi, qxi]
+  )
+  agree = (other.seed[qyi, qxi] == cur.seed) & (other.sem[qyi, qxi] == cur.sem)
   return interior, agree, (qy, qx)
 
 
@@ -57,12 +63,15 @@ def test_flow_is_exact_on_an_occlusion_free_street(seed):
     assert agree[interior].all()
     # Sub-pixel: the ground's world depth Z read at p + F(p) in frame s is
     # Z at p in frame t to < 0.5% (a 0.5 px flow error moves it ~2%).
-    ground = interior & np.isin(cur.sem, [scn.CID['road'],
-                                          scn.CID['sidewalk'],
-                                          scn.CID['terrain']])
-    ground &= np.mgrid[0:flow.shape[0], 0:flow.shape[1]][0] > cam.horizon + 10
-    z_prev = scipy.ndimage.map_coordinates(prev[s].surf[..., 1], [qy, qx],
-                                           order=1)
+    ground = interior & np.isin(
+        cur.sem, [scn.CID['road'], scn.CID['sidewalk'], scn.CID['terrain']]
+    )
+    ground &= (
+        np.mgrid[0 : flow.shape[0], 0 : flow.shape[1]][0] > cam.horizon + 10
+    )
+    z_prev = scipy.ndimage.map_coordinates(
+        prev[s].surf[..., 1], [qy, qx], order=1
+    )
     depth = cur.surf[..., 1] - cam.position(30)[1]
     rel = np.abs(z_prev - cur.surf[..., 1])[ground] / depth[ground]
     assert ground.sum() > 1000 and rel.max() < 0.005
@@ -79,8 +88,11 @@ def test_flow_with_moving_objects_only_misses_true_occlusions(seed):
 def test_target_style_differs_from_source_for_the_same_scene():
   _, cur, _ = _render_pair(4)
   src = sty.source_style(cur).astype(np.float64)
-  tgt = sty.target_style(cur, sty.sample_target_look(
-      np.random.default_rng(0)), np.random.default_rng(1)).astype(np.float64)
+  tgt = sty.target_style(
+      cur,
+      sty.sample_target_look(np.random.default_rng(0)),
+      np.random.default_rng(1),
+  ).astype(np.float64)
   assert np.abs(src - tgt).mean() > 20
 
 
@@ -104,19 +116,25 @@ def test_world_layout_and_determinism(tiny_world, tmp_path):
   assert os.path.exists(os.path.join(v, 'img', '001', '001_00010.jpg'))
   assert os.path.exists(os.path.join(v, 'img', '001', '001_00009.jpg'))
   assert os.path.exists(os.path.join(v, 'cls', '001', '001_00010.png'))
-  assert os.path.exists(os.path.join(
-      root, 'estimated_optical_flow_viper_train',
-      '001_0001000009_int16_x10.npy'))
+  assert os.path.exists(
+      os.path.join(
+          root,
+          'estimated_optical_flow_viper_train',
+          '001_0001000009_int16_x10.npy',
+      )
+  )
   cs = os.path.join(root, 'Cityscapes')
-  seq = glob.glob(os.path.join(cs, 'leftImg8bit_sequence', 'train', '*',
-                               '*.png'))
+  seq = glob.glob(
+      os.path.join(cs, 'leftImg8bit_sequence', 'train', '*', '*.png')
+  )
   gt = glob.glob(os.path.join(cs, 'gtFine', 'train', '*', '*.png'))
   assert len(seq) == 3 * params['target_train_clips']
   # labelIds only on the annotated (20th) frame of each snippet.
   assert len(gt) == params['target_train_clips']
   assert all(p.endswith('_000019_gtFine_labelIds.png') for p in gt)
-  flows = glob.glob(os.path.join(
-      root, 'estimated_optical_flow_cityscapes_seq_train', '*.npy'))
+  flows = glob.glob(
+      os.path.join(root, 'estimated_optical_flow_cityscapes_seq_train', '*.npy')
+  )
   assert len(flows) == 3 * params['target_train_clips']
   f = np.load(flows[0])
   assert f.dtype == np.int16 and f.shape == tuple(params['target_size']) + (2,)
@@ -150,6 +168,7 @@ def test_hard_shift_is_a_separate_world_that_histograms_cannot_undo():
   from dastc_jax.data.synthetic import scene as scn  # pylint: disable=g-import-not-at-top
   from dastc_jax.data.synthetic import style as sty  # pylint: disable=g-import-not-at-top
   from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top
+
   cfg = common.synthetic_world('tiny')
   assert 'shift' not in synthetic.world_params(cfg)
   cfg.shift = 'hard'
@@ -158,22 +177,33 @@ def test_hard_shift_is_a_separate_world_that_histograms_cannot_undo():
   with pytest.raises(ValueError, match='config.data.synthetic.shift'):
     synthetic.world_params(cfg)
   errors = {'default': [], 'hard': []}
-  styles = {'default': (sty.sample_target_look, sty.target_style),
-            'hard': (sty.sample_hard_look, sty.hard_target_style)}
+  styles = {
+      'default': (sty.sample_target_look, sty.target_style),
+      'hard': (sty.sample_hard_look, sty.hard_target_style),
+  }
   for seed in range(3):
     rng = np.random.default_rng(seed)
     cam = scn.sample_camera(rng, 64, 128, z0=10)
-    scene = scn.sample_scene(rng, cam.z0, cam.position(19)[1] + scn.ZFAR,
-                             (17, 19))
+    scene = scn.sample_scene(
+        rng, cam.z0, cam.position(19)[1] + scn.ZFAR, (17, 19)
+    )
     r = scn.render(scene, cam, 19, ())
     src = sty.source_style(r)
     for name, (look, style) in styles.items():
       tgt = style(r, look(rng), np.random.default_rng(seed))
       matched = transforms.match_histograms(tgt, src).astype(np.float64)
-      errors[name].append(np.mean([
-          np.linalg.norm(matched[r.sem == c].mean(0) -
-                         src[r.sem == c].astype(np.float64).mean(0))
-          for c in np.unique(r.sem) if np.sum(r.sem == c) >= 20]))
+      errors[name].append(
+          np.mean(
+              [
+                  np.linalg.norm(
+                      matched[r.sem == c].mean(0)
+                      - src[r.sem == c].astype(np.float64).mean(0)
+                  )
+                  for c in np.unique(r.sem)
+                  if np.sum(r.sem == c) >= 20
+              ]
+          )
+      )
   # Measured: default 36.8-47.2, hard 67.2-75.4 (RGB units, 4 scenes).
   assert np.mean(errors['hard']) > 1.4 * np.mean(errors['default'])
 
@@ -181,8 +211,9 @@ def test_hard_shift_is_a_separate_world_that_histograms_cannot_undo():
 def _scene_pair_renders(seed, family, size=(128, 256)):
   rng = np.random.default_rng(seed)
   cam = scn.sample_camera(rng, *size, z0=10)
-  scene = scn.sample_scene(rng, cam.z0, cam.position(19)[1] + scn.ZFAR,
-                           (17, 19), family)
+  scene = scn.sample_scene(
+      rng, cam.z0, cam.position(19)[1] + scn.ZFAR, (17, 19), family
+  )
   return rng, scn.render(scene, cam, 19, ())
 
 
@@ -193,6 +224,7 @@ def test_winter_world_is_another_street_family_and_weather():
   source's (the fog and snow are per depth and per class)."""
   from dastc_jax.data.synthetic import winter  # pylint: disable=g-import-not-at-top
   from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top
+
   cfg = common.synthetic_world('tiny')
   cfg.shift = 'winter'
   assert synthetic.world_params(cfg)['shift'] == 'winter'
@@ -204,16 +236,28 @@ def test_winter_world_is_another_street_family_and_weather():
       counts[name] += np.bincount(r.sem.ravel(), minlength=len(scn.CLASSES))
     rng, r = _scene_pair_renders(seed, scn.SUBURB, (64, 128))
     src = sty.source_style(r)
-    looks = {'default': sty.target_style(r, sty.sample_target_look(rng),
-                                         np.random.default_rng(seed)),
-             'winter': winter.winter_style(r, winter.sample_look(rng),
-                                           np.random.default_rng(seed))}
+    looks = {
+        'default': sty.target_style(
+            r, sty.sample_target_look(rng), np.random.default_rng(seed)
+        ),
+        'winter': winter.winter_style(
+            r, winter.sample_look(rng), np.random.default_rng(seed)
+        ),
+    }
     for name, tgt in looks.items():
       matched = transforms.match_histograms(tgt, src).astype(np.float64)
-      errors[name].append(np.mean([
-          np.linalg.norm(matched[r.sem == c].mean(0) -
-                         src[r.sem == c].astype(np.float64).mean(0))
-          for c in np.unique(r.sem) if np.sum(r.sem == c) >= 20]))
+      errors[name].append(
+          np.mean(
+              [
+                  np.linalg.norm(
+                      matched[r.sem == c].mean(0)
+                      - src[r.sem == c].astype(np.float64).mean(0)
+                  )
+                  for c in np.unique(r.sem)
+                  if np.sum(r.sem == c) >= 20
+              ]
+          )
+      )
   share = {k: v / v.sum() for k, v in counts.items()}
   cid = scn.CID
   # Measured (4 scenes, 128x256): building 18.1% -> 4.0%, person 1.1% ->
@@ -230,6 +274,7 @@ def test_winter_fog_veils_with_depth():
   """Koschmieder's law: far road is closer to the sky's (airlight) colour
   than near road, and a clear day (visibility 1e9 m) has no such veil."""
   from dastc_jax.data.synthetic import winter  # pylint: disable=g-import-not-at-top
+
   rng, r = _scene_pair_renders(3, scn.SUBURB)
   look = winter.sample_look(rng)
   look['noise'] = 0.0
@@ -240,8 +285,10 @@ def test_winter_fog_veils_with_depth():
     sky = img[r.sem == scn.CID['sky']].mean(0)
     road = r.sem == scn.CID['road']
     dist = np.linalg.norm(img - sky, axis=-1)
-    gaps[visibility] = (dist[road & (r.depth < 12)].mean(),
-                        dist[road & (r.depth > 50)].mean())
+    gaps[visibility] = (
+        dist[road & (r.depth < 12)].mean(),
+        dist[road & (r.depth > 50)].mean(),
+    )
   near, far = gaps[80.0]
   assert far < 0.6 * near
   clear_near, clear_far = gaps[1e9]

@@ -26,12 +26,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _abstract(config):
   root = train.resolve_data_root(config)
   return state_lib.abstract_train_state(
-      config, state_lib.carried_sizes(config, root))
+      config, state_lib.carried_sizes(config, root)
+  )
 
 
 def _restore(config, workdir, step):
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    async_save=False)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), async_save=False
+  )
   abstract = _abstract(config)
   state = ckpt.restore(step, abstract)
   ckpt.close()
@@ -60,44 +62,58 @@ def test_outputs_and_eval_mode(smoke_config, tmp_path):
   np.testing.assert_allclose(tv['miou'], final['target_val'], atol=0.01)
   with open(os.path.join(workdir, 'eval', 'step_3', 'results.md')) as f:
     assert '| road |' in f.read()
-  overlays = glob.glob(os.path.join(workdir, 'eval', 'step_3', 'overlays',
-                                    '*', '*.png'))
+  overlays = glob.glob(
+      os.path.join(workdir, 'eval', 'step_3', 'overlays', '*', '*.png')
+  )
   assert len(overlays) == 2 * c.eval.num_overlays
   events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert events and os.path.getsize(events[0]) > 0
   # Eval mode on the latest checkpoint reproduces the final numbers.
-  again = eval_job.evaluate_checkpoint(c, str(tmp_path / 'eval'),
-                                       os.path.join(workdir, 'checkpoints'))
+  again = eval_job.evaluate_checkpoint(
+      c, str(tmp_path / 'eval'), os.path.join(workdir, 'checkpoints')
+  )
   for k, v in final.items():
     np.testing.assert_allclose(again[k], v, atol=1e-6)
   step1 = eval_job.evaluate_checkpoint(c, workdir, '1')
-  assert os.path.exists(os.path.join(workdir, 'eval', 'step_1',
-                                     'results.json'))
+  assert os.path.exists(os.path.join(workdir, 'eval', 'step_1', 'results.json'))
   assert set(step1) == set(final)
-  with pytest.raises(checkpointing.CheckpointError, match='No checkpoint '
-                     'step 7'):
+  with pytest.raises(
+      checkpointing.CheckpointError, match='No checkpoint ' 'step 7'
+  ):
     eval_job.evaluate_checkpoint(c, workdir, '7')
 
 
 def _step_on_mesh(config, state, batch, n_devices):
-  mesh = jax.make_mesh((n_devices,), ('data',), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:n_devices])
+  mesh = jax.make_mesh(
+      (n_devices,),
+      ('data',),
+      axis_types=(AxisType.Auto,),
+      devices=jax.devices()[:n_devices],
+  )
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharding(mesh)
   graphdef, _, tx = state_lib.create_train_state(config)
-  fn = jax.jit(step_lib.make_train_step(config, graphdef, tx),
-               in_shardings=(repl, data), out_shardings=(repl, repl))
-  new_state, metrics = fn(jax.device_put(state, repl),
-                          sharding_lib.shard_batch(batch, data))
+  fn = jax.jit(
+      step_lib.make_train_step(config, graphdef, tx),
+      in_shardings=(repl, data),
+      out_shardings=(repl, repl),
+  )
+  new_state, metrics = fn(
+      jax.device_put(state, repl), sharding_lib.shard_batch(batch, data)
+  )
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize('checkpoint_every,log_every,saved', [
-    (1, 1, [1, 2]),  # caught at the step that produced it
-    (2, 10, [2]),  # caught one step later, while step 4 runs
-])
+@pytest.mark.parametrize(
+    'checkpoint_every,log_every,saved',
+    [
+        (1, 1, [1, 2]),  # caught at the step that produced it
+        (2, 10, [2]),  # caught one step later, while step 4 runs
+    ],
+)
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
-    smoke_config, tmp_path, monkeypatch, checkpoint_every, log_every, saved):
+    smoke_config, tmp_path, monkeypatch, checkpoint_every, log_every, saved
+):
   c = smoke_config
   c.method = 'source_only'  # the loop's behaviour; any method
   c.train.num_steps = 4
@@ -111,33 +127,47 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     def poison(batch):
       calls['n'] += 1
       if calls['n'] >= 3:  # the third batch carries a NaN flow
-        batch['source']['flow'] = np.full_like(batch['source']['flow'],
-                                               np.nan)
+        batch['source']['flow'] = np.full_like(batch['source']['flow'], np.nan)
       return batch
+
     return make(*args, **kw).map(poison)
 
   monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(train.NonFiniteLossError,
-                     match=r'Non-finite values at step 3: .*loss=nan') as e:
+  with pytest.raises(
+      train.NonFiniteLossError, match=r'Non-finite values at step 3: .*loss=nan'
+  ) as e:
     train.train_and_evaluate(c, workdir)
   assert 'last good checkpoint is step 2' in str(e.value)
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
-                                                         'checkpoints'))
-                 if s.isdigit())
+  steps = sorted(
+      int(s)
+      for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+      if s.isdigit()
+  )
   assert steps == saved
   state = _restore(c, workdir, 2)
-  assert all(np.isfinite(np.asarray(x)).all()
-             for x in jax.tree.leaves(state.params))
+  assert all(
+      np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params)
+  )
 
 
 @pytest.mark.integration
 def test_cli_rejects_a_misspelt_override(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'dastc_jax.main',
-       '--config=configs/synthetic.py:smoke', f'--workdir={tmp_path}',
-       '--config.train.num_stepz=3'], cwd=REPO, capture_output=True,
-      text=True, timeout=120, check=False)
+      [
+          sys.executable,
+          '-m',
+          'dastc_jax.main',
+          '--config=configs/synthetic.py:smoke',
+          f'--workdir={tmp_path}',
+          '--config.train.num_stepz=3',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert proc.returncode != 0
   assert 'num_stepz' in proc.stderr and 'num_steps' in proc.stderr
 
@@ -146,11 +176,15 @@ def test_train_step_compiles_once(smoke_config):
   c = smoke_config
   c.method = 'source_only'
   root = train.resolve_data_root(c)
-  it = iter(pipeline.make_train_dataset(c, root, local_batch_size=4,
-                                        with_target=False))
+  it = iter(
+      pipeline.make_train_dataset(
+          c, root, local_batch_size=4, with_target=False
+      )
+  )
   graphdef, state, tx = state_lib.create_train_state(c)
-  step = chex.assert_max_traces(step_lib.make_train_step(c, graphdef, tx),
-                                n=1)  # a second trace raises
+  step = chex.assert_max_traces(
+      step_lib.make_train_step(c, graphdef, tx), n=1
+  )  # a second trace raises
   fn = jax.jit(step, donate_argnums=(0,))
   for _ in range(3):
     state, _ = fn(state, next(it))
@@ -176,13 +210,15 @@ def test_eval_batch_is_rounded_to_the_device_count(smoke_config, tmp_path):
   c.eval.batch_size = 1  # 4 devices: each step evaluates 4 (masked) slots
   out = train.train_and_evaluate(c, str(tmp_path / 'run'))
   c.eval.batch_size = 4
-  ref = eval_job.evaluate_checkpoint(c, str(tmp_path / 'eval'),
-                                     str(tmp_path / 'run'))
+  ref = eval_job.evaluate_checkpoint(
+      c, str(tmp_path / 'eval'), str(tmp_path / 'run')
+  )
   for k in out:
     np.testing.assert_allclose(out[k], ref[k], atol=1e-6)
   with pytest.raises(checkpointing.CheckpointError, match='does not exist'):
-    eval_job.evaluate_checkpoint(c, str(tmp_path / 'x'),
-                                 str(tmp_path / 'missing'))
+    eval_job.evaluate_checkpoint(
+        c, str(tmp_path / 'x'), str(tmp_path / 'missing')
+    )
   assert not os.path.exists(tmp_path / 'missing')
 
 

@@ -35,20 +35,29 @@ def _model_config():
 def _torch_parts(mc, seed=0):
   spec = mit.VARIANTS[mc.mit_variant]
   torch.manual_seed(seed)
-  hf = SegformerModel(SegformerConfig(
-      hidden_sizes=list(spec.dims), depths=list(spec.depths),
-      num_attention_heads=list(spec.heads), sr_ratios=list(spec.sr_ratios),
-      drop_path_rate=0.0)).eval()
+  hf = SegformerModel(
+      SegformerConfig(
+          hidden_sizes=list(spec.dims),
+          depths=list(spec.depths),
+          num_attention_heads=list(spec.heads),
+          sr_ratios=list(spec.sr_ratios),
+          drop_path_rate=0.0,
+      )
+  ).eval()
   test_mit.use_mmseg_epsilons(hf)
   head = torch_daformer.DAFormerHead(
-      spec.dims, mc.num_classes, mc.head_features,
-      tuple(mc.daformer_dilations)).eval()
+      spec.dims, mc.num_classes, mc.head_features, tuple(mc.daformer_dilations)
+  ).eval()
   sf = torch.nn.Conv2d(2 * mc.num_classes, mc.num_classes, 1, bias=False)
   torch_helpers.randomize_batchnorm(head, seed + 1)
   with torch.no_grad():
     sf.weight.normal_(0, 0.3)
-  sd = {'model.' + k: v for k, v in test_mit.hf_to_mmseg(
-      {k: v.numpy() for k, v in hf.state_dict().items()}).items()}
+  sd = {
+      'model.' + k: v
+      for k, v in test_mit.hf_to_mmseg(
+          {k: v.numpy() for k, v in hf.state_dict().items()}
+      ).items()
+  }
   sd.update({'decoder.' + k: v.numpy() for k, v in head.state_dict().items()})
   sd['decoder.sf_layer.weight'] = sf.weight.detach().numpy()
   return hf, head, sf, sd
@@ -59,24 +68,24 @@ def test_released_layout_converts_and_the_video_forward_matches():
   hf, head, sf, sd = _torch_parts(mc)
   params, stats, report = convert.convert_state_dict(sd, mc)
   assert report.layout == 'quadmix_vit' and not report.missing_initialised
-  graphdef = state_lib.model_graphdef(ml_collections.ConfigDict(
-      {'model': mc}))
+  graphdef = state_lib.model_graphdef(ml_collections.ConfigDict({'model': mc}))
   model = nnx.merge(graphdef, params, stats)
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (1, 2, 64, 96, 3), dtype=np.uint8)
   frames = np.asarray(image_ops.normalize(rgb))  # our input convention
   flow = rng.normal(0, 2, (1, 64, 96, 2)).astype(np.float32)
   out = jax.jit(lambda m, f, fl: m.clip(f, fl, train=False))(
-      model, jnp.asarray(frames), jnp.asarray(flow))
+      model, jnp.asarray(frames), jnp.asarray(flow)
+  )
   # PyTorch: ImageNet-normalised RGB into the encoder, head, ACCEL fusion.
   mean = np.asarray(mit.IMAGENET_MEAN_RGB, np.float32)
   std = np.asarray(mit.IMAGENET_STD_RGB, np.float32)
-  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1,
-                                                                     1)))
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
 
   def scores(x):
-    feats = hf(nchw((x.astype(np.float32) - mean) / std),
-               output_hidden_states=True).hidden_states
+    feats = hf(
+        nchw((x.astype(np.float32) - mean) / std), output_hidden_states=True
+    ).hidden_states
     return head(list(feats))[0]
 
   with torch.no_grad():
@@ -91,8 +100,9 @@ def test_released_layout_converts_and_the_video_forward_matches():
   extra = {**sd, 'ema_model.patch_embed1.proj.weight': np.zeros(3)}
   with pytest.raises(convert.ConversionError, match='1 unexpected'):
     convert.convert_state_dict(extra, mc)
-  _, _, rep = convert.convert_state_dict(extra, mc,
-                                         allow_unexpected=(r'ema_model\.',))
+  _, _, rep = convert.convert_state_dict(
+      extra, mc, allow_unexpected=(r'ema_model\.',)
+  )
   assert rep.ignored == ['ema_model.patch_embed1.proj.weight']
   # The key frame really contributes.
   assert np.abs(np.asarray(out['pred'] - out['logits'])).max() > 1e-2
@@ -101,8 +111,9 @@ def test_released_layout_converts_and_the_video_forward_matches():
 def test_imagenet_mit_converts_the_encoder_only():
   mc = _model_config()
   _, _, _, sd = _torch_parts(mc)
-  imagenet = {k[len('model.'):]: v for k, v in sd.items()
-              if k.startswith('model.')}
+  imagenet = {
+      k[len('model.') :]: v for k, v in sd.items() if k.startswith('model.')
+  }
   imagenet['head.weight'] = np.zeros((1000, 64), np.float32)
   imagenet['head.bias'] = np.zeros((1000,), np.float32)
   params, _, report = convert.convert_state_dict(imagenet, mc)
@@ -111,9 +122,11 @@ def test_imagenet_mit_converts_the_encoder_only():
   assert report.missing_initialised == ['head/', 'sf_layer/']
   np.testing.assert_array_equal(
       params['backbone']['block1'][0]['attn']['kv']['kernel'],
-      imagenet['block1.0.attn.kv.weight'].T)
+      imagenet['block1.0.attn.kv.weight'].T,
+  )
   # Into the DeepLab model: refused with the reason.
   from configs import viper  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(convert.ConversionError, match='not a transformer'):
     convert.convert_state_dict(imagenet, viper.get_config('smoke').model)
 
@@ -130,6 +143,7 @@ def test_vit_smoke_config_trains_dastc(world_cache, tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   from dastc_jax import train  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+
   c = viper_vit.get_config('smoke')
   c.data.synthetic.cache_dir = world_cache
   c.eval.num_overlays = 0
@@ -146,8 +160,9 @@ def test_vit_smoke_config_trains_dastc(world_cache, tmp_path):
   assert set(final) == {'target_val'} and 0.0 <= final['target_val'] <= 100
   with open(os.path.join(workdir, 'eval', 'step_2', 'results.json')) as f:
     assert json.load(f)['step'] == 2
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    async_save=False, read_only=True)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True
+  )
   try:
     steps = ckpt.all_steps()
   finally:
@@ -158,9 +173,15 @@ def test_vit_smoke_config_trains_dastc(world_cache, tmp_path):
   s2, _ = faults.final_state(workdir, 2)
   for part in ('backbone', 'sf_layer'):
     a, b = jax.tree.leaves(s1['params'][part]), jax.tree.leaves(
-        s2['params'][part])
-    assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(a, b)) > 0, part
+        s2['params'][part]
+    )
+    assert (
+        max(
+            float(np.abs(np.asarray(x) - np.asarray(y)).max())
+            for x, y in zip(a, b)
+        )
+        > 0
+    ), part
 
 
 def test_b5_video_state_is_fsdp_sharded_in_eighths(monkeypatch):
@@ -171,8 +192,10 @@ def test_b5_video_state_is_fsdp_sharded_in_eighths(monkeypatch):
   # its ~2000 RNG draws makes JAX build an error text by walking the whole
   # trace (docs/performance.md). Only that text is skipped here.
   from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(partial_eval.DynamicJaxprTracer, '_origin_msg',
-                      lambda self: '')
+
+  monkeypatch.setattr(
+      partial_eval.DynamicJaxprTracer, '_origin_msg', lambda self: ''
+  )
   c = viper_vit.get_config()
   c.method = 'source_only'
   c.mesh.data, c.mesh.fsdp = 1, 8
@@ -187,7 +210,7 @@ def test_b5_video_state_is_fsdp_sharded_in_eighths(monkeypatch):
     total += nbytes
     per_device += nbytes * np.prod(s.shard_shape(x.shape)) / max(x.size, 1)
   assert total > 3 * 4 * 84e6  # params and the two AdamW moments
-  assert per_device < total / 8 * 1.05, (per_device / total)
+  assert per_device < total / 8 * 1.05, per_device / total
 
 
 def test_exported_imagenet_mit_file_converts_back_to_the_same_encoder():

@@ -13,9 +13,15 @@ def _scipy_warp(img, flow):
   h, w = flow.shape[:2]
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
   coords = [yy + flow[..., 1], xx + flow[..., 0]]
-  return np.stack([scipy.ndimage.map_coordinates(
-      img[..., c].astype(np.float64), coords, order=1, mode='nearest')
-                   for c in range(img.shape[-1])], -1)
+  return np.stack(
+      [
+          scipy.ndimage.map_coordinates(
+              img[..., c].astype(np.float64), coords, order=1, mode='nearest'
+          )
+          for c in range(img.shape[-1])
+      ],
+      -1,
+  )
 
 
 def test_warp_matches_scipy_map_coordinates_including_borders():
@@ -39,12 +45,13 @@ def test_integer_translation_is_exact_away_from_borders(dx, dy):
   # out[y, x] = img[y + dy, x + dx] wherever that pixel exists.
   ys = slice(max(0, -dy), 20 - max(0, dy))
   xs = slice(max(0, -dx), 24 - max(0, dx))
-  shifted = img[0, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+  shifted = img[0, ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
   np.testing.assert_array_equal(out[0, ys, xs], shifted)
   # Outside, taps are clamped to the border (Resample2d semantics).
   if dx > 0:
-    np.testing.assert_array_equal(out[0, ys, -1], img[0, ys.start + dy:
-                                                      ys.stop + dy, -1])
+    np.testing.assert_array_equal(
+        out[0, ys, -1], img[0, ys.start + dy : ys.stop + dy, -1]
+    )
 
 
 def test_warp_rejects_mismatched_flow():
@@ -71,11 +78,13 @@ def test_resize_flow_scales_magnitudes_by_the_height_ratio():
   flow = np.zeros((1, 64, 128, 2), np.float32)
   flow[..., 0], flow[..., 1] = 4.0, -2.0
   out = np.asarray(warp_ops.resize_flow(jnp.asarray(flow), (9, 17)))
-  # Reference rule: both components times H'/H (docs/reference_code.md, "Optical flow").
+  # Reference rule: both components times H'/H (docs/reference_code.md, "Optical
+  # flow").
   np.testing.assert_allclose(out[..., 0], 4.0 * 9 / 64, rtol=1e-6)
   np.testing.assert_allclose(out[..., 1], -2.0 * 9 / 64, rtol=1e-6)
-  per_axis = np.asarray(warp_ops.resize_flow(jnp.asarray(flow), (9, 17),
-                                             per_axis_scale=True))
+  per_axis = np.asarray(
+      warp_ops.resize_flow(jnp.asarray(flow), (9, 17), per_axis_scale=True)
+  )
   np.testing.assert_allclose(per_axis[..., 0], 4.0 * 17 / 128, rtol=1e-6)
   np.testing.assert_allclose(per_axis[..., 1], -2.0 * 9 / 64, rtol=1e-6)
 

@@ -3,8 +3,9 @@
 import torch
 
 
-def randomize_batchnorm(model: torch.nn.Module, seed: int,
-                        scale: float = 0.2) -> None:
+def randomize_batchnorm(
+    model: torch.nn.Module, seed: int, scale: float = 0.2
+) -> None:
   """Random affine parameters and running statistics for every BatchNorm2d
   (so that eval-mode BatchNorm is not the identity in a comparison)."""
   g = torch.Generator().manual_seed(seed)

@@ -72,26 +72,49 @@ from dastc_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/adaptation', 'Output folder of the runs.')
-flags.DEFINE_enum('world', 'default', ['default', 'hard', 'winter'],
-                  'Synthetic world (data.synthetic.shift).')
-flags.DEFINE_enum('domain', 'video', ['video', 'image'],
-                  'Video (ACCEL, VIPER/Cityscapes-Seq layouts) or image '
-                  '(DeepLabv2, GTA5/Cityscapes layouts).')
-flags.DEFINE_enum('model', 'deeplab', ['deeplab', 'mit_b0'],
-                  "'deeplab': the demo's small DeepLabv2-ResNet (ACCEL for "
-                  "video); 'mit_b0': the transformer (MiT-B0 + DAFormer "
-                  'head, ACCEL-style video model) from scratch.')
-flags.DEFINE_string('output', '', 'Markdown report (default: '
-                    'benchmarks/adaptation_{world}[_image][_mit_b0].md).')
+flags.DEFINE_enum(
+    'world',
+    'default',
+    ['default', 'hard', 'winter'],
+    'Synthetic world (data.synthetic.shift).',
+)
+flags.DEFINE_enum(
+    'domain',
+    'video',
+    ['video', 'image'],
+    'Video (ACCEL, VIPER/Cityscapes-Seq layouts) or image '
+    '(DeepLabv2, GTA5/Cityscapes layouts).',
+)
+flags.DEFINE_enum(
+    'model',
+    'deeplab',
+    ['deeplab', 'mit_b0'],
+    "'deeplab': the demo's small DeepLabv2-ResNet (ACCEL for "
+    "video); 'mit_b0': the transformer (MiT-B0 + DAFormer "
+    'head, ACCEL-style video model) from scratch.',
+)
+flags.DEFINE_string(
+    'output',
+    '',
+    'Markdown report (default: '
+    'benchmarks/adaptation_{world}[_image][_mit_b0].md).',
+)
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (all of them are reported).')
-flags.DEFINE_list('variants', None, 'Subset of variants (default: the '
-                  "domain's default list).")
+flags.DEFINE_list(
+    'variants',
+    None,
+    'Subset of variants (default: the ' "domain's default list).",
+)
 flags.DEFINE_integer('warm_steps', 1200, 'Source-only warm-start steps.')
 flags.DEFINE_integer('adapt_steps', 250, 'Steps of every variant.')
 flags.DEFINE_integer('warm_batch_size', 4, 'Warm-start global batch.')
 flags.DEFINE_integer('batch_size', 4, 'Global batch of the variants.')
-flags.DEFINE_bool('report_only', False, 'Train nothing: report the finished '
-                  'runs (only seeds where every run finished).')
+flags.DEFINE_bool(
+    'report_only',
+    False,
+    'Train nothing: report the finished '
+    'runs (only seeds where every run finished).',
+)
 
 Change = Callable[[ml_collections.ConfigDict], None]
 
@@ -109,6 +132,7 @@ def _dastc(**changes) -> Change:
     c.method = 'dastc'
     for path, value in changes.items():
       _set(c, path, value)
+
   return apply
 
 
@@ -117,6 +141,7 @@ def _method(name: str, **changes) -> Change:
     c.method = name
     for path, value in changes.items():
       _set(c, path, value)
+
   return apply
 
 
@@ -124,58 +149,110 @@ def _method(name: str, **changes) -> Change:
 VARIANTS: dict[str, tuple[Change, str]] = {
     'source_only': (_method('source_only'), 'plain'),
     'source_only_hm': (_method('source_only_hm'), 'hm'),
-    'pseudo_label_only': (_dastc(**{'dastc.image_fusion': False,
-                                    'dastc.feature_fusion': False,
-                                    'dastc.alignment.kind': 'none'}), 'hm'),
+    'pseudo_label_only': (
+        _dastc(
+            **{
+                'dastc.image_fusion': False,
+                'dastc.feature_fusion': False,
+                'dastc.alignment.kind': 'none',
+            }
+        ),
+        'hm',
+    ),
     'dastc': (_dastc(), 'hm'),
-    'no_image_fusion': (_dastc(**{'dastc.image_fusion': False,
-                                  'dastc.feature_fusion': False}), 'hm'),
+    'no_image_fusion': (
+        _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False}),
+        'hm',
+    ),
     'no_feature_fusion': (_dastc(**{'dastc.feature_fusion': False}), 'hm'),
     'no_alignment': (_dastc(**{'dastc.alignment.kind': 'none'}), 'hm'),
     'oracle': (_method('target_only'), 'hm'),
     # Extras.
-    'mmd_alignment': (_dastc(**{'dastc.alignment.kind': 'mmd',
-                                'dastc.alignment.weight': 0.01,
-                                'dastc.alignment.feature': 'logits'}), 'hm'),
+    'mmd_alignment': (
+        _dastc(
+            **{
+                'dastc.alignment.kind': 'mmd',
+                'dastc.alignment.weight': 0.01,
+                'dastc.alignment.feature': 'logits',
+            }
+        ),
+        'hm',
+    ),
     'blend_feature_fusion': (_dastc(**{'dastc.feature_mode': 'blend'}), 'hm'),
     'feature_swap_to_target': (
-        _dastc(**{'dastc.feature_swap_directions': 'to_target'}), 'hm'),
+        _dastc(**{'dastc.feature_swap_directions': 'to_target'}),
+        'hm',
+    ),
     'feature_swap_to_source': (
-        _dastc(**{'dastc.feature_swap_directions': 'to_source'}), 'hm'),
+        _dastc(**{'dastc.feature_swap_directions': 'to_source'}),
+        'hm',
+    ),
     # Controls of the exchange: the features exchanged under the receiving
     # clip's own labels (must hurt if the exchange carries content), and
     # the same regions moved as pixels (if it scores the same, the
     # exchange is one more class-mix).
     'feature_swap_kept_labels': (
-        _dastc(**{'dastc.feature_swap_labels': 'kept'}), 'hm'),
+        _dastc(**{'dastc.feature_swap_labels': 'kept'}),
+        'hm',
+    ),
     'pixel_swap': (_dastc(**{'dastc.feature_mode': 'pixel_swap'}), 'hm'),
     'feature_layer2': (_dastc(**{'dastc.feature_layer': 'layer2'}), 'hm'),
     'feature_layer3': (_dastc(**{'dastc.feature_layer': 'layer3'}), 'hm'),
-    'pairs_alignment': (_dastc(**{'dastc.alignment.aggregation': 'pairs',
-                                  'dastc.alignment.target_labels': 'student'}),
-                        'hm'),
-    'uniform_temporal': (_dastc(**{'dastc.alignment.temporal': 'uniform'}),
-                         'hm'),
+    'pairs_alignment': (
+        _dastc(
+            **{
+                'dastc.alignment.aggregation': 'pairs',
+                'dastc.alignment.target_labels': 'student',
+            }
+        ),
+        'hm',
+    ),
+    'uniform_temporal': (
+        _dastc(**{'dastc.alignment.temporal': 'uniform'}),
+        'hm',
+    ),
     'student_labels_alignment': (
-        _dastc(**{'dastc.alignment.target_labels': 'student'}), 'hm'),
+        _dastc(**{'dastc.alignment.target_labels': 'student'}),
+        'hm',
+    ),
     'reference_teacher': (_dastc(**{'dastc.teacher': 'reference'}), 'hm'),
     'no_histogram_match': (_dastc(**{'data.histogram_match': False}), 'hm'),
     'no_distribution_alignment': (
-        _dastc(**{'dastc.pl_distribution_alignment': False}), 'hm'),
+        _dastc(**{'dastc.pl_distribution_alignment': False}),
+        'hm',
+    ),
     'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
     # Weight 1.0: the pull's gradient per unit of cosine is 1, the
     # contrastive's (unsaturated) up to 1/tau = 10 at its weight 0.1.
-    'cosine_alignment': (_dastc(**{'dastc.alignment.kind': 'cosine',
-                                   'dastc.alignment.weight': 1.0}), 'hm'),
+    'cosine_alignment': (
+        _dastc(
+            **{'dastc.alignment.kind': 'cosine', 'dastc.alignment.weight': 1.0}
+        ),
+        'hm',
+    ),
     'pseudo_label_only_no_distribution_alignment': (
-        _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False,
-                  'dastc.alignment.kind': 'none',
-                  'dastc.pl_distribution_alignment': False}), 'hm'),
+        _dastc(
+            **{
+                'dastc.image_fusion': False,
+                'dastc.feature_fusion': False,
+                'dastc.alignment.kind': 'none',
+                'dastc.pl_distribution_alignment': False,
+            }
+        ),
+        'hm',
+    ),
 }
 DEFAULT_VARIANTS = {
-    'video': ['source_only', 'source_only_hm', 'pseudo_label_only', 'dastc',
-              'no_image_fusion', 'no_feature_fusion', 'no_alignment',
-              'oracle'],
+    'video': [
+        'source_only',
+        'source_only_hm',
+        'pseudo_label_only',
+        'dastc',
+        'no_image_fusion',
+        'no_feature_fusion',
+        'no_alignment',
+        'oracle',
+    ],
     'image': ['source_only', 'source_only_hm', 'pseudo_label_only', 'dastc'],
 }
 
@@ -188,8 +265,9 @@ def _image_domain(c: ml_collections.ConfigDict) -> None:
   c.model.name = 'deeplabv2'
   c.data.source = common.domain('gta5', 'train', (72, 128))
   c.data.target = common.domain('cityscapes', 'train', (64, 128))
-  c.data.target_val = common.domain('cityscapes', 'val', (64, 128),
-                                    label_size='native')
+  c.data.target_val = common.domain(
+      'cityscapes', 'val', (64, 128), label_size='native'
+  )
   del c.data['source_val']
   c.dastc.alignment.pairs = 1
   c.dastc.num_rare_classes = 2
@@ -209,8 +287,9 @@ def _mit_b0(c: ml_collections.ConfigDict) -> None:
   c.optim.no_weight_decay = ('norm',)
 
 
-def run_config(seed: int, variant: str | None, warm: str,
-               warm_dir: str) -> ml_collections.ConfigDict:
+def run_config(
+    seed: int, variant: str | None, warm: str, warm_dir: str
+) -> ml_collections.ConfigDict:
   """The config of one run (``variant=None``: the ``warm`` warm start)."""
   c = synthetic_config.get_config()
   c.data.synthetic.shift = FLAGS.world
@@ -219,8 +298,9 @@ def run_config(seed: int, variant: str | None, warm: str,
   if FLAGS.model == 'mit_b0':
     _mit_b0(c)
   c.seed = seed
-  c.train.batch_size = (FLAGS.warm_batch_size if variant is None else
-                        FLAGS.batch_size)
+  c.train.batch_size = (
+      FLAGS.warm_batch_size if variant is None else FLAGS.batch_size
+  )
   c.eval.num_overlays = 0
   c.eval.splits = ('target_val',)
   c.train.source_only_steps = 0
@@ -244,18 +324,22 @@ def model_flag() -> str:
 def seed_dir(seed: int) -> str:
   """The folder of one seed's runs: ``{workdir}/{world}-{domain}[-model]``
   ``/seed{S}``."""
-  model = '' if FLAGS.model == 'deeplab' else f'-{FLAGS.model}'.replace(
-      '_', '-')
-  return os.path.join(FLAGS.workdir, f'{FLAGS.world}-{FLAGS.domain}{model}',
-                      f'seed{seed}')
+  model = (
+      '' if FLAGS.model == 'deeplab' else f'-{FLAGS.model}'.replace('_', '-')
+  )
+  return os.path.join(
+      FLAGS.workdir, f'{FLAGS.world}-{FLAGS.domain}{model}', f'seed{seed}'
+  )
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str
-         ) -> tuple[float, float | None]:
+def _run(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[float, float | None]:
   """Trains (or reuses a finished run); returns (target-val mIoU, training
   minutes, or None for a reused run)."""
-  final = os.path.join(workdir, 'eval', f'step_{config.train.num_steps}',
-                       'results.json')
+  final = os.path.join(
+      workdir, 'eval', f'step_{config.train.num_steps}', 'results.json'
+  )
   minutes = None
   if not os.path.exists(final):
     if FLAGS.report_only:
@@ -273,15 +357,20 @@ def _fmt(vals: np.ndarray) -> str:
   return f'{vals.mean():.1f} ± {vals.std(ddof=1):.1f}'
 
 
-def table(results: dict[str, dict[int, float]], seeds: list[int],
-          minutes: dict[str, list[float]]) -> str:
+def table(
+    results: dict[str, dict[int, float]],
+    seeds: list[int],
+    minutes: dict[str, list[float]],
+) -> str:
   """Markdown: mean ± std, per seed, paired difference to ``dastc``."""
   ref = results.get('dastc')
-  rows = ['| run | target-val mIoU | ' +
-          ' | '.join(f'seed {s}' for s in seeds) +
-          ' | paired diff. to dastc (mean ± std; per seed) | wins vs dastc '
-          '| min/run |',
-          '|---|---:|' + '---:|' * len(seeds) + '---|---:|---:|']
+  rows = [
+      '| run | target-val mIoU | '
+      + ' | '.join(f'seed {s}' for s in seeds)
+      + ' | paired diff. to dastc (mean ± std; per seed) | wins vs dastc '
+      '| min/run |',
+      '|---|---:|' + '---:|' * len(seeds) + '---|---:|---:|',
+  ]
   for name, per_seed in results.items():
     vals = np.array([per_seed[s] for s in seeds])
     diff = wins = '-'
@@ -291,28 +380,35 @@ def table(results: dict[str, dict[int, float]], seeds: list[int],
       wins = f'{int(np.sum(d < 0))}/{len(seeds)}'
     m = minutes.get(name) or []
     mins = f'{np.mean(m):.1f}' if m else 'reused'
-    rows.append(f'| {name} | {_fmt(vals)} | ' +
-                ' | '.join(f'{v:.1f}' for v in vals) +
-                f' | {diff} | {wins} | {mins} |')
+    rows.append(
+        f'| {name} | {_fmt(vals)} | '
+        + ' | '.join(f'{v:.1f}' for v in vals)
+        + f' | {diff} | {wins} | {mins} |'
+    )
   return '\n'.join(rows)
 
 
 def main(argv):
   del argv
   log_filter.install()
-  jax.config.update('jax_compilation_cache_dir',
-                    os.path.join(FLAGS.workdir, 'jax_cache'))
+  jax.config.update(
+      'jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'jax_cache')
+  )
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   seeds = [int(s) for s in FLAGS.seeds]
   variants = FLAGS.variants or DEFAULT_VARIANTS[FLAGS.domain]
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
-    raise app.UsageError(f'Unknown --variants {unknown}; expected some of '
-                         f'{sorted(VARIANTS)}.')
+    raise app.UsageError(
+        f'Unknown --variants {unknown}; expected some of '
+        f'{sorted(VARIANTS)}.'
+    )
   model_tag = '' if FLAGS.model == 'deeplab' else f'_{FLAGS.model}'
   output = FLAGS.output or os.path.join(
-      'benchmarks', f'adaptation_{FLAGS.world}'
-      f'{"_image" if FLAGS.domain == "image" else ""}{model_tag}.md')
+      'benchmarks',
+      f'adaptation_{FLAGS.world}'
+      f'{"_image" if FLAGS.domain == "image" else ""}{model_tag}.md',
+  )
   warms = sorted({VARIANTS[v][1] for v in variants})
   results = {f'warm start ({w})': {} for w in warms}
   results.update({v: {} for v in variants})
@@ -331,30 +427,40 @@ def main(argv):
       logging.info('seed %d warm start (%s): target mIoU %.1f', seed, w, miou)
     for v in variants:
       wdir = warm_dirs[VARIANTS[v][1]]
-      miou, mins = _run(run_config(seed, v, VARIANTS[v][1], wdir),
-                        os.path.join(base, v))
+      miou, mins = _run(
+          run_config(seed, v, VARIANTS[v][1], wdir), os.path.join(base, v)
+      )
       if miou is None:
         continue
       results[v][seed] = miou
       if mins is not None:
         minutes[v].append(mins)
-      logging.info('seed %d %s: target mIoU %.1f (%.0f s so far)', seed, v,
-                   miou, time.time() - start)
+      logging.info(
+          'seed %d %s: target mIoU %.1f (%.0f s so far)',
+          seed,
+          v,
+          miou,
+          time.time() - start,
+      )
   total = (time.time() - start) / 60
   complete = [s for s in seeds if all(s in r for r in results.values())]
   partial = ''
   if complete != seeds:
-    partial = (f' **Partial report** (`--report_only`): seeds '
-               f'{[s for s in seeds if s not in complete]} have unfinished '
-               'runs and are left out.')
+    partial = (
+        f' **Partial report** (`--report_only`): seeds '
+        f'{[s for s in seeds if s not in complete]} have unfinished '
+        'runs and are left out.'
+    )
     seeds = complete
-  cmd = ('python -m dastc_jax.benchmarks.adaptation '
-         f'--world={FLAGS.world} --domain={FLAGS.domain} '
-         f'{model_flag()}--workdir={FLAGS.workdir} '
-         f'--seeds={",".join(map(str, seeds))} '
-         f'--warm_steps={FLAGS.warm_steps} --adapt_steps={FLAGS.adapt_steps} '
-         f'--warm_batch_size={FLAGS.warm_batch_size} '
-         f'--batch_size={FLAGS.batch_size}')
+  cmd = (
+      'python -m dastc_jax.benchmarks.adaptation '
+      f'--world={FLAGS.world} --domain={FLAGS.domain} '
+      f'{model_flag()}--workdir={FLAGS.workdir} '
+      f'--seeds={",".join(map(str, seeds))} '
+      f'--warm_steps={FLAGS.warm_steps} --adapt_steps={FLAGS.adapt_steps} '
+      f'--warm_batch_size={FLAGS.warm_batch_size} '
+      f'--batch_size={FLAGS.batch_size}'
+  )
   if FLAGS.variants:
     cmd += f' --variants={",".join(variants)}'
   if FLAGS.output:
@@ -362,28 +468,43 @@ def main(argv):
   if FLAGS.report_only:
     cmd += ' --report_only'
   reused = sum(1 for k in results for s in seeds) - sum(
-      len(m) for m in minutes.values())
-  note = (f' {reused} finished runs were reused from an earlier invocation '
-          '(their time is not counted).' if reused else '')
-  text = (f'# Adaptation on the synthetic world: {FLAGS.world} world, '
-          f'{FLAGS.domain} domain, {FLAGS.model}\n\nCommand: `{cmd}`\n\n'
-          f'Target val mIoU (%) of the last checkpoint, {len(seeds)} seed(s). '
-          f'Warm starts: {FLAGS.warm_steps} source-only steps (global batch '
-          f'{FLAGS.warm_batch_size}), plain or on histogram-matched source '
-          f'frames (hm); every variant continues from one of them for '
-          f'{FLAGS.adapt_steps} steps (global batch {FLAGS.batch_size}): '
-          '`source_only` from the plain one, all others from hm. "paired '
-          'diff." is the variant minus `dastc` on the same seed; "wins vs '
-          'dastc" counts the seeds where dastc is better. Wall time '
-          f'{total:.0f} min on this machine.{note}{partial}\n\n'
-          f'{table(results, seeds, minutes)}\n')
+      len(m) for m in minutes.values()
+  )
+  note = (
+      f' {reused} finished runs were reused from an earlier invocation '
+      '(their time is not counted).'
+      if reused
+      else ''
+  )
+  text = (
+      f'# Adaptation on the synthetic world: {FLAGS.world} world, '
+      f'{FLAGS.domain} domain, {FLAGS.model}\n\nCommand: `{cmd}`\n\n'
+      f'Target val mIoU (%) of the last checkpoint, {len(seeds)} seed(s). '
+      f'Warm starts: {FLAGS.warm_steps} source-only steps (global batch '
+      f'{FLAGS.warm_batch_size}), plain or on histogram-matched source '
+      f'frames (hm); every variant continues from one of them for '
+      f'{FLAGS.adapt_steps} steps (global batch {FLAGS.batch_size}): '
+      '`source_only` from the plain one, all others from hm. "paired '
+      'diff." is the variant minus `dastc` on the same seed; "wins vs '
+      'dastc" counts the seeds where dastc is better. Wall time '
+      f'{total:.0f} min on this machine.{note}{partial}\n\n'
+      f'{table(results, seeds, minutes)}\n'
+  )
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, 'w') as f:
     f.write(text)
   with open(os.path.splitext(output)[0] + '.json', 'w') as f:
-    json.dump({'command': cmd, 'minutes': total, 'run_minutes': minutes,
-               'results': results}, f, indent=2)
+    json.dump(
+        {
+            'command': cmd,
+            'minutes': total,
+            'run_minutes': minutes,
+            'results': results,
+        },
+        f,
+        indent=2,
+    )
 
 
 if __name__ == '__main__':

@@ -47,11 +47,17 @@ from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
 
+
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  base = np.stack([np.sin(xx / rng.uniform(20, 90)) * 60 + 120,
-                   np.cos(yy / rng.uniform(20, 90)) * 60 + 110,
-                   (xx + yy) / (h + w) * 150 + 40], -1)
+  base = np.stack(
+      [
+          np.sin(xx / rng.uniform(20, 90)) * 60 + 120,
+          np.cos(yy / rng.uniform(20, 90)) * 60 + 110,
+          (xx + yy) / (h + w) * 150 + 40,
+      ],
+      -1,
+  )
   noise = rng.normal(0, 12, (h, w, 3))
   return np.clip(base + noise, 0, 255).astype(np.uint8)
 
@@ -77,30 +83,43 @@ def write_real_size_data(root: str, clips: int, seed: int = 0) -> None:
   viper_ids = [2, 3, 4, 6, 7, 8, 9, 11, 13, 14, 20, 22, 23, 24, 26, 27]
   for k in range(1, clips + 1):
     for f in (10 * k - 1, 10 * k):
-      _save(layouts.viper_image(f'{root}/Viper', 'train', 1, f),
-            _image(rng, 1080, 1920), quality=95)
-      _save(layouts.viper_label(f'{root}/Viper', 'train', 1, f),
-            _blocks(rng, viper_ids, 1080, 1920))
-    _flow(layouts.viper_flow(f'{root}/estimated_optical_flow_viper_train', 1,
-                             10 * k), rng, 576, 1024)
+      _save(
+          layouts.viper_image(f'{root}/Viper', 'train', 1, f),
+          _image(rng, 1080, 1920),
+          quality=95,
+      )
+      _save(
+          layouts.viper_label(f'{root}/Viper', 'train', 1, f),
+          _blocks(rng, viper_ids, 1080, 1920),
+      )
+    _flow(
+        layouts.viper_flow(
+            f'{root}/estimated_optical_flow_viper_train', 1, 10 * k
+        ),
+        rng,
+        576,
+        1024,
+    )
   cs_ids = [7, 8, 11, 13, 17, 19, 20, 21, 22, 23, 24, 26]
   flow_dir = f'{root}/estimated_optical_flow_cityscapes_seq_train'
   for k in range(clips):
     for f in (17, 18, 19):
-      _save(layouts.cs_image(f'{root}/Cityscapes', 'train', 'aachen', k, f),
-            _image(rng, 1024, 2048))
-    _save(layouts.cs_label(f'{root}/Cityscapes', 'train', 'aachen', k, 19),
-          _blocks(rng, cs_ids, 1024, 2048))
+      _save(
+          layouts.cs_image(f'{root}/Cityscapes', 'train', 'aachen', k, f),
+          _image(rng, 1024, 2048),
+      )
+    _save(
+        layouts.cs_label(f'{root}/Cityscapes', 'train', 'aachen', k, 19),
+        _blocks(rng, cs_ids, 1024, 2048),
+    )
     for t, s in ((19, 18), (19, 17), (18, 17)):
       _flow(layouts.cs_flow(flow_dir, 'aachen', k, t, s), rng, 512, 1024)
 
 
-def loader_rate(config, data_dir: str, workers: int, batches: int
-                ) -> float:
+def loader_rate(config, data_dir: str, workers: int, batches: int) -> float:
   """Paired clips/s of the train stream (the first batch is not timed)."""
   config.data.num_workers = workers
-  it = iter(pipeline.make_train_dataset(config, data_dir,
-                                        local_batch_size=1))
+  it = iter(pipeline.make_train_dataset(config, data_dir, local_batch_size=1))
   next(it)
   t0 = time.perf_counter()
   for _ in range(batches):
@@ -113,20 +132,25 @@ def loader_rate(config, data_dir: str, workers: int, batches: int
 
 def step_rate(config, data_dir: str, steps: int) -> dict[str, float]:
   """DA-STC train steps/s (= clips/s at batch 1) on the first device."""
-  mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:1])
+  mesh = jax.make_mesh(
+      (1,), ('data',), axis_types=(AxisType.Auto,), devices=jax.devices()[:1]
+  )
   data = sharding_lib.data_sharding(mesh)
-  sizes = {'batch': 1, 'source': tuple(config.data.source.image_size),
-           'target': tuple(config.data.target.image_size)}
+  sizes = {
+      'batch': 1,
+      'source': tuple(config.data.source.image_size),
+      'target': tuple(config.data.target.image_size),
+  }
   graphdef, state, tx = state_lib.create_train_state(config, sizes=sizes)
   st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(step_lib.make_dastc_step(config, graphdef, tx),
-               in_shardings=(st_sh, data),
-               out_shardings=(st_sh, sharding_lib.replicated(mesh)),
-               donate_argnums=0)
+  fn = jax.jit(
+      step_lib.make_dastc_step(config, graphdef, tx),
+      in_shardings=(st_sh, data),
+      out_shardings=(st_sh, sharding_lib.replicated(mesh)),
+      donate_argnums=0,
+  )
   config.data.num_workers = 0
-  it = iter(pipeline.make_train_dataset(config, data_dir,
-                                        local_batch_size=1))
+  it = iter(pipeline.make_train_dataset(config, data_dir, local_batch_size=1))
   batch = sharding_lib.shard_batch(next(it), data)
   state = jax.device_put(state, st_sh)
   t0 = time.perf_counter()
@@ -137,8 +161,10 @@ def step_rate(config, data_dir: str, steps: int) -> dict[str, float]:
   for _ in range(steps):
     state, m = fn(state, batch)
   jax.block_until_ready(m)
-  return {'clips_per_s': steps / (time.perf_counter() - t0),
-          'first_step_s': compile_s}
+  return {
+      'clips_per_s': steps / (time.perf_counter() - t0),
+      'first_step_s': compile_s,
+  }
 
 
 def _config(data_dir: str, model: str):
@@ -154,8 +180,14 @@ def _config(data_dir: str, model: str):
   return c
 
 
-def run(workdir: str, workers: list[int], batches: int, clips: int,
-        model: str, steps: int) -> dict[str, Any]:
+def run(
+    workdir: str,
+    workers: list[int],
+    batches: int,
+    clips: int,
+    model: str,
+    steps: int,
+) -> dict[str, Any]:
   """Prepares the data (once) and measures; returns the results."""
   root = os.path.join(workdir, 'data')
   data_dir = os.path.join(workdir, 'tfds')
@@ -165,29 +197,57 @@ def run(workdir: str, workers: list[int], batches: int, clips: int,
     open(os.path.join(root, 'done'), 'w').close()
   small_dir = os.path.join(workdir, 'tfds_train_size')
   config = _config(data_dir, model)
-  for folder, sizes in ((data_dir, (None, None)), (small_dir, (
-      tuple(config.data.source.image_size),
-      tuple(config.data.target.image_size)))):
-    prepare.prepare('viper', f'{root}/Viper', folder, check_counts=False,
-                    splits=['train'], train_size=sizes[0])
-    prepare.prepare('cityscapes_seq', f'{root}/Cityscapes', folder,
-                    check_counts=False, splits=['train'],
-                    train_size=sizes[1])
+  for folder, sizes in (
+      (data_dir, (None, None)),
+      (
+          small_dir,
+          (
+              tuple(config.data.source.image_size),
+              tuple(config.data.target.image_size),
+          ),
+      ),
+  ):
+    prepare.prepare(
+        'viper',
+        f'{root}/Viper',
+        folder,
+        check_counts=False,
+        splits=['train'],
+        train_size=sizes[0],
+    )
+    prepare.prepare(
+        'cityscapes_seq',
+        f'{root}/Cityscapes',
+        folder,
+        check_counts=False,
+        splits=['train'],
+        train_size=sizes[1],
+    )
   rates, stored = {}, {}
   # Alternate the two storages per worker count (same machine state).
   for w in workers:
     rates[w] = loader_rate(config, data_dir, w, batches)
     stored[w] = loader_rate(_config(small_dir, model), small_dir, w, batches)
-    logging.info('loader, %d workers: %.2f clips/s native, %.2f stored at '
-                 'the training size', w, rates[w], stored[w])
+    logging.info(
+        'loader, %d workers: %.2f clips/s native, %.2f stored at '
+        'the training size',
+        w,
+        rates[w],
+        stored[w],
+    )
   step = step_rate(config, data_dir, steps)
-  logging.info('train step (%s model): %.3f clips/s', model,
-               step['clips_per_s'])
-  return {'loader_clips_per_s': rates, 'stored_clips_per_s': stored,
-          'step': step, 'model': model,
-          'device': str(jax.devices()[0].device_kind),
-          'cpu_count': os.cpu_count(), 'machine': platform.processor() or
-          platform.machine()}
+  logging.info(
+      'train step (%s model): %.3f clips/s', model, step['clips_per_s']
+  )
+  return {
+      'loader_clips_per_s': rates,
+      'stored_clips_per_s': stored,
+      'step': step,
+      'model': model,
+      'device': str(jax.devices()[0].device_kind),
+      'cpu_count': os.cpu_count(),
+      'machine': platform.processor() or platform.machine(),
+  }
 
 
 def cores_needed(consumption: float, per_worker: float) -> int:
@@ -217,8 +277,9 @@ def report(res: dict[str, Any], command: str) -> str:
       '|---|---:|---:|',
   ]
   for w, r in sorted(rates.items()):
-    name = ('in-process (1 decode thread)' if w == 0 else
-            f'{w} worker process(es)')
+    name = (
+        'in-process (1 decode thread)' if w == 0 else f'{w} worker process(es)'
+    )
     lines.append(f'| {name} | {r:.2f} | {r / step:.1f} |')
   stored = res.get('stored_clips_per_s')
   if stored:
@@ -233,10 +294,15 @@ def report(res: dict[str, Any], command: str) -> str:
         '|---|---:|---:|---:|',
     ]
     for w, r in sorted(rates.items()):
-      name = ('in-process (1 decode thread)' if w == 0 else
-              f'{w} worker process(es)')
-      lines.append(f'| {name} | {r:.2f} | {stored[w]:.2f} | '
-                   f'**{stored[w] / r:.2f}x** |')
+      name = (
+          'in-process (1 decode thread)'
+          if w == 0
+          else f'{w} worker process(es)'
+      )
+      lines.append(
+          f'| {name} | {r:.2f} | {stored[w]:.2f} | '
+          f'**{stored[w] / r:.2f}x** |'
+      )
   lines += [
       '',
       f'Train step (DA-STC, `{res["model"]}` model, real resolution): '
@@ -263,18 +329,27 @@ def _define_flags() -> dict[str, Any]:
   """Command-line flags (defined only when run as a program, so that the
   module imports next to the other benchmarks)."""
   return {
-      'workdir': flags.DEFINE_string('workdir', 'runs/input',
-                                     'Scratch folder.'),
-      'output': flags.DEFINE_string('output', '',
-                                    'Markdown report (optional).'),
+      'workdir': flags.DEFINE_string(
+          'workdir', 'runs/input', 'Scratch folder.'
+      ),
+      'output': flags.DEFINE_string(
+          'output', '', 'Markdown report (optional).'
+      ),
       'workers': flags.DEFINE_list(
-          'workers', ['0', '1', '2'],
-          'Worker processes to measure (0 = in-process).'),
-      'batches': flags.DEFINE_integer('batches', 12,
-                                      'Timed batches per setting.'),
+          'workers',
+          ['0', '1', '2'],
+          'Worker processes to measure (0 = in-process).',
+      ),
+      'batches': flags.DEFINE_integer(
+          'batches', 12, 'Timed batches per setting.'
+      ),
       'clips': flags.DEFINE_integer('clips', 6, 'Clips written per domain.'),
-      'model': flags.DEFINE_enum('model', 'tiny', ['tiny', 'demo', 'full'],
-                                 'Model of the measured train step.'),
+      'model': flags.DEFINE_enum(
+          'model',
+          'tiny',
+          ['tiny', 'demo', 'full'],
+          'Model of the measured train step.',
+      ),
       'steps': flags.DEFINE_integer('steps', 3, 'Timed train steps.'),
   }
 
@@ -282,21 +357,37 @@ def _define_flags() -> dict[str, Any]:
 def main(argv, f: dict[str, Any]):
   del argv
   v = {k: h.value for k, h in f.items()}
-  res = run(v['workdir'], [int(w) for w in v['workers']], v['batches'],
-            v['clips'], v['model'], v['steps'])
-  command = ('python -m dastc_jax.benchmarks.input '
-             f'--workdir={v["workdir"]} --workers={",".join(v["workers"])}'
-             f' --batches={v["batches"]} --model={v["model"]}' +
-             (f' --output={v["output"]}' if v['output'] else ''))
+  res = run(
+      v['workdir'],
+      [int(w) for w in v['workers']],
+      v['batches'],
+      v['clips'],
+      v['model'],
+      v['steps'],
+  )
+  command = (
+      'python -m dastc_jax.benchmarks.input '
+      f'--workdir={v["workdir"]} --workers={",".join(v["workers"])}'
+      f' --batches={v["batches"]} --model={v["model"]}'
+      + (f' --output={v["output"]}' if v['output'] else '')
+  )
   md = report(res, command)
   print(md)
   if v['output']:
     with open(v['output'], 'w') as out:
       out.write(md)
     with open(os.path.splitext(v['output'])[0] + '.json', 'w') as out:
-      json.dump({**res, 'loader_clips_per_s': {
-          str(k): v for k, v in res['loader_clips_per_s'].items()},
-                 'command': command}, out, indent=2)
+      json.dump(
+          {
+              **res,
+              'loader_clips_per_s': {
+                  str(k): v for k, v in res['loader_clips_per_s'].items()
+              },
+              'command': command,
+          },
+          out,
+          indent=2,
+      )
 
 
 if __name__ == '__main__':

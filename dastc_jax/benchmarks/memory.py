@@ -40,8 +40,9 @@ import sys
 import time
 from typing import Any
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+_REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 VARIANTS = {
     'float32': {},
     'bfloat16': {'model.dtype': 'bfloat16'},
@@ -77,17 +78,21 @@ def _sizes(config) -> dict[str, Any]:
   def hw(key):
     d = config.data[key]
     return tuple(d.crop_size or d.image_size)
-  return {'batch': config.train.batch_size, 'source': hw('source'),
-          'target': hw('target')}
+
+  return {
+      'batch': config.train.batch_size,
+      'source': hw('source'),
+      'target': hw('target'),
+  }
 
 
-def fake_batch(config, sizes: dict[str, Any], seed: int = 0
-               ) -> dict[str, Any]:
+def fake_batch(config, sizes: dict[str, Any], seed: int = 0) -> dict[str, Any]:
   """A random DA-STC batch with the keys and shapes of the input pipeline
   (clips of 2 or 3 frames with flows, or single frames for the image
   domain)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dastc_jax import models  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   b, (hs, ws), (ht, wt) = sizes['batch'], sizes['source'], sizes['target']
   c, k = config.model.num_classes, config.dastc.num_rare_classes
@@ -95,16 +100,23 @@ def fake_batch(config, sizes: dict[str, Any], seed: int = 0
   u8 = lambda *s: rng.integers(0, 256, s, dtype=np.uint8)
   ids = lambda *s: rng.integers(0, c, s).astype(np.uint8)
   flow = lambda h, w: rng.normal(0, 3, (b, h, w, 2)).astype(np.float32)
-  src = {'frames': u8(b, n, hs, ws, 3), 'labels': ids(b, n, hs, ws),
-         'crop': np.zeros((b, 2), np.int32),
-         'rare_frames': u8(b, k, ht, wt, 3), 'rare_labels': ids(b, k, ht, wt),
-         'rare_classes': np.full((b, k), 3, np.int32)}
-  tgt = {'frames': u8(b, 3 if n == 2 else 1, ht, wt, 3),
-         'label': ids(b, ht, wt)}
+  src = {
+      'frames': u8(b, n, hs, ws, 3),
+      'labels': ids(b, n, hs, ws),
+      'crop': np.zeros((b, 2), np.int32),
+      'rare_frames': u8(b, k, ht, wt, 3),
+      'rare_labels': ids(b, k, ht, wt),
+      'rare_classes': np.full((b, k), 3, np.int32),
+  }
+  tgt = {
+      'frames': u8(b, 3 if n == 2 else 1, ht, wt, 3),
+      'label': ids(b, ht, wt),
+  }
   if n == 2:
     src['flow'] = flow(hs, ws)
-    tgt.update(flow=flow(ht, wt), flow_t_t2=flow(ht, wt),
-               flow_t1_t2=flow(ht, wt))
+    tgt.update(
+        flow=flow(ht, wt), flow_t_t2=flow(ht, wt), flow_t1_t2=flow(ht, wt)
+    )
   return {'source': src, 'target': tgt}
 
 
@@ -115,26 +127,36 @@ def measure(name: str, variant: str, run_steps: int) -> dict[str, Any]:
   from dastc_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import state as state_lib  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import steps as step_lib  # pylint: disable=g-import-not-at-top
+
   c = _config(name, variant)
   sizes = _sizes(c)
-  mesh = jax.make_mesh((1, 1), sharding_lib.BATCH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:1])
+  mesh = jax.make_mesh(
+      (1, 1),
+      sharding_lib.BATCH_AXES,
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+      devices=jax.devices()[:1],
+  )
   data = sharding_lib.data_sharding(mesh)
   t0 = time.perf_counter()
-  graphdef, state, tx = state_lib.create_train_state(c, abstract=True,
-                                                     sizes=sizes)
+  graphdef, state, tx = state_lib.create_train_state(
+      c, abstract=True, sizes=sizes
+  )
   st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(step_lib.make_dastc_step(c, graphdef, tx),
-               in_shardings=(st_sh, data),
-               out_shardings=(st_sh, sharding_lib.replicated(mesh)),
-               donate_argnums=(0,))
+  fn = jax.jit(
+      step_lib.make_dastc_step(c, graphdef, tx),
+      in_shardings=(st_sh, data),
+      out_shardings=(st_sh, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,),
+  )
   host = fake_batch(c, sizes)
   batch_spec = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), host)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), host
+  )
   state_spec = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, st_sh)
+      state,
+      st_sh,
+  )
   lowered = fn.lower(state_spec, batch_spec)
   hlo = lowered.as_text()
   lower_s = time.perf_counter() - t0
@@ -145,18 +167,27 @@ def measure(name: str, variant: str, run_steps: int) -> dict[str, Any]:
   arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   res = {
-      'config': name, 'variant': variant, 'sizes': sizes,
-      'model': c.model.name, 'layers': tuple(c.model.layers),
+      'config': name,
+      'variant': variant,
+      'sizes': sizes,
+      'model': c.model.name,
+      'layers': tuple(c.model.layers),
       'mit_variant': c.model.mit_variant,
       'scan_blocks': bool(c.model.get('scan_blocks', False)),
-      'remat': bool(c.model.remat), 'dtype': c.model.dtype,
+      'remat': bool(c.model.remat),
+      'dtype': c.model.dtype,
       'conv_kernel_grad': c.model.conv_kernel_grad,
       'device': jax.devices()[0].device_kind,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'trace_lower_s': lower_s, 'compile_s': compile_s,
-      'hlo_lines': hlo.count('\n'), 'hlo_mb': len(hlo) / 1e6,
-      'argument_gb': arg / GB, 'output_gb': out / GB, 'alias_gb': alias / GB,
-      'temp_gb': temp / GB, 'peak_gb': (arg + out - alias + temp) / GB,
+      'trace_lower_s': lower_s,
+      'compile_s': compile_s,
+      'hlo_lines': hlo.count('\n'),
+      'hlo_mb': len(hlo) / 1e6,
+      'argument_gb': arg / GB,
+      'output_gb': out / GB,
+      'alias_gb': alias / GB,
+      'temp_gb': temp / GB,
+      'peak_gb': (arg + out - alias + temp) / GB,
   }
   res['peak_rss_gb'] = _rss_gb()
   # Recorded before the steps run: a step the host cannot hold is killed.
@@ -181,7 +212,7 @@ def _rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
-_CHILD = '''
+_CHILD = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from dastc_jax.runtime import host_malloc
@@ -192,30 +223,43 @@ host_malloc.configure(pixels=pixels)  # as main.py sets it
 force = memory.VARIANTS[{variant!r}].get('_eltwise', False)
 xla_cpu.set_defaults(pixels=0 if force else pixels)
 print('RESULT', json.dumps(memory.measure({name!r}, {variant!r}, {steps})))
-'''
+"""
 
 
-def in_child(name: str, variant: str, run_steps: int, timeout: float
-             ) -> dict[str, Any]:
+def in_child(
+    name: str, variant: str, run_steps: int, timeout: float
+) -> dict[str, Any]:
   """:func:`measure` in a fresh process; failures are recorded, not
   raised (an out-of-memory step is a result)."""
-  code = _CHILD.format(repo=_REPO, name=name, variant=variant,
-                       steps=run_steps)
+  code = _CHILD.format(repo=_REPO, name=name, variant=variant, steps=run_steps)
   t0 = time.perf_counter()
   try:
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
   except subprocess.TimeoutExpired:
-    return {'config': name, 'variant': variant,
-            'error': f'not finished within {timeout:.0f} s'}
-  lines = {l.split(' ', 1)[0]: l.split(' ', 1)[1]
-           for l in proc.stdout.splitlines()
-           if l.startswith(('RESULT ', 'COMPILED '))}
+    return {
+        'config': name,
+        'variant': variant,
+        'error': f'not finished within {timeout:.0f} s',
+    }
+  lines = {
+      ln.split(' ', 1)[0]: ln.split(' ', 1)[1]
+      for ln in proc.stdout.splitlines()
+      if ln.startswith(('RESULT ', 'COMPILED '))
+  }
   if proc.returncode or 'RESULT' not in lines:
-    tail = [l for l in proc.stderr.splitlines() if l.strip()][-3:]
-    why = ('killed (SIGKILL: the kernel\'s out-of-memory killer when the '
-           'host runs out)' if proc.returncode == -9 else
-           f'exit {proc.returncode}: ' + ' | '.join(tail)[-600:])
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
+    why = (
+        "killed (SIGKILL: the kernel's out-of-memory killer when the "
+        'host runs out)'
+        if proc.returncode == -9
+        else f'exit {proc.returncode}: ' + ' | '.join(tail)[-600:]
+    )
     res = {'config': name, 'variant': variant}
     if 'COMPILED' in lines:  # compiled, then the step failed
       res = json.loads(lines['COMPILED'])
@@ -231,13 +275,20 @@ def in_child(name: str, variant: str, run_steps: int, timeout: float
 def _commit() -> str:
   """The checkout's commit (``+dirty`` with uncommitted changes)."""
   try:
-    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=_REPO,
-                          capture_output=True, text=True, check=True
-                          ).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--',
-                            'dastc_jax', 'configs'], cwd=_REPO,
-                           capture_output=True, text=True, check=True
-                           ).stdout.strip()
+    head = subprocess.run(
+        ['git', 'rev-parse', '--short', 'HEAD'],
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ['git', 'status', '--porcelain', '--', 'dastc_jax', 'configs'],
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return head + ('+dirty' if dirty else '')
@@ -245,47 +296,64 @@ def _commit() -> str:
 
 def _row_head(r: dict[str, Any]) -> str:
   """A result's first cells: config, variant, model, sizes, device."""
-  model = (f'MiT-{r["mit_variant"].upper()}' if 'daformer' in r['model']
-           else f'R{3 * sum(r["layers"]) + 2}')
+  model = (
+      f'MiT-{r["mit_variant"].upper()}'
+      if 'daformer' in r['model']
+      else f'R{3 * sum(r["layers"]) + 2}'
+  )
   s = r['sizes']
-  how = (f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
-         f'{"remat" if r.get("remat") else "no remat"}, '
-         f'{r.get("dtype", "float32")}')
-  return (f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
-          f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
-          f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | ')
+  how = (
+      f'{"scan" if r.get("scan_blocks") else "unrolled"}, '
+      f'{"remat" if r.get("remat") else "no remat"}, '
+      f'{r.get("dtype", "float32")}'
+  )
+  return (
+      f'| {r["config"]} | {r["variant"]}: {how} | {r["model"]} {model} | '
+      f'{s["source"][0]}x{s["source"][1]} / {s["target"][0]}x'
+      f'{s["target"][1]} ({s["batch"]}) | {r["device"]} | '
+  )
 
 
 def report(results: list[dict[str, Any]], command: str) -> str:
   """The markdown table of :func:`measure` results."""
   lines = [
-      '# The real configs\' DA-STC step at their configured sizes', '',
-      f'Command: `{command}`', '',
-      'Memory from XLA\'s `compiled.memory_analysis()` of the jitted step '
+      "# The real configs' DA-STC step at their configured sizes",
+      '',
+      f'Command: `{command}`',
+      '',
+      "Memory from XLA's `compiled.memory_analysis()` of the jitted step "
       '(state donated): *peak* = arguments + outputs - aliased + '
       'temporaries, what the device must hold at once. Host *RSS* is the '
-      'process\'s peak resident memory (build, compile and, where timed, '
-      'the steps). CPU figures are from 2 cores; times are wall seconds.', '',
+      "process's peak resident memory (build, compile and, where timed, "
+      'the steps). CPU figures are from 2 cores; times are wall seconds.',
+      '',
       '| config | variant: scan, remat, dtype | model | source / target '
       '(batch) | device | lower s | compile s | HLO lines | args GB | '
       'temps GB | peak GB | step s | RSS GB | commit |',
-      '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|',
+  ]
   notes = []
   for r in results:
     if r.get('note'):
       notes.append(f'- {r["config"]} {r["variant"]}: {r["note"]}.')
     if 'compile_s' not in r:
-      lines.append(f'| {r["config"]} | {r["variant"]} | {r["error"]} |'
-                   + ' |' * 11)
+      lines.append(
+          f'| {r["config"]} | {r["variant"]} | {r["error"]} |' + ' |' * 11
+      )
       continue
-    step = ('failed: ' + r['error'].split(' | ')[-1][-120:] if 'error' in r
-            else '' if 'step_s' not in r else
-            ', '.join(f'{t:.0f}' for t in r['step_s']))
+    step = (
+        'failed: ' + r['error'].split(' | ')[-1][-120:]
+        if 'error' in r
+        else ''
+        if 'step_s' not in r
+        else ', '.join(f'{t:.0f}' for t in r['step_s'])
+    )
     lines.append(
         _row_head(r) + f'{r["trace_lower_s"]:.0f} | {r["compile_s"]:.0f} | '
         f'{r["hlo_lines"]:,} | {r["argument_gb"]:.2f} | {r["temp_gb"]:.1f} | '
         f'{r["peak_gb"]:.1f} | {step} | {r["peak_rss_gb"]:.1f} | '
-        f'{r.get("commit", "")} |')
+        f'{r.get("commit", "")} |'
+    )
   if notes:
     lines += ['', 'Rows of code that has changed since:', ''] + notes
   return '\n'.join(lines) + '\n'
@@ -293,36 +361,44 @@ def report(results: list[dict[str, Any]], command: str) -> str:
 
 # benchmarks/step.md's section of real-size rows (written here, kept by
 # benchmarks/step.py when it rewrites the rest of that file).
-STEP_MD_BEGIN = ('<!-- real-size rows: written by python -m '
-                 'dastc_jax.benchmarks.memory --step_md -->')
+STEP_MD_BEGIN = (
+    '<!-- real-size rows: written by python -m '
+    'dastc_jax.benchmarks.memory --step_md -->'
+)
 STEP_MD_END = '<!-- end of the real-size rows -->'
 
 
 def step_section(results: list[dict[str, Any]]) -> str:
   """The rows of ``results`` that ran steps, as step.md's real-size table."""
   lines = [
-      STEP_MD_BEGIN, '', '## At the configured sizes', '',
-      'The real configs\' DA-STC step at their configured crop sizes, depth '
+      STEP_MD_BEGIN,
+      '',
+      '## At the configured sizes',
+      '',
+      "The real configs' DA-STC step at their configured crop sizes, depth "
       'and batch, from `python -m dastc_jax.benchmarks.memory '
       '--configs=CONFIG --variants=VARIANT --run_steps=2 '
       '--output=benchmarks/memory.json --step_md=benchmarks/step.md` (each '
       'row has its commit; benchmarks/memory.md has the rows that were only '
-      'compiled). Memory from XLA\'s `compiled.memory_analysis()`: '
+      "compiled). Memory from XLA's `compiled.memory_analysis()`: "
       'arguments, outputs, temporaries and peak (arguments + outputs - '
-      'donated + temporaries); RSS is the process\'s peak resident memory. '
+      "donated + temporaries); RSS is the process's peak resident memory. "
       'Step seconds: each timed step, after compiling; on the CPU rows, 2 '
-      'cores.', '',
+      'cores.',
+      '',
       '| config | variant: scan, remat, dtype | model | source / target '
       '(batch) | device | compile s | args GB | outputs GB | temps GB | '
       'peak GB | step s | RSS GB | commit |',
-      '|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|']
+      '|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|',
+  ]
   rows = [r for r in results if r.get('step_s') and 'error' not in r]
   for r in rows:
     lines.append(
         _row_head(r) + f'{r["compile_s"]:.0f} | {r["argument_gb"]:.2f} | '
         f'{r["output_gb"]:.2f} | {r["temp_gb"]:.1f} | {r["peak_gb"]:.1f} | '
-        + ', '.join(f'{t:.0f}' for t in r['step_s']) +
-        f' | {r["peak_rss_gb"]:.1f} | {r.get("commit", "")} |')
+        + ', '.join(f'{t:.0f}' for t in r['step_s'])
+        + f' | {r["peak_rss_gb"]:.1f} | {r.get("commit", "")} |'
+    )
   if not rows:
     lines.append('| (none measured yet) |' + ' |' * 12)
   return '\n'.join(lines + ['', STEP_MD_END])
@@ -346,8 +422,11 @@ def existing_step_section(path: str) -> str | None:
     text = f.read()
   if STEP_MD_BEGIN not in text or STEP_MD_END not in text:
     return None
-  return (STEP_MD_BEGIN + text.split(STEP_MD_BEGIN, 1)[1].split(
-      STEP_MD_END, 1)[0] + STEP_MD_END)
+  return (
+      STEP_MD_BEGIN
+      + text.split(STEP_MD_BEGIN, 1)[1].split(STEP_MD_END, 1)[0]
+      + STEP_MD_END
+  )
 
 
 def _write_step_md(path: str, results: list[dict[str, Any]]) -> None:
@@ -360,21 +439,39 @@ def _write_step_md(path: str, results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str]) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
+
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--configs', default='viper,synthia_seq,viper_vit,gta5_vit',
-                 help='config names in configs/')
-  p.add_argument('--variants', default='float32',
-                 help=f'comma-separated, of {sorted(VARIANTS)}')
-  p.add_argument('--run_steps', type=int, default=0,
-                 help='also run this many steps')
-  p.add_argument('--timeout', type=float, default=3600.0,
-                 help='seconds per (config, variant) process')
-  p.add_argument('--output', required=True,
-                 help='.json: measure and add to it; .md: --report to it')
+  p.add_argument(
+      '--configs',
+      default='viper,synthia_seq,viper_vit,gta5_vit',
+      help='config names in configs/',
+  )
+  p.add_argument(
+      '--variants',
+      default='float32',
+      help=f'comma-separated, of {sorted(VARIANTS)}',
+  )
+  p.add_argument(
+      '--run_steps', type=int, default=0, help='also run this many steps'
+  )
+  p.add_argument(
+      '--timeout',
+      type=float,
+      default=3600.0,
+      help='seconds per (config, variant) process',
+  )
+  p.add_argument(
+      '--output',
+      required=True,
+      help='.json: measure and add to it; .md: --report to it',
+  )
   p.add_argument('--report', default='', help='a .json of results')
-  p.add_argument('--step_md', default='',
-                 help='also rewrite the real-size section of this step.md '
-                      '(benchmarks/step.md) from the rows that ran steps')
+  p.add_argument(
+      '--step_md',
+      default='',
+      help='also rewrite the real-size section of this step.md '
+      '(benchmarks/step.md) from the rows that ran steps',
+  )
   a = p.parse_args(argv)
   if a.report:
     with open(a.report) as f:
@@ -386,8 +483,10 @@ def main(argv: list[str]) -> None:
     return
   bad = set(a.variants.split(',')) - set(VARIANTS)
   if bad:
-    raise SystemExit(f'error: unknown --variants {sorted(bad)}; expected '
-                     f'{sorted(VARIANTS)}.')
+    raise SystemExit(
+        f'error: unknown --variants {sorted(bad)}; expected '
+        f'{sorted(VARIANTS)}.'
+    )
   data = {'results': []}
   if os.path.exists(a.output):
     with open(a.output) as f:
@@ -399,8 +498,11 @@ def main(argv: list[str]) -> None:
       res = in_child(name, variant, a.run_steps, a.timeout)
       res['commit'] = _commit()
       print(json.dumps(res), flush=True)
-      data['results'] = [r for r in data['results'] if (
-          r['config'], r['variant']) != (name, variant)] + [res]
+      data['results'] = [
+          r
+          for r in data['results']
+          if (r['config'], r['variant']) != (name, variant)
+      ] + [res]
       with open(a.output + '.tmp', 'w') as f:
         json.dump(data, f, indent=1)
       os.replace(a.output + '.tmp', a.output)

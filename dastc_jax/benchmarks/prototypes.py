@@ -61,46 +61,61 @@ def _nearest_labels(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   """``[B, H, W]`` labels at the pixels of an ``hw`` feature grid, placed
   as the evaluation's upsampling places them (corners aligned: feature
   ``i`` sits at label row ``i (H - 1) / (h - 1)``), nearest."""
+
   def at(n_out, n_in):
     if n_out == 1:
       return np.zeros((1,), int)
     return np.round(np.arange(n_out) * (n_in - 1) / (n_out - 1)).astype(int)
+
   rows, cols = at(hw[0], label.shape[1]), at(hw[1], label.shape[2])
   return label[:, rows][:, :, cols]
 
 
-def split_features(config: ml_collections.ConfigDict, forward, params,
-                   stats, split: str, data_root: str
-                   ) -> tuple[np.ndarray, ...]:
+def split_features(
+    config: ml_collections.ConfigDict,
+    forward,
+    params,
+    stats,
+    split: str,
+    data_root: str,
+) -> tuple[np.ndarray, ...]:
   """Features ``[N, D]``, head predictions ``[N]``, labels ``[N]`` and the
   image index ``[N]`` of every labelled pixel of ``split`` at the feature
   grid."""
   cs = labels_lib.get_class_set(config.data.class_set)
-  ds = pipeline.make_eval_dataset(config.data[split], data_root, cs.name,
-                                  config.model.per_axis_flow_scale)
+  ds = pipeline.make_eval_dataset(
+      config.data[split], data_root, cs.name, config.model.per_axis_flow_scale
+  )
   feats, preds, labels, images = [], [], [], []
   seen = 0
-  for batch in pipeline.eval_batches(ds, global_batch_size=8,
-                                     process_index=0, process_count=1):
+  for batch in pipeline.eval_batches(
+      ds, global_batch_size=8, process_index=0, process_count=1
+  ):
     feat, pred = forward(params, stats, batch['frames'], batch.get('flow'))
     feat, pred = np.asarray(feat, np.float32), np.asarray(pred)
     keep = np.asarray(batch['mask'])
     label = _nearest_labels(np.asarray(batch['label']), feat.shape[1:3])
     feat, pred, label = feat[keep], pred[keep], label[keep]
     image = np.broadcast_to(
-        seen + np.arange(len(label))[:, None, None], label.shape)
+        seen + np.arange(len(label))[:, None, None], label.shape
+    )
     seen += len(label)
     valid = label != labels_lib.IGNORE
     feats.append(feat[valid])
     preds.append(pred[valid])
     labels.append(label[valid].astype(np.int64))
     images.append(image[valid])
-  return (np.concatenate(feats), np.concatenate(preds),
-          np.concatenate(labels), np.concatenate(images))
+  return (
+      np.concatenate(feats),
+      np.concatenate(preds),
+      np.concatenate(labels),
+      np.concatenate(images),
+  )
 
 
-def prototypes(feat: np.ndarray, label: np.ndarray, num_classes: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def prototypes(
+    feat: np.ndarray, label: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-class mean features ``[C, D]`` and pixel counts ``[C]``."""
   sums = np.zeros((num_classes, feat.shape[1]), np.float64)
   np.add.at(sums, label, feat)
@@ -112,16 +127,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def nearest_prototype(feat: np.ndarray, protos: np.ndarray,
-                      present: np.ndarray) -> np.ndarray:
+def nearest_prototype(
+    feat: np.ndarray, protos: np.ndarray, present: np.ndarray
+) -> np.ndarray:
   """Index of the most cosine-similar prototype among ``present``."""
   sim = _unit(feat) @ _unit(protos).T  # [N, C]
   sim[:, ~present] = -np.inf
   return np.argmax(sim, axis=1)
 
 
-def _miou(pred: np.ndarray, label: np.ndarray, cs: labels_lib.ClassSet
-          ) -> float:
+def _miou(
+    pred: np.ndarray, label: np.ndarray, cs: labels_lib.ClassSet
+) -> float:
   """mIoU (%) over the class set's scored classes; rows are labels."""
   n = cs.num_classes
   label, pred = label.astype(np.int64), pred.astype(np.int64)
@@ -147,24 +164,33 @@ def make_forward(config: ml_collections.ConfigDict):
   return forward
 
 
-def classifier(config: ml_collections.ConfigDict, params, stats
-               ) -> tuple[np.ndarray, np.ndarray] | None:
+def classifier(
+    config: ml_collections.ConfigDict, params, stats
+) -> tuple[np.ndarray, np.ndarray] | None:
   """The last layer, ``W [D, C]`` and ``b [C]``, that turns ``out['feat']``
   into logits; None for a head without one (``head='aspp'``, whose
   "feature" is layer4)."""
   model = nnx.merge(state_lib.model_graphdef(config), params, stats)
-  layer = (getattr(model.head, 'classifier', None) or
-           getattr(model.head, 'conv_seg', None))
+  layer = getattr(model.head, 'classifier', None) or getattr(
+      model.head, 'conv_seg', None
+  )
   if layer is None:
     return None
   n = config.model.num_classes
-  return (np.asarray(layer.kernel[...], np.float64).reshape(-1, n),
-          np.asarray(layer.bias[...], np.float64))
+  return (
+      np.asarray(layer.kernel[...], np.float64).reshape(-1, n),
+      np.asarray(layer.bias[...], np.float64),
+  )
 
 
-def class_gaps(ps: np.ndarray, pt: np.ndarray, fs: np.ndarray, ft: np.ndarray,
-               both: np.ndarray, w: np.ndarray | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def class_gaps(
+    ps: np.ndarray,
+    pt: np.ndarray,
+    fs: np.ndarray,
+    ft: np.ndarray,
+    both: np.ndarray,
+    w: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Per class (NaN where a class is missing in a domain):
 
   * the centred cosine of the source and target prototypes, both taken
@@ -187,9 +213,17 @@ def class_gaps(ps: np.ndarray, pt: np.ndarray, fs: np.ndarray, ft: np.ndarray,
   return ccos, np.where(both, gap / scale, np.nan)
 
 
-def batch_diagnostics(config: ml_collections.ConfigDict, w_b, fs, ls, img_s,
-                      ft, pt, img_t, batch_images: int = 4
-                      ) -> dict[str, float]:
+def batch_diagnostics(
+    config: ml_collections.ConfigDict,
+    w_b,
+    fs,
+    ls,
+    img_s,
+    ft,
+    pt,
+    img_t,
+    batch_images: int = 4,
+) -> dict[str, float]:
   """What the alignment loss sees in a training-sized batch.
 
   Pairs batches of ``batch_images`` source-val images (ground-truth labels)
@@ -209,18 +243,19 @@ def batch_diagnostics(config: ml_collections.ConfigDict, w_b, fs, ls, img_s,
   w, b = (jnp.asarray(v, jnp.float32) for v in w_b)
 
   def align(f_s, f_t, l_s, l_t):
-    ps, pres_s = alignment.class_prototypes(f_s[None, :, None], l_s[None, :,
-                                                                    None],
-                                            n, a.min_pixels)
-    pt_, pres_t = alignment.class_prototypes(f_t[None, :, None], l_t[None, :,
-                                                                     None],
-                                             n, a.min_pixels)
+    ps, pres_s = alignment.class_prototypes(
+        f_s[None, :, None], l_s[None, :, None], n, a.min_pixels
+    )
+    pt_, pres_t = alignment.class_prototypes(
+        f_t[None, :, None], l_t[None, :, None], n, a.min_pixels
+    )
     present = pres_s & pres_t
     if a.kind == 'cosine':
       loss = alignment.cosine_pull(ps, pt_, present)
     else:  # the contrastive default (also for runs trained without it)
-      loss = alignment.contrastive(ps, pt_, present, temperature=a.temperature,
-                                   margin=a.margin)
+      loss = alignment.contrastive(
+          ps, pt_, present, temperature=a.temperature, margin=a.margin
+      )
     return a.weight * loss, jnp.sum(present)
 
   def ce(f_s, l_s):
@@ -239,8 +274,10 @@ def batch_diagnostics(config: ml_collections.ConfigDict, w_b, fs, ls, img_s,
     gc = g_ce(f_s, l_s)
     classes.append(float(k))
     ratios.append(float(jnp.linalg.norm(ga) / jnp.linalg.norm(gc)))
-  return {'classes': float(np.mean(classes)),
-          'grad_ratio': float(np.median(ratios))}
+  return {
+      'classes': float(np.mean(classes)),
+      'grad_ratio': float(np.median(ratios)),
+  }
 
 
 def _logged_mean(run_dir: str, tag: str) -> float:
@@ -249,17 +286,20 @@ def _logged_mean(run_dir: str, tag: str) -> float:
   return float(np.mean(values)) if values else float('nan')
 
 
-def measure(config: ml_collections.ConfigDict, run_dir: str, forward
-            ) -> dict[str, float]:
+def measure(
+    config: ml_collections.ConfigDict, run_dir: str, forward
+) -> dict[str, float]:
   """The prototype statistics of one run's final checkpoint."""
   root = train.resolve_data_root(config)
   params, stats = predict.load_weights(config, '', run_dir)  # the latest
   cs = labels_lib.get_class_set(config.data.class_set)
   n = cs.num_classes
-  fs, _, ls, img_s = split_features(config, forward, params, stats,
-                                    'source_val', root)
-  ft, pt, lt, img_t = split_features(config, forward, params, stats,
-                                     'target_val', root)
+  fs, _, ls, img_s = split_features(
+      config, forward, params, stats, 'source_val', root
+  )
+  ft, pt, lt, img_t = split_features(
+      config, forward, params, stats, 'target_val', root
+  )
   ps, cnt_s = prototypes(fs, ls, n)
   pt_gt, cnt_t = prototypes(ft, lt, n)
   both = (cnt_s > 0) & (cnt_t > 0)
@@ -269,21 +309,25 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
   # step's prototypes use: predicted, not true, classes).
   pt_pred, cnt_pred = prototypes(ft, pt.astype(np.int64), n)
   both_pred = (cnt_s > 0) & (cnt_pred > 0)
-  cos_st_pred = float(np.mean(np.sum(us[both_pred] * _unit(pt_pred)[both_pred],
-                                     axis=1)))
+  cos_st_pred = float(
+      np.mean(np.sum(us[both_pred] * _unit(pt_pred)[both_pred], axis=1))
+  )
   tt = ut[cnt_t > 0] @ ut[cnt_t > 0].T
   off = ~np.eye(len(tt), dtype=bool)
   w_b = classifier(config, params, stats)
-  ccos, gap = class_gaps(ps, pt_gt, fs, ft, both,
-                         None if w_b is None else w_b[0])
+  ccos, gap = class_gaps(
+      ps, pt_gt, fs, ft, both, None if w_b is None else w_b[0]
+  )
   small = both & (cnt_t / cnt_t.sum() < SMALL_SHARE)
   return {
       'ccos': float(np.nanmean(ccos)),
-      'ccos_small': float(np.nanmean(ccos[small])) if small.any() else
-                    float('nan'),
+      'ccos_small': float(np.nanmean(ccos[small]))
+      if small.any()
+      else float('nan'),
       'gap': float(np.nanmean(gap)),
-      'gap_small': float(np.nanmean(gap[small])) if small.any() else
-                   float('nan'),
+      'gap_small': float(np.nanmean(gap[small]))
+      if small.any()
+      else float('nan'),
       **batch_diagnostics(config, w_b, fs, ls, img_s, ft, pt, img_t),
       'classes_logged': _logged_mean(run_dir, 'align_classes'),
       'per_class_ccos': ccos.tolist(),
@@ -299,28 +343,33 @@ def measure(config: ml_collections.ConfigDict, run_dir: str, forward
 
 # Classes below this share of the target-val pixels count as small.
 SMALL_SHARE = 0.02
-COLUMNS = (('cos_st', 'cos(s, t)', '{:.3f}'),
-           ('cos_st_pred', 'cos(s, t) predicted', '{:.3f}'),
-           ('cos_tt', "cos(t, t')", '{:.3f}'),
-           ('head', 'head mIoU', '{:.1f}'),
-           ('nearest_src', 'nearest src mIoU', '{:.1f}'),
-           ('nearest_tgt', 'nearest tgt mIoU', '{:.1f}'))
+COLUMNS = (
+    ('cos_st', 'cos(s, t)', '{:.3f}'),
+    ('cos_st_pred', 'cos(s, t) predicted', '{:.3f}'),
+    ('cos_tt', "cos(t, t')", '{:.3f}'),
+    ('head', 'head mIoU', '{:.1f}'),
+    ('nearest_src', 'nearest src mIoU', '{:.1f}'),
+    ('nearest_tgt', 'nearest tgt mIoU', '{:.1f}'),
+)
 # What the alignment can act on (docs/benchmarks.md, "Reading the
 # diagnostics").
-DIAGNOSTICS = (('ccos', 'centred cos(s, t)', '{:.3f}'),
-               ('ccos_small', 'centred, small classes', '{:.3f}'),
-               ('gap', 'classifier gap', '{:.2f}'),
-               ('gap_small', 'classifier gap, small', '{:.2f}'),
-               ('classes', 'classes / batch (val)', '{:.1f}'),
-               ('classes_logged', 'classes / batch (training)', '{:.1f}'),
-               ('grad_ratio', '|grad align| / |grad CE|', '{:.3f}'))
+DIAGNOSTICS = (
+    ('ccos', 'centred cos(s, t)', '{:.3f}'),
+    ('ccos_small', 'centred, small classes', '{:.3f}'),
+    ('gap', 'classifier gap', '{:.2f}'),
+    ('gap_small', 'classifier gap, small', '{:.2f}'),
+    ('classes', 'classes / batch (val)', '{:.1f}'),
+    ('classes_logged', 'classes / batch (training)', '{:.1f}'),
+    ('grad_ratio', '|grad align| / |grad CE|', '{:.3f}'),
+)
 
 
-def table(results: dict[str, list[dict[str, float]]],
-          columns=COLUMNS) -> str:
+def table(results: dict[str, list[dict[str, float]]], columns=COLUMNS) -> str:
   """Markdown: each statistic's seed mean ± std per variant."""
-  rows = ['| run | ' + ' | '.join(c[1] for c in columns) + ' |',
-          '|---|' + '---:|' * len(columns)]
+  rows = [
+      '| run | ' + ' | '.join(c[1] for c in columns) + ' |',
+      '|---|' + '---:|' * len(columns),
+  ]
   for name, per_seed in results.items():
     cells = []
     for key, _, fmt in columns:
@@ -333,20 +382,26 @@ def table(results: dict[str, list[dict[str, float]]],
   return '\n'.join(rows)
 
 
-def per_class_table(results: dict[str, list[dict[str, float]]],
-                    class_names: tuple[str, ...]) -> str:
+def per_class_table(
+    results: dict[str, list[dict[str, float]]], class_names: tuple[str, ...]
+) -> str:
   """Markdown: per class, the seed-mean centred cosine / classifier gap of
   every variant ('-' where the class is missing in a domain)."""
   names = list(results)
-  rows = ['| class | ' + ' | '.join(names) + ' |',
-          '|---|' + '---:|' * len(names)]
+  rows = [
+      '| class | ' + ' | '.join(names) + ' |',
+      '|---|' + '---:|' * len(names),
+  ]
   for k, cls in enumerate(class_names):
     cells = []
     for v in names:
       c = np.array([r['per_class_ccos'][k] for r in results[v]], np.float64)
       g = np.array([r['per_class_gap'][k] for r in results[v]], np.float64)
-      cells.append('-' if np.isnan(c).all() else
-                   f'{np.nanmean(c):.2f} / {np.nanmean(g):.2f}')
+      cells.append(
+          '-'
+          if np.isnan(c).all()
+          else f'{np.nanmean(c):.2f} / {np.nanmean(g):.2f}'
+      )
     rows.append(f'| {cls} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
 
@@ -354,8 +409,10 @@ def per_class_table(results: dict[str, list[dict[str, float]]],
 def main(argv):
   del argv
   if FLAGS.domain != 'video':
-    raise app.UsageError('prototypes needs a labelled source-val split: only '
-                         '--domain=video has one.')
+    raise app.UsageError(
+        'prototypes needs a labelled source-val split: only '
+        '--domain=video has one.'
+    )
   start = time.time()
   seeds = [int(s) for s in FLAGS.seeds]
   variants = FLAGS.variants or ['dastc', 'no_alignment']
@@ -366,8 +423,9 @@ def main(argv):
     for seed in seeds:
       base = adaptation.seed_dir(seed)
       warm = adaptation.VARIANTS[v][1]
-      config = adaptation.run_config(seed, v, warm,
-                                     os.path.join(base, f'warm_{warm}'))
+      config = adaptation.run_config(
+          seed, v, warm, os.path.join(base, f'warm_{warm}')
+      )
       key = config.model.to_json()
       if key not in forwards:
         forwards[key] = make_forward(config)
@@ -375,23 +433,30 @@ def main(argv):
       logging.info('seed %d %s: %s', seed, v, r)
       results[v].append(r)
   cs = labels_lib.get_class_set(config.data.class_set)
-  text = (table(results) + '\n\nWhat the alignment can act on:\n\n' +
-          table(results, DIAGNOSTICS) +
-          '\n\nPer class, centred cos(s, t) / classifier gap:\n\n' +
-          per_class_table(results, cs.classes))
+  text = (
+      table(results)
+      + '\n\nWhat the alignment can act on:\n\n'
+      + table(results, DIAGNOSTICS)
+      + '\n\nPer class, centred cos(s, t) / classifier gap:\n\n'
+      + per_class_table(results, cs.classes)
+  )
   print(text)
-  cmd = ('python -m dastc_jax.benchmarks.prototypes '
-         f'--world={FLAGS.world} --domain={FLAGS.domain} '
-         f'{adaptation.model_flag()}--workdir={FLAGS.workdir} '
-         f'--seeds={",".join(map(str, seeds))} '
-         f'--variants={",".join(variants)}'
-         + (f' --output={FLAGS.output}' if FLAGS.output else ''))
+  cmd = (
+      'python -m dastc_jax.benchmarks.prototypes '
+      f'--world={FLAGS.world} --domain={FLAGS.domain} '
+      f'{adaptation.model_flag()}--workdir={FLAGS.workdir} '
+      f'--seeds={",".join(map(str, seeds))} '
+      f'--variants={",".join(variants)}'
+      + (f' --output={FLAGS.output}' if FLAGS.output else '')
+  )
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
-      f.write(f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
-              f'{FLAGS.model}, seeds {",".join(map(str, seeds))})\n\n'
-              f'Command: `{cmd}`\n\n{text}\n\n'
-              f'{time.time() - start:.0f} s.\n')
+      f.write(
+          f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
+          f'{FLAGS.model}, seeds {",".join(map(str, seeds))})\n\n'
+          f'Command: `{cmd}`\n\n{text}\n\n'
+          f'{time.time() - start:.0f} s.\n'
+      )
 
 
 if __name__ == '__main__':

@@ -41,7 +41,8 @@ def _teacher_labels(config, root, aligned: bool):
   config = config.copy_and_resolve_references()
   config.dastc.pl_distribution_alignment = aligned
   graphdef, state, _ = state_lib.create_train_state(
-      config, sizes=state_lib.carried_sizes(config, root))
+      config, sizes=state_lib.carried_sizes(config, root)
+  )
   state = state_lib.init_from_checkpoint(config, state)
   it = iter(pipeline.make_train_dataset(config, root, local_batch_size=4))
 
@@ -50,10 +51,22 @@ def _teacher_labels(config, root, aligned: bool):
     tgt = batch['target']
     x = image_ops.normalize(tgt['frames'])
     pl, _, _, prior = dastc_step._pseudo_labels(  # pylint: disable=protected-access
-        config, graphdef, state, x, tgt, x.shape[2:4], 0, jax.random.key(0),
-        jax.random.key(1), batch['source']['labels'])
-    carried = {**state.carried, 'class_prior': prior,
-               'has_prev': jax.numpy.asarray(True)}
+        config,
+        graphdef,
+        state,
+        x,
+        tgt,
+        x.shape[2:4],
+        0,
+        jax.random.key(0),
+        jax.random.key(1),
+        batch['source']['labels'],
+    )
+    carried = {
+        **state.carried,
+        'class_prior': prior,
+        'has_prev': jax.numpy.asarray(True),
+    }
     return pl['label_t'], pl['conf_t'], state.replace(carried=carried)
 
   out = []
@@ -69,21 +82,28 @@ def report(lab, conf, gt, names) -> str:
   rows = ['| rule | pixels kept | accuracy |', '|---|---:|---:|']
   for th in (0.0, 0.5, 0.7, 0.9, 0.95):
     k = valid & (conf >= th)
-    rows.append(f'| probability >= {th} | {k.sum() / valid.sum():.2f} | '
-                f'{np.mean((lab == gt)[k]):.3f} |')
-  rows += ['', '| predicted class | share of pixels | true share | '
-           'precision | precision at p >= 0.9 | kept at p >= 0.9 |',
-           '|---|---:|---:|---:|---:|---:|']
+    rows.append(
+        f'| probability >= {th} | {k.sum() / valid.sum():.2f} | '
+        f'{np.mean((lab == gt)[k]):.3f} |'
+    )
+  rows += [
+      '',
+      '| predicted class | share of pixels | true share | '
+      'precision | precision at p >= 0.9 | kept at p >= 0.9 |',
+      '|---|---:|---:|---:|---:|---:|',
+  ]
   for c, name in enumerate(names):
     m = valid & (lab == c)
     if m.sum() < 100:
       continue
     hi = m & (conf >= 0.9)
     prec_hi = f'{np.mean(gt[hi] == c):.2f}' if hi.sum() else '-'
-    rows.append(f'| {name} | {m.sum() / valid.sum():.3f} | '
-                f'{np.sum(valid & (gt == c)) / valid.sum():.3f} | '
-                f'{np.mean(gt[m] == c):.2f} | {prec_hi} | '
-                f'{hi.sum() / m.sum():.2f} |')
+    rows.append(
+        f'| {name} | {m.sum() / valid.sum():.3f} | '
+        f'{np.sum(valid & (gt == c)) / valid.sum():.3f} | '
+        f'{np.mean(gt[m] == c):.2f} | {prec_hi} | '
+        f'{hi.sum() / m.sum():.2f} |'
+    )
   return '\n'.join(rows)
 
 
@@ -91,25 +111,38 @@ def main(argv):
   del argv
   log_filter.install()
   config = adaptation.run_config(
-      FLAGS.seed, 'dastc', 'hm', os.path.join(
-          FLAGS.workdir, f'{FLAGS.world}-video', f'seed{FLAGS.seed}',
-          'warm_hm'))
+      FLAGS.seed,
+      'dastc',
+      'hm',
+      os.path.join(
+          FLAGS.workdir, f'{FLAGS.world}-video', f'seed{FLAGS.seed}', 'warm_hm'
+      ),
+  )
   root = train.resolve_data_root(config)
   names = labels_lib.get_class_set(config.data.class_set).classes
   output = FLAGS.output or os.path.join(
-      'benchmarks', f'pseudo_labels_{FLAGS.world}.md')
-  cmd = ('python -m dastc_jax.benchmarks.pseudo_labels '
-         f'--world={FLAGS.world} --seed={FLAGS.seed} '
-         f'--batches={FLAGS.batches} --workdir={FLAGS.workdir}')
-  text = [f'# Warm-start pseudo-labels: {FLAGS.world} world, seed '
-          f'{FLAGS.seed}\n', f'Command: `{cmd}`\n',
-          f'Teacher = the histogram-matched source-only warm start, on '
-          f'{FLAGS.batches} target training batches of 4 clips (frame t, '
-          'cross-frame labels), against the held-out target labels.\n']
+      'benchmarks', f'pseudo_labels_{FLAGS.world}.md'
+  )
+  cmd = (
+      'python -m dastc_jax.benchmarks.pseudo_labels '
+      f'--world={FLAGS.world} --seed={FLAGS.seed} '
+      f'--batches={FLAGS.batches} --workdir={FLAGS.workdir}'
+  )
+  text = [
+      f'# Warm-start pseudo-labels: {FLAGS.world} world, seed '
+      f'{FLAGS.seed}\n',
+      f'Command: `{cmd}`\n',
+      f'Teacher = the histogram-matched source-only warm start, on '
+      f'{FLAGS.batches} target training batches of 4 clips (frame t, '
+      'cross-frame labels), against the held-out target labels.\n',
+  ]
   for aligned in (False, True):
     lab, conf, gt = _teacher_labels(config, root, aligned)
-    text += [f'## pl_distribution_alignment={aligned}\n',
-             report(lab, conf, gt, names), '']
+    text += [
+        f'## pl_distribution_alignment={aligned}\n',
+        report(lab, conf, gt, names),
+        '',
+    ]
   text = '\n'.join(text) + '\n'
   print(text)
   with open(output, 'w') as f:

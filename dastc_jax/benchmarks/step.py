@@ -51,17 +51,28 @@ from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
 from dastc_jax.runtime import xla_cpu
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+_REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 # Published dense bf16 peaks (FLOP/s) by device kind.
-BF16_PEAK = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
-             'NVIDIA H200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
-             'TPU v5p': 459e12}
+BF16_PEAK = {
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5p': 459e12,
+}
 
 
-def _config(batch: int, dtype: str, bn_group_size: int = 1,
-            model: str = 'accel', mit_variant: str = 'b5'):
+def _config(
+    batch: int,
+    dtype: str,
+    bn_group_size: int = 1,
+    model: str = 'accel',
+    mit_variant: str = 'b5',
+):
   """The VIPER config of the benchmarked model: ``accel`` (ACCEL-DeepLabv2-
   ResNet-101) or ``vit`` (QuadMix-ViT: MiT ``mit_variant`` + DAFormer)."""
   if model == 'vit':
@@ -76,8 +87,9 @@ def _config(batch: int, dtype: str, bn_group_size: int = 1,
   return c
 
 
-def fake_batch(config, batch: int, src_hw, tgt_hw, seed: int = 0,
-               dastc: bool = True) -> dict[str, Any]:
+def fake_batch(
+    config, batch: int, src_hw, tgt_hw, seed: int = 0, dastc: bool = True
+) -> dict[str, Any]:
   """A random batch with every key a step reads (uint8 frames, ids)."""
   rng = np.random.default_rng(seed)
   c = config.model.num_classes
@@ -87,28 +99,41 @@ def fake_batch(config, batch: int, src_hw, tgt_hw, seed: int = 0,
   flow = lambda h, w: rng.normal(0, 3, (batch, h, w, 2)).astype(np.float32)
   hs, ws = src_hw
   ht, wt = tgt_hw
-  src = {'frames': u8(batch, 2, hs, ws, 3), 'labels': ids(batch, 2, hs, ws),
-         'flow': flow(hs, ws)}
+  src = {
+      'frames': u8(batch, 2, hs, ws, 3),
+      'labels': ids(batch, 2, hs, ws),
+      'flow': flow(hs, ws),
+  }
   if not dastc:
     return {'source': src}
-  src.update(crop=np.zeros((batch, 2), np.int32),
-             rare_frames=u8(batch, k, ht, wt, 3),
-             rare_labels=ids(batch, k, ht, wt),
-             rare_classes=np.full((batch, k), 3, np.int32))
-  tgt = {'frames': u8(batch, 3, ht, wt, 3), 'flow': flow(ht, wt),
-         'flow_t_t2': flow(ht, wt), 'flow_t1_t2': flow(ht, wt),
-         'label': ids(batch, ht, wt)}
+  src.update(
+      crop=np.zeros((batch, 2), np.int32),
+      rare_frames=u8(batch, k, ht, wt, 3),
+      rare_labels=ids(batch, k, ht, wt),
+      rare_classes=np.full((batch, k), 3, np.int32),
+  )
+  tgt = {
+      'frames': u8(batch, 3, ht, wt, 3),
+      'flow': flow(ht, wt),
+      'flow_t_t2': flow(ht, wt),
+      'flow_t1_t2': flow(ht, wt),
+      'label': ids(batch, ht, wt),
+  }
   return {'source': src, 'target': tgt}
 
 
 def _mesh(n: int):
-  return jax.make_mesh((n, 1), sharding_lib.BATCH_AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=jax.devices()[:n])
+  return jax.make_mesh(
+      (n, 1),
+      sharding_lib.BATCH_AXES,
+      axis_types=(AxisType.Auto, AxisType.Auto),
+      devices=jax.devices()[:n],
+  )
 
 
-def build_jax_step(config, kind: str, src_hw, tgt_hw, n_devices: int = 1
-                   ) -> tuple[Callable[[], float], dict[str, Any]]:
+def build_jax_step(
+    config, kind: str, src_hw, tgt_hw, n_devices: int = 1
+) -> tuple[Callable[[], float], dict[str, Any]]:
   """Compiles one step kind (``source_only`` or ``dastc``).
 
   Returns:
@@ -118,20 +143,29 @@ def build_jax_step(config, kind: str, src_hw, tgt_hw, n_devices: int = 1
   batch_size = config.train.batch_size
   mesh = _mesh(n_devices)
   data = sharding_lib.data_sharding(mesh)
-  sizes = {'batch': batch_size, 'source': tuple(src_hw),
-           'target': tuple(tgt_hw)}
+  sizes = {
+      'batch': batch_size,
+      'source': tuple(src_hw),
+      'target': tuple(tgt_hw),
+  }
   config.method = 'dastc' if kind == 'dastc' else 'source_only'
   graphdef, state, tx = state_lib.create_train_state(
-      config, sizes=sizes if kind == 'dastc' else None)
+      config, sizes=sizes if kind == 'dastc' else None
+  )
   st_sh = sharding_lib.state_shardings(state, mesh)
-  make = (step_lib.make_dastc_step if kind == 'dastc' else
-          step_lib.make_train_step)
-  fn = jax.jit(make(config, graphdef, tx), in_shardings=(st_sh, data),
-               out_shardings=(st_sh, sharding_lib.replicated(mesh)),
-               donate_argnums=0)
+  make = (
+      step_lib.make_dastc_step if kind == 'dastc' else step_lib.make_train_step
+  )
+  fn = jax.jit(
+      make(config, graphdef, tx),
+      in_shardings=(st_sh, data),
+      out_shardings=(st_sh, sharding_lib.replicated(mesh)),
+      donate_argnums=0,
+  )
   batch = sharding_lib.shard_batch(
       fake_batch(config, batch_size, src_hw, tgt_hw, dastc=kind == 'dastc'),
-      data)
+      data,
+  )
   box = {'state': jax.device_put(state, st_sh)}
   t0 = time.perf_counter()
   compiled = fn.lower(box['state'], batch).compile()
@@ -147,14 +181,16 @@ def build_jax_step(config, kind: str, src_hw, tgt_hw, n_devices: int = 1
     return time.perf_counter() - t
 
   one()  # warm-up
-  return one, {'compile_s': compile_s,
-               'flops': float((cost or {}).get('flops', float('nan'))),
-               'frames_per_step': batch_size * (2 if kind == 'source_only'
-                                                else 12)}
+  return one, {
+      'compile_s': compile_s,
+      'flops': float((cost or {}).get('flops', float('nan'))),
+      'frames_per_step': batch_size * (2 if kind == 'source_only' else 12),
+  }
 
 
-def interleaved(runners: dict[str, Callable[[], float]], steps: int
-                ) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict[str, Callable[[], float]], steps: int
+) -> dict[str, list[float]]:
   """Times ``steps`` calls of each runner, alternating them call by call.
 
   This machine's speed drifts by 10% and more between minutes; alternating
@@ -173,22 +209,33 @@ def paired_ratios(a: list[float], b: list[float]) -> dict[str, float]:
   if len(r) < 2:
     return {}
   q = statistics.quantiles(r, n=4, method='inclusive')
-  return {'median': statistics.median(r), 'q1': q[0], 'q3': q[2],
-          'min': r[0], 'max': r[-1], 'n': len(r)}
+  return {
+      'median': statistics.median(r),
+      'q1': q[0],
+      'q3': q[2],
+      'min': r[0],
+      'max': r[-1],
+      'n': len(r),
+  }
 
 
 def summarize(info: dict[str, Any], times: list[float]) -> dict[str, Any]:
   """Step-time statistics of a JAX step from its compile facts and times."""
   stats = jax.devices()[0].memory_stats() or {}
   step_s = statistics.median(times)
-  return {**info, 'step_s': step_s, 'times': times,
-          'flop_per_s': info['flops'] / step_s,
-          'frames_per_s': info['frames_per_step'] / step_s,
-          'peak_bytes': stats.get('peak_bytes_in_use')}
+  return {
+      **info,
+      'step_s': step_s,
+      'times': times,
+      'flop_per_s': info['flops'] / step_s,
+      'frames_per_s': info['frames_per_step'] / step_s,
+      'peak_bytes': stats.get('peak_bytes_in_use'),
+  }
 
 
-def time_jax_step(config, kind: str, src_hw, tgt_hw, steps: int,
-                  n_devices: int = 1) -> dict[str, Any]:
+def time_jax_step(
+    config, kind: str, src_hw, tgt_hw, steps: int, n_devices: int = 1
+) -> dict[str, Any]:
   """Compiles and times one step kind on its own."""
   one, info = build_jax_step(config, kind, src_hw, tgt_hw, n_devices)
   return summarize(info, interleaved({kind: one}, steps)[kind])
@@ -208,8 +255,9 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 # --------------------------------------------------------------- PyTorch
-def build_torch_step(config, batch: int, src_hw
-                     ) -> tuple[Callable[[], float], dict[str, Any]] | None:
+def build_torch_step(
+    config, batch: int, src_hw
+) -> tuple[Callable[[], float], dict[str, Any]] | None:
   """The source-only step of ``config.model`` (ACCEL-DeepLabv2 with SGD, or
   the transformer video model with AdamW) in PyTorch eager (None without
   torch, or without ``transformers`` for the transformer).
@@ -222,34 +270,52 @@ def build_torch_step(config, batch: int, src_hw
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from dastc_jax.benchmarks import torch_accel  # pylint: disable=g-import-not-at-top
+
     versions = {'version': torch.__version__}
     if m.name == 'accel_daformer':
       from dastc_jax.benchmarks import torch_daformer  # pylint: disable=g-import-not-at-top
       import transformers  # pylint: disable=g-import-not-at-top
+
       versions['transformers'] = transformers.__version__
   except ImportError:
-    logging.warning('PyTorch (or transformers) is not installed: no '
-                    'baseline.')
+    logging.warning(
+        'PyTorch (or transformers) is not installed: no ' 'baseline.'
+    )
     return None
   torch.manual_seed(0)
   b = fake_batch(config, batch, src_hw, src_hw, dastc=False)['source']
   if m.name == 'accel_daformer':
     spec = mit.VARIANTS[m.mit_variant]
     model = torch_daformer.VitVideo(
-        spec.dims, spec.depths, spec.heads, spec.sr_ratios, m.num_classes,
-        m.head_features, tuple(m.daformer_dilations), m.drop_path_rate)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
-                            weight_decay=config.optim.weight_decay)
+        spec.dims,
+        spec.depths,
+        spec.heads,
+        spec.sr_ratios,
+        m.num_classes,
+        m.head_features,
+        tuple(m.daformer_dilations),
+        m.drop_path_rate,
+    )
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optim.lr,
+        weight_decay=config.optim.weight_decay,
+    )
     loss_fn = torch_daformer.source_loss
     mean = torch.tensor(mit.IMAGENET_MEAN_RGB)
     std = torch.tensor(mit.IMAGENET_STD_RGB)
     x = (torch.from_numpy(b['frames']).float() - mean) / std  # RGB
   else:
-    model = torch_accel.AccelDeepLab(m.num_classes, tuple(m.layers), m.width,
-                                     m.head_features,
-                                     tuple(m.aspp_dilations))
-    opt = torch.optim.SGD(model.parameters(), lr=config.optim.lr,
-                          momentum=0.9, weight_decay=5e-4)
+    model = torch_accel.AccelDeepLab(
+        m.num_classes,
+        tuple(m.layers),
+        m.width,
+        m.head_features,
+        tuple(m.aspp_dilations),
+    )
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.optim.lr, momentum=0.9, weight_decay=5e-4
+    )
     loss_fn = torch_accel.source_loss
     mean = torch.tensor([104.00698793, 116.66876762, 122.67891434])
     x = torch.from_numpy(b['frames'][..., ::-1].copy()).float() - mean  # BGR
@@ -271,7 +337,7 @@ def build_torch_step(config, batch: int, src_hw
   return one, {'threads': torch.get_num_threads(), **versions}
 
 
-_CHILD = '''
+_CHILD = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 from dastc_jax.runtime import host_malloc
@@ -298,7 +364,7 @@ print('READY', json.dumps({{**info, 'host_malloc': malloc}}), flush=True)
 for _ in sys.stdin:
   print('STEP', one(),
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
-'''
+"""
 
 
 class StepProcess:
@@ -312,22 +378,41 @@ class StepProcess:
   runs, so the steps still alternate and see the same machine drift.
   """
 
-  def __init__(self, framework: str, batch: int, hw,
-               env: dict[str, str] | None = None,
-               overrides: dict[str, Any] | None = None,
-               model: str = 'accel', mit_variant: str = 'b5'):
-    code = _CHILD.format(repo=_REPO, framework=framework, batch=batch,
-                         hw=tuple(hw), overrides=dict(overrides or {}),
-                         model=model, mit=mit_variant)
+  def __init__(
+      self,
+      framework: str,
+      batch: int,
+      hw,
+      env: dict[str, str] | None = None,
+      overrides: dict[str, Any] | None = None,
+      model: str = 'accel',
+      mit_variant: str = 'b5',
+  ):
+    code = _CHILD.format(
+        repo=_REPO,
+        framework=framework,
+        batch=batch,
+        hw=tuple(hw),
+        overrides=dict(overrides or {}),
+        model=model,
+        mit=mit_variant,
+    )
     self.framework = framework
     # The child applies xla_cpu's defaults itself (or not, by `env`): start
     # it from the user's XLA_FLAGS, not from this process's.
     flags = xla_cpu.strip_defaults(os.environ.get('XLA_FLAGS', ''))
     self._proc = subprocess.Popen(
-        [sys.executable, '-c', code], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags,
-             **(env or {})})
+        [sys.executable, '-c', code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            'JAX_PLATFORMS': 'cpu',
+            'XLA_FLAGS': flags,
+            **(env or {}),
+        },
+    )
     self.info = None
     self.peak_rss = None
     first = self._read(('READY', 'NOTORCH'))
@@ -338,8 +423,10 @@ class StepProcess:
     for line in self._proc.stdout:
       if line.startswith(prefixes):
         return line.strip()
-    raise RuntimeError(f'The {self.framework} benchmark process ended early '
-                       f'(exit {self._proc.wait()}); its error is above.')
+    raise RuntimeError(
+        f'The {self.framework} benchmark process ended early '
+        f'(exit {self._proc.wait()}); its error is above.'
+    )
 
   def __call__(self) -> float:
     self._proc.stdin.write('step\n')
@@ -355,7 +442,7 @@ class StepProcess:
 
 
 # ----------------------------------------------------------- weak scaling
-_SUBPROCESS = '''
+_SUBPROCESS = """
 import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={n}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -370,7 +457,7 @@ b._shrink(c, {depth!r})
 r = b.time_jax_step(c, 'source_only', {hw}, {hw}, {steps}, n_devices={n})
 print('RESULT', json.dumps({{'step_s': r['step_s'], 'compile_s': r['compile_s'],
                              'xla_flags': os.environ['XLA_FLAGS']}}))
-'''
+"""
 
 
 def _shrink(config, depth: str) -> None:
@@ -380,11 +467,13 @@ def _shrink(config, depth: str) -> None:
 
 def _in_subprocess(n: int, hw, steps: int, depth: str) -> dict[str, Any]:
   """Times the source-only step on ``n`` simulated CPU devices in a child."""
-  code = _SUBPROCESS.format(n=n, repo=_REPO, hw=tuple(hw), steps=steps,
-                            depth=depth)
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, timeout=3600)
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')]
+  code = _SUBPROCESS.format(
+      n=n, repo=_REPO, hw=tuple(hw), steps=steps, depth=depth
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, timeout=3600
+  )
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')]
   if proc.returncode or not line:
     raise RuntimeError(proc.stderr[-3000:])
   return json.loads(line[0][7:])
@@ -409,20 +498,31 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   else:
     src_hw, tgt_hw = (720, 1280), (512, 1024)
   dtype = 'float32' if on_cpu else args['dtype']
-  res = {'device': dev.device_kind, 'platform': dev.platform,
-         'cpu_count': os.cpu_count(), 'machine': platform.processor(),
-         'src_hw': src_hw, 'tgt_hw': tgt_hw, 'dtype': dtype,
-         'batch': args['batch'], 'date': time.strftime('%Y-%m-%d'),
-         'jax': jax.__version__,
-         'xla_flags': os.environ.get('XLA_FLAGS', ''),
-         'host_malloc': args.get('host_malloc', 'not called')}
+  res = {
+      'device': dev.device_kind,
+      'platform': dev.platform,
+      'cpu_count': os.cpu_count(),
+      'machine': platform.processor(),
+      'src_hw': src_hw,
+      'tgt_hw': tgt_hw,
+      'dtype': dtype,
+      'batch': args['batch'],
+      'date': time.strftime('%Y-%m-%d'),
+      'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'host_malloc': args.get('host_malloc', 'not called'),
+  }
   which = {'model': args['model'], 'mit_variant': args['mit_variant']}
-  res['model'] = (f'QuadMix-ViT (MiT-{args["mit_variant"].upper()} + '
-                  'DAFormer head + flow fusion)' if args['model'] == 'vit'
-                  else 'ACCEL-DeepLabv2-ResNet-101')
-  res['peak'] = (matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind))
-  res['peak_kind'] = ('measured float32 matmul' if on_cpu else
-                      'published dense bf16')
+  res['model'] = (
+      f'QuadMix-ViT (MiT-{args["mit_variant"].upper()} + '
+      'DAFormer head + flow fusion)'
+      if args['model'] == 'vit'
+      else 'ACCEL-DeepLabv2-ResNet-101'
+  )
+  res['peak'] = matmul_peak() if on_cpu else BF16_PEAK.get(dev.device_kind)
+  res['peak_kind'] = (
+      'measured float32 matmul' if on_cpu else 'published dense bf16'
+  )
   # Source-only comparison rows, each alternated step by step with the
   # JAX step: name -> (runner, facts).
   rows = {}
@@ -430,11 +530,14 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   torch_row = args['torch'] and compare
   if torch_row and not on_cpu:
     # build_torch_step runs PyTorch on the CPU: no like-for-like baseline.
-    logging.warning('The PyTorch baseline runs on the CPU only; skipped on '
-                    '%s.', dev.platform)
+    logging.warning(
+        'The PyTorch baseline runs on the CPU only; skipped on ' '%s.',
+        dev.platform,
+    )
   elif torch_row and args['torch_process'] == 'same':
-    built = build_torch_step(_config(args['batch'], 'float32', **which),
-                             args['batch'], src_hw)
+    built = build_torch_step(
+        _config(args['batch'], 'float32', **which), args['batch'], src_hw
+    )
     if built:
       rows['torch'] = built[0], {**built[1], 'process': 'same'}
   elif torch_row:
@@ -459,16 +562,15 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
       # XLA's backward conv for the kernel gradients.
       variants['conv_wgrad'] = {}, {'model.conv_kernel_grad': 'conv'}
     for name, (env, overrides) in variants.items():
-      proc = StepProcess('jax', args['batch'], src_hw, env, overrides,
-                         **which)
+      proc = StepProcess('jax', args['batch'], src_hw, env, overrides, **which)
       rows[name] = proc, {**proc.info, 'process': 'separate'}
   for kind in args['kinds']:
     if kind == 'source_only' and 'source_only' in rows:
       main_step, info = rows.pop('source_only')
     else:
-      main_step, info = build_jax_step(_config(args['batch'], dtype, **which),
-                                       kind,
-                                       src_hw, tgt_hw)
+      main_step, info = build_jax_step(
+          _config(args['batch'], dtype, **which), kind, src_hw, tgt_hw
+      )
     runners = {kind: main_step}
     if kind == 'source_only':
       runners.update({name: r for name, (r, _) in rows.items()})
@@ -479,9 +581,12 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
       main_step.close()
     for name, (runner, facts) in rows.items():
       if name in times:
-        res[name] = {**facts, 'times': times[name],
-                     'step_s': statistics.median(times[name]),
-                     'peak_rss': getattr(runner, 'peak_rss', None)}
+        res[name] = {
+            **facts,
+            'times': times[name],
+            'step_s': statistics.median(times[name]),
+            'peak_rss': getattr(runner, 'peak_rss', None),
+        }
     logging.info('%s: %.3f s/step', kind, res[kind]['step_s'])
     del main_step, runners
     if kind == 'source_only':
@@ -492,8 +597,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   res['peak_rss'] = rss
   if on_cpu and args['weak_scaling']:
-    res['weak'] = weak_scaling(args['weak_size'], args['steps'],
-                               args['weak_depth'])
+    res['weak'] = weak_scaling(
+        args['weak_size'], args['steps'], args['weak_depth']
+    )
   return res
 
 
@@ -501,12 +607,21 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 _ROWS = (
     ('torch', 'PyTorch eager, glibc malloc defaults (as users run it)'),
     ('torch_malloc', 'PyTorch eager with the host_malloc.py settings'),
-    ('jax_glibc', 'JAX, glibc malloc defaults (`DASTC_MALLOC_DEFAULTS=0`, '
-                  'child process)'),
-    ('xla_default', "JAX, XLA:CPU's default fusion "
-                    '(`DASTC_XLA_CPU_DEFAULTS=0`, child process)'),
-    ('conv_wgrad', "JAX, XLA's backward convolution for the 3x3/7x7 kernel "
-                   "gradients (`model.conv_kernel_grad='conv'`)"),
+    (
+        'jax_glibc',
+        'JAX, glibc malloc defaults (`DASTC_MALLOC_DEFAULTS=0`, '
+        'child process)',
+    ),
+    (
+        'xla_default',
+        "JAX, XLA:CPU's default fusion "
+        '(`DASTC_XLA_CPU_DEFAULTS=0`, child process)',
+    ),
+    (
+        'conv_wgrad',
+        "JAX, XLA's backward convolution for the 3x3/7x7 kernel "
+        "gradients (`model.conv_kernel_grad='conv'`)",
+    ),
 )
 
 
@@ -516,17 +631,21 @@ def _gb(x):
 
 def report(res: dict[str, Any], command: str) -> str:
   """The markdown table of ``run``'s results."""
-  lines = ['# Train step: JAX vs PyTorch', '',
-           f'Command: `{command}`', '',
-           f'Hardware: {res["device"]} ({res["platform"]}; '
-           f'{res["cpu_count"]} CPU cores), jax {res["jax"]}, '
-           f'{res["date"]}. {res.get("model", "ACCEL-DeepLabv2-ResNet-101")}, batch '
-           f'{res["batch"]}, source {res["src_hw"][0]}x{res["src_hw"][1]}, '
-           f'target {res["tgt_hw"][0]}x{res["tgt_hw"][1]}, {res["dtype"]}.',
-           '',
-           '| step | s/step | frames/s | compile s | GFLOP/step | GFLOP/s '
-           f'| utilisation ({res["peak_kind"]}) | peak memory |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [
+      '# Train step: JAX vs PyTorch',
+      '',
+      f'Command: `{command}`',
+      '',
+      f'Hardware: {res["device"]} ({res["platform"]}; '
+      f'{res["cpu_count"]} CPU cores), jax {res["jax"]}, '
+      f'{res["date"]}. {res.get("model", "ACCEL-DeepLabv2-ResNet-101")}, batch '
+      f'{res["batch"]}, source {res["src_hw"][0]}x{res["src_hw"][1]}, '
+      f'target {res["tgt_hw"][0]}x{res["tgt_hw"][1]}, {res["dtype"]}.',
+      '',
+      '| step | s/step | frames/s | compile s | GFLOP/step | GFLOP/s '
+      f'| utilisation ({res["peak_kind"]}) | peak memory |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   peak = res.get('peak')
   for kind in ('source_only', 'dastc'):
     if kind not in res:
@@ -535,63 +654,100 @@ def report(res: dict[str, Any], command: str) -> str:
     util = f'{100 * r["flop_per_s"] / peak:.0f}%' if peak else '-'
     mem = _gb(r['peak_bytes']) if r['peak_bytes'] else '-'
 
-    lines.append(f'| {kind} | {r["step_s"]:.3f} | {r["frames_per_s"]:.2f} | '
-                 f'{r["compile_s"]:.1f} | {r["flops"] / 1e9:.0f} | '
-                 f'{r["flop_per_s"] / 1e9:.1f} | {util} | {mem} |')
+    lines.append(
+        f'| {kind} | {r["step_s"]:.3f} | {r["frames_per_s"]:.2f} | '
+        f'{r["compile_s"]:.1f} | {r["flops"] / 1e9:.0f} | '
+        f'{r["flop_per_s"] / 1e9:.1f} | {util} | {mem} |'
+    )
   if peak:
-    lines += ['', f'Peak used for utilisation: {peak / 1e9:.1f} GFLOP/s '
-                  f'({res["peak_kind"]}).']
-  if not any(res.get(k, {}).get('peak_bytes') for k in ('source_only',
-                                                        'dastc')):
+    lines += [
+        '',
+        f'Peak used for utilisation: {peak / 1e9:.1f} GFLOP/s '
+        f'({res["peak_kind"]}).',
+    ]
+  if not any(
+      res.get(k, {}).get('peak_bytes') for k in ('source_only', 'dastc')
+  ):
     own = res.get('source_only', {}).get('peak_rss')
-    lines += ['', 'This device reports no memory statistics; peak resident '
-                  'memory of the process after the JAX steps: '
-                  f'{_gb(res["peak_rss"])}'
-                  + (f' (the source-only step\'s own process: {_gb(own)})'
-                     if own else '') + '.']
+    lines += [
+        '',
+        'This device reports no memory statistics; peak resident '
+        'memory of the process after the JAX steps: '
+        f'{_gb(res["peak_rss"])}'
+        + (f" (the source-only step's own process: {_gb(own)})" if own else '')
+        + '.',
+    ]
   j = res.get('source_only', {})
   t = res.get('torch')
   if t:
-    where = ('in a separate process' if t.get('process') == 'separate'
-             else 'in the same process as JAX')
-    enc = (f', encoder from transformers {t["transformers"]}'
-           if t.get('transformers') else '')
-    lines += ['', f'PyTorch {t["version"]} eager{enc}, same source-only step '
-                  f'({t["threads"]} threads, {where}; host_malloc: '
-                  f'{t.get("host_malloc", res.get("host_malloc"))}), timed '
-                  'alternately with the '
-                  f'JAX step, step by step: {t["step_s"]:.3f} s/step (JAX '
-                  f'{j["step_s"]:.3f}). **JAX / PyTorch time ratio: '
-                  f'{j["step_s"] / t["step_s"]:.2f}** (below 1: JAX is '
-                  'faster). Per-step times, JAX: '
-                  + ', '.join(f'{x:.2f}' for x in j['times'])
-                  + '; PyTorch: ' + ', '.join(f'{x:.2f}' for x in t['times'])
-                  + '.']
+    where = (
+        'in a separate process'
+        if t.get('process') == 'separate'
+        else 'in the same process as JAX'
+    )
+    enc = (
+        f', encoder from transformers {t["transformers"]}'
+        if t.get('transformers')
+        else ''
+    )
+    lines += [
+        '',
+        f'PyTorch {t["version"]} eager{enc}, same source-only step '
+        f'({t["threads"]} threads, {where}; host_malloc: '
+        f'{t.get("host_malloc", res.get("host_malloc"))}), timed '
+        'alternately with the '
+        f'JAX step, step by step: {t["step_s"]:.3f} s/step (JAX '
+        f'{j["step_s"]:.3f}). **JAX / PyTorch time ratio: '
+        f'{j["step_s"] / t["step_s"]:.2f}** (below 1: JAX is '
+        'faster). Per-step times, JAX: '
+        + ', '.join(f'{x:.2f}' for x in j['times'])
+        + '; PyTorch: '
+        + ', '.join(f'{x:.2f}' for x in t['times'])
+        + '.',
+    ]
   rows = [(name, label) for name, label in _ROWS if name in res]
   if rows:
-    lines += ['', 'Every row below was timed in the same loop as the JAX '
-                  'source-only step, one step each in turn. The paired '
-                  'ratio divides each JAX step by the step of that row timed '
-                  'right after it, which cancels the drift between minutes.',
-              '', '| source-only step | s/step | JAX / row (medians) | '
-                  'paired JAX / row: median (quartiles; range) |',
-              '|---|---:|---:|---|']
+    lines += [
+        '',
+        'Every row below was timed in the same loop as the JAX '
+        'source-only step, one step each in turn. The paired '
+        'ratio divides each JAX step by the step of that row timed '
+        'right after it, which cancels the drift between minutes.',
+        '',
+        '| source-only step | s/step | JAX / row (medians) | '
+        'paired JAX / row: median (quartiles; range) |',
+        '|---|---:|---:|---|',
+    ]
     for name, label in rows:
       r = res[name]
       p = paired_ratios(j['times'], r['times'])
-      pq = (f'{p["median"]:.2f} ({p["q1"]:.2f}-{p["q3"]:.2f}; '
-            f'{p["min"]:.2f}-{p["max"]:.2f}, {p["n"]} pairs)' if p else '-')
-      lines.append(f'| {label} | {r["step_s"]:.3f} | '
-                   f'{j["step_s"] / r["step_s"]:.2f} | {pq} |')
-  lines += ['', f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
-                '(dastc_jax/runtime/xla_cpu.py). Host malloc settings of this '
-                f'process: {res.get("host_malloc", "not recorded")} '
-                '(dastc_jax/runtime/host_malloc.py).']
+      pq = (
+          f'{p["median"]:.2f} ({p["q1"]:.2f}-{p["q3"]:.2f}; '
+          f'{p["min"]:.2f}-{p["max"]:.2f}, {p["n"]} pairs)'
+          if p
+          else '-'
+      )
+      lines.append(
+          f'| {label} | {r["step_s"]:.3f} | '
+          f'{j["step_s"] / r["step_s"]:.2f} | {pq} |'
+      )
+  lines += [
+      '',
+      f'XLA_FLAGS of the JAX steps: `{res.get("xla_flags", "")}` '
+      '(dastc_jax/runtime/xla_cpu.py). Host malloc settings of this '
+      f'process: {res.get("host_malloc", "not recorded")} '
+      '(dastc_jax/runtime/host_malloc.py).',
+  ]
   w = res.get('weak')
   if w:
-    lines += ['', 'Weak scaling, source-only step, batch 1 per simulated '
-                  'CPU device (the devices share the same cores):', '',
-              '| devices | s/step | efficiency (t1 / tn) |', '|---:|---:|---:|']
+    lines += [
+        '',
+        'Weak scaling, source-only step, batch 1 per simulated '
+        'CPU device (the devices share the same cores):',
+        '',
+        '| devices | s/step | efficiency (t1 / tn) |',
+        '|---:|---:|---:|',
+    ]
     for n, s in sorted(w.items(), key=lambda kv: int(kv[0])):
       lines.append(f'| {n} | {s:.2f} | {w[min(w)] / s:.2f} |')
   return '\n'.join(lines) + '\n'
@@ -602,42 +758,66 @@ def _define_flags():
       'output': flags.DEFINE_string('output', '', 'Markdown report.'),
       'batch': flags.DEFINE_integer('batch', 1, 'Global batch.'),
       'steps': flags.DEFINE_integer('steps', 3, 'Timed steps per setting.'),
-      'cpu_size': flags.DEFINE_list('cpu_size', ['128', '256'],
-                                    'H,W of both domains on CPU.'),
-      'dtype': flags.DEFINE_string('dtype', 'bfloat16',
-                                   'Compute dtype on accelerators.'),
-      'kinds': flags.DEFINE_list('kinds', ['source_only', 'dastc'],
-                                 'Steps to measure.'),
+      'cpu_size': flags.DEFINE_list(
+          'cpu_size', ['128', '256'], 'H,W of both domains on CPU.'
+      ),
+      'dtype': flags.DEFINE_string(
+          'dtype', 'bfloat16', 'Compute dtype on accelerators.'
+      ),
+      'kinds': flags.DEFINE_list(
+          'kinds', ['source_only', 'dastc'], 'Steps to measure.'
+      ),
       'torch': flags.DEFINE_bool('torch', True, 'PyTorch baseline.'),
       'model': flags.DEFINE_enum(
-          'model', 'accel', ['accel', 'vit'],
+          'model',
+          'accel',
+          ['accel', 'vit'],
           'ACCEL-DeepLabv2-ResNet-101, or the transformer video model '
-          '(its PyTorch baseline needs transformers).'),
-      'mit_variant': flags.DEFINE_string('mit_variant', 'b5',
-                                         "--model=vit: the MiT size."),
+          '(its PyTorch baseline needs transformers).',
+      ),
+      'mit_variant': flags.DEFINE_string(
+          'mit_variant', 'b5', '--model=vit: the MiT size.'
+      ),
       'torch_process': flags.DEFINE_enum(
-          'torch_process', 'separate', ['separate', 'same'],
+          'torch_process',
+          'separate',
+          ['separate', 'same'],
           'Run the PyTorch step in its own process (driven step by step '
-          'over a pipe) or in the JAX process.'),
+          'over a pipe) or in the JAX process.',
+      ),
       'conv_wgrad_row': flags.DEFINE_bool(
-          'conv_wgrad_row', True,
-          "CPU: also time the source-only step with conv_kernel_grad='conv'."),
+          'conv_wgrad_row',
+          True,
+          "CPU: also time the source-only step with conv_kernel_grad='conv'.",
+      ),
       'xla_default_fusion': flags.DEFINE_bool(
-          'xla_default_fusion', True,
-          'CPU: also time the source-only step without xla_cpu defaults.'),
+          'xla_default_fusion',
+          True,
+          'CPU: also time the source-only step without xla_cpu defaults.',
+      ),
       'malloc_row': flags.DEFINE_bool(
-          'malloc_row', True,
+          'malloc_row',
+          True,
           'CPU: also time the source-only step with glibc malloc defaults '
-          '(no host_malloc settings).'),
+          '(no host_malloc settings).',
+      ),
       'torch_malloc_row': flags.DEFINE_bool(
-          'torch_malloc_row', True,
-          'Also time PyTorch with the host_malloc settings.'),
-      'weak_scaling': flags.DEFINE_bool('weak_scaling', True,
-                                        'CPU weak scaling.'),
-      'weak_size': flags.DEFINE_list('weak_size', ['64', '128'],
-                                     'H,W of the weak-scaling step.'),
-      'weak_depth': flags.DEFINE_enum('weak_depth', 'r50', ['r50', 'r101'],
-                                      'Depth of the weak-scaling model.'),
+          'torch_malloc_row',
+          True,
+          'Also time PyTorch with the host_malloc settings.',
+      ),
+      'weak_scaling': flags.DEFINE_bool(
+          'weak_scaling', True, 'CPU weak scaling.'
+      ),
+      'weak_size': flags.DEFINE_list(
+          'weak_size', ['64', '128'], 'H,W of the weak-scaling step.'
+      ),
+      'weak_depth': flags.DEFINE_enum(
+          'weak_depth',
+          'r50',
+          ['r50', 'r101'],
+          'Depth of the weak-scaling model.',
+      ),
   }
 
 
@@ -649,7 +829,8 @@ def main(argv, f, malloc: str):
     args[k] = [int(v) for v in args[k]]
   res = run(args)
   command = 'python -m dastc_jax.benchmarks.step ' + ' '.join(
-      a for a in sys.argv[1:])
+      a for a in sys.argv[1:]
+  )
   md = report(res, command.strip())
   print(md)
   if args['output']:

@@ -24,21 +24,33 @@ import torch.nn.functional as F
 class Bottleneck(nn.Module):
   """1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4) with BN."""
 
-  def __init__(self, cin: int, planes: int, stride: int, dilation: int,
-               downsample: bool, stride_in_1x1: bool = True):
+  def __init__(
+      self,
+      cin: int,
+      planes: int,
+      stride: int,
+      dilation: int,
+      downsample: bool,
+      stride_in_1x1: bool = True,
+  ):
     super().__init__()
     s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
     self.conv1 = nn.Conv2d(cin, planes, 1, s1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, s3, dilation, dilation,
-                           bias=False)
+    self.conv2 = nn.Conv2d(
+        planes, planes, 3, s3, dilation, dilation, bias=False
+    )
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.downsample = (nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride,
-                                         bias=False),
-                               nn.BatchNorm2d(planes * 4))
-                 if downsample else None)
+    self.downsample = (
+        nn.Sequential(
+            nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
+            nn.BatchNorm2d(planes * 4),
+        )
+        if downsample
+        else None
+    )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -55,7 +67,8 @@ class AsppSum(nn.Module):
   def __init__(self, cin: int, cout: int, dilations):
     super().__init__()
     self.conv2d_list = nn.ModuleList(
-        nn.Conv2d(cin, cout, 3, 1, d, d, bias=True) for d in dilations)
+        nn.Conv2d(cin, cout, 3, 1, d, d, bias=True) for d in dilations
+    )
 
   def forward(self, x):
     return sum(b(x) for b in self.conv2d_list)
@@ -69,7 +82,8 @@ class ProdaHead(nn.Module):
     super().__init__()
     self.conv2d_list = AsppSum(cin, features, dilations).conv2d_list
     self.head = nn.Sequential(
-        nn.Dropout2d(0.1), nn.Conv2d(features, num_classes, 1, bias=False))
+        nn.Dropout2d(0.1), nn.Conv2d(features, num_classes, 1, bias=False)
+    )
 
   def forward(self, x):
     feat = sum(b(x) for b in self.conv2d_list)
@@ -79,29 +93,43 @@ class ProdaHead(nn.Module):
 class AccelDeepLab(nn.Module):
   """Two-frame ACCEL on DeepLab-v2 (see the module doc)."""
 
-  def __init__(self, num_classes: int, blocks=(3, 4, 23, 3), width: int = 64,
-               head_features: int = 256, dilations=(6, 12, 18, 24),
-               head: str = 'proda', stride_in_1x1: bool = True):
+  def __init__(
+      self,
+      num_classes: int,
+      blocks=(3, 4, 23, 3),
+      width: int = 64,
+      head_features: int = 256,
+      dilations=(6, 12, 18, 24),
+      head: str = 'proda',
+      stride_in_1x1: bool = True,
+  ):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
     stages, cin = [], width
-    for i, (n, (stride, dil)) in enumerate(zip(
-        blocks, ((1, 1), (2, 1), (1, 2), (1, 4)))):
+    for i, (n, (stride, dil)) in enumerate(
+        zip(blocks, ((1, 1), (2, 1), (1, 2), (1, 4)))
+    ):
       planes = width * 2**i
       layer = []
       for j in range(n):
-        layer.append(Bottleneck(cin, planes, stride if j == 0 else 1, dil,
-                                j == 0, stride_in_1x1))
+        layer.append(
+            Bottleneck(
+                cin, planes, stride if j == 0 else 1, dil, j == 0, stride_in_1x1
+            )
+        )
         cin = planes * 4
       stages.append(nn.Sequential(*layer))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
     self.layer5 = AsppSum(width * 16, num_classes, dilations)
     self.head_name = 'layer7' if head == 'proda' else 'layer6'
-    setattr(self, self.head_name,
-            ProdaHead(width * 32, head_features, num_classes, dilations)
-            if head == 'proda' else AsppSum(width * 32, num_classes,
-                                            dilations))
+    setattr(
+        self,
+        self.head_name,
+        ProdaHead(width * 32, head_features, num_classes, dilations)
+        if head == 'proda'
+        else AsppSum(width * 32, num_classes, dilations),
+    )
     self.sf_layer = nn.Conv2d(2 * num_classes, num_classes, 1, bias=False)
 
   def backbone(self, x):
@@ -120,8 +148,10 @@ class AccelDeepLab(nn.Module):
     logits, aux = self.single_frame(cur)
     with torch.no_grad():
       key_logits, key_aux = self.single_frame(key)
-    return (fuse(self.sf_layer, logits, key_logits, flow),
-            fuse(self.sf_layer, aux, key_aux, flow))
+    return (
+        fuse(self.sf_layer, logits, key_logits, flow),
+        fuse(self.sf_layer, aux, key_aux, flow),
+    )
 
 
 def fuse(sf_layer: nn.Module, cur, key, flow):
@@ -130,14 +160,23 @@ def fuse(sf_layer: nn.Module, cur, key, flow):
   current scores, mixed by the 1x1 ``sf_layer``."""
   h, w = cur.shape[2:]
   fh = flow.shape[2]
-  flow = F.interpolate(flow, (h, w), mode='bilinear',
-                       align_corners=True) * (h / fh)
-  ys, xs = torch.meshgrid(torch.arange(h, dtype=flow.dtype),
-                          torch.arange(w, dtype=flow.dtype), indexing='ij')
+  flow = F.interpolate(flow, (h, w), mode='bilinear', align_corners=True) * (
+      h / fh
+  )
+  ys, xs = torch.meshgrid(
+      torch.arange(h, dtype=flow.dtype),
+      torch.arange(w, dtype=flow.dtype),
+      indexing='ij',
+  )
   gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
   gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
-  warped = F.grid_sample(key, torch.stack([gx, gy], -1), mode='bilinear',
-                         padding_mode='border', align_corners=True)
+  warped = F.grid_sample(
+      key,
+      torch.stack([gx, gy], -1),
+      mode='bilinear',
+      padding_mode='border',
+      align_corners=True,
+  )
   return sf_layer(torch.cat([cur, warped], 1))
 
 
@@ -146,5 +185,6 @@ def source_loss(model: AccelDeepLab, cur, key, flow, label):
   pred, aux = model(cur, key, flow)
   size = label.shape[1:]
   up = lambda s: F.interpolate(s, size, mode='bilinear', align_corners=True)
-  return (F.cross_entropy(up(pred), label, ignore_index=255) +
-          0.1 * F.cross_entropy(up(aux), label, ignore_index=255))
+  return F.cross_entropy(
+      up(pred), label, ignore_index=255
+  ) + 0.1 * F.cross_entropy(up(aux), label, ignore_index=255)

@@ -23,11 +23,19 @@ from dastc_jax.benchmarks import torch_accel
 class ConvModule(nn.Module):
   """mmcv ConvModule: conv (no bias) + BatchNorm + ReLU."""
 
-  def __init__(self, cin: int, cout: int, k: int, dilation: int = 1,
-               groups: int = 1):
+  def __init__(
+      self, cin: int, cout: int, k: int, dilation: int = 1, groups: int = 1
+  ):
     super().__init__()
-    self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2),
-                          dilation=dilation, groups=groups, bias=False)
+    self.conv = nn.Conv2d(
+        cin,
+        cout,
+        k,
+        padding=dilation * (k // 2),
+        dilation=dilation,
+        groups=groups,
+        bias=False,
+    )
     self.bn = nn.BatchNorm2d(cout)
 
   def forward(self, x):
@@ -63,24 +71,34 @@ class DAFormerHead(nn.Module):
   """The DAFormer decoder: embed every stage, resize to stage 1, sepaspp,
   3x3 bottleneck, dropout, 1x1 classifier. Returns (scores, feature)."""
 
-  def __init__(self, dims: Sequence[int], classes: int, embed: int = 256,
-               dilations: Sequence[int] = (1, 6, 12, 18)):
+  def __init__(
+      self,
+      dims: Sequence[int],
+      classes: int,
+      embed: int = 256,
+      dilations: Sequence[int] = (1, 6, 12, 18),
+  ):
     super().__init__()
     self.embed_layers = nn.ModuleList(Embed(c, embed) for c in dims)
     cin = len(dims) * embed
     self.fuse_layer = nn.Module()
     self.fuse_layer.aspp_modules = nn.ModuleList(
         ConvModule(cin, embed, 1) if d == 1 else SeparableConv(cin, embed, d)
-        for d in dilations)
+        for d in dilations
+    )
     self.fuse_layer.bottleneck = ConvModule(len(dilations) * embed, embed, 3)
     self.dropout = nn.Dropout2d(0.1)
     self.conv_seg = nn.Conv2d(embed, classes, 1)
 
   def forward(self, feats):
     hw = feats[0].shape[2:]
-    x = torch.cat([F.interpolate(e(f), size=hw, mode='bilinear',
-                                 align_corners=False)
-                   for e, f in zip(self.embed_layers, feats)], 1)
+    x = torch.cat(
+        [
+            F.interpolate(e(f), size=hw, mode='bilinear', align_corners=False)
+            for e, f in zip(self.embed_layers, feats)
+        ],
+        1,
+    )
     x = torch.cat([m(x) for m in self.fuse_layer.aspp_modules], 1)
     feat = self.fuse_layer.bottleneck(x)
     return self.conv_seg(self.dropout(feat)), feat
@@ -90,17 +108,30 @@ class VitVideo(nn.Module):
   """MiT encoder + DAFormer head per frame; the key frame without gradient,
   its scores warped to the current frame and fused by ``sf_layer``."""
 
-  def __init__(self, dims: Sequence[int], depths: Sequence[int],
-               heads: Sequence[int], sr_ratios: Sequence[int], classes: int,
-               embed: int, dilations: Sequence[int],
-               drop_path_rate: float = 0.1):
+  def __init__(
+      self,
+      dims: Sequence[int],
+      depths: Sequence[int],
+      heads: Sequence[int],
+      sr_ratios: Sequence[int],
+      classes: int,
+      embed: int,
+      dilations: Sequence[int],
+      drop_path_rate: float = 0.1,
+  ):
     super().__init__()
     from transformers import SegformerConfig  # pylint: disable=g-import-not-at-top
     from transformers import SegformerModel  # pylint: disable=g-import-not-at-top
-    self.encoder = SegformerModel(SegformerConfig(
-        hidden_sizes=list(dims), depths=list(depths),
-        num_attention_heads=list(heads), sr_ratios=list(sr_ratios),
-        drop_path_rate=drop_path_rate))
+
+    self.encoder = SegformerModel(
+        SegformerConfig(
+            hidden_sizes=list(dims),
+            depths=list(depths),
+            num_attention_heads=list(heads),
+            sr_ratios=list(sr_ratios),
+            drop_path_rate=drop_path_rate,
+        )
+    )
     self.decode_head = DAFormerHead(dims, classes, embed, dilations)
     self.sf_layer = nn.Conv2d(2 * classes, classes, 1, bias=False)
 
@@ -118,6 +149,7 @@ class VitVideo(nn.Module):
 def source_loss(model: VitVideo, cur, key, flow, label):
   """CE (ignore 255) of the fused scores upsampled to the label."""
   pred = model(cur, key, flow)
-  pred = F.interpolate(pred, label.shape[1:], mode='bilinear',
-                       align_corners=True)
+  pred = F.interpolate(
+      pred, label.shape[1:], mode='bilinear', align_corners=True
+  )
   return F.cross_entropy(pred, label, ignore_index=255)

@@ -25,11 +25,20 @@ POLICIES = ('fail', 'skip')
 class CheckedSource:
   """Wraps a random-access source (``len``, ``[]``) with an error policy."""
 
-  def __init__(self, source: Any, *, name: str, data_dir: str,
-               policy: str = 'fail', id_source: Any = None):
+  def __init__(
+      self,
+      source: Any,
+      *,
+      name: str,
+      data_dir: str,
+      policy: str = 'fail',
+      id_source: Any = None,
+  ):
     if policy not in POLICIES:
-      raise errors.ConfigError(f'Unknown config.data.on_error={policy!r}; expected '
-                       f'one of {POLICIES}.')
+      raise errors.ConfigError(
+          f'Unknown config.data.on_error={policy!r}; expected '
+          f'one of {POLICIES}.'
+      )
     self._source = source
     self._ids = id_source
     self._name = name
@@ -55,18 +64,22 @@ class CheckedSource:
       try:
         rec = self._source[i]
       except Exception as e:  # decoders raise many types
-        msg = (f'Record {i} (id {self._id(i)!r}) of {self._name} in '
-               f'{self._data_dir} cannot be decoded: {type(e).__name__}: '
-               f'{str(e)[:300]}')
+        msg = (
+            f'Record {i} (id {self._id(i)!r}) of {self._name} in '
+            f'{self._data_dir} cannot be decoded: {type(e).__name__}: '
+            f'{str(e)[:300]}'
+        )
         if self._policy == 'fail':
           raise io.DataError(
               msg + '. Its data was corrupted or replaced after preparation: '
               'prepare the dataset again into a new --data_dir, or set '
-              "config.data.on_error='skip' to skip such records.") from e
+              "config.data.on_error='skip' to skip such records."
+          ) from e
         logging.warning('%s; skipped (config.data.on_error=skip).', msg)
         continue
       if self._policy == 'skip':
         rec = {**rec, 'bad_records': passed}
       return rec
-    raise io.DataError(f'No record of {self._name} in {self._data_dir} can '
-                       'be decoded.')
+    raise io.DataError(
+        f'No record of {self._name} in {self._data_dir} can ' 'be decoded.'
+    )

@@ -31,10 +31,13 @@ from dastc_jax.data import transforms
 RARE_MIN_PIXELS = 10
 
 
-def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
-                section: str = 'config.data',
-                only: tuple[str, ...] | None = None,
-                on_error: str = 'fail'):
+def data_source(
+    dcfg: ml_collections.ConfigDict,
+    data_dir: str,
+    section: str = 'config.data',
+    only: tuple[str, ...] | None = None,
+    on_error: str = 'fail',
+):
   """The prepared split of a domain section, or an error that says how to
   prepare it.
 
@@ -53,80 +56,110 @@ def data_source(dcfg: ml_collections.ConfigDict, data_dir: str,
   except ValueError as e:
     raise errors.ConfigError(f'{section}.dataset: {e}') from None
   if dcfg.split not in spec.splits:
-    raise errors.ConfigError(f'{section}.split={dcfg.split!r}: {spec.name} has '
-                     f'splits {spec.splits}.')
+    raise errors.ConfigError(
+        f'{section}.split={dcfg.split!r}: {spec.name} has '
+        f'splits {spec.splits}.'
+    )
   data_dir = os.path.expanduser(data_dir)
   if not prepare.is_prepared(data_dir, spec, dcfg.split):
     raise io.DataError(
         f'{section}: {spec.name}/{dcfg.split} is not prepared in '
         f'{os.path.abspath(data_dir)}. Prepare it once (--manual_dir is '
         'the dataset folder in its original layout; README, "Datasets"):\n'
-        '  ' + prepare.command(spec.name, data_dir, spec.manual_dir))
+        '  ' + prepare.command(spec.name, data_dir, spec.manual_dir)
+    )
   decoders = None
   if only is not None:
     frame_keys, flow_keys = builders.split_keys(spec, dcfg.split)
     keys = [*frame_keys, *flow_keys, 'label_t', 'label_t1', 'label']
-    decoders = {k: tfds.decode.SkipDecoding() for k in keys
-                if k not in only and k in _feature_keys(spec, dcfg.split)}
-  ds = tfds.data_source(builders.tfds_name(spec, dcfg.split),
-                        split=dcfg.split, data_dir=data_dir,
-                        decoders=decoders)
+    decoders = {
+        k: tfds.decode.SkipDecoding()
+        for k in keys
+        if k not in only and k in _feature_keys(spec, dcfg.split)
+    }
+  ds = tfds.data_source(
+      builders.tfds_name(spec, dcfg.split),
+      split=dcfg.split,
+      data_dir=data_dir,
+      decoders=decoders,
+  )
   ids, _ = builders.load_stats(data_dir, spec, dcfg.split)
   if len(ids) != len(ds) or any(
-      ds[i]['id'].decode() != ids[i] for i in {0, len(ds) - 1}):
+      ds[i]['id'].decode() != ids[i] for i in {0, len(ds) - 1}
+  ):
     raise io.DataError(
         f'{section}: the statistics of {spec.name}/{dcfg.split} in '
         f'{data_dir} do not match its records; prepare it again into a new '
-        '--data_dir.')
-  ids = tfds.data_source(builders.tfds_name(spec, dcfg.split),
-                         split=dcfg.split, data_dir=data_dir,
-                         decoders={k: tfds.decode.SkipDecoding() for k in
-                                   _feature_keys(spec, dcfg.split)})
+        '--data_dir.'
+    )
+  ids = tfds.data_source(
+      builders.tfds_name(spec, dcfg.split),
+      split=dcfg.split,
+      data_dir=data_dir,
+      decoders={
+          k: tfds.decode.SkipDecoding() for k in _feature_keys(spec, dcfg.split)
+      },
+  )
   return spec, checked_source.CheckedSource(
-      ds, name=f'{spec.name}/{dcfg.split}', data_dir=os.path.abspath(data_dir),
-      policy=on_error, id_source=ids)
+      ds,
+      name=f'{spec.name}/{dcfg.split}',
+      data_dir=os.path.abspath(data_dir),
+      policy=on_error,
+      id_source=ids,
+  )
 
 
 def _feature_keys(spec: builders.Spec, split: str) -> set[str]:
   frame_keys, flow_keys = builders.split_keys(spec, split)
-  labels_ = (('label_t', 'label_t1')[:len(frame_keys)] if spec.source
-             else ('label',))
+  labels_ = (
+      ('label_t', 'label_t1')[: len(frame_keys)] if spec.source else ('label',)
+  )
   return {*frame_keys, *flow_keys, *labels_}
 
 
-def decoder(spec: builders.Spec, split: str, class_set: str,
-            with_label: bool) -> transforms.FromPrepared:
+def decoder(
+    spec: builders.Spec, split: str, class_set: str, with_label: bool
+) -> transforms.FromPrepared:
   """The transform from prepared records to examples."""
   frame_keys, flow_keys = builders.split_keys(spec, split)
   if spec.label_space not in ('cityscapes_ids', class_set):
     raise errors.ConfigError(
         f'{spec.name} is labelled with the {spec.label_space} classes, but '
-        f'config.data.class_set={class_set!r}.')
+        f'config.data.class_set={class_set!r}.'
+    )
   return transforms.FromPrepared(
-      frame_keys=frame_keys, flow_keys=tuple(flow_keys), source=spec.source,
+      frame_keys=frame_keys,
+      flow_keys=tuple(flow_keys),
+      source=spec.source,
       class_set=class_set,
       raw_label_ids=spec.label_space == 'cityscapes_ids',
-      with_label=with_label)
+      with_label=with_label,
+  )
 
 
-def source_rare_index(spec: builders.Spec, data_dir: str, split: str,
-                      class_set: str) -> rare_lib.RareIndex:
+def source_rare_index(
+    spec: builders.Spec, data_dir: str, split: str, class_set: str
+) -> rare_lib.RareIndex:
   """The long-tail index of a labelled source split, from its statistics."""
   if not spec.source:
-    raise errors.ConfigError(f'The fusion pastes need a labelled source; '
-                     f'{spec.name} is a target dataset.')
+    raise errors.ConfigError(
+        f'The fusion pastes need a labelled source; '
+        f'{spec.name} is a target dataset.'
+    )
   _, hist = builders.load_stats(data_dir, spec, split)
   if spec.label_space == 'cityscapes_ids':
     lut = labels.CITYSCAPES_MAPS[class_set]
     counts = np.zeros((hist.shape[0], 256), np.int64)
     np.add.at(counts, (slice(None), lut), hist)
     hist = counts
-  return rare_lib.from_histograms(hist, labels.RARE_CLASSES[class_set],
-                                  RARE_MIN_PIXELS)
+  return rare_lib.from_histograms(
+      hist, labels.RARE_CLASSES[class_set], RARE_MIN_PIXELS
+  )
 
 
-def native_size(dcfg: ml_collections.ConfigDict, data_dir: str,
-                section: str = 'config.data') -> tuple[int, int]:
+def native_size(
+    dcfg: ml_collections.ConfigDict, data_dir: str, section: str = 'config.data'
+) -> tuple[int, int]:
   """``(H, W)`` a domain's frames have after resizing (or natively)."""
   if dcfg.image_size:
     return tuple(dcfg.image_size)
@@ -135,27 +168,43 @@ def native_size(dcfg: ml_collections.ConfigDict, data_dir: str,
 
 
 def _augment(ds, dcfg: ml_collections.ConfigDict, per_axis_flow_scale: bool):
-  ds = ds.map(transforms.Resize(
-      image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
-      label_size='image', per_axis_flow_scale=per_axis_flow_scale))
+  ds = ds.map(
+      transforms.Resize(
+          image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
+          label_size='image',
+          per_axis_flow_scale=per_axis_flow_scale,
+      )
+  )
   if tuple(dcfg.scale) != (1.0, 1.0) or dcfg.crop_size:
-    ds = ds.random_map(transforms.RandomScaleCrop(
-        scale=tuple(dcfg.scale),
-        crop_size=tuple(dcfg.crop_size) if dcfg.crop_size else None,
-        per_axis_flow_scale=per_axis_flow_scale))
+    ds = ds.random_map(
+        transforms.RandomScaleCrop(
+            scale=tuple(dcfg.scale),
+            crop_size=tuple(dcfg.crop_size) if dcfg.crop_size else None,
+            per_axis_flow_scale=per_axis_flow_scale,
+        )
+    )
   if dcfg.flip:
-    ds = ds.random_map(transforms.RandomFlip(p=0.5,
-                                             negate_dx=dcfg.flip_negate_dx))
+    ds = ds.random_map(
+        transforms.RandomFlip(p=0.5, negate_dx=dcfg.flip_negate_dx)
+    )
   return ds
 
 
-def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
-                   class_set: str, *, seed: int, process_index: int,
-                   process_count: int, per_axis_flow_scale: bool,
-                   keep_ids: bool = False, section: str = 'config.data',
-                   with_label: bool = False,
-                   fusion: dict[str, Any] | None = None,
-                   on_error: str = 'fail') -> grain.MapDataset:
+def domain_dataset(
+    dcfg: ml_collections.ConfigDict,
+    data_dir: str,
+    class_set: str,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    per_axis_flow_scale: bool,
+    keep_ids: bool = False,
+    section: str = 'config.data',
+    with_label: bool = False,
+    fusion: dict[str, Any] | None = None,
+    on_error: str = 'fail',
+) -> grain.MapDataset:
   """One domain's infinite, shuffled, decoded training stream on this host.
 
   Args:
@@ -184,28 +233,38 @@ def domain_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
   if fusion is not None:
     # Patches need frame t and its label only: the other features of those
     # records are not decoded.
-    _, patch_source = data_source(dcfg, data_dir, section,
-                                  only=('frame_t', 'label_t'),
-                                  on_error=on_error)
-    ds = ds.random_map(transforms.SampleFusionPatches(
-        source=patch_source,
-        rare_index=source_rare_index(spec, data_dir, dcfg.split, class_set),
-        decode=decode, num_classes_per_clip=fusion['num_classes_per_clip'],
-        crop_size=tuple(fusion['crop_size']),
-        image_size=tuple(dcfg.image_size) if dcfg.image_size else None))
+    _, patch_source = data_source(
+        dcfg, data_dir, section, only=('frame_t', 'label_t'), on_error=on_error
+    )
+    ds = ds.random_map(
+        transforms.SampleFusionPatches(
+            source=patch_source,
+            rare_index=source_rare_index(spec, data_dir, dcfg.split, class_set),
+            decode=decode,
+            num_classes_per_clip=fusion['num_classes_per_clip'],
+            crop_size=tuple(fusion['crop_size']),
+            image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
+        )
+    )
   return ds if keep_ids else ds.map(transforms.DropKeys(('id',)))
 
 
 def domain_seed(seed: int, name: str) -> int:
   """A per-domain 32-bit seed derived from the experiment seed."""
-  return int(np.random.SeedSequence([seed, sum(map(ord, name))]
-                                    ).generate_state(1)[0])
+  return int(
+      np.random.SeedSequence([seed, sum(map(ord, name))]).generate_state(1)[0]
+  )
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *,
-                       local_batch_size: int, process_index: int = 0,
-                       process_count: int = 1,
-                       with_target: bool = True) -> grain.IterDataset:
+def make_train_dataset(
+    config: ml_collections.ConfigDict,
+    data_dir: str,
+    *,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    with_target: bool = True,
+) -> grain.IterDataset:
   """The paired, batched source/target training stream of this host.
 
   Args:
@@ -223,37 +282,56 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *,
     (leading axis ``local_batch_size``; no ``target`` without_target).
   """
   d = config.data
-  kw = dict(process_index=process_index, process_count=process_count,
-            per_axis_flow_scale=config.model.per_axis_flow_scale,
-            on_error=config.data.on_error)
+  kw = dict(
+      process_index=process_index,
+      process_count=process_count,
+      per_axis_flow_scale=config.model.per_axis_flow_scale,
+      on_error=config.data.on_error,
+  )
   fusion = None
   if config.method == 'dastc' and config.dastc.image_fusion:
-    fusion = {'crop_size': _target_size(config, data_dir),
-              'num_classes_per_clip': config.dastc.num_rare_classes}
-  src = domain_dataset(d.source, data_dir, d.class_set,
-                       seed=domain_seed(config.seed, 'source'),
-                       section='config.data.source', fusion=fusion, **kw)
+    fusion = {
+        'crop_size': _target_size(config, data_dir),
+        'num_classes_per_clip': config.dastc.num_rare_classes,
+    }
+  src = domain_dataset(
+      d.source,
+      data_dir,
+      d.class_set,
+      seed=domain_seed(config.seed, 'source'),
+      section='config.data.source',
+      fusion=fusion,
+      **kw,
+  )
   if with_target:
-    tgt = domain_dataset(d.target, data_dir, d.class_set,
-                         seed=domain_seed(config.seed, 'target'),
-                         section='config.data.target', with_label=True,
-                         **kw)
+    tgt = domain_dataset(
+        d.target,
+        data_dir,
+        d.class_set,
+        seed=domain_seed(config.seed, 'target'),
+        section='config.data.target',
+        with_label=True,
+        **kw,
+    )
     paired = grain.experimental.ZipMapDataset([src, tgt]).map(_pair)
     if d.histogram_match:
       paired = paired.map(transforms.HistogramMatch())
   else:
     paired = src.map(_source_only)
   batched = paired.batch(local_batch_size, drop_remainder=True)
-  it = batched.to_iter_dataset(grain.ReadOptions(
-      num_threads=d.num_threads, prefetch_buffer_size=d.prefetch))
+  it = batched.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=d.num_threads, prefetch_buffer_size=d.prefetch
+      )
+  )
   if d.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return it
 
 
-def _target_size(config: ml_collections.ConfigDict,
-                 data_dir: str) -> tuple[int, int]:
+def _target_size(
+    config: ml_collections.ConfigDict, data_dir: str
+) -> tuple[int, int]:
   """The target training image size (the fusion's crop size)."""
   t = config.data.target
   if t.crop_size:
@@ -269,20 +347,31 @@ def _source_only(ex: dict[str, Any]) -> dict[str, Any]:
   return {'source': ex}
 
 
-def make_eval_dataset(dcfg: ml_collections.ConfigDict, data_dir: str,
-                      class_set: str, per_axis_flow_scale: bool,
-                      section: str = 'config.data') -> grain.MapDataset:
+def make_eval_dataset(
+    dcfg: ml_collections.ConfigDict,
+    data_dir: str,
+    class_set: str,
+    per_axis_flow_scale: bool,
+    section: str = 'config.data',
+) -> grain.MapDataset:
   """Decoded, resized evaluation examples in index order (with ``id``)."""
   if dcfg.label_size not in ('image', 'native'):
-    raise errors.ConfigError(f"{section}.label_size must be 'image' or 'native', got "
-                     f'{dcfg.label_size!r}')
+    raise errors.ConfigError(
+        f"{section}.label_size must be 'image' or 'native', got "
+        f'{dcfg.label_size!r}'
+    )
   spec, source = data_source(dcfg, data_dir, section)
-  ds = grain.MapDataset.source(source).map(decoder(spec, dcfg.split,
-                                                   class_set, True))
+  ds = grain.MapDataset.source(source).map(
+      decoder(spec, dcfg.split, class_set, True)
+  )
   label_size = None if dcfg.label_size == 'native' else 'image'
-  ds = ds.map(transforms.Resize(
-      image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
-      label_size=label_size, per_axis_flow_scale=per_axis_flow_scale))
+  ds = ds.map(
+      transforms.Resize(
+          image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
+          label_size=label_size,
+          per_axis_flow_scale=per_axis_flow_scale,
+      )
+  )
   if spec.source:
     # Evaluate frame t's label only.
     ds = ds.map(_viper_eval_label)
@@ -295,9 +384,14 @@ def _viper_eval_label(ex: dict[str, Any]) -> dict[str, Any]:
   return ex
 
 
-def eval_batches(ds: grain.MapDataset, *, global_batch_size: int,
-                 process_index: int, process_count: int,
-                 num_threads: int = 4) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    ds: grain.MapDataset,
+    *,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    num_threads: int = 4,
+) -> Iterator[dict[str, Any]]:
   """Yields this host's padded eval batches with a ``mask`` (big_vision).
 
   Every host yields the same number of batches; padded slots repeat example
@@ -316,8 +410,11 @@ def eval_batches(ds: grain.MapDataset, *, global_batch_size: int,
   n = len(ds)
   local = global_batch_size // process_count
   num_batches = -(-n // global_batch_size)
-  slots = [b * global_batch_size + process_index * local + i
-           for b in range(num_batches) for i in range(local)]
+  slots = [
+      b * global_batch_size + process_index * local + i
+      for b in range(num_batches)
+      for i in range(local)
+  ]
 
   def fetch(i):
     ex = dict(ds[i if i < n else 0])
@@ -325,7 +422,14 @@ def eval_batches(ds: grain.MapDataset, *, global_batch_size: int,
     ex['index'] = np.int32(i)
     return ex
 
-  it = grain.MapDataset.source(slots).map(fetch).batch(local).to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads,
-                         prefetch_buffer_size=num_threads))
+  it = (
+      grain.MapDataset.source(slots)
+      .map(fetch)
+      .batch(local)
+      .to_iter_dataset(
+          grain.ReadOptions(
+              num_threads=num_threads, prefetch_buffer_size=num_threads
+          )
+      )
+  )
   yield from it

@@ -14,8 +14,9 @@ import numpy as np
 RareIndex = dict[int, list[int]]
 
 
-def from_histograms(histogram: np.ndarray, classes: Sequence[int],
-                    min_pixels: int) -> RareIndex:
+def from_histograms(
+    histogram: np.ndarray, classes: Sequence[int], min_pixels: int
+) -> RareIndex:
   """``{class: [records whose frame t has >= min_pixels of it]}``.
 
   Args:
@@ -24,5 +25,7 @@ def from_histograms(histogram: np.ndarray, classes: Sequence[int],
     classes: the long-tail train ids.
     min_pixels: pixels a frame needs to count as containing a class.
   """
-  return {int(k): np.flatnonzero(histogram[:, k] >= min_pixels).tolist()
-          for k in classes}
+  return {
+      int(k): np.flatnonzero(histogram[:, k] >= min_pixels).tolist()
+      for k in classes
+  }

@@ -9,8 +9,9 @@ import ml_collections
 from dastc_jax.data.synthetic import world as synthetic
 
 
-def resolve_data_root(config: ml_collections.ConfigDict,
-                      generate: bool = True) -> str:
+def resolve_data_root(
+    config: ml_collections.ConfigDict, generate: bool = True
+) -> str:
   """The prepared TFDS folder of ``config.data``.
 
   With the synthetic world enabled it is the world's ``tfds/`` folder; the
@@ -19,10 +20,13 @@ def resolve_data_root(config: ml_collections.ConfigDict,
   """
   if config.data.synthetic.enabled:
     if not generate:
-      return os.path.join(synthetic.existing_world(config.data.synthetic),
-                          synthetic.TFDS_DIR)
+      return os.path.join(
+          synthetic.existing_world(config.data.synthetic), synthetic.TFDS_DIR
+      )
     return os.path.join(
-        synthetic.ensure_world(config.data.synthetic,
-                               config.data.synthetic.num_workers),
-        synthetic.TFDS_DIR)
+        synthetic.ensure_world(
+            config.data.synthetic, config.data.synthetic.num_workers
+        ),
+        synthetic.TFDS_DIR,
+    )
   return config.data.data_dir

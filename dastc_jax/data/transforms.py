@@ -44,6 +44,7 @@ class FromPrepared(grain.transforms.Map):
       ``class_set``'s table; otherwise they are train ids already.
     with_label: decode a target's label.
   """
+
   frame_keys: tuple[str, ...] = ('frame_t',)
   flow_keys: tuple[str, ...] = ()
   source: bool = True
@@ -57,21 +58,25 @@ class FromPrepared(grain.transforms.Map):
       return labels.CITYSCAPES_MAPS[self.class_set][label]
     return label
 
-  def first_frame(self, rec: dict[str, Any]) -> tuple[np.ndarray,
-                                                       np.ndarray]:
+  def first_frame(self, rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Frame t and its train-id label of a source record."""
     return rec['frame_t'], self._ids(rec['label_t'])
 
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
     rid = rec['id']
-    out = {'id': rid.decode() if isinstance(rid, bytes) else str(rid),
-           'frames': np.stack([rec[k] for k in self.frame_keys])}
+    out = {
+        'id': rid.decode() if isinstance(rid, bytes) else str(rid),
+        'frames': np.stack([rec[k] for k in self.frame_keys]),
+    }
     for key in self.flow_keys:
       out[key] = builders.decode_flow(rec[key])
     if self.source:
-      out['labels'] = np.stack([self._ids(rec[k]) for k in
-                                ('label_t', 'label_t1')[:len(
-                                    self.frame_keys)]])
+      out['labels'] = np.stack(
+          [
+              self._ids(rec[k])
+              for k in ('label_t', 'label_t1')[: len(self.frame_keys)]
+          ]
+      )
     elif self.with_label:
       out['label'] = self._ids(rec['label'])
     if 'bad_records' in rec:  # config.data.on_error='skip'
@@ -79,16 +84,20 @@ class FromPrepared(grain.transforms.Map):
     return out
 
 
-def resize_flow_np(flow: np.ndarray, size: Sequence[int],
-                   per_axis_scale: bool = False) -> np.ndarray:
+def resize_flow_np(
+    flow: np.ndarray, size: Sequence[int], per_axis_scale: bool = False
+) -> np.ndarray:
   """Host twin of ``ops.warp.resize_flow`` (align-corners bilinear + scale)."""
   h, w = flow.shape[:2]
   if (h, w) == tuple(size):
     return flow
 
   def taps(n_in, n_out):
-    src = (np.arange(n_out) * (n_in - 1) / (n_out - 1) if n_out > 1 and
-           n_in > 1 else np.zeros((n_out,)))
+    src = (
+        np.arange(n_out) * (n_in - 1) / (n_out - 1)
+        if n_out > 1 and n_in > 1
+        else np.zeros((n_out,))
+    )
     i0 = np.clip(np.floor(src).astype(np.int64), 0, max(n_in - 2, 0))
     return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
 
@@ -105,16 +114,18 @@ def resize_rgb(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """Bicubic resize of a uint8 RGB image to ``size`` (H, W)."""
   if img.shape[:2] == tuple(size):
     return img
-  return np.asarray(Image.fromarray(img).resize((size[1], size[0]),
-                                                Image.BICUBIC))
+  return np.asarray(
+      Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC)
+  )
 
 
 def resize_ids(lab: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """Nearest-neighbour resize of a uint8 id map to ``size`` (H, W)."""
   if lab.shape == tuple(size):
     return lab
-  return np.asarray(Image.fromarray(lab).resize((size[1], size[0]),
-                                                Image.NEAREST))
+  return np.asarray(
+      Image.fromarray(lab).resize((size[1], size[0]), Image.NEAREST)
+  )
 
 
 @dataclasses.dataclass
@@ -127,6 +138,7 @@ class Resize(grain.transforms.Map):
       follows ``image_size``.
     per_axis_flow_scale: see ``resize_flow_np``.
   """
+
   image_size: tuple[int, int] | None = None
   label_size: Any = 'image'
   per_axis_flow_scale: bool = False
@@ -141,7 +153,9 @@ class Resize(grain.transforms.Map):
     lsize = size if self.label_size == 'image' else self.label_size
     if lsize is not None:
       if 'labels' in ex:
-        ex['labels'] = np.stack([resize_ids(l, lsize) for l in ex['labels']])
+        ex['labels'] = np.stack(
+            [resize_ids(lab, lsize) for lab in ex['labels']]
+        )
       if 'label' in ex:
         ex['label'] = resize_ids(ex['label'], lsize)
     return ex
@@ -167,13 +181,16 @@ def hflip(ex: dict[str, Any]) -> dict[str, Any]:
 class RandomFlip(grain.transforms.RandomMap):
   """Horizontal flip with probability ``p``, identical on the whole clip.
 
-  ``negate_dx=False`` reproduces the reference bug (docs/reference_code.md, "Known defects").
+  ``negate_dx=False`` reproduces the reference bug (docs/reference_code.md,
+  "Known defects").
   """
+
   p: float = 0.5
   negate_dx: bool = True
 
-  def random_map(self, ex: dict[str, Any],
-                 rng: np.random.Generator) -> dict[str, Any]:
+  def random_map(
+      self, ex: dict[str, Any], rng: np.random.Generator
+  ) -> dict[str, Any]:
     if rng.random() >= self.p:
       return ex
     out = hflip(ex)
@@ -197,43 +214,54 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     crop_size: ``(H, W)`` window; None keeps the whole (scaled) image.
     per_axis_flow_scale: see ``resize_flow_np``.
   """
+
   scale: tuple[float, float] = (1.0, 1.0)
   crop_size: tuple[int, int] | None = None
   per_axis_flow_scale: bool = False
 
-  def random_map(self, ex: dict[str, Any],
-                 rng: np.random.Generator) -> dict[str, Any]:
+  def random_map(
+      self, ex: dict[str, Any], rng: np.random.Generator
+  ) -> dict[str, Any]:
     h, w = ex['frames'].shape[1:3]
     s = float(rng.uniform(*self.scale))
     if s != 1.0:
-      ex = Resize(image_size=(round(h * s), round(w * s)),
-                  per_axis_flow_scale=self.per_axis_flow_scale).map(ex)
+      ex = Resize(
+          image_size=(round(h * s), round(w * s)),
+          per_axis_flow_scale=self.per_axis_flow_scale,
+      ).map(ex)
     if self.crop_size is None:
       return ex
     ch, cw = self.crop_size
     h, w = ex['frames'].shape[1:3]
     if ch > h or cw > w:
-      raise ValueError(f'Crop {ch}x{cw} is larger than the (scaled) image '
-                       f'{h}x{w}; lower crop_size or raise the minimum '
-                       'scale.')
+      raise ValueError(
+          f'Crop {ch}x{cw} is larger than the (scaled) image '
+          f'{h}x{w}; lower crop_size or raise the minimum '
+          'scale.'
+      )
     r0, c0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     ex = dict(ex)
     ex['frames'] = np.ascontiguousarray(
-        ex['frames'][:, r0:r0 + ch, c0:c0 + cw])
+        ex['frames'][:, r0 : r0 + ch, c0 : c0 + cw]
+    )
     for key in FLOW_KEYS:
       if key in ex:
-        ex[key] = np.ascontiguousarray(ex[key][r0:r0 + ch, c0:c0 + cw])
+        ex[key] = np.ascontiguousarray(ex[key][r0 : r0 + ch, c0 : c0 + cw])
     if 'labels' in ex:
       ex['labels'] = np.ascontiguousarray(
-          ex['labels'][:, r0:r0 + ch, c0:c0 + cw])
+          ex['labels'][:, r0 : r0 + ch, c0 : c0 + cw]
+      )
     if 'label' in ex:
-      ex['label'] = np.ascontiguousarray(ex['label'][r0:r0 + ch, c0:c0 + cw])
+      ex['label'] = np.ascontiguousarray(
+          ex['label'][r0 : r0 + ch, c0 : c0 + cw]
+      )
     return ex
 
 
 @dataclasses.dataclass
 class DropKeys(grain.transforms.Map):
   """Removes keys that must not reach the device (e.g. string ids)."""
+
   keys: tuple[str, ...] = ('id',)
 
   def map(self, ex: dict[str, Any]) -> dict[str, Any]:
@@ -268,8 +296,7 @@ class HistogramMatch(grain.transforms.Map):
   def map(self, pair: dict[str, Any]) -> dict[str, Any]:
     src = dict(pair['source'])
     ref = pair['target']['frames'][0]
-    src['frames'] = np.stack([match_histograms(f, ref)
-                              for f in src['frames']])
+    src['frames'] = np.stack([match_histograms(f, ref) for f in src['frames']])
     return {**pair, 'source': src}
 
 
@@ -284,6 +311,7 @@ class SampleFusionPatches(grain.transforms.RandomMap):
   ``rare_classes`` ``[K]`` int32. A patch is redrawn (up to ``tries`` times)
   until its class has more than ``min_pixels`` pixels inside W.
   """
+
   source: Any = None
   rare_index: Any = None
   decode: Any = None
@@ -293,32 +321,45 @@ class SampleFusionPatches(grain.transforms.RandomMap):
   min_pixels: int = 5
   tries: int = 10
 
-  def random_map(self, ex: dict[str, Any],
-                 rng: np.random.Generator) -> dict[str, Any]:
+  def random_map(
+      self, ex: dict[str, Any], rng: np.random.Generator
+  ) -> dict[str, Any]:
     ex = dict(ex)
     h, w = self.crop_size
     sh, sw = ex['frames'].shape[1:3]
     if sh < h or sw < w:
-      raise ValueError(f'Source frames {sh}x{sw} are smaller than the fusion '
-                       f'crop {h}x{w} (the target image size).')
-    r0, c0 = int(rng.integers(0, sh - h + 1)), int(rng.integers(0,
-                                                                sw - w + 1))
+      raise ValueError(
+          f'Source frames {sh}x{sw} are smaller than the fusion '
+          f'crop {h}x{w} (the target image size).'
+      )
+    r0, c0 = int(rng.integers(0, sh - h + 1)), int(rng.integers(0, sw - w + 1))
     ex['crop'] = np.array([r0, c0], np.int32)
     available = [k for k, v in sorted(self.rare_index.items()) if v]
     k_n = self.num_classes_per_clip
-    chosen = sorted(rng.choice(available, size=min(k_n, len(available)),
-                               replace=False).tolist()) if available else []
+    chosen = (
+        sorted(
+            rng.choice(
+                available, size=min(k_n, len(available)), replace=False
+            ).tolist()
+        )
+        if available
+        else []
+    )
     frames = np.zeros((k_n, h, w, 3), np.uint8)
     labs = np.full((k_n, h, w), labels.IGNORE, np.uint8)
     classes = np.full((k_n,), -1, np.int32)
     for slot, k in enumerate(chosen):
       for _ in range(self.tries):
-        frame, lab = self.decode.first_frame(self.source[int(rng.choice(
-            self.rare_index[k]))])
+        frame, lab = self.decode.first_frame(
+            self.source[int(rng.choice(self.rare_index[k]))]
+        )
         if self.image_size:
           frame = resize_rgb(frame, self.image_size)
           lab = resize_ids(lab, self.image_size)
-        frame, lab = frame[r0:r0 + h, c0:c0 + w], lab[r0:r0 + h, c0:c0 + w]
+        frame, lab = (
+            frame[r0 : r0 + h, c0 : c0 + w],
+            lab[r0 : r0 + h, c0 : c0 + w],
+        )
         if np.count_nonzero(lab == k) > self.min_pixels:
           frames[slot], labs[slot], classes[slot] = frame, lab, k
           break

@@ -55,31 +55,36 @@ class _Evaluator:
     self.data = sharding_lib.data_sharding(self.mesh)
     # Shapes only: the weights come from the checkpoints.
     self.params_like, self.stats_like = jax.eval_shape(
-        lambda: state_lib.init_model(config, 0)[1:])
+        lambda: state_lib.init_model(config, 0)[1:]
+    )
     shard = sharding_lib.state_shardings(
-        {'params': self.params_like, 'batch_stats': self.stats_like},
-        self.mesh)
+        {'params': self.params_like, 'batch_stats': self.stats_like}, self.mesh
+    )
     self.param_sharding = shard['params']
     self.stats_sharding = shard['batch_stats']
     self.eval_step = jax.jit(
         forward.make_eval_step(config, state_lib.model_graphdef(config)),
         in_shardings=(shard['params'], shard['batch_stats'], self.data),
-        out_shardings=(sharding_lib.replicated(self.mesh), self.data))
+        out_shardings=(sharding_lib.replicated(self.mesh), self.data),
+    )
     self.writer = None
 
   def load(self, root: paths.PathLike, step: int) -> tuple[Any, Any]:
     """The weights of ``root/step``, placed on the mesh."""
-    params, stats, _ = checkpointing.load_weights(root, step,
-                                                  self.params_like,
-                                                  self.stats_like)
-    return (jax.device_put(params, self.param_sharding),
-            jax.device_put(stats, self.stats_sharding))
+    params, stats, _ = checkpointing.load_weights(
+        root, step, self.params_like, self.stats_like
+    )
+    return (
+        jax.device_put(params, self.param_sharding),
+        jax.device_put(stats, self.stats_sharding),
+    )
 
   def out_dir(self, step: int) -> epath.Path:
     return self.workdir / 'eval' / f'step_{step}'
 
-  def evaluate(self, root: paths.PathLike, step: int, *, reuse: bool = True
-               ) -> dict[str, float]:
+  def evaluate(
+      self, root: paths.PathLike, step: int, *, reuse: bool = True
+  ) -> dict[str, float]:
     """``{split: mIoU %}`` of ``root/step`` (existing results reused)."""
     path = self.out_dir(step) / 'results.json'
     if reuse and path.exists():
@@ -89,8 +94,16 @@ class _Evaluator:
         return {k: v['miou'] for k, v in saved['splits'].items()}
     params, stats = self.load(root, step)
     results = evaluate.evaluate_splits(
-        self.config, self.data_root, self.eval_step, params, stats,
-        self.data, self.out_dir(step), step, self.config.eval.num_overlays)
+        self.config,
+        self.data_root,
+        self.eval_step,
+        params,
+        stats,
+        self.data,
+        self.out_dir(step),
+        step,
+        self.config.eval.num_overlays,
+    )
     if jax.process_index() == 0:
       evaluate.write_eval_scalars(self._writer(), step, results)
     return {r.name: 100 * r.miou for r in results}
@@ -98,13 +111,16 @@ class _Evaluator:
   def _writer(self):
     if self.writer is None:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
       self.writer = metric_writers.create_default_writer(
-          os.fspath(self.workdir / 'eval'))
+          os.fspath(self.workdir / 'eval')
+      )
     return self.writer
 
 
-def _root_and_steps(workdir: str, checkpoint: str
-                    ) -> tuple[epath.Path, list[int]]:
+def _root_and_steps(
+    workdir: str, checkpoint: str
+) -> tuple[epath.Path, list[int]]:
   """Checkpoint root and the explicitly named step (or [] = all steps)."""
   root, step = checkpointing.resolve(workdir, checkpoint)
   if not root.is_dir():
@@ -120,8 +136,9 @@ def _steps_in(root: str) -> list[int]:
     ckpt.close()
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoint: str = '') -> dict[str, float]:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, checkpoint: str = ''
+) -> dict[str, float]:
   """Evaluates one checkpoint (the latest one if a folder is given).
 
   Args:
@@ -141,21 +158,28 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   step = steps[0] if steps else available[-1]
   if step not in available:
     raise checkpointing.CheckpointError(
-        f'No checkpoint step {step} in {root}; available: {available}')
+        f'No checkpoint step {step} in {root}; available: {available}'
+    )
   return _Evaluator(config, workdir).evaluate(root, step, reuse=False)
 
 
-def summarize(per_step: dict[int, dict[str, float]],
-              split: str) -> dict[str, Any]:
+def summarize(
+    per_step: dict[int, dict[str, float]], split: str
+) -> dict[str, Any]:
   """Last-checkpoint and best-on-val numbers of ``split``."""
   steps = sorted(per_step)
   last = steps[-1]
   best = max(steps, key=lambda s: (per_step[s][split], -s))
-  return {'split': split,
-          'last': {'step': last, 'miou': per_step[last][split]},
-          'best_on_val': {'step': best, 'miou': per_step[best][split],
-                          'note': 'oracle selection on the evaluated split'},
-          'steps': {str(s): per_step[s] for s in steps}}
+  return {
+      'split': split,
+      'last': {'step': last, 'miou': per_step[last][split]},
+      'best_on_val': {
+          'step': best,
+          'miou': per_step[best][split],
+          'note': 'oracle selection on the evaluated split',
+      },
+      'steps': {str(s): per_step[s] for s in steps},
+  }
 
 
 def evaluated_steps(workdir: str, splits) -> dict[int, dict[str, float]]:
@@ -169,47 +193,73 @@ def evaluated_steps(workdir: str, splits) -> dict[int, dict[str, float]]:
       continue
     res = json.loads(path.read_text()).get('splits', {})
     if set(res) == set(splits):
-      out[int(name[len('step_'):])] = {k: v['miou'] for k, v in res.items()}
+      out[int(name[len('step_') :])] = {k: v['miou'] for k, v in res.items()}
   return out
 
 
-def write_summary(workdir: str, per_step: dict[int, dict[str, float]],
-                  root: str) -> dict[str, Any]:
+def write_summary(
+    workdir: str, per_step: dict[int, dict[str, float]], root: str
+) -> dict[str, Any]:
   """Writes ``eval/summary.{json,md}`` atomically; returns the JSON.
 
   ``per_step`` is merged with the other steps evaluated in ``workdir``.
   """
-  per_step = {**evaluated_steps(workdir, next(iter(per_step.values()))),
-              **per_step}
+  per_step = {
+      **evaluated_steps(workdir, next(iter(per_step.values()))),
+      **per_step,
+  }
   splits = sorted(next(iter(per_step.values())))
-  summary = {'checkpoints': os.fspath(root),
-             'splits': {s: summarize(per_step, s) for s in splits}}
-  lines = ['# Checkpoint evaluation', '', f'Checkpoints: `{root}`', '',
-           '| step | ' + ' | '.join(splits) + ' |',
-           '|---:|' + '---:|' * len(splits)]
+  summary = {
+      'checkpoints': os.fspath(root),
+      'splits': {s: summarize(per_step, s) for s in splits},
+  }
+  lines = [
+      '# Checkpoint evaluation',
+      '',
+      f'Checkpoints: `{root}`',
+      '',
+      '| step | ' + ' | '.join(splits) + ' |',
+      '|---:|' + '---:|' * len(splits),
+  ]
   for step in sorted(per_step):
-    lines.append(f'| {step} | ' + ' | '.join(
-        f'{per_step[step][s]:.2f}' for s in splits) + ' |')
+    lines.append(
+        f'| {step} | '
+        + ' | '.join(f'{per_step[step][s]:.2f}' for s in splits)
+        + ' |'
+    )
   lines.append('')
   for s in splits:
     r = summary['splits'][s]
-    lines.append(f'- **{s}, last checkpoint** (step {r["last"]["step"]}): '
-                 f'mIoU {r["last"]["miou"]:.2f}')
-    lines.append(f'- {s}, best on val (oracle selection over '
-                 f'{len(per_step)} checkpoints, step '
-                 f'{r["best_on_val"]["step"]}): mIoU '
-                 f'{r["best_on_val"]["miou"]:.2f}')
+    lines.append(
+        f'- **{s}, last checkpoint** (step {r["last"]["step"]}): '
+        f'mIoU {r["last"]["miou"]:.2f}'
+    )
+    lines.append(
+        f'- {s}, best on val (oracle selection over '
+        f'{len(per_step)} checkpoints, step '
+        f'{r["best_on_val"]["step"]}): mIoU '
+        f'{r["best_on_val"]["miou"]:.2f}'
+    )
   out = paths.resolve(workdir) / 'eval'
-  for name, text in (('summary.json', json.dumps(summary, indent=2)),
-                     ('summary.md', '\n'.join(lines) + '\n')):
+  for name, text in (
+      ('summary.json', json.dumps(summary, indent=2)),
+      ('summary.md', '\n'.join(lines) + '\n'),
+  ):
     paths.write_atomic(out / name, text)
   return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        checkpoint: str = '', *, watch: bool = False,
-        watch_interval: float = 60.0, watch_timeout: float = 3600.0,
-        clock=time.monotonic, sleep=time.sleep) -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint: str = '',
+    *,
+    watch: bool = False,
+    watch_interval: float = 60.0,
+    watch_timeout: float = 3600.0,
+    clock=time.monotonic,
+    sleep=time.sleep,
+) -> dict[str, Any]:
   """The ``--mode=eval`` job: one step, every step of a folder, or a watch.
 
   Args:
@@ -238,22 +288,28 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if only and only[0] not in available:
         raise checkpointing.CheckpointError(
             f'No checkpoint step {only[0]} in {root}; available: '
-            f'{available}')
+            f'{available}'
+        )
       todo = [s for s in (only or available) if s not in per_step]
       for step in todo:
         # Rounded like results.json, so fresh and reused steps compare.
-        per_step[step] = {k: round(v, 2) for k, v in
-                          ev.evaluate(root, step).items()}
+        per_step[step] = {
+            k: round(v, 2) for k, v in ev.evaluate(root, step).items()
+        }
         write_summary(workdir, per_step, root)
         last_new = clock()
       if not watch or only or final in per_step:
         break
       if watch_timeout and clock() - last_new > watch_timeout:
-        logging.info('No new checkpoint in %s for %.0f s: stopping.', root,
-                     watch_timeout)
+        logging.info(
+            'No new checkpoint in %s for %.0f s: stopping.', root, watch_timeout
+        )
         break
-      logging.info('Watching %s for new checkpoints (evaluated: %s).', root,
-                   sorted(per_step))
+      logging.info(
+          'Watching %s for new checkpoints (evaluated: %s).',
+          root,
+          sorted(per_step),
+      )
       sleep(watch_interval)
   finally:
     if ev.writer is not None:
@@ -261,6 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if not per_step:
     raise checkpointing.CheckpointError(f'No checkpoint found in {root}.')
   summary = write_summary(workdir, per_step, root)
-  print((paths.resolve(workdir) / 'eval' / 'summary.md').read_text(),
-        flush=True)
+  print(
+      (paths.resolve(workdir) / 'eval' / 'summary.md').read_text(), flush=True
+  )
   return summary

@@ -22,6 +22,7 @@ from dastc_jax.runtime import sharding as sharding_lib
 @dataclasses.dataclass
 class SplitResult:
   """Scores of one evaluated split."""
+
   name: str
   confusion: np.ndarray
   num_images: int
@@ -48,8 +49,11 @@ class SplitResult:
     return {
         'miou': _pct(self.miou),
         **{k: _pct(v) for k, v in self.extra().items()},
-        'iou': {c: _pct(iou[i]) for i, c in enumerate(self.class_set.classes)
-                if i in self.class_set.scored},
+        'iou': {
+            c: _pct(iou[i])
+            for i, c in enumerate(self.class_set.classes)
+            if i in self.class_set.scored
+        },
         'pixel_accuracy': _pct(metrics_lib.pixel_accuracy(self.confusion)),
         'num_images': self.num_images,
         'scored_classes': len(self.class_set.scored),
@@ -60,11 +64,17 @@ def _pct(x: float) -> float | None:
   return None if np.isnan(x) else round(100.0 * float(x), 2)
 
 
-def evaluate_splits(config: ml_collections.ConfigDict, data_root: str,
-                    eval_step: Callable[..., Any], params: Any,
-                    batch_stats: Any, data_sharding: jax.NamedSharding,
-                    out_dir: str, step: int,
-                    num_overlays: int) -> list[SplitResult]:
+def evaluate_splits(
+    config: ml_collections.ConfigDict,
+    data_root: str,
+    eval_step: Callable[..., Any],
+    params: Any,
+    batch_stats: Any,
+    data_sharding: jax.NamedSharding,
+    out_dir: str,
+    step: int,
+    num_overlays: int,
+) -> list[SplitResult]:
   """Evaluates every split of ``config.eval.splits``; writes the tables.
 
   The eval batch is rounded up to a multiple of the device count (padded
@@ -79,26 +89,49 @@ def evaluate_splits(config: ml_collections.ConfigDict, data_root: str,
   global_bs = -(-config.eval.batch_size // n_dev) * n_dev
   results = []
   for split in config.eval.splits:
-    ds = pipeline.make_eval_dataset(config.data[split], data_root, cs.name,
-                                    config.model.per_axis_flow_scale,
-                                    section=f'config.data.{split}')
-    results.append(evaluate_split(
-        split, eval_step, params, batch_stats, ds, class_set=cs,
-        global_batch_size=global_bs, data_sharding=data_sharding,
-        num_overlays=num_overlays,
-        overlay_dir=paths.resolve(out_dir) / 'overlays' / split))
+    ds = pipeline.make_eval_dataset(
+        config.data[split],
+        data_root,
+        cs.name,
+        config.model.per_axis_flow_scale,
+        section=f'config.data.{split}',
+    )
+    results.append(
+        evaluate_split(
+            split,
+            eval_step,
+            params,
+            batch_stats,
+            ds,
+            class_set=cs,
+            global_batch_size=global_bs,
+            data_sharding=data_sharding,
+            num_overlays=num_overlays,
+            overlay_dir=paths.resolve(out_dir) / 'overlays' / split,
+        )
+    )
   if results and jax.process_index() == 0:
     table = write_results(out_dir, results, step)
-    print(f'\nPer-class IoU (%) at step {step} ({cs.name}):\n{table}\n',
-          flush=True)
+    print(
+        f'\nPer-class IoU (%) at step {step} ({cs.name}):\n{table}\n',
+        flush=True,
+    )
   return results
 
 
-def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
-                   batch_stats: Any, ds: Any, *, class_set: labels_lib.ClassSet,
-                   global_batch_size: int, data_sharding: jax.NamedSharding,
-                   num_overlays: int = 0,
-                   overlay_dir: str | None = None) -> SplitResult:
+def evaluate_split(
+    name: str,
+    eval_step: Callable[..., Any],
+    params: Any,
+    batch_stats: Any,
+    ds: Any,
+    *,
+    class_set: labels_lib.ClassSet,
+    global_batch_size: int,
+    data_sharding: jax.NamedSharding,
+    num_overlays: int = 0,
+    overlay_dir: str | None = None,
+) -> SplitResult:
   """Runs ``eval_step`` over every example of ``ds``.
 
   Args:
@@ -119,29 +152,35 @@ def evaluate_split(name: str, eval_step: Callable[..., Any], params: Any,
   total = np.zeros((class_set.num_classes,) * 2, np.int64)
   written = 0
   for batch in pipeline.eval_batches(
-      ds, global_batch_size=global_batch_size,
+      ds,
+      global_batch_size=global_batch_size,
       process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    host = {k: batch[k] for k in ('frames', 'flow', 'label', 'mask')
-            if k in batch}  # no flow in the image domain
-    cm, pred = eval_step(params, batch_stats,
-                         sharding_lib.shard_batch(host, data_sharding))
+      process_count=jax.process_count(),
+  ):
+    host = {
+        k: batch[k] for k in ('frames', 'flow', 'label', 'mask') if k in batch
+    }  # no flow in the image domain
+    cm, pred = eval_step(
+        params, batch_stats, sharding_lib.shard_batch(host, data_sharding)
+    )
     total += sharding_lib.to_host(cm).astype(np.int64)
-    if (overlay_dir and written < num_overlays
-        and jax.process_index() == 0):
+    if overlay_dir and written < num_overlays and jax.process_index() == 0:
       pred = sharding_lib.local_rows(pred)
       for i in range(len(pred)):
         if written >= num_overlays or not batch['mask'][i]:
           continue
-        panel = visualize.overlay_panel(batch['frames'][i, 0],
-                                        batch['label'][i], pred[i],
-                                        class_set.palette())
+        panel = visualize.overlay_panel(
+            batch['frames'][i, 0],
+            batch['label'][i],
+            pred[i],
+            class_set.palette(),
+        )
         visualize.save_png(
-            paths.resolve(overlay_dir) / f'{batch["id"][i]}.png', panel)
+            paths.resolve(overlay_dir) / f'{batch["id"][i]}.png', panel
+        )
         written += 1
   result = SplitResult(name, total, len(ds), class_set)
-  logging.info('%s: mIoU %.2f over %d images', name, 100 * result.miou,
-               len(ds))
+  logging.info('%s: mIoU %.2f over %d images', name, 100 * result.miou, len(ds))
   return result
 
 
@@ -153,38 +192,50 @@ def format_table(results: Sequence[SplitResult]) -> str:
   rows = [head, sep]
   for i in cs.scored:
     vals = [r.iou[i] for r in results]
-    rows.append(f'| {cs.classes[i]} | ' + ' | '.join(
-        '-' if np.isnan(v) else f'{100 * v:.1f}' for v in vals) + ' |')
-  rows.append('| **mIoU** | ' + ' | '.join(
-      f'**{100 * r.miou:.1f}**' for r in results) + ' |')
+    rows.append(
+        f'| {cs.classes[i]} | '
+        + ' | '.join('-' if np.isnan(v) else f'{100 * v:.1f}' for v in vals)
+        + ' |'
+    )
+  rows.append(
+      '| **mIoU** | '
+      + ' | '.join(f'**{100 * r.miou:.1f}**' for r in results)
+      + ' |'
+  )
   for name in results[0].extra():
-    rows.append(f'| {name} | ' + ' | '.join(
-        f'{100 * r.extra()[name]:.1f}' for r in results) + ' |')
+    rows.append(
+        f'| {name} | '
+        + ' | '.join(f'{100 * r.extra()[name]:.1f}' for r in results)
+        + ' |'
+    )
   return '\n'.join(rows)
 
 
-def write_results(out_dir: str, results: Sequence[SplitResult],
-                  step: int) -> str:
+def write_results(
+    out_dir: str, results: Sequence[SplitResult], step: int
+) -> str:
   """Writes ``results.json`` and ``results.md`` (atomically) to ``out_dir``.
 
   Returns:
     The markdown table.
   """
   out_dir = paths.resolve(out_dir)
-  payload = {'step': step,
-             'splits': {r.name: r.to_json() for r in results}}
+  payload = {'step': step, 'splits': {r.name: r.to_json() for r in results}}
   table = format_table(results)
-  md = (f'# Evaluation at step {step}\n\n'
-        f'Per-class IoU (%), {len(results[0].class_set.scored)} scored '
-        f'classes ({results[0].class_set.name}).\n\n{table}\n')
-  for name, text in (('results.json', json.dumps(payload, indent=2)),
-                     ('results.md', md)):
+  md = (
+      f'# Evaluation at step {step}\n\n'
+      f'Per-class IoU (%), {len(results[0].class_set.scored)} scored '
+      f'classes ({results[0].class_set.name}).\n\n{table}\n'
+  )
+  for name, text in (
+      ('results.json', json.dumps(payload, indent=2)),
+      ('results.md', md),
+  ):
     paths.write_atomic(out_dir / name, text)
   return table
 
 
-def write_eval_scalars(writer, step: int,
-                       results: list[SplitResult]) -> None:
+def write_eval_scalars(writer, step: int, results: list[SplitResult]) -> None:
   """mIoU, extra means and per-class IoU (%) as TensorBoard scalars."""
   if not results:
     return
@@ -195,7 +246,6 @@ def write_eval_scalars(writer, step: int,
       scalars[f'eval/{r.name}/{name}'] = 100 * value
     for i in r.class_set.scored:
       if not np.isnan(r.iou[i]):
-        scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = (
-            100 * r.iou[i])
+        scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = 100 * r.iou[i]
   writer.write_scalars(step, scalars)
   writer.flush()

@@ -9,8 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     mask: jax.Array | None = None) -> jax.Array:
+def confusion_matrix(
+    pred: jax.Array,
+    label: jax.Array,
+    num_classes: int,
+    mask: jax.Array | None = None,
+) -> jax.Array:
   """Counts (label, prediction) pairs; labels outside [0, C) are ignored.
 
   Args:
@@ -28,8 +32,11 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
   if mask is not None:
     valid &= mask.reshape((-1,) + (1,) * (label.ndim - 1))
   idx = jnp.where(valid, label * num_classes + pred, 0)
-  counts = jnp.bincount(idx.reshape(-1), weights=valid.reshape(-1).astype(
-      jnp.int32), length=num_classes * num_classes)
+  counts = jnp.bincount(
+      idx.reshape(-1),
+      weights=valid.reshape(-1).astype(jnp.int32),
+      length=num_classes * num_classes,
+  )
   return counts.reshape(num_classes, num_classes).astype(jnp.int32)
 
 

@@ -63,8 +63,9 @@ class PredictError(errors.UserError, ValueError):
 
 
 # -------------------------------------------------------------------- input
-def read_frames(path: str, max_frames: int = 0
-                ) -> tuple[Iterator[tuple[str, np.ndarray]], float]:
+def read_frames(
+    path: str, max_frames: int = 0
+) -> tuple[Iterator[tuple[str, np.ndarray]], float]:
   """``(name, RGB uint8 [H, W, 3])`` of a video file or a frame folder.
 
   Returns:
@@ -74,11 +75,15 @@ def read_frames(path: str, max_frames: int = 0
     PredictError: naming the file that cannot be read.
   """
   if os.path.isdir(path):
-    files = sorted(f for f in glob.glob(os.path.join(path, '*'))
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(path, '*'))
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not files:
-      raise PredictError(f'{path} has no frames ({", ".join(IMAGE_EXTENSIONS)}'
-                         ' files).')
+      raise PredictError(
+          f'{path} has no frames ({", ".join(IMAGE_EXTENSIONS)}' ' files).'
+      )
     files = files[:max_frames] if max_frames else files
 
     def from_folder():
@@ -95,8 +100,10 @@ def read_frames(path: str, max_frames: int = 0
   ok, first = cap.read() if cap.isOpened() else (False, None)
   if not ok:
     cap.release()
-    raise PredictError(f'Cannot read a video frame from {path}: not a video '
-                       'OpenCV/FFmpeg can decode (or empty).')
+    raise PredictError(
+        f'Cannot read a video frame from {path}: not a video '
+        'OpenCV/FFmpeg can decode (or empty).'
+    )
   fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
 
   def from_video():
@@ -134,8 +141,10 @@ def read_flow_file(path: str) -> np.ndarray:
       raise
     raise PredictError(f'Cannot read flow {path}: {e}') from e
   if flow.ndim != 3 or flow.shape[-1] != 2:
-    raise PredictError(f'Flow {path} has shape {flow.shape}; expected '
-                       '[H, W, 2] (dx, dy) from frame t to t-1.')
+    raise PredictError(
+        f'Flow {path} has shape {flow.shape}; expected '
+        '[H, W, 2] (dx, dy) from frame t to t-1.'
+    )
   return flow.astype(np.float32)
 
 
@@ -143,14 +152,17 @@ DisFlow = dis.DisFlow
 
 
 # -------------------------------------------------------------------- model
-def load_weights(config: ml_collections.ConfigDict, checkpoint: str,
-                 workdir: str):
+def load_weights(
+    config: ml_collections.ConfigDict, checkpoint: str, workdir: str
+):
   """``(params, batch_stats)`` of a checkpoint (latest of a folder)."""
   root, step = checkpointing.resolve(workdir, checkpoint)
   params_like, stats_like = jax.eval_shape(
-      lambda: state_lib.init_model(config, 0)[1:])
-  params, stats, step = checkpointing.load_weights(root, step, params_like,
-                                                   stats_like)
+      lambda: state_lib.init_model(config, 0)[1:]
+  )
+  params, stats, step = checkpointing.load_weights(
+      root, step, params_like, stats_like
+  )
   logging.info('Predicting with %s step %d.', root, step)
   return params, stats
 
@@ -162,29 +174,38 @@ def make_predict_fn(config: ml_collections.ConfigDict):
   dtype = models.compute_dtype(config.model.dtype)
 
   def predict(params, stats, frames, flow, out_hw):
-    logits = forward.predict_logits(graphdef, params, stats, frames, flow,
-                                    out_hw, dtype)
+    logits = forward.predict_logits(
+        graphdef, params, stats, frames, flow, out_hw, dtype
+    )
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
   return jax.jit(predict, static_argnums=(4,))
 
 
 # --------------------------------------------------------------------- run
-def _write_animation(frames_dir: str, out_path: str, fmt: str,
-                     fps: float) -> None:
+def _write_animation(
+    frames_dir: str, out_path: str, fmt: str, fps: float
+) -> None:
   files = sorted(glob.glob(os.path.join(frames_dir, '*.png')))
   if fmt == 'gif':
     images = [Image.open(f) for f in files]
-    images[0].save(out_path, save_all=True, append_images=images[1:],
-                   duration=int(round(1000 / fps)), loop=0)
+    images[0].save(
+        out_path,
+        save_all=True,
+        append_images=images[1:],
+        duration=int(round(1000 / fps)),
+        loop=0,
+    )
     return
   first = cv2.imread(files[0])
   h, w = first.shape[:2]
-  writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*'mp4v'), fps,
-                           (w, h))
+  writer = cv2.VideoWriter(
+      out_path, cv2.VideoWriter_fourcc(*'mp4v'), fps, (w, h)
+  )
   if not writer.isOpened():
-    raise PredictError(f'OpenCV cannot write {out_path} (mp4v); use '
-                       '--video_format=gif.')
+    raise PredictError(
+        f'OpenCV cannot write {out_path} (mp4v); use ' '--video_format=gif.'
+    )
   try:
     for f in files:
       writer.write(cv2.imread(f))
@@ -192,11 +213,20 @@ def _write_animation(frames_dir: str, out_path: str, fmt: str,
     writer.release()
 
 
-def run(config: ml_collections.ConfigDict, *, checkpoint: str,
-        workdir: str, input_path: str, output: str, flows: str | None = None,
-        flow_weights: str | None = None, video_format: str = 'mp4',
-        fps: float = 0.0, max_frames: int = 0,
-        overwrite: bool = True) -> dict[str, str | int]:
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint: str,
+    workdir: str,
+    input_path: str,
+    output: str,
+    flows: str | None = None,
+    flow_weights: str | None = None,
+    video_format: str = 'mp4',
+    fps: float = 0.0,
+    max_frames: int = 0,
+    overwrite: bool = True,
+) -> dict[str, str | int]:
   """Segments every frame of ``input_path`` into ``output`` (module doc).
 
   Input, flows and output may be ``gs://...`` paths: inputs are read through
@@ -213,24 +243,35 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
     raise PredictError(f'{output} exists.')
   with contextlib.ExitStack() as stack:
     local_input = stack.enter_context(paths.local_copy(input_path))
-    local_flows = (stack.enter_context(paths.local_copy(flows)) if flows
-                   else None)
+    local_flows = (
+        stack.enter_context(paths.local_copy(flows)) if flows else None
+    )
     tmp = paths.staging_dir(output)
     try:
       count, animation, estimator = _segment(
-          config, checkpoint=checkpoint, workdir=workdir,
-          input_path=local_input, flows=local_flows,
-          flow_weights=flow_weights, tmp=tmp,
-          video_format=video_format, fps=fps, max_frames=max_frames)
+          config,
+          checkpoint=checkpoint,
+          workdir=workdir,
+          input_path=local_input,
+          flows=local_flows,
+          flow_weights=flow_weights,
+          tmp=tmp,
+          video_format=video_format,
+          fps=fps,
+          max_frames=max_frames,
+      )
       cs = labels_lib.get_class_set(config.data.class_set)
       two_frames = models.clip_length(config.model) == 2
-      legend = {'class_set': cs.name, 'classes': list(cs.classes),
-                'colors': [cs.palette()[i].tolist()
-                           for i in range(len(cs.classes))],
-                'input': os.fspath(paths.resolve(input_path)),
-                'frames': count,
-                'flows': (flows or estimator) if two_frames
-                         else 'none (single-frame model)'}
+      legend = {
+          'class_set': cs.name,
+          'classes': list(cs.classes),
+          'colors': [cs.palette()[i].tolist() for i in range(len(cs.classes))],
+          'input': os.fspath(paths.resolve(input_path)),
+          'frames': count,
+          'flows': (flows or estimator)
+          if two_frames
+          else 'none (single-frame model)',
+      }
       with open(os.path.join(tmp, 'legend.json'), 'w') as f:
         json.dump(legend, f, indent=2)
       paths.publish_dir(tmp, output, last='legend.json')
@@ -238,16 +279,28 @@ def run(config: ml_collections.ConfigDict, *, checkpoint: str,
       shutil.rmtree(tmp, ignore_errors=True)
       raise
   animation = animation.replace(tmp, output) if animation else ''
-  print(f'Wrote {count} overlays to {output}/overlays'
-        + (f' and {animation}' if animation else '') + '.', flush=True)
+  print(
+      f'Wrote {count} overlays to {output}/overlays'
+      + (f' and {animation}' if animation else '')
+      + '.',
+      flush=True,
+  )
   return {'output': output, 'frames': count, 'animation': animation}
 
 
-def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
-             workdir: str, input_path: str, flows: str | None,
-             flow_weights: str | None, tmp: str,
-             video_format: str, fps: float, max_frames: int
-             ) -> tuple[int, str]:
+def _segment(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint: str,
+    workdir: str,
+    input_path: str,
+    flows: str | None,
+    flow_weights: str | None,
+    tmp: str,
+    video_format: str,
+    fps: float,
+    max_frames: int,
+) -> tuple[int, str]:
   """Writes the overlays, label maps and animation of every frame into the
   local folder ``tmp``; returns ``(frames, animation path or '', the flow
   estimator's name)``."""
@@ -261,6 +314,7 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
   if two_frames and not flows:
     if flow_weights:
       from dastc_jax.flow import estimate  # pylint: disable=g-import-not-at-top
+
       raft = estimate.RaftEstimator(flow_weights)
       estimate_flow = raft
       estimator = f'{raft.name} ({raft.meta["source"]}, computed)'
@@ -279,14 +333,22 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
       if prev is None:
         flow = np.zeros(hw + (2,), np.float32)
       elif flows:
-        path = next((os.path.join(flows, name + ext) for ext in
-                     ('.npy', '.flo') if os.path.isfile(
-                         os.path.join(flows, name + ext))), None)
+        path = next(
+            (
+                os.path.join(flows, name + ext)
+                for ext in ('.npy', '.flo')
+                if os.path.isfile(os.path.join(flows, name + ext))
+            ),
+            None,
+        )
         if path is None:
-          raise PredictError(f'No flow for frame {name!r} in {flows} '
-                             f'(expected {name}.npy or {name}.flo).')
+          raise PredictError(
+              f'No flow for frame {name!r} in {flows} '
+              f'(expected {name}.npy or {name}.flo).'
+          )
         flow = transforms.resize_flow_np(
-            read_flow_file(path), hw, config.model.per_axis_flow_scale)
+            read_flow_file(path), hw, config.model.per_axis_flow_scale
+        )
       else:
         flow = estimate_flow(cur, key)
       batch = np.stack([cur, key])[None]
@@ -295,7 +357,8 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
     frame = f'{count:06d}.png'
     visualize.save_png(os.path.join(tmp, 'labels', frame), ids)
     blend = (cur * 0.5 + visualize.colorize(ids, palette) * 0.5).astype(
-        np.uint8)
+        np.uint8
+    )
     visualize.save_png(os.path.join(tmp, 'overlays', frame), blend)
     prev, count = cur, count + 1
   if not count:
@@ -303,6 +366,10 @@ def _segment(config: ml_collections.ConfigDict, *, checkpoint: str,
   animation = ''
   if video_format != 'none':
     animation = os.path.join(tmp, f'prediction.{video_format}')
-    _write_animation(os.path.join(tmp, 'overlays'), animation,
-                     video_format, fps or video_fps or 10.0)
+    _write_animation(
+        os.path.join(tmp, 'overlays'),
+        animation,
+        video_format,
+        fps or video_fps or 10.0,
+    )
   return count, animation, estimator

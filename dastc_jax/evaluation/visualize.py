@@ -15,8 +15,13 @@ def colorize(ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
   return palette[np.asarray(ids, np.uint8)]
 
 
-def overlay_panel(frame: np.ndarray, label: np.ndarray, pred: np.ndarray,
-                  palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay_panel(
+    frame: np.ndarray,
+    label: np.ndarray,
+    pred: np.ndarray,
+    palette: np.ndarray,
+    alpha: float = 0.5,
+) -> np.ndarray:
   """Frame with the prediction blended in | ground truth | prediction.
 
   Args:

@@ -33,28 +33,48 @@ from dastc_jax.flow import generate  # pylint: disable=g-import-not-at-top
 from dastc_jax.flow import raft  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 
-_DATASET = flags.DEFINE_enum('dataset', None, generate.DATASETS,
-                             'Video dataset whose flows to compute.')
+_DATASET = flags.DEFINE_enum(
+    'dataset', None, generate.DATASETS, 'Video dataset whose flows to compute.'
+)
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'The dataset folder in its original layout.')
+    'manual_dir', None, 'The dataset folder in its original layout.'
+)
 _WEIGHTS = flags.DEFINE_string(
-    'weights', None, 'torchvision RAFT weights (.pth/.safetensors) or a '
-    'folder converted by `python -m dastc_jax.convert`.')
-_VARIANT = flags.DEFINE_enum('variant', None, sorted(raft.VARIANTS),
-                             'Expected RAFT variant (default: the file\'s).')
-_ITERATIONS = flags.DEFINE_integer('iterations', 12,
-                                   'RAFT recurrent updates per pair.')
-_SPLITS = flags.DEFINE_list('splits', None, 'Splits (default: every split '
-                            'whose frames are present).')
+    'weights',
+    None,
+    'torchvision RAFT weights (.pth/.safetensors) or a '
+    'folder converted by `python -m dastc_jax.convert`.',
+)
+_VARIANT = flags.DEFINE_enum(
+    'variant',
+    None,
+    sorted(raft.VARIANTS),
+    "Expected RAFT variant (default: the file's).",
+)
+_ITERATIONS = flags.DEFINE_integer(
+    'iterations', 12, 'RAFT recurrent updates per pair.'
+)
+_SPLITS = flags.DEFINE_list(
+    'splits', None, 'Splits (default: every split ' 'whose frames are present).'
+)
 _TRAIN_FLOW_DIR = flags.DEFINE_string(
-    'train_flow_dir', None, 'Output folder of the train split (default: the '
-    'reference location beside --manual_dir, where prepare looks).')
-_VAL_FLOW_DIR = flags.DEFINE_string('val_flow_dir', None,
-                                    'Output folder of the val split.')
-_SIZE = flags.DEFINE_list('size', None, 'H,W to estimate and store at '
-                          '(multiples of 8; default: the reference size).')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Pairs per step (default: 2 '
-                              'per local device).')
+    'train_flow_dir',
+    None,
+    'Output folder of the train split (default: the '
+    'reference location beside --manual_dir, where prepare looks).',
+)
+_VAL_FLOW_DIR = flags.DEFINE_string(
+    'val_flow_dir', None, 'Output folder of the val split.'
+)
+_SIZE = flags.DEFINE_list(
+    'size',
+    None,
+    'H,W to estimate and store at '
+    '(multiples of 8; default: the reference size).',
+)
+_BATCH = flags.DEFINE_integer(
+    'batch_size', 0, 'Pairs per step (default: 2 ' 'per local device).'
+)
 flags.mark_flags_as_required(['dataset', 'manual_dir', 'weights'])
 
 
@@ -64,28 +84,51 @@ def main(argv: Sequence[str]) -> None:
   distributed.initialize_if_requested()
   # pylint: disable=g-import-not-at-top
   from dastc_jax.flow import estimate
+
   size = None
   if _SIZE.value:
     try:
       size = tuple(int(v) for v in _SIZE.value)
       assert len(size) == 2
     except (ValueError, AssertionError):
-      raise app.UsageError(f'--size={",".join(_SIZE.value)}: expected H,W.'
-                           ) from None
+      raise app.UsageError(
+          f'--size={",".join(_SIZE.value)}: expected H,W.'
+      ) from None
   splits, dirs = generate.default_splits_and_dirs(
-      _DATASET.value, _MANUAL_DIR.value, _SPLITS.value,
-      {'train': _TRAIN_FLOW_DIR.value, 'val': _VAL_FLOW_DIR.value})
-  estimator = estimate.RaftEstimator(_WEIGHTS.value,
-                                     iterations=_ITERATIONS.value,
-                                     variant=_VARIANT.value)
-  logging.info('RAFT %s on %d local device(s), host %d/%d',
-               estimator.meta['variant'], len(estimator.devices),
-               jax.process_index(), jax.process_count())
-  stats = generate.run(_DATASET.value, _MANUAL_DIR.value, splits, dirs,
-                       estimator, hw=size, batch_size=_BATCH.value,
-                       host=(jax.process_index(), jax.process_count()))
-  print(json.dumps({'dataset': _DATASET.value, 'estimator': estimator.name,
-                    'splits': stats}))
+      _DATASET.value,
+      _MANUAL_DIR.value,
+      _SPLITS.value,
+      {'train': _TRAIN_FLOW_DIR.value, 'val': _VAL_FLOW_DIR.value},
+  )
+  estimator = estimate.RaftEstimator(
+      _WEIGHTS.value, iterations=_ITERATIONS.value, variant=_VARIANT.value
+  )
+  logging.info(
+      'RAFT %s on %d local device(s), host %d/%d',
+      estimator.meta['variant'],
+      len(estimator.devices),
+      jax.process_index(),
+      jax.process_count(),
+  )
+  stats = generate.run(
+      _DATASET.value,
+      _MANUAL_DIR.value,
+      splits,
+      dirs,
+      estimator,
+      hw=size,
+      batch_size=_BATCH.value,
+      host=(jax.process_index(), jax.process_count()),
+  )
+  print(
+      json.dumps(
+          {
+              'dataset': _DATASET.value,
+              'estimator': estimator.name,
+              'splits': stats,
+          }
+      )
+  )
 
 
 if __name__ == '__main__':

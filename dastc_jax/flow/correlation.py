@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 
-def pyramid(fmap1: jax.Array, fmap2: jax.Array,
-            levels: int) -> list[jax.Array]:
+def pyramid(fmap1: jax.Array, fmap2: jax.Array, levels: int) -> list[jax.Array]:
   """Correlation volumes of every pixel pair, pooled ``levels - 1`` times.
 
   Args:
@@ -33,16 +32,18 @@ def pyramid(fmap1: jax.Array, fmap2: jax.Array,
   b, h, w, c = fmap1.shape
   # Scaling the [B, hw, C] features, not the [B, hw, hw] products, saves a
   # pass over the largest array.
-  corr = jnp.einsum('bqc,bkc->bqk',
-                    (fmap1 / jnp.sqrt(jnp.float32(c))).reshape(b, h * w, c),
-                    fmap2.reshape(b, h * w, c))
+  corr = jnp.einsum(
+      'bqc,bkc->bqk',
+      (fmap1 / jnp.sqrt(jnp.float32(c))).reshape(b, h * w, c),
+      fmap2.reshape(b, h * w, c),
+  )
   corr = corr.reshape(b, h * w, h, w)
   out = [corr]
   for _ in range(levels - 1):
     hh, ww = corr.shape[2] // 2, corr.shape[3] // 2
     # Pairs of rows, then pairs of columns (on XLA:CPU faster than one
     # mean over a [.., hh, 2, ww, 2] view).
-    rows = corr[:, :, :2 * hh, :2 * ww].reshape(b, h * w, hh, 2, 2 * ww)
+    rows = corr[:, :, : 2 * hh, : 2 * ww].reshape(b, h * w, hh, 2, 2 * ww)
     rows = rows.sum(axis=3)
     corr = rows.reshape(b, h * w, hh, ww, 2).sum(axis=-1) * 0.25
     out.append(corr)
@@ -98,20 +99,22 @@ def _window(padded: jax.Array, centre: jax.Array, radius: int) -> jax.Array:
   offsets = jnp.arange(side, dtype=jnp.int32)
   ys = y0[..., None] + offsets  # [B, N, side]
   xs = x0[..., None] + offsets
-  inside = (((ys >= 0) & (ys < hl))[..., :, None] &
-            ((xs >= 0) & (xs < wl))[..., None, :])  # [B, N, y, x]
+  inside = ((ys >= 0) & (ys < hl))[..., :, None] & ((xs >= 0) & (xs < wl))[
+      ..., None, :
+  ]  # [B, N, y, x]
   values = jnp.where(inside, values, 0.0)
   fx = frac[..., 0, None, None]
   fy = frac[..., 1, None, None]
-  window = ((1 - fy) * ((1 - fx) * values[..., :-1, :-1] +
-                        fx * values[..., :-1, 1:]) +
-            fy * ((1 - fx) * values[..., 1:, :-1] + fx * values[..., 1:, 1:]))
+  window = (1 - fy) * (
+      (1 - fx) * values[..., :-1, :-1] + fx * values[..., :-1, 1:]
+  ) + fy * ((1 - fx) * values[..., 1:, :-1] + fx * values[..., 1:, 1:])
   # window[e, d]: y offset e, x offset d -> RAFT flattens (x, y).
   return jnp.swapaxes(window, -1, -2).reshape(window.shape[:2] + (-1,))
 
 
-def lookup(padded_levels: list[jax.Array], coords: jax.Array,
-           radius: int) -> jax.Array:
+def lookup(
+    padded_levels: list[jax.Array], coords: jax.Array, radius: int
+) -> jax.Array:
   """Correlation features of every pixel at its current match ``coords``.
 
   Args:

@@ -31,5 +31,8 @@ class DisFlow:
     return np.stack([self(t, s) for t, s in zip(frames_t, frames_s)])
 
   def info(self) -> dict[str, Any]:
-    return {'estimator': 'opencv_dis', 'preset': 'medium',
-            'opencv': cv2.__version__}
+    return {
+        'estimator': 'opencv_dis',
+        'preset': 'medium',
+        'opencv': cv2.__version__,
+    }

@@ -42,17 +42,20 @@ class RaftEstimator:
     iterations: RAFT updates per pair.
   """
 
-  def __init__(self, weights_path: str, *, iterations: int = 12,
-               variant: str | None = None,
-               devices: Sequence[Any] | None = None):
+  def __init__(
+      self,
+      weights_path: str,
+      *,
+      iterations: int = 12,
+      variant: str | None = None,
+      devices: Sequence[Any] | None = None,
+  ):
     model, self.meta = weights.load(weights_path, variant)
     self.iterations = iterations
     self.devices = list(devices or jax.local_devices())
     mesh = jax.sharding.Mesh(np.array(self.devices), ('data',))
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        'data'))
-    replicated = jax.sharding.NamedSharding(mesh,
-                                            jax.sharding.PartitionSpec())
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     graphdef, state = nnx.split(model)
     self._state = jax.device_put(state, replicated)
     self._batch_sharding = batch
@@ -62,8 +65,9 @@ class RaftEstimator:
       to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0
       return model(to_unit(frames_t), to_unit(frames_s), iterations)
 
-    self._run = jax.jit(run, in_shardings=(replicated, batch, batch),
-                        out_shardings=batch)
+    self._run = jax.jit(
+        run, in_shardings=(replicated, batch, batch), out_shardings=batch
+    )
 
   @property
   def name(self) -> str:
@@ -71,9 +75,12 @@ class RaftEstimator:
 
   def info(self) -> dict[str, Any]:
     """What identifies the flows this estimator writes."""
-    return {'estimator': 'raft', 'variant': self.meta['variant'],
-            'weights_sha256': self.meta.get('sha256'),
-            'iterations': self.iterations}
+    return {
+        'estimator': 'raft',
+        'variant': self.meta['variant'],
+        'weights_sha256': self.meta.get('sha256'),
+        'iterations': self.iterations,
+    }
 
   def flows(self, frames_t: np.ndarray, frames_s: np.ndarray) -> np.ndarray:
     """RAFT flows of same-sized frames ``[B, H, W, 3]`` (H, W multiples of
@@ -85,17 +92,24 @@ class RaftEstimator:
     if pad:
       frames_t = np.concatenate([frames_t, frames_t[-1:].repeat(pad, 0)])
       frames_s = np.concatenate([frames_s, frames_s[-1:].repeat(pad, 0)])
-    out = self._run(self._state,
-                    jax.device_put(frames_t, self._batch_sharding),
-                    jax.device_put(frames_s, self._batch_sharding))
+    out = self._run(
+        self._state,
+        jax.device_put(frames_t, self._batch_sharding),
+        jax.device_put(frames_s, self._batch_sharding),
+    )
     return np.asarray(out)[:b]
 
-  def __call__(self, frame_t: np.ndarray, frame_s: np.ndarray,
-               hw: Sequence[int] | None = None) -> np.ndarray:
+  def __call__(
+      self,
+      frame_t: np.ndarray,
+      frame_s: np.ndarray,
+      hw: Sequence[int] | None = None,
+  ) -> np.ndarray:
     """One pair of uint8 frames of any size -> flow ``[h, w, 2]`` at ``hw``
     (default: frame t's size)."""
     hw = tuple(hw or frame_t.shape[:2])
     size = multiple_of_8(frame_t.shape[:2])
-    flow = self.flows(resize_frame(frame_t, size)[None],
-                      resize_frame(frame_s, size)[None])[0]
+    flow = self.flows(
+        resize_frame(frame_t, size)[None], resize_frame(frame_s, size)[None]
+    )[0]
     return transforms.resize_flow_np(flow, hw, per_axis_scale=True)

@@ -47,8 +47,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def class_prototypes(features: Array, labels: Array, num_classes: int,
-                     min_pixels: int) -> tuple[Array, Array]:
+def class_prototypes(
+    features: Array, labels: Array, num_classes: int, min_pixels: int
+) -> tuple[Array, Array]:
   """Per-class mean feature over all pixels of a batch.
 
   Args:
@@ -66,13 +67,15 @@ def class_prototypes(features: Array, labels: Array, num_classes: int,
   counts = jnp.sum(onehot, 0)
   sums = onehot.T @ feat
   present = counts >= min_pixels
-  protos = jnp.where(present[:, None], sums / jnp.maximum(counts, 1)[:, None],
-                     0.0)
+  protos = jnp.where(
+      present[:, None], sums / jnp.maximum(counts, 1)[:, None], 0.0
+  )
   return protos, present
 
 
-def class_reliability(labels: Array, reliability: Array,
-                      num_classes: int) -> Array:
+def class_reliability(
+    labels: Array, reliability: Array, num_classes: int
+) -> Array:
   """Mean of ``reliability`` over each class's pixels.
 
   Args:
@@ -89,8 +92,9 @@ def class_reliability(labels: Array, reliability: Array,
   return (rel @ onehot) / jnp.maximum(jnp.sum(onehot, 0), 1.0)
 
 
-def view_weights(reliability: Array, present: Array, temperature: float,
-                 adaptive: bool) -> Array:
+def view_weights(
+    reliability: Array, present: Array, temperature: float, adaptive: bool
+) -> Array:
   """Per class, weights over the views where it is present.
 
   Args:
@@ -111,8 +115,9 @@ def view_weights(reliability: Array, present: Array, temperature: float,
   return jnp.where(present & any_present, w, 0.0)
 
 
-def aggregate_views(protos: Array, present: Array, weights: Array
-                    ) -> tuple[Array, Array]:
+def aggregate_views(
+    protos: Array, present: Array, weights: Array
+) -> tuple[Array, Array]:
   """``sum_v w_{v,k} p_{v,k}`` per class (weights from ``view_weights``).
 
   Args:
@@ -126,10 +131,13 @@ def aggregate_views(protos: Array, present: Array, weights: Array
   return jnp.einsum('vc,vcd->cd', weights, protos), jnp.any(present, 0)
 
 
-def spatio_temporal_prototypes(views: list[dict[str, Array]],
-                               num_classes: int, min_pixels: int,
-                               temperature: float, adaptive: bool
-                               ) -> tuple[Array, Array, Array]:
+def spatio_temporal_prototypes(
+    views: list[dict[str, Array]],
+    num_classes: int,
+    min_pixels: int,
+    temperature: float,
+    adaptive: bool,
+) -> tuple[Array, Array, Array]:
   """Prototypes aggregated over space and over the views (frames).
 
   Args:
@@ -162,8 +170,9 @@ def mean_entropy(logits: Array) -> Array:
   return jnp.mean(h) / jnp.log(logits.shape[-1])
 
 
-def temporal_weights(entropies: Array, temperature: float,
-                     adaptive: bool) -> Array:
+def temporal_weights(
+    entropies: Array, temperature: float, adaptive: bool
+) -> Array:
   """Pair weights: ``softmax(-H / tau)`` (adaptive) or uniform.
 
   Args:
@@ -179,8 +188,9 @@ def temporal_weights(entropies: Array, temperature: float,
   return jax.nn.softmax(-jax.lax.stop_gradient(entropies) / temperature)
 
 
-def aggregate_pairs(protos: Array, present: Array, weights: Array,
-                    renormalize: bool = True) -> tuple[Array, Array]:
+def aggregate_pairs(
+    protos: Array, present: Array, weights: Array, renormalize: bool = True
+) -> tuple[Array, Array]:
   """Weighted mean of per-pair prototypes over the pairs where present.
 
   Args:
@@ -209,8 +219,14 @@ def _normalize(x: Array) -> Array:
   return jnp.where(sq > 0, x / jnp.maximum(jnp.sqrt(safe), 1e-6), 0.0)
 
 
-def contrastive(source: Array, target: Array, present: Array, *,
-                temperature: float, margin: float) -> Array:
+def contrastive(
+    source: Array,
+    target: Array,
+    present: Array,
+    *,
+    temperature: float,
+    margin: float,
+) -> Array:
   """Class-aware cross-domain contrastive loss with a margin.
 
   For each class k present in both domains, with cosine similarities
@@ -256,8 +272,9 @@ def cosine_pull(source: Array, target: Array, present: Array) -> Array:
   return jnp.sum(jnp.where(present, 1.0 - cos, 0.0)) / n
 
 
-def mmd_rbf(source: Array, target: Array, kernel_num: int = 5,
-            kernel_mul: float = 2.0) -> Array:
+def mmd_rbf(
+    source: Array, target: Array, kernel_num: int = 5, kernel_mul: float = 2.0
+) -> Array:
   """The reference's RBF-MMD between two sets of C prototypes (§4.6).
 
   Rows are treated as 2C samples (absent classes are zero rows, as in the
@@ -269,6 +286,6 @@ def mmd_rbf(source: Array, target: Array, kernel_num: int = 5,
   d = jnp.sum((z[:, None] - z[None]) ** 2, -1)
   bw = jax.lax.stop_gradient(jnp.sum(d) / (n * n - n))
   bw = bw / kernel_mul ** (kernel_num // 2)
-  k = sum(jnp.exp(-d / (bw * kernel_mul ** q)) for q in range(kernel_num))
+  k = sum(jnp.exp(-d / (bw * kernel_mul**q)) for q in range(kernel_num))
   c = source.shape[0]
   return jnp.mean(k[:c, :c] + k[c:, c:] - k[:c, c:] - k[c:, :c])

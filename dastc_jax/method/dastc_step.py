@@ -52,8 +52,16 @@ from dastc_jax.ops import warp as warp_ops
 Batch = dict[str, Any]
 
 
-def _teacher_forward(config, graphdef, teacher_graphdef, state, frames, flow,
-                     adapt_start: int, rng: jax.Array):
+def _teacher_forward(
+    config,
+    graphdef,
+    teacher_graphdef,
+    state,
+    frames,
+    flow,
+    adapt_start: int,
+    rng: jax.Array,
+):
   """The teacher's fused scores of frame t-1 (pair t-1, t-2; ``frames`` is
   that pair), or of frame t in the image domain; no gradient.
 
@@ -73,17 +81,22 @@ def _teacher_forward(config, graphdef, teacher_graphdef, state, frames, flow,
     first = state.step == adapt_start
     # At the first adaptation step the teacher becomes the warm-started
     # model.
-    teacher = jax.tree.map(lambda t, s: jnp.where(first, s, t),
-                           state.teacher, {'params': state.params,
-                                           'batch_stats': state.batch_stats})
+    teacher = jax.tree.map(
+        lambda t, s: jnp.where(first, s, t),
+        state.teacher,
+        {'params': state.params, 'batch_stats': state.batch_stats},
+    )
   else:
     teacher = state.teacher
 
   def run(params, stats, train, gdef=graphdef):
     model = nnx.merge(gdef, params, stats)
     out = model.clip(frames, flow, train=train, rng=rng if train else None)
-    new_stats = (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train
-                 else state.batch_stats)
+    new_stats = (
+        nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        if train
+        else state.batch_stats
+    )
     key = out.get('key_logits', jnp.zeros_like(out['pred']))
     return out['pred'], out['pred_aux'], key, new_stats
 
@@ -94,22 +107,29 @@ def _teacher_forward(config, graphdef, teacher_graphdef, state, frames, flow,
     if teacher_graphdef is None:
       return run(teacher['params'], teacher['batch_stats'], False)
     grid = jax.eval_shape(run_student)[0].shape[1:3]
-    pred, aux, key, stats = run(teacher['params'], teacher['batch_stats'],
-                                False, teacher_graphdef)
+    pred, aux, key, stats = run(
+        teacher['params'], teacher['batch_stats'], False, teacher_graphdef
+    )
     up = lambda x: warp_ops.resize_bilinear(x, grid)
     return up(pred), up(aux), up(key), stats
 
   if d.teacher == 'ema':
-    pred, aux, key, stats = run(teacher['params'], teacher['batch_stats'],
-                                False)
+    pred, aux, key, stats = run(
+        teacher['params'], teacher['batch_stats'], False
+    )
   elif d.teacher == 'reference':
     pred, aux, key, stats = jax.lax.cond(
-        pseudo_labels.use_student(state.step, adapt_start,
-                                  d.teacher_switch_steps),
-        run_student, run_frozen)
+        pseudo_labels.use_student(
+            state.step, adapt_start, d.teacher_switch_steps
+        ),
+        run_student,
+        run_frozen,
+    )
   else:
-    raise errors.ConfigError(f"Unknown config.dastc.teacher={d.teacher!r}; expected "
-                     "'ema' or 'reference'.")
+    raise errors.ConfigError(
+        f'Unknown config.dastc.teacher={d.teacher!r}; expected '
+        "'ema' or 'reference'."
+    )
   pred, aux, key, stats = jax.lax.stop_gradient((pred, aux, key, stats))
   return pred, aux, key, teacher, stats
 
@@ -126,22 +146,34 @@ def _class_priors(config, state, src_labels, teacher_logits):
   lab = src_labels.reshape(-1).astype(jnp.int32)
   src = jnp.sum(jax.nn.one_hot(lab, c), 0)  # ids >= C count nowhere
   src = src / jnp.maximum(jnp.sum(src), 1.0)
-  tgt = jnp.mean(jax.nn.softmax(teacher_logits.astype(jnp.float32), -1),
-                 axis=(0, 1, 2))
+  tgt = jnp.mean(
+      jax.nn.softmax(teacher_logits.astype(jnp.float32), -1), axis=(0, 1, 2)
+  )
   old = state.carried['class_prior']
   first = ~state.carried['has_prev']
   m = d.prior_momentum
   ema = lambda o, n: jnp.where(first, n, m * o + (1.0 - m) * n)
-  prior = {'source': ema(old['source'], src), 'target': ema(old['target'],
-                                                            tgt)}
+  prior = {'source': ema(old['source'], src), 'target': ema(old['target'], tgt)}
   floor = 1e-4
-  adjust = (jnp.log(jnp.maximum(prior['source'], floor)) -
-            jnp.log(jnp.maximum(prior['target'], floor)))
+  adjust = jnp.log(jnp.maximum(prior['source'], floor)) - jnp.log(
+      jnp.maximum(prior['target'], floor)
+  )
   return prior, jax.lax.stop_gradient(adjust)
 
 
-def _pseudo_labels(config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
-                   adapt_start, k_flip, k_teacher, src_labels=None):
+def _pseudo_labels(
+    config,
+    graphdef,
+    teacher_graphdef,
+    state,
+    x_tgt,
+    tgt,
+    size,
+    adapt_start,
+    k_flip,
+    k_teacher,
+    src_labels=None,
+):
   """Teacher pass (with the optional random mirror) and cross-frame labels.
 
   Besides the labels of ``pseudo_labels.cross_frame`` it returns the
@@ -166,19 +198,31 @@ def _pseudo_labels(config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
     flip = jax.random.bernoulli(k_flip, d.teacher_flip, (x_tgt.shape[0],))
     frames = pseudo_labels.hflip(frames, flip)  # [B, T, H, W, 3]
     if video:
-      flow = pseudo_labels.hflip_flow(flow, flip,
-                                      negate_dx=not d.bugs.flip_keep_dx)
+      flow = pseudo_labels.hflip_flow(
+          flow, flip, negate_dx=not d.bugs.flip_keep_dx
+      )
   pred, aux, key, teacher, stats = _teacher_forward(
-      config, graphdef, teacher_graphdef, state, frames, flow, adapt_start,
-      k_teacher)
+      config,
+      graphdef,
+      teacher_graphdef,
+      state,
+      frames,
+      flow,
+      adapt_start,
+      k_teacher,
+  )
   prior = state.carried['class_prior']
   if d.pl_distribution_alignment:
     prior, adjust = _class_priors(config, state, src_labels[:, 0], pred)
     pred, aux, key = pred + adjust, aux + adjust, key + adjust
-  unflip = ((lambda x: pseudo_labels.hflip(x, flip)) if flip is not None
-            else (lambda x: x))
-  unflip_first = flip is not None and (not d.bugs.warp_before_unflip or
-                                       not video)
+  unflip = (
+      (lambda x: pseudo_labels.hflip(x, flip))
+      if flip is not None
+      else (lambda x: x)
+  )
+  unflip_first = flip is not None and (
+      not d.bugs.warp_before_unflip or not video
+  )
   if unflip_first:
     pred, aux = unflip(pred), unflip(aux)
   if not video:
@@ -186,20 +230,31 @@ def _pseudo_labels(config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
     pl['probs_lo'] = jax.nn.softmax(pred, -1)
     return pl, teacher, stats, prior
   pl = pseudo_labels.cross_frame(
-      pred, aux, tgt['flow'], size,
-      confidence_from_logit=d.bugs.confidence_from_logit)
+      pred,
+      aux,
+      tgt['flow'],
+      size,
+      confidence_from_logit=d.bugs.confidence_from_logit,
+  )
   if flip is not None and not unflip_first:
     # Reference: the mirrored scores were warped, the maps mirrored after.
-    pl = {k: (pseudo_labels.hflip(v, flip) if v.ndim == 4 else
-              pseudo_labels.hflip_labels(v, flip)) for k, v in pl.items()}
+    pl = {
+        k: (
+            pseudo_labels.hflip(v, flip)
+            if v.ndim == 4
+            else pseudo_labels.hflip_labels(v, flip)
+        )
+        for k, v in pl.items()
+    }
     pred = unflip(pred)
   pl['probs_t1_lo'] = jax.nn.softmax(pred, -1)
   pl['probs_t2_lo'] = jax.nn.softmax(unflip(key), -1)
   return pl, teacher, stats, prior
 
 
-def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
-                   size, rare_classes):
+def _fusion_inputs(
+    keys, config, state, src, tgt_flow, x_src, x_strong, pl, size, rare_classes
+):
   """Builds both fused clips (frames, labels, flows) and their masks.
 
   Returns ``(masks, swap, clip_s, clip_t)``: the image-level paste masks,
@@ -216,27 +271,37 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
   crop = lambda x, ch: fusion.crop(x, src['crop'], size, ch)
   norm = lambda x: image_ops.normalize(x, dtype)
   masks = fusion.sample_masks(
-      k_paste, prev_src_labels=crop(c['src_labels'], False),
-      rare_labels=src['rare_labels'], rare_classes=src['rare_classes'],
-      prev_tgt_masks=c['tgt_masks'], has_prev=c['has_prev'],
+      k_paste,
+      prev_src_labels=crop(c['src_labels'], False),
+      rare_labels=src['rare_labels'],
+      rare_classes=src['rare_classes'],
+      prev_tgt_masks=c['tgt_masks'],
+      has_prev=c['has_prev'],
       num_classes=config.model.num_classes,
       num_source_classes=d.num_source_classes,
       rare_class_list=rare_classes,
-      clip_lt=not d.bugs.unclipped_lt_mask)
-  pastes = dict(prev_src=norm(crop(c['src_frames'], True)),
-                prev_src_labels=crop(c['src_labels'], False),
-                rare=norm(src['rare_frames']),
-                prev_tgt=norm(c['tgt_frames']),
-                prev_tgt_labels=c['tgt_labels'], masks=masks)
+      clip_lt=not d.bugs.unclipped_lt_mask,
+  )
+  pastes = dict(
+      prev_src=norm(crop(c['src_frames'], True)),
+      prev_src_labels=crop(c['src_labels'], False),
+      rare=norm(src['rare_frames']),
+      prev_tgt=norm(c['tgt_frames']),
+      prev_tgt_labels=c['tgt_labels'],
+      masks=masks,
+  )
   src_labels = crop(src['labels'], False)
   tgt_labels = _target_labels(pl)
   xs, ys = fusion.compose(crop(x_src, True), src_labels, **pastes)
   xt, yt = fusion.compose(x_strong, tgt_labels, **pastes)
   fs = ft = None
   if tgt_flow is not None:  # the image domain has no flows to mix
-    flows = dict(prev_src_flow=crop(c['src_flow'], True),
-                 prev_tgt_flow=c['tgt_flow'], masks=masks,
-                 key_frame_masks=d.bugs.flow_mix_key_masks)
+    flows = dict(
+        prev_src_flow=crop(c['src_flow'], True),
+        prev_tgt_flow=c['tgt_flow'],
+        masks=masks,
+        key_frame_masks=d.bugs.flow_mix_key_masks,
+    )
     fs = fusion.mix_flow(crop(src['flow'], True), **flows)
     ft = fusion.mix_flow(tgt_flow, **flows)
   clip_s, clip_t = (xs, ys, fs), (xt, yt, ft)
@@ -244,12 +309,15 @@ def _fusion_inputs(keys, config, state, src, tgt_flow, x_src, x_strong, pl,
   if d.feature_fusion and d.feature_mode in ('swap', 'pixel_swap'):
     conf = jnp.stack([pl[k] for k in ('conf_t', 'conf_t1') if k in pl], 1)
     swap = fusion.swap_masks(
-        k_swap, src_labels=src_labels, tgt_labels=tgt_labels,
+        k_swap,
+        src_labels=src_labels,
+        tgt_labels=tgt_labels,
         tgt_confident=(conf > d.confidence) & (tgt_labels < 255),
         pasted=fusion.fused_mask(masks) > 0,
         num_classes=config.model.num_classes,
         num_swap_classes=d.feature_swap_classes,
-        directions=d.feature_swap_directions)
+        directions=d.feature_swap_directions,
+    )
     if d.feature_swap_labels == 'exchanged':
       clip_s, clip_t = fusion.apply_swap(swap, clip_s, clip_t)
     if d.feature_mode == 'pixel_swap':
@@ -267,8 +335,9 @@ def _source_labels(feat, probs, labels):
   """The source rule: the true labels (nearest-resized to the feature grid)
   where the prediction agrees, -1 elsewhere; and each pixel's reliability,
   the predicted probability of its true class."""
-  labels = warp_ops.resize_nearest(labels[..., None],
-                                   feat.shape[1:3])[..., 0].astype(jnp.int32)
+  labels = warp_ops.resize_nearest(labels[..., None], feat.shape[1:3])[
+      ..., 0
+  ].astype(jnp.int32)
   safe = jnp.clip(labels, 0, probs.shape[-1] - 1)
   rel = jnp.take_along_axis(probs, safe[..., None], -1)[..., 0]
   return jnp.where(jnp.argmax(probs, -1) == labels, labels, -1), rel
@@ -278,8 +347,9 @@ def _alignment_views(config, out_s, labels_src, target_passes, pl):
   """Source and target views ``{'feat', 'label', 'reliability'}`` with
   names, for the spatio-temporal aggregation (alignment.py)."""
   a = config.dastc.alignment
-  cur, key = ('feat', 'key_feat') if a.feature == 'feat' else (
-      'pred', 'key_logits')
+  cur, key = (
+      ('feat', 'key_feat') if a.feature == 'feat' else ('pred', 'key_logits')
+  )
   sg = jax.lax.stop_gradient
   probs = lambda logits: jax.nn.softmax(sg(logits).astype(jnp.float32), -1)
   source = []
@@ -287,8 +357,7 @@ def _alignment_views(config, out_s, labels_src, target_passes, pl):
     if fk not in out_s:
       continue
     lab, rel = _source_labels(out_s[fk], probs(out_s[lk]), labels_src[:, f])
-    source.append((name, {'feat': out_s[fk], 'label': lab,
-                          'reliability': rel}))
+    source.append((name, {'feat': out_s[fk], 'label': lab, 'reliability': rel}))
   # Target: frame t of every pass, and each pass's key frame.
   target = []
   for name, out in target_passes:  # ('strong', (t, t-1)), ('clean', (t, t-2))
@@ -301,8 +370,12 @@ def _alignment_views(config, out_s, labels_src, target_passes, pl):
       own = probs(out[lk])
       lab = jnp.argmax(teacher if a.target_labels == 'teacher' else own, -1)
       rel = jnp.take_along_axis(teacher, lab[..., None], -1)[..., 0]
-      target.append((f'{frame}_{name}' if frame == 't' else frame,
-                     {'feat': out[fk], 'label': lab, 'reliability': rel}))
+      target.append(
+          (
+              f'{frame}_{name}' if frame == 't' else frame,
+              {'feat': out[fk], 'label': lab, 'reliability': rel},
+          )
+      )
   return source, target
 
 
@@ -317,37 +390,53 @@ def _alignment_loss(config, out_s, labels_src, target_passes, pl):
   info = {}
   if a.aggregation == 'frames':
     adaptive = a.temporal == 'adaptive'
-    views_s, views_t = _alignment_views(config, out_s, labels_src,
-                                        target_passes, pl)
+    views_s, views_t = _alignment_views(
+        config, out_s, labels_src, target_passes, pl
+    )
     ps, pres_s, _ = alignment.spatio_temporal_prototypes(
-        [v for _, v in views_s], num_classes, a.min_pixels,
-        a.temporal_temperature, adaptive)
+        [v for _, v in views_s],
+        num_classes,
+        a.min_pixels,
+        a.temporal_temperature,
+        adaptive,
+    )
     pt, pres_t, w = alignment.spatio_temporal_prototypes(
-        [v for _, v in views_t], num_classes, a.min_pixels,
-        a.temporal_temperature, adaptive)
+        [v for _, v in views_t],
+        num_classes,
+        a.min_pixels,
+        a.temporal_temperature,
+        adaptive,
+    )
     counted = jnp.maximum(jnp.sum(w > 0, 1), 1)
     for (name, _), wv, n in zip(views_t, w, counted):
       info[f'align_w/{name}'] = jnp.sum(wv) / n
   else:  # 'pairs': the reference's fused pair outputs with self-labels
     key = 'pred' if a.feature == 'logits' else 'feat'
     pred = out_s['pred']
-    lab = warp_ops.resize_nearest(labels_src[:, 0][..., None],
-                                  pred.shape[1:3])[..., 0]
+    lab = warp_ops.resize_nearest(labels_src[:, 0][..., None], pred.shape[1:3])[
+        ..., 0
+    ]
     lab = jnp.where(jnp.argmax(pred, -1) == lab, lab, -1)
-    ps, pres_s = alignment.class_prototypes(out_s[key], lab, num_classes,
-                                            a.min_pixels)
+    ps, pres_s = alignment.class_prototypes(
+        out_s[key], lab, num_classes, a.min_pixels
+    )
     protos, present, ents = [], [], []
     for _, out in target_passes:  # (t, t-1), (t, t-2)
-      p, m = alignment.class_prototypes(out[key], jnp.argmax(out['pred'], -1),
-                                        num_classes, a.min_pixels)
+      p, m = alignment.class_prototypes(
+          out[key], jnp.argmax(out['pred'], -1), num_classes, a.min_pixels
+      )
       protos.append(p)
       present.append(m)
       ents.append(alignment.mean_entropy(out['pred']))
-    w = alignment.temporal_weights(jnp.stack(ents), a.temporal_temperature,
-                                   a.temporal == 'adaptive')
+    w = alignment.temporal_weights(
+        jnp.stack(ents), a.temporal_temperature, a.temporal == 'adaptive'
+    )
     pt, pres_t = alignment.aggregate_pairs(
-        jnp.stack(protos), jnp.stack(present), w,
-        renormalize=not config.dastc.bugs.zero_rows_in_temporal_mean)
+        jnp.stack(protos),
+        jnp.stack(present),
+        w,
+        renormalize=not config.dastc.bugs.zero_rows_in_temporal_mean,
+    )
     for (name, _), wv in zip(target_passes, w):
       info[f'align_w/{name}'] = wv
   if a.kind == 'mmd':
@@ -358,8 +447,9 @@ def _alignment_loss(config, out_s, labels_src, target_passes, pl):
     if a.kind == 'cosine':
       loss = alignment.cosine_pull(ps, pt, pres_s & pres_t)
     else:
-      loss = alignment.contrastive(ps, pt, pres_s & pres_t,
-                                   temperature=a.temperature, margin=a.margin)
+      loss = alignment.contrastive(
+          ps, pt, pres_s & pres_t, temperature=a.temperature, margin=a.margin
+      )
   info['align_classes'] = jnp.sum(pres_s & pres_t).astype(jnp.float32)
   return loss, info
 
@@ -368,17 +458,23 @@ def _next_target_masks(key, config, pl, source_classes):
   """Confident regions of 2 random pseudo-label classes (T' of next step)."""
   d = config.dastc
   keys = jax.random.split(key, pl['label_t'].shape[0])
-  k_t = jax.vmap(lambda k, lab, ex: fusion.pick_classes(
-      k, lab, d.num_target_classes, config.model.num_classes, ex))(
-          keys, pl['label_t'], source_classes)
-  masks = [jax.vmap(fusion.class_mask)(pl[f'label_{f}'], k_t) &
-           (pl[f'conf_{f}'] > d.confidence)
-           for f in ('t', 't1') if f'label_{f}' in pl]
+  k_t = jax.vmap(
+      lambda k, lab, ex: fusion.pick_classes(
+          k, lab, d.num_target_classes, config.model.num_classes, ex
+      )
+  )(keys, pl['label_t'], source_classes)
+  masks = [
+      jax.vmap(fusion.class_mask)(pl[f'label_{f}'], k_t)
+      & (pl[f'conf_{f}'] > d.confidence)
+      for f in ('t', 't1')
+      if f'label_{f}' in pl
+  ]
   return jnp.stack(masks, 1)  # [B, T, H, W]: M_d (, M_c)
 
 
-def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
-                         class_names: tuple[str, ...]) -> dict[str, jax.Array]:
+def pseudo_label_metrics(
+    pl_label: jax.Array, label: jax.Array, class_names: tuple[str, ...]
+) -> dict[str, jax.Array]:
   """Pseudo-label quality against held-out target labels (monitoring).
 
   All values are shares of the batch's valid pixels, so they average over a
@@ -401,13 +497,15 @@ def pseudo_label_metrics(pl_label: jax.Array, label: jax.Array,
   return out
 
 
-def make_dastc_step(config: ml_collections.ConfigDict,
-                    graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    *, class_names: tuple[str, ...],
-                    rare_classes: tuple[int, ...],
-                    teacher_graphdef: nnx.GraphDef | None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState,
-                                                             dict[str, Any]]]:
+def make_dastc_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    class_names: tuple[str, ...],
+    rare_classes: tuple[int, ...],
+    teacher_graphdef: nnx.GraphDef | None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
   """Builds ``dastc_step(state, batch) -> (state, metrics)`` (pure; the
   runtime adds the LR metrics and the non-finite guard, ``runtime/steps.py``).
 
@@ -432,11 +530,15 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   dtype = models.compute_dtype(config.model.dtype)
   adapt_start = config.train.source_only_steps
   # 'pixel_swap' moves the exchange's regions as pixels (_fusion_inputs).
-  layer = (d.feature_layer if d.feature_fusion and
-           d.feature_mode != 'pixel_swap' else None)
+  layer = (
+      d.feature_layer
+      if d.feature_fusion and d.feature_mode != 'pixel_swap'
+      else None
+  )
   if d.feature_mode == 'blend':
-    mix_fn = functools.partial(fusion.feature_mix,
-                               other_weight=d.feature_other_weight)
+    mix_fn = functools.partial(
+        fusion.feature_mix, other_weight=d.feature_other_weight
+    )
   else:
     mix_fn = fusion.feature_swap
   ce = losses.cross_entropy
@@ -445,8 +547,9 @@ def make_dastc_step(config: ml_collections.ConfigDict,
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     # One split per step; every random choice has its own key.
-    (k_drop, k_aug, k_paste, k_swap, k_next, k_flip,
-     k_teacher) = jax.random.split(rng, 7)
+    k_drop, k_aug, k_paste, k_swap, k_next, k_flip, k_teacher = (
+        jax.random.split(rng, 7)
+    )
     src, tgt = batch['source'], batch['target']
     size = tgt['frames'].shape[2:4]
     x_src = image_ops.normalize(src['frames'], dtype)  # [B, T, Hs, Ws, 3]
@@ -455,19 +558,42 @@ def make_dastc_step(config: ml_collections.ConfigDict,
     src_flow, tgt_flow = src.get('flow'), tgt.get('flow')
 
     pl, teacher, stats0, prior = _pseudo_labels(
-        config, graphdef, teacher_graphdef, state, x_tgt, tgt, size,
-        adapt_start, k_flip, k_teacher, src_labels=y_src)
+        config,
+        graphdef,
+        teacher_graphdef,
+        state,
+        x_tgt,
+        tgt,
+        size,
+        adapt_start,
+        k_flip,
+        k_teacher,
+        src_labels=y_src,
+    )
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
     # The blur follows the resized frame's width, not the crop's.
     resized = config.data.target.image_size
-    x_st = augment.strong_augment(k_aug, tgt['frames'][:, :n_frames],
-                                  d.strong_aug, dtype,
-                                  image_width=resized[1] if resized else None)
+    x_st = augment.strong_augment(
+        k_aug,
+        tgt['frames'][:, :n_frames],
+        d.strong_aug,
+        dtype,
+        image_width=resized[1] if resized else None,
+    )
     if d.image_fusion:
       masks, swap, (xs_m, ys_m, fs_m), (xt_m, yt_m, ft_m) = _fusion_inputs(
-          (k_paste, k_swap), config, state, src, tgt_flow, x_src, x_st,
-          pl_loss, size, tuple(rare_classes))
+          (k_paste, k_swap),
+          config,
+          state,
+          src,
+          tgt_flow,
+          x_src,
+          x_st,
+          pl_loss,
+          size,
+          tuple(rare_classes),
+      )
       clip_sm = (xs_m[:, 0], xs_m[:, 1], fs_m) if video else (xs_m[:, 0],)
       clip_tm = (xt_m[:, 0], xt_m[:, 1], ft_m) if video else (xt_m[:, 0],)
       mix_masks = swap if swap is not None else fusion.fused_mask(masks)
@@ -477,18 +603,27 @@ def make_dastc_step(config: ml_collections.ConfigDict,
       keys = jax.random.split(k_drop, 4)
       out_s = model.clip(x_src, src_flow, train=True, rng=keys[0])
       l_src = ce_up(out_s['pred'], y_src[:, 0]) + aux_w * ce_up(
-          out_s['pred_aux'], y_src[:, 0])
+          out_s['pred_aux'], y_src[:, 0]
+      )
       out_st = model.clip(x_st, tgt_flow, train=True, rng=keys[1])
       l_cons = ce(out_st['pred'], pl_loss['label_lo']) + aux_w * ce(
-          out_st['pred_aux'], pl_loss['label_aux_lo'])
+          out_st['pred_aux'], pl_loss['label_aux_lo']
+      )
       # The running averages every variant shares: these two passes.
       fixed_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
       total = l_src + lam * l_cons
       if d.image_fusion:
         out_sm, out_tm = model.mixed_pair(
-            clip_sm, clip_tm, mix_masks, layer=layer, mix_fn=mix_fn,
-            train=True, rng=keys[2], lt_mask=masks['lt'])
+            clip_sm,
+            clip_tm,
+            mix_masks,
+            layer=layer,
+            mix_fn=mix_fn,
+            train=True,
+            rng=keys[2],
+            lt_mask=masks['lt'],
+        )
         terms['loss_src_mix'] = ce(out_sm['pred'], ys_m[:, 0])
         terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0])
         terms.update(out_sm['mix_info'])
@@ -496,46 +631,73 @@ def make_dastc_step(config: ml_collections.ConfigDict,
       if d.alignment.kind != 'none':
         passes = [('strong', out_st)]
         if d.alignment.pairs == 2 and video:
-          passes.append(('clean', model(x_tgt[:, 0], x_tgt[:, 2],
-                                        tgt['flow_t_t2'], train=True,
-                                        rng=keys[3])))
+          passes.append(
+              (
+                  'clean',
+                  model(
+                      x_tgt[:, 0],
+                      x_tgt[:, 2],
+                      tgt['flow_t_t2'],
+                      train=True,
+                      rng=keys[3],
+                  ),
+              )
+          )
         l_align, info = _alignment_loss(config, out_s, y_src, passes, pl)
         terms['loss_align'] = l_align
         terms.update(info)
         total += d.alignment.weight * l_align
-      stats = (fixed_stats if d.bn_update == 'fixed' else
-               nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+      stats = (
+          fixed_stats
+          if d.bn_update == 'fixed'
+          else nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      )
       return total, (terms, stats)
 
-    (loss, (terms, stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if d.teacher == 'ema':
       teacher = pseudo_labels.ema_update(
-          teacher, {'params': params, 'batch_stats': stats}, d.ema_decay)
-    source_classes = (masks['source_classes'] if d.image_fusion else
-                      jnp.full((y_src.shape[0], 1), -1, jnp.int32))
+          teacher, {'params': params, 'batch_stats': stats}, d.ema_decay
+      )
+    source_classes = (
+        masks['source_classes']
+        if d.image_fusion
+        else jnp.full((y_src.shape[0], 1), -1, jnp.int32)
+    )
     carried = {
-        'src_frames': src['frames'], 'src_labels': src['labels'],
+        'src_frames': src['frames'],
+        'src_labels': src['labels'],
         'tgt_frames': tgt['frames'][:, :n_frames],
         'tgt_labels': _target_labels(pl).astype(jnp.uint8),
         'tgt_masks': _next_target_masks(k_next, config, pl, source_classes),
-        'has_prev': jnp.asarray(True), 'class_prior': prior}
+        'has_prev': jnp.asarray(True),
+        'class_prior': prior,
+    }
     if video:
       carried['src_flow'], carried['tgt_flow'] = src_flow, tgt_flow
-    metrics = {'loss': loss, **terms,
-               'grad_norm': optax.tree.norm(grads),
-               'param_norm': optax.tree.norm(params),
-               'pl_confident': jnp.mean(pl['conf_t'] > d.confidence)}
+    metrics = {
+        'loss': loss,
+        **terms,
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
+        'pl_confident': jnp.mean(pl['conf_t'] > d.confidence),
+    }
     if 'label' in tgt:  # monitoring only: never used by a loss
-      metrics.update(pseudo_label_metrics(pl['label_t'], tgt['label'],
-                                          class_names))
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=stats, opt_state=opt_state,
-                              teacher=teacher, carried=carried)
+      metrics.update(
+          pseudo_label_metrics(pl['label_t'], tgt['label'], class_names)
+      )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=stats,
+        opt_state=opt_state,
+        teacher=teacher,
+        carried=carried,
+    )
     return new_state, metrics
 
   return step
-
-

@@ -1,4 +1,5 @@
-"""Bidirectional multi-level spatio-temporal fusion (DA-STC; docs/method.md, section 3).
+"""Bidirectional multi-level spatio-temporal fusion (DA-STC; docs/method.md,
+section 3).
 
 Image-sequence level ("video QuadMix"): one patch sequence - classes of the
 previous iteration's source clip S', long-tail source patches, and the
@@ -34,8 +35,13 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def pick_classes(key: Array, label: Array, num: int, num_classes: int,
-                 exclude: Array | None = None) -> Array:
+def pick_classes(
+    key: Array,
+    label: Array,
+    num: int,
+    num_classes: int,
+    exclude: Array | None = None,
+) -> Array:
   """``num`` distinct classes present in ``label``, chosen at random.
 
   Args:
@@ -50,11 +56,15 @@ def pick_classes(key: Array, label: Array, num: int, num_classes: int,
   """
   lab = label.reshape(-1).astype(jnp.int32)
   valid = (lab >= 0) & (lab < num_classes)
-  present = jnp.zeros((num_classes,), bool).at[jnp.where(valid, lab, 0)].max(
-      valid)
+  present = (
+      jnp.zeros((num_classes,), bool).at[jnp.where(valid, lab, 0)].max(valid)
+  )
   if exclude is not None:
-    ex = jnp.zeros((num_classes + 1,), bool).at[
-        jnp.where(exclude >= 0, exclude, num_classes)].set(True)[:num_classes]
+    ex = (
+        jnp.zeros((num_classes + 1,), bool)
+        .at[jnp.where(exclude >= 0, exclude, num_classes)]
+        .set(True)[:num_classes]
+    )
     present &= ~ex
   scores = jnp.where(present, jax.random.uniform(key, (num_classes,)), -1.0)
   top = jnp.argsort(-scores)[:num].astype(jnp.int32)
@@ -68,8 +78,9 @@ def class_mask(label: Array, classes: Array) -> Array:
   return jnp.any((lab == classes) & (classes >= 0), axis=-1)
 
 
-def crop(x: Array, offsets: Array, size: tuple[int, int],
-         has_channels: bool) -> Array:
+def crop(
+    x: Array, offsets: Array, size: tuple[int, int], has_channels: bool
+) -> Array:
   """Crops the fusion window W out of every example.
 
   Args:
@@ -93,11 +104,19 @@ def crop(x: Array, offsets: Array, size: tuple[int, int],
   return jax.vmap(one)(x, offsets)
 
 
-def sample_masks(key: Array, *, prev_src_labels: Array, rare_labels: Array,
-                 rare_classes: Array, prev_tgt_masks: Array,
-                 has_prev: Array, num_classes: int, num_source_classes: int,
-                 rare_class_list: tuple[int, ...],
-                 clip_lt: bool = True) -> dict[str, Array]:
+def sample_masks(
+    key: Array,
+    *,
+    prev_src_labels: Array,
+    rare_labels: Array,
+    rare_classes: Array,
+    prev_tgt_masks: Array,
+    has_prev: Array,
+    num_classes: int,
+    num_source_classes: int,
+    rare_class_list: tuple[int, ...],
+    clip_lt: bool = True,
+) -> dict[str, Array]:
   """The paste masks of one iteration (one class set per clip).
 
   Args:
@@ -121,26 +140,42 @@ def sample_masks(key: Array, *, prev_src_labels: Array, rare_labels: Array,
   """
   b = prev_src_labels.shape[0]
   keys = jax.random.split(key, b)
-  picked = jax.vmap(lambda k, lab: pick_classes(
-      k, lab[0], num_source_classes, num_classes))(keys, prev_src_labels)
-  rare_all = jnp.broadcast_to(jnp.asarray(rare_class_list, jnp.int32),
-                              (b, len(rare_class_list)))
+  picked = jax.vmap(
+      lambda k, lab: pick_classes(k, lab[0], num_source_classes, num_classes)
+  )(keys, prev_src_labels)
+  rare_all = jnp.broadcast_to(
+      jnp.asarray(rare_class_list, jnp.int32), (b, len(rare_class_list))
+  )
   k_s = jnp.concatenate([picked, rare_all], axis=1)  # [B, n + R]
   src = jax.vmap(class_mask)(prev_src_labels, k_s) & has_prev
   rare = (rare_labels.astype(jnp.int32) == rare_classes[..., None, None]) & (
-      rare_classes[..., None, None] >= 0)
+      rare_classes[..., None, None] >= 0
+  )
   lt = jnp.sum(rare.astype(jnp.float32), axis=1)
   if clip_lt:
     lt = jnp.clip(lt, 0.0, 1.0)
   tgt = prev_tgt_masks & has_prev
-  return {'src': src, 'rare': rare, 'lt': lt, 'tgt': tgt,
-          'rare_classes': rare_classes, 'source_classes': picked}
+  return {
+      'src': src,
+      'rare': rare,
+      'lt': lt,
+      'tgt': tgt,
+      'rare_classes': rare_classes,
+      'source_classes': picked,
+  }
 
 
-def compose(base: Array, base_labels: Array, *, prev_src: Array,
-            prev_src_labels: Array, rare: Array, prev_tgt: Array,
-            prev_tgt_labels: Array,
-            masks: dict[str, Array]) -> tuple[Array, Array]:
+def compose(
+    base: Array,
+    base_labels: Array,
+    *,
+    prev_src: Array,
+    prev_src_labels: Array,
+    rare: Array,
+    prev_tgt: Array,
+    prev_tgt_labels: Array,
+    masks: dict[str, Array],
+) -> tuple[Array, Array]:
   """Pastes S', the long-tail patches and T' into a base clip.
 
   Per frame tau: ``X = Ms ? S' : base``; for each patch k ``X = Mk ? P_k :
@@ -171,12 +206,19 @@ def compose(base: Array, base_labels: Array, *, prev_src: Array,
   return x, y
 
 
-def mix_flow(base_flow: Array, *, prev_src_flow: Array, prev_tgt_flow: Array,
-             masks: dict[str, Array], key_frame_masks: bool) -> Array:
+def mix_flow(
+    base_flow: Array,
+    *,
+    prev_src_flow: Array,
+    prev_tgt_flow: Array,
+    masks: dict[str, Array],
+    key_frame_masks: bool,
+) -> Array:
   """Mixes the flows t->t-1 with the same paste masks (on frame t's grid).
 
   ``key_frame_masks=True`` reproduces the reference, which uses the t-1
-  masks although the flow lives on frame t's grid (docs/reference_code.md, "Known defects").
+  masks although the flow lives on frame t's grid (docs/reference_code.md,
+  "Known defects").
   Long-tail patches are static (zero motion); their key-frame scores are
   replaced by the current ones in the model (``lt_mask``), so their flow
   does not matter.
@@ -199,8 +241,9 @@ def relative_difference(feat_a: Array, feat_b: Array, mask: Array) -> Array:
   return jnp.sqrt(diff / jnp.maximum(ref, 1e-12))
 
 
-def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
-                 ) -> tuple[Array, Array, dict[str, Array]]:
+def feature_swap(
+    feat_s: Array, feat_t: Array, masks: dict[str, Array]
+) -> tuple[Array, Array, dict[str, Array]]:
   """Exchanges shallow features between the two fused clips (one frame).
 
   Args:
@@ -225,16 +268,20 @@ def feature_swap(feat_s: Array, feat_t: Array, masks: dict[str, Array]
   """
   to_s = _resize_mask(masks['to_s'], feat_s.shape, feat_s.dtype)
   to_t = _resize_mask(masks['to_t'], feat_t.shape, feat_t.dtype)
-  info = {'feat_rel_diff_to_s': relative_difference(feat_t, feat_s, to_s),
-          'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t),
-          'swap_area_to_s': jnp.mean(to_s.astype(jnp.float32)),
-          'swap_area_to_t': jnp.mean(to_t.astype(jnp.float32))}
+  info = {
+      'feat_rel_diff_to_s': relative_difference(feat_t, feat_s, to_s),
+      'feat_rel_diff_to_t': relative_difference(feat_s, feat_t, to_t),
+      'swap_area_to_s': jnp.mean(to_s.astype(jnp.float32)),
+      'swap_area_to_t': jnp.mean(to_t.astype(jnp.float32)),
+  }
   if feat_s.shape[0] > 1:
     # The features that move, against the same domain's next clip there.
     info['feat_rel_diff_same_s'] = relative_difference(
-        feat_s, jnp.roll(feat_s, 1, axis=0), to_t)
+        feat_s, jnp.roll(feat_s, 1, axis=0), to_t
+    )
     info['feat_rel_diff_same_t'] = relative_difference(
-        feat_t, jnp.roll(feat_t, 1, axis=0), to_s)
+        feat_t, jnp.roll(feat_t, 1, axis=0), to_s
+    )
   new_s = jnp.where(to_s > 0, feat_t, feat_s)
   new_t = jnp.where(to_t > 0, feat_s, feat_t)
   return new_s, new_t, info
@@ -250,9 +297,17 @@ FEATURE_MODES = ('swap', 'blend', 'pixel_swap')
 SWAP_LABELS = ('exchanged', 'kept')
 
 
-def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
-               tgt_confident: Array, pasted: Array, num_classes: int,
-               num_swap_classes: int, directions: str) -> dict[str, Array]:
+def swap_masks(
+    key: Array,
+    *,
+    src_labels: Array,
+    tgt_labels: Array,
+    tgt_confident: Array,
+    pasted: Array,
+    num_classes: int,
+    num_swap_classes: int,
+    directions: str,
+) -> dict[str, Array]:
   """The shallow-feature exchange masks of one iteration.
 
   Args:
@@ -276,28 +331,37 @@ def swap_masks(key: Array, *, src_labels: Array, tgt_labels: Array,
   k_src, k_tgt = jax.random.split(key)
   b = src_labels.shape[0]
   free = ~pasted.astype(bool)
-  src_cls = jax.vmap(lambda k, lab: pick_classes(
-      k, lab[0], num_swap_classes, num_classes))(
-          jax.random.split(k_src, b), src_labels)
-  tgt_cls = jax.vmap(lambda k, lab, conf, ex: pick_classes(
-      k, jnp.where(conf[0], lab[0], -1), num_swap_classes, num_classes, ex))(
-          jax.random.split(k_tgt, b), tgt_labels, tgt_confident, src_cls)
+  src_cls = jax.vmap(
+      lambda k, lab: pick_classes(k, lab[0], num_swap_classes, num_classes)
+  )(jax.random.split(k_src, b), src_labels)
+  tgt_cls = jax.vmap(
+      lambda k, lab, conf, ex: pick_classes(
+          k, jnp.where(conf[0], lab[0], -1), num_swap_classes, num_classes, ex
+      )
+  )(jax.random.split(k_tgt, b), tgt_labels, tgt_confident, src_cls)
   to_t = jax.vmap(class_mask)(src_labels, src_cls) & free
   to_s = jax.vmap(class_mask)(tgt_labels, tgt_cls) & tgt_confident & free
   if directions not in SWAP_DIRECTIONS:
-    raise ValueError(f'directions={directions!r}; expected one of '
-                     f'{SWAP_DIRECTIONS}.')
+    raise ValueError(
+        f'directions={directions!r}; expected one of ' f'{SWAP_DIRECTIONS}.'
+    )
   if directions == 'to_target':
     to_s = jnp.zeros_like(to_s)
   elif directions == 'to_source':
     to_t = jnp.zeros_like(to_t)
-  return {'to_s': to_s, 'to_t': to_t, 'src_classes': src_cls,
-          'tgt_classes': tgt_cls}
+  return {
+      'to_s': to_s,
+      'to_t': to_t,
+      'src_classes': src_cls,
+      'tgt_classes': tgt_cls,
+  }
 
 
-def apply_swap(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
-               clip_t: tuple[Array, Array, Any]
-               ) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
+def apply_swap(
+    masks: dict[str, Array],
+    clip_s: tuple[Array, Array, Any],
+    clip_t: tuple[Array, Array, Any],
+) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
   """Labels and flows of the two fused clips after the feature exchange.
 
   Args:
@@ -315,14 +379,18 @@ def apply_swap(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
   ys2 = jnp.where(masks['to_s'], yt, ys)
   yt2 = jnp.where(masks['to_t'], ys, yt)
   if fs is not None:
-    fs, ft = (jnp.where(masks['to_s'][:, 0, ..., None], ft, fs),
-              jnp.where(masks['to_t'][:, 0, ..., None], fs, ft))
+    fs, ft = (
+        jnp.where(masks['to_s'][:, 0, ..., None], ft, fs),
+        jnp.where(masks['to_t'][:, 0, ..., None], fs, ft),
+    )
   return (xs, ys2, fs), (xt, yt2, ft)
 
 
-def swap_pixels(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
-                clip_t: tuple[Array, Array, Any]
-                ) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
+def swap_pixels(
+    masks: dict[str, Array],
+    clip_s: tuple[Array, Array, Any],
+    clip_t: tuple[Array, Array, Any],
+) -> tuple[tuple[Array, Array, Any], tuple[Array, Array, Any]]:
   """The control ``dastc.feature_mode='pixel_swap'``: the exchange's class
   regions moved as input pixels instead of shallow features (every frame
   with its own masks); labels and flows are left to :func:`apply_swap`.
@@ -342,9 +410,9 @@ def swap_pixels(masks: dict[str, Array], clip_s: tuple[Array, Array, Any],
   return (xs2, ys, fs), (xt2, yt, ft)
 
 
-def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
-                other_weight: float
-                ) -> tuple[Array, Array, dict[str, Array]]:
+def feature_mix(
+    feat_s: Array, feat_t: Array, mask: Array, other_weight: float
+) -> tuple[Array, Array, dict[str, Array]]:
   """Blends the two clips' shallow features inside the fused mask.
 
   ``s' = s + m * w * (t - s)`` and ``t' = t + m * w * (s - t)`` with
@@ -364,14 +432,18 @@ def feature_mix(feat_s: Array, feat_t: Array, mask: Array,
   """
   inside = _resize_mask(mask, feat_s.shape, feat_s.dtype)
   m = inside * other_weight
-  info = {'feat_rel_diff': relative_difference(feat_s, feat_t, inside),
-          'mix_area': jnp.mean(inside.astype(jnp.float32))}
-  return (feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t),
-          info)
+  info = {
+      'feat_rel_diff': relative_difference(feat_s, feat_t, inside),
+      'mix_area': jnp.mean(inside.astype(jnp.float32)),
+  }
+  return (feat_s + m * (feat_t - feat_s), feat_t + m * (feat_s - feat_t), info)
 
 
 def fused_mask(masks: dict[str, Any]) -> Array:
   """``clip(Ms + M_lt + M')`` per frame ``[B, 2, H, W]`` (feature fusion)."""
-  m = masks['src'].astype(jnp.float32) + masks['lt'][:, None] + masks[
-      'tgt'].astype(jnp.float32)
+  m = (
+      masks['src'].astype(jnp.float32)
+      + masks['lt'][:, None]
+      + masks['tgt'].astype(jnp.float32)
+  )
   return jnp.clip(m, 0.0, 1.0)

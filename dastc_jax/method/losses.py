@@ -10,8 +10,9 @@ from dastc_jax.ops import warp as warp_ops
 IGNORE = 255
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  ignore_index: int = IGNORE) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE
+) -> jax.Array:
   """Pixel-wise CE, averaged over the pixels whose label is valid.
 
   Labels ``>= C`` (e.g. 255) and negative labels are ignored, as in ADVENT's
@@ -37,8 +38,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-def upsampled_cross_entropy(logits: jax.Array,
-                            labels: jax.Array) -> jax.Array:
+def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """CE after bilinear (align-corners) upsampling of logits to label size."""
   logits = warp_ops.resize_bilinear(logits, labels.shape[1:3])
   return cross_entropy(logits, labels)

@@ -33,13 +33,19 @@ from dastc_jax.ops import warp as warp_ops
 
 def ema_update(teacher: Any, student: Any, decay: float | jax.Array) -> Any:
   """``decay * teacher + (1 - decay) * student`` leaf by leaf."""
-  return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher,
-                      student)
+  return jax.tree.map(
+      lambda t, s: decay * t + (1.0 - decay) * s, teacher, student
+  )
 
 
-def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
-                out_size: tuple[int, int], *,
-                confidence_from_logit: bool = False) -> dict[str, jax.Array]:
+def cross_frame(
+    pred: jax.Array,
+    pred_aux: jax.Array,
+    flow_t_t1: jax.Array,
+    out_size: tuple[int, int],
+    *,
+    confidence_from_logit: bool = False,
+) -> dict[str, jax.Array]:
   """Pseudo-labels for frame t from the teacher's scores of frame t-1.
 
   Args:
@@ -49,7 +55,8 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
     flow_t_t1: ``[B, H, W, 2]`` flow t->t-1 on the image grid.
     out_size: ``(H, W)`` of the full-resolution labels.
     confidence_from_logit: reproduce the reference's frame-(t-1) confidence,
-      the max *logit* instead of the max probability (docs/reference_code.md, "Known defects").
+      the max *logit* instead of the max probability (docs/reference_code.md,
+      "Known defects").
 
   Returns:
     ``label_lo``/``label_aux_lo`` ``[B, h, w]`` (warped argmax at the score
@@ -79,8 +86,9 @@ def cross_frame(pred: jax.Array, pred_aux: jax.Array, flow_t_t1: jax.Array,
   }
 
 
-def same_frame(pred: jax.Array, pred_aux: jax.Array,
-               out_size: tuple[int, int]) -> dict[str, jax.Array]:
+def same_frame(
+    pred: jax.Array, pred_aux: jax.Array, out_size: tuple[int, int]
+) -> dict[str, jax.Array]:
   """Pseudo-labels of the image domain (clip length 1): the teacher's own
   scores of frame t, with the keys of ``cross_frame`` that apply (no
   ``label_t1``).
@@ -109,8 +117,9 @@ def hflip_labels(x: jax.Array, flip: jax.Array) -> jax.Array:
   return hflip(x[..., None], flip)[..., 0]
 
 
-def hflip_flow(flow: jax.Array, flip: jax.Array, negate_dx: bool = True
-               ) -> jax.Array:
+def hflip_flow(
+    flow: jax.Array, flip: jax.Array, negate_dx: bool = True
+) -> jax.Array:
   """Flips a flow ``[B, H, W, 2]`` where ``flip``; a mirrored flow's dx
   changes sign (``negate_dx=False`` is the TPS/reference bug)."""
   flipped = flow[:, :, ::-1]
@@ -119,14 +128,16 @@ def hflip_flow(flow: jax.Array, flip: jax.Array, negate_dx: bool = True
   return jnp.where(flip[:, None, None, None], flipped, flow)
 
 
-def use_student(step: jax.Array, adapt_start: int, switch_steps: int
-                ) -> jax.Array:
+def use_student(
+    step: jax.Array, adapt_start: int, switch_steps: int
+) -> jax.Array:
   """Reference scheme: True once ``switch_steps`` adaptation steps ran."""
   return step >= adapt_start + switch_steps
 
 
-def ignore_unconfident(pl: dict[str, jax.Array],
-                       threshold: float) -> dict[str, jax.Array]:
+def ignore_unconfident(
+    pl: dict[str, jax.Array], threshold: float
+) -> dict[str, jax.Array]:
   """Sets pseudo-labels whose probability is below ``threshold`` to 255.
 
   ``threshold=0`` keeps the reference's hard labels on every pixel.
@@ -134,8 +145,12 @@ def ignore_unconfident(pl: dict[str, jax.Array],
   if threshold <= 0:
     return pl
   out = dict(pl)
-  for label, conf in (('label_lo', 'conf_lo'), ('label_aux_lo', 'conf_aux_lo'),
-                      ('label_t', 'conf_t'), ('label_t1', 'conf_t1')):
+  for label, conf in (
+      ('label_lo', 'conf_lo'),
+      ('label_aux_lo', 'conf_aux_lo'),
+      ('label_t', 'conf_t'),
+      ('label_t1', 'conf_t1'),
+  ):
     if label not in pl:
       continue
     out[label] = jnp.where(pl[conf] >= threshold, pl[label], 255)

@@ -22,6 +22,7 @@ class TrainState:
   the teacher's ``params``/``batch_stats``, and the previous iteration's
   source and target clips that the fusion pastes from (batch-sharded).
   """
+
   step: jax.Array  # int32 scalar
   params: Any  # pure dict of float32 arrays
   batch_stats: Any  # pure dict of BatchNorm running averages
@@ -31,9 +32,13 @@ class TrainState:
   carried: Any = None
 
 
-def empty_carried(batch: int, source_hw: tuple[int, int],
-                  target_hw: tuple[int, int], clip_length: int = 2,
-                  num_classes: int = 1) -> dict[str, jax.Array]:
+def empty_carried(
+    batch: int,
+    source_hw: tuple[int, int],
+    target_hw: tuple[int, int],
+    clip_length: int = 2,
+    num_classes: int = 1,
+) -> dict[str, jax.Array]:
   """The previous-iteration state before the first adaptation step.
 
   Source clip S' (histogram-matched uint8 RGB t, t-1; labels; flow t->t-1)
@@ -56,8 +61,10 @@ def empty_carried(batch: int, source_hw: tuple[int, int],
       'tgt_labels': z((batch, n, ht, wt), np.uint8),
       'tgt_masks': z((batch, n, ht, wt), np.bool_),
       'has_prev': jnp.asarray(False),
-      'class_prior': {'source': z((num_classes,), np.float32),
-                      'target': z((num_classes,), np.float32)},
+      'class_prior': {
+          'source': z((num_classes,), np.float32),
+          'target': z((num_classes,), np.float32),
+      },
   }
   if n == 2:
     carried['src_flow'] = z((batch, hs, ws, 2), np.float32)

@@ -14,10 +14,12 @@ from dastc_jax.models import resnet
 
 # 'deeplabv2' and 'daformer' are the single-frame networks of the image
 # domain; 'accel_daformer' is the transformer video model.
-_MODELS = {'accel_deeplabv2': accel.AccelDeepLab,
-           'deeplabv2': accel.AccelDeepLab,
-           'accel_daformer': accel_daformer.AccelDAFormer,
-           'daformer': accel_daformer.AccelDAFormer}
+_MODELS = {
+    'accel_deeplabv2': accel.AccelDeepLab,
+    'deeplabv2': accel.AccelDeepLab,
+    'accel_daformer': accel_daformer.AccelDAFormer,
+    'daformer': accel_daformer.AccelDAFormer,
+}
 TRANSFORMERS = ('accel_daformer', 'daformer')
 MIT_VARIANTS = tuple(mit.VARIANTS)
 NAMES = tuple(_MODELS)  # config.model.name
@@ -25,8 +27,9 @@ compute_dtype = layers.compute_dtype
 KERNEL_GRADS = layers.KERNEL_GRADS
 
 
-def build_model(config: ml_collections.ConfigDict,
-                rngs: nnx.Rngs) -> nnx.Module:
+def build_model(
+    config: ml_collections.ConfigDict, rngs: nnx.Rngs
+) -> nnx.Module:
   """Builds the model named by ``config.name``.
 
   Args:
@@ -37,8 +40,10 @@ def build_model(config: ml_collections.ConfigDict,
     The NNX module, with freshly initialised parameters.
   """
   if config.name not in _MODELS:
-    raise errors.ConfigError(f'Unknown config.model.name={config.name!r}; expected '
-                     f'one of {sorted(_MODELS)}.')
+    raise errors.ConfigError(
+        f'Unknown config.model.name={config.name!r}; expected '
+        f'one of {sorted(_MODELS)}.'
+    )
   return _MODELS[config.name](config, rngs=rngs)
 
 

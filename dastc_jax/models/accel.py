@@ -1,4 +1,5 @@
-"""ACCEL video segmentation model on a DeepLab-v2 ResNet (docs/reference_code.md, "Models").
+"""ACCEL video segmentation model on a DeepLab-v2 ResNet
+(docs/reference_code.md, "Models").
 
 Both frames of a clip go through the same network: the current frame t with
 gradients, the key frame t-1 under ``stop_gradient`` (its BatchNorm still
@@ -41,42 +42,75 @@ class AccelDeepLab(video.FlowFusionModel):
     self.per_axis_flow_scale = config.per_axis_flow_scale
     kernel_grad = config.conv_kernel_grad
     self.backbone = resnet.ResNetDeepLab(
-        blocks=tuple(config.layers), width=config.width,
-        bn_momentum=config.bn_momentum, kernel_init=backbone_init,
+        blocks=tuple(config.layers),
+        width=config.width,
+        bn_momentum=config.bn_momentum,
+        kernel_init=backbone_init,
         bn_group_size=config.bn_group_size,
         stride_in_1x1=config.stride_in_1x1,
-        kernel_grad=kernel_grad, remat=config.remat,
-        scan_blocks=config.scan_blocks, dtype=dtype, rngs=rngs)
+        kernel_grad=kernel_grad,
+        remat=config.remat,
+        scan_blocks=config.scan_blocks,
+        dtype=dtype,
+        rngs=rngs,
+    )
     feats = self.backbone.out_features
     # `layer5` of the reference: the aux classifier on layer3.
-    self.aux_head = heads.ASPPSum(feats['layer3'], c, config.aspp_dilations,
-                                  kernel_init=head_init, dtype=dtype,
-                                  kernel_grad=kernel_grad, rngs=rngs)
+    self.aux_head = heads.ASPPSum(
+        feats['layer3'],
+        c,
+        config.aspp_dilations,
+        kernel_init=head_init,
+        dtype=dtype,
+        kernel_grad=kernel_grad,
+        rngs=rngs,
+    )
     head = config.head
     if head == 'proda':
       # `layer7` of the reference: ASPP to a feature, then logits.
-      self.head = heads.ProdaHead(feats['layer4'], config.head_features, c,
-                                  config.aspp_dilations, config.dropout,
-                                  kernel_init=head_init, dtype=dtype,
-                                  kernel_grad=kernel_grad, rngs=rngs)
+      self.head = heads.ProdaHead(
+          feats['layer4'],
+          config.head_features,
+          c,
+          config.aspp_dilations,
+          config.dropout,
+          kernel_init=head_init,
+          dtype=dtype,
+          kernel_grad=kernel_grad,
+          rngs=rngs,
+      )
     elif head == 'aspp':
       # `layer6` of DA-VSN/TPS: ASPP straight to the logits.
-      self.head = heads.ASPPLogitsHead(feats['layer4'], c,
-                                       config.aspp_dilations,
-                                       kernel_init=head_init, dtype=dtype,
-                                       kernel_grad=kernel_grad, rngs=rngs)
+      self.head = heads.ASPPLogitsHead(
+          feats['layer4'],
+          c,
+          config.aspp_dilations,
+          kernel_init=head_init,
+          dtype=dtype,
+          kernel_grad=kernel_grad,
+          rngs=rngs,
+      )
     else:
-      raise errors.ConfigError(f"Unknown config.model.head={head!r}; expected "
-                       "'proda' (DA-STC layer7) or 'aspp' (TPS layer6).")
+      raise errors.ConfigError(
+          f'Unknown config.model.head={head!r}; expected '
+          "'proda' (DA-STC layer7) or 'aspp' (TPS layer6)."
+      )
     self.clip_length = 1 if config.name == 'deeplabv2' else 2
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 
-  def heads(self, feats: dict[str, jax.Array], *, train: bool,
-            dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+  def heads(
+      self,
+      feats: dict[str, jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+  ) -> dict[str, jax.Array]:
     """Aux head on layer3, main head on layer4 (float32 outputs)."""
     logits, feat = self.head(feats['layer4'], dropout_key if train else None)
     aux = self.aux_head(feats['layer3'])
-    return {'logits': logits.astype(jnp.float32),
-            'aux': aux.astype(jnp.float32), 'feat': feat}
-
+    return {
+        'logits': logits.astype(jnp.float32),
+        'aux': aux.astype(jnp.float32),
+        'feat': feat,
+    }

@@ -34,28 +34,46 @@ class AccelDAFormer(video.FlowFusionModel):
     if config.mit_variant not in mit.VARIANTS:
       raise errors.ConfigError(
           f'Unknown config.model.mit_variant={config.mit_variant!r}; '
-          f'expected one of {sorted(mit.VARIANTS)}.')
+          f'expected one of {sorted(mit.VARIANTS)}.'
+      )
     dtype = layers.compute_dtype(config.dtype)
     spec = mit.VARIANTS[config.mit_variant]
     c = config.num_classes
     self.num_classes = c
     self.per_axis_flow_scale = config.per_axis_flow_scale
-    self.backbone = mit.MiT(spec, drop_path_rate=config.drop_path_rate,
-                            caffe_input=True, remat=config.remat,
-                            scan_blocks=config.scan_blocks,
-                            dtype=dtype, rngs=rngs)
+    self.backbone = mit.MiT(
+        spec,
+        drop_path_rate=config.drop_path_rate,
+        caffe_input=True,
+        remat=config.remat,
+        scan_blocks=config.scan_blocks,
+        dtype=dtype,
+        rngs=rngs,
+    )
     self.head = daformer.DAFormerHead(
-        spec.dims, c, embed=config.head_features,
-        dilations=tuple(config.daformer_dilations), dropout=config.dropout,
-        bn_group_size=config.bn_group_size, dtype=dtype, rngs=rngs)
+        spec.dims,
+        c,
+        embed=config.head_features,
+        dilations=tuple(config.daformer_dilations),
+        dropout=config.dropout,
+        bn_group_size=config.bn_group_size,
+        dtype=dtype,
+        rngs=rngs,
+    )
     self.clip_length = 1 if config.name == 'daformer' else 2
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 
-  def heads(self, feats: dict[str, jax.Array], *, train: bool,
-            dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+  def heads(
+      self,
+      feats: dict[str, jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+  ) -> dict[str, jax.Array]:
     """DAFormer head on c1..c4 (float32 scores at stride 4)."""
-    logits, feat = self.head([feats[s] for s in mit.MiT.STAGES], train=train,
-                             dropout_key=dropout_key)
+    logits, feat = self.head(
+        [feats[s] for s in mit.MiT.STAGES], train=train, dropout_key=dropout_key
+    )
     logits = logits.astype(jnp.float32)
     return {'logits': logits, 'aux': logits, 'feat': feat}

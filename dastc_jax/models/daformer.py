@@ -26,7 +26,6 @@ from flax import nnx
 
 from dastc_jax.models import layers
 
-
 # mmcv's kaiming_init (fan_out, ReLU gain, untruncated normal); torch's
 # fan_out is cout * kh * kw for depthwise kernels too. Host-drawn.
 _KAIMING_FAN_OUT = layers.he_normal()
@@ -35,22 +34,42 @@ _KAIMING_FAN_OUT = layers.he_normal()
 class ConvModule(nnx.Module):
   """mmcv's ``ConvModule``: conv (no bias), BatchNorm, ReLU."""
 
-  def __init__(self, cin: int, cout: int, kernel: int, *, dilation: int = 1,
-               groups: int = 1, bn_group_size: int = 0, dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      kernel: int,
+      *,
+      dilation: int = 1,
+      groups: int = 1,
+      bn_group_size: int = 0,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
     pad = dilation * (kernel // 2)
     # mmcv's ConvModule init: Kaiming normal, fan_out, ReLU gain.
     if groups > 1:  # depthwise (groups == cin == cout)
-      self.conv = layers.DepthwiseConv(cin, kernel, dilation=dilation,
-                                       use_bias=False,
-                                       kernel_init=_KAIMING_FAN_OUT,
-                                       dtype=dtype, rngs=rngs)
+      self.conv = layers.DepthwiseConv(
+          cin,
+          kernel,
+          dilation=dilation,
+          use_bias=False,
+          kernel_init=_KAIMING_FAN_OUT,
+          dtype=dtype,
+          rngs=rngs,
+      )
     else:
-      self.conv = nnx.Conv(cin, cout, (kernel, kernel),
-                           padding=((pad, pad), (pad, pad)),
-                           kernel_dilation=dilation, use_bias=False,
-                           kernel_init=_KAIMING_FAN_OUT, dtype=dtype,
-                           rngs=rngs)
+      self.conv = nnx.Conv(
+          cin,
+          cout,
+          (kernel, kernel),
+          padding=((pad, pad), (pad, pad)),
+          kernel_dilation=dilation,
+          use_bias=False,
+          kernel_init=_KAIMING_FAN_OUT,
+          dtype=dtype,
+          rngs=rngs,
+      )
     self.bn = layers.BatchNorm(cout, group_size=bn_group_size)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -60,14 +79,29 @@ class ConvModule(nnx.Module):
 class SeparableConvModule(nnx.Module):
   """Depthwise 3x3 (dilated) ConvModule, then a pointwise 1x1 ConvModule."""
 
-  def __init__(self, cin: int, cout: int, dilation: int, *,
-               bn_group_size: int, dtype, rngs: nnx.Rngs):
-    self.depthwise_conv = ConvModule(cin, cin, 3, dilation=dilation,
-                                     groups=cin, bn_group_size=bn_group_size,
-                                     dtype=dtype, rngs=rngs)
-    self.pointwise_conv = ConvModule(cin, cout, 1,
-                                     bn_group_size=bn_group_size,
-                                     dtype=dtype, rngs=rngs)
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      dilation: int,
+      *,
+      bn_group_size: int,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.depthwise_conv = ConvModule(
+        cin,
+        cin,
+        3,
+        dilation=dilation,
+        groups=cin,
+        bn_group_size=bn_group_size,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.pointwise_conv = ConvModule(
+        cin, cout, 1, bn_group_size=bn_group_size, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.pointwise_conv(self.depthwise_conv(x, train), train)
@@ -76,21 +110,49 @@ class SeparableConvModule(nnx.Module):
 class SepASPP(nnx.Module):
   """ASPP context fusion without image pooling, then the bottleneck."""
 
-  def __init__(self, cin: int, cout: int, dilations: Sequence[int], *,
-               bn_group_size: int, dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      dilations: Sequence[int],
+      *,
+      bn_group_size: int,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
     mods = []
     for d in dilations:
       if d == 1:
-        mods.append(ConvModule(cin, cout, 1, bn_group_size=bn_group_size,
-                               dtype=dtype, rngs=rngs))
+        mods.append(
+            ConvModule(
+                cin,
+                cout,
+                1,
+                bn_group_size=bn_group_size,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
       else:
-        mods.append(SeparableConvModule(cin, cout, d,
-                                        bn_group_size=bn_group_size,
-                                        dtype=dtype, rngs=rngs))
+        mods.append(
+            SeparableConvModule(
+                cin,
+                cout,
+                d,
+                bn_group_size=bn_group_size,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
     self.aspp_modules = nnx.List(mods)
-    self.bottleneck = ConvModule(len(mods) * cout, cout, 3,
-                                 bn_group_size=bn_group_size, dtype=dtype,
-                                 rngs=rngs)
+    self.bottleneck = ConvModule(
+        len(mods) * cout,
+        cout,
+        3,
+        bn_group_size=bn_group_size,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     branches = [m(x, train) for m in self.aspp_modules]
@@ -102,9 +164,14 @@ class Embedding(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, dtype, rngs: nnx.Rngs):
     # PyTorch's default nn.Linear init (mmseg leaves it as it is).
-    self.proj = nnx.Linear(cin, cout, kernel_init=layers.torch_linear(cin),
-                           bias_init=layers.torch_linear(cin), dtype=dtype,
-                           rngs=rngs)
+    self.proj = nnx.Linear(
+        cin,
+        cout,
+        kernel_init=layers.torch_linear(cin),
+        bias_init=layers.torch_linear(cin),
+        dtype=dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
@@ -116,40 +183,72 @@ def resize_half_pixel(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
   if x.shape[1:3] == tuple(hw):
     return x
   return jax.image.scale_and_translate(
-      x, (x.shape[0], hw[0], hw[1], x.shape[3]), (1, 2),
+      x,
+      (x.shape[0], hw[0], hw[1], x.shape[3]),
+      (1, 2),
       jnp.array([hw[0] / x.shape[1], hw[1] / x.shape[2]], jnp.float32),
-      jnp.zeros((2,), jnp.float32), 'linear', antialias=False)
+      jnp.zeros((2,), jnp.float32),
+      'linear',
+      antialias=False,
+  )
 
 
 class DAFormerHead(nnx.Module):
   """Embeddings, resize to stride 4, separable ASPP, dropout, classifier."""
 
-  def __init__(self, in_features: Sequence[int], num_classes: int, *,
-               embed: int = 256, dilations: Sequence[int] = (1, 6, 12, 18),
-               dropout: float = 0.1, bn_group_size: int = 0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.embed_layers = nnx.List([Embedding(c, embed, dtype=dtype, rngs=rngs)
-                                  for c in in_features])
-    self.fuse_layer = SepASPP(len(in_features) * embed, embed, dilations,
-                              bn_group_size=bn_group_size, dtype=dtype,
-                              rngs=rngs)
+  def __init__(
+      self,
+      in_features: Sequence[int],
+      num_classes: int,
+      *,
+      embed: int = 256,
+      dilations: Sequence[int] = (1, 6, 12, 18),
+      dropout: float = 0.1,
+      bn_group_size: int = 0,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.embed_layers = nnx.List(
+        [Embedding(c, embed, dtype=dtype, rngs=rngs) for c in in_features]
+    )
+    self.fuse_layer = SepASPP(
+        len(in_features) * embed,
+        embed,
+        dilations,
+        bn_group_size=bn_group_size,
+        dtype=dtype,
+        rngs=rngs,
+    )
     # mmseg's classifier init: N(0, 0.01), zero bias.
-    self.conv_seg = nnx.Conv(embed, num_classes, (1, 1), use_bias=True,
-                             kernel_init=layers.normal(0.01),
-                             bias_init=layers.zeros(),
-                             dtype=dtype, rngs=rngs)
+    self.conv_seg = nnx.Conv(
+        embed,
+        num_classes,
+        (1, 1),
+        use_bias=True,
+        kernel_init=layers.normal(0.01),
+        bias_init=layers.zeros(),
+        dtype=dtype,
+        rngs=rngs,
+    )
     self.dropout = dropout
     self.out_features = embed
 
-  def __call__(self, feats: Sequence[jax.Array], *, train: bool,
-               dropout_key: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+      self,
+      feats: Sequence[jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """``feats``: the four encoder maps (strides 4..32) -> ``(logits, feat)``
     at stride 4 (``feat``: the bottleneck output, before dropout)."""
     hw = feats[0].shape[1:3]
-    embedded = [resize_half_pixel(layer(f), hw)
-                for layer, f in zip(self.embed_layers, feats)]
+    embedded = [
+        resize_half_pixel(layer(f), hw)
+        for layer, f in zip(self.embed_layers, feats)
+    ]
     feat = self.fuse_layer(jnp.concatenate(embedded, axis=-1), train)
-    x = layers.channel_dropout(feat, self.dropout,
-                               dropout_key if train else None)
+    x = layers.channel_dropout(
+        feat, self.dropout, dropout_key if train else None
+    )
     return self.conv_seg(x), feat

@@ -27,8 +27,10 @@ INITIALIZERS = ('he', 'normal')  # config.model.backbone_init
 def compute_dtype(name: str):
   """``config.model.dtype`` -> the jnp dtype of activations and matmuls."""
   if name not in _DTYPES:
-    raise ValueError(f'Unknown config.model.dtype={name!r}; expected one of '
-                     f'{sorted(_DTYPES)}.')
+    raise ValueError(
+        f'Unknown config.model.dtype={name!r}; expected one of '
+        f'{sorted(_DTYPES)}.'
+    )
   return _DTYPES[name]
 
 
@@ -37,8 +39,9 @@ def _host_rng(key: jax.Array) -> np.random.Generator:
   return np.random.default_rng(bits.tolist())
 
 
-def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float,
-                 dtype) -> jax.Array:
+def _host_normal(
+    key: jax.Array, shape: tuple[int, ...], std: float, dtype
+) -> jax.Array:
   """N(0, std^2) drawn on the host from a generator seeded by ``key``.
 
   Eager ``jax.random`` compiles one XLA program per parameter shape (~0.35 s
@@ -51,8 +54,9 @@ def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float,
   return jnp.asarray(_host_rng(key).standard_normal(shape) * std, dtype)
 
 
-def _host_uniform(key: jax.Array, shape: tuple[int, ...], bound: float,
-                  dtype) -> jax.Array:
+def _host_uniform(
+    key: jax.Array, shape: tuple[int, ...], bound: float, dtype
+) -> jax.Array:
   """U(-bound, bound), drawn like ``_host_normal``."""
   if isinstance(key, jax.core.Tracer):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -109,8 +113,10 @@ def initializer(name: str, std: float) -> Initializer:
     return he_normal()
   if name == 'normal':
     return normal(std)
-  raise ValueError(f"Unknown config.model.backbone_init={name!r}; expected "
-                   "'he' or 'normal'.")
+  raise ValueError(
+      f'Unknown config.model.backbone_init={name!r}; expected '
+      "'he' or 'normal'."
+  )
 
 
 def _zeros(n: int) -> jax.Array:
@@ -129,10 +135,20 @@ class Conv(nnx.Module):
   (``KERNEL_GRADS``).
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int,
-               *, stride: int = 1, dilation: int = 1, use_bias: bool = False,
-               kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs,
-               kernel_grad: str = 'auto'):
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      kernel_size: int,
+      *,
+      stride: int = 1,
+      dilation: int = 1,
+      use_bias: bool = False,
+      kernel_init: Initializer,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+      kernel_grad: str = 'auto',
+  ):
     check_kernel_grad(kernel_grad)
     self.kernel_grad = kernel_grad
     self.kernel_size = kernel_size
@@ -149,17 +165,19 @@ class Conv(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     if self.kernel_size == 1:
       if self.stride > 1:
-        x = x[:, ::self.stride, ::self.stride, :]
+        x = x[:, :: self.stride, :: self.stride, :]
       y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
     else:
-      kernel, pads = _crop_to_reachable_taps(kernel, x.shape[1:3],
-                                             self.dilation)
+      kernel, pads = _crop_to_reachable_taps(
+          kernel, x.shape[1:3], self.dilation
+      )
       grad = _kernel_grad_mode(self.kernel_grad, x, kernel, self.stride)
       if grad is None:
         y = _conv(x, kernel, self.stride, self.dilation, pads)
       else:
-        y = conv_explicit_grads(x, kernel, self.stride, self.dilation, pads,
-                                grad)
+        y = conv_explicit_grads(
+            x, kernel, self.stride, self.dilation, pads, grad
+        )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -183,8 +201,13 @@ KERNEL_GRADS = ('auto', 'conv', 'im2col')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
-def _shifted_sum(xp: jax.Array, w: jax.Array, hw: tuple[int, int],
-                 dilation: int, flip: bool = False) -> jax.Array:
+def _shifted_sum(
+    xp: jax.Array,
+    w: jax.Array,
+    hw: tuple[int, int],
+    dilation: int,
+    flip: bool = False,
+) -> jax.Array:
   """sum_ij xp[:, i*d:i*d+h, j*d:j*d+w, :] * w[i, j] (w flipped if asked);
   ``xp`` [B, H + 2p, W + 2p, C], ``w`` [k, k, C] -> [B, H, W, C]."""
   k = w.shape[0]
@@ -194,7 +217,7 @@ def _shifted_sum(xp: jax.Array, w: jax.Array, hw: tuple[int, int],
     for j in range(k):
       di, dj = i * dilation, j * dilation
       tap = w[k - 1 - i, k - 1 - j] if flip else w[i, j]
-      term = xp[:, di:di + h, dj:dj + wd, :] * tap
+      term = xp[:, di : di + h, dj : dj + wd, :] * tap
       out = term if out is None else out + term
   return out
 
@@ -241,12 +264,12 @@ def _depthwise_bwd(dilation, res, g):
   xp = _pad_hw(x, p)
   g32 = g.astype(jnp.float32)
   b, h, wd, c = x.shape
-  offsets = dilation * jnp.array([(i, j) for i in range(k) for j in range(k)],
-                                 jnp.int32)  # [k*k, 2]
+  offsets = dilation * jnp.array(
+      [(i, j) for i in range(k) for j in range(k)], jnp.int32
+  )  # [k*k, 2]
 
   def tap_grad(offset: jax.Array) -> jax.Array:  # one tap at a time
-    tap = jax.lax.dynamic_slice(xp, (0, offset[0], offset[1], 0),
-                                (b, h, wd, c))
+    tap = jax.lax.dynamic_slice(xp, (0, offset[0], offset[1], 0), (b, h, wd, c))
     return jnp.sum(tap.astype(jnp.float32) * g32, axis=(0, 1, 2))  # [C]
 
   dw = jax.lax.map(tap_grad, offsets).reshape(k, k, c)
@@ -269,12 +292,21 @@ class DepthwiseConv(nnx.Module):
   work that every backend fuses.
   """
 
-  def __init__(self, dim: int, kernel: int = 3, *, dilation: int = 1,
-               use_bias: bool, kernel_init: Initializer | None = None,
-               dtype=None, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      kernel: int = 3,
+      *,
+      dilation: int = 1,
+      use_bias: bool,
+      kernel_init: Initializer | None = None,
+      dtype=None,
+      rngs: nnx.Rngs,
+  ):
     init = kernel_init or nnx.initializers.lecun_normal()
-    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim),
-                                 jnp.float32))
+    self.kernel = nnx.Param(
+        init(rngs.params(), (kernel, kernel, 1, dim), jnp.float32)
+    )
     self.bias = nnx.Param(_zeros(dim)) if use_bias else None
     self.size, self.dilation, self.dtype = kernel, dilation, dtype
 
@@ -291,12 +323,15 @@ class DepthwiseConv(nnx.Module):
 def check_kernel_grad(name: str) -> None:
   """Raises for an unknown ``config.model.conv_kernel_grad``."""
   if name not in KERNEL_GRADS:
-    raise ValueError(f'Unknown config.model.conv_kernel_grad={name!r}; '
-                     f'expected one of {KERNEL_GRADS}.')
+    raise ValueError(
+        f'Unknown config.model.conv_kernel_grad={name!r}; '
+        f'expected one of {KERNEL_GRADS}.'
+    )
 
 
-def _kernel_grad_mode(name: str, x: jax.Array, kernel: jax.Array,
-                      stride: int) -> str | None:
+def _kernel_grad_mode(
+    name: str, x: jax.Array, kernel: jax.Array, stride: int
+) -> str | None:
   """'im2col' or 'conv' for :func:`conv_explicit_grads`, or None for XLA's
   own backward pass ('auto' off CPU)."""
   if name != 'auto':
@@ -311,14 +346,24 @@ def _kernel_grad_mode(name: str, x: jax.Array, kernel: jax.Array,
 
 def _conv(x, kernel, stride, dilation, pads):
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding=pads,
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding=pads,
       rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv_explicit_grads(x: jax.Array, kernel: jax.Array, stride: int,
-                        dilation: int, pads, kernel_grad: str) -> jax.Array:
+def conv_explicit_grads(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    dilation: int,
+    pads,
+    kernel_grad: str,
+) -> jax.Array:
   """Convolution whose backward pass is written out.
 
   The forward pass is XLA's convolution. The input gradient is a
@@ -357,27 +402,50 @@ def _explicit_bwd(stride, dilation, pads, kernel_grad, res, dy):
     lhs = jax.lax.optimization_barrier(jnp.transpose(xp, (3, 1, 2, 0)))
     rhs = jax.lax.optimization_barrier(jnp.transpose(dy, (1, 2, 0, 3)))
     dk = jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides=(d, d), padding=((0, 0), (0, 0)),
-        rhs_dilation=(s, s), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        preferred_element_type=jnp.float32)
+        lhs,
+        rhs,
+        window_strides=(d, d),
+        padding=((0, 0), (0, 0)),
+        rhs_dilation=(s, s),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        preferred_element_type=jnp.float32,
+    )
     dk = jnp.transpose(dk[:, :kh, :kw], (1, 2, 0, 3))  # [kh, kw, Cin, Cout]
     return dx, dk.astype(kernel.dtype)
-  cols = jnp.stack([xp[:, i * d:i * d + (h - 1) * s + 1:s,
-                       j * d:j * d + (w - 1) * s + 1:s]
-                    for i in range(kh) for j in range(kw)], axis=3)
+  cols = jnp.stack(
+      [
+          xp[
+              :,
+              i * d : i * d + (h - 1) * s + 1 : s,
+              j * d : j * d + (w - 1) * s + 1 : s,
+          ]
+          for i in range(kh)
+          for j in range(kw)
+      ],
+      axis=3,
+  )
   # cols: [B, h, w, kh*kw, Cin]. dy^T (small) is the left operand, so that
   # the patches are read in their own layout, without a transpose.
-  dk = jnp.transpose(jnp.einsum('bhwo,bhwkc->okc', dy, cols,
-                                preferred_element_type=jnp.float32),
-                     (1, 2, 0))  # [kh*kw, Cin, Cout]
+  dk = jnp.transpose(
+      jnp.einsum(
+          'bhwo,bhwkc->okc', dy, cols, preferred_element_type=jnp.float32
+      ),
+      (1, 2, 0),
+  )  # [kh*kw, Cin, Cout]
   return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
 
 
 conv_explicit_grads.defvjp(_explicit_fwd, _explicit_bwd)
 
 
-def _conv_input_grad(dy: jax.Array, kernel: jax.Array, hw: tuple[int, int],
-                     stride: int, dilation: int, pads) -> jax.Array:
+def _conv_input_grad(
+    dy: jax.Array,
+    kernel: jax.Array,
+    hw: tuple[int, int],
+    stride: int,
+    dilation: int,
+    pads,
+) -> jax.Array:
   """The gradient of :func:`_conv` with respect to its input.
 
   A convolution of ``dy`` (dilated by the stride) with the spatially
@@ -392,20 +460,27 @@ def _conv_input_grad(dy: jax.Array, kernel: jax.Array, hw: tuple[int, int],
   """
   kh, kw = kernel.shape[:2]
   k = jax.lax.optimization_barrier(
-      jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))  # [kh, kw, Cout, Cin]
+      jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  )  # [kh, kw, Cout, Cin]
   new_pads = []
   for n, m, ks, (lo, _) in zip(hw, dy.shape[1:3], (kh, kw), pads):
     span = dilation * (ks - 1) + 1
     before = span - 1 - lo
     new_pads.append((before, n + span - 2 - (m - 1) * stride - before))
   return jax.lax.conv_general_dilated(
-      dy, k, window_strides=(1, 1), padding=new_pads,
-      lhs_dilation=(stride, stride), rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dy,
+      k,
+      window_strides=(1, 1),
+      padding=new_pads,
+      lhs_dilation=(stride, stride),
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
 
 
-def _crop_to_reachable_taps(kernel: jax.Array, hw: tuple[int, int],
-                            dilation: int):
+def _crop_to_reachable_taps(
+    kernel: jax.Array, hw: tuple[int, int], dilation: int
+):
   """Drops kernel rows/columns whose taps only ever read zero padding.
 
   With padding ``d * (k // 2)``, tap offset ``o * d`` reaches the map only if
@@ -440,8 +515,14 @@ class BatchNorm(nnx.Module):
   decided by the optimizer (``model.freeze_bn_affine``).
   """
 
-  def __init__(self, num_features: int, *, momentum: float = 0.1,
-               eps: float = 1e-5, group_size: int = 0):
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      momentum: float = 0.1,
+      eps: float = 1e-5,
+      group_size: int = 0,
+  ):
     self.momentum = momentum
     self.eps = eps
     self.group_size = group_size
@@ -459,8 +540,10 @@ class BatchNorm(nnx.Module):
     b = x.shape[0]
     g = self.group_size or b
     if b % g:
-      raise ValueError(f'model.bn_group_size={g} does not divide the batch '
-                       f'of {b} examples.')
+      raise ValueError(
+          f'model.bn_group_size={g} does not divide the batch '
+          f'of {b} examples.'
+      )
     xf = x.astype(jnp.float32).reshape((b // g, g) + x.shape[1:])
     mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)  # [G, 1, 1, 1, C]
     var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
@@ -469,18 +552,22 @@ class BatchNorm(nnx.Module):
     m = self.momentum
     # set_value (a full replace): `var[...] = x` makes flax compare tracer
     # shardings, which costs ~50 ms of tracing per update.
-    self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(
-        jnp.mean(mean, axis=(0, 1, 2, 3))))
-    self.var.set_value((1 - m) * self.var[...] +
-                       m * jax.lax.stop_gradient(unbiased))
+    self.mean.set_value(
+        (1 - m) * self.mean[...]
+        + m * jax.lax.stop_gradient(jnp.mean(mean, axis=(0, 1, 2, 3)))
+    )
+    self.var.set_value(
+        (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    )
     inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
     shift = self.bias[...] - mean * inv
     y = x.reshape(xf.shape) * inv.astype(x.dtype) + shift.astype(x.dtype)
     return y.reshape(x.shape)
 
 
-def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2,
-                  padding: int = 1) -> jax.Array:
+def max_pool_ceil(
+    x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1
+) -> jax.Array:
   """Max-pool with PyTorch ``ceil_mode=True`` output sizes.
 
   Args:
@@ -502,12 +589,18 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2,
     trailing = (out - 1) * stride + window - n - padding
     pads.append((padding, max(trailing, 0)))
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-      (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
+      x,
+      -jnp.inf,
+      jax.lax.max,
+      (1, window, window, 1),
+      (1, stride, stride, 1),
+      ((0, 0), pads[0], pads[1], (0, 0)),
+  )
 
 
-def channel_dropout(x: jax.Array, rate: float,
-                    key: jax.Array | None) -> jax.Array:
+def channel_dropout(
+    x: jax.Array, rate: float, key: jax.Array | None
+) -> jax.Array:
   """Dropout2d: zeroes whole channels per example, scales the rest.
 
   Args:
@@ -530,8 +623,9 @@ def identity_fusion_init(num_classes: int) -> Initializer:
   def init(key, shape, dtype):
     del key
     assert shape == (1, 1, 2 * num_classes, num_classes), shape
-    k = np.concatenate([np.eye(num_classes), np.zeros(
-        (num_classes, num_classes))], axis=0)
+    k = np.concatenate(
+        [np.eye(num_classes), np.zeros((num_classes, num_classes))], axis=0
+    )
     return jnp.asarray(k.reshape(shape), dtype)
 
   return init

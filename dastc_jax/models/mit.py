@@ -28,6 +28,7 @@ from dastc_jax.ops import image as image_ops
 @dataclasses.dataclass(frozen=True)
 class MiTSpec:
   """Sizes of one MiT variant."""
+
   dims: tuple[int, int, int, int]
   depths: tuple[int, int, int, int]
   heads: tuple[int, int, int, int] = (1, 2, 5, 8)
@@ -56,32 +57,71 @@ BLOCK_EPS = 1e-6  # block and stage LayerNorms
 # (layers._host_normal): no compile per parameter shape.
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, pad: int, *,
-          dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
-                  padding=((pad, pad), (pad, pad)), use_bias=True,
-                  kernel_init=layers.group_fan_out_normal(),
-                  bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
+def _conv(
+    cin: int,
+    cout: int,
+    kernel: int,
+    stride: int,
+    pad: int,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+  return nnx.Conv(
+      cin,
+      cout,
+      (kernel, kernel),
+      strides=stride,
+      padding=((pad, pad), (pad, pad)),
+      use_bias=True,
+      kernel_init=layers.group_fan_out_normal(),
+      bias_init=layers.zeros(),
+      dtype=dtype,
+      rngs=rngs,
+  )
 
 
 def _linear(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(cin, cout, kernel_init=layers.normal(0.02),
-                    bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
+  return nnx.Linear(
+      cin,
+      cout,
+      kernel_init=layers.normal(0.02),
+      bias_init=layers.zeros(),
+      dtype=dtype,
+      rngs=rngs,
+  )
 
 
-def _layer_norm(dim: int, eps: float, *, dtype,
-                rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=eps, scale_init=layers.ones(),
-                       bias_init=layers.zeros(), dtype=dtype, rngs=rngs)
+def _layer_norm(
+    dim: int, eps: float, *, dtype, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      dim,
+      epsilon=eps,
+      scale_init=layers.ones(),
+      bias_init=layers.zeros(),
+      dtype=dtype,
+      rngs=rngs,
+  )
 
 
 class OverlapPatchEmbed(nnx.Module):
   """Strided conv (kernel > stride, so patches overlap) and LayerNorm."""
 
-  def __init__(self, cin: int, dim: int, kernel: int, stride: int, *,
-               eps: float, dtype, rngs: nnx.Rngs):
-    self.proj = _conv(cin, dim, kernel, stride, kernel // 2, dtype=dtype,
-                      rngs=rngs)
+  def __init__(
+      self,
+      cin: int,
+      dim: int,
+      kernel: int,
+      stride: int,
+      *,
+      eps: float,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.proj = _conv(
+        cin, dim, kernel, stride, kernel // 2, dtype=dtype, rngs=rngs
+    )
     self.norm = _layer_norm(dim, eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,8 +131,9 @@ class OverlapPatchEmbed(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head attention whose keys/values come from a reduced map."""
 
-  def __init__(self, dim: int, heads: int, sr: int, *, eps: float, dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, dim: int, heads: int, sr: int, *, eps: float, dtype, rngs: nnx.Rngs
+  ):
     self.heads = heads
     self.q = _linear(dim, dim, dtype=dtype, rngs=rngs)
     self.kv = _linear(dim, 2 * dim, dtype=dtype, rngs=rngs)
@@ -120,8 +161,13 @@ class DWConv(nnx.Module):
 
   def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
     self.dwconv = layers.DepthwiseConv(
-        dim, 3, use_bias=True, kernel_init=layers.group_fan_out_normal(dim),
-        dtype=dtype, rngs=rngs)
+        dim,
+        3,
+        use_bias=True,
+        kernel_init=layers.group_fan_out_normal(dim),
+        dtype=dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.dwconv(x)
@@ -139,31 +185,42 @@ class MixFFN(nnx.Module):
     return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array,
-              key: jax.Array | None) -> jax.Array:
+def drop_path(
+    x: jax.Array, rate: float | jax.Array, key: jax.Array | None
+) -> jax.Array:
   """Stochastic depth: drops the whole residual branch per example (``rate``
   may be traced, as inside a scan over blocks)."""
   if key is None or (isinstance(rate, float) and rate == 0.0):
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) *
-                              (x.ndim - 1))
+  keep = jax.random.bernoulli(
+      key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1)
+  )
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block: attention and Mix-FFN, each residual."""
 
-  def __init__(self, dim: int, heads: int, sr: int, mlp_ratio: int,
-               drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      sr: int,
+      mlp_ratio: int,
+      drop_path_rate: float,
+      *,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
     self.norm1 = _layer_norm(dim, BLOCK_EPS, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, heads, sr, eps=EMBED_EPS, dtype=dtype,
-                          rngs=rngs)
+    self.attn = Attention(dim, heads, sr, eps=EMBED_EPS, dtype=dtype, rngs=rngs)
     self.norm2 = _layer_norm(dim, BLOCK_EPS, dtype=dtype, rngs=rngs)
     self.mlp = MixFFN(dim, dim * mlp_ratio, dtype=dtype, rngs=rngs)
     self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x: jax.Array, key: jax.Array | None,
-               rate: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, key: jax.Array | None, rate: jax.Array | None = None
+  ) -> jax.Array:
     """``rate`` replaces ``drop_path_rate`` (a scan passes each block's)."""
     rate = self.drop_path_rate if rate is None else rate
     k1 = k2 = None
@@ -181,8 +238,9 @@ def imagenet_from_caffe(x: jax.Array) -> jax.Array:
   """BGR minus the Caffe mean -> RGB with ImageNet mean/std (mmseg's
   ``img_norm_cfg``)."""
   rgb = (x + jnp.asarray(image_ops.BGR_MEAN, x.dtype))[..., ::-1]
-  return ((rgb - jnp.asarray(IMAGENET_MEAN_RGB, x.dtype)) /
-          jnp.asarray(IMAGENET_STD_RGB, x.dtype))
+  return (rgb - jnp.asarray(IMAGENET_MEAN_RGB, x.dtype)) / jnp.asarray(
+      IMAGENET_STD_RGB, x.dtype
+  )
 
 
 def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[float]:
@@ -193,8 +251,9 @@ def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[float]:
 
 
 @nnx.remat
-def _remat_block(block: Block, x: jax.Array,
-                 key: jax.Array | None) -> jax.Array:
+def _remat_block(
+    block: Block, x: jax.Array, key: jax.Array | None
+) -> jax.Array:
   return block(x, key)
 
 
@@ -203,10 +262,17 @@ class MiT(nnx.Module):
 
   STAGES = ('c1', 'c2', 'c3', 'c4')
 
-  def __init__(self, spec: MiTSpec, *, drop_path_rate: float = 0.1,
-               caffe_input: bool = False, remat: bool = False,
-               scan_blocks: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      spec: MiTSpec,
+      *,
+      drop_path_rate: float = 0.1,
+      caffe_input: bool = False,
+      remat: bool = False,
+      scan_blocks: bool = False,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     rates = drop_path_rates(spec.depths, drop_path_rate)
     # True: inputs come as this project's frames (BGR minus the Caffe mean,
     # ops/image.py) and are brought to the ImageNet normalisation that MiT
@@ -221,19 +287,47 @@ class MiT(nnx.Module):
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
       kernel, stride = (7, 4) if i == 0 else (3, 2)
-      setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(
-          cin, dim, kernel, stride, eps=EMBED_EPS, dtype=dtype, rngs=rngs))
-      setattr(self, f'block{i + 1}', nnx.List([
-          Block(dim, spec.heads[i], spec.sr_ratios[i], spec.mlp_ratio,
-                rates[k + j], dtype=dtype, rngs=rngs)
-          for j in range(depth)]))
-      setattr(self, f'norm{i + 1}', _layer_norm(dim, BLOCK_EPS, dtype=dtype,
-                                                rngs=rngs))
+      setattr(
+          self,
+          f'patch_embed{i + 1}',
+          OverlapPatchEmbed(
+              cin, dim, kernel, stride, eps=EMBED_EPS, dtype=dtype, rngs=rngs
+          ),
+      )
+      setattr(
+          self,
+          f'block{i + 1}',
+          nnx.List(
+              [
+                  Block(
+                      dim,
+                      spec.heads[i],
+                      spec.sr_ratios[i],
+                      spec.mlp_ratio,
+                      rates[k + j],
+                      dtype=dtype,
+                      rngs=rngs,
+                  )
+                  for j in range(depth)
+              ]
+          ),
+      )
+      setattr(
+          self,
+          f'norm{i + 1}',
+          _layer_norm(dim, BLOCK_EPS, dtype=dtype, rngs=rngs),
+      )
       cin, k = dim, k + depth
 
-  def __call__(self, x: jax.Array, train: bool = False, *,
-               rng: jax.Array | None = None, first: str = 'c1',
-               last: str = 'c4') -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      x: jax.Array,
+      train: bool = False,
+      *,
+      rng: jax.Array | None = None,
+      first: str = 'c1',
+      last: str = 'c4',
+  ) -> dict[str, jax.Array]:
     """Runs the stages ``first..last`` (``x`` is the input of ``first``).
 
     Args:
@@ -249,9 +343,8 @@ class MiT(nnx.Module):
     """
     out = {}
     depths = [len(getattr(self, f'block{i + 1}')) for i in range(4)]
-    key_array = (jax.random.split(rng, sum(depths)) if rng is not None
-                 else None)
-    keys = (list(key_array) if rng is not None else [None] * sum(depths))
+    key_array = jax.random.split(rng, sum(depths)) if rng is not None else None
+    keys = list(key_array) if rng is not None else [None] * sum(depths)
     lo, hi = self.STAGES.index(first), self.STAGES.index(last)
     if lo == 0 and self.caffe_input:
       x = imagenet_from_caffe(x)
@@ -261,15 +354,19 @@ class MiT(nnx.Module):
       blocks = getattr(self, f'block{i + 1}')
       if self.scan_blocks and len(blocks) > 1:
         per_block = (
-            None if rng is None else key_array[offset:offset + len(blocks)],
-            jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32))
+            None if rng is None else key_array[offset : offset + len(blocks)],
+            jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32),
+        )
         x = scan.scan_blocks(
-            list(blocks), x, lambda b, h, kr: b(h, kr[0], rate=kr[1]),
-            per_block)
+            list(blocks), x, lambda b, h, kr: b(h, kr[0], rate=kr[1]), per_block
+        )
       else:
         for j, block in enumerate(blocks):
-          x = (_remat_block(block, x, keys[offset + j]) if self.remat
-               else block(x, keys[offset + j]))
+          x = (
+              _remat_block(block, x, keys[offset + j])
+              if self.remat
+              else block(x, keys[offset + j])
+          )
       x = getattr(self, f'norm{i + 1}')(x)
       out[self.STAGES[i]] = x
     return out

@@ -1,7 +1,8 @@
 """Caffe-style DeepLab-v2 ResNet backbone (output stride 8).
 
 Layout of the DeepLab-v2 ResNet that DA-VSN/TPS/DA-STC start from
-(docs/reference_code.md, "Models"): bottleneck blocks with the stride on the *first* 1x1 conv,
+(docs/reference_code.md, "Models"): bottleneck blocks with the stride on the
+*first* 1x1 conv,
 a 7x7/2 stem followed by a ceil-mode 3x3/2 max-pool, layer2 at stride 2, and
 layer3/layer4 at stride 1 with dilation 2/4. Depth and width are config knobs
 so that tests and the CPU demo run small variants of the same code.
@@ -28,16 +29,35 @@ class Bottleneck(nnx.Module):
   ``stride_in_1x1=False`` moves the stride to the 3x3 conv (torchvision).
   """
 
-  def __init__(self, in_features: int, planes: int, *, stride: int,
-               dilation: int, downsample: bool, bn_momentum: float,
-               kernel_init: layers.Initializer, dtype, rngs: nnx.Rngs,
-               bn_group_size: int = 0, stride_in_1x1: bool = True,
-               kernel_grad: str = 'auto'):
+  def __init__(
+      self,
+      in_features: int,
+      planes: int,
+      *,
+      stride: int,
+      dilation: int,
+      downsample: bool,
+      bn_momentum: float,
+      kernel_init: layers.Initializer,
+      dtype,
+      rngs: nnx.Rngs,
+      bn_group_size: int = 0,
+      stride_in_1x1: bool = True,
+      kernel_grad: str = 'auto',
+  ):
     conv = lambda i, o, k, **kw: layers.Conv(
-        i, o, k, kernel_init=kernel_init, dtype=dtype, rngs=rngs,
-        kernel_grad=kernel_grad, **kw)
-    bn = lambda c: layers.BatchNorm(c, momentum=bn_momentum,
-                                    group_size=bn_group_size)
+        i,
+        o,
+        k,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        rngs=rngs,
+        kernel_grad=kernel_grad,
+        **kw,
+    )
+    bn = lambda c: layers.BatchNorm(
+        c, momentum=bn_momentum, group_size=bn_group_size
+    )
     # Caffe/DeepLab put the stride on the first 1x1 conv; torchvision
     # ("ResNet v1.5") on the 3x3 conv.
     s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -48,8 +68,9 @@ class Bottleneck(nnx.Module):
     self.conv3 = conv(planes, planes * EXPANSION, 1)
     self.bn3 = bn(planes * EXPANSION)
     if downsample:
-      self.downsample_conv = conv(in_features, planes * EXPANSION, 1,
-                                  stride=stride)
+      self.downsample_conv = conv(
+          in_features, planes * EXPANSION, 1, stride=stride
+      )
       self.downsample_bn = bn(planes * EXPANSION)
     else:
       self.downsample_conv = None
@@ -75,33 +96,63 @@ class ResNetDeepLab(nnx.Module):
 
   STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
 
-  def __init__(self, *, blocks: Sequence[int], width: int,
-               bn_momentum: float, kernel_init: layers.Initializer,
-               dtype=jnp.float32, rngs: nnx.Rngs, bn_group_size: int = 0,
-               stride_in_1x1: bool = True, kernel_grad: str = 'auto',
-               remat: bool = False, scan_blocks: bool = False):
+  def __init__(
+      self,
+      *,
+      blocks: Sequence[int],
+      width: int,
+      bn_momentum: float,
+      kernel_init: layers.Initializer,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+      bn_group_size: int = 0,
+      stride_in_1x1: bool = True,
+      kernel_grad: str = 'auto',
+      remat: bool = False,
+      scan_blocks: bool = False,
+  ):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
-    self.conv1 = layers.Conv(3, width, 7, stride=2, kernel_init=kernel_init,
-                             dtype=dtype, rngs=rngs, kernel_grad=kernel_grad)
-    self.bn1 = layers.BatchNorm(width, momentum=bn_momentum,
-                                group_size=bn_group_size)
+    self.conv1 = layers.Conv(
+        3,
+        width,
+        7,
+        stride=2,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        rngs=rngs,
+        kernel_grad=kernel_grad,
+    )
+    self.bn1 = layers.BatchNorm(
+        width, momentum=bn_momentum, group_size=bn_group_size
+    )
     in_features = width
     stage_cfg = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation)
     for i, (n, (stride, dilation)) in enumerate(zip(blocks, stage_cfg)):
       planes = width * 2**i
       stage = []
       for j in range(n):
-        stage.append(Bottleneck(
-            in_features, planes, stride=stride if j == 0 else 1,
-            dilation=dilation, downsample=(j == 0),
-            bn_momentum=bn_momentum, kernel_init=kernel_init, dtype=dtype,
-            rngs=rngs, bn_group_size=bn_group_size,
-            stride_in_1x1=stride_in_1x1, kernel_grad=kernel_grad))
+        stage.append(
+            Bottleneck(
+                in_features,
+                planes,
+                stride=stride if j == 0 else 1,
+                dilation=dilation,
+                downsample=(j == 0),
+                bn_momentum=bn_momentum,
+                kernel_init=kernel_init,
+                dtype=dtype,
+                rngs=rngs,
+                bn_group_size=bn_group_size,
+                stride_in_1x1=stride_in_1x1,
+                kernel_grad=kernel_grad,
+            )
+        )
         in_features = planes * EXPANSION
       setattr(self, f'layer{i + 1}', nnx.List(stage))
-    self.out_features = {f'layer{i + 1}': width * 2**i * EXPANSION
-                         for i in range(4)}
+    self.out_features = {
+        f'layer{i + 1}': width * 2**i * EXPANSION for i in range(4)
+    }
     self.out_features['stem'] = width
     # Recompute each bottleneck's activations in the backward pass instead
     # of keeping them (memory for compute; same values).
@@ -122,20 +173,25 @@ class ResNetDeepLab(nnx.Module):
     if self.scan_blocks and len(blocks) > 2:
       first = blocks[0]
       x = _remat_block(first, x, train) if self.remat else first(x, train)
-      return scan.scan_blocks(list(blocks)[1:], x,
-                              lambda b, h, _: b(h, train))
+      return scan.scan_blocks(list(blocks)[1:], x, lambda b, h, _: b(h, train))
     for block in blocks:
       x = _remat_block(block, x, train) if self.remat else block(x, train)
     return x
 
-  def __call__(self, x: jax.Array, train: bool, *, first: str = 'stem',
-               last: str = 'layer4') -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      x: jax.Array,
+      train: bool,
+      *,
+      first: str = 'stem',
+      last: str = 'layer4',
+  ) -> dict[str, jax.Array]:
     """Runs the stages ``first..last``; ``x`` is the input of ``first``.
 
     Returns:
       ``{stage: output}`` for the stages that ran.
     """
-    names = self.STAGES[self.STAGES.index(first):self.STAGES.index(last) + 1]
+    names = self.STAGES[self.STAGES.index(first) : self.STAGES.index(last) + 1]
     feats = {}
     for name in names:
       x = self.stage(name, x, train)

@@ -29,9 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def scan_blocks(blocks: Sequence[nnx.Module], x: jax.Array,
-                apply: Callable[[nnx.Module, jax.Array, Any], jax.Array],
-                per_block: Any = None) -> jax.Array:
+def scan_blocks(
+    blocks: Sequence[nnx.Module],
+    x: jax.Array,
+    apply: Callable[[nnx.Module, jax.Array, Any], jax.Array],
+    per_block: Any = None,
+) -> jax.Array:
   """``x`` through ``blocks`` in order, as one scan over their states.
 
   Args:

@@ -36,20 +36,27 @@ class FlowFusionModel(nnx.Module):
   def fusion_layer(num_classes: int, *, dtype, rngs: nnx.Rngs) -> layers.Conv:
     """``sf_layer``: the bias-free 2C -> C 1x1 conv, initialised [I | 0] so
     that the fused scores start as the current frame's."""
-    return layers.Conv(2 * num_classes, num_classes, 1,
-                       kernel_init=layers.identity_fusion_init(num_classes),
-                       dtype=dtype, rngs=rngs)
+    return layers.Conv(
+        2 * num_classes,
+        num_classes,
+        1,
+        kernel_init=layers.identity_fusion_init(num_classes),
+        dtype=dtype,
+        rngs=rngs,
+    )
 
-  def _keys(self, key: jax.Array | None
-            ) -> tuple[jax.Array | None, jax.Array | None]:
+  def _keys(
+      self, key: jax.Array | None
+  ) -> tuple[jax.Array | None, jax.Array | None]:
     """(backbone key, head key) from one dropout key."""
     if key is None or not self.backbone_rng:
       return None, key
     k_backbone, k_head = jax.random.split(key)
     return k_backbone, k_head
 
-  def single_frame(self, x: jax.Array, *, train: bool,
-                   dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+  def single_frame(
+      self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None
+  ) -> dict[str, jax.Array]:
     """Per-frame network: logits, aux logits and the pre-logit feature.
 
     Args:
@@ -62,20 +69,30 @@ class FlowFusionModel(nnx.Module):
       ``[B, h, w, F]`` at output stride 8.
     """
     k_backbone, k_head = self._keys(dropout_key if train else None)
-    feats = (self.backbone(x, train, rng=k_backbone) if self.backbone_rng
-             else self.backbone(x, train))
+    feats = (
+        self.backbone(x, train, rng=k_backbone)
+        if self.backbone_rng
+        else self.backbone(x, train)
+    )
     return self.heads(feats, train=train, dropout_key=k_head)
 
-  def fuse(self, cur: jax.Array, key: jax.Array, flow: jax.Array, *,
-           out_size: tuple[int, int] | None = None,
-           lt_mask: jax.Array | None = None) -> jax.Array:
+  def fuse(
+      self,
+      cur: jax.Array,
+      key: jax.Array,
+      flow: jax.Array,
+      *,
+      out_size: tuple[int, int] | None = None,
+      lt_mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Warps key-frame scores to frame t and fuses them with ``cur``.
 
     Args:
       cur: ``[B, h, w, C]`` current-frame scores.
       key: ``[B, h, w, C]`` key-frame scores.
       flow: ``[B, H, W, 2]`` flow t->t-1 on any grid; it is resized to the
-        fusion grid with magnitude rescaling (docs/reference_code.md, "Optical flow").
+        fusion grid with magnitude rescaling (docs/reference_code.md, "Optical
+        flow").
       out_size: fuse at this size (scores upsampled first, align corners);
         None fuses at the score resolution.
       lt_mask: ``[B, H', W']`` long-tail paste mask at ``out_size``: there
@@ -88,8 +105,9 @@ class FlowFusionModel(nnx.Module):
     if out_size is not None:
       cur = warp_ops.resize_bilinear(cur, out_size)
       key = warp_ops.resize_bilinear(key, out_size)
-    flow = warp_ops.resize_flow(flow.astype(jnp.float32), cur.shape[1:3],
-                                self.per_axis_flow_scale)
+    flow = warp_ops.resize_flow(
+        flow.astype(jnp.float32), cur.shape[1:3], self.per_axis_flow_scale
+    )
     warped = warp_ops.warp(key, flow)
     if lt_mask is not None:
       m = lt_mask[..., None].astype(warped.dtype)
@@ -99,17 +117,30 @@ class FlowFusionModel(nnx.Module):
 
   def _outputs(self, cur, key, flow, out_size, lt_mask):
     if key is None:  # single frame: the scores are the current frame's
-      up = ((lambda x: warp_ops.resize_bilinear(x, out_size)) if out_size
-            else (lambda x: x))
-      return {'pred': up(cur['logits']), 'pred_aux': up(cur['aux']),
-              'logits': cur['logits'], 'aux': cur['aux'],
-              'feat': cur['feat']}
+      up = (
+          (lambda x: warp_ops.resize_bilinear(x, out_size))
+          if out_size
+          else (lambda x: x)
+      )
+      return {
+          'pred': up(cur['logits']),
+          'pred_aux': up(cur['aux']),
+          'logits': cur['logits'],
+          'aux': cur['aux'],
+          'feat': cur['feat'],
+      }
     key = jax.lax.stop_gradient(key)
     return {
-        'pred': self.fuse(cur['logits'], key['logits'], flow,
-                          out_size=out_size, lt_mask=lt_mask),
-        'pred_aux': self.fuse(cur['aux'], key['aux'], flow,
-                              out_size=out_size, lt_mask=lt_mask),
+        'pred': self.fuse(
+            cur['logits'],
+            key['logits'],
+            flow,
+            out_size=out_size,
+            lt_mask=lt_mask,
+        ),
+        'pred_aux': self.fuse(
+            cur['aux'], key['aux'], flow, out_size=out_size, lt_mask=lt_mask
+        ),
         'logits': cur['logits'],
         'aux': cur['aux'],
         'feat': cur['feat'],
@@ -118,11 +149,17 @@ class FlowFusionModel(nnx.Module):
         'key_feat': key['feat'],
     }
 
-  def __call__(self, frame_cur: jax.Array, frame_key: jax.Array | None,
-               flow: jax.Array | None, *, train: bool,
-               rng: jax.Array | None = None,
-               fuse_at_input: bool = False,
-               lt_mask: jax.Array | None = None) -> dict[str, Any]:
+  def __call__(
+      self,
+      frame_cur: jax.Array,
+      frame_key: jax.Array | None,
+      flow: jax.Array | None,
+      *,
+      train: bool,
+      rng: jax.Array | None = None,
+      fuse_at_input: bool = False,
+      lt_mask: jax.Array | None = None,
+  ) -> dict[str, Any]:
     """Two-frame forward pass.
 
     Args:
@@ -152,20 +189,33 @@ class FlowFusionModel(nnx.Module):
     out_size = frame_cur.shape[1:3] if fuse_at_input else None
     return self._outputs(cur, key, flow, out_size, lt_mask)
 
-  def clip(self, frames: jax.Array, flow: jax.Array | None, *, train: bool,
-           rng: jax.Array | None = None, **kw) -> dict[str, Any]:
+  def clip(
+      self,
+      frames: jax.Array,
+      flow: jax.Array | None,
+      *,
+      train: bool,
+      rng: jax.Array | None = None,
+      **kw,
+  ) -> dict[str, Any]:
     """Forward of a clip ``[B, T, H, W, 3]`` (t, t-1, ...; T >= clip
     length) with its flow t->t-1 (None for ``deeplabv2``)."""
     if self.clip_length == 1:
       return self(frames[:, 0], None, None, train=train, rng=rng, **kw)
     return self(frames[:, 0], frames[:, 1], flow, train=train, rng=rng, **kw)
 
-  def mixed_pair(self, clip_s: tuple[jax.Array, ...],
-                 clip_t: tuple[jax.Array, ...], masks: jax.Array, *,
-                 layer: str | None, mix_fn: Callable[..., Any] | None,
-                 train: bool, rng: jax.Array | None,
-                 lt_mask: jax.Array | None
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  def mixed_pair(
+      self,
+      clip_s: tuple[jax.Array, ...],
+      clip_t: tuple[jax.Array, ...],
+      masks: jax.Array,
+      *,
+      layer: str | None,
+      mix_fn: Callable[..., Any] | None,
+      train: bool,
+      rng: jax.Array | None,
+      lt_mask: jax.Array | None,
+  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Forwards the source- and target-context clips, mixing their shallow
     features after ``layer`` inside ``masks`` (shallow-feature fusion).
 
@@ -187,8 +237,11 @@ class FlowFusionModel(nnx.Module):
     Returns:
       The two clips' outputs, fused at the input resolution.
     """
-    keys = (list(jax.random.split(rng, 4)) if train and rng is not None
-            else [None] * 4)
+    keys = (
+        list(jax.random.split(rng, 4))
+        if train and rng is not None
+        else [None] * 4
+    )
     frames = []
     info = {}
     for f in range(self.clip_length):
@@ -196,17 +249,24 @@ class FlowFusionModel(nnx.Module):
       kb_s, kh_s = self._keys(keys[2 * f])
       kb_t, kh_t = self._keys(keys[2 * f + 1])
       # A backbone with stochastic depth gets its key (ResNet: none).
-      net_s = (functools.partial(self.backbone, rng=kb_s)
-               if self.backbone_rng else self.backbone)
-      net_t = (functools.partial(self.backbone, rng=kb_t)
-               if self.backbone_rng else self.backbone)
+      net_s = (
+          functools.partial(self.backbone, rng=kb_s)
+          if self.backbone_rng
+          else self.backbone
+      )
+      net_t = (
+          functools.partial(self.backbone, rng=kb_t)
+          if self.backbone_rng
+          else self.backbone
+      )
       if layer is None:
         fs, ft = net_s(xs, train), net_t(xt, train)
       else:
         s1 = net_s(xs, train, last=layer)
         t1 = net_t(xt, train, last=layer)
-        ms, mt, frame_info = mix_fn(s1[layer], t1[layer],
-                                    jax.tree.map(lambda m: m[:, f], masks))
+        ms, mt, frame_info = mix_fn(
+            s1[layer], t1[layer], jax.tree.map(lambda m: m[:, f], masks)
+        )
         info.update({f'{k}_f{f}': v for k, v in frame_info.items()})
         stages = self.backbone.STAGES
         nxt = stages[stages.index(layer) + 1]
@@ -214,10 +274,15 @@ class FlowFusionModel(nnx.Module):
         # sees the mixed feature too).
         fs = {**s1, layer: ms, **net_s(ms, train, first=nxt)}
         ft = {**t1, layer: mt, **net_t(mt, train, first=nxt)}
-      frames.append((self.heads(fs, train=train, dropout_key=kh_s),
-                     self.heads(ft, train=train, dropout_key=kh_t)))
-    (cur_s, cur_t), (key_s, key_t) = (frames if self.clip_length == 2 else
-                                      (frames[0], (None, None)))
+      frames.append(
+          (
+              self.heads(fs, train=train, dropout_key=kh_s),
+              self.heads(ft, train=train, dropout_key=kh_t),
+          )
+      )
+    (cur_s, cur_t), (key_s, key_t) = (
+        frames if self.clip_length == 2 else (frames[0], (None, None))
+    )
     size = clip_s[0].shape[1:3]
     flow_s = clip_s[2] if self.clip_length == 2 else None
     flow_t = clip_t[2] if self.clip_length == 2 else None

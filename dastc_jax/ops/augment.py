@@ -3,7 +3,8 @@
 Pure JAX, key in, arrays out. Every frame of one clip gets identical
 parameters (the reference concatenates the two frames into one image for
 this). Works on RGB in [0, 255] *before* the Caffe normalisation; the
-reference's wrap-around of mean-subtracted values (docs/reference_code.md, "Known defects") is
+reference's wrap-around of mean-subtracted values (docs/reference_code.md,
+"Known defects") is
 available as ``wrap_normalized_bug``.
 
 Order (torchvision's ``RandomApply`` chain): Gaussian blur (p_blur) ->
@@ -41,8 +42,8 @@ def _gaussian_blur(x: jax.Array, sigma: jax.Array, size: int) -> jax.Array:
   k = k / jnp.sum(k)
   x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode='reflect')
   h, w = x.shape[1] - 2 * r, x.shape[2] - 2 * r
-  x = sum(k[i] * x[:, i:i + h] for i in range(size))
-  return sum(k[i] * x[:, :, i:i + w] for i in range(size))
+  x = sum(k[i] * x[:, i : i + h] for i in range(size))
+  return sum(k[i] * x[:, :, i : i + w] for i in range(size))
 
 
 def _rgb_to_hsv(x):
@@ -54,8 +55,9 @@ def _rgb_to_hsv(x):
   s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1), 0.0)
   d = jnp.where(delta > 0, delta, 1.0)
   rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-  h = jnp.where(maxc == r, bc - gc,
-                jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+  h = jnp.where(
+      maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc)
+  )
   h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
   return h, s, v
 
@@ -65,8 +67,17 @@ def _hsv_to_rgb(h, s, v):
   f = h * 6.0 - i
   p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
   i = jnp.mod(i, 6).astype(jnp.int32)[..., None]
-  choices = [jnp.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t),
-                                        (p, q, v), (t, p, v), (v, p, q))]
+  choices = [
+      jnp.stack(c, -1)
+      for c in (
+          (v, t, p),
+          (q, v, p),
+          (p, v, t),
+          (p, q, v),
+          (t, p, v),
+          (v, p, q),
+      )
+  ]
   out = choices[0]
   for k in range(1, 6):
     out = jnp.where(i == k, choices[k], out)
@@ -76,8 +87,9 @@ def _hsv_to_rgb(h, s, v):
 def _jitter(x, key, cfg):
   """Colour jitter on [0, 1] RGB; statistics over the whole clip."""
   kb, kc, ks, kh = jax.random.split(key, 4)
-  u = lambda k, a, lo=0.0: jax.random.uniform(k, (), minval=max(lo, 1 - a),
-                                              maxval=1 + a)
+  u = lambda k, a, lo=0.0: jax.random.uniform(
+      k, (), minval=max(lo, 1 - a), maxval=1 + a
+  )
   x = jnp.clip(x * u(kb, cfg.brightness), 0, 1)
   m = jnp.mean(_gray(x))
   x = jnp.clip((x - m) * u(kc, cfg.contrast) + m, 0, 1)
@@ -90,8 +102,12 @@ def _jitter(x, key, cfg):
   return x
 
 
-def blur_params(cfg: ml_collections.ConfigDict, height: int, width: int,
-                image_width: int | None = None) -> tuple[float, float, int]:
+def blur_params(
+    cfg: ml_collections.ConfigDict,
+    height: int,
+    width: int,
+    image_width: int | None = None,
+) -> tuple[float, float, int]:
   """``(sigma_low, sigma_high, taps)`` of the blur for ``height x width``
   clips cut from frames ``image_width`` wide (default ``width``):
   ``blur_sigma`` scaled by ``image_width / blur_reference_width``; the
@@ -104,9 +120,12 @@ def blur_params(cfg: ml_collections.ConfigDict, height: int, width: int,
   return lo, hi, min(taps, 2 * min(height, width) - 1)
 
 
-def augment_clip(key: jax.Array, clip: jax.Array,
-                 cfg: ml_collections.ConfigDict,
-                 image_width: int | None = None) -> jax.Array:
+def augment_clip(
+    key: jax.Array,
+    clip: jax.Array,
+    cfg: ml_collections.ConfigDict,
+    image_width: int | None = None,
+) -> jax.Array:
   """Augments one clip with one set of parameters.
 
   Args:
@@ -122,17 +141,25 @@ def augment_clip(key: jax.Array, clip: jax.Array,
   k_blur, k_sigma, k_jit, k_jp, k_gray = jax.random.split(key, 5)
   lo, hi, taps = blur_params(cfg, clip.shape[1], clip.shape[2], image_width)
   sigma = jax.random.uniform(k_sigma, (), minval=lo, maxval=hi)
-  x = jnp.where(jax.random.uniform(k_blur) < cfg.p_blur,
-                _gaussian_blur(clip, sigma, taps), clip)
-  x = jnp.where(jax.random.uniform(k_jp) < cfg.p_jitter,
-                _jitter(x, k_jit, cfg), x)
+  x = jnp.where(
+      jax.random.uniform(k_blur) < cfg.p_blur,
+      _gaussian_blur(clip, sigma, taps),
+      clip,
+  )
+  x = jnp.where(
+      jax.random.uniform(k_jp) < cfg.p_jitter, _jitter(x, k_jit, cfg), x
+  )
   gray = jnp.broadcast_to(_gray(x), x.shape)
   return jnp.where(jax.random.uniform(k_gray) < cfg.p_gray, gray, x)
 
 
-def strong_augment(key: jax.Array, frames: jax.Array,
-                   cfg: ml_collections.ConfigDict, dtype=jnp.float32,
-                   image_width: int | None = None) -> jax.Array:
+def strong_augment(
+    key: jax.Array,
+    frames: jax.Array,
+    cfg: ml_collections.ConfigDict,
+    dtype=jnp.float32,
+    image_width: int | None = None,
+) -> jax.Array:
   """Augments a batch of clips and returns normalised network inputs.
 
   Args:

@@ -1,4 +1,5 @@
-"""Image normalisation for the Caffe-style DeepLab input (docs/reference_code.md, "Layouts and preprocessing")."""
+"""Image normalisation for the Caffe-style DeepLab input
+(docs/reference_code.md, "Layouts and preprocessing")."""
 
 from __future__ import annotations
 

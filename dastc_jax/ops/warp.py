@@ -1,6 +1,7 @@
 """Optical-flow warping and align-corners resizing in pure JAX.
 
-Flow convention (docs/reference_code.md, "Optical flow"): a flow lives on frame t's grid and points
+Flow convention (docs/reference_code.md, "Optical flow"): a flow lives on frame
+t's grid and points
 into frame t-1, ``I_t(p) ~= I_{t-1}(p + F(p))``, channel 0 = dx (columns),
 channel 1 = dy (rows), in pixels of the grid it is stored on.
 """
@@ -54,9 +55,11 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   return _resize_axis(x, w_axis, int(size[1]))
 
 
-def resize_flow(flow: jax.Array, size: Sequence[int],
-                per_axis_scale: bool = False) -> jax.Array:
-  """Resizes a flow field and rescales its magnitudes (docs/reference_code.md, "Optical flow").
+def resize_flow(
+    flow: jax.Array, size: Sequence[int], per_axis_scale: bool = False
+) -> jax.Array:
+  """Resizes a flow field and rescales its magnitudes (docs/reference_code.md,
+  "Optical flow").
 
   The reference multiplies *both* components by the height ratio ``H'/H``;
   ``per_axis_scale=True`` scales dx by ``W'/W`` and dy by ``H'/H`` instead.
@@ -97,11 +100,16 @@ def warp(x: jax.Array, flow: jax.Array) -> jax.Array:
   """
   b, h, w, c = x.shape
   if flow.shape != (b, h, w, 2):
-    raise ValueError(f'warp: flow shape {flow.shape} does not match the '
-                     f'values {x.shape}; expected {(b, h, w, 2)}.')
+    raise ValueError(
+        f'warp: flow shape {flow.shape} does not match the '
+        f'values {x.shape}; expected {(b, h, w, 2)}.'
+    )
   flow = flow.astype(jnp.float32)
-  gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
-                        jnp.arange(w, dtype=jnp.float32), indexing='ij')
+  gy, gx = jnp.meshgrid(
+      jnp.arange(h, dtype=jnp.float32),
+      jnp.arange(w, dtype=jnp.float32),
+      indexing='ij',
+  )
   px = gx[None] + flow[..., 0]  # [B, H, W]
   py = gy[None] + flow[..., 1]
   x0 = jnp.floor(px)

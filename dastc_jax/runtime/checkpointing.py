@@ -28,17 +28,26 @@ class CheckpointError(errors.UserError, RuntimeError):
 class Checkpointer:
   """Saves and restores ``(state, data_iter)`` under ``directory``."""
 
-  def __init__(self, directory: paths.PathLike, *, max_to_keep: int = 3,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+      self,
+      directory: paths.PathLike,
+      *,
+      max_to_keep: int = 3,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
     self.directory = paths.resolve(directory)
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f'No checkpoint folder at {self.directory}.')
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-        enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=('state', 'data_iter'))
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('state', 'data_iter')
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -58,8 +67,9 @@ class Checkpointer:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state: Any,
-              data_iter: Any = None) -> Any:
+  def restore(
+      self, step: int, abstract_state: Any, data_iter: Any = None
+  ) -> Any:
     """Restores ``state`` (and the iterator in place) from ``step``.
 
     Args:
@@ -79,12 +89,14 @@ class Checkpointer:
       raise CheckpointError(
           f'Cannot restore checkpoint {self.directory}/{step}: '
           f'{type(e).__name__}: {str(e)[:500]}. Was it written with this '
-          'config (architecture, class count), and is it complete?') from e
+          'config (architecture, class count), and is it complete?'
+      ) from e
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return restored['state']
 
-  def restore_weights(self, step: int, params_like: Any,
-                      stats_like: Any) -> tuple[Any, Any]:
+  def restore_weights(
+      self, step: int, params_like: Any, stats_like: Any
+  ) -> tuple[Any, Any]:
     """Loads only ``params`` and ``batch_stats`` of a checkpoint.
 
     The checkpoint may come from another method or optimizer (e.g. a
@@ -95,21 +107,25 @@ class Checkpointer:
       CheckpointError: naming missing, unexpected and mismatched keys.
     """
     try:
-      saved = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))['state']
+      saved = self._mngr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+      )['state']
     except Exception as e:  # orbax raises many types on bad folders.
       raise CheckpointError(
           f'Cannot read checkpoint {self.directory}/{step}: '
           f'{type(e).__name__}: {str(e)[:300]}. Is it complete (not '
           'truncated or partly copied) and an orbax checkpoint of '
-          'dastc_jax?') from e
+          'dastc_jax?'
+      ) from e
     out = []
     for name, like in (('params', params_like), ('batch_stats', stats_like)):
       if name not in saved:
-        raise CheckpointError(f'Checkpoint {self.directory}/{step} has no '
-                              f'{name!r}.')
-      out.append(_match_tree(saved[name], like, f'{self.directory}/{step}',
-                             name))
+        raise CheckpointError(
+            f'Checkpoint {self.directory}/{step} has no ' f'{name!r}.'
+        )
+      out.append(
+          _match_tree(saved[name], like, f'{self.directory}/{step}', name)
+      )
     return tuple(out)
 
   def wait(self) -> None:
@@ -123,8 +139,10 @@ class Checkpointer:
 def flat_keys(tree: Any) -> dict[str, Any]:
   """``{'a/b/0': leaf}`` of any pytree (dict keys and sequence indices)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in
-                   path): v for path, v in flat}
+  return {
+      '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): v
+      for path, v in flat
+  }
 
 
 def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
@@ -132,30 +150,46 @@ def _match_tree(saved: Any, like: Any, where: str, name: str) -> Any:
   got, want = flat_keys(saved), flat_keys(like)
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
-  mismatched = sorted(k for k in set(want) & set(got)
-                      if tuple(got[k].shape) != tuple(want[k].shape))
+  mismatched = sorted(
+      k
+      for k in set(want) & set(got)
+      if tuple(got[k].shape) != tuple(want[k].shape)
+  )
   if missing or unexpected or mismatched:
     parts = []
     for label, keys in (('missing', missing), ('unexpected', unexpected)):
       if keys:
-        parts.append(f'{len(keys)} {label} ({", ".join(keys[:5])}'
-                     f'{", ..." if len(keys) > 5 else ""})')
+        parts.append(
+            f'{len(keys)} {label} ({", ".join(keys[:5])}'
+            f'{", ..." if len(keys) > 5 else ""})'
+        )
     if mismatched:
-      parts.append('shape mismatches (' + ', '.join(
-          f'{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}'
-          for k in mismatched[:5]) + ')')
-    raise CheckpointError(f'{name} of {where} do not fit this model: '
-                          + '; '.join(parts) + '. Is it the same '
-                          'architecture and class count?')
+      parts.append(
+          'shape mismatches ('
+          + ', '.join(
+              f'{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}'
+              for k in mismatched[:5]
+          )
+          + ')'
+      )
+    raise CheckpointError(
+        f'{name} of {where} do not fit this model: '
+        + '; '.join(parts)
+        + '. Is it the same '
+        'architecture and class count?'
+    )
   leaves, treedef = jax.tree_util.tree_flatten(like)
   keys = list(flat_keys(like))
   return jax.tree_util.tree_unflatten(
-      treedef, [jax.numpy.asarray(got[k], dtype=l.dtype)
-                for k, l in zip(keys, leaves)])
+      treedef,
+      [
+          jax.numpy.asarray(got[k], dtype=leaf.dtype)
+          for k, leaf in zip(keys, leaves)
+      ],
+  )
 
 
-def resolve(workdir: paths.PathLike, checkpoint: str
-            ) -> tuple[epath.Path, int]:
+def resolve(workdir: paths.PathLike, checkpoint: str) -> tuple[epath.Path, int]:
   """(checkpoint root, step or -1 for latest) from a user's ``--checkpoint``.
 
   Args:
@@ -179,8 +213,9 @@ def resolve(workdir: paths.PathLike, checkpoint: str
   return path, -1
 
 
-def load_weights(root: paths.PathLike, step: int, params_like: Any, stats_like: Any
-                 ) -> tuple[Any, Any, int]:
+def load_weights(
+    root: paths.PathLike, step: int, params_like: Any, stats_like: Any
+) -> tuple[Any, Any, int]:
   """``(params, batch_stats, step)`` of ``root``'s ``step`` (-1: latest),
   read-only: the only way weights are read outside a resume.
 
@@ -205,4 +240,6 @@ def abstract_with_sharding(state: Any, sharding: Any) -> Any:
     sharding = jax.tree.map(lambda _: sharding, state)
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, sharding)
+      state,
+      sharding,
+  )

@@ -18,9 +18,11 @@ def initialize_if_requested() -> bool:
     return False
   kw = {}
   if 'DASTC_COORDINATOR' in os.environ:
-    kw = dict(coordinator_address=os.environ['DASTC_COORDINATOR'],
-              num_processes=int(os.environ['DASTC_NUM_PROCESSES']),
-              process_id=int(os.environ['DASTC_PROCESS_ID']))
+    kw = dict(
+        coordinator_address=os.environ['DASTC_COORDINATOR'],
+        num_processes=int(os.environ['DASTC_NUM_PROCESSES']),
+        process_id=int(os.environ['DASTC_PROCESS_ID']),
+    )
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     # Cross-process collectives on CPU (tests, debugging).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

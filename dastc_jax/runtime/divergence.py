@@ -25,16 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-POLICIES = ('stop', 'skip')
 from dastc_jax import errors
+
+POLICIES = ('stop', 'skip')
 
 
 class NonFiniteLossError(errors.UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
 
 
-def guard(policy: str, old_state: Any, new_state: Any,
-          metrics: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+def guard(
+    policy: str, old_state: Any, new_state: Any, metrics: dict[str, jax.Array]
+) -> tuple[Any, dict[str, jax.Array]]:
   """In the step: adds ``skipped`` and, for ``'skip'``, undoes a bad step.
 
   Args:
@@ -50,8 +52,9 @@ def guard(policy: str, old_state: Any, new_state: Any,
   metrics = {**metrics, 'skipped': 1.0 - finite.astype(jnp.float32)}
   if policy != 'skip':
     return new_state, metrics
-  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
-                      old_state)
+  kept = jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new_state, old_state
+  )
   return kept.replace(step=new_state.step), metrics
 
 
@@ -60,15 +63,22 @@ class Monitor:
 
   def __init__(self, policy: str, max_consecutive_skips: int):
     if policy not in POLICIES:
-      raise errors.ConfigError(f'Unknown config.train.nonfinite={policy!r}; expected '
-                       f'one of {POLICIES}.')
+      raise errors.ConfigError(
+          f'Unknown config.train.nonfinite={policy!r}; expected '
+          f'one of {POLICIES}.'
+      )
     self.policy = policy
     self.max_consecutive = max_consecutive_skips
     self.consecutive = 0
     self.total_skipped = 0
 
-  def check(self, metrics: dict[str, float], step: int, where: str,
-            last_good: Callable[[], int | None]) -> None:
+  def check(
+      self,
+      metrics: dict[str, float],
+      step: int,
+      where: str,
+      last_good: Callable[[], int | None],
+  ) -> None:
     """Raises or logs for a step whose metrics are not all finite.
 
     Args:
@@ -87,18 +97,26 @@ class Monitor:
     if self.policy == 'skip' and skipped:
       self.consecutive += 1
       self.total_skipped += 1
-      logging.warning('Step %d skipped (config.train.nonfinite=skip): '
-                      'non-finite %s. Parameters and optimizer state are '
-                      'unchanged. %d skipped in a row, %d in this run.',
-                      step, terms, self.consecutive, self.total_skipped)
+      logging.warning(
+          'Step %d skipped (config.train.nonfinite=skip): '
+          'non-finite %s. Parameters and optimizer state are '
+          'unchanged. %d skipped in a row, %d in this run.',
+          step,
+          terms,
+          self.consecutive,
+          self.total_skipped,
+      )
       if self.consecutive <= self.max_consecutive:
         return
-      reason = (f'{self.consecutive} consecutive skipped steps (more than '
-                f'config.train.max_consecutive_skips={self.max_consecutive})')
+      reason = (
+          f'{self.consecutive} consecutive skipped steps (more than '
+          f'config.train.max_consecutive_skips={self.max_consecutive})'
+      )
     else:
       reason = f'Non-finite values at step {step}: {terms}'
     raise NonFiniteLossError(
         f'{reason}. Training stopped; nothing was saved after the failure. '
         f'The last good checkpoint is step {last_good()} in {where}. Lower '
         'config.optim.lr, set config.optim.grad_clip_norm, or set '
-        "config.train.nonfinite='skip' to skip such steps.")
+        "config.train.nonfinite='skip' to skip such steps."
+    )

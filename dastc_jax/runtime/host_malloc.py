@@ -35,8 +35,11 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
-SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-            (M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
+SETTINGS = (
+    (M_ARENA_MAX, 1),
+    (M_MMAP_MAX, 0),
+    (M_TRIM_THRESHOLD, -1),
+)  # -1: never trim (mallopt(3))
 
 # Above this many pixels per training frame (256x512) the settings are not
 # applied. At the real sizes XLA:CPU allocates a step's temporaries as one
@@ -50,8 +53,13 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
 MAX_PIXELS = 256 * 512
 
 # Packages whose presence means JAX will pick an accelerator by default.
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
-                        'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
+_ACCELERATOR_PLUGINS = (
+    'jax_cuda12_plugin',
+    'jax_cuda13_plugin',
+    'jax_rocm60_plugin',
+    'jax_rocm7_plugin',
+    'libtpu',
+)
 
 
 def _will_use_cpu(env) -> bool:
@@ -61,8 +69,9 @@ def _will_use_cpu(env) -> bool:
   return not any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS)
 
 
-def configure(environ: dict[str, str] | None = None,
-              pixels: int | None = None) -> str:
+def configure(
+    environ: dict[str, str] | None = None, pixels: int | None = None
+) -> str:
   """Applies :data:`SETTINGS` where they help (see the module doc).
 
   Args:
@@ -78,8 +87,10 @@ def configure(environ: dict[str, str] | None = None,
   if choice == '0':
     return 'skipped: DASTC_MALLOC_DEFAULTS=0'
   if choice != '1' and pixels is not None and pixels > MAX_PIXELS:
-    return (f'skipped: training frames of {pixels} pixels (above '
-            f'{MAX_PIXELS}; see host_malloc.MAX_PIXELS)')
+    return (
+        f'skipped: training frames of {pixels} pixels (above '
+        f'{MAX_PIXELS}; see host_malloc.MAX_PIXELS)'
+    )
   if choice != '1' and not _will_use_cpu(env):
     return 'skipped: JAX will not compute on the CPU'
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
@@ -100,6 +111,7 @@ def pixels_from_argv(argv: list[str]) -> int | None:
   before any thread allocates); overrides are not applied. None when there
   is no such flag or the file does not load (the flag parser reports it)."""
   from dastc_jax.runtime import xla_cpu  # pylint: disable=g-import-not-at-top
+
   value = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):

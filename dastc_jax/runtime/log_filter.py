@@ -11,7 +11,8 @@ class QuietLibraries(logging.logging.Filter):
 
   def filter(self, record):
     return record.levelno >= logging.logging.WARNING or not any(
-        q in record.pathname for q in _QUIET)
+        q in record.pathname for q in _QUIET
+    )
 
 
 def install() -> None:

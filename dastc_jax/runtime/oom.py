@@ -19,22 +19,29 @@ import jax
 
 from dastc_jax import errors
 
-_ASKED = re.compile(r'Out of memory (?:while trying to )?allocat\w*\s+'
-                    r'([0-9]+)\s*bytes', re.IGNORECASE)
-KNOBS = ("config.model.scan_blocks=True with config.model.remat=True "
-         "(blocks recomputed in the backward pass; on its own remat does not "
-         "shrink an unrolled step on CPU), config.model.dtype='bfloat16' "
-         "(on accelerators), smaller config.data.source/target.image_size "
-         "or crop_size, a smaller config.train.batch_size, or more devices "
-         "with config.mesh.fsdp > 1 (parameters and optimizer state "
-         "sharded)")
+_ASKED = re.compile(
+    r'Out of memory (?:while trying to )?allocat\w*\s+' r'([0-9]+)\s*bytes',
+    re.IGNORECASE,
+)
+KNOBS = (
+    'config.model.scan_blocks=True with config.model.remat=True '
+    '(blocks recomputed in the backward pass; on its own remat does not '
+    "shrink an unrolled step on CPU), config.model.dtype='bfloat16' "
+    '(on accelerators), smaller config.data.source/target.image_size '
+    'or crop_size, a smaller config.train.batch_size, or more devices '
+    'with config.mesh.fsdp > 1 (parameters and optimizer state '
+    'sharded)'
+)
 
 
 def is_oom(e: BaseException) -> bool:
   """Whether ``e`` is XLA's failed allocation."""
   text = str(e)
-  return (isinstance(e, jax.errors.JaxRuntimeError) and
-          'RESOURCE_EXHAUSTED' in text and 'memory' in text.lower())
+  return (
+      isinstance(e, jax.errors.JaxRuntimeError)
+      and 'RESOURCE_EXHAUSTED' in text
+      and 'memory' in text.lower()
+  )
 
 
 def _device_memory() -> str:
@@ -57,11 +64,16 @@ def _size(n: int) -> str:
 def message(stage: str, e: BaseException) -> str:
   """The one-line message of an out-of-memory error ``e`` in ``stage``."""
   asked = _ASKED.search(str(e))
-  what = f'an allocation of {_size(int(asked.group(1)))}' if asked else (
-      'an allocation')
-  return (f'Out of memory in {stage}: {what} failed ({_device_memory()}). '
-          f'Reduce it with {KNOBS}; benchmarks/memory.md lists what the '
-          "real configs' steps need.")
+  what = (
+      f'an allocation of {_size(int(asked.group(1)))}'
+      if asked
+      else ('an allocation')
+  )
+  return (
+      f'Out of memory in {stage}: {what} failed ({_device_memory()}). '
+      f'Reduce it with {KNOBS}; benchmarks/memory.md lists what the '
+      "real configs' steps need."
+  )
 
 
 @contextlib.contextmanager

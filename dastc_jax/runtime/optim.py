@@ -1,6 +1,7 @@
 """Optimizers with DeepLab parameter groups and the poly LR schedule.
 
-Groups (docs/reference_code.md, "Training"): ``backbone`` (conv1..layer4), ``fusion`` (the
+Groups (docs/reference_code.md, "Training"): ``backbone`` (conv1..layer4),
+``fusion`` (the
 score-fusion ``sf_layer``), ``head`` (aux ``layer5`` and main ``layer7``)
 and ``frozen`` (BatchNorm scale/bias when ``model.freeze_bn_affine``). Each
 group's LR is ``lr_mult[group] * schedule(step)``. The reference leaves the
@@ -37,7 +38,8 @@ def param_labels(params: Any, freeze_bn_affine: bool) -> Any:
       return 'head'
     if top == 'backbone':
       is_bn = keys[-1] in ('scale', 'bias') and any(
-          k.startswith('bn') or k.endswith('_bn') for k in keys)
+          k.startswith('bn') or k.endswith('_bn') for k in keys
+      )
       return 'frozen' if (is_bn and freeze_bn_affine) else 'backbone'
     raise ValueError(f'No optimizer group for parameter {"/".join(keys)}')
 
@@ -49,8 +51,9 @@ def adaptation_start(config: ml_collections.ConfigDict) -> int:
   return config.train.source_only_steps if config.method == 'dastc' else 0
 
 
-def lr_schedule(config: ml_collections.ConfigDict, restart_at: int = 0,
-                scale: float = 1.0) -> optax.Schedule:
+def lr_schedule(
+    config: ml_collections.ConfigDict, restart_at: int = 0, scale: float = 1.0
+) -> optax.Schedule:
   """Base LR schedule (times ``scale``): linear warm-up, then poly decay.
 
   Built from optax schedules only. Poly decay is
@@ -67,7 +70,8 @@ def lr_schedule(config: ml_collections.ConfigDict, restart_at: int = 0,
   if restart_at > 0:
     first = lr_schedule(_with_steps(config, restart_at), scale=scale)
     second = lr_schedule(
-        _with_steps(config, config.schedule_steps - restart_at), scale=scale)
+        _with_steps(config, config.schedule_steps - restart_at), scale=scale
+    )
     return optax.join_schedules([first, second], [restart_at])
   o = config
   lr = scale * o.lr
@@ -77,27 +81,34 @@ def lr_schedule(config: ml_collections.ConfigDict, restart_at: int = 0,
     base = optax.constant_schedule(lr)
   elif o.schedule == 'poly':
     base = optax.polynomial_schedule(
-        init_value=lr * (1.0 - warm / total)**o.poly_power, end_value=0.0,
-        power=o.poly_power, transition_steps=max(total - warm, 1))
+        init_value=lr * (1.0 - warm / total) ** o.poly_power,
+        end_value=0.0,
+        power=o.poly_power,
+        transition_steps=max(total - warm, 1),
+    )
   else:
-    raise errors.ConfigError(f'Unknown config.optim.schedule={o.schedule!r}; '
-                             "expected 'poly' or 'constant'.")
+    raise errors.ConfigError(
+        f'Unknown config.optim.schedule={o.schedule!r}; '
+        "expected 'poly' or 'constant'."
+    )
   if warm == 0:
     return base
   ramp = optax.linear_schedule(lr * o.warmup_ratio, lr, warm)
   return optax.join_schedules([ramp, base], [warm])
 
 
-def _with_steps(config: ml_collections.ConfigDict,
-                steps: int) -> ml_collections.ConfigDict:
+def _with_steps(
+    config: ml_collections.ConfigDict, steps: int
+) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict(config.to_dict())
   out.schedule_steps = max(int(steps), 1)
   out.warmup_steps = min(config.warmup_steps, max(int(steps) // 5, 0))
   return out
 
 
-def group_schedules(config: ml_collections.ConfigDict, restart_at: int = 0
-                    ) -> dict[str, optax.Schedule]:
+def group_schedules(
+    config: ml_collections.ConfigDict, restart_at: int = 0
+) -> dict[str, optax.Schedule]:
   """Per-group LR schedules (multipliers applied)."""
   out = {}
   for g in GROUPS:
@@ -113,7 +124,8 @@ def path_name(path: tuple[Any, ...]) -> str:
   """``a/b/c`` for a pytree key path (dict keys, attributes, indices)."""
   return '/'.join(
       str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-      for k in path)
+      for k in path
+  )
 
 
 def decay_mask(no_weight_decay: tuple[str, ...]) -> Any:
@@ -126,29 +138,42 @@ def decay_mask(no_weight_decay: tuple[str, ...]) -> Any:
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(k in path_name(path) for k in keys), params)
+        lambda path, _: not any(k in path_name(path) for k in keys), params
+    )
 
   return mask
 
 
-def _group_tx(config: ml_collections.ConfigDict,
-              schedule: optax.Schedule) -> optax.GradientTransformation:
+def _group_tx(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   mask = decay_mask(config.no_weight_decay)
   if config.name == 'sgd':
     # PyTorch SGD: weight decay is added to the gradient before momentum.
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=mask),
-        optax.sgd(schedule, momentum=config.momentum))
+        optax.sgd(schedule, momentum=config.momentum),
+    )
   if config.name == 'adamw':
-    return optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                       weight_decay=config.weight_decay, mask=mask)
-  raise errors.ConfigError(f"Unknown config.optim.name={config.name!r}; expected "
-                   "'sgd' or 'adamw'.")
+    return optax.adamw(
+        schedule,
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        mask=mask,
+    )
+  raise errors.ConfigError(
+      f'Unknown config.optim.name={config.name!r}; expected '
+      "'sgd' or 'adamw'."
+  )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   freeze_bn_affine: bool,
-                   restart_at: int = 0) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    freeze_bn_affine: bool,
+    restart_at: int = 0,
+) -> optax.GradientTransformation:
   """Builds the grouped optimizer for ``params``.
 
   Args:

@@ -29,8 +29,10 @@ class Preempted(Exception):
   """The run saved a checkpoint after a SIGTERM and must exit."""
 
   def __init__(self, step: int, directory: str):
-    super().__init__(f'Preempted (SIGTERM): saved checkpoint step {step} in '
-                     f'{directory}; rerun the same command to resume.')
+    super().__init__(
+        f'Preempted (SIGTERM): saved checkpoint step {step} in '
+        f'{directory}; rerun the same command to resume.'
+    )
     self.step = step
 
 
@@ -43,6 +45,7 @@ class Preemption:
     self._multihost = False
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       self._multihost = True
       self._sync = multihost_utils.reached_preemption_sync_point
     elif threading.current_thread() is threading.main_thread():
@@ -59,8 +62,11 @@ class Preemption:
       try:
         return bool(self._sync(step))
       except RuntimeError as e:  # no preemption sync service
-        logging.warning('No JAX preemption sync service (%s): each host '
-                        'handles SIGTERM on its own.', e)
+        logging.warning(
+            'No JAX preemption sync service (%s): each host '
+            'handles SIGTERM on its own.',
+            e,
+        )
         self._multihost = False
         if threading.current_thread() is threading.main_thread():
           self._previous = signal.signal(signal.SIGTERM, self._on_signal)

@@ -31,17 +31,23 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   n_data = config.mesh.data
   devices = jax.devices()
   if n_fsdp < 1 or len(devices) % n_fsdp:
-    raise errors.ConfigError(f'config.mesh.fsdp={n_fsdp} must divide the '
-                     f'{len(devices)} devices.')
+    raise errors.ConfigError(
+        f'config.mesh.fsdp={n_fsdp} must divide the ' f'{len(devices)} devices.'
+    )
   if n_data == -1:
     n_data = len(devices) // n_fsdp
   if n_data < 1 or n_data * n_fsdp > len(devices):
-    raise errors.ConfigError(f'config.mesh.data={config.mesh.data} x '
-                     f'config.mesh.fsdp={n_fsdp} but {len(devices)} devices '
-                     'are available.')
-  return jax.make_mesh((n_data, n_fsdp), BATCH_AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices[:n_data * n_fsdp])
+    raise errors.ConfigError(
+        f'config.mesh.data={config.mesh.data} x '
+        f'config.mesh.fsdp={n_fsdp} but {len(devices)} devices '
+        'are available.'
+    )
+  return jax.make_mesh(
+      (n_data, n_fsdp),
+      BATCH_AXES,
+      axis_types=(AxisType.Auto, AxisType.Auto),
+      devices=devices[: n_data * n_fsdp],
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
@@ -50,8 +56,9 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
 
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
   """Leading (batch) axis split over every device of the mesh."""
-  return jax.NamedSharding(mesh, jax.P(tuple(a for a in BATCH_AXES
-                                             if a in mesh.axis_names)))
+  return jax.NamedSharding(
+      mesh, jax.P(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+  )
 
 
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> jax.P:
@@ -89,18 +96,21 @@ def local_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """Examples this host loads per step; checks divisibility."""
   n_dev = mesh.devices.size
   if global_batch_size % n_dev:
-    raise errors.ConfigError(f'config.train.batch_size={global_batch_size} (the '
-                     f'global batch) is not divisible by the {n_dev} devices '
-                     'of the mesh; use a multiple of it, or fewer devices '
-                     '(config.mesh.data).')
+    raise errors.ConfigError(
+        f'config.train.batch_size={global_batch_size} (the '
+        f'global batch) is not divisible by the {n_dev} devices '
+        'of the mesh; use a multiple of it, or fewer devices '
+        '(config.mesh.data).'
+    )
   return global_batch_size // jax.process_count()
 
 
 def shard_batch(batch: Any, sharding: jax.NamedSharding) -> Any:
   """Assembles per-host numpy batches into global sharded arrays."""
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding,
-                                                       np.asarray(x)), batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      batch,
+  )
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -108,8 +118,10 @@ def to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   if not x.is_fully_replicated:
-    raise ValueError('to_host needs a replicated or fully addressable array; '
-                     'use local_rows for batch-sharded outputs.')
+    raise ValueError(
+        'to_host needs a replicated or fully addressable array; '
+        'use local_rows for batch-sharded outputs.'
+    )
   return np.asarray(x.addressable_data(0))
 
 

@@ -26,33 +26,50 @@ Step = Callable[[Any, Any], tuple[Any, dict[str, Any]]]
 
 
 def _with_runtime(step: Step, config: ml_collections.ConfigDict) -> Step:
-  schedules = optim.group_schedules(config.optim,
-                                    optim.adaptation_start(config))
+  schedules = optim.group_schedules(
+      config.optim, optim.adaptation_start(config)
+  )
   policy = config.train.nonfinite
 
   def run(state, batch):
     new_state, metrics = step(state, batch)
-    metrics = {**metrics, 'lr_backbone': schedules['backbone'](state.step),
-               'lr_head': schedules['head'](state.step)}
+    metrics = {
+        **metrics,
+        'lr_backbone': schedules['backbone'](state.step),
+        'lr_head': schedules['head'](state.step),
+    }
     return divergence.guard(policy, state, new_state, metrics)
 
   return run
 
 
-def make_train_step(config: ml_collections.ConfigDict,
-                    graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    domain: str = 'source') -> Step:
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    domain: str = 'source',
+) -> Step:
   """The supervised step on ``domain``'s labels (source-only, oracle)."""
-  return _with_runtime(train_step.make_train_step(config, graphdef, tx,
-                                                  domain), config)
+  return _with_runtime(
+      train_step.make_train_step(config, graphdef, tx, domain), config
+  )
 
 
-def make_dastc_step(config: ml_collections.ConfigDict,
-                    graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation) -> Step:
+def make_dastc_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+) -> Step:
   """The DA-STC step for ``config.data.class_set``."""
   cs = labels_lib.get_class_set(config.data.class_set)
-  return _with_runtime(dastc_step.make_dastc_step(
-      config, graphdef, tx, class_names=tuple(cs.classes),
-      teacher_graphdef=state_lib.frozen_teacher_graphdef(config),
-      rare_classes=labels_lib.RARE_CLASSES[config.data.class_set]), config)
+  return _with_runtime(
+      dastc_step.make_dastc_step(
+          config,
+          graphdef,
+          tx,
+          class_names=tuple(cs.classes),
+          teacher_graphdef=state_lib.frozen_teacher_graphdef(config),
+          rare_classes=labels_lib.RARE_CLASSES[config.data.class_set],
+      ),
+      config,
+  )

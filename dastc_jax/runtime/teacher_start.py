@@ -42,9 +42,10 @@ def initialised_head(weights: str) -> str | None:
       try:
         kept = json.loads(report.read_text()).get('missing_initialised', [])
       except ValueError as e:
-        raise errors.UserError(f'{report} is not valid JSON ({e}); it should '
-                               'be the report written by dastc_jax.convert.'
-                               ) from None
+        raise errors.UserError(
+            f'{report} is not valid JSON ({e}); it should '
+            'be the report written by dastc_jax.convert.'
+        ) from None
       if any(p.startswith(HEAD_PREFIX) for p in kept):
         return str(report)
       return None
@@ -57,28 +58,38 @@ def _labeller(config: ml_collections.ConfigDict) -> tuple[str, str, bool]:
   start."""
   d = config.dastc
   if d.teacher == 'reference' and d.frozen_teacher.weights:
-    return ('config.dastc.frozen_teacher.weights', d.frozen_teacher.weights,
-            True)
+    return (
+        'config.dastc.frozen_teacher.weights',
+        d.frozen_teacher.weights,
+        True,
+    )
   return 'config.train.init_from', config.train.init_from, False
 
 
 def _fixes(config: ml_collections.ConfigDict, frozen: bool) -> str:
   """What the user can set, for this teacher."""
   if frozen:
-    return ('set config.dastc.frozen_teacher.weights to a trained model (the '
-            "TPS file converted with --config.model.head=aspp, "
-            'docs/weights.md), or config.dastc.allow_untrained_teacher=True '
-            'to run it anyway')
-  fixes = ['set config.train.source_only_steps (a head warm-up on source '
-           'labels, e.g. 1000)',
-           'start from trained weights (config.train.init_from; a TPS file '
-           'converted with --head_from_tps, docs/weights.md)']
+    return (
+        'set config.dastc.frozen_teacher.weights to a trained model (the '
+        'TPS file converted with --config.model.head=aspp, '
+        'docs/weights.md), or config.dastc.allow_untrained_teacher=True '
+        'to run it anyway'
+    )
+  fixes = [
+      'set config.train.source_only_steps (a head warm-up on source '
+      'labels, e.g. 1000)',
+      'start from trained weights (config.train.init_from; a TPS file '
+      'converted with --head_from_tps, docs/weights.md)',
+  ]
   if config.dastc.teacher == 'reference':
-    fixes.append('give the frozen teacher its own trained weights '
-                 '(config.dastc.frozen_teacher.weights, as the released '
-                 'scripts do)')
-  fixes.append('or set config.dastc.allow_untrained_teacher=True to run it '
-               'anyway')
+    fixes.append(
+        'give the frozen teacher its own trained weights '
+        '(config.dastc.frozen_teacher.weights, as the released '
+        'scripts do)'
+    )
+  fixes.append(
+      'or set config.dastc.allow_untrained_teacher=True to run it ' 'anyway'
+  )
   return ', '.join(fixes)
 
 
@@ -94,11 +105,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         'DA-STC would start from an initialised model (config.train.init_from'
         "='' and config.train.source_only_steps=0), so the teacher's first "
-        f'pseudo-labels would be noise; {_fixes(config, frozen)}.')
+        f'pseudo-labels would be noise; {_fixes(config, frozen)}.'
+    )
   report = initialised_head(weights)
   if report:
     raise errors.ConfigError(
         f'{key}={weights} has an initialised classifier head ({report} lists '
-        f"{HEAD_PREFIX}... as initialised), and config.dastc.teacher="
-        f"{config.dastc.teacher!r} would label the target with it from the "
-        f'first adaptation step; {_fixes(config, frozen)}.')
+        f'{HEAD_PREFIX}... as initialised), and config.dastc.teacher='
+        f'{config.dastc.teacher!r} would label the target with it from the '
+        f'first adaptation step; {_fixes(config, frozen)}.'
+    )

@@ -49,9 +49,12 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'dastc.feature_mode': fusion.FEATURE_MODES,
     'dastc.feature_swap_labels': fusion.SWAP_LABELS,
     'dastc.feature_swap_directions': fusion.SWAP_DIRECTIONS,
-    'dastc.feature_layer': tuple(dict.fromkeys(
-        models.shallow_stages('accel_deeplabv2') +
-        models.shallow_stages('accel_daformer'))),
+    'dastc.feature_layer': tuple(
+        dict.fromkeys(
+            models.shallow_stages('accel_deeplabv2')
+            + models.shallow_stages('accel_daformer')
+        )
+    ),
     'model.mit_variant': models.MIT_VARIANTS,
     'dastc.bn_update': ('fixed', 'all'),
     'dastc.allow_untrained_teacher': (False, True),
@@ -120,16 +123,21 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'dastc.strong_aug.blur_kernel': (0, None),  # odd, or 0 (derived)
     'dastc.alignment.temporal_temperature': (0, None),
 }
-OPEN_AT_ZERO = ('optim.lr', 'dastc.alignment.temperature',
-                'dastc.alignment.temporal_temperature')
+OPEN_AT_ZERO = (
+    'optim.lr',
+    'dastc.alignment.temperature',
+    'dastc.alignment.temporal_temperature',
+)
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   node = config
   for part in key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise errors.ConfigError(f'config.{key} is missing; the schema '
-                               '(configs/common.py) declares it.')
+      raise errors.ConfigError(
+          f'config.{key} is missing; the schema '
+          '(configs/common.py) declares it.'
+      )
     node = node[part]
   return node
 
@@ -138,15 +146,19 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   for key, allowed in CHOICES.items():
     value = _get(config, key)
     if value not in allowed:
-      raise errors.ConfigError(f'config.{key}={value!r}; expected one of '
-                               f'{allowed}.')
+      raise errors.ConfigError(
+          f'config.{key}={value!r}; expected one of ' f'{allowed}.'
+      )
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
   for key, (lo, hi) in RANGES.items():
     value = _get(config, key)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
     if ok and lo is not None:
       ok = value > lo if key in OPEN_AT_ZERO else value >= lo
     if ok and hi is not None:
@@ -157,8 +169,10 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f'config.{key}={value!r}; expected {want}.')
   data = _get(config, 'mesh.data')
   if not isinstance(data, int) or (data < 1 and data != -1):
-    raise errors.ConfigError(f'config.mesh.data={data!r}; expected a '
-                             'positive device count or -1 (all the rest).')
+    raise errors.ConfigError(
+        f'config.mesh.data={data!r}; expected a '
+        'positive device count or -1 (all the rest).'
+    )
 
 
 def _check_domains(config: ml_collections.ConfigDict) -> None:
@@ -173,34 +187,44 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
     if d.dataset not in builders.SPECS:
       raise errors.ConfigError(
           f'config.data.{key}.dataset={d.dataset!r}; expected one of '
-          f'{tuple(sorted(builders.SPECS))}.')
+          f'{tuple(sorted(builders.SPECS))}.'
+      )
     spec = builders.SPECS[d.dataset]
     if d.split not in spec.splits:
-      raise errors.ConfigError(f'config.data.{key}.split={d.split!r}; '
-                               f'{spec.name} has splits {spec.splits}.')
+      raise errors.ConfigError(
+          f'config.data.{key}.split={d.split!r}; '
+          f'{spec.name} has splits {spec.splits}.'
+      )
     if spec.label_space not in ('cityscapes_ids', cs.name):
       raise errors.ConfigError(
           f'config.data.{key}.dataset={d.dataset!r} is labelled with the '
           f'{spec.label_space} classes, but config.data.class_set='
-          f'{cs.name!r}.')
+          f'{cs.name!r}.'
+      )
     if key in ('source', 'target') and (spec.clip_length == 1) != (clip == 1):
       raise errors.ConfigError(
           f'config.data.{key}.dataset={d.dataset!r} has clips of '
           f'{spec.clip_length} frame(s); config.model.name='
-          f'{config.model.name!r} takes {clip}.')
+          f'{config.model.name!r} takes {clip}.'
+      )
     if d.label_size not in ('image', 'native'):
-      raise errors.ConfigError(f'config.data.{key}.label_size='
-                               f"{d.label_size!r}; expected 'image' or "
-                               "'native'.")
+      raise errors.ConfigError(
+          f'config.data.{key}.label_size='
+          f"{d.label_size!r}; expected 'image' or "
+          "'native'."
+      )
     crop, size = d.crop_size, d.image_size
     if crop and size and (crop[0] > size[0] or crop[1] > size[1]):
       raise errors.ConfigError(
           f'config.data.{key}.crop_size={tuple(crop)} is larger than '
-          f'config.data.{key}.image_size={tuple(size)} (H, W).')
+          f'config.data.{key}.image_size={tuple(size)} (H, W).'
+      )
   for split in config.eval.splits:
     if split not in config.data or split not in DOMAINS:
-      raise errors.ConfigError(f'config.eval.splits names {split!r}, which is '
-                               'not a data section of config.data.')
+      raise errors.ConfigError(
+          f'config.eval.splits names {split!r}, which is '
+          'not a data section of config.data.'
+      )
 
 
 def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
@@ -213,22 +237,27 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         'config.dastc.frozen_teacher.weights is set but config.dastc.teacher='
         f"{config.dastc.teacher!r}; the frozen teacher is the 'reference' "
-        "teacher's first phase (config.dastc.teacher='reference').")
+        "teacher's first phase (config.dastc.teacher='reference')."
+    )
   name = f.model_name or config.model.name
   if name not in models.NAMES:
     raise errors.ConfigError(
         f'config.dastc.frozen_teacher.model_name={f.model_name!r}; expected '
-        f"'' (the student's) or one of {models.NAMES}.")
+        f"'' (the student's) or one of {models.NAMES}."
+    )
   if f.head and f.head not in CHOICES['model.head']:
     raise errors.ConfigError(
         f"config.dastc.frozen_teacher.head={f.head!r}; expected '' (the "
-        f"student's) or one of {CHOICES['model.head']}.")
+        f"student's) or one of {CHOICES['model.head']}."
+    )
   if models.clip_length(ml_collections.ConfigDict({'name': name})) != (
-      models.clip_length(config.model)):
+      models.clip_length(config.model)
+  ):
     raise errors.ConfigError(
         f'config.dastc.frozen_teacher.model_name={name!r} takes clips of '
         'another length than the student '
-        f'(config.model.name={config.model.name!r}).')
+        f'(config.model.name={config.model.name!r}).'
+    )
 
 
 def _check_blur(config: ml_collections.ConfigDict) -> None:
@@ -236,7 +265,8 @@ def _check_blur(config: ml_collections.ConfigDict) -> None:
   if k and k % 2 == 0:
     raise errors.ConfigError(
         f'config.dastc.strong_aug.blur_kernel={k}; expected an odd number of '
-        'taps, or 0 (2 * ceil(3 * sigma) + 1).')
+        'taps, or 0 (2 * ceil(3 * sigma) + 1).'
+    )
 
 
 def _check_perturbation(config: ml_collections.ConfigDict) -> None:
@@ -248,8 +278,9 @@ def _check_perturbation(config: ml_collections.ConfigDict) -> None:
   if d.lambda_t == 0 or a.wrap_normalized_bug:
     return
   blur = a.p_blur > 0 and a.blur_sigma[1] > 0
-  jitter = a.p_jitter > 0 and max(a.brightness, a.contrast, a.saturation,
-                                  a.hue) > 0
+  jitter = (
+      a.p_jitter > 0 and max(a.brightness, a.contrast, a.saturation, a.hue) > 0
+  )
   if not (a.enabled and (blur or jitter or a.p_gray > 0)):
     raise errors.ConfigError(
         f'config.dastc.strong_aug (enabled={a.enabled}, p_blur={a.p_blur}, '
@@ -257,7 +288,8 @@ def _check_perturbation(config: ml_collections.ConfigDict) -> None:
         'clip equal to the clean one, so the consistency loss '
         f'(config.dastc.lambda_t={d.lambda_t}) sees no perturbation; set '
         'config.dastc.strong_aug.enabled=True with a non-zero probability, '
-        'or config.dastc.lambda_t=0.')
+        'or config.dastc.lambda_t=0.'
+    )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -268,49 +300,64 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cs.num_classes != config.model.num_classes:
     raise errors.ConfigError(
         f'config.model.num_classes={config.model.num_classes} but '
-        f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.')
+        f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.'
+    )
   _check_domains(config)
   nwd = _get(config, 'optim.no_weight_decay')
-  if (not isinstance(nwd, (tuple, list))
-      or not all(isinstance(k, str) and k for k in nwd)):
+  if not isinstance(nwd, (tuple, list)) or not all(
+      isinstance(k, str) and k for k in nwd
+  ):
     raise errors.ConfigError(
         f'config.optim.no_weight_decay={nwd!r}; expected a tuple of '
-        "parameter-name substrings, e.g. ('norm',).")
+        "parameter-name substrings, e.g. ('norm',)."
+    )
   if config.method == 'source_only_hm' and not config.data.histogram_match:
-    raise errors.ConfigError("config.method='source_only_hm' needs "
-                             'config.data.histogram_match=True.')
+    raise errors.ConfigError(
+        "config.method='source_only_hm' needs "
+        'config.data.histogram_match=True.'
+    )
   if config.method != 'dastc':
     return
   if config.train.source_only_steps >= config.train.num_steps:
-    logging.warning('config.train.source_only_steps=%d >= num_steps=%d: no '
-                    'adaptation step will run.',
-                    config.train.source_only_steps, config.train.num_steps)
+    logging.warning(
+        'config.train.source_only_steps=%d >= num_steps=%d: no '
+        'adaptation step will run.',
+        config.train.source_only_steps,
+        config.train.num_steps,
+    )
   d = config.dastc
   stages = models.shallow_stages(config.model.name)
   if d.feature_layer not in stages:
     raise errors.ConfigError(
         f'config.dastc.feature_layer={d.feature_layer!r}: '
         f'config.model.name={config.model.name!r} exchanges features after '
-        f'one of {stages}.')
+        f'one of {stages}.'
+    )
   # (The DAFormer head of the transformer models always has its pre-logit
   # feature.)
-  if (config.model.name not in models.TRANSFORMERS and
-      config.model.head != 'proda'):
+  if (
+      config.model.name not in models.TRANSFORMERS
+      and config.model.head != 'proda'
+  ):
     raise errors.ConfigError(
         f"config.model.head={config.model.head!r}: DA-STC's feature "
         "alignment needs the 'proda' head (a 256-d pre-logit feature); "
-        "'aspp' is for evaluating DA-VSN/TPS checkpoints.")
+        "'aspp' is for evaluating DA-VSN/TPS checkpoints."
+    )
   _check_frozen_teacher(config)
   _check_blur(config)
   _check_perturbation(config)
   d = config.dastc
   if d.feature_fusion and not d.image_fusion:
-    raise errors.ConfigError('config.dastc.feature_fusion=True needs '
-                             'config.dastc.image_fusion=True: the shallow '
-                             'features are exchanged between the two fused '
-                             'clips.')
+    raise errors.ConfigError(
+        'config.dastc.feature_fusion=True needs '
+        'config.dastc.image_fusion=True: the shallow '
+        'features are exchanged between the two fused '
+        'clips.'
+    )
   if d.feature_swap_labels == 'kept' and d.feature_mode != 'swap':
     raise errors.ConfigError(
         "config.dastc.feature_swap_labels='kept' (a control) applies to "
         "config.dastc.feature_mode='swap' only; it is "
-        f'{d.feature_mode!r}.')
+        f'{d.feature_mode!r}.'
+    )

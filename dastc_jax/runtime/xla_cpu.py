@@ -54,8 +54,9 @@ def train_pixels(config: ml_collections.ConfigDict) -> int | None:
   return most
 
 
-def set_defaults(environ: dict[str, str] | None = None,
-                 pixels: int | None = 0) -> str:
+def set_defaults(
+    environ: dict[str, str] | None = None, pixels: int | None = 0
+) -> str:
   """Appends :data:`DEFAULT_FLAGS` to ``XLA_FLAGS`` unless already set.
 
   Args:

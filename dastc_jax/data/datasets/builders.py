@@ -43,14 +43,19 @@ CITYSCAPES_VALID[:34] = True  # Cityscapes labelIds 0..33.
 SYNTHIA_VALID = np.zeros((65536,), bool)
 SYNTHIA_VALID[:23] = True  # SYNTHIA raw ids 0..22.
 
-SYNTHIA_SIZE = (760, 1280)  # frames are resized to this, then
-SYNTHIA_CROP_ROWS = 640  # the bottom 120 rows are cut (docs/reference_code.md, "Layouts and preprocessing").
+# Frames are resized to SYNTHIA_SIZE, then the bottom 120 rows are cut
+# (docs/reference_code.md, "Layouts and preprocessing").
+SYNTHIA_SIZE = (760, 1280)
+SYNTHIA_CROP_ROWS = 640
 
 
 # ------------------------------------------------------------ encoding
-def encode_flow(path: str, frame_hw: tuple[int, int],
-                crop_rows: int | None = None,
-                out_size: tuple[int, int] | None = None) -> bytes:
+def encode_flow(
+    path: str,
+    frame_hw: tuple[int, int],
+    crop_rows: int | None = None,
+    out_size: tuple[int, int] | None = None,
+) -> bytes:
   """Checks a flow file and returns its zlib-compressed ``.npy`` bytes.
 
   Args:
@@ -68,10 +73,11 @@ def encode_flow(path: str, frame_hw: tuple[int, int],
   if crop_rows is not None:
     full = SYNTHIA_SIZE[0] / SYNTHIA_SIZE[1]
     if abs(arr.shape[0] / arr.shape[1] - full) < 0.01 * full:
-      arr = arr[:round(arr.shape[0] * crop_rows / SYNTHIA_SIZE[0])]
+      arr = arr[: round(arr.shape[0] * crop_rows / SYNTHIA_SIZE[0])]
   io.check_flow_grid(arr, frame_hw, path)
   if out_size is not None:
     from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top  (imports this module)
+
     arr = transforms.resize_flow_np(arr, out_size)
   buf = io_lib.BytesIO()
   np.save(buf, np.round(arr * 10).astype(np.int16), allow_pickle=False)
@@ -89,14 +95,19 @@ def _label_png(raw: np.ndarray, lut: np.ndarray | None) -> bytes:
   return io.encode_png(ids.astype(np.uint8))
 
 
-def _checked_label(path: str, frame_hw: tuple[int, int], valid: np.ndarray,
-                   read: Callable[[str], np.ndarray] = io.read_label
-                   ) -> np.ndarray:
+def _checked_label(
+    path: str,
+    frame_hw: tuple[int, int],
+    valid: np.ndarray,
+    read: Callable[[str], np.ndarray] = io.read_label,
+) -> np.ndarray:
   raw = read(path)
   if raw.shape != tuple(frame_hw):
-    raise io.DataError(f'Label {path} is {raw.shape[0]}x{raw.shape[1]}; '
-                       f'expected the size of its frame {frame_hw[0]}x'
-                       f'{frame_hw[1]}.')
+    raise io.DataError(
+        f'Label {path} is {raw.shape[0]}x{raw.shape[1]}; '
+        f'expected the size of its frame {frame_hw[0]}x'
+        f'{frame_hw[1]}.'
+    )
   io.check_ids(raw, valid, path)
   return raw
 
@@ -105,9 +116,11 @@ def _same_size(paths: list[str]) -> tuple[int, int]:
   sizes = [io.check_image(p) for p in paths]
   for p, s in zip(paths[1:], sizes[1:]):
     if s != sizes[0]:
-      raise io.DataError(f'Frame {p} is {s[0]}x{s[1]} but {paths[0]} is '
-                         f'{sizes[0][0]}x{sizes[0][1]}; the frames of a clip '
-                         'must have one size.')
+      raise io.DataError(
+          f'Frame {p} is {s[0]}x{s[1]} but {paths[0]} is '
+          f'{sizes[0][0]}x{sizes[0][1]}; the frames of a clip '
+          'must have one size.'
+      )
   return sizes[0]
 
 
@@ -135,8 +148,9 @@ def encode_viper(rec: dict[str, Any], remove_ego: bool = True):
 def _synthia_frame(path: str) -> np.ndarray:
   img = io.read_rgb(path)
   if img.shape[:2] != SYNTHIA_SIZE:
-    img = np.asarray(Image.fromarray(img).resize(SYNTHIA_SIZE[::-1],
-                                                 Image.BICUBIC))
+    img = np.asarray(
+        Image.fromarray(img).resize(SYNTHIA_SIZE[::-1], Image.BICUBIC)
+    )
   return img[:SYNTHIA_CROP_ROWS]
 
 
@@ -151,8 +165,11 @@ def encode_synthia_seq(rec: dict[str, Any]):
   for key, path in zip(('label_t', 'label_t1'), rec['labels']):
     raw = _checked_label(path, hw0, SYNTHIA_VALID, io.read_label16_channel0)
     if raw.shape != SYNTHIA_SIZE:
-      raw = np.asarray(Image.fromarray(raw.astype(np.uint8)).resize(
-          SYNTHIA_SIZE[::-1], Image.NEAREST))
+      raw = np.asarray(
+          Image.fromarray(raw.astype(np.uint8)).resize(
+              SYNTHIA_SIZE[::-1], Image.NEAREST
+          )
+      )
     ids = labels.SYNTHIA_TO_TRAIN[raw[:SYNTHIA_CROP_ROWS]]
     hist = _histogram(ids) if hist is None else hist
     out[key] = io.encode_png(ids)
@@ -174,8 +191,9 @@ def encode_gta5(rec: dict[str, Any]):
 def encode_synthia_rand(rec: dict[str, Any]):
   """SYNTHIA-RAND-CITYSCAPES: 16-bit labels -> SYNTHIA16 train ids."""
   hw = _same_size(rec['frames'])
-  raw = _checked_label(rec['labels'][0], hw, SYNTHIA_VALID,
-                       io.read_label16_channel0)
+  raw = _checked_label(
+      rec['labels'][0], hw, SYNTHIA_VALID, io.read_label16_channel0
+  )
   ids = labels.SYNTHIA_RAND_TO_TRAIN[raw]
   return {'label_t': io.encode_png(ids)}, _histogram(ids)
 
@@ -208,6 +226,7 @@ class Spec:
     frame_format: ``jpeg`` or ``png``.
     manual_dir: where the reference ``data/`` tree keeps it (for messages).
   """
+
   name: str
   tfds_name: str
   splits: tuple[str, ...]
@@ -224,37 +243,98 @@ class Spec:
     return len(self.frames)
 
 
-SPECS = {s.name: s for s in (
-    Spec('viper', 'dastc_viper', ('train', 'val'), 'viper15',
-         ('frame_t', 'frame_t1'), {'flow': (0, 1)}, True,
-         {'train': 'estimated_optical_flow_viper_train',
-          'val': 'estimated_optical_flow_viper_val'}, 'jpeg', 'data/Viper'),
-    Spec('synthia_seq', 'dastc_synthia_seq', ('train',), 'synthia12',
-         ('frame_t', 'frame_t1'), {'flow': (0, 1)}, True,
-         {'train': 'estimated_optical_flow_synthiaseq_train'}, 'png',
-         'data/SynthiaSeq/SEQS-04-DAWN'),
-    Spec('cityscapes_seq', 'dastc_cityscapes_seq', ('train', 'val'),
-         'cityscapes_ids', ('frame_t', 'frame_t1', 'frame_t2'),
-         {'flow': (0, 1), 'flow_t_t2': (0, 2), 'flow_t1_t2': (1, 2)}, False,
-         {'train': 'estimated_optical_flow_cityscapes_seq_train',
-          'val': 'estimated_optical_flow_cityscapes_seq_val'}, 'png',
-         'data/Cityscapes'),
-    Spec('gta5', 'dastc_gta5', ('train',), 'cityscapes_ids', ('frame_t',),
-         {}, True, {}, 'png', 'data/GTA5'),
-    Spec('synthia_rand', 'dastc_synthia_rand', ('train',), 'synthia16',
-         ('frame_t',), {}, True, {}, 'png', 'data/RAND_CITYSCAPES'),
-    Spec('cityscapes', 'dastc_cityscapes', ('train', 'val'),
-         'cityscapes_ids', ('frame_t',), {}, False, {}, 'png',
-         'data/Cityscapes'),
-)}
+SPECS = {
+    s.name: s
+    for s in (
+        Spec(
+            'viper',
+            'dastc_viper',
+            ('train', 'val'),
+            'viper15',
+            ('frame_t', 'frame_t1'),
+            {'flow': (0, 1)},
+            True,
+            {
+                'train': 'estimated_optical_flow_viper_train',
+                'val': 'estimated_optical_flow_viper_val',
+            },
+            'jpeg',
+            'data/Viper',
+        ),
+        Spec(
+            'synthia_seq',
+            'dastc_synthia_seq',
+            ('train',),
+            'synthia12',
+            ('frame_t', 'frame_t1'),
+            {'flow': (0, 1)},
+            True,
+            {'train': 'estimated_optical_flow_synthiaseq_train'},
+            'png',
+            'data/SynthiaSeq/SEQS-04-DAWN',
+        ),
+        Spec(
+            'cityscapes_seq',
+            'dastc_cityscapes_seq',
+            ('train', 'val'),
+            'cityscapes_ids',
+            ('frame_t', 'frame_t1', 'frame_t2'),
+            {'flow': (0, 1), 'flow_t_t2': (0, 2), 'flow_t1_t2': (1, 2)},
+            False,
+            {
+                'train': 'estimated_optical_flow_cityscapes_seq_train',
+                'val': 'estimated_optical_flow_cityscapes_seq_val',
+            },
+            'png',
+            'data/Cityscapes',
+        ),
+        Spec(
+            'gta5',
+            'dastc_gta5',
+            ('train',),
+            'cityscapes_ids',
+            ('frame_t',),
+            {},
+            True,
+            {},
+            'png',
+            'data/GTA5',
+        ),
+        Spec(
+            'synthia_rand',
+            'dastc_synthia_rand',
+            ('train',),
+            'synthia16',
+            ('frame_t',),
+            {},
+            True,
+            {},
+            'png',
+            'data/RAND_CITYSCAPES',
+        ),
+        Spec(
+            'cityscapes',
+            'dastc_cityscapes',
+            ('train', 'val'),
+            'cityscapes_ids',
+            ('frame_t',),
+            {},
+            False,
+            {},
+            'png',
+            'data/Cityscapes',
+        ),
+    )
+}
 
 # Cityscapes-Seq val clips hold frames t, t-1 and the flow t->t-1 only.
 CS_VAL_FRAMES = ('frame_t', 'frame_t1')
 CS_VAL_FLOWS = {'flow': (0, 1)}
 
 
-def split_keys(spec: Spec, split: str
-               ) -> tuple[tuple[str, ...], dict[str, tuple[int, int]]]:
+def split_keys(
+    spec: Spec, split: str
+) -> tuple[tuple[str, ...], dict[str, tuple[int, int]]]:
   """The frame and flow keys of ``spec``'s examples in ``split``."""
   if spec.name == 'cityscapes_seq' and split == 'val':
     return CS_VAL_FRAMES, CS_VAL_FLOWS
@@ -270,22 +350,30 @@ def tfds_name(spec: Spec, split: str) -> str:
 
 def get_spec(name: str) -> Spec:
   if name not in SPECS:
-    raise ValueError(f'Unknown dataset {name!r}; expected one of '
-                     f'{sorted(SPECS)}.')
+    raise ValueError(
+        f'Unknown dataset {name!r}; expected one of ' f'{sorted(SPECS)}.'
+    )
   return SPECS[name]
 
 
-def index(spec: Spec, root: str, split: str, flow_dir: str | None,
-          require_flows: bool = True) -> list[dict[str, Any]]:
+def index(
+    spec: Spec,
+    root: str,
+    split: str,
+    flow_dir: str | None,
+    require_flows: bool = True,
+) -> list[dict[str, Any]]:
   """The sorted sample records of one split, derived from the layout."""
   if spec.name == 'viper':
-    return layouts.viper_index(root, flow_dir, split,
-                               require_flows=require_flows)
+    return layouts.viper_index(
+        root, flow_dir, split, require_flows=require_flows
+    )
   if spec.name == 'synthia_seq':
     return layouts.synthia_seq_index(root, flow_dir, require_flows)
   if spec.name == 'cityscapes_seq':
-    return layouts.cityscapes_seq_index(root, flow_dir, split, split,
-                                        require_flows)
+    return layouts.cityscapes_seq_index(
+        root, flow_dir, split, split, require_flows
+    )
   if spec.name == 'gta5':
     return layouts.gta5_index(root)
   if spec.name == 'synthia_rand':
@@ -295,40 +383,54 @@ def index(spec: Spec, root: str, split: str, flow_dir: str | None,
 
 def encode(spec: Spec, rec: dict[str, Any]) -> tuple[Example, np.ndarray]:
   """The decoded-and-checked part of an example and its label histogram."""
-  fn = {'viper': encode_viper, 'synthia_seq': encode_synthia_seq,
-        'cityscapes_seq': encode_cityscapes, 'gta5': encode_gta5,
-        'synthia_rand': encode_synthia_rand,
-        'cityscapes': encode_cityscapes}[spec.name]
+  fn = {
+      'viper': encode_viper,
+      'synthia_seq': encode_synthia_seq,
+      'cityscapes_seq': encode_cityscapes,
+      'gta5': encode_gta5,
+      'synthia_rand': encode_synthia_rand,
+      'cityscapes': encode_cityscapes,
+  }[spec.name]
   return fn(rec)
 
 
-def check_stored_size(spec: Spec, rec: dict[str, Any],
-                      size: tuple[int, int]) -> None:
+def check_stored_size(
+    spec: Spec, rec: dict[str, Any], size: tuple[int, int]
+) -> None:
   """Raises unless ``size`` keeps the aspect ratio of ``rec``'s frames (so
   one magnitude scale serves both flow axes, as at read time); datasets
   without flows may be stored at any size."""
   if not spec.flows:
     return
-  h, w = ((SYNTHIA_CROP_ROWS, SYNTHIA_SIZE[1]) if spec.name == 'synthia_seq'
-          else io.image_size(rec['frames'][0]))
+  h, w = (
+      (SYNTHIA_CROP_ROWS, SYNTHIA_SIZE[1])
+      if spec.name == 'synthia_seq'
+      else io.image_size(rec['frames'][0])
+  )
   if abs(size[0] / size[1] - h / w) > 0.01 * h / w:
     raise io.DataError(
         f'Cannot store {spec.name} frames of {h}x{w} (e.g. '
         f'{rec["frames"][0]}) at {size[0]}x{size[1]}: another aspect ratio. '
-        'Pass the training size, a scaled copy of the frame size.')
+        'Pass the training size, a scaled copy of the frame size.'
+    )
 
 
-def resize_encoded(spec: Spec, split: str, rec: dict[str, Any],
-                   cached: Example, size: tuple[int, int]) -> Example:
+def resize_encoded(
+    spec: Spec,
+    split: str,
+    rec: dict[str, Any],
+    cached: Example,
+    size: tuple[int, int],
+) -> Example:
   """``cached`` with every frame and label stored at ``size``: frames
   bicubic and labels nearest, exactly as the pipeline's ``Resize`` would
   resize them when reading; frames become lossless PNGs."""
   from dastc_jax.data import transforms  # pylint: disable=g-import-not-at-top  (imports this module)
+
   out = dict(cached)
   frame_keys, _ = split_keys(spec, split)
   for key, path in zip(frame_keys, rec['frames']):
-    img = (io.decode_rgb(cached[key]) if key in cached else
-           io.read_rgb(path))
+    img = io.decode_rgb(cached[key]) if key in cached else io.read_rgb(path)
     out[key] = io.encode_png(transforms.resize_rgb(img, size))
   for key in ('label_t', 'label_t1', 'label'):
     if key in cached:
@@ -337,9 +439,13 @@ def resize_encoded(spec: Spec, split: str, rec: dict[str, Any],
   return out
 
 
-def cheap_features(spec: Spec, split: str, rec: dict[str, Any],
-                   cached: Example,
-                   size: tuple[int, int] | None = None) -> Example:
+def cheap_features(
+    spec: Spec,
+    split: str,
+    rec: dict[str, Any],
+    cached: Example,
+    size: tuple[int, int] | None = None,
+) -> Example:
   """Frames (paths unless re-encoded) and flows; checked against frame t."""
   frame_keys, flow_keys = split_keys(spec, split)
   out = {'id': rec['id']}
@@ -350,7 +456,7 @@ def cheap_features(spec: Spec, split: str, rec: dict[str, Any],
       hw, crop = (SYNTHIA_CROP_ROWS, SYNTHIA_SIZE[1]), SYNTHIA_CROP_ROWS
     else:
       hw, crop = io.image_size(rec['frames'][0]), None
-    flow_paths = ({'flow': rec['flow']} if 'flow' in rec else rec['flows'])
+    flow_paths = {'flow': rec['flow']} if 'flow' in rec else rec['flows']
     for key in flow_keys:
       out[key] = encode_flow(flow_paths[key], hw, crop, size)
   return out
@@ -365,12 +471,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Pass --manual_dir=<the dataset folder in its original layout>; see '
-      'the README, section "Datasets".')
+      'the README, section "Datasets".'
+  )
 
-  def __init__(self, *, flow_dirs: dict[str, str] | None = None,
-               example_fn: Callable[[str, dict[str, Any]], Example] | None
-               = None, records: dict[str, list[Any]] | None = None,
-               **kwargs):
+  def __init__(
+      self,
+      *,
+      flow_dirs: dict[str, str] | None = None,
+      example_fn: Callable[[str, dict[str, Any]], Example] | None = None,
+      records: dict[str, list[Any]] | None = None,
+      **kwargs,
+  ):
     self._flow_dirs = flow_dirs or {}
     self._example_fn = example_fn
     self._records = records
@@ -387,26 +498,33 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     feats = {'id': tfds.features.Text()}
     for key in frame_keys:
       feats[key] = tfds.features.Image(
-          shape=(None, None, 3), encoding_format=self.SPEC.frame_format)
-    label_keys = (('label_t', 'label_t1')[:len(frame_keys)]
-                  if self.SPEC.source else ('label',))
+          shape=(None, None, 3), encoding_format=self.SPEC.frame_format
+      )
+    label_keys = (
+        ('label_t', 'label_t1')[: len(frame_keys)]
+        if self.SPEC.source
+        else ('label',)
+    )
     for key in label_keys:
-      feats[key] = tfds.features.Image(shape=(None, None, 1),
-                                       encoding_format='png')
+      feats[key] = tfds.features.Image(
+          shape=(None, None, 1), encoding_format='png'
+      )
     for key in flow_keys:
       feats[key] = tfds.features.Tensor(shape=(), dtype=np.object_)
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(feats),
         disable_shuffling=True,
         description=f'{self.SPEC.name} prepared by dastc_jax '
-                    f'(label space: {self.SPEC.label_space}).')
+        f'(label space: {self.SPEC.label_space}).',
+    )
 
   def _split_generators(self, dl_manager):
     if self._records is None or self._example_fn is None:
-      raise RuntimeError('Prepare this dataset with python -m '
-                         'dastc_jax.prepare (it supplies the records).')
-    return {split: self._generate_examples(split)
-            for split in self._splits()}
+      raise RuntimeError(
+          'Prepare this dataset with python -m '
+          'dastc_jax.prepare (it supplies the records).'
+      )
+    return {split: self._generate_examples(split) for split in self._splits()}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, Example]]:
     for rec in self._records[split]:
@@ -424,10 +542,16 @@ class DastcSynthiaSeq(_Builder):
 class DastcCityscapesSeq(_Builder):
   SPEC = SPECS['cityscapes_seq']
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name='train', description='t, t-1, t-2 clips '
-                              'with flows t->t-1, t->t-2, t-1->t-2'),
-      tfds.core.BuilderConfig(name='val', description='t, t-1 clips with '
-                              'the flow t->t-1 and gtFine labelIds'),
+      tfds.core.BuilderConfig(
+          name='train',
+          description='t, t-1, t-2 clips '
+          'with flows t->t-1, t->t-2, t-1->t-2',
+      ),
+      tfds.core.BuilderConfig(
+          name='val',
+          description='t, t-1 clips with '
+          'the flow t->t-1 and gtFine labelIds',
+      ),
   ]
 
 
@@ -443,25 +567,36 @@ class DastcCityscapes(_Builder):
   SPEC = SPECS['cityscapes']
 
 
-BUILDERS = {cls.SPEC.name: cls for cls in (
-    DastcViper, DastcSynthiaSeq, DastcCityscapesSeq, DastcGta5,
-    DastcSynthiaRand, DastcCityscapes)}
+BUILDERS = {
+    cls.SPEC.name: cls
+    for cls in (
+        DastcViper,
+        DastcSynthiaSeq,
+        DastcCityscapesSeq,
+        DastcGta5,
+        DastcSynthiaRand,
+        DastcCityscapes,
+    )
+}
 
 
 def stats_path(data_dir: str, spec: Spec, split: str) -> str:
   """Where ``prepare`` writes a split's per-sample label histograms."""
-  return os.path.join(data_dir, spec.tfds_name, 'stats',
-                      f'{split}_label_histogram.npz')
+  return os.path.join(
+      data_dir, spec.tfds_name, 'stats', f'{split}_label_histogram.npz'
+  )
 
 
-def load_stats(data_dir: str, spec: Spec, split: str
-               ) -> tuple[list[str], np.ndarray]:
+def load_stats(
+    data_dir: str, spec: Spec, split: str
+) -> tuple[list[str], np.ndarray]:
   """``(ids, [N, 256] pixel counts of frame t's stored label ids)``."""
   path = epath.Path(stats_path(data_dir, spec, split))
   if not path.exists():
     raise io.DataError(
         f'Missing {path} (label statistics written by the preparation). '
         f'Rerun: python -m dastc_jax.prepare --dataset={spec.name} '
-        f'--manual_dir={spec.manual_dir} --data_dir={data_dir}')
+        f'--manual_dir={spec.manual_dir} --data_dir={data_dir}'
+    )
   with path.open('rb') as f, np.load(f, allow_pickle=False) as z:
     return [str(i) for i in z['ids']], z['histogram']

@@ -32,7 +32,8 @@ Image domain (clip length 1)::
 
   GTA5:        {root}/images/{i:05d}.png, {root}/labels/{i:05d}.png
   SYNTHIA-RAND-CITYSCAPES: {root}/RGB/{i:07d}.png, {root}/GT/LABELS/{i:07d}.png
-  Cityscapes:  {root}/leftImg8bit/{split}/{city}/{city}_{seq:06d}_{frame:06d}_leftImg8bit.png
+  Cityscapes:  {root}/leftImg8bit/{split}/{city}/
+                 {city}_{seq:06d}_{frame:06d}_leftImg8bit.png
                + gtFine as above
 
 Index records hold file paths only; the TFDS builders (``builders``) check
@@ -55,13 +56,15 @@ Record = dict[str, Any]
 
 # ---------------------------------------------------------------- VIPER
 def viper_image(root: str, split: str, seq: int, frame: int) -> str:
-  return os.path.join(root, split, 'img', f'{seq:03d}',
-                      f'{seq:03d}_{frame:05d}.jpg')
+  return os.path.join(
+      root, split, 'img', f'{seq:03d}', f'{seq:03d}_{frame:05d}.jpg'
+  )
 
 
 def viper_label(root: str, split: str, seq: int, frame: int) -> str:
-  return os.path.join(root, split, 'cls', f'{seq:03d}',
-                      f'{seq:03d}_{frame:05d}.png')
+  return os.path.join(
+      root, split, 'cls', f'{seq:03d}', f'{seq:03d}_{frame:05d}.png'
+  )
 
 
 def viper_flow(flow_dir: str, seq: int, t: int) -> str:
@@ -71,9 +74,13 @@ def viper_flow(flow_dir: str, seq: int, t: int) -> str:
 _VIPER_RE = re.compile(r'^(\d{3})_(\d{5})\.jpg$')
 
 
-def viper_index(root: str, flow_dir: str, split: str,
-                stride: int = 10, require_flows: bool = True
-                ) -> list[Record]:
+def viper_index(
+    root: str,
+    flow_dir: str,
+    split: str,
+    stride: int = 10,
+    require_flows: bool = True,
+) -> list[Record]:
   """Lists VIPER samples: every ``stride``-th frame with its frame t-1.
 
   Args:
@@ -94,7 +101,8 @@ def viper_index(root: str, flow_dir: str, split: str,
   if not os.path.isdir(img_dir):
     raise io.DataError(
         f'{root!r} does not look like VIPER: expected the folder {img_dir} '
-        'holding {seq:03d}/{seq:03d}_{frame:05d}.jpg frames.')
+        'holding {seq:03d}/{seq:03d}_{frame:05d}.jpg frames.'
+    )
   present = set()
   for path in glob.glob(os.path.join(img_dir, '*', '*.jpg')):
     m = _VIPER_RE.match(os.path.basename(path))
@@ -106,10 +114,14 @@ def viper_index(root: str, flow_dir: str, split: str,
       continue
     rec = {
         'id': f'{seq:03d}_{frame:05d}',
-        'frames': [viper_image(root, split, seq, frame),
-                   viper_image(root, split, seq, frame - 1)],
-        'labels': [viper_label(root, split, seq, frame),
-                   viper_label(root, split, seq, frame - 1)],
+        'frames': [
+            viper_image(root, split, seq, frame),
+            viper_image(root, split, seq, frame - 1),
+        ],
+        'labels': [
+            viper_label(root, split, seq, frame),
+            viper_label(root, split, seq, frame - 1),
+        ],
         'flow': viper_flow(flow_dir, seq, frame),
     }
     _require(rec['labels'], 'label')
@@ -117,33 +129,46 @@ def viper_index(root: str, flow_dir: str, split: str,
       _require([rec['flow']], 'flow file', io.FLOW_HELP)
     records.append(rec)
   if not records:
-    raise io.DataError(f'No VIPER samples in {img_dir}: expected frames '
-                       f'numbered by multiples of {stride} with frame t-1.')
+    raise io.DataError(
+        f'No VIPER samples in {img_dir}: expected frames '
+        f'numbered by multiples of {stride} with frame t-1.'
+    )
   return records
 
 
 # ------------------------------------------------------- Cityscapes-Seq
 def cs_image(root: str, split: str, city: str, seq: int, frame: int) -> str:
-  return os.path.join(root, 'leftImg8bit_sequence', split, city,
-                      f'{city}_{seq:06d}_{frame:06d}_leftImg8bit.png')
+  return os.path.join(
+      root,
+      'leftImg8bit_sequence',
+      split,
+      city,
+      f'{city}_{seq:06d}_{frame:06d}_leftImg8bit.png',
+  )
 
 
 def cs_label(root: str, split: str, city: str, seq: int, frame: int) -> str:
-  return os.path.join(root, 'gtFine', split, city,
-                      f'{city}_{seq:06d}_{frame:06d}_gtFine_labelIds.png')
+  return os.path.join(
+      root,
+      'gtFine',
+      split,
+      city,
+      f'{city}_{seq:06d}_{frame:06d}_gtFine_labelIds.png',
+  )
 
 
 def cs_flow(flow_dir: str, city: str, seq: int, t: int, s: int) -> str:
-  return os.path.join(flow_dir,
-                      f'{city}_{seq:06d}_{t:06d}_{s:06d}_int16_x10.npy')
+  return os.path.join(
+      flow_dir, f'{city}_{seq:06d}_{t:06d}_{s:06d}_int16_x10.npy'
+  )
 
 
 _CS_RE = re.compile(r'^(.+)_(\d{6})_(\d{6})_gtFine_labelIds\.png$')
 
 
-def cityscapes_seq_index(root: str, flow_dir: str, split: str,
-                         clip: str, require_flows: bool = True
-                         ) -> list[Record]:
+def cityscapes_seq_index(
+    root: str, flow_dir: str, split: str, clip: str, require_flows: bool = True
+) -> list[Record]:
   """Lists Cityscapes-Seq samples: the annotated frames of ``split``.
 
   Args:
@@ -164,10 +189,13 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
   if clip not in ('train', 'val'):
     raise ValueError(f'clip must be train or val, got {clip!r}')
   records = []
-  for path, city, seq, t in _annotated(root, split, 'leftImg8bit_sequence',
-                                       'Cityscapes-Seq'):
-    frames = [cs_image(root, split, city, seq, t - k)
-              for k in range(3 if clip == 'train' else 2)]
+  for path, city, seq, t in _annotated(
+      root, split, 'leftImg8bit_sequence', 'Cityscapes-Seq'
+  ):
+    frames = [
+        cs_image(root, split, city, seq, t - k)
+        for k in range(3 if clip == 'train' else 2)
+    ]
     flows = {'flow': cs_flow(flow_dir, city, seq, t, t - 1)}
     if clip == 'train':
       flows['flow_t_t2'] = cs_flow(flow_dir, city, seq, t, t - 2)
@@ -175,11 +203,19 @@ def cityscapes_seq_index(root: str, flow_dir: str, split: str,
     _require(frames, 'frame (leftImg8bit_sequence)')
     if require_flows:
       _require(list(flows.values()), 'flow file', io.FLOW_HELP)
-    records.append({'id': f'{city}_{seq:06d}_{t:06d}', 'frames': frames,
-                    'label': path, 'flows': flows})
+    records.append(
+        {
+            'id': f'{city}_{seq:06d}_{t:06d}',
+            'frames': frames,
+            'label': path,
+            'flows': flows,
+        }
+    )
   if not records:
-    raise io.DataError(f'No annotated frames (*_gtFine_labelIds.png) under '
-                       f'{os.path.join(root, "gtFine", split)}.')
+    raise io.DataError(
+        f'No annotated frames (*_gtFine_labelIds.png) under '
+        f'{os.path.join(root, "gtFine", split)}.'
+    )
   return records
 
 
@@ -190,7 +226,8 @@ def _annotated(root: str, split: str, frames_sub: str, what: str):
     if not os.path.isdir(d):
       raise io.DataError(
           f'{root!r} does not look like {what}: expected the folder {d} '
-          f'({frames_sub}/ and gtFine/ per split).')
+          f'({frames_sub}/ and gtFine/ per split).'
+      )
   for path in sorted(glob.glob(os.path.join(gt_dir, '*', '*_labelIds.png'))):
     m = _CS_RE.match(os.path.basename(path))
     if m:
@@ -200,15 +237,20 @@ def _annotated(root: str, split: str, frames_sub: str, what: str):
 # ------------------------------------------------------------ SYNTHIA-Seq
 def synthia_seq_dirs(root: str) -> tuple[str, str]:
   """``(rgb_dir, label_dir)``: the flattened or the official SYNTHIA tree."""
-  for rgb, lab in (('rgb', 'label'),
-                   (os.path.join('RGB', 'Stereo_Left', 'Omni_F'),
-                    os.path.join('GT', 'LABELS', 'Stereo_Left', 'Omni_F'))):
+  for rgb, lab in (
+      ('rgb', 'label'),
+      (
+          os.path.join('RGB', 'Stereo_Left', 'Omni_F'),
+          os.path.join('GT', 'LABELS', 'Stereo_Left', 'Omni_F'),
+      ),
+  ):
     if os.path.isdir(os.path.join(root, rgb)):
       return os.path.join(root, rgb), os.path.join(root, lab)
   raise io.DataError(
       f'{root!r} does not look like SYNTHIA-Seq (e.g. SEQS-04-DAWN): '
       'expected rgb/{t:06d}.png and label/{t:06d}.png, or the official '
-      'RGB/Stereo_Left/Omni_F/ and GT/LABELS/Stereo_Left/Omni_F/.')
+      'RGB/Stereo_Left/Omni_F/ and GT/LABELS/Stereo_Left/Omni_F/.'
+  )
 
 
 def synthia_seq_flow(flow_dir: str, t: int) -> str:
@@ -227,8 +269,9 @@ def _numbered(folder: str, digits: int) -> set[int]:
   return out
 
 
-def synthia_seq_index(root: str, flow_dir: str,
-                      require_flows: bool = True) -> list[Record]:
+def synthia_seq_index(
+    root: str, flow_dir: str, require_flows: bool = True
+) -> list[Record]:
   """Lists SYNTHIA-Seq samples: every frame t >= 1 with its frame t-1.
 
   Returns:
@@ -240,34 +283,48 @@ def synthia_seq_index(root: str, flow_dir: str,
   for t in sorted(present):
     if t < 1 or t - 1 not in present:
       continue
-    rec = {'id': f'{t:06d}',
-           'frames': [os.path.join(rgb_dir, f'{t:06d}.png'),
-                      os.path.join(rgb_dir, f'{t - 1:06d}.png')],
-           'labels': [os.path.join(lab_dir, f'{t:06d}.png'),
-                      os.path.join(lab_dir, f'{t - 1:06d}.png')],
-           'flow': synthia_seq_flow(flow_dir, t)}
+    rec = {
+        'id': f'{t:06d}',
+        'frames': [
+            os.path.join(rgb_dir, f'{t:06d}.png'),
+            os.path.join(rgb_dir, f'{t - 1:06d}.png'),
+        ],
+        'labels': [
+            os.path.join(lab_dir, f'{t:06d}.png'),
+            os.path.join(lab_dir, f'{t - 1:06d}.png'),
+        ],
+        'flow': synthia_seq_flow(flow_dir, t),
+    }
     _require(rec['labels'], 'label')
     if require_flows:
       _require([rec['flow']], 'flow file', io.FLOW_HELP)
     records.append(rec)
   if not records:
-    raise io.DataError(f'No SYNTHIA-Seq samples in {rgb_dir}: expected '
-                       'frames {t:06d}.png with frame t-1.')
+    raise io.DataError(
+        f'No SYNTHIA-Seq samples in {rgb_dir}: expected '
+        'frames {t:06d}.png with frame t-1.'
+    )
   return records
 
 
 # ----------------------------------------------------------- image domain
-def _image_pairs(root: str, img_sub: str, lab_sub: str, digits: int,
-                 what: str) -> list[Record]:
+def _image_pairs(
+    root: str, img_sub: str, lab_sub: str, digits: int, what: str
+) -> list[Record]:
   img_dir, lab_dir = os.path.join(root, img_sub), os.path.join(root, lab_sub)
   if not os.path.isdir(img_dir):
-    raise io.DataError(f'{root!r} does not look like {what}: expected the '
-                       f'folder {img_dir} of {{i:0{digits}d}}.png images.')
+    raise io.DataError(
+        f'{root!r} does not look like {what}: expected the '
+        f'folder {img_dir} of {{i:0{digits}d}}.png images.'
+    )
   records = []
   for i in sorted(_numbered(img_dir, digits)):
     name = f'{i:0{digits}d}.png'
-    rec = {'id': f'{i:0{digits}d}', 'frames': [os.path.join(img_dir, name)],
-           'labels': [os.path.join(lab_dir, name)]}
+    rec = {
+        'id': f'{i:0{digits}d}',
+        'frames': [os.path.join(img_dir, name)],
+        'labels': [os.path.join(lab_dir, name)],
+    }
     _require(rec['labels'], 'label')
     records.append(rec)
   if not records:
@@ -282,33 +339,55 @@ def gta5_index(root: str) -> list[Record]:
 
 def synthia_rand_index(root: str) -> list[Record]:
   """SYNTHIA-RAND-CITYSCAPES: ``RGB/{i:07d}.png``, ``GT/LABELS/...``."""
-  return _image_pairs(root, 'RGB', os.path.join('GT', 'LABELS'), 7,
-                      'SYNTHIA-RAND-CITYSCAPES')
+  return _image_pairs(
+      root, 'RGB', os.path.join('GT', 'LABELS'), 7, 'SYNTHIA-RAND-CITYSCAPES'
+  )
 
 
 def cityscapes_index(root: str, split: str) -> list[Record]:
   """Cityscapes (images): ``leftImg8bit`` with gtFine labelIds."""
   img_dir = os.path.join(root, 'leftImg8bit', split)
   records = []
-  for path, city, seq, t in _annotated(root, split, 'leftImg8bit',
-                                       'Cityscapes'):
-    frame = os.path.join(img_dir, city,
-                         f'{city}_{seq:06d}_{t:06d}_leftImg8bit.png')
+  for path, city, seq, t in _annotated(
+      root, split, 'leftImg8bit', 'Cityscapes'
+  ):
+    frame = os.path.join(
+        img_dir, city, f'{city}_{seq:06d}_{t:06d}_leftImg8bit.png'
+    )
     _require([frame], 'image (leftImg8bit)')
-    records.append({'id': f'{city}_{seq:06d}_{t:06d}', 'frames': [frame],
-                    'label': path})
+    records.append(
+        {'id': f'{city}_{seq:06d}_{t:06d}', 'frames': [frame], 'label': path}
+    )
   if not records:
-    raise io.DataError(f'No annotated frames (*_gtFine_labelIds.png) under '
-                       f'{os.path.join(root, "gtFine", split)}.')
+    raise io.DataError(
+        f'No annotated frames (*_gtFine_labelIds.png) under '
+        f'{os.path.join(root, "gtFine", split)}.'
+    )
   return records
 
 
 # ------------------------------------------------------- official counts
 CITYSCAPES_CITIES = {
-    'train': ('aachen', 'bochum', 'bremen', 'cologne', 'darmstadt',
-              'dusseldorf', 'erfurt', 'hamburg', 'hanover', 'jena',
-              'krefeld', 'monchengladbach', 'strasbourg', 'stuttgart',
-              'tubingen', 'ulm', 'weimar', 'zurich'),
+    'train': (
+        'aachen',
+        'bochum',
+        'bremen',
+        'cologne',
+        'darmstadt',
+        'dusseldorf',
+        'erfurt',
+        'hamburg',
+        'hanover',
+        'jena',
+        'krefeld',
+        'monchengladbach',
+        'strasbourg',
+        'stuttgart',
+        'tubingen',
+        'ulm',
+        'weimar',
+        'zurich',
+    ),
     'val': ('frankfurt', 'lindau', 'munster'),
 }
 VIPER_TRAIN_SEQUENCES = 77
@@ -326,16 +405,16 @@ OFFICIAL_COUNTS = {
 }
 
 
-def is_full_copy(dataset: str, split: str, root: str,
-                 records: list[Record]) -> bool:
+def is_full_copy(
+    dataset: str, split: str, root: str, records: list[Record]
+) -> bool:
   """Whether ``root`` holds the whole official dataset split.
 
   Only a full copy can be checked against the official count; a partial
   copy (a few sequences or cities) is allowed and reported.
   """
   if dataset == 'viper':
-    seqs = {os.path.basename(os.path.dirname(r['frames'][0]))
-            for r in records}
+    seqs = {os.path.basename(os.path.dirname(r['frames'][0])) for r in records}
     return split == 'train' and len(seqs) >= VIPER_TRAIN_SEQUENCES
   if dataset in ('cityscapes_seq', 'cityscapes'):
     cities = {r['id'].rsplit('_', 2)[0] for r in records}
@@ -344,8 +423,9 @@ def is_full_copy(dataset: str, split: str, root: str,
   return official is not None and len(records) >= official
 
 
-def check_count(dataset: str, split: str, root: str,
-                records: list[Record]) -> None:
+def check_count(
+    dataset: str, split: str, root: str, records: list[Record]
+) -> None:
   """Checks the derived list against the official count (full copies).
 
   Raises:
@@ -360,16 +440,24 @@ def check_count(dataset: str, split: str, root: str,
           f'{dataset}/{split} in {root}: the layout rules give '
           f'{len(records)} samples, but the official list has {official}. '
           'Some frames (or their frame t-1) are missing or extra files are '
-          'present; compare the folder with the official release.')
+          'present; compare the folder with the official release.'
+      )
   elif len(records) != official:
-    logging.warning('%s/%s in %s: %d of the official %d samples (a partial '
-                    'copy).', dataset, split, root, len(records), official)
+    logging.warning(
+        '%s/%s in %s: %d of the official %d samples (a partial ' 'copy).',
+        dataset,
+        split,
+        root,
+        len(records),
+        official,
+    )
 
 
 def _require(paths: list[str], what: str, hint: str = '') -> None:
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise io.DataError(f'Missing {what}: {missing[0]}'
-                       + (f' (and {len(missing) - 1} more)'
-                          if len(missing) > 1 else '')
-                       + (f'. {hint}' if hint else ''))
+    raise io.DataError(
+        f'Missing {what}: {missing[0]}'
+        + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else '')
+        + (f'. {hint}' if hint else '')
+    )

@@ -50,15 +50,18 @@ is_prepared = prepared.is_prepared
 command = prepared.command
 
 
-def default_flow_dir(spec: builders.Spec, manual_dir: str,
-                     split: str) -> str | None:
+def default_flow_dir(
+    spec: builders.Spec, manual_dir: str, split: str
+) -> str | None:
   """The reference location: ``data/estimated_optical_flow_*`` beside the
   dataset folder (SYNTHIA-Seq sits one level deeper, in SynthiaSeq/)."""
   if split not in spec.flow_dirs:
     return None
   parent = os.path.dirname(os.path.abspath(manual_dir))
-  candidates = [os.path.join(parent, spec.flow_dirs[split]),
-                os.path.join(os.path.dirname(parent), spec.flow_dirs[split])]
+  candidates = [
+      os.path.join(parent, spec.flow_dirs[split]),
+      os.path.join(os.path.dirname(parent), spec.flow_dirs[split]),
+  ]
   for c in candidates:
     if os.path.isdir(c):
       return c
@@ -67,12 +70,14 @@ def default_flow_dir(spec: builders.Spec, manual_dir: str,
 
 def stored_size_path(data_dir: str, spec: builders.Spec, split: str) -> str:
   """Records the size the split's frames were stored at (or 'native')."""
-  return os.path.join(data_dir, spec.tfds_name, 'stats',
-                      f'{split}_stored_size.json')
+  return os.path.join(
+      data_dir, spec.tfds_name, 'stats', f'{split}_stored_size.json'
+  )
 
 
-def _check_stored_size(data_dir: str, spec: builders.Spec, split: str,
-                       size: tuple[int, int] | None) -> None:
+def _check_stored_size(
+    data_dir: str, spec: builders.Spec, split: str, size: tuple[int, int] | None
+) -> None:
   """Refuses to mix storage sizes: a split prepared (or half-prepared) at
   one size is never continued at another."""
   path = stored_size_path(data_dir, spec, split)
@@ -80,8 +85,9 @@ def _check_stored_size(data_dir: str, spec: builders.Spec, split: str,
   if os.path.exists(path):
     with open(path) as f:
       held = json.load(f)['frames']
-  elif os.path.exists(os.path.join(prepared_dir(data_dir, spec, split),
-                                   'dataset_info.json')):
+  elif os.path.exists(
+      os.path.join(prepared_dir(data_dir, spec, split), 'dataset_info.json')
+  ):
     held = 'native'  # written before sizes were recorded
   else:
     # Nothing written yet: record the size first, so that an interrupted
@@ -92,7 +98,8 @@ def _check_stored_size(data_dir: str, spec: builders.Spec, split: str,
     raise io.DataError(
         f'{spec.name} {split} in {data_dir} is stored at {held} frames; '
         f'asked for {want}. Prepare each storage size into its own '
-        '--data_dir.')
+        '--data_dir.'
+    )
 
 
 def _input_paths(rec: dict[str, Any]) -> list[str]:
@@ -114,8 +121,12 @@ def _stamp(rec: dict[str, Any], size: tuple[int, int] | None) -> str:
 class _SampleCache:
   """Per-sample results of ``builders.encode``, keyed by the input files."""
 
-  def __init__(self, directory: str, spec: builders.Spec,
-               sizes: dict[str, tuple[int, int]]):
+  def __init__(
+      self,
+      directory: str,
+      spec: builders.Spec,
+      sizes: dict[str, tuple[int, int]],
+  ):
     self.directory = directory
     self.spec = spec
     self.sizes = sizes  # split -> stored frame size (absent: native)
@@ -125,8 +136,9 @@ class _SampleCache:
   def _path(self, split: str, rec: dict[str, Any]) -> str:
     return os.path.join(self.directory, split, f'{rec["id"]}.npz')
 
-  def get(self, split: str, rec: dict[str, Any]
-          ) -> tuple[dict[str, bytes], np.ndarray]:
+  def get(
+      self, split: str, rec: dict[str, Any]
+  ) -> tuple[dict[str, bytes], np.ndarray]:
     """The cached encode of ``rec`` if its files are unchanged, else new."""
     path = self._path(split, rec)
     size = self.sizes.get(split)
@@ -135,8 +147,9 @@ class _SampleCache:
       try:
         with np.load(path, allow_pickle=False) as z:
           if str(z['stamp']) == stamp:
-            cached = {k[4:]: z[k].tobytes() for k in z.files
-                      if k.startswith('png_')}
+            cached = {
+                k[4:]: z[k].tobytes() for k in z.files if k.startswith('png_')
+            }
             self.hits += 1
             return cached, z['hist']
       except Exception:  # pylint: disable=broad-except
@@ -147,9 +160,12 @@ class _SampleCache:
       cached = builders.resize_encoded(self.spec, split, rec, cached, size)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, stamp=np.array(stamp), hist=hist,
-             **{f'png_{k}': np.frombuffer(v, np.uint8)
-                for k, v in cached.items()})
+    np.savez(
+        tmp,
+        stamp=np.array(stamp),
+        hist=hist,
+        **{f'png_{k}': np.frombuffer(v, np.uint8) for k, v in cached.items()},
+    )
     os.replace(tmp, path)
     self.misses += 1
     return cached, hist
@@ -162,40 +178,57 @@ def _lock(path: str) -> Iterator[None]:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
-      raise RuntimeError(f'Another preparation holds {path}; wait for it to '
-                         'finish.') from e
+      raise RuntimeError(
+          f'Another preparation holds {path}; wait for it to ' 'finish.'
+      ) from e
     try:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _splits_to_prepare(spec: builders.Spec, manual_dir: str,
-                       flow_dirs: dict[str, str | None],
-                       splits: Sequence[str] | None) -> list[str]:
+def _splits_to_prepare(
+    spec: builders.Spec,
+    manual_dir: str,
+    flow_dirs: dict[str, str | None],
+    splits: Sequence[str] | None,
+) -> list[str]:
   if splits:
     bad = [s for s in splits if s not in spec.splits]
     if bad:
-      raise ValueError(f'{spec.name} has no split {bad[0]!r}; expected '
-                       f'{spec.splits}.')
+      raise ValueError(
+          f'{spec.name} has no split {bad[0]!r}; expected ' f'{spec.splits}.'
+      )
     return list(splits)
   out = []
   for split in spec.splits:
-    if spec.name == 'viper' and split == 'val' and not (
-        os.path.isdir(os.path.join(manual_dir, 'val', 'img')) and
-        flow_dirs.get('val') and os.path.isdir(flow_dirs['val'])):
-      logging.info('VIPER val (frames or flows) not found; preparing train '
-                   'only.')
+    if (
+        spec.name == 'viper'
+        and split == 'val'
+        and not (
+            os.path.isdir(os.path.join(manual_dir, 'val', 'img'))
+            and flow_dirs.get('val')
+            and os.path.isdir(flow_dirs['val'])
+        )
+    ):
+      logging.info(
+          'VIPER val (frames or flows) not found; preparing train ' 'only.'
+      )
       continue
     out.append(split)
   return out
 
 
-def prepare(dataset: str, manual_dir: str, data_dir: str, *,
-            flow_dirs: dict[str, str] | None = None,
-            splits: Sequence[str] | None = None,
-            check_counts: bool = True,
-            train_size: tuple[int, int] | None = None) -> dict[str, int]:
+def prepare(
+    dataset: str,
+    manual_dir: str,
+    data_dir: str,
+    *,
+    flow_dirs: dict[str, str] | None = None,
+    splits: Sequence[str] | None = None,
+    check_counts: bool = True,
+    train_size: tuple[int, int] | None = None,
+) -> dict[str, int]:
   """Prepares ``dataset`` (idempotent, resumable); see the module doc.
 
   Args:
@@ -223,49 +256,62 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *,
   if not os.path.isdir(manual_dir):
     raise io.DataError(f'--manual_dir={manual_dir} is not a folder.')
   dirs = {s: default_flow_dir(spec, manual_dir, s) for s in spec.splits}
-  dirs.update({k: os.path.abspath(os.path.expanduser(v))
-               for k, v in (flow_dirs or {}).items() if v})
+  dirs.update(
+      {
+          k: os.path.abspath(os.path.expanduser(v))
+          for k, v in (flow_dirs or {}).items()
+          if v
+      }
+  )
   todo = _splits_to_prepare(spec, manual_dir, dirs, splits)
   base = os.path.join(data_dir, spec.tfds_name)
   counts = {}
   with _lock(os.path.join(base, '.prepare.lock')):
-    for stale in glob.glob(os.path.join(base, '**', 'incomplete.*'),
-                           recursive=True):
+    for stale in glob.glob(
+        os.path.join(base, '**', 'incomplete.*'), recursive=True
+    ):
       logging.info('Removing the leftovers of an interrupted run: %s', stale)
       shutil.rmtree(stale, ignore_errors=True)
     sizes = {'train': tuple(train_size)} if train_size else {}
     cache = _SampleCache(os.path.join(base, '.prepare_cache'), spec, sizes)
     # Cityscapes-Seq has one builder config per split (their clips differ);
     # the other datasets write all their splits in one version folder.
-    groups = ([[s] for s in todo] if spec.name == 'cityscapes_seq'
-              else [todo])
+    groups = [[s] for s in todo] if spec.name == 'cityscapes_seq' else [todo]
     for group in groups:
-      counts.update(_prepare_splits(spec, group, manual_dir, data_dir, dirs,
-                                    cache, check_counts))
+      counts.update(
+          _prepare_splits(
+              spec, group, manual_dir, data_dir, dirs, cache, check_counts
+          )
+      )
     shutil.rmtree(cache.directory, ignore_errors=True)
   return counts
 
 
-def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
-                    data_dir: str, flow_dirs: dict[str, str | None],
-                    cache: _SampleCache,
-                    check_counts: bool = True) -> dict[str, int]:
+def _prepare_splits(
+    spec: builders.Spec,
+    splits: list[str],
+    manual_dir: str,
+    data_dir: str,
+    flow_dirs: dict[str, str | None],
+    cache: _SampleCache,
+    check_counts: bool = True,
+) -> dict[str, int]:
   """Writes one TFDS version folder holding ``splits`` and their stats."""
   for split in splits:
     _check_stored_size(data_dir, spec, split, cache.sizes.get(split))
   if all(is_prepared(data_dir, spec, s) for s in splits):
-    counts = {s: len(builders.load_stats(data_dir, spec, s)[0])
-              for s in splits}
-    logging.info('%s %s already prepared in %s: %s', spec.name, splits,
-                 data_dir, counts)
+    counts = {s: len(builders.load_stats(data_dir, spec, s)[0]) for s in splits}
+    logging.info(
+        '%s %s already prepared in %s: %s', spec.name, splits, data_dir, counts
+    )
     return counts
   records = {}
   for split in splits:
-    records[split] = builders.index(spec, manual_dir, split,
-                                    flow_dirs.get(split))
+    records[split] = builders.index(
+        spec, manual_dir, split, flow_dirs.get(split)
+    )
     if cache.sizes.get(split) and records[split]:
-      builders.check_stored_size(spec, records[split][0],
-                                 cache.sizes[split])
+      builders.check_stored_size(spec, records[split][0], cache.sizes[split])
     if check_counts:
       layouts.check_count(spec.name, split, manual_dir, records[split])
   hists = {s: {} for s in splits}
@@ -273,24 +319,35 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
   def example(split: str, rec: dict[str, Any]) -> builders.Example:
     cached, hist = cache.get(split, rec)
     hists[split][rec['id']] = hist
-    return {**builders.cheap_features(spec, split, rec, cached,
-                                      cache.sizes.get(split)),
-            **{k: v for k, v in cached.items() if k.startswith('label')}}
+    return {
+        **builders.cheap_features(
+            spec, split, rec, cached, cache.sizes.get(split)
+        ),
+        **{k: v for k, v in cached.items() if k.startswith('label')},
+    }
 
   cls = builders.BUILDERS[spec.name]
   kw = {'config': splits[0]} if spec.name == 'cityscapes_seq' else {}
   builder = cls(data_dir=data_dir, records=records, example_fn=example, **kw)
   folder = prepared_dir(data_dir, spec, splits[0])
   if not os.path.exists(os.path.join(folder, 'dataset_info.json')):
-    logging.info('Preparing %s %s from %s: %s samples', spec.name, splits,
-                 manual_dir, {s: len(r) for s, r in records.items()})
+    logging.info(
+        'Preparing %s %s from %s: %s samples',
+        spec.name,
+        splits,
+        manual_dir,
+        {s: len(r) for s, r in records.items()},
+    )
     hits0 = cache.hits
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-        file_format='array_record')
+        file_format='array_record',
+    )
     if cache.hits > hits0:
-      logging.info('Resumed: %d samples came from the cache of an '
-                   'interrupted run.', cache.hits - hits0)
+      logging.info(
+          'Resumed: %d samples came from the cache of an ' 'interrupted run.',
+          cache.hits - hits0,
+      )
   else:
     with open(os.path.join(folder, 'dataset_info.json')) as f:
       written = {x['name'] for x in json.load(f).get('splits', [])}
@@ -299,7 +356,8 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
           f'{folder} was prepared without the split(s) '
           f'{sorted(set(splits) - written)}. A prepared version folder is '
           'never rewritten: prepare into another --data_dir, or delete '
-          f'{folder} and prepare again.')
+          f'{folder} and prepare again.'
+      )
   counts = {}
   for split in splits:
     for rec in records[split]:
@@ -309,8 +367,11 @@ def _prepare_splits(spec: builders.Spec, splits: list[str], manual_dir: str,
     path = builders.stats_path(data_dir, spec, split)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, ids=np.array(ids),
-             histogram=np.stack([hists[split][i] for i in ids]))
+    np.savez(
+        tmp,
+        ids=np.array(ids),
+        histogram=np.stack([hists[split][i] for i in ids]),
+    )
     os.replace(tmp, path)
     counts[split] = len(ids)
   logging.info('%s ready in %s: %s', spec.name, folder, counts)

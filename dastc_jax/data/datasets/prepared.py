@@ -30,12 +30,17 @@ def is_prepared(data_dir: str, spec: builders.Spec, split: str) -> bool:
   if not info.exists():
     return False
   splits = {s['name'] for s in json.loads(info.read_text()).get('splits', [])}
-  return (split in splits and
-          epath.Path(builders.stats_path(data_dir, spec, split)).exists())
+  return (
+      split in splits
+      and epath.Path(builders.stats_path(data_dir, spec, split)).exists()
+  )
 
 
-def command(dataset: str, data_dir: str, manual_dir: str = '<the dataset '
-            'folder>') -> str:
+def command(
+    dataset: str, data_dir: str, manual_dir: str = '<the dataset ' 'folder>'
+) -> str:
   """The prepare command line for ``dataset`` (for error messages)."""
-  return (f'python -m dastc_jax.prepare --dataset={dataset} '
-          f'--manual_dir={manual_dir} --data_dir={data_dir}')
+  return (
+      f'python -m dastc_jax.prepare --dataset={dataset} '
+      f'--manual_dir={manual_dir} --data_dir={data_dir}'
+  )

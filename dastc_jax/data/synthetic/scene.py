@@ -2,7 +2,8 @@
 
 A pinhole camera drives forward along a straight street. The scene is made
 of analytic surfaces, so the 3-D point seen at every pixel of frame t is
-known and the flow t->s is its reprojection into frame s (docs/reference_code.md, "Optical flow"):
+known and the flow t->s is its reprojection into frame s
+(docs/reference_code.md, "Optical flow"):
 
 * the ground plane ``Y = 0`` (road with lane marks, sidewalks, terrain);
 * two side walls ``X = const`` split into segments along Z (buildings,
@@ -25,9 +26,26 @@ import dataclasses
 import numpy as np
 
 # World classes; the writer maps them to VIPER raw ids / Cityscapes labelIds.
-CLASSES = ('sky', 'road', 'sidewalk', 'building', 'fence', 'pole', 'light',
-           'sign', 'vegetation', 'tree', 'terrain', 'person', 'car', 'truck',
-           'bus', 'motorcycle', 'bicycle', 'ego')
+CLASSES = (
+    'sky',
+    'road',
+    'sidewalk',
+    'building',
+    'fence',
+    'pole',
+    'light',
+    'sign',
+    'vegetation',
+    'tree',
+    'terrain',
+    'person',
+    'car',
+    'truck',
+    'bus',
+    'motorcycle',
+    'bicycle',
+    'ego',
+)
 CID = {name: i for i, name in enumerate(CLASSES)}
 
 ZFAR = 160.0  # metres; nothing is drawn beyond.
@@ -37,6 +55,7 @@ ZNEAR = 1.0
 @dataclasses.dataclass
 class Camera:
   """Pinhole camera moving along +Z with a lateral sway."""
+
   height: int
   width: int
   focal: float
@@ -51,8 +70,9 @@ class Camera:
 
   def position(self, t: float) -> tuple[float, float]:
     """Camera (x, z) at frame t."""
-    x = self.x_offset + self.sway_amp * np.sin(self.sway_freq * t +
-                                               self.sway_phase)
+    x = self.x_offset + self.sway_amp * np.sin(
+        self.sway_freq * t + self.sway_phase
+    )
     return x, self.z0 + self.speed * t
 
   def project(self, x, y, z, t):
@@ -76,6 +96,7 @@ class WallSegment:
 @dataclasses.dataclass
 class Billboard:
   """An upright rectangle facing the camera, moving with constant speed."""
+
   cls: str
   x: float  # centre at t = 0
   z: float
@@ -107,6 +128,7 @@ class Family:
 
   Spacings are mean metres of road per object (Poisson counts).
   """
+
   road_half: tuple[float, float]
   sidewalk: tuple[float, float]
   setback: tuple[float, float]  # wall plane behind the fence line
@@ -125,24 +147,43 @@ class Family:
 
 
 # A city street: continuous facades, wide sidewalks, busy.
-CITY = Family(road_half=(3.5, 6.5), sidewalk=(1.8, 3.5), setback=(0.5, 6.0),
-              wall_kinds=('building', 'vegetation', 'gap'),
-              wall_probs=(0.7, 0.18, 0.12), wall_length=(8.0, 30.0),
-              wall_height=(6.0, 22.0), fence_prob=0.25, vehicle_spacing=14.0,
-              vehicle_probs=(0.78, 0.08, 0.08, 0.06), parked_spacing=25.0,
-              bicycle_spacing=90.0, person_spacing=9.0, tree_spacing=12.0,
-              pole_spacing=30.0)
+CITY = Family(
+    road_half=(3.5, 6.5),
+    sidewalk=(1.8, 3.5),
+    setback=(0.5, 6.0),
+    wall_kinds=('building', 'vegetation', 'gap'),
+    wall_probs=(0.7, 0.18, 0.12),
+    wall_length=(8.0, 30.0),
+    wall_height=(6.0, 22.0),
+    fence_prob=0.25,
+    vehicle_spacing=14.0,
+    vehicle_probs=(0.78, 0.08, 0.08, 0.06),
+    parked_spacing=25.0,
+    bicycle_spacing=90.0,
+    person_spacing=9.0,
+    tree_spacing=12.0,
+    pole_spacing=30.0,
+)
 # A suburban road: two narrow lanes, narrow sidewalks, detached low
 # houses behind front gardens, hedges and gaps, garden fences, many street
 # trees, few people, delivery and service trucks, hardly any motorbikes.
-SUBURB = Family(road_half=(3.0, 4.5), sidewalk=(0.8, 1.6),
-                setback=(4.0, 15.0),
-                wall_kinds=('building', 'vegetation', 'gap'),
-                wall_probs=(0.4, 0.35, 0.25), wall_length=(10.0, 25.0),
-                wall_height=(4.0, 9.0), fence_prob=0.5, vehicle_spacing=24.0,
-                vehicle_probs=(0.74, 0.18, 0.05, 0.03), parked_spacing=45.0,
-                bicycle_spacing=300.0, person_spacing=40.0, tree_spacing=7.0,
-                pole_spacing=22.0)
+SUBURB = Family(
+    road_half=(3.0, 4.5),
+    sidewalk=(0.8, 1.6),
+    setback=(4.0, 15.0),
+    wall_kinds=('building', 'vegetation', 'gap'),
+    wall_probs=(0.4, 0.35, 0.25),
+    wall_length=(10.0, 25.0),
+    wall_height=(4.0, 9.0),
+    fence_prob=0.5,
+    vehicle_spacing=24.0,
+    vehicle_probs=(0.74, 0.18, 0.05, 0.03),
+    parked_spacing=45.0,
+    bicycle_spacing=300.0,
+    person_spacing=40.0,
+    tree_spacing=7.0,
+    pole_spacing=22.0,
+)
 FAMILIES = {'city': CITY, 'suburb': SUBURB}
 
 
@@ -151,15 +192,26 @@ def _segments(rng, z0, z1, kinds, probs, length, height):
   while z < z1:
     ln = rng.uniform(*length)
     kind = rng.choice(kinds, p=probs)
-    segs.append(WallSegment(z, z + ln, str(kind), rng.uniform(*height),
-                            int(rng.integers(1 << 30))))
+    segs.append(
+        WallSegment(
+            z,
+            z + ln,
+            str(kind),
+            rng.uniform(*height),
+            int(rng.integers(1 << 30)),
+        )
+    )
     z += ln
   return segs
 
 
-def sample_scene(rng: np.random.Generator, z0: float, z1: float,
-                 t_range: tuple[float, float],
-                 family: Family = CITY) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    z0: float,
+    z1: float,
+    t_range: tuple[float, float],
+    family: Family = CITY,
+) -> Scene:
   """Samples a street covering ``[z0, z1]`` metres along the road.
 
   Args:
@@ -176,76 +228,184 @@ def sample_scene(rng: np.random.Generator, z0: float, z1: float,
   road_half = rng.uniform(*fam.road_half)
   sidewalk = (rng.uniform(*fam.sidewalk), rng.uniform(*fam.sidewalk))
   fence_x = (road_half + sidewalk[0], road_half + sidewalk[1])
-  walls = (fence_x[0] + rng.uniform(*fam.setback),
-           fence_x[1] + rng.uniform(*fam.setback))
+  walls = (
+      fence_x[0] + rng.uniform(*fam.setback),
+      fence_x[1] + rng.uniform(*fam.setback),
+  )
   wall_segments = tuple(
-      _segments(rng, z0, z1, list(fam.wall_kinds), list(fam.wall_probs),
-                fam.wall_length, fam.wall_height)
-      for _ in range(2))
+      _segments(
+          rng,
+          z0,
+          z1,
+          list(fam.wall_kinds),
+          list(fam.wall_probs),
+          fam.wall_length,
+          fam.wall_height,
+      )
+      for _ in range(2)
+  )
   fences = tuple(
-      [s for s in _segments(rng, z0, z1, ['fence', 'gap'],
-                            [fam.fence_prob, 1.0 - fam.fence_prob],
-                            (6.0, 20.0), (0.9, 1.4)) if s.cls == 'fence']
-      for _ in range(2))
+      [
+          s
+          for s in _segments(
+              rng,
+              z0,
+              z1,
+              ['fence', 'gap'],
+              [fam.fence_prob, 1.0 - fam.fence_prob],
+              (6.0, 20.0),
+              (0.9, 1.4),
+          )
+          if s.cls == 'fence'
+      ]
+      for _ in range(2)
+  )
   bb = []
   span = z1 - z0
   t_mid = 0.5 * (t_range[0] + t_range[1])
 
   def add(cls, x, z, vx, vz, w, yb, yt, shape):
     # Place so that the object is at depth z at the middle of t_range.
-    bb.append(Billboard(cls, x - vx * t_mid, z - vz * t_mid, vx, vz, w, yb,
-                        yt, shape, int(rng.integers(1 << 30))))
+    bb.append(
+        Billboard(
+            cls,
+            x - vx * t_mid,
+            z - vz * t_mid,
+            vx,
+            vz,
+            w,
+            yb,
+            yt,
+            shape,
+            int(rng.integers(1 << 30)),
+        )
+    )
 
   lane = road_half / 2
   for _ in range(rng.poisson(span / fam.vehicle_spacing)):  # in lanes
-    kind = rng.choice(['car', 'truck', 'bus', 'motorcycle'],
-                      p=list(fam.vehicle_probs))
+    kind = rng.choice(
+        ['car', 'truck', 'bus', 'motorcycle'], p=list(fam.vehicle_probs)
+    )
     side = rng.choice([-1.0, 1.0])
     speed = rng.uniform(0.3, 1.2) * (1.0 if side > 0 else -1.0)
     x = side * lane + rng.uniform(-0.4, 0.4)
     z = rng.uniform(z0 + 5, z1)
     if kind == 'car':
-      add('car', x, z, 0.0, speed, rng.uniform(1.7, 2.0), 0.0,
-          rng.uniform(1.4, 1.7), 'car')
+      add(
+          'car',
+          x,
+          z,
+          0.0,
+          speed,
+          rng.uniform(1.7, 2.0),
+          0.0,
+          rng.uniform(1.4, 1.7),
+          'car',
+      )
     elif kind == 'truck':
-      add('truck', x, z, 0.0, speed, rng.uniform(2.3, 2.6), 0.0,
-          rng.uniform(3.0, 3.8), 'truck')
+      add(
+          'truck',
+          x,
+          z,
+          0.0,
+          speed,
+          rng.uniform(2.3, 2.6),
+          0.0,
+          rng.uniform(3.0, 3.8),
+          'truck',
+      )
     elif kind == 'bus':
-      add('bus', x, z, 0.0, speed, rng.uniform(2.4, 2.6), 0.0,
-          rng.uniform(3.0, 3.4), 'bus')
+      add(
+          'bus',
+          x,
+          z,
+          0.0,
+          speed,
+          rng.uniform(2.4, 2.6),
+          0.0,
+          rng.uniform(3.0, 3.4),
+          'bus',
+      )
     else:
       add('motorcycle', x, z, 0.0, speed, 0.8, 0.0, 1.3, 'twowheel')
   for side_i, side in enumerate((-1.0, 1.0)):  # parked cars, bicycles
     for _ in range(rng.poisson(span / fam.parked_spacing)):
       x = side * (road_half - 1.1)
-      add('car', x, rng.uniform(z0 + 5, z1), 0.0, 0.0,
-          rng.uniform(1.7, 2.0), 0.0, rng.uniform(1.4, 1.7), 'car')
+      add(
+          'car',
+          x,
+          rng.uniform(z0 + 5, z1),
+          0.0,
+          0.0,
+          rng.uniform(1.7, 2.0),
+          0.0,
+          rng.uniform(1.4, 1.7),
+          'car',
+      )
     for _ in range(rng.poisson(span / fam.bicycle_spacing)):
       x = side * (road_half + 0.5)
-      add('bicycle', x, rng.uniform(z0 + 5, z1), 0.0, 0.0, 0.7, 0.0, 1.1,
-          'twowheel')
+      add(
+          'bicycle',
+          x,
+          rng.uniform(z0 + 5, z1),
+          0.0,
+          0.0,
+          0.7,
+          0.0,
+          1.1,
+          'twowheel',
+      )
     sw = sidewalk[side_i]
     for _ in range(rng.poisson(span / fam.person_spacing)):  # pedestrians
       x = side * (road_half + rng.uniform(0.4, sw - 0.3))
-      add('person', x, rng.uniform(z0 + 3, z1), rng.uniform(-0.02, 0.02),
-          rng.uniform(-0.1, 0.1), rng.uniform(0.5, 0.7), 0.0,
-          rng.uniform(1.6, 1.9), 'person')
-    for _ in range(rng.poisson(span / fam.tree_spacing)):  # trees at the sidewalk edge
+      add(
+          'person',
+          x,
+          rng.uniform(z0 + 3, z1),
+          rng.uniform(-0.02, 0.02),
+          rng.uniform(-0.1, 0.1),
+          rng.uniform(0.5, 0.7),
+          0.0,
+          rng.uniform(1.6, 1.9),
+          'person',
+      )
+    for _ in range(
+        rng.poisson(span / fam.tree_spacing)
+    ):  # trees at the sidewalk edge
       x = side * (road_half + sw - 0.6)
       w = rng.uniform(2.0, 4.0)
-      add('tree', x, rng.uniform(z0 + 5, z1), 0.0, 0.0, w, 0.0,
-          rng.uniform(4.0, 7.0), 'tree')
-    for _ in range(rng.poisson(span / fam.pole_spacing)):  # poles with lights or signs
+      add(
+          'tree',
+          x,
+          rng.uniform(z0 + 5, z1),
+          0.0,
+          0.0,
+          w,
+          0.0,
+          rng.uniform(4.0, 7.0),
+          'tree',
+      )
+    for _ in range(
+        rng.poisson(span / fam.pole_spacing)
+    ):  # poles with lights or signs
       x = side * (road_half + 0.4)
       z = rng.uniform(z0 + 5, z1)
       top = rng.uniform(3.0, 4.5)
       add('pole', x, z, 0.0, 0.0, 0.16, 0.0, top, 'rect')
       if rng.random() < 0.5:
-        add('light', x, z - 0.05, 0.0, 0.0, 0.4, top - 1.1, top + 0.1,
-            'rect')
+        add('light', x, z - 0.05, 0.0, 0.0, 0.4, top - 1.1, top + 0.1, 'rect')
       else:
-        add('sign', x, z - 0.05, 0.0, 0.0, 0.75, top - 0.8, top,
-            str(rng.choice(['disk', 'tri', 'rect'])))
+        add(
+            'sign',
+            x,
+            z - 0.05,
+            0.0,
+            0.0,
+            0.75,
+            top - 0.8,
+            top,
+            str(rng.choice(['disk', 'tri', 'rect'])),
+        )
   return Scene(road_half, sidewalk, walls, wall_segments, fences, bb)
 
 
@@ -254,20 +414,23 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   if shape == 'rect':
     return np.ones_like(u, bool)
   if shape == 'disk':
-    return (u - 0.5)**2 + (v - 0.5)**2 < 0.25
+    return (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25
   if shape == 'tri':
     return v > 2 * np.abs(u - 0.5)
   if shape == 'car':
     body = v > 0.45
     cabin = (v > 0.05) & (np.abs(u - 0.5) < 0.30 + 0.15 * (v - 0.05) / 0.4)
-    return (body & (v < 0.92)) | cabin | ((v >= 0.92) & (
-        (np.abs(u - 0.2) < 0.1) | (np.abs(u - 0.8) < 0.1)))
+    return (
+        (body & (v < 0.92))
+        | cabin
+        | ((v >= 0.92) & ((np.abs(u - 0.2) < 0.1) | (np.abs(u - 0.8) < 0.1)))
+    )
   if shape == 'truck':
     return (v < 0.93) | (np.abs(u - 0.2) < 0.09) | (np.abs(u - 0.8) < 0.09)
   if shape == 'bus':
     return (v < 0.95) | (np.abs(u - 0.15) < 0.08) | (np.abs(u - 0.85) < 0.08)
   if shape == 'person':
-    head = (u - 0.5)**2 / 0.04 + (v - 0.08)**2 / 0.007 < 1
+    head = (u - 0.5) ** 2 / 0.04 + (v - 0.08) ** 2 / 0.007 < 1
     torso = (np.abs(u - 0.5) < 0.32) & (v > 0.14) & (v < 0.55)
     legs = (v >= 0.55) & ((np.abs(u - 0.36) < 0.1) | (np.abs(u - 0.64) < 0.1))
     return head | torso | legs
@@ -279,7 +442,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     bars = (v > 0.1) & (v < 0.4) & (np.abs(u - 0.62) < 0.05)
     return wheels | frame | bars
   if shape == 'tree':
-    canopy = (u - 0.5)**2 / 0.25 + (v - 0.38)**2 / 0.14 < 1
+    canopy = (u - 0.5) ** 2 / 0.25 + (v - 0.38) ** 2 / 0.14 < 1
     trunk = (np.abs(u - 0.5) < 0.06) & (v >= 0.38)
     return canopy | trunk
   raise ValueError(shape)
@@ -288,6 +451,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class Render:
   """One rendered frame: world-class ids, surface coordinates, flows."""
+
   sem: np.ndarray  # [H, W] int world class ids
   surf: np.ndarray  # [H, W, 2] surface coordinates (metres) for texturing
   seed: np.ndarray  # [H, W] per-surface seed (instance) for appearance
@@ -310,8 +474,7 @@ class _Canvas:
     self.depth = np.full((h, w), np.inf)
     self.flows = {s: np.zeros((h, w, 2), np.float64) for s in earlier}
 
-  def paint(self, sl, mask, sem, surf_a, surf_b, seed, shade, depth,
-            world_fn):
+  def paint(self, sl, mask, sem, surf_a, surf_b, seed, shade, depth, world_fn):
     """Paints ``mask`` inside the window ``sl``.
 
     ``world_fn(s, mask)`` returns the image coordinates at frame s of the
@@ -332,8 +495,9 @@ class _Canvas:
       fl[mask, 1] = row - self.rows[sl][mask]
 
 
-def render(scene: Scene, cam: Camera, t: int,
-           earlier: tuple[int, ...]) -> Render:
+def render(
+    scene: Scene, cam: Camera, t: int, earlier: tuple[int, ...]
+) -> Render:
   """Renders frame t and its exact flows to each frame in ``earlier``.
 
   Args:
@@ -360,26 +524,39 @@ def render(scene: Scene, cam: Camera, t: int,
   ax = np.abs(X)
   left = X < 0
   sw = np.where(left, scene.sidewalk[0], scene.sidewalk[1])
-  sem = np.where(ax < scene.road_half, CID['road'],
-                 np.where(ax < scene.road_half + sw, CID['sidewalk'],
-                          CID['terrain']))
+  sem = np.where(
+      ax < scene.road_half,
+      CID['road'],
+      np.where(ax < scene.road_half + sw, CID['sidewalk'], CID['terrain']),
+  )
   lane_mark = (np.abs(X) < 0.12) & (np.mod(Z, 9.0) < 4.0)
-  curb = (np.abs(ax - scene.road_half) < 0.15)
+  curb = np.abs(ax - scene.road_half) < 0.15
   shade = np.where(lane_mark, 1.0, np.where(curb, 0.6, 0.0))
   full = (slice(None), slice(None))
   Xg, Zg = X, Z
-  cv.paint(full, g, sem, Xg, Zg, 11, shade, zr,
-           lambda s, m: cam.project(Xg[m], 0.0, Zg[m], s))
+  cv.paint(
+      full,
+      g,
+      sem,
+      Xg,
+      Zg,
+      11,
+      shade,
+      zr,
+      lambda s, m: cam.project(Xg[m], 0.0, Zg[m], s),
+  )
 
   # Side walls (buildings, hedges) and fences, far planes first.
-  for side, planes in ((0, (scene.walls[0], scene.wall_segments[0],
-                            scene.walls[0] - 0.01)),
-                       (1, (scene.walls[1], scene.wall_segments[1],
-                            scene.walls[1] - 0.01))):
+  for side, planes in (
+      (0, (scene.walls[0], scene.wall_segments[0], scene.walls[0] - 0.01)),
+      (1, (scene.walls[1], scene.wall_segments[1], scene.walls[1] - 0.01)),
+  ):
     sgn = -1.0 if side == 0 else 1.0
     fence_x = scene.road_half + scene.sidewalk[side]
-    for xw, segs, is_fence in ((planes[0], planes[1], False),
-                               (fence_x, scene.fences[side], True)):
+    for xw, segs, is_fence in (
+        (planes[0], planes[1], False),
+        (fence_x, scene.fences[side], True),
+    ):
       xw_world = sgn * xw
       dx = cols - cx_img
       with np.errstate(divide='ignore', invalid='ignore'):
@@ -399,19 +576,35 @@ def render(scene: Scene, cam: Camera, t: int,
         seg_seed[m] = seg.seed
       m = valid & (seg_cls >= 0) & (Yw >= 0) & (Yw <= height)
       if is_fence:
-        bars = (np.mod(Zw, 0.3) < 0.1) | (Yw > height - 0.12) | (
-            np.abs(Yw - 0.5 * height) < 0.05)
+        bars = (
+            (np.mod(Zw, 0.3) < 0.1)
+            | (Yw > height - 0.12)
+            | (np.abs(Yw - 0.5 * height) < 0.05)
+        )
         m &= bars
         pattern = np.zeros((h, w))
       else:
         # Windows on buildings (appearance only).
-        pattern = ((np.mod(Zw, 3.0) > 1.0) & (np.mod(Yw, 3.2) > 1.2)
-                   & (Yw > 2.5) & (seg_cls == CID['building'])).astype(
-                       np.float64)
+        pattern = (
+            (np.mod(Zw, 3.0) > 1.0)
+            & (np.mod(Yw, 3.2) > 1.2)
+            & (Yw > 2.5)
+            & (seg_cls == CID['building'])
+        ).astype(np.float64)
       Zc, Yc = Zw, Yw
-      cv.paint(full, m, seg_cls, Zw, Yw, seg_seed, pattern, zr,
-               lambda s, mm, xw_world=xw_world, Zc=Zc, Yc=Yc: cam.project(
-                   xw_world, Yc[mm], Zc[mm], s))
+      cv.paint(
+          full,
+          m,
+          seg_cls,
+          Zw,
+          Yw,
+          seg_seed,
+          pattern,
+          zr,
+          lambda s, mm, xw_world=xw_world, Zc=Zc, Yc=Yc: cam.project(
+              xw_world, Yc[mm], Zc[mm], s
+          ),
+      )
 
   # Billboards, far to near.
   items = []
@@ -446,22 +639,44 @@ def render(scene: Scene, cam: Camera, t: int,
     cv.paint(sl, m, CID[b.cls], su, sv, b.seed, shade, zr, world_fn)
 
   # Ego-vehicle hood at the bottom centre: moves with the camera.
-  hood = ((cols + 0.5 - cx_img) / (0.42 * w))**2 + (
-      (rows + 0.5 - 1.06 * h) / (0.15 * h))**2 < 1
-  cv.paint(full, hood, CID['ego'], cols / w, rows / h, 7, 0.0, 1.0,
-           lambda s, m: (cols[m], rows[m]))
-  return Render(cv.sem, cv.surf, cv.seed, cv.shade, cv.depth,
-                {s: cv.flows[s].astype(np.float32) for s in earlier})
+  hood = ((cols + 0.5 - cx_img) / (0.42 * w)) ** 2 + (
+      (rows + 0.5 - 1.06 * h) / (0.15 * h)
+  ) ** 2 < 1
+  cv.paint(
+      full,
+      hood,
+      CID['ego'],
+      cols / w,
+      rows / h,
+      7,
+      0.0,
+      1.0,
+      lambda s, m: (cols[m], rows[m]),
+  )
+  return Render(
+      cv.sem,
+      cv.surf,
+      cv.seed,
+      cv.shade,
+      cv.depth,
+      {s: cv.flows[s].astype(np.float32) for s in earlier},
+  )
 
 
-def sample_camera(rng: np.random.Generator, height: int, width: int,
-                  z0: float) -> Camera:
+def sample_camera(
+    rng: np.random.Generator, height: int, width: int, z0: float
+) -> Camera:
   """Samples a camera with driving-like speed and sway."""
-  return Camera(height=height, width=width,
-                focal=width * rng.uniform(0.85, 1.0),
-                horizon=height * rng.uniform(0.38, 0.48),
-                cam_height=rng.uniform(1.4, 1.8), z0=z0,
-                speed=rng.uniform(0.5, 1.1), x_offset=rng.uniform(-1.5, 1.5),
-                sway_amp=rng.uniform(0.0, 0.3), sway_freq=rng.uniform(0.02,
-                                                                      0.1),
-                sway_phase=rng.uniform(0, 2 * np.pi))
+  return Camera(
+      height=height,
+      width=width,
+      focal=width * rng.uniform(0.85, 1.0),
+      horizon=height * rng.uniform(0.38, 0.48),
+      cam_height=rng.uniform(1.4, 1.8),
+      z0=z0,
+      speed=rng.uniform(0.5, 1.1),
+      x_offset=rng.uniform(-1.5, 1.5),
+      sway_amp=rng.uniform(0.0, 0.3),
+      sway_freq=rng.uniform(0.02, 0.1),
+      sway_phase=rng.uniform(0, 2 * np.pi),
+  )

@@ -40,18 +40,32 @@ ALBEDO = {
     'road': [(0.07, 0.07, 0.075)],  # wet asphalt
     'sidewalk': [(0.30, 0.29, 0.28)],  # concrete slabs under slush
     'terrain': [SNOW],
-    'building': [(0.55, 0.50, 0.42), (0.33, 0.18, 0.13), (0.60, 0.60, 0.58),
-                 (0.28, 0.33, 0.40)],  # painted render, brick, timber
+    'building': [
+        (0.55, 0.50, 0.42),
+        (0.33, 0.18, 0.13),
+        (0.60, 0.60, 0.58),
+        (0.28, 0.33, 0.40),
+    ],  # painted render, brick, timber
     'fence': [(0.22, 0.17, 0.12), (0.55, 0.55, 0.52)],  # stained, painted
     'pole': [(0.40, 0.40, 0.42)],  # galvanised steel
     'light': [(0.08, 0.08, 0.08)],
     'sign': [(0.55, 0.08, 0.08), (0.08, 0.18, 0.50), (0.65, 0.55, 0.08)],
     'vegetation': [(0.04, 0.10, 0.05), (0.05, 0.12, 0.06)],  # evergreens
     'tree': [(0.16, 0.13, 0.11), (0.20, 0.17, 0.14)],  # bare bark
-    'person': [(0.04, 0.04, 0.05), (0.30, 0.05, 0.05), (0.08, 0.12, 0.25),
-               (0.45, 0.40, 0.30), (0.15, 0.15, 0.16)],  # winter coats
-    'car': [(0.45, 0.05, 0.05), (0.05, 0.10, 0.30), (0.70, 0.70, 0.70),
-            (0.03, 0.03, 0.03), (0.40, 0.40, 0.42)],
+    'person': [
+        (0.04, 0.04, 0.05),
+        (0.30, 0.05, 0.05),
+        (0.08, 0.12, 0.25),
+        (0.45, 0.40, 0.30),
+        (0.15, 0.15, 0.16),
+    ],  # winter coats
+    'car': [
+        (0.45, 0.05, 0.05),
+        (0.05, 0.10, 0.30),
+        (0.70, 0.70, 0.70),
+        (0.03, 0.03, 0.03),
+        (0.40, 0.40, 0.42),
+    ],
     'truck': [(0.80, 0.42, 0.05), (0.75, 0.75, 0.74)],  # gritter, van
     'bus': [(0.12, 0.32, 0.18)],
     'motorcycle': [(0.05, 0.05, 0.06)],
@@ -71,8 +85,9 @@ def sample_look(rng: np.random.Generator) -> dict[str, np.ndarray]:
       'airlight': rng.uniform(0.75, 0.92) * np.array([0.97, 0.99, 1.0]),
       'cover': rng.uniform(0.6, 0.95),  # share of snow on trampled ground
       'key': rng.uniform(0.16, 0.26),  # metered mean linear luminance
-      'balance': np.array([1.0 - rng.uniform(0.0, 0.06), 1.0,
-                           1.0 + rng.uniform(0.02, 0.08)]),
+      'balance': np.array(
+          [1.0 - rng.uniform(0.0, 0.06), 1.0, 1.0 + rng.uniform(0.02, 0.08)]
+      ),
       'noise': rng.uniform(3.0, 7.0),
   }
 
@@ -122,8 +137,9 @@ def _albedo(r: scn.Render, look: dict[str, np.ndarray]) -> np.ndarray:
   return a
 
 
-def winter_style(r: scn.Render, look: dict[str, np.ndarray],
-                 rng: np.random.Generator) -> np.ndarray:
+def winter_style(
+    r: scn.Render, look: dict[str, np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
   """Renders the ``winter`` target frame (uint8 RGB).
 
   Args:
@@ -152,8 +168,10 @@ def winter_style(r: scn.Render, look: dict[str, np.ndarray],
   lum = img @ np.array([0.2126, 0.7152, 0.0722])
   img = img * (look['key'] / max(lum.mean(), 1e-6)) * look['balance']
   img = np.clip(img, 0.0, 1.0)
-  srgb = np.where(img <= 0.0031308, 12.92 * img,
-                  1.055 * img**(1 / 2.4) - 0.055) * 255.0
+  srgb = (
+      np.where(img <= 0.0031308, 12.92 * img, 1.055 * img ** (1 / 2.4) - 0.055)
+      * 255.0
+  )
   srgb = scipy.ndimage.gaussian_filter(srgb, sigma=(0.7, 0.7, 0))
   srgb += rng.normal(0.0, look['noise'], srgb.shape)
   return np.clip(srgb, 0, 255).astype(np.uint8)

@@ -43,22 +43,53 @@ ANNOTATED = 19  # Cityscapes annotates the 20th frame of each snippet.
 
 # World class -> VIPER raw class name (poles are VIPER "infrastructure"; the
 # ego vehicle is labelled car, as in VIPER, and removed by the loader).
-_VIPER_NAME = {'pole': 'infrastructure', 'light': 'trafficlight',
-               'sign': 'trafficsign', 'ego': 'car'}
-CITYSCAPES_ID = {'ego': 1, 'road': 7, 'sidewalk': 8, 'building': 11,
-                 'fence': 13, 'pole': 17, 'light': 19, 'sign': 20,
-                 'vegetation': 21, 'tree': 21, 'terrain': 22, 'sky': 23,
-                 'person': 24, 'car': 26, 'truck': 27, 'bus': 28,
-                 'motorcycle': 32, 'bicycle': 33}
-_TO_VIPER = np.array([labels.VIPER_RAW[_VIPER_NAME.get(c, c)]
-                      for c in scn.CLASSES], np.uint8)
+_VIPER_NAME = {
+    'pole': 'infrastructure',
+    'light': 'trafficlight',
+    'sign': 'trafficsign',
+    'ego': 'car',
+}
+CITYSCAPES_ID = {
+    'ego': 1,
+    'road': 7,
+    'sidewalk': 8,
+    'building': 11,
+    'fence': 13,
+    'pole': 17,
+    'light': 19,
+    'sign': 20,
+    'vegetation': 21,
+    'tree': 21,
+    'terrain': 22,
+    'sky': 23,
+    'person': 24,
+    'car': 26,
+    'truck': 27,
+    'bus': 28,
+    'motorcycle': 32,
+    'bicycle': 33,
+}
+_TO_VIPER = np.array(
+    [labels.VIPER_RAW[_VIPER_NAME.get(c, c)] for c in scn.CLASSES], np.uint8
+)
 _TO_CS = np.array([CITYSCAPES_ID[c] for c in scn.CLASSES], np.uint8)
 # World class -> SYNTHIA raw class id (channel 0 of the 16-bit label), the
 # inverse of labels.SYNTHIA_TO_TRAIN; the classes SYNTHIA12 lacks (terrain,
 # the large vehicles, two-wheelers, the ego vehicle) are void (0).
-SYNTHIA_ID = {'sky': 1, 'building': 2, 'road': 3, 'sidewalk': 4, 'fence': 5,
-              'vegetation': 6, 'tree': 6, 'pole': 7, 'car': 8, 'sign': 9,
-              'person': 10, 'light': 15}
+SYNTHIA_ID = {
+    'sky': 1,
+    'building': 2,
+    'road': 3,
+    'sidewalk': 4,
+    'fence': 5,
+    'vegetation': 6,
+    'tree': 6,
+    'pole': 7,
+    'car': 8,
+    'sign': 9,
+    'person': 10,
+    'light': 15,
+}
 _TO_SYNTHIA = np.array([SYNTHIA_ID.get(c, 0) for c in scn.CLASSES], np.uint16)
 _DOMAIN = {'viper': 1, 'cityscapes': 2, 'synthia_seq': 3}
 _SPLIT = {'train': 1, 'val': 2}
@@ -78,16 +109,24 @@ CITIES = {'train': ('synthtown', 'synthburg'), 'val': ('synthville',)}
 
 def world_params(config: Any) -> dict[str, Any]:
   """The parameters that define a world (and its cache key)."""
-  keys = ('seed', 'source_size', 'target_size', 'source_train_seqs',
-          'source_val_seqs', 'samples_per_seq', 'target_train_clips',
-          'target_val_clips')
+  keys = (
+      'seed',
+      'source_size',
+      'target_size',
+      'source_train_seqs',
+      'source_val_seqs',
+      'samples_per_seq',
+      'target_train_clips',
+      'target_val_clips',
+  )
   params = {k: config[k] for k in keys}
   for k in ('source_size', 'target_size'):
     params[k] = [int(v) for v in params[k]]
   shift = config.shift
   if shift not in SHIFTS:
-    raise errors.ConfigError(f'config.data.synthetic.shift={shift!r}; expected one '
-                     f'of {SHIFTS}.')
+    raise errors.ConfigError(
+        f'config.data.synthetic.shift={shift!r}; expected one ' f'of {SHIFTS}.'
+    )
   if shift != 'default':  # the default world keeps its cache key
     params['shift'] = shift
   params['version'] = VERSION
@@ -105,14 +144,16 @@ def _save_flow(path: str, flow: np.ndarray) -> None:
 
 def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
   root, params, split, seq = job
-  rng = np.random.default_rng([params['seed'], _DOMAIN['viper'],
-                               _SPLIT[split], seq])
+  rng = np.random.default_rng(
+      [params['seed'], _DOMAIN['viper'], _SPLIT[split], seq]
+  )
   h, w = params['source_size']
   n = params['samples_per_seq']
   cam = scn.sample_camera(rng, h, w, z0=0.0)
   last = STRIDE * n
-  scene = scn.sample_scene(rng, cam.z0, cam.position(last)[1] + scn.ZFAR,
-                           (0, last))
+  scene = scn.sample_scene(
+      rng, cam.z0, cam.position(last)[1] + scn.ZFAR, (0, last)
+  )
   vroot = os.path.join(root, 'Viper')
   flow_dir = os.path.join(root, f'estimated_optical_flow_viper_{split}')
   for k in range(1, n + 1):
@@ -133,8 +174,10 @@ def _viper_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
         # render is resized to it (bilinear frame, nearest labels).
         i = (seq - 1) * n + k
         gsize = params.get('gta5_size')
-        for sub, arr, how in (('images', styled, Image.BILINEAR),
-                              ('labels', _TO_CS[r.sem], Image.NEAREST)):
+        for sub, arr, how in (
+            ('images', styled, Image.BILINEAR),
+            ('labels', _TO_CS[r.sem], Image.NEAREST),
+        ):
           path = os.path.join(root, 'GTA5', sub, f'{i:05d}.png')
           os.makedirs(os.path.dirname(path), exist_ok=True)
           img = Image.fromarray(arr)
@@ -151,13 +194,13 @@ def _synthia_seq_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
   (16-bit RGB labels, class id in channel 0) for t = 0..N, and the flows
   t -> t-1 beside it. Needs OpenCV (16-bit PNG writing)."""
   import cv2  # pylint: disable=g-import-not-at-top
+
   root, params, _, seq = job
   rng = np.random.default_rng([params['seed'], _DOMAIN['synthia_seq'], seq])
   h, w = params['synthia_seq_size']
   n = params['synthia_seq_frames']
   cam = scn.sample_camera(rng, h, w, z0=0.0)
-  scene = scn.sample_scene(rng, cam.z0, cam.position(n)[1] + scn.ZFAR,
-                           (0, n))
+  scene = scn.sample_scene(rng, cam.z0, cam.position(n)[1] + scn.ZFAR, (0, n))
   base = os.path.join(root, 'SynthiaSeq')
   seq_dir = os.path.join(base, 'SEQS-04-DAWN')
   flow_dir = os.path.join(base, 'estimated_optical_flow_synthiaseq_train')
@@ -167,7 +210,8 @@ def _synthia_seq_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
   for t in range(n + 1):
     r = scn.render(scene, cam, t, (t - 1,) if t else ())
     Image.fromarray(sty.source_style(r)).save(
-        os.path.join(seq_dir, 'rgb', f'{t:06d}.png'))
+        os.path.join(seq_dir, 'rgb', f'{t:06d}.png')
+    )
     ids = _TO_SYNTHIA[r.sem]
     # OpenCV writes BGR: the class id goes to the last channel (R).
     label = np.stack([np.zeros_like(ids), np.zeros_like(ids), ids], -1)
@@ -179,20 +223,23 @@ def _synthia_seq_sequence(job: tuple[str, dict[str, Any], str, int]) -> int:
 
 def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   root, params, split, index = job
-  rng = np.random.default_rng([params['seed'], _DOMAIN['cityscapes'],
-                               _SPLIT[split], index])
+  rng = np.random.default_rng(
+      [params['seed'], _DOMAIN['cityscapes'], _SPLIT[split], index]
+  )
   cities = CITIES[split]
   city, seq = cities[index % len(cities)], index // len(cities)
   h, w = params['target_size']
   t = ANNOTATED
   cam = scn.sample_camera(rng, h, w, z0=rng.uniform(0, 50))
   family, sample_look, style = TARGETS[params.get('shift', 'default')]
-  scene = scn.sample_scene(rng, cam.z0, cam.position(t)[1] + scn.ZFAR,
-                           (t - 2, t), family)
+  scene = scn.sample_scene(
+      rng, cam.z0, cam.position(t)[1] + scn.ZFAR, (t - 2, t), family
+  )
   look = sample_look(rng)
   croot = os.path.join(root, 'Cityscapes')
-  flow_dir = os.path.join(root,
-                          f'estimated_optical_flow_cityscapes_seq_{split}')
+  flow_dir = os.path.join(
+      root, f'estimated_optical_flow_cityscapes_seq_{split}'
+  )
   frames = (t, t - 1, t - 2) if split == 'train' else (t, t - 1)
   for frame in frames:
     earlier = tuple(s for s in frames if s < frame)
@@ -201,8 +248,9 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
     r = scn.render(scene, cam, frame, earlier)
     img_path = layouts.cs_image(croot, split, city, seq, frame)
     os.makedirs(os.path.dirname(img_path), exist_ok=True)
-    noise_rng = np.random.default_rng([params['seed'], 7, _SPLIT[split],
-                                       index, frame])
+    noise_rng = np.random.default_rng(
+        [params['seed'], 7, _SPLIT[split], index, frame]
+    )
     styled = style(r, look, noise_rng)
     Image.fromarray(styled).save(img_path)
     if frame == t:
@@ -210,8 +258,9 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
       os.makedirs(os.path.dirname(gt_path), exist_ok=True)
       Image.fromarray(_TO_CS[r.sem]).save(gt_path)
       # The image-domain target: annotated frames in leftImg8bit/.
-      still = os.path.join(croot, 'leftImg8bit', split, city,
-                           os.path.basename(img_path))
+      still = os.path.join(
+          croot, 'leftImg8bit', split, city, os.path.basename(img_path)
+      )
       os.makedirs(os.path.dirname(still), exist_ok=True)
       Image.fromarray(styled).save(still)
     for s in earlier:
@@ -219,25 +268,44 @@ def _cityscapes_clip(job: tuple[str, dict[str, Any], str, int]) -> int:
   return 1
 
 
-def generate(root: str, params: dict[str, Any], num_workers: int = 1,
-             prepare_tfds: bool = True) -> None:
+def generate(
+    root: str,
+    params: dict[str, Any],
+    num_workers: int = 1,
+    prepare_tfds: bool = True,
+) -> None:
   """Writes a complete world into the (new) folder ``root``; with
   ``prepare_tfds=False`` only the dataset layouts and flows (for a caller
   that runs ``python -m dastc_jax.prepare`` on them itself). With
   ``params['synthia_seq_frames'] = N`` (and ``synthia_seq_size``) it also
   writes a SYNTHIA-Seq sequence of N + 1 frames, never prepared here."""
-  for name in ('viper_train', 'viper_val', 'cityscapes_seq_train',
-               'cityscapes_seq_val'):
-    os.makedirs(os.path.join(root, f'estimated_optical_flow_{name}'),
-                exist_ok=True)
-  jobs = ([(_viper_sequence, (root, params, 'train', s))
-           for s in range(1, params['source_train_seqs'] + 1)] +
-          [(_viper_sequence, (root, params, 'val', s))
-           for s in range(1, params['source_val_seqs'] + 1)] +
-          [(_cityscapes_clip, (root, params, 'train', i))
-           for i in range(params['target_train_clips'])] +
-          [(_cityscapes_clip, (root, params, 'val', i))
-           for i in range(params['target_val_clips'])])
+  for name in (
+      'viper_train',
+      'viper_val',
+      'cityscapes_seq_train',
+      'cityscapes_seq_val',
+  ):
+    os.makedirs(
+        os.path.join(root, f'estimated_optical_flow_{name}'), exist_ok=True
+    )
+  jobs = (
+      [
+          (_viper_sequence, (root, params, 'train', s))
+          for s in range(1, params['source_train_seqs'] + 1)
+      ]
+      + [
+          (_viper_sequence, (root, params, 'val', s))
+          for s in range(1, params['source_val_seqs'] + 1)
+      ]
+      + [
+          (_cityscapes_clip, (root, params, 'train', i))
+          for i in range(params['target_train_clips'])
+      ]
+      + [
+          (_cityscapes_clip, (root, params, 'val', i))
+          for i in range(params['target_val_clips'])
+      ]
+  )
   if params.get('synthia_seq_frames'):  # only where asked (the rehearsal)
     jobs.append((_synthia_seq_sequence, (root, params, 'train', 1)))
   if num_workers > 1:
@@ -252,10 +320,18 @@ def generate(root: str, params: dict[str, Any], num_workers: int = 1,
   if not prepare_tfds:
     return
   # Prepared exactly like the real datasets (TFDS ArrayRecord builders).
-  for dataset, folder in (('viper', 'Viper'), ('cityscapes_seq', 'Cityscapes'),
-                          ('gta5', 'GTA5'), ('cityscapes', 'Cityscapes')):
-    prepare.prepare(dataset, os.path.join(root, folder),
-                    os.path.join(root, TFDS_DIR), check_counts=False)
+  for dataset, folder in (
+      ('viper', 'Viper'),
+      ('cityscapes_seq', 'Cityscapes'),
+      ('gta5', 'GTA5'),
+      ('cityscapes', 'Cityscapes'),
+  ):
+    prepare.prepare(
+        dataset,
+        os.path.join(root, folder),
+        os.path.join(root, TFDS_DIR),
+        check_counts=False,
+    )
   with open(os.path.join(root, 'world.json'), 'w') as f:
     json.dump(params, f, indent=2, sort_keys=True)
 
@@ -269,7 +345,8 @@ def existing_world(config: Any) -> str:
   if not os.path.exists(marker):
     raise FileNotFoundError(
         f'The synthetic world {root} does not exist: a training run with '
-        'this config generates it (evaluation does not).')
+        'this config generates it (evaluation does not).'
+    )
   return root
 
 
@@ -293,8 +370,10 @@ def ensure_world(config: Any, num_workers: int = 1) -> str:
       if json.load(f) == params:
         logging.info('Using the cached synthetic world at %s', root)
         return root
-    raise RuntimeError(f'{root} holds a different world than its name says; '
-                       'delete it to regenerate.')
+    raise RuntimeError(
+        f'{root} holds a different world than its name says; '
+        'delete it to regenerate.'
+    )
   tmp = f'{root}.tmp-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   logging.info('Generating the synthetic world into %s ...', root)
