@@ -67,6 +67,7 @@ import numpy as np
 
 from configs import common
 from configs import synthetic as synthetic_config
+from dastc_jax.benchmarks import provenance
 from dastc_jax.runtime import log_filter
 from dastc_jax import train
 
@@ -487,7 +488,8 @@ def main(argv):
       '`source_only` from the plain one, all others from hm. "paired '
       'diff." is the variant minus `dastc` on the same seed; "wins vs '
       'dastc" counts the seeds where dastc is better. Wall time '
-      f'{total:.0f} min on this machine.{note}{partial}\n\n'
+      f'{total:.0f} min on this machine, code at commit '
+      f'{provenance.commit()}.{note}{partial}\n\n'
       f'{table(results, seeds, minutes)}\n'
   )
   print(text)

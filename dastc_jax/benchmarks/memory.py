@@ -40,9 +40,9 @@ import sys
 import time
 from typing import Any
 
-_REPO = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)
+from dastc_jax.benchmarks import provenance
+
+_REPO = provenance.REPO
 VARIANTS = {
     'float32': {},
     'bfloat16': {'model.dtype': 'bfloat16'},
@@ -272,28 +272,6 @@ def in_child(
   return res
 
 
-def _commit() -> str:
-  """The checkout's commit (``+dirty`` with uncommitted changes)."""
-  try:
-    head = subprocess.run(
-        ['git', 'rev-parse', '--short', 'HEAD'],
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ['git', 'status', '--porcelain', '--', 'dastc_jax', 'configs'],
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return head + ('+dirty' if dirty else '')
-
-
 def _row_head(r: dict[str, Any]) -> str:
   """A result's first cells: config, variant, model, sizes, device."""
   model = (
@@ -496,7 +474,7 @@ def main(argv: list[str]) -> None:
     for variant in a.variants.split(','):
       print(f'{name} {variant} ...', flush=True)
       res = in_child(name, variant, a.run_steps, a.timeout)
-      res['commit'] = _commit()
+      res['commit'] = provenance.commit()
       print(json.dumps(res), flush=True)
       data['results'] = [
           r

@@ -43,6 +43,7 @@ import numpy as np
 
 from dastc_jax import models
 from dastc_jax.benchmarks import adaptation
+from dastc_jax.benchmarks import provenance
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
 from dastc_jax.evaluation import metrics as metrics_lib
@@ -455,7 +456,8 @@ def main(argv):
           f'# Class prototypes ({FLAGS.world} world, {FLAGS.domain}, '
           f'{FLAGS.model}, seeds {",".join(map(str, seeds))})\n\n'
           f'Command: `{cmd}`\n\n{text}\n\n'
-          f'{time.time() - start:.0f} s.\n'
+          f'{time.time() - start:.0f} s, code at commit '
+          f'{provenance.commit()}.\n'
       )
 
 

@@ -61,9 +61,9 @@ import sys
 import time
 from typing import Any
 
-_REPO = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)
+from dastc_jax.benchmarks import provenance
+
+_REPO = provenance.REPO
 GB = 1e9
 # Frame sizes (H, W) of the rendered world's layouts.
 REAL_SIZES = {
@@ -659,16 +659,7 @@ def main(argv: list[str]) -> None:
         or json.dumps(r)[:200]
     )
   host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB
-  commit = (
-      subprocess.run(
-          ['git', 'rev-parse', '--short', 'HEAD'],
-          cwd=_REPO,
-          capture_output=True,
-          text=True,
-          check=False,
-      ).stdout.strip()
-      or 'unknown'
-  )
+  commit = provenance.commit()
 
   res = {
       'config': f'configs/{a.config}.py' + (':smoke' if a.smoke else ''),
