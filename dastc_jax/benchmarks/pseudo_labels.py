@@ -53,6 +53,7 @@ def _teacher_labels(config, root, aligned: bool):
     pl, _, _, prior = dastc_step._pseudo_labels(  # pylint: disable=protected-access
         config,
         graphdef,
+        None,  # the run's own EMA teacher
         state,
         x,
         tgt,
