@@ -195,6 +195,7 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
+  # Weight of the auxiliary head's CE (source-only and DA-STC steps).
   c.loss = ml_collections.ConfigDict(dict(aux_weight=0.1))
   c.dastc = dastc_config()
 
@@ -237,8 +238,9 @@ def dastc_config() -> ml_collections.ConfigDict:
   """DA-STC (docs/method.md): the paper-faithful defaults."""
   return ml_collections.ConfigDict(
       dict(
-          lambda_t=1.0,  # weight of the target terms (VIPER: 0.2)
-          aux_weight=0.1,
+          # weight of the target terms (VIPER: 0.2); the aux heads' weight
+          # is loss.aux_weight, as in source-only training.
+          lambda_t=1.0,
           # 'ema' mean teacher or 'reference' (frozen, then self)
           teacher='ema',
           ema_decay=0.999,
@@ -407,7 +409,6 @@ def vit(c: ml_collections.ConfigDict, image: bool = False) -> None:
   # Video: batch 1 + 1 (per-example statistics); image: over the batch.
   c.model.bn_group_size = 0 if image else 1
   c.loss.aux_weight = 0.0  # no auxiliary head
-  c.dastc.aux_weight = 0.0
   c.dastc.feature_layer = 'c1'
   c.optim.name = 'adamw'
   c.optim.lr = 6e-5

@@ -270,7 +270,7 @@ def test_transformer_run_configs_and_folders():
       for c in runs:
         assert (c.model.name, c.model.mit_variant) == (name, 'b0')
         assert c.dastc.feature_layer == 'c1'
-        assert c.loss.aux_weight == c.dastc.aux_weight == 0.0
+        assert c.loss.aux_weight == 0.0
         validation.check_config(c)
       dastc = runs[1 + adaptation.DEFAULT_VARIANTS[domain].index('dastc')]
       assert dastc.method == 'dastc' and dastc.dastc.image_fusion

@@ -24,6 +24,7 @@ from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import preemption
 from dastc_jax.runtime import workdir as workdir_lib
 from dastc_jax import train
+from tests import faults_helpers
 
 
 def _run(workdir, cache_dir, devices, steps, extra=(), **kw):
@@ -162,19 +163,7 @@ def test_a_preempted_run_exits_75():
 
 # ------------------------------------------------------------- in-process
 def _poisoned(monkeypatch, bad_calls):
-  make = pipeline.make_train_dataset
-  calls = {'n': 0}
-
-  def poisoned(*args, **kw):
-    def poison(batch):
-      calls['n'] += 1
-      if calls['n'] in bad_calls:
-        batch['source']['flow'] = np.full_like(batch['source']['flow'], np.nan)
-      return batch
-
-    return make(*args, **kw).map(poison)
-
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
+  faults_helpers.poison_batches(monkeypatch, lambda n: n in bad_calls)
 
 
 def _restore(config, workdir, step):

@@ -19,6 +19,7 @@ from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
 from dastc_jax import train
+from tests import faults_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,19 +121,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
   c.train.checkpoint_every = checkpoint_every
   c.train.log_every = log_every
   c.eval.splits = ()
-  make = pipeline.make_train_dataset
-  calls = {'n': 0}
-
-  def poisoned(*args, **kw):
-    def poison(batch):
-      calls['n'] += 1
-      if calls['n'] >= 3:  # the third batch carries a NaN flow
-        batch['source']['flow'] = np.full_like(batch['source']['flow'], np.nan)
-      return batch
-
-    return make(*args, **kw).map(poison)
-
-  monkeypatch.setattr(train.pipeline, 'make_train_dataset', poisoned)
+  # The third batch and every later one carry a NaN flow.
+  faults_helpers.poison_batches(monkeypatch, lambda n: n >= 3)
   workdir = str(tmp_path / 'nan')
   with pytest.raises(
       train.NonFiniteLossError, match=r'Non-finite values at step 3: .*loss=nan'

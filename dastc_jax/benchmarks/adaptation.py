@@ -283,7 +283,6 @@ def _mit_b0(c: ml_collections.ConfigDict) -> None:
   c.model.head_features = 256
   c.model.freeze_bn_affine = False
   c.loss.aux_weight = 0.0
-  c.dastc.aux_weight = 0.0
   c.dastc.feature_layer = 'c1'
   c.optim.no_weight_decay = ('norm',)
 

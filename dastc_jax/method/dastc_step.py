@@ -525,7 +525,7 @@ def make_dastc_step(
   d = config.dastc
   video = models.clip_length(config.model) == 2
   n_frames = 2 if video else 1
-  aux_w = d.aux_weight
+  aux_w = config.loss.aux_weight
   lam = d.lambda_t
   dtype = models.compute_dtype(config.model.dtype)
   adapt_start = config.train.source_only_steps

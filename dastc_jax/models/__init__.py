@@ -11,6 +11,7 @@ from dastc_jax.models import accel_daformer
 from dastc_jax.models import layers
 from dastc_jax.models import mit
 from dastc_jax.models import resnet
+from dastc_jax.models import video
 
 # 'deeplabv2' and 'daformer' are the single-frame networks of the image
 # domain; 'accel_daformer' is the transformer video model.
@@ -49,7 +50,7 @@ def build_model(
 
 def clip_length(config: ml_collections.ConfigDict) -> int:
   """Frames per clip the model consumes: 2 (video) or 1 (image domain)."""
-  return 1 if config.name in ('deeplabv2', 'daformer') else 2
+  return video.clip_length(config.name)
 
 
 def shallow_stages(name: str = 'accel_deeplabv2') -> tuple[str, ...]:

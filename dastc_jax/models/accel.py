@@ -95,7 +95,7 @@ class AccelDeepLab(video.FlowFusionModel):
           f'Unknown config.model.head={head!r}; expected '
           "'proda' (DA-STC layer7) or 'aspp' (TPS layer6)."
       )
-    self.clip_length = 1 if config.name == 'deeplabv2' else 2
+    self.clip_length = video.clip_length(config.name)
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 

@@ -60,7 +60,7 @@ class AccelDAFormer(video.FlowFusionModel):
         dtype=dtype,
         rngs=rngs,
     )
-    self.clip_length = 1 if config.name == 'daformer' else 2
+    self.clip_length = video.clip_length(config.name)
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
 

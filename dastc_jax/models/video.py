@@ -23,6 +23,14 @@ from flax import nnx
 from dastc_jax.models import layers
 from dastc_jax.ops import warp as warp_ops
 
+# The single-frame (image-domain) models; every other model reads clips.
+IMAGE_MODELS = ('deeplabv2', 'daformer')
+
+
+def clip_length(name: str) -> int:
+  """Frames per clip model ``name`` consumes: 1 (image domain) or 2."""
+  return 1 if name in IMAGE_MODELS else 2
+
 
 class FlowFusionModel(nnx.Module):
   """The frame-pair forward passes around a per-frame network."""

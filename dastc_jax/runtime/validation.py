@@ -103,7 +103,6 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'eval.num_overlays': (0, None),
     'mesh.fsdp': (1, None),
     'dastc.lambda_t': (0, None),
-    'dastc.aux_weight': (0, None),
     'dastc.ema_decay': (0, 1),
     'dastc.teacher_switch_steps': (0, None),
     'dastc.teacher_flip': (0, 1),
