@@ -263,6 +263,12 @@ def dastc_config() -> ml_collections.ConfigDict:
           # Pseudo-labels below this probability are ignored by the losses
           # (0: the reference's hard labels on every pixel).
           pl_threshold=0.0,
+          # 'quality': DAFormer's weighting. Each target clip's pseudo-label
+          # losses (consistency, target-context mix) are weighted by the
+          # share of its pixels whose teacher probability reaches
+          # pl_quality_threshold; 'none': weight 1 (the reference).
+          pl_weighting='none',
+          pl_quality_threshold=0.968,
           # Pseudo-label distribution alignment: shift the teacher's scores by
           # log(source class prior / running target prediction prior), so that
           # one class cannot swallow others (see docs/method.md).

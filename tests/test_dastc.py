@@ -267,3 +267,32 @@ def test_ablations_share_the_batchnorm_running_averages(smoke_config):
   assert not jax.tree.all(
       jax.tree.map(np.array_equal, full.batch_stats, init.batch_stats)
   )
+
+
+def test_quality_weighting_scales_the_pseudo_label_losses(smoke_config):
+  """``pl_weighting='quality'``: a threshold no probability reaches
+  weights the consistency and target-context losses to zero and leaves the
+  source losses (weight 1 equals the plain loss: tests/test_losses.py)."""
+  c = smoke_config
+  c.train.source_only_steps = 0
+  c.dastc.allow_untrained_teacher = True
+  root = train.resolve_data_root(c)
+  batch = next(iter(pipeline.make_train_dataset(c, root, local_batch_size=4)))
+  out = {}
+  for name, weighting, threshold in (
+      ('plain', 'none', 0.968),
+      ('none', 'quality', 1.0),
+  ):
+    c2 = c.copy_and_resolve_references()
+    c2.dastc.pl_weighting = weighting
+    c2.dastc.pl_quality_threshold = threshold
+    run, init = _step_fn(c2, root, 1)
+    out[name] = run(init, batch)[1]
+  assert float(out['none']['pl_quality']) == 0.0
+  assert 'pl_quality' not in out['plain']
+  assert float(out['plain']['loss_cons']) > 0.1
+  assert float(out['none']['loss_cons']) == 0.0
+  assert float(out['none']['loss_tgt_mix']) == 0.0
+  np.testing.assert_allclose(
+      out['none']['loss_src'], out['plain']['loss_src'], rtol=1e-5
+  )

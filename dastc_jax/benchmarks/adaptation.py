@@ -222,6 +222,19 @@ VARIANTS: dict[str, tuple[Change, str]] = {
         _dastc(**{'dastc.pl_distribution_alignment': False}),
         'hm',
     ),
+    # DAFormer's quality-weighted pseudo-label losses.
+    'quality_weighting': (_dastc(**{'dastc.pl_weighting': 'quality'}), 'hm'),
+    'pseudo_label_only_quality_weighting': (
+        _dastc(
+            **{
+                'dastc.image_fusion': False,
+                'dastc.feature_fusion': False,
+                'dastc.alignment.kind': 'none',
+                'dastc.pl_weighting': 'quality',
+            }
+        ),
+        'hm',
+    ),
     'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
     # Weight 1.0: the pull's gradient per unit of cosine is 1, the
     # contrastive's (unsaturated) up to 1/tau = 10 at its weight 0.1.

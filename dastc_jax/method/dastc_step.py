@@ -572,6 +572,12 @@ def make_dastc_step(
     )
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
+    # Per-clip weight of the pseudo-labelled losses ([B]; None: 1).
+    pl_w = (
+        pseudo_labels.quality(pl, d.pl_quality_threshold)
+        if d.pl_weighting == 'quality'
+        else None
+    )
     # The blur follows the resized frame's width, not the crop's.
     resized = config.data.target.image_size
     x_st = augment.strong_augment(
@@ -606,9 +612,9 @@ def make_dastc_step(
           out_s['pred_aux'], y_src[:, 0]
       )
       out_st = model.clip(x_st, tgt_flow, train=True, rng=keys[1])
-      l_cons = ce(out_st['pred'], pl_loss['label_lo']) + aux_w * ce(
-          out_st['pred_aux'], pl_loss['label_aux_lo']
-      )
+      l_cons = ce(
+          out_st['pred'], pl_loss['label_lo'], weights=pl_w
+      ) + aux_w * ce(out_st['pred_aux'], pl_loss['label_aux_lo'], weights=pl_w)
       # The running averages every variant shares: these two passes.
       fixed_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
@@ -625,7 +631,8 @@ def make_dastc_step(
             lt_mask=masks['lt'],
         )
         terms['loss_src_mix'] = ce(out_sm['pred'], ys_m[:, 0])
-        terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0])
+        # The target-context clip: mostly pseudo-labels, weighted as such.
+        terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0], weights=pl_w)
         terms.update(out_sm['mix_info'])
         total += terms['loss_src_mix'] + lam * terms['loss_tgt_mix']
       if d.alignment.kind != 'none':
@@ -686,6 +693,8 @@ def make_dastc_step(
         'param_norm': optax.tree.norm(params),
         'pl_confident': jnp.mean(pl['conf_t'] > d.confidence),
     }
+    if pl_w is not None:
+      metrics['pl_quality'] = jnp.mean(pl_w)
     if 'label' in tgt:  # monitoring only: never used by a loss
       metrics.update(
           pseudo_label_metrics(pl['label_t'], tgt['label'], class_names)

@@ -11,7 +11,10 @@ IGNORE = 255
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE
+    logits: jax.Array,
+    labels: jax.Array,
+    ignore_index: int = IGNORE,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
   """Pixel-wise CE, averaged over the pixels whose label is valid.
 
@@ -22,6 +25,9 @@ def cross_entropy(
     logits: ``[B, H, W, C]``.
     labels: ``[B, H, W]`` integer ids.
     ignore_index: documented ignore id (any id outside [0, C) is ignored).
+    weights: optional ``[B]`` per-example weights on each pixel's loss (the
+      mean still divides by the number of valid pixels, as DAFormer's
+      weighted pseudo-label loss does).
 
   Returns:
     Scalar float32 loss.
@@ -33,6 +39,10 @@ def cross_entropy(
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   safe = jnp.where(valid, labels, 0)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if weights is not None:
+    nll = nll * weights.astype(jnp.float32).reshape(
+        (-1,) + (1,) * (nll.ndim - 1)
+    )
   total = jnp.sum(jnp.where(valid, nll, 0.0))
   count = jnp.sum(valid)
   return total / jnp.maximum(count, 1).astype(jnp.float32)

@@ -135,6 +135,14 @@ def use_student(
   return step >= adapt_start + switch_steps
 
 
+def quality(pl: dict[str, jax.Array], threshold: float) -> jax.Array:
+  """DAFormer's pseudo-label quality estimate: per clip ``[B]``, the share
+  of frame t's score-grid pixels whose teacher probability is at least
+  ``threshold`` (its released value: 0.968)."""
+  conf = pl['conf_lo'].astype(jnp.float32)  # [B, h, w]
+  return jnp.mean(conf >= threshold, axis=tuple(range(1, conf.ndim)))
+
+
 def ignore_unconfident(
     pl: dict[str, jax.Array], threshold: float
 ) -> dict[str, jax.Array]:
