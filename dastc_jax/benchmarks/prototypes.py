@@ -6,19 +6,37 @@ this reads each run's final checkpoint and measures, on the labelled
 source-val and target-val splits, the 256-d feature the alignment uses
 (``out['feat']``, frame t, eval mode):
 
-* ``cos(s, t)``: cosine of each class's source and target prototype (the
-  per-class mean feature, ground-truth labels), averaged over classes seen in
-  both: how well the class means of the two domains agree;
-* ``cos(s, t) predicted``: the same with the target prototypes taken over
-  the model's own predicted classes (as a training step's prototypes are,
-  over pseudo-labels): the agreement the alignment loss can see;
+* ``uncentred cos(s, t)``: cosine of each class's source and target
+  prototype (the per-class mean feature, ground-truth labels), averaged over
+  classes seen in both. The mean feature shared by all classes inflates it
+  (two unrelated classes often score above 0.5), so a high value does not
+  show that the classes agree;
+* ``uncentred cos(s, t) predicted``: the same with the target prototypes
+  taken over the model's own predicted classes (as a training step's are,
+  over pseudo-labels);
 * ``cos(t, t')``: the mean cosine between the target prototypes of two
-  different classes (lower = better separated);
+  different classes (lower = better separated; uncentred too);
 * target-val mIoU at the feature grid of the head (``head``), of the nearest
   source prototype (``nearest src``: classify each target pixel by the
   source prototype it is closest to, in cosine), and of the nearest target
   prototype (``nearest tgt``: the same with the target's own ground-truth
   prototypes, an upper bound of what class means alone can separate).
+
+What the alignment can act on (``class_gaps``, ``batch_diagnostics``):
+
+* ``centred cos(s, t)``: the per-class cosine after subtracting the mean
+  feature of the two domains, over all classes and over the small ones
+  (under 2% of the target-val pixels);
+* ``classifier gap``: ``||W^T (mu_s,k - mu_t,k)||`` with ``W`` the last
+  layer, in units of the median distance between two source classes' mean
+  logits: the part of a class's domain gap that the classifier reads
+  (0 = none, 1 = as far as two classes are apart);
+* ``classes / batch``: how many classes reach ``alignment.min_pixels`` in
+  both domains in a batch of 4 val images at the feature grid, and the mean
+  of the ``align_classes`` the run logged in training;
+* ``|grad align| / |grad CE|``: the alignment loss's gradient (times its
+  weight) at the source features next to the cross-entropy's through the
+  last layer, median over those batches.
 
 Example::
 
@@ -345,8 +363,8 @@ def measure(
 # Classes below this share of the target-val pixels count as small.
 SMALL_SHARE = 0.02
 COLUMNS = (
-    ('cos_st', 'cos(s, t)', '{:.3f}'),
-    ('cos_st_pred', 'cos(s, t) predicted', '{:.3f}'),
+    ('cos_st', 'uncentred cos(s, t)', '{:.3f}'),
+    ('cos_st_pred', 'uncentred cos(s, t) predicted', '{:.3f}'),
     ('cos_tt', "cos(t, t')", '{:.3f}'),
     ('head', 'head mIoU', '{:.1f}'),
     ('nearest_src', 'nearest src mIoU', '{:.1f}'),
