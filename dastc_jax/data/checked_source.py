@@ -12,9 +12,11 @@ exact either way.
 
 from __future__ import annotations
 
-from typing import Any
+import bisect
+from typing import Any, Sequence
 
 from absl import logging
+import numpy as np
 
 from dastc_jax import errors
 from dastc_jax.data import io
@@ -33,6 +35,7 @@ class CheckedSource:
       data_dir: str,
       policy: str = 'fail',
       id_source: Any = None,
+      shards: Sequence[tuple[str, int]] = (),
   ):
     if policy not in POLICIES:
       raise errors.ConfigError(
@@ -44,6 +47,16 @@ class CheckedSource:
     self._name = name
     self._data_dir = data_dir
     self._policy = policy
+    # Shard files and their record counts, in index order.
+    self._shards = [name for name, _ in shards]
+    self._starts = list(np.cumsum([0] + [n for _, n in shards]))
+
+  def shard_of(self, index: int) -> str:
+    """``record j of shard FILE`` for a global index ('' when unknown)."""
+    k = bisect.bisect_right(self._starts, index) - 1
+    if not self._shards or not 0 <= k < len(self._shards):
+      return ''
+    return f', record {index - self._starts[k]} of shard {self._shards[k]}'
 
   def __len__(self) -> int:
     return len(self._source)
@@ -65,9 +78,9 @@ class CheckedSource:
         rec = self._source[i]
       except Exception as e:  # decoders raise many types
         msg = (
-            f'Record {i} (id {self._id(i)!r}) of {self._name} in '
-            f'{self._data_dir} cannot be decoded: {type(e).__name__}: '
-            f'{str(e)[:300]}'
+            f'Record {i} (id {self._id(i)!r}{self.shard_of(i)}) of '
+            f'{self._name} in {self._data_dir} cannot be decoded: '
+            f'{type(e).__name__}: {str(e)[:300]}'
         )
         if self._policy == 'fail':
           raise io.DataError(
@@ -81,5 +94,5 @@ class CheckedSource:
         rec = {**rec, 'bad_records': passed}
       return rec
     raise io.DataError(
-        f'No record of {self._name} in {self._data_dir} can ' 'be decoded.'
+        f'No record of {self._name} in {self._data_dir} can be decoded.'
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -83,9 +84,15 @@ def data_source(
       data_dir=data_dir,
       decoders=decoders,
   )
+  shards = [
+      (fi.filename, fi.take)
+      for fi in ds.dataset_info.splits[dcfg.split].file_instructions
+  ]
   ids, _ = builders.load_stats(data_dir, spec, dcfg.split)
   if len(ids) != len(ds) or any(
-      ds[i]['id'].decode() != ids[i] for i in {0, len(ds) - 1}
+      _record_id(ds, i, shards, on_error, ids, f'{section}: {spec.name}')
+      != ids[i]
+      for i in {0, len(ds) - 1}
   ):
     raise io.DataError(
         f'{section}: the statistics of {spec.name}/{dcfg.split} in '
@@ -106,7 +113,40 @@ def data_source(
       data_dir=os.path.abspath(data_dir),
       policy=on_error,
       id_source=ids,
+      shards=shards,
   )
+
+
+def _record_id(
+    ds,
+    index: int,
+    shards: list[tuple[str, int]],
+    on_error: str,
+    ids,
+    what: str,
+) -> str:
+  """The id of record ``index`` for the statistics check. An unreadable
+  record is a DataError that names its shard file, or with
+  ``on_error='skip'`` a warning (the record is skipped when read)."""
+  try:
+    return ds[index]['id'].decode()
+  except Exception as e:  # pylint: disable=broad-except
+    where = checked_source.CheckedSource(
+        ds, name='', data_dir='', shards=shards
+    ).shard_of(index)
+    msg = (
+        f'{what} record {index} ({where[2:]}) cannot be read: '
+        f'{type(e).__name__}: '
+        f'{str(e)[:300]}'
+    )
+    if on_error == 'skip':
+      logging.warning('%s; it will be skipped.', msg)
+      return ids[index]
+    raise io.DataError(
+        msg + '. The prepared data was corrupted or replaced after '
+        'preparation: prepare the dataset again into a new --data_dir, or '
+        "set config.data.on_error='skip' to skip such records."
+    ) from e
 
 
 def _feature_keys(spec: builders.Spec, split: str) -> set[str]:
