@@ -168,7 +168,22 @@ def test_bf16_compute_stays_close_to_float32(smoke_config):
   assert losses['bfloat16'] != losses['float32']  # really computed in bf16
 
 
-def _launch_two(workdir, world_cache, steps, port):
+def _launch_two(workdir, world_cache, steps, port, **kw):
+  procs, logs = _start_two(workdir, world_cache, steps, port, **kw)
+  outs = []
+  for p, log in zip(procs, logs):
+    p.wait(timeout=600)
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+def _start_two(workdir, world_cache, steps, port, checkpoint_every=None):
+  """Starts the two processes of a source-only smoke run; returns them and
+  their log files."""
   procs, logs = [], []
   for pid in range(2):
     env = dict(
@@ -198,7 +213,8 @@ def _launch_two(workdir, world_cache, steps, port):
                 f'--config.train.num_steps={steps}',
                 f'--config.data.synthetic.cache_dir={world_cache}',
                 '--config.mesh.data=-1',
-                f'--config.train.checkpoint_every={steps}',
+                f'--config.train.checkpoint_every={checkpoint_every or steps}',
+                '--config.train.log_every=1',
                 '--config.eval.splits=()',
             ],
             env=env,
@@ -208,15 +224,7 @@ def _launch_two(workdir, world_cache, steps, port):
             text=True,
         )
     )
-  outs = []
-  for p, log in zip(procs, logs):
-    p.wait(timeout=600)
-    log.seek(0)
-    outs.append(log.read())
-    log.close()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
-  return outs
+  return procs, logs
 
 
 @pytest.mark.integration
@@ -233,6 +241,54 @@ def test_two_process_distributed_run_trains_saves_and_resumes(
   outs = _launch_two(workdir, world_cache, 3, port + 1)
   assert 'Training from step 2 to 3' in outs[0]
   assert '3' in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+@pytest.mark.integration
+def test_preemption_notice_to_one_of_two_processes(
+    tmp_path, world_cache, tiny_world
+):
+  """SIGTERM reaches process 1 only: both processes stop at the same step
+  (JAX's preemption sync point), save one consistent checkpoint and exit
+  75; the rerun resumes from it and ends bitwise equal (train state and
+  both processes' data iterators) to an uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from dastc_jax.benchmarks import faults  # pylint: disable=g-import-not-at-top
+
+  del tiny_world
+  steps = 12
+  port = 21000 + os.getpid() % 20000
+  ref = str(tmp_path / 'ref')
+  _launch_two(ref, world_cache, steps, port)
+  run = str(tmp_path / 'run')
+  procs, logs = _start_two(
+      run, world_cache, steps, port + 1, checkpoint_every=100
+  )
+  t0 = time.time()
+  while time.time() - t0 < 300:
+    logs[1].flush()
+    logs[1].seek(0)
+    if f'step 3/{steps}' in logs[1].read():
+      break
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = []
+  for p, log in zip(procs, logs):
+    p.wait(timeout=300)
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
+  assert [p.returncode for p in procs] == [75, 75], outs[1][-3000:]
+  saved = [int(s) for s in os.listdir(os.path.join(run, 'checkpoints'))]
+  assert len(saved) == 1 and 3 <= saved[0] < steps
+  for out in outs:  # both stopped at that step
+    assert f'saved checkpoint step {saved[0]}' in out
+  _launch_two(run, world_cache, steps, port + 2, checkpoint_every=100)
+  a, ia = faults.final_state(ref, steps)
+  b, ib = faults.final_state(run, steps)
+  assert not faults.bitwise_diff(a, b)
+  assert ia == ib and len(ia) == 2
 
 
 def _dry(script, *args):

@@ -159,23 +159,31 @@ def run(
 
 
 def final_state(workdir: str, step: int) -> tuple[Any, dict[str, Any]]:
-  """The raw saved train state and data-iterator state of ``step``."""
+  """The raw saved train state and the data-iterator states of ``step``
+  (``{file name: state}``, one per process)."""
   root = os.path.join(workdir, 'checkpoints')
-  mngr = ocp.CheckpointManager(
-      root,
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=('state', 'data_iter'),
-  )
+  # On this process's first device, whatever topology saved it (a
+  # multi-process run's checkpoint restores here too).
+  path = os.path.join(root, str(step), 'state')
+  ckpt = ocp.StandardCheckpointer()
   try:
-    state = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )['state']
+    meta = ckpt.metadata(path)
+    tree = getattr(meta, 'item_metadata', meta)
+    tree = getattr(tree, 'tree', tree)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree
+    )
+    state = ckpt.restore(path, target)
   finally:
-    mngr.close()
-  with open(
-      os.path.join(root, str(step), 'data_iter', 'process_0-of-1.json')
-  ) as f:
-    return state, json.load(f)
+    ckpt.close()
+  iters = {}
+  for path in sorted(
+      glob.glob(os.path.join(root, str(step), 'data_iter', 'process_*.json'))
+  ):
+    with open(path) as f:
+      iters[os.path.basename(path)] = json.load(f)
+  return state, iters
 
 
 def bitwise_diff(a: Any, b: Any) -> list[str]:
