@@ -9,8 +9,9 @@ from that checkpoint. The time from the signal to the exit is at most one
 step plus one checkpoint save.
 
 Multi-host runs (``jax.distributed``) use JAX's preemption sync point, which
-makes every host agree on the step (not exercised by the tests, which run
-one process); a single process uses a Python signal handler.
+makes every host agree on the step, also when only one of them got the
+signal (``tests/test_scale.py`` sends it to one of two processes); a single
+process uses a Python signal handler.
 """
 
 from __future__ import annotations
