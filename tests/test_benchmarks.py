@@ -449,3 +449,22 @@ def test_step_md_real_size_section_is_rewritten_in_place():
   assert again.count(memory.STEP_MD_BEGIN) == 1
   assert '| 1 | 20.1 |' in again and '270, 263' not in again
   assert again.startswith('# Train step\n\nrows\n')
+
+
+def test_logged_scalars_are_averaged_per_run(tmp_path):
+  """``benchmarks.logged`` averages a run's logged scalars (from a step on)
+  and tabulates seed means; a tag the run never logged is NaN."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from dastc_jax.benchmarks import logged  # pylint: disable=g-import-not-at-top
+
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step, value in ((0, 9.0), (50, 1.0), (100, 3.0)):
+      tf.summary.scalar('swap_area_to_t_f0', value, step=step)
+  writer.close()
+  got = logged.run_means(str(tmp_path), ['swap_area_to_t_f0', 'absent'])
+  assert got['swap_area_to_t_f0'] == 2.0  # steps 50 and 100
+  assert np.isnan(got['absent'])
+  text = logged.table({'dastc': [{'a': 1.0}, {'a': 3.0}]}, ['a'])
+  assert '| dastc | 2.000 ± 1.414 (1.000, 3.000) |' in text
