@@ -394,12 +394,8 @@ def make_eval_dataset(
     per_axis_flow_scale: bool,
     section: str = 'config.data',
 ) -> grain.MapDataset:
-  """Decoded, resized evaluation examples in index order (with ``id``)."""
-  if dcfg.label_size not in ('image', 'native'):
-    raise errors.ConfigError(
-        f"{section}.label_size must be 'image' or 'native', got "
-        f'{dcfg.label_size!r}'
-    )
+  """Decoded, resized evaluation examples in index order (with ``id``;
+  ``dcfg.label_size`` checked by ``runtime/validation.py``)."""
   spec, source = data_source(dcfg, data_dir, section)
   ds = grain.MapDataset.source(source).map(
       decoder(spec, dcfg.split, class_set, True)

@@ -127,8 +127,8 @@ def _teacher_forward(
     )
   else:
     raise errors.ConfigError(
-        f'Unknown config.dastc.teacher={d.teacher!r}; expected '
-        "'ema' or 'reference'."
+        f'Unknown config.dastc.teacher={d.teacher!r}; expected one of '
+        f'{pseudo_labels.TEACHERS}.'
     )
   pred, aux, key, stats = jax.lax.stop_gradient((pred, aux, key, stats))
   return pred, aux, key, teacher, stats

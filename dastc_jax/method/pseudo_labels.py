@@ -30,6 +30,10 @@ import jax.numpy as jnp
 
 from dastc_jax.ops import warp as warp_ops
 
+# config.dastc.teacher: the EMA mean teacher, or the reference's frozen-
+# then-self teacher.
+TEACHERS = ('ema', 'reference')
+
 
 def ema_update(teacher: Any, student: Any, decay: float | jax.Array) -> Any:
   """``decay * teacher + (1 - decay) * student`` leaf by leaf."""

@@ -28,6 +28,9 @@ from dastc_jax.models import layers
 from dastc_jax.models import resnet
 from dastc_jax.models import video
 
+# config.model.head of the DeepLab models.
+HEADS = ('proda', 'aspp')
+
 
 class AccelDeepLab(video.FlowFusionModel):
   """ACCEL-DeepLabv2: two-frame segmentation with flow-guided score fusion
@@ -92,7 +95,7 @@ class AccelDeepLab(video.FlowFusionModel):
       )
     else:
       raise errors.ConfigError(
-          f'Unknown config.model.head={head!r}; expected '
+          f'Unknown config.model.head={head!r}; expected one of {HEADS}: '
           "'proda' (DA-STC layer7) or 'aspp' (TPS layer6)."
       )
     self.clip_length = video.clip_length(config.name)

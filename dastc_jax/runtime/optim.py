@@ -26,6 +26,11 @@ from dastc_jax import errors
 GROUPS = ('backbone', 'fusion', 'head')
 
 
+# config.optim.name and config.optim.schedule.
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('poly', 'constant')
+
+
 def param_labels(params: Any, freeze_bn_affine: bool) -> Any:
   """Labels each parameter leaf with its group name."""
 
@@ -89,7 +94,7 @@ def lr_schedule(
   else:
     raise errors.ConfigError(
         f'Unknown config.optim.schedule={o.schedule!r}; '
-        "expected 'poly' or 'constant'."
+        f'expected one of {SCHEDULES}.'
     )
   if warm == 0:
     return base
@@ -163,8 +168,8 @@ def _group_tx(
         mask=mask,
     )
   raise errors.ConfigError(
-      f'Unknown config.optim.name={config.name!r}; expected '
-      "'sgd' or 'adamw'."
+      f'Unknown config.optim.name={config.name!r}; expected one of '
+      f'{OPTIMIZERS}.'
   )
 
 

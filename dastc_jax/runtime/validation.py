@@ -25,8 +25,11 @@ from dastc_jax.data import labels as labels_lib
 from dastc_jax.data.datasets import builders
 from dastc_jax.data.synthetic import world
 from dastc_jax.method import fusion
+from dastc_jax.method import pseudo_labels
+from dastc_jax.models import accel
 from dastc_jax.models import layers
 from dastc_jax.runtime import divergence
+from dastc_jax.runtime import optim
 
 METHODS = ('dastc', 'source_only', 'source_only_hm', 'target_only')
 # The data sections a config may have (eval.splits names some of them).
@@ -38,14 +41,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'data.on_error': checked_source.POLICIES,
     'data.synthetic.shift': world.SHIFTS,
     'model.name': models.NAMES,
-    'model.head': ('proda', 'aspp'),
+    'model.head': accel.HEADS,
     'model.backbone_init': layers.INITIALIZERS,
     'model.dtype': layers.DTYPES,
     'model.conv_kernel_grad': layers.KERNEL_GRADS,
-    'optim.name': ('sgd', 'adamw'),
-    'optim.schedule': ('poly', 'constant'),
+    'optim.name': optim.OPTIMIZERS,
+    'optim.schedule': optim.SCHEDULES,
     'train.nonfinite': divergence.POLICIES,
-    'dastc.teacher': ('ema', 'reference'),
+    'dastc.teacher': pseudo_labels.TEACHERS,
     'dastc.feature_mode': fusion.FEATURE_MODES,
     'dastc.feature_swap_labels': fusion.SWAP_LABELS,
     'dastc.feature_swap_directions': fusion.SWAP_DIRECTIONS,
