@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from configs import viper
-from dastc_jax.benchmarks import torch_accel
+from tests import torch_accel
 from dastc_jax import convert
 from dastc_jax import models
 from dastc_jax.data import labels as labels_lib

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dastc_jax import convert
-from dastc_jax.benchmarks import torch_daformer
+from tests import torch_daformer
 from dastc_jax.models import daformer
 from tests import torch_helpers
 

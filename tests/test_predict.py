@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 import torch
 
-from dastc_jax.benchmarks import torch_accel
+from tests import torch_accel
 from dastc_jax.evaluation import predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ from configs import viper_vit
 from dastc_jax import convert
 from dastc_jax import models
 from dastc_jax.benchmarks import faults
-from dastc_jax.benchmarks import torch_accel
-from dastc_jax.benchmarks import torch_daformer
+from tests import torch_accel
+from tests import torch_daformer
 from dastc_jax.models import mit
 from dastc_jax.ops import image as image_ops
 from dastc_jax.runtime import sharding as sharding_lib

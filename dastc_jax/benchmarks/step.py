@@ -269,11 +269,14 @@ def build_torch_step(
   m = config.model
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    from dastc_jax.benchmarks import torch_accel  # pylint: disable=g-import-not-at-top
+
+    # The PyTorch restatements the parity tests check us against (run the
+    # benchmark from the repository root).
+    from tests import torch_accel  # pylint: disable=g-import-not-at-top
 
     versions = {'version': torch.__version__}
     if m.name == 'accel_daformer':
-      from dastc_jax.benchmarks import torch_daformer  # pylint: disable=g-import-not-at-top
+      from tests import torch_daformer  # pylint: disable=g-import-not-at-top
       import transformers  # pylint: disable=g-import-not-at-top
 
       versions['transformers'] = transformers.__version__

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from dastc_jax.benchmarks import torch_accel
+from tests import torch_accel
 
 
 class ConvModule(nn.Module):
