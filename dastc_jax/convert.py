@@ -9,8 +9,11 @@
 torchvision RAFT files (optical flow, ``dastc_jax/flow/``) are recognised by
 their keys and need no ``--config``.
 
-Three layouts of a PyTorch ``state_dict`` map onto the parameters of
-``dastc_jax.models`` (``--layout=auto`` picks one from the keys):
+Five layouts of a PyTorch ``state_dict`` map onto the parameters of
+``dastc_jax.models`` (``--layout=auto`` picks one from the keys): the three
+CNN layouts below, and the transformer's ``mit`` (an ImageNet MiT encoder,
+the mmseg/SegFormer file) and ``quadmix_vit`` (the released QuadMix-ViT
+video model), described in docs/vit.md.
 
 * ``accel``: the reference ACCEL-DeepLabv2 (DA-VSN / TPS / DA-STC released
   checkpoints): ``conv1``, ``bn1``, ``layer1..4`` (``downsample.0/1``), aux
