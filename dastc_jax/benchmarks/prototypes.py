@@ -198,7 +198,9 @@ def classifier(
   n = config.model.num_classes
   return (
       np.asarray(layer.kernel[...], np.float64).reshape(-1, n),
-      np.asarray(layer.bias[...], np.float64),
+      np.zeros(n)
+      if layer.bias is None
+      else np.asarray(layer.bias[...], np.float64),
   )
 
 
