@@ -24,6 +24,16 @@ from dastc_jax.data import io
 POLICIES = ('fail', 'skip')
 
 
+def shard_of(shards: Sequence[tuple[str, int]], index: int) -> str:
+  """``, record j of shard FILE`` for a global record index, given the
+  shard files and their record counts in index order ('' when unknown)."""
+  starts = np.cumsum([0] + [n for _, n in shards])
+  k = bisect.bisect_right(starts, index) - 1
+  if not shards or not 0 <= k < len(shards):
+    return ''
+  return f', record {index - starts[k]} of shard {shards[k][0]}'
+
+
 class CheckedSource:
   """Wraps a random-access source (``len``, ``[]``) with an error policy."""
 
@@ -47,16 +57,10 @@ class CheckedSource:
     self._name = name
     self._data_dir = data_dir
     self._policy = policy
-    # Shard files and their record counts, in index order.
-    self._shards = [name for name, _ in shards]
-    self._starts = list(np.cumsum([0] + [n for _, n in shards]))
+    self._shards = shards
 
   def shard_of(self, index: int) -> str:
-    """``record j of shard FILE`` for a global index ('' when unknown)."""
-    k = bisect.bisect_right(self._starts, index) - 1
-    if not self._shards or not 0 <= k < len(self._shards):
-      return ''
-    return f', record {index - self._starts[k]} of shard {self._shards[k]}'
+    return shard_of(self._shards, index)
 
   def __len__(self) -> int:
     return len(self._source)

@@ -131,9 +131,7 @@ def _record_id(
   try:
     return ds[index]['id'].decode()
   except Exception as e:  # pylint: disable=broad-except
-    where = checked_source.CheckedSource(
-        ds, name='', data_dir='', shards=shards
-    ).shard_of(index)
+    where = checked_source.shard_of(shards, index)
     msg = (
         f'{what} record {index} ({where[2:]}) cannot be read: '
         f'{type(e).__name__}: '
