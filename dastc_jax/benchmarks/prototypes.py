@@ -61,6 +61,7 @@ import numpy as np
 
 from dastc_jax import models
 from dastc_jax.benchmarks import adaptation
+from dastc_jax.benchmarks import logged
 from dastc_jax.benchmarks import provenance
 from dastc_jax.data import labels as labels_lib
 from dastc_jax.data import pipeline
@@ -70,7 +71,6 @@ from dastc_jax.method import alignment
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import warp as warp_ops
 from dastc_jax.runtime import state as state_lib
-from dastc_jax.runtime import workdir as workdir_lib
 from dastc_jax import train
 
 FLAGS = flags.FLAGS
@@ -301,12 +301,6 @@ def batch_diagnostics(
   }
 
 
-def _logged_mean(run_dir: str, tag: str) -> float:
-  """Mean of a training scalar over the run (NaN if it was not logged)."""
-  values = [v for _, v in workdir_lib.read_scalars(run_dir, tag)]
-  return float(np.mean(values)) if values else float('nan')
-
-
 def measure(
     config: ml_collections.ConfigDict, run_dir: str, forward
 ) -> dict[str, float]:
@@ -350,7 +344,9 @@ def measure(
       if small.any()
       else float('nan'),
       **batch_diagnostics(config, w_b, fs, ls, img_s, ft, pt, img_t),
-      'classes_logged': _logged_mean(run_dir, 'align_classes'),
+      'classes_logged': logged.run_means(run_dir, ['align_classes'], 0)[
+          'align_classes'
+      ],
       'per_class_ccos': ccos.tolist(),
       'per_class_gap': gap.tolist(),
       'cos_st': cos_st,
