@@ -77,16 +77,21 @@ class DAFormerHead(nn.Module):
       classes: int,
       embed: int = 256,
       dilations: Sequence[int] = (1, 6, 12, 18),
+      fusion: str = 'sepaspp',
   ):
     super().__init__()
     self.embed_layers = nn.ModuleList(Embed(c, embed) for c in dims)
     cin = len(dims) * embed
-    self.fuse_layer = nn.Module()
-    self.fuse_layer.aspp_modules = nn.ModuleList(
-        ConvModule(cin, embed, 1) if d == 1 else SeparableConv(cin, embed, d)
-        for d in dilations
-    )
-    self.fuse_layer.bottleneck = ConvModule(len(dilations) * embed, embed, 3)
+    self.fusion = fusion
+    if fusion == 'conv':  # HRDA's attention head: one 1x1 ConvModule
+      self.fuse_layer = ConvModule(cin, embed, 1)
+    else:
+      self.fuse_layer = nn.Module()
+      self.fuse_layer.aspp_modules = nn.ModuleList(
+          ConvModule(cin, embed, 1) if d == 1 else SeparableConv(cin, embed, d)
+          for d in dilations
+      )
+      self.fuse_layer.bottleneck = ConvModule(len(dilations) * embed, embed, 3)
     self.dropout = nn.Dropout2d(0.1)
     self.conv_seg = nn.Conv2d(embed, classes, 1)
 
@@ -99,8 +104,11 @@ class DAFormerHead(nn.Module):
         ],
         1,
     )
-    x = torch.cat([m(x) for m in self.fuse_layer.aspp_modules], 1)
-    feat = self.fuse_layer.bottleneck(x)
+    if self.fusion == 'conv':
+      feat = self.fuse_layer(x)
+    else:
+      x = torch.cat([m(x) for m in self.fuse_layer.aspp_modules], 1)
+      feat = self.fuse_layer.bottleneck(x)
     return self.conv_seg(self.dropout(feat)), feat
 
 

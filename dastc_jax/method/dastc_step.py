@@ -47,6 +47,7 @@ from dastc_jax.method.train_state import TrainState
 from dastc_jax import models
 from dastc_jax.ops import augment
 from dastc_jax.ops import image as image_ops
+from dastc_jax.ops import masking
 from dastc_jax.ops import warp as warp_ops
 
 Batch = dict[str, Any]
@@ -338,9 +339,18 @@ def _source_labels(feat, probs, labels):
   labels = warp_ops.resize_nearest(labels[..., None], feat.shape[1:3])[
       ..., 0
   ].astype(jnp.int32)
+  probs = _to_grid(probs, feat.shape[1:3])
   safe = jnp.clip(labels, 0, probs.shape[-1] - 1)
   rel = jnp.take_along_axis(probs, safe[..., None], -1)[..., 0]
   return jnp.where(jnp.argmax(probs, -1) == labels, labels, -1), rel
+
+
+def _to_grid(probs: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Class probabilities on a feature grid (a multi-resolution model's
+  features are the context pass's, coarser than its fused scores)."""
+  if probs.shape[1:3] == tuple(grid):
+    return probs
+  return warp_ops.resize_bilinear(probs, grid)
 
 
 def _alignment_views(config, out_s, labels_src, target_passes, pl):
@@ -366,8 +376,9 @@ def _alignment_views(config, out_s, labels_src, target_passes, pl):
       k = 't1' if name == 'strong' else 't2'
       frames.append((k, key, 'key_logits', f'probs_{k}_lo'))
     for frame, fk, lk, pk in frames:
-      teacher = pl[pk]
-      own = probs(out[lk])
+      grid = out[fk].shape[1:3]
+      teacher = _to_grid(pl[pk], grid)
+      own = _to_grid(probs(out[lk]), grid)
       lab = jnp.argmax(teacher if a.target_labels == 'teacher' else own, -1)
       rel = jnp.take_along_axis(teacher, lab[..., None], -1)[..., 0]
       target.append(
@@ -543,12 +554,15 @@ def make_dastc_step(
     mix_fn = fusion.feature_swap
   ce = losses.cross_entropy
   ce_up = losses.upsampled_cross_entropy
+  # CE of the fused scores (plus a multi-resolution model's detail term).
+  seg = losses.segmentation_loss(config.model)
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    # One split per step; every random choice has its own key.
-    k_drop, k_aug, k_paste, k_swap, k_next, k_flip, k_teacher = (
-        jax.random.split(rng, 7)
+    # One split per step; every random choice has its own key (MIC adds
+    # one, so that runs without it keep their keys).
+    k_drop, k_aug, k_paste, k_swap, k_next, k_flip, k_teacher, *k_mic = (
+        jax.random.split(rng, 8 if d.mic.enabled else 7)
     )
     src, tgt = batch['source'], batch['target']
     size = tgt['frames'].shape[2:4]
@@ -603,18 +617,33 @@ def make_dastc_step(
       clip_sm = (xs_m[:, 0], xs_m[:, 1], fs_m) if video else (xs_m[:, 0],)
       clip_tm = (xt_m[:, 0], xt_m[:, 1], ft_m) if video else (xt_m[:, 0],)
       mix_masks = swap if swap is not None else fusion.fused_mask(masks)
+    if d.mic.enabled:
+      k_mic_aug, k_mask, k_mic_drop = jax.random.split(k_mic[0], 3)
+      x_mic = augment.strong_augment(
+          k_mic_aug,
+          tgt['frames'][:, :n_frames],
+          d.mic.augment,
+          dtype,
+          image_width=resized[1] if resized else None,
+      )
+      x_mic = masking.mask_clip(
+          x_mic,
+          masking.block_mask(
+              k_mask, x_mic.shape[:1] + size, d.mic.block_size, d.mic.ratio
+          ),
+      )
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, stats0)
       keys = jax.random.split(k_drop, 4)
       out_s = model.clip(x_src, src_flow, train=True, rng=keys[0])
-      l_src = ce_up(out_s['pred'], y_src[:, 0]) + aux_w * ce_up(
+      l_src = seg(out_s, y_src[:, 0], x_src.shape[2:4]) + aux_w * ce_up(
           out_s['pred_aux'], y_src[:, 0]
       )
       out_st = model.clip(x_st, tgt_flow, train=True, rng=keys[1])
-      l_cons = ce(
-          out_st['pred'], pl_loss['label_lo'], weights=pl_w
-      ) + aux_w * ce(out_st['pred_aux'], pl_loss['label_aux_lo'], weights=pl_w)
+      l_cons = seg(out_st, pl_loss['label_lo'], size, pl_w) + aux_w * ce(
+          out_st['pred_aux'], pl_loss['label_aux_lo'], weights=pl_w
+      )
       # The running averages every variant shares: these two passes.
       fixed_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
@@ -630,11 +659,15 @@ def make_dastc_step(
             rng=keys[2],
             lt_mask=masks['lt'],
         )
-        terms['loss_src_mix'] = ce(out_sm['pred'], ys_m[:, 0])
+        terms['loss_src_mix'] = seg(out_sm, ys_m[:, 0], size)
         # The target-context clip: mostly pseudo-labels, weighted as such.
-        terms['loss_tgt_mix'] = ce(out_tm['pred'], yt_m[:, 0], weights=pl_w)
+        terms['loss_tgt_mix'] = seg(out_tm, yt_m[:, 0], size, pl_w)
         terms.update(out_sm['mix_info'])
         total += terms['loss_src_mix'] + lam * terms['loss_tgt_mix']
+      if d.mic.enabled:
+        out_mic = model.clip(x_mic, tgt_flow, train=True, rng=k_mic_drop)
+        terms['loss_mic'] = seg(out_mic, pl_loss['label_lo'], size, pl_w)
+        total += d.mic.weight * terms['loss_mic']
       if d.alignment.kind != 'none':
         passes = [('strong', out_st)]
         if d.alignment.pairs == 2 and video:

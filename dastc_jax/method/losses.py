@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from dastc_jax.models import hrda
 from dastc_jax.ops import warp as warp_ops
 
 IGNORE = 255
@@ -48,7 +52,47 @@ def cross_entropy(
   return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def upsampled_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
   """CE after bilinear (align-corners) upsampling of logits to label size."""
   logits = warp_ops.resize_bilinear(logits, labels.shape[1:3])
-  return cross_entropy(logits, labels)
+  return cross_entropy(logits, labels, weights=weights)
+
+
+SegLoss = Callable[..., jax.Array]
+
+
+def segmentation_loss(model_config: ml_collections.ConfigDict) -> SegLoss:
+  """The loss of a model's output against labels, on any label grid.
+
+  Returns ``loss(out, labels, input_hw, weights=None)``: CE of
+  ``out['pred']`` (upsampled to the labels when they are larger). For a
+  multi-resolution (HRDA) model in training it is HRDA's
+  ``(1 - w) CE(fused) + w CE(detail, labels cropped at the detail box)``
+  (``w = model.hrda.detail_loss_weight``; ``input_hw`` the frames' size, by
+  which the box is scaled to the label grid).
+  """
+  spec = hrda.Spec.from_config(model_config)
+  weight = spec and float(model_config.hrda.detail_loss_weight)
+
+  def one(logits: jax.Array, labels: jax.Array, weights) -> jax.Array:
+    if logits.shape[1:3] != labels.shape[1:3]:
+      return upsampled_cross_entropy(logits, labels, weights)
+    return cross_entropy(logits, labels, weights=weights)
+
+  def loss(
+      out: dict[str, Any],
+      labels: jax.Array,
+      input_hw: Sequence[int],
+      weights: jax.Array | None = None,
+  ) -> jax.Array:
+    main = one(out['pred'], labels, weights)
+    if spec is None or 'detail' not in out:
+      return main
+    lab = hrda.crop_at_scale(
+        labels, out['detail_box'], spec.detail_crop, input_hw
+    )
+    return (1.0 - weight) * main + weight * one(out['detail'], lab, weights)
+
+  return loss

@@ -2,9 +2,9 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is the source-only
 supervised step of ACCEL (docs/reference_code.md, "Training"): CE with ignore
-255 on the fused
-scores plus ``loss.aux_weight`` x CE on the fused aux scores, both upsampled
-to the label size.
+255 on the fused scores plus ``loss.aux_weight`` x CE on the fused aux
+scores, both upsampled to the label size (a multi-resolution model adds its
+detail loss, ``losses.segmentation_loss``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def make_train_step(
     ``labels[:, 0]``, target ``label``).
   """
   aux_weight = config.loss.aux_weight
+  seg_loss = losses.segmentation_loss(config.model)
   dtype = models.compute_dtype(config.model.dtype)
 
   def train_step(state: TrainState, batch: Batch):
@@ -65,7 +66,7 @@ def make_train_step(
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.batch_stats)
       out = model.clip(frames, src.get('flow'), train=True, rng=rng)
-      l_main = losses.upsampled_cross_entropy(out['pred'], label)
+      l_main = seg_loss(out, label, frames.shape[2:4])
       l_aux = losses.upsampled_cross_entropy(out['pred_aux'], label)
       loss = l_main + aux_weight * l_aux
       stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))

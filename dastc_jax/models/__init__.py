@@ -53,6 +53,14 @@ def clip_length(config: ml_collections.ConfigDict) -> int:
   return video.clip_length(config.name)
 
 
+def output_stride(name: str) -> int:
+  """The score grid's stride of model ``name`` (DAFormer 4, DeepLab 8)."""
+  return 4 if name in TRANSFORMERS else 8
+
+
+IMAGE_MODELS = video.IMAGE_MODELS
+
+
 def shallow_stages(name: str = 'accel_deeplabv2') -> tuple[str, ...]:
   """Backbone stages of model ``name`` after which the feature-level fusion
   may exchange features (every stage but the last)."""

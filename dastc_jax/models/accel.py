@@ -24,6 +24,7 @@ import ml_collections
 
 from dastc_jax import errors
 from dastc_jax.models import heads
+from dastc_jax.models import hrda
 from dastc_jax.models import layers
 from dastc_jax.models import resnet
 from dastc_jax.models import video
@@ -101,6 +102,29 @@ class AccelDeepLab(video.FlowFusionModel):
     self.clip_length = video.clip_length(config.name)
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
+    self.hrda = hrda.Spec.from_config(config)
+    if self.hrda is not None:
+      # HRDA's attention head for DeepLab-v2: the ASPP sum to the classes.
+      self.scale_attention = heads.ASPPSum(
+          feats['layer4'],
+          c if config.hrda.classwise_attention else 1,
+          config.aspp_dilations,
+          kernel_init=head_init,
+          dtype=dtype,
+          kernel_grad=kernel_grad,
+          rngs=rngs,
+      )
+
+  def attention(
+      self,
+      feats: dict[str, jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+  ) -> jax.Array:
+    """Scale-attention logits from the context pass's layer4."""
+    del train, dropout_key
+    return self.scale_attention(feats['layer4'])
 
   def heads(
       self,

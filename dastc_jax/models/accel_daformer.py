@@ -20,6 +20,7 @@ import ml_collections
 
 from dastc_jax import errors
 from dastc_jax.models import daformer
+from dastc_jax.models import hrda
 from dastc_jax.models import layers
 from dastc_jax.models import mit
 from dastc_jax.models import video
@@ -63,6 +64,32 @@ class AccelDAFormer(video.FlowFusionModel):
     self.clip_length = video.clip_length(config.name)
     if self.clip_length == 2:
       self.sf_layer = self.fusion_layer(c, dtype=dtype, rngs=rngs)
+    self.hrda = hrda.Spec.from_config(config)
+    if self.hrda is not None:
+      # HRDA's attention head: the DAFormer head with a 1x1 conv fusion.
+      self.scale_attention = daformer.DAFormerHead(
+          spec.dims,
+          c if config.hrda.classwise_attention else 1,
+          embed=config.hrda.attention_features,
+          fusion='conv',
+          dropout=config.dropout,
+          bn_group_size=config.bn_group_size,
+          dtype=dtype,
+          rngs=rngs,
+      )
+
+  def attention(
+      self,
+      feats: dict[str, jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+  ) -> jax.Array:
+    """Scale-attention logits from the context pass's c1..c4."""
+    logits, _ = self.scale_attention(
+        [feats[s] for s in mit.MiT.STAGES], train=train, dropout_key=dropout_key
+    )
+    return logits
 
   def heads(
       self,

@@ -1,5 +1,8 @@
 """The DAFormer decode head ("sepaspp", embed 256) in Flax NNX.
 
+(HRDA's scale-attention head is the same head with ``fusion='conv'``: one
+1x1 conv + BN + ReLU in place of the ASPP and bottleneck.)
+
 1. Per encoder stage, a Linear embedding to ``embed`` channels (no norm, no
    activation): ``embed_layers.{i}.proj``.
 2. Each embedded map resized bilinearly (half-pixel centres, as
@@ -205,20 +208,33 @@ class DAFormerHead(nnx.Module):
       dilations: Sequence[int] = (1, 6, 12, 18),
       dropout: float = 0.1,
       bn_group_size: int = 0,
+      fusion: str = 'sepaspp',
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
     self.embed_layers = nnx.List(
         [Embedding(c, embed, dtype=dtype, rngs=rngs) for c in in_features]
     )
-    self.fuse_layer = SepASPP(
-        len(in_features) * embed,
-        embed,
-        dilations,
-        bn_group_size=bn_group_size,
-        dtype=dtype,
-        rngs=rngs,
-    )
+    if fusion == 'sepaspp':
+      self.fuse_layer = SepASPP(
+          len(in_features) * embed,
+          embed,
+          dilations,
+          bn_group_size=bn_group_size,
+          dtype=dtype,
+          rngs=rngs,
+      )
+    elif fusion == 'conv':  # HRDA's scale-attention head: a 1x1 ConvModule
+      self.fuse_layer = ConvModule(
+          len(in_features) * embed,
+          embed,
+          1,
+          bn_group_size=bn_group_size,
+          dtype=dtype,
+          rngs=rngs,
+      )
+    else:
+      raise ValueError(f'Unknown DAFormer fusion {fusion!r}.')
     # mmseg's classifier init: N(0, 0.01), zero bias.
     self.conv_seg = nnx.Conv(
         embed,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dastc_jax.models import hrda
 from dastc_jax.models import layers
 from dastc_jax.ops import warp as warp_ops
 
@@ -39,6 +40,9 @@ class FlowFusionModel(nnx.Module):
   clip_length: int
   # Whether the backbone takes a PRNG key in training (stochastic depth).
   backbone_rng: bool = False
+  # The multi-resolution (HRDA) settings, or None for one resolution; a
+  # subclass that sets them also builds ``scale_attention``.
+  hrda: hrda.Spec | None = None
 
   @staticmethod
   def fusion_layer(num_classes: int, *, dtype, rngs: nnx.Rngs) -> layers.Conv:
@@ -62,8 +66,41 @@ class FlowFusionModel(nnx.Module):
     k_backbone, k_head = jax.random.split(key)
     return k_backbone, k_head
 
+  def encode(
+      self, x: jax.Array, train: bool, key: jax.Array | None
+  ) -> dict[str, jax.Array]:
+    """The backbone's stage maps of ``x`` (``key``: stochastic depth)."""
+    if self.backbone_rng:
+      return self.backbone(x, train, rng=key)
+    return self.backbone(x, train)
+
+  def attention(
+      self,
+      feats: dict[str, jax.Array],
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+  ) -> jax.Array:
+    """The scale-attention logits of a context pass (HRDA models)."""
+    raise NotImplementedError(type(self).__name__)
+
+  def sample_detail_box(
+      self, key: jax.Array | None, hw: tuple[int, int]
+  ) -> jax.Array:
+    """The training detail crop of a multi-resolution model (``key``
+    required)."""
+    if key is None:
+      raise ValueError('Multi-resolution training needs a PRNG key.')
+    spec = self.hrda
+    return hrda.sample_box(key, hw, spec.detail_crop, spec.crop_divisible)
+
   def single_frame(
-      self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None
+      self,
+      x: jax.Array,
+      *,
+      train: bool,
+      dropout_key: jax.Array | None,
+      detail_box: jax.Array | None = None,
   ) -> dict[str, jax.Array]:
     """Per-frame network: logits, aux logits and the pre-logit feature.
 
@@ -71,17 +108,19 @@ class FlowFusionModel(nnx.Module):
       x: ``[B, H, W, 3]`` normalised BGR frame.
       train: batch-statistics BN and dropout when True.
       dropout_key: key for Dropout2d (unused at eval).
+      detail_box: the detail crop of a multi-resolution model in training.
 
     Returns:
       dict with ``logits``/``aux`` ``[B, h, w, C]`` and ``feat``
-      ``[B, h, w, F]`` at output stride 8.
+      ``[B, h, w, F]`` at the output stride (multi-resolution models add
+      the entries of ``hrda.combine``).
     """
+    if self.hrda is not None:
+      return hrda.forward(
+          self, x, train=train, dropout_key=dropout_key, box=detail_box
+      )
     k_backbone, k_head = self._keys(dropout_key if train else None)
-    feats = (
-        self.backbone(x, train, rng=k_backbone)
-        if self.backbone_rng
-        else self.backbone(x, train)
-    )
+    feats = self.encode(x, train, k_backbone)
     return self.heads(feats, train=train, dropout_key=k_head)
 
   def fuse(
@@ -124,6 +163,8 @@ class FlowFusionModel(nnx.Module):
     return fused.astype(jnp.float32)
 
   def _outputs(self, cur, key, flow, out_size, lt_mask):
+    # The multi-resolution model's detail scores and box (detail loss).
+    extra = {k: cur[k] for k in ('detail', 'detail_box') if k in cur}
     if key is None:  # single frame: the scores are the current frame's
       up = (
           (lambda x: warp_ops.resize_bilinear(x, out_size))
@@ -136,6 +177,7 @@ class FlowFusionModel(nnx.Module):
           'logits': cur['logits'],
           'aux': cur['aux'],
           'feat': cur['feat'],
+          **extra,
       }
     key = jax.lax.stop_gradient(key)
     return {
@@ -155,6 +197,7 @@ class FlowFusionModel(nnx.Module):
         'key_logits': key['logits'],
         'key_aux': key['aux'],
         'key_feat': key['feat'],
+        **extra,
     }
 
   def __call__(
@@ -188,12 +231,21 @@ class FlowFusionModel(nnx.Module):
       ``key_logits``/``key_aux``/``key_feat`` (gradient-free).
     """
     k_cur = k_key = None
+    box = None
+    if train and self.hrda is not None:
+      # One detail crop, at the same place in every frame of the clip.
+      rng, k_box = jax.random.split(rng) if rng is not None else (None, None)
+      box = self.sample_detail_box(k_box, frame_cur.shape[1:3])
     if train and rng is not None:
       k_cur, k_key = jax.random.split(rng)
-    cur = self.single_frame(frame_cur, train=train, dropout_key=k_cur)
+    cur = self.single_frame(
+        frame_cur, train=train, dropout_key=k_cur, detail_box=box
+    )
     key = None
     if self.clip_length == 2:
-      key = self.single_frame(frame_key, train=train, dropout_key=k_key)
+      key = self.single_frame(
+          frame_key, train=train, dropout_key=k_key, detail_box=box
+      )
     out_size = frame_cur.shape[1:3] if fuse_at_input else None
     return self._outputs(cur, key, flow, out_size, lt_mask)
 
@@ -245,43 +297,34 @@ class FlowFusionModel(nnx.Module):
     Returns:
       The two clips' outputs, fused at the input resolution.
     """
+    n_keys = 4 if self.hrda is None else 5
     keys = (
-        list(jax.random.split(rng, 4))
+        list(jax.random.split(rng, n_keys))
         if train and rng is not None
-        else [None] * 4
+        else [None] * n_keys
     )
+    box = None
+    if self.hrda is not None:
+      # One detail crop for both clips: the exchange is at the same pixels.
+      box = self.sample_detail_box(keys[4], clip_s[0].shape[1:3])
     frames = []
     info = {}
     for f in range(self.clip_length):
       xs, xt = clip_s[f], clip_t[f]
-      kb_s, kh_s = self._keys(keys[2 * f])
-      kb_t, kh_t = self._keys(keys[2 * f + 1])
-      # A backbone with stochastic depth gets its key (ResNet: none).
-      net_s = (
-          functools.partial(self.backbone, rng=kb_s)
-          if self.backbone_rng
-          else self.backbone
-      )
-      net_t = (
-          functools.partial(self.backbone, rng=kb_t)
-          if self.backbone_rng
-          else self.backbone
-      )
-      if layer is None:
-        fs, ft = net_s(xs, train), net_t(xt, train)
-      else:
-        s1 = net_s(xs, train, last=layer)
-        t1 = net_t(xt, train, last=layer)
-        ms, mt, frame_info = mix_fn(
-            s1[layer], t1[layer], jax.tree.map(lambda m: m[:, f], masks)
+      masks_f = jax.tree.map(lambda m: m[:, f], masks)
+      if self.hrda is not None:
+        out_s, out_t, frame_info = self._mixed_frame_hrda(
+            xs, xt, masks_f, box, keys[2 * f], keys[2 * f + 1], layer, mix_fn
         )
         info.update({f'{k}_f{f}': v for k, v in frame_info.items()})
-        stages = self.backbone.STAGES
-        nxt = stages[stages.index(layer) + 1]
-        # The mixed feature replaces the stage output (an aux head on it
-        # sees the mixed feature too).
-        fs = {**s1, layer: ms, **net_s(ms, train, first=nxt)}
-        ft = {**t1, layer: mt, **net_t(mt, train, first=nxt)}
+        frames.append((out_s, out_t))
+        continue
+      kb_s, kh_s = self._keys(keys[2 * f])
+      kb_t, kh_t = self._keys(keys[2 * f + 1])
+      fs, ft, frame_info = self._exchange(
+          xs, xt, masks_f, kb_s, kb_t, layer, mix_fn, train
+      )
+      info.update({f'{k}_f{f}': v for k, v in frame_info.items()})
       frames.append(
           (
               self.heads(fs, train=train, dropout_key=kh_s),
@@ -297,3 +340,97 @@ class FlowFusionModel(nnx.Module):
     out_s = self._outputs(cur_s, key_s, flow_s, size, lt_mask)
     out_s['mix_info'] = info
     return out_s, self._outputs(cur_t, key_t, flow_t, size, lt_mask)
+
+  def _exchange(self, xs, xt, masks_f, kb_s, kb_t, layer, mix_fn, train):
+    """Both clips' stage maps of one frame, with their shallow features
+    exchanged after ``layer`` (None: no exchange). Returns ``(feats_s,
+    feats_t, info)``."""
+    if layer is None:
+      return self.encode(xs, train, kb_s), self.encode(xt, train, kb_t), {}
+    net_s = functools.partial(self.encode_part, train=train, key=kb_s)
+    net_t = functools.partial(self.encode_part, train=train, key=kb_t)
+    s1 = net_s(xs, last=layer)
+    t1 = net_t(xt, last=layer)
+    ms, mt, info = mix_fn(s1[layer], t1[layer], masks_f)
+    stages = self.backbone.STAGES
+    nxt = stages[stages.index(layer) + 1]
+    # The mixed feature replaces the stage output (an aux head on it sees
+    # the mixed feature too).
+    fs = {**s1, layer: ms, **net_s(ms, first=nxt)}
+    ft = {**t1, layer: mt, **net_t(mt, first=nxt)}
+    return fs, ft, info
+
+  def encode_part(self, x, *, train, key, first=None, last=None):
+    """The backbone's stages from ``first`` to ``last`` (None: the ends)."""
+    kw = {}
+    if first is not None:
+      kw['first'] = first
+    if last is not None:
+      kw['last'] = last
+    if self.backbone_rng:
+      return self.backbone(x, train, rng=key, **kw)
+    return self.backbone(x, train, **kw)
+
+  def _mixed_frame_hrda(self, xs, xt, masks_f, box, key_s, key_t, layer, mix):
+    """One frame of both fused clips through the multi-resolution model:
+    the exchange runs in the context pass (masks at any grid) and in the
+    detail pass (masks cropped at the detail box)."""
+    spec = self.hrda
+    hw = xs.shape[1:3]
+    k_s, k_t = hrda.split_keys(key_s), hrda.split_keys(key_t)
+    kb_cs, kh_cs = self._keys(k_s['context'])
+    kb_ct, kh_ct = self._keys(k_t['context'])
+    kb_ds, kh_ds = self._keys(k_s['detail'])
+    kb_dt, kh_dt = self._keys(k_t['detail'])
+    small = hrda.context_size(hw, spec.context_scale)
+    fc_s, fc_t, info = self._exchange(
+        hrda.resize_half_pixel(xs, small),
+        hrda.resize_half_pixel(xt, small),
+        masks_f,
+        kb_cs,
+        kb_ct,
+        layer,
+        mix,
+        True,
+    )
+    # The spatial masks ([B, H, W]) at the detail crop; other leaves (the
+    # exchanged class ids) are per clip.
+    crop_masks = jax.tree.map(
+        lambda m: (
+            hrda.crop_at_scale(m, box, spec.detail_crop, hw)
+            if m.ndim >= 3
+            else m
+        ),
+        masks_f,
+    )
+    fd_s, fd_t, _ = self._exchange(
+        hrda.crop(xs, box, spec.detail_crop),
+        hrda.crop(xt, box, spec.detail_crop),
+        crop_masks,
+        kb_ds,
+        kb_dt,
+        layer,
+        mix,
+        True,
+    )
+    outs = []
+    for fc, fd, kh_c, kh_d, k in (
+        (fc_s, fd_s, kh_cs, kh_ds, k_s),
+        (fc_t, fd_t, kh_ct, kh_dt, k_t),
+    ):
+      ctx = self.heads(fc, train=True, dropout_key=kh_c)
+      detail = self.heads(fd, train=True, dropout_key=kh_d)['logits']
+      outs.append(
+          hrda.combine(
+              self,
+              spec,
+              fc,
+              ctx,
+              detail,
+              box,
+              input_hw=hw,
+              train=True,
+              attention_key=k['attention'],
+          )
+      )
+    return outs[0], outs[1], info

@@ -2,7 +2,8 @@
 
 Groups (docs/reference_code.md, "Training"): ``backbone`` (conv1..layer4),
 ``fusion`` (the
-score-fusion ``sf_layer``), ``head`` (aux ``layer5`` and main ``layer7``)
+score-fusion ``sf_layer``), ``head`` (aux ``layer5`` and main ``layer7``,
+and HRDA's ``scale_attention``)
 and ``frozen`` (BatchNorm scale/bias when ``model.freeze_bn_affine``). Each
 group's LR is ``lr_mult[group] * schedule(step)``. The reference leaves the
 head group at a constant ``10 * base`` (``optim.constant_head_lr``, a bug
@@ -39,7 +40,7 @@ def param_labels(params: Any, freeze_bn_affine: bool) -> Any:
     top = keys[0]
     if top == 'sf_layer':
       return 'fusion'
-    if top in ('head', 'aux_head'):
+    if top in ('head', 'aux_head', 'scale_attention'):
       return 'head'
     if top == 'backbone':
       is_bn = keys[-1] in ('scale', 'bias') and any(

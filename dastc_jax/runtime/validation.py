@@ -68,6 +68,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'dastc.alignment.target_labels': ('teacher', 'student'),
     'dastc.alignment.temporal': ('adaptive', 'uniform'),
     'dastc.alignment.pairs': (1, 2),
+    'model.hrda.enabled': (False, True),
+    'model.hrda.classwise_attention': (False, True),
+    'model.hrda.slide_detail': (False, True),
+    'dastc.mic.enabled': (False, True),
 }
 
 # Inclusive bounds (None: unbounded); keys in OPEN_AT_ZERO must be > 0.
@@ -126,9 +130,17 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'dastc.strong_aug.blur_reference_width': (1, None),
     'dastc.strong_aug.blur_kernel': (0, None),  # odd, or 0 (derived)
     'dastc.alignment.temporal_temperature': (0, None),
+    'model.hrda.context_scale': (0, 1),
+    'model.hrda.crop_divisible': (1, None),
+    'model.hrda.detail_loss_weight': (0, 1),
+    'model.hrda.attention_features': (1, None),
+    'dastc.mic.block_size': (1, None),
+    'dastc.mic.ratio': (0, 1),
+    'dastc.mic.weight': (0, None),
 }
 OPEN_AT_ZERO = (
     'optim.lr',
+    'model.hrda.context_scale',
     'dastc.alignment.temperature',
     'dastc.alignment.temporal_temperature',
 )
@@ -265,12 +277,13 @@ def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_blur(config: ml_collections.ConfigDict) -> None:
-  k = config.dastc.strong_aug.blur_kernel
-  if k and k % 2 == 0:
-    raise errors.ConfigError(
-        f'config.dastc.strong_aug.blur_kernel={k}; expected an odd number of '
-        'taps, or 0 (2 * ceil(3 * sigma) + 1).'
-    )
+  for key in ('strong_aug', 'mic.augment'):
+    k = _get(config, f'dastc.{key}.blur_kernel')
+    if k and k % 2 == 0:
+      raise errors.ConfigError(
+          f'config.dastc.{key}.blur_kernel={k}; expected an odd number of '
+          'taps, or 0 (2 * ceil(3 * sigma) + 1).'
+      )
 
 
 def _check_perturbation(config: ml_collections.ConfigDict) -> None:
@@ -296,10 +309,50 @@ def _check_perturbation(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_hrda(config: ml_collections.ConfigDict) -> None:
+  """The multi-resolution (HRDA) settings."""
+  h = config.model.hrda
+  if not h.enabled:
+    return
+  if models.clip_length(config.model) != 1:
+    raise errors.ConfigError(
+        'config.model.hrda.enabled=True needs an image model '
+        f'(config.model.name one of {models.IMAGE_MODELS}); the '
+        'multi-resolution video model is not implemented yet.'
+    )
+  if config.loss.aux_weight != 0:
+    raise errors.ConfigError(
+        f'config.loss.aux_weight={config.loss.aux_weight} with '
+        'config.model.hrda.enabled=True: the multi-resolution model has no '
+        'auxiliary head; set config.loss.aux_weight=0.'
+    )
+  stride = models.output_stride(config.model.name)
+  step = stride / h.context_scale
+  if h.crop_divisible % step or any(v % step for v in h.detail_crop):
+    raise errors.ConfigError(
+        f'config.model.hrda.crop_divisible={h.crop_divisible} and '
+        f'detail_crop={tuple(h.detail_crop)}: both must be multiples of '
+        f'{step:g} (output stride {stride} / context_scale '
+        f'{h.context_scale}) so that the detail scores fall on whole cells '
+        'of the context grid.'
+    )
+  for key in ('source', 'target'):
+    if key not in config.data:
+      continue
+    dom = config.data[key]
+    size = dom.get('crop_size') or dom.image_size
+    if size is not None and any(c > s for c, s in zip(h.detail_crop, size)):
+      raise errors.ConfigError(
+          f'config.model.hrda.detail_crop={tuple(h.detail_crop)} is larger '
+          f"than config.data.{key}'s training input {tuple(size)}."
+      )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
   _check_choices(config)
   _check_ranges(config)
+  _check_hrda(config)
   cs = labels_lib.get_class_set(config.data.class_set)
   if cs.num_classes != config.model.num_classes:
     raise errors.ConfigError(
