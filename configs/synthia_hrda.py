@@ -1,5 +1,5 @@
-"""SYNTHIA-RAND-CITYSCAPES -> Cityscapes, the image-domain QuadMix model: MiT-B5 + DAFormer
-head with multi-resolution training (HRDA) and masked image consistency
+"""SYNTHIA-RAND-CITYSCAPES -> Cityscapes, the image-domain QuadMix model:
+MiT-B5 + DAFormer head with multi-resolution training (HRDA) and masked image consistency
 (MIC), plus DA-STC's image-level fusion and alignment.
 
 See ``common.hrda_config`` and docs/method.md ("HRDA and MIC"). Variant
