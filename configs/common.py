@@ -244,6 +244,12 @@ def base_config() -> ml_collections.ConfigDict:
           batch_size=1,
           splits=('target_val',),
           num_overlays=4,
+          # Image models: segment the image in overlapping windows of
+          # slide_window (H, W) pixels every slide_stride pixels, averaging
+          # the scores where they overlap (the HRDA configs' 1024x1024
+          # windows every 512); None: the whole image at once.
+          slide_window=None,
+          slide_stride=None,
       )
   )
 
@@ -556,12 +562,16 @@ def hrda_config(base, arg: str | None) -> ml_collections.ConfigDict:
   c.dastc.pl_weighting = 'quality'
   c.dastc.pl_quality_threshold = 0.968
   c.dastc.ema_decay = 0.999
+  c.eval.slide_window = (1024, 1024)
+  c.eval.slide_stride = (512, 512)
   if 'smoke' in args:
     smoke_images(c)
     tiny_vit(c)
     h.detail_crop = (16, 24)
     h.attention_features = 16
     m.block_size = 16
+    c.eval.slide_window = (32, 48)
+    c.eval.slide_stride = (16, 24)
   return c
 
 

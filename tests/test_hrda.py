@@ -184,6 +184,12 @@ def test_sliding_windows_cover_the_grid_and_average_overlaps():
   assert float(avg[0, 0, 0, 0]) == 0.0
   assert float(avg[0, 0, 5, 0]) == pytest.approx((0 + 1) / 2)  # two windows
   assert float(avg[0, 9, cols - 1, 0]) == n - 1
+  # Windows that return their own pixels rebuild the image, with any
+  # stride (the evaluation's 1024 windows every 512 px, scaled down).
+  img = jnp.asarray(np.random.default_rng(0).normal(size=(2, 40, 100, 3)))
+  for window, stride in (((32, 32), (16, 16)), ((32, 48), (8, 20))):
+    back = hrda.slide(lambda w: w, img, window, (40, 100), stride)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(img), atol=1e-6)
 
 
 def test_detail_crops_are_on_the_divisible_grid_as_hrda_draws_them():

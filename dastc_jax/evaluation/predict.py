@@ -172,10 +172,11 @@ def make_predict_fn(config: ml_collections.ConfigDict):
   -> ids [1, h, w]`` (fused logits upsampled with align corners)."""
   graphdef = state_lib.model_graphdef(config)
   dtype = models.compute_dtype(config.model.dtype)
+  slide = forward.slide_setting(config)
 
   def predict(params, stats, frames, flow, out_hw):
     logits = forward.predict_logits(
-        graphdef, params, stats, frames, flow, out_hw, dtype
+        graphdef, params, stats, frames, flow, out_hw, dtype, slide
     )
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 

@@ -185,15 +185,17 @@ def slide(
     x: jax.Array,
     crop_hw: Sequence[int],
     grid_hw: Sequence[int],
+    stride: Sequence[int] | None = None,
 ) -> jax.Array:
-  """Scores of ``x`` ``[B, H, W, 3]`` from overlapping windows.
+  """Scores of ``x`` ``[B, H, W, ...]`` from overlapping windows.
 
-  The windows (stride half the crop) go through ``fn`` as one batch; each
-  window's scores are added at its place on the ``grid_hw`` score grid and
-  the sum is divided by the number of windows covering each cell.
+  The windows (``stride``, default half the crop) go through ``fn`` as one
+  batch; each window's scores are added at its place on the ``grid_hw``
+  score grid and the sum is divided by the number of windows covering each
+  cell.
   """
   h, w = x.shape[1:3]
-  stride = (crop_hw[0] // 2, crop_hw[1] // 2)
+  stride = stride or (crop_hw[0] // 2, crop_hw[1] // 2)
   boxes = slide_boxes((h, w), crop_hw, stride)
   b = x.shape[0]
   windows = jnp.concatenate([x[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])

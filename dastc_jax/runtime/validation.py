@@ -348,11 +348,36 @@ def _check_hrda(config: ml_collections.ConfigDict) -> None:
       )
 
 
+def _check_slide(config: ml_collections.ConfigDict) -> None:
+  """Sliding-window evaluation: image models, both sizes given."""
+  e = config.eval
+  window, stride = _get(config, 'eval.slide_window'), e.slide_stride
+  if window is None and stride is None:
+    return
+  ok = lambda v: (
+      isinstance(v, (tuple, list))
+      and len(v) == 2
+      and all(isinstance(i, int) and i > 0 for i in v)
+  )
+  if not (ok(window) and ok(stride)):
+    raise errors.ConfigError(
+        f'config.eval.slide_window={window!r} and slide_stride={stride!r}; '
+        'expected two (H, W) pairs of positive pixels, or both None.'
+    )
+  if models.clip_length(config.model) != 1:
+    raise errors.ConfigError(
+        'config.eval.slide_window is for image models '
+        f'(config.model.name one of {models.IMAGE_MODELS}); video clips are '
+        'segmented whole.'
+    )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the key, on config values that cannot work."""
   _check_choices(config)
   _check_ranges(config)
   _check_hrda(config)
+  _check_slide(config)
   cs = labels_lib.get_class_set(config.data.class_set)
   if cs.num_classes != config.model.num_classes:
     raise errors.ConfigError(
