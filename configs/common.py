@@ -520,7 +520,9 @@ def vit_config(
   return c
 
 
-def hrda_config(base, arg: str | None) -> ml_collections.ConfigDict:
+def hrda_config(
+    base, arg: str | None, video: bool = False
+) -> ml_collections.ConfigDict:
   """A ``*_hrda.py`` config: the image-domain QuadMix model on ``base``'s
   dataset pair: MiT-B5 + DAFormer head (``vit``) trained at high
   resolution with HRDA (a 0.5-scale context pass over the 1024x1024 crop,
@@ -533,16 +535,22 @@ def hrda_config(base, arg: str | None) -> ml_collections.ConfigDict:
   16x24 detail crop and 16-px MIC blocks, 2 steps."""
   args = parse_arg(arg)
   c = base.get_config()
-  vit(c, image=True)
+  vit(c, image=not video)
   source = c.data.source.dataset
-  hr_source = (1440, 2560) if source == 'gta5' else (1520, 2560)
+  # Twice the single-scale configs' source size (GTA5 and VIPER 720x1280,
+  # SYNTHIA 760x1280, SYNTHIA-Seq 640x1280), as the HRDA configs do for
+  # images.
+  hr_source = {
+      'gta5': (1440, 2560),
+      'viper': (1440, 2560),
+      'synthia_seq': (1280, 2560),
+  }.get(source, (1520, 2560))
+  target = 'cityscapes_seq' if video else 'cityscapes'
   c.data.source = domain(source, 'train', hr_source, crop_size=(1024, 1024))
-  c.data.target = domain(
-      'cityscapes', 'train', (1024, 2048), crop_size=(1024, 1024)
-  )
-  c.data.target_val = domain(
-      'cityscapes', 'val', (1024, 2048), label_size='native'
-  )
+  c.data.target = domain(target, 'train', (1024, 2048), crop_size=(1024, 1024))
+  c.data.target_val = domain(target, 'val', (1024, 2048), label_size='native')
+  if video and 'source_val' in c.data:
+    c.data.source_val = domain(source, 'val', hr_source)
   h = c.model.hrda
   h.enabled = True
   h.context_scale = 0.5
@@ -562,16 +570,21 @@ def hrda_config(base, arg: str | None) -> ml_collections.ConfigDict:
   c.dastc.pl_weighting = 'quality'
   c.dastc.pl_quality_threshold = 0.968
   c.dastc.ema_decay = 0.999
-  c.eval.slide_window = (1024, 1024)
-  c.eval.slide_stride = (512, 512)
+  if not video:  # video clips are segmented whole
+    c.eval.slide_window = (1024, 1024)
+    c.eval.slide_stride = (512, 512)
   if 'smoke' in args:
-    smoke_images(c)
+    if video:
+      smoke(c)
+      c.data.source.crop_size = c.data.target.crop_size = (32, 48)
+    else:
+      smoke_images(c)
+      c.eval.slide_window = (32, 48)
+      c.eval.slide_stride = (16, 24)
     tiny_vit(c)
     h.detail_crop = (16, 24)
     h.attention_features = 16
     m.block_size = 16
-    c.eval.slide_window = (32, 48)
-    c.eval.slide_stride = (16, 24)
   return c
 
 

@@ -247,14 +247,45 @@ def test_config_checks(change, message):
     validation.check_config(c)
 
 
-def test_video_models_refuse_multi_resolution_for_now():
-  from configs import viper  # pylint: disable=g-import-not-at-top
+def test_video_model_crops_every_frame_at_one_place():
+  """The multi-resolution video model: frame t and the key frame t-1 get
+  the same detail crop. With identical frames, zero flow and no dropout the
+  key frame's fused scores equal frame t's; the clip's fused prediction is
+  the flow fusion of the two full-grid fused maps, and its detail loss
+  reads frame t's detail crop."""
+  from configs import viper_hrda  # pylint: disable=g-import-not-at-top
 
-  c = viper.get_config('smoke')
-  c.model.hrda.enabled = True
-  c.loss.aux_weight = 0.0
-  with pytest.raises(errors.ConfigError, match='not implemented'):
-    validation.check_config(c)
+  c = viper_hrda.get_config('smoke')
+  validation.check_config(c)
+  c.model.dropout = 0.0
+  c.model.drop_path_rate = 0.0
+  model = models.build_model(c.model, nnx.Rngs(0))
+  frame = np.random.default_rng(0).normal(size=(2, 1, 32, 48, 3))
+  x = jnp.asarray(np.concatenate([frame, frame], 1), jnp.float32)
+  flow = jnp.zeros((2, 32, 48, 2))
+  for seed in range(3):
+    out = model.clip(x, flow, train=True, rng=jax.random.key(seed))
+    np.testing.assert_allclose(
+        np.asarray(out['key_logits']), np.asarray(out['logits']), atol=1e-5
+    )
+    assert out['pred'].shape == out['logits'].shape == (2, 8, 12, 15)
+    assert out['detail'].shape == (2, 4, 6, 15)
+  seg = losses.segmentation_loss(c.model)
+  label = jnp.zeros((2, 32, 48), jnp.int32)
+  grads = jax.grad(
+      lambda m: seg(
+          m.clip(x, flow, train=True, rng=jax.random.key(0)), label, (32, 48)
+      )
+  )(model)
+  g = nnx.state(grads, nnx.Param)
+  assert float(optax_norm(g['scale_attention'])) > 0
+  assert float(optax_norm(g['sf_layer'])) > 0
+  ev = model.clip(x, flow, train=False)
+  assert ev['pred'].shape == (2, 8, 12, 15) and 'detail' not in ev
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(tree)))
 
 
 def test_deeplab_model_trains_and_evaluates_with_detail_loss():

@@ -314,12 +314,6 @@ def _check_hrda(config: ml_collections.ConfigDict) -> None:
   h = config.model.hrda
   if not h.enabled:
     return
-  if models.clip_length(config.model) != 1:
-    raise errors.ConfigError(
-        'config.model.hrda.enabled=True needs an image model '
-        f'(config.model.name one of {models.IMAGE_MODELS}); the '
-        'multi-resolution video model is not implemented yet.'
-    )
   if config.loss.aux_weight != 0:
     raise errors.ConfigError(
         f'config.loss.aux_weight={config.loss.aux_weight} with '
