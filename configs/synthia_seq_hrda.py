@@ -1,5 +1,6 @@
-"""SYNTHIA-Seq -> Cityscapes-Seq, the multi-resolution video model: the transformer
-video model (MiT-B5 + DAFormer head + flow fusion) with HRDA's context and
+"""SYNTHIA-Seq -> Cityscapes-Seq, the multi-resolution video model: the
+transformer video model (MiT-B5 + DAFormer head + flow fusion) with HRDA's
+context and
 detail passes in every frame (one detail crop for the whole clip) and MIC on
 the target clip, plus DA-STC.
 
