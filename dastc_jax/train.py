@@ -118,13 +118,17 @@ class _Run:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool = False,
 ) -> dict[str, float]:
   """Trains (resuming from ``workdir`` if possible), then evaluates.
 
   Args:
     config: the experiment config.
     workdir: output folder (checkpoints, logs, eval tables, overlays).
+    allow_config_change: resume although keys that change training differ
+      from the run's last config (``workdir.check_and_write_config``).
 
   Returns:
     ``{split: mIoU}`` of the final evaluation, in %.
@@ -139,7 +143,16 @@ def train_and_evaluate(
       ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   ):
     teacher_start.check(config)  # no pseudo-labels from an initialised head
-  workdir_lib.check_and_write_config(config, workdir)
+  changed = workdir_lib.check_and_write_config(
+      config, workdir, allow_changes=allow_config_change
+  )
+  if changed:
+    logging.warning(
+        'Resuming with a config that differs from the last one in: %s (both '
+        'are kept in %s).',
+        ', '.join(changed),
+        workdir,
+    )
   data_root = resolve_data_root(config)
 
   # Mesh and input pipeline.

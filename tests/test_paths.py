@@ -108,6 +108,22 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   c.model.width += 1  # resuming with another model is refused, by path
   with pytest.raises(errors.ConfigError, match='gs://b/run holds a run'):
     workdir_lib.check_and_write_config(c, workdir)
+  c.model.width -= 1
+  # Another learning rate: refused unless allowed; then both configs stay.
+  c.optim.lr *= 2
+  with pytest.raises(errors.ConfigError, match=r'optim\.lr=.*--allow_config'):
+    workdir_lib.check_and_write_config(c, workdir)
+  assert workdir_lib.check_and_write_config(c, workdir, allow_changes=True) == [
+      'optim.lr'
+  ]
+  first = json.loads((tmp_path / 'b/run/config.json').read_text())
+  second = json.loads((tmp_path / 'b/run/config.1.json').read_text())
+  assert second['optim']['lr'] == 2 * first['optim']['lr']
+  # A longer run (num_steps) is not a change of what is trained: allowed,
+  # and kept.
+  c.train.num_steps += 10
+  assert workdir_lib.check_and_write_config(c, workdir) == ['train.num_steps']
+  assert (tmp_path / 'b/run/config.2.json').exists()
   # A checkpoint step folder on the bucket.
   (tmp_path / 'b/run/checkpoints/900/state').mkdir(parents=True)
   root, step = checkpointing.resolve('.', 'gs://b/run/checkpoints/900')

@@ -379,6 +379,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.'
     )
   _check_domains(config)
+  if config.data.synthetic.enabled and config.data.data_dir:
+    raise errors.ConfigError(
+        f'config.data.data_dir={config.data.data_dir!r} has no effect: '
+        'config.data.synthetic.enabled=True trains on the built-in synthetic '
+        'world. Drop the override, or add '
+        '--config.data.synthetic.enabled=False to train on that folder.'
+    )
   nwd = _get(config, 'optim.no_weight_decay')
   if not isinstance(nwd, (tuple, list)) or not all(
       isinstance(k, str) and k for k in nwd
