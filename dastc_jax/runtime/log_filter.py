@@ -2,8 +2,16 @@
 
 from absl import logging
 
-# Libraries whose INFO logs drown the training progress.
-_QUIET = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/jax/_src/')
+# Libraries whose INFO logs drown the training progress (clu's platform
+# logs its own progress notes, with an ETA of one phase's rate: ours is
+# train.py's progress line).
+_QUIET = (
+    '/orbax/',
+    '/grain/',
+    '/tensorflow_datasets/',
+    '/jax/_src/',
+    '/clu/platform/',
+)
 
 
 class QuietLibraries(logging.logging.Filter):
