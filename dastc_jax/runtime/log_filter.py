@@ -14,10 +14,20 @@ _QUIET = (
 )
 
 
+# Warnings that describe intended behaviour, not a fault: orbax announces
+# every read-only checkpoint manager (evaluation and prediction open the
+# checkpoints read-only on purpose).
+_EXPECTED_WARNINGS = (('/orbax/', 'Given directory is read only'),)
+
+
 class QuietLibraries(logging.logging.Filter):
-  """Drops INFO records emitted from the files of chatty libraries."""
+  """Drops INFO records emitted from the files of chatty libraries, and
+  their warnings about what we do on purpose."""
 
   def filter(self, record):
+    for where, text in _EXPECTED_WARNINGS:
+      if where in record.pathname and str(record.msg).startswith(text):
+        return False
     return record.levelno >= logging.logging.WARNING or not any(
         q in record.pathname for q in _QUIET
     )
