@@ -272,6 +272,10 @@ def train_and_evaluate(
       final_step = int(jax.device_get(state.step))
       results = run.evaluate(state, final_step, config.eval.num_overlays)
       write_eval_scalars(writer, final_step, results)
+      if jax.process_index() == 0:
+        evaluate.write_eval_images(
+            writer, final_step, workdir / 'eval' / f'step_{final_step}', results
+        )
     final = workdir / 'eval' / f'step_{final_step}'
     logging.info(
         'Done. Checkpoints: %s. Results: %s (results.md, results.json%s). '

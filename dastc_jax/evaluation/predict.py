@@ -5,10 +5,11 @@
 
 Each frame t is resized to the evaluation size of the target domain
 (``config.data.target_val.image_size``) for the model and segmented with
-frame t-1 as the key frame and the flow t->t-1 (the first frame is its own key frame, with
-zero flow). Flows are read from ``--flows`` (``<frame name>.npy`` or
-Middlebury ``.flo``, t->t-1, on any grid: they are resized with the usual
-magnitude rule), computed with RAFT when ``--flow_weights`` names RAFT
+frame t-1 as the key frame and the flow t->t-1 (the first frame is its
+own key frame, with zero flow). Flows are read from ``--flows``
+(``<frame name>.npy`` or Middlebury ``.flo``, t->t-1, on any grid: they
+are resized with the usual magnitude rule), computed with RAFT when
+``--flow_weights`` names RAFT
 weights (``dastc_jax/flow/``), or else with OpenCV's DIS optical flow, a
 classical method: the reference used FlowNet2, whose flows are smoother, so
 DIS flows give somewhat different fusions. The image-domain models
