@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -34,8 +33,8 @@ from dastc_jax.evaluation import evaluate
 from dastc_jax.evaluation import forward
 from dastc_jax.runtime import checkpointing
 from dastc_jax.runtime import divergence
-from dastc_jax.runtime import optim
 from dastc_jax.runtime import preemption
+from dastc_jax.runtime import progress as progress_lib
 from dastc_jax.runtime import sharding as sharding_lib
 from dastc_jax.runtime import state as state_lib
 from dastc_jax.runtime import steps as step_lib
@@ -73,6 +72,31 @@ def _make_steps(config, graphdef, tx, state_sharding, data, repl):
       jit(step_lib.make_dastc_step(config, graphdef, tx)),
   )
   return [source, adapt] if config.train.source_only_steps > 0 else [adapt]
+
+
+def phase_names(config, train_steps) -> list[tuple[int, str]]:
+  """``[(first_step, name)]`` of the run's phases: ``warm_start`` then
+  ``dastc``, or the method alone."""
+  if config.method == 'dastc' and len(train_steps) == 2:
+    return [(train_steps[0][0], 'warm_start'), (train_steps[1][0], 'dastc')]
+  return [(train_steps[0][0], config.method)]
+
+
+def _estimate_later_phases(prog, run, step, state, batch) -> None:
+  """FLOPs ratio of each later phase's step to this one's (for the ETA)."""
+  later = [(f, n) for f, n in prog.phases if f > step]
+  if not later:
+    return
+  here = progress_lib.flops(run.step_fn(step).lower(state, batch))
+  for first, name in later:
+    there = progress_lib.flops(run.step_fn(first).lower(state, batch))
+    if here and there:
+      prog.ratio[name] = there / here
+      logging.info(
+          "The %s step costs %.1fx this phase's in FLOPs (ETA estimate).",
+          name,
+          prog.ratio[name],
+      )
 
 
 def _jit_eval_step(config, graphdef, state_sharding, repl, data):
@@ -197,10 +221,16 @@ def train_and_evaluate(
   train_steps = _make_steps(config, graphdef, tx, state_sharding, data, repl)
   eval_step = _jit_eval_step(config, graphdef, state_sharding, repl, data)
 
-  # Logging and progress hooks (process 0 writes).
-  writer = metric_writers.create_default_writer(
-      os.fspath(workdir), just_logging=jax.process_index() > 0
-  )
+  # Scalars to TensorBoard and metrics.jsonl (process 0), not the console.
+  if jax.process_index() == 0:
+    writer = metric_writers.AsyncMultiWriter(
+        [
+            metric_writers.SummaryWriter(os.fspath(workdir)),
+            progress_lib.MetricsFile(workdir / 'metrics.jsonl'),
+        ]
+    )
+  else:
+    writer = metric_writers.MultiWriter([])
   if start == 0:
     hparams = traverse_util.flatten_dict(config.to_dict(), sep='.')
     writer.write_hparams(
@@ -242,6 +272,20 @@ def train_and_evaluate(
       final_step = int(jax.device_get(state.step))
       results = run.evaluate(state, final_step, config.eval.num_overlays)
       write_eval_scalars(writer, final_step, results)
+      if jax.process_index() == 0:
+        evaluate.write_eval_images(
+            writer, final_step, workdir / 'eval' / f'step_{final_step}', results
+        )
+    final = workdir / 'eval' / f'step_{final_step}'
+    logging.info(
+        'Done. Checkpoints: %s. Results: %s (results.md, results.json%s). '
+        'Metrics: %s and TensorBoard (tensorboard --logdir %s).',
+        ckpt_dir,
+        final,
+        ', overlays/' if config.eval.num_overlays else '',
+        workdir / 'metrics.jsonl',
+        workdir,
+    )
   finally:
     ckpt.close()  # waits for pending saves, also when a step failed
     if hasattr(train_iter, 'close'):
@@ -293,13 +337,18 @@ def _loop(
   config, ckpt = run.config, run.ckpt
   num_steps = config.train.num_steps
   window, prev = [], None
-  t_start = time.time()
-  phase_start = start  # ETA from the current phase's rate (phases differ)
-  adapt = optim.adaptation_start(config)
+  phases = phase_names(config, run.train_steps)
+  prog = progress_lib.Progress(phases, num_steps, start)
   bad_records = 0  # undecodable records passed over (data.on_error=skip)
   for step in range(start, num_steps):
-    if step == adapt and adapt > start:  # the DA-STC phase starts
-      t_start, phase_start = time.time(), step
+    starts_phase = prog.before_step(step)
+    if starts_phase:
+      logging.info(
+          'Phase %s from step %d: compiling its step (its first step takes '
+          'longer).',
+          prog.phase(step),
+          step,
+      )
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       with run.report.timed('data', wait_jax_async_dispatch=False):
         host = next(run.train_iter)
@@ -310,6 +359,16 @@ def _loop(
         )
         batch = sharding_lib.shard_batch(host, run.data_sharding)
       state, metrics = run.step_fn(step)(state, batch)
+    if starts_phase:
+      jax.block_until_ready(metrics)
+      prog.after_step(step)
+      logging.info(
+          'Phase %s: first step (with compilation) took %s.',
+          prog.phase(step),
+          progress_lib.duration(prog.first_step_s),
+      )
+      if jax.process_index() == 0:
+        _estimate_later_phases(prog, run, step, state, batch)
     done = step + 1
     check(prev, done - 1)
     prev = metrics
@@ -338,28 +397,12 @@ def _loop(
       scalars['skipped_total'] = float(monitor.total_skipped)
       if config.data.on_error == 'skip':
         scalars['data/bad_records_total'] = float(bad_records)
+      # Each phase's loss under its own tag (their scales differ).
+      scalars[f'loss/{prog.phase(done - 1)}'] = scalars.pop('loss')
       run.writer.write_scalars(done, scalars)
-      rate = (time.time() - t_start) / (done - phase_start)
-      if done < adapt:
-        logging.info(
-            'step %d/%d  loss %.4f  (source-only warm start: ETA '
-            '%.0fs to step %d; the %d DA-STC steps after it are '
-            'slower)',
-            done,
-            num_steps,
-            scalars['loss'],
-            rate * (adapt - done),
-            adapt,
-            num_steps - adapt,
-        )
-      else:
-        logging.info(
-            'step %d/%d  loss %.4f  (ETA %.0fs)',
-            done,
-            num_steps,
-            scalars['loss'],
-            rate * (num_steps - done),
-        )
+      logging.info(
+          '%s', prog.line(done, scalars[f'loss/{prog.phase(done - 1)}'])
+      )
       window = []
     if save:
       ckpt.save(done, state, run.train_iter)

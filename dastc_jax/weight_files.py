@@ -63,12 +63,20 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # truncated zip, bad pickle, unsafe globals...
-    msg = str(e).splitlines()[0][:300]
+    msg = str(e).splitlines()[0]
+    if 'weights_only' in msg or 'Weights only load failed' in msg:
+      # PyTorch's own advice (load it unsafely) is not something this
+      # command can follow; say what the file is instead.
+      msg = (
+          'it is not a plain tensor state_dict (reading it would unpickle '
+          'arbitrary objects, which this command refuses)'
+      )
     raise ConversionError(
-        f'Cannot read {path} as a PyTorch weight file '
-        f'(torch.load(weights_only=True)): {type(e).__name__}: {msg}. '
-        'Is it complete (compare its size or checksum with the release), '
-        'and a state_dict rather than a pickled model object?'
+        f'Cannot read {path} as a PyTorch weight file: '
+        f'{type(e).__name__}: {msg[:300]}. Check that the file is complete '
+        '(its size or checksum against the release) and that it is a '
+        'state_dict of tensors; a pickled model object can be re-saved as '
+        'torch.save(model.state_dict(), PATH) where it was made.'
     ) from e
   for wrapper in ('state_dict', 'model_state_dict', 'model', 'net'):
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

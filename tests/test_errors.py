@@ -134,3 +134,41 @@ def test_out_of_memory_is_one_line_with_the_knobs():
     with pytest.raises(type(other)):
       with oom.reported('training'):
         raise other
+
+
+@pytest.mark.integration
+def test_weight_file_errors_say_what_to_do(tmp_path):
+  """A weight file where a checkpoint folder is expected names the
+  conversion command; a garbage weight file is reported without PyTorch's
+  advice to load it unsafely."""
+  garbage = tmp_path / 'model.pth'
+  garbage.write_bytes(os.urandom(1000))
+  r = _main(
+      '--config=configs/synthetic.py:smoke',
+      f'--workdir={tmp_path / "run"}',
+      '--mode=eval',
+      f'--checkpoint={garbage}',
+  )
+  assert r.returncode == 2 and 'Traceback' not in r.stderr
+  assert 'is a file; it takes a checkpoint folder' in r.stderr
+  assert 'python -m dastc_jax.convert' in r.stderr
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'dastc_jax.convert',
+          '--config=configs/viper.py',
+          f'--source={garbage}',
+          f'--output={tmp_path / "out"}',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env=env,
+      timeout=300,
+  )
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert 'not a plain tensor state_dict' in r.stderr
+  assert 'weights_only' not in r.stderr
+  assert not (tmp_path / 'out').exists()  # nothing written

@@ -145,12 +145,13 @@ def test_log_windows_checkpoints_and_evals(tmp_path):
   run.ckpt.close()
   assert int(state['step']) == 7 and float(state['w']) == sum(range(7))
   # Logs at every 3rd step and the last; each is the mean of its window.
-  assert sorted(s for s, v in run.writer.scalars.items() if 'loss' in v) == [
+  tag = 'loss/source_only'  # each phase's loss under its own tag
+  assert sorted(s for s, v in run.writer.scalars.items() if tag in v) == [
       3,
       6,
       7,
   ]
-  assert [run.writer.scalars[s]['loss'] for s in (3, 6, 7)] == [1.0, 4.0, 6.0]
+  assert [run.writer.scalars[s][tag] for s in (3, 6, 7)] == [1.0, 4.0, 6.0]
   assert run.writer.scalars[7]['skipped_total'] == 0
   # Checkpoints at every 2nd step and the last; periodic evals (not at the
   # end: the final evaluation is train_and_evaluate's).
@@ -167,6 +168,8 @@ def test_phase_switch_and_resume_position(tmp_path):
   log = run.writer.scalars
   assert log[3]['phase_warm'] == 1 and 'phase_adapt' not in log[3]
   assert log[6]['phase_adapt'] == 1 and 'phase_warm' not in log[6]
+  assert 'loss/warm_start' in log[3] and 'loss/dastc' not in log[3]
+  assert 'loss/dastc' in log[6] and 'loss' not in log[6]
   # Resuming at a checkpoint continues with the saved iterator position.
   it = _batches()
   ckpt = checkpointing.Checkpointer(
@@ -185,7 +188,8 @@ def test_skipped_steps_leave_the_means_finite_and_are_counted(tmp_path):
   run.ckpt.close()
   assert float(state['w']) == 0 + 1 + 4 + 5 + 6
   s = run.writer.scalars[7]
-  assert s['loss'] == np.mean([0, 1, 4, 5, 6]) and s['skipped_total'] == 2
+  assert s['loss/source_only'] == np.mean([0, 1, 4, 5, 6])
+  assert s['skipped_total'] == 2
   # Too many skips in a row stop the run.
   c = _config(nonfinite='skip', max_consecutive_skips=1)
   run = _run(tmp_path / 'limit', c, [(0, _step('a', nan_at=(1, 2, 3)))])
@@ -251,3 +255,44 @@ def test_sigterm_saves_stops_and_resumes_exactly(tmp_path):
   b = jax.device_get(train._train_loop(rerun, state, e.value.step))  # pylint: disable=protected-access
   rerun.ckpt.close()
   chex.assert_trees_all_equal(a, b)
+
+
+def test_progress_line_eta_covers_both_phases():
+  """The console line: phase, loss, seconds per step without the compile,
+  and an ETA that adds the later phase at the FLOPs ratio, with its
+  compilation scaled the same way."""
+  from dastc_jax.runtime import progress  # pylint: disable=g-import-not-at-top
+
+  p = progress.Progress([(0, 'warm_start'), (100, 'dastc')], 200, 0)
+  assert p.before_step(0, now=0.0)
+  p.after_step(0, now=31.0)  # 30 s of compile + a 1 s step
+  p.ratio['dastc'] = 3.0
+  assert not p.before_step(1, now=31.0)
+  assert p.seconds_per_step(11, now=41.0) == 1.0
+  # 89 warm steps at 1 s + 100 DA-STC steps at 3 s + 3 x 30 s compile.
+  assert p.eta(11, now=41.0) == 89 + 300 + 90
+  line = p.line(11, 0.25, now=41.0)
+  assert line.startswith('step 11/200 [warm_start] loss 0.2500  1.00 s/step')
+  assert 'ETA 7m59s (with the dastc phase)' in line
+  # In the last phase only its own steps are left.
+  assert p.before_step(100, now=200.0)
+  p.after_step(100, now=250.0)
+  assert p.eta(111, now=280.0) == 89 * 3.0  # 10 steps in 30 s
+  assert progress.duration(3725) == '1h02m' and progress.duration(38) == '38s'
+
+
+def test_metrics_file_appends_json_lines(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import progress  # pylint: disable=g-import-not-at-top
+
+  f = progress.MetricsFile(tmp_path / 'metrics.jsonl')
+  f.write_scalars(3, {'loss/dastc': np.float32(0.5), 'grad_norm': 2})
+  progress.MetricsFile(tmp_path / 'metrics.jsonl').write_scalars(6, {'a': 1})
+  rows = [
+      json.loads(row)
+      for row in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  ]
+  assert rows == [
+      {'step': 3, 'loss/dastc': 0.5, 'grad_norm': 2.0},
+      {'step': 6, 'a': 1.0},
+  ]

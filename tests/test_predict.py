@@ -40,7 +40,7 @@ def test_predict_a_folder_of_frames(smoke_config, weights, tmp_path, fmt):
   c = smoke_config
   frames_dir = tmp_path / 'frames'
   frames_dir.mkdir()
-  for i, f in enumerate(_frames()):
+  for i, f in enumerate(_frames(h=61, w=91)):  # an odd size
     Image.fromarray(f).save(frames_dir / f'f{i:03d}.png')
   out = str(tmp_path / 'out')
   res = predict.run(
@@ -55,10 +55,14 @@ def test_predict_a_folder_of_frames(smoke_config, weights, tmp_path, fmt):
   overlays = sorted(glob.glob(os.path.join(out, 'overlays', '*.png')))
   labels = sorted(glob.glob(os.path.join(out, 'labels', '*.png')))
   assert len(overlays) == len(labels) == 4
-  h, w = c.data.target_val.image_size
-  assert np.asarray(Image.open(overlays[0])).shape == (h, w, 3)
+  # The input's names and its own size (61x91), not the model's (32x64).
+  assert [os.path.basename(p) for p in labels] == [
+      f'f{i:03d}.png' for i in range(4)
+  ]
+  assert tuple(c.data.target_val.image_size) != (61, 91)
+  assert np.asarray(Image.open(overlays[0])).shape == (61, 91, 3)
   ids = np.asarray(Image.open(labels[0]))
-  assert ids.shape == (h, w) and ids.max() < c.model.num_classes
+  assert ids.shape == (61, 91) and ids.max() < c.model.num_classes
   anim = os.path.join(out, f'prediction.{fmt}')
   if fmt == 'gif':
     assert Image.open(anim).n_frames == 4

@@ -69,6 +69,23 @@ def test_outputs_and_eval_mode(smoke_config, tmp_path):
   assert len(overlays) == 2 * c.eval.num_overlays
   events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert events and os.path.getsize(events[0]) > 0
+  # The overlays are TensorBoard images too; each phase's loss has its own
+  # tag; the scalars are also in metrics.jsonl.
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tags = {
+      v.tag
+      for path in events
+      for raw in tf.data.TFRecordDataset(path)
+      for v in event_pb2.Event.FromString(raw.numpy()).summary.value
+  }
+  images = [t for t in tags if '/overlay/' in t]
+  assert len(images) == 2 * c.eval.num_overlays, sorted(tags)
+  assert {'loss/warm_start', 'loss/dastc'} <= tags and 'loss' not in tags
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['step'] for r in rows if 'grad_norm' in r] == [1, 2, 3]
   # Eval mode on the latest checkpoint reproduces the final numbers.
   again = eval_job.evaluate_checkpoint(
       c, str(tmp_path / 'eval'), os.path.join(workdir, 'checkpoints')

@@ -106,6 +106,9 @@ class _Evaluator:
     )
     if jax.process_index() == 0:
       evaluate.write_eval_scalars(self._writer(), step, results)
+      evaluate.write_eval_images(
+          self._writer(), step, self.out_dir(step), results
+      )
     return {r.name: 100 * r.miou for r in results}
 
   def _writer(self):

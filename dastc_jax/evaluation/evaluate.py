@@ -10,6 +10,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from dastc_jax import paths
 from dastc_jax.data import labels as labels_lib
@@ -249,3 +250,23 @@ def write_eval_scalars(writer, step: int, results: list[SplitResult]) -> None:
         scalars[f'eval/{r.name}/iou/{r.class_set.classes[i]}'] = 100 * r.iou[i]
   writer.write_scalars(step, scalars)
   writer.flush()
+
+
+def write_eval_images(
+    writer, step: int, out_dir: paths.PathLike, results: list[SplitResult]
+) -> int:
+  """The overlay panels written under ``out_dir/overlays/{split}/`` as
+  TensorBoard images (``eval/{split}/overlay/{id}``); returns how many."""
+  images = {}
+  for r in results:
+    folder = paths.resolve(out_dir) / 'overlays' / r.name
+    if not folder.is_dir():
+      continue
+    for png in sorted(folder.glob('*.png')):
+      with png.open('rb') as f:
+        img = np.asarray(Image.open(f).convert('RGB'))
+      images[f'eval/{r.name}/overlay/{png.stem}'] = img[None]
+  if images:
+    writer.write_images(step, images)
+    writer.flush()
+  return len(images)

@@ -4,11 +4,12 @@
       --checkpoint=runs/viper --input=drive.mp4 --output=out/drive
 
 Each frame t is resized to the evaluation size of the target domain
-(``config.data.target_val.image_size``) and segmented with frame t-1 as the
-key frame and the flow t->t-1 (the first frame is its own key frame, with
-zero flow). Flows are read from ``--flows`` (``<frame name>.npy`` or
-Middlebury ``.flo``, t->t-1, on any grid: they are resized with the usual
-magnitude rule), computed with RAFT when ``--flow_weights`` names RAFT
+(``config.data.target_val.image_size``) for the model and segmented with
+frame t-1 as the key frame and the flow t->t-1 (the first frame is its
+own key frame, with zero flow). Flows are read from ``--flows``
+(``<frame name>.npy`` or Middlebury ``.flo``, t->t-1, on any grid: they
+are resized with the usual magnitude rule), computed with RAFT when
+``--flow_weights`` names RAFT
 weights (``dastc_jax/flow/``), or else with OpenCV's DIS optical flow, a
 classical method: the reference used FlowNet2, whose flows are smoother, so
 DIS flows give somewhat different fusions. The image-domain models
@@ -19,10 +20,17 @@ every frame is done (a failure leaves no folder that looks complete; on an
 object store, ``gs://...``, the folder is uploaded when done, with
 ``legend.json`` last):
 
-  OUTPUT/overlays/{index:06d}.png   frame blended with the class colours
-  OUTPUT/labels/{index:06d}.png     predicted train ids (uint8)
-  OUTPUT/prediction.mp4 or .gif     the overlays as an animation
-  OUTPUT/legend.json                class names and colours
+  OUTPUT/overlays/{name}.png   the input frame blended with the class colours
+  OUTPUT/labels/{name}.png     predicted class ids, uint8: 0..C-1 in the
+                               order of the config's class set (legend.json
+                               names them; 255 is never written)
+  OUTPUT/prediction.mp4 or .gif the overlays as an animation
+  OUTPUT/legend.json           class names (in id order) and colours
+
+Both images have the input frame's own size: the scores are upsampled
+(bilinear, corners aligned, as in evaluation) from the model's size to the
+frame's before the argmax. ``{name}`` is the frame file's name without its
+extension (``{index:06d}`` for a video).
 """
 
 from __future__ import annotations
@@ -324,8 +332,14 @@ def _segment(
       estimator = f'{estimate_flow.name} (computed)'
   os.makedirs(os.path.join(tmp, 'overlays'))
   os.makedirs(os.path.join(tmp, 'labels'))
-  prev, count = None, 0
+  prev, count, seen = None, 0, set()
   for name, rgb in frames:
+    if name in seen:
+      raise PredictError(
+          f'Two input frames are named {name!r} (with different '
+          f'extensions) in {input_path}; their outputs would collide.'
+      )
+    seen.add(name)
     hw = size or rgb.shape[:2]
     cur = transforms.resize_rgb(rgb, hw) if rgb.shape[:2] != hw else rgb
     batch, flow = cur[None, None], None
@@ -354,10 +368,11 @@ def _segment(
         flow = estimate_flow(cur, key)
       batch = np.stack([cur, key])[None]
       flow = flow[None]
-    ids = np.asarray(predict(params, stats, batch, flow, tuple(hw)))[0]
-    frame = f'{count:06d}.png'
+    # The scores at the input frame's own size, not the model's.
+    ids = np.asarray(predict(params, stats, batch, flow, rgb.shape[:2]))[0]
+    frame = f'{name}.png'
     visualize.save_png(os.path.join(tmp, 'labels', frame), ids)
-    blend = (cur * 0.5 + visualize.colorize(ids, palette) * 0.5).astype(
+    blend = (rgb * 0.5 + visualize.colorize(ids, palette) * 0.5).astype(
         np.uint8
     )
     visualize.save_png(os.path.join(tmp, 'overlays', frame), blend)

@@ -206,6 +206,14 @@ def resolve(workdir: paths.PathLike, checkpoint: str) -> tuple[epath.Path, int]:
   path = paths.resolve(checkpoint.rstrip('/'))
   if not path.exists():
     raise CheckpointError(f'Checkpoint path {path} does not exist.')
+  if path.is_file():
+    raise CheckpointError(
+        f'--checkpoint={checkpoint} is a file; it takes a checkpoint folder '
+        "(a run's workdir, its checkpoints/ or one step folder). A PyTorch "
+        'or safetensors weight file is converted first: python -m '
+        'dastc_jax.convert --config=CONFIG --source=' + checkpoint + ' '
+        '--output=DIR, then --checkpoint=DIR (docs/weights.md).'
+    )
   if path.name.isdigit() and (path / 'state').is_dir():
     return path.parent, int(path.name)
   if (path / 'checkpoints').is_dir():

@@ -2,14 +2,32 @@
 
 from absl import logging
 
-# Libraries whose INFO logs drown the training progress.
-_QUIET = ('/orbax/', '/grain/', '/tensorflow_datasets/', '/jax/_src/')
+# Libraries whose INFO logs drown the training progress (clu's platform
+# logs its own progress notes, with an ETA of one phase's rate: ours is
+# train.py's progress line).
+_QUIET = (
+    '/orbax/',
+    '/grain/',
+    '/tensorflow_datasets/',
+    '/jax/_src/',
+    '/clu/platform/',
+)
+
+
+# Warnings that describe intended behaviour, not a fault: orbax announces
+# every read-only checkpoint manager (evaluation and prediction open the
+# checkpoints read-only on purpose).
+_EXPECTED_WARNINGS = (('/orbax/', 'Given directory is read only'),)
 
 
 class QuietLibraries(logging.logging.Filter):
-  """Drops INFO records emitted from the files of chatty libraries."""
+  """Drops INFO records emitted from the files of chatty libraries, and
+  their warnings about what we do on purpose."""
 
   def filter(self, record):
+    for where, text in _EXPECTED_WARNINGS:
+      if where in record.pathname and str(record.msg).startswith(text):
+        return False
     return record.levelno >= logging.logging.WARNING or not any(
         q in record.pathname for q in _QUIET
     )
