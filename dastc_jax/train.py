@@ -222,11 +222,13 @@ def train_and_evaluate(
   eval_step = _jit_eval_step(config, graphdef, state_sharding, repl, data)
 
   # Scalars to TensorBoard and metrics.jsonl (process 0), not the console.
+  from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() == 0:
     writer = metric_writers.AsyncMultiWriter(
         [
             metric_writers.SummaryWriter(os.fspath(workdir)),
-            progress_lib.MetricsFile(workdir / 'metrics.jsonl'),
+            metrics_file.MetricsFile(workdir / 'metrics.jsonl'),
         ]
     )
   else:

@@ -283,11 +283,13 @@ def test_progress_line_eta_covers_both_phases():
 
 def test_metrics_file_appends_json_lines(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
-  from dastc_jax.runtime import progress  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
 
-  f = progress.MetricsFile(tmp_path / 'metrics.jsonl')
+  f = metrics_file.MetricsFile(tmp_path / 'metrics.jsonl')
   f.write_scalars(3, {'loss/dastc': np.float32(0.5), 'grad_norm': 2})
-  progress.MetricsFile(tmp_path / 'metrics.jsonl').write_scalars(6, {'a': 1})
+  metrics_file.MetricsFile(tmp_path / 'metrics.jsonl').write_scalars(
+      6, {'a': 1}
+  )
   rows = [
       json.loads(row)
       for row in (tmp_path / 'metrics.jsonl').read_text().splitlines()

@@ -7,19 +7,14 @@ phases. A later phase that has not run yet is estimated from the current
 phase's time per step scaled by the ratio of the two steps' FLOPs (XLA's
 cost analysis of the lowered steps), plus its compilation, estimated as the
 current phase's first-step overhead scaled the same way. Metrics go to
-TensorBoard and ``metrics.jsonl`` (``MetricsFile``), not to the console.
+TensorBoard and ``metrics.jsonl`` (``metrics_file.MetricsFile``), not to
+the console.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, Mapping, Sequence
-
-from clu import metric_writers
-from etils import epath
-
-from dastc_jax import paths
+from typing import Any, Sequence
 
 
 def _now(now: float | None) -> float:
@@ -125,49 +120,3 @@ class Progress:
         f'step {done}/{self.num_steps} [{self._phase}] loss {loss:.4f}  '
         f'{pace}  {left}{note}'
     )
-
-
-class MetricsFile(metric_writers.MetricWriter):
-  """Scalars as JSON lines (``{"step": N, "tag": value, ...}``), appended
-  at every write (a resumed run appends to the same file; on storage
-  without appends the file is rewritten)."""
-
-  def __init__(self, path: epath.Path):
-    self._path = epath.Path(path)
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    line = json.dumps(row, sort_keys=True) + '\n'
-    try:
-      with self._path.open('a') as f:
-        f.write(line)
-    except (OSError, NotImplementedError, ValueError):
-      old = self._path.read_text() if self._path.exists() else ''
-      paths.write_atomic(self._path, old + line)
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def flush(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
