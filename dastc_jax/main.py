@@ -68,7 +68,8 @@ flags.DEFINE_float(
 flags.DEFINE_string(
     'input',
     None,
-    'predict: a video file or a folder of ' 'frames (sorted by name).',
+    'predict: a video file or a folder of frames (sorted by name); '
+    "'synthetic': the built-in world's validation frames.",
 )
 flags.DEFINE_string('output', None, 'predict: output folder.')
 flags.DEFINE_string(

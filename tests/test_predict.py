@@ -235,3 +235,34 @@ def test_readme_commands_convert_eval_predict(
   )
   assert 'Wrote 3 overlays' in out
   assert os.path.isfile(tmp_path / 'pred' / 'prediction.gif')
+
+
+def test_predict_the_synthetic_worlds_frames(
+    tiny_world, smoke_config, weights, tmp_path
+):
+  """``--input=synthetic`` (the README's first prediction): the world's
+  Cityscapes-layout validation frames, under their own names."""
+  del tiny_world  # generated (training does it; prediction does not)
+  out = str(tmp_path / 'out')
+  res = predict.run(
+      smoke_config,
+      checkpoint=weights,
+      workdir='.',
+      input_path='synthetic',
+      output=out,
+      video_format='none',
+      max_frames=3,
+  )
+  assert res['frames'] == 3
+  labels = sorted(os.listdir(os.path.join(out, 'labels')))
+  assert len(labels) == 3 and all(
+      n.startswith('synthville_') and n.endswith('_leftImg8bit.png')
+      for n in labels
+  )
+  c = smoke_config.copy_and_resolve_references()
+  c.data.synthetic.enabled = False
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(predict.PredictError, match='synthetic world'):
+    predict.run(
+        c, checkpoint=weights, workdir='.', input_path='synthetic', output=out
+    )

@@ -20,6 +20,9 @@ every frame is done (a failure leaves no folder that looks complete; on an
 object store, ``gs://...``, the folder is uploaded when done, with
 ``legend.json`` last):
 
+``--input=synthetic`` segments the built-in world's validation frames
+(two per clip, clip after clip), for a first look at a demo checkpoint.
+
   OUTPUT/overlays/{name}.png   the input frame blended with the class colours
   OUTPUT/labels/{name}.png     predicted class ids, uint8: 0..C-1 in the
                                order of the config's class set (legend.json
@@ -222,6 +225,32 @@ def _write_animation(
     writer.release()
 
 
+# ``--input=synthetic``: the built-in world's target validation frames.
+SYNTHETIC_INPUT = 'synthetic'
+
+
+def synthetic_frames(config: ml_collections.ConfigDict) -> str:
+  """The folder of the synthetic world's Cityscapes-layout validation
+  frames (two consecutive frames of each clip, clip after clip), for a
+  config that trains on the world (it must have been generated: a training
+  run does that)."""
+  from dastc_jax.data.synthetic import world as synthetic  # pylint: disable=g-import-not-at-top
+
+  if not config.data.synthetic.enabled:
+    raise PredictError(
+        '--input=synthetic needs a config that trains on the synthetic world '
+        '(config.data.synthetic.enabled=True); give a video or a folder of '
+        'frames instead.'
+    )
+  try:
+    root = synthetic.existing_world(config.data.synthetic)
+  except FileNotFoundError as e:
+    raise PredictError(str(e)) from e
+  return os.path.join(
+      root, 'Cityscapes', 'leftImg8bit_sequence', 'val', 'synthville'
+  )
+
+
 def run(
     config: ml_collections.ConfigDict,
     *,
@@ -247,6 +276,8 @@ def run(
     ``{'output', 'frames', 'animation'}``.
   """
   validation.check_config(config)
+  if input_path == SYNTHETIC_INPUT:
+    input_path = synthetic_frames(config)
   output = os.fspath(paths.resolve(output))
   if not overwrite and paths.resolve(output).exists():
     raise PredictError(f'{output} exists.')
