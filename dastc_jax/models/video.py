@@ -81,8 +81,12 @@ class FlowFusionModel(nnx.Module):
       train: bool,
       dropout_key: jax.Array | None,
   ) -> jax.Array:
-    """The scale-attention logits of a context pass (HRDA models)."""
-    raise NotImplementedError(type(self).__name__)
+    """The scale-attention logits of a context pass (HRDA models; the
+    subclasses that build ``scale_attention`` override this)."""
+    raise TypeError(
+        f'{type(self).__name__} has no scale attention (config.model.hrda '
+        'is off).'
+    )
 
   def sample_detail_box(
       self, key: jax.Array | None, hw: tuple[int, int]
