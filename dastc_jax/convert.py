@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 from dastc_jax import errors
+from dastc_jax import flag_errors
 from dastc_jax import paths
 from dastc_jax import weight_files
 from dastc_jax.runtime import checkpointing
@@ -748,4 +749,7 @@ if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
 
   _flags = _define_flags()
-  app.run(errors.report_user_errors(lambda argv: _main(argv, _flags)))
+  app.run(
+      errors.report_user_errors(lambda argv: _main(argv, _flags)),
+      flags_parser=flag_errors.parse,
+  )

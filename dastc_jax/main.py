@@ -14,8 +14,6 @@ it finds its peers itself; elsewhere set DASTC_COORDINATOR (host:port),
 DASTC_NUM_PROCESSES and DASTC_PROCESS_ID.
 """
 
-import glob
-import os
 import sys
 
 from dastc_jax.runtime import host_malloc
@@ -34,6 +32,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from dastc_jax import errors  # pylint: disable=g-import-not-at-top
+from dastc_jax import flag_errors  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import log_filter  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import oom  # pylint: disable=g-import-not-at-top
@@ -111,96 +110,6 @@ flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 
-def _config_path(argv: list[str]) -> str | None:
-  """The file of ``--config=PATH[:variant]`` in ``argv`` (None: absent)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      value = arg.split('=', 1)[1]
-    elif arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
-    else:
-      continue
-    return value.split(':', 1)[0]
-  return None
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-  """``e`` and the exceptions it was raised while handling."""
-  out = [e]
-  while out[-1].__context__ is not None and len(out) < 20:
-    out.append(out[-1].__context__)
-  return out
-
-
-def _flag_error_line(e: Exception, argv: list[str]) -> str:
-  """One line for a bad ``--config`` variant or override (or any other
-  flag error: its first line)."""
-  chain = _chain(e)
-  hinted = next(
-      (
-          x
-          for x in chain
-          if isinstance(x, KeyError) and 'Did you mean' in str(x.args[0])
-      ),
-      None,
-  )
-  if hinted is not None:
-    lines = str(hinted.args[0]).strip().splitlines()
-    key = lines[0].strip('\'"')
-    flag = next(
-        (
-            a.split('=')[0]
-            for a in argv
-            if a.startswith('--config.') and key in a
-        ),
-        '--config.*',
-    )
-    return (
-        f'{flag}: the config has no key {key!r}. {" ".join(lines[1:])} '
-        '(configs/common.py declares every key)'
-    )
-  variant = next(
-      (
-          x
-          for x in reversed(chain)
-          if isinstance(x, ValueError)
-          and not isinstance(x, flags.Error)
-          and 'variant' in str(x)
-      ),
-      None,
-  )
-  if variant is not None:
-    return f'--config: {variant}'
-  text = str(e).strip()
-  first = text.splitlines()[0] if text else repr(e)
-  return first[len('flag ') :] if first.startswith('flag --') else first
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; a missing config file, an unknown variant or a
-  misspelt override ends with one line on stderr and exit status 2."""
-  path = _config_path(argv[1:])
-  if path is not None and not os.path.exists(path):
-    near = sorted(glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py')))
-    near = [os.path.basename(p) for p in near if not p.endswith('__init__.py')]
-    print(
-        f'error: --config: no such file {path!r}'
-        + (
-            f'; {os.path.dirname(path) or "."} has {", ".join(near)}'
-            if near
-            else ''
-        )
-        + '.',
-        file=sys.stderr,
-    )
-    sys.exit(2)
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError) as e:
-    print(f'error: {_flag_error_line(e, argv)}', file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -270,4 +179,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(errors.report_user_errors(main), flags_parser=parse_flags)
+  app.run(errors.report_user_errors(main), flags_parser=flag_errors.parse)

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from dastc_jax import errors
+from dastc_jax import flag_errors
 from dastc_jax.data.datasets import builders
 
 _DATASET = flags.DEFINE_enum(
@@ -112,4 +113,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(errors.report_user_errors(main))
+  app.run(errors.report_user_errors(main), flags_parser=flag_errors.parse)

@@ -98,6 +98,56 @@ def test_flag_errors_print_one_line_and_exit_2(
   assert len(lines) == 1 and lines[0].startswith(expected), r.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    'module,args,expected',
+    [
+        (
+            'dastc_jax.prepare',
+            ('--dataset=vipr', '--manual_dir={tmp}', '--data_dir={tmp}/d'),
+            'error: --dataset=vipr: value should be one of',
+        ),
+        (
+            'dastc_jax.prepare',
+            (
+                '--dataset=viper',
+                '--manual_dir={tmp}/none',
+                '--data_dir={tmp}/d',
+            ),
+            'error: --manual_dir=',
+        ),
+        ('dastc_jax.flow', ('--dataset=vipr',), 'error: --dataset=vipr'),
+        (
+            'dastc_jax.convert',
+            ('--config=configs/vipr.py', '--source=x.pth', '--output={tmp}/o'),
+            "error: --config: no such file 'configs/vipr.py'",
+        ),
+        (
+            'dastc_jax.main',
+            ('--config=configs/synthetic.py:smoke', '--workdirr={tmp}'),
+            "error: Unknown command line flag 'workdirr'",
+        ),
+    ],
+)
+@pytest.mark.integration
+def test_every_command_reports_bad_input_in_one_line(
+    tmp_path, module, args, expected
+):
+  """prepare, flow, convert and main: bad flags and inputs, exit 2."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  r = subprocess.run(
+      [sys.executable, '-m', module, *(a.format(tmp=tmp_path) for a in args)],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env=env,
+      timeout=300,
+  )
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+  lines = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert len(lines) == 1 and lines[0].startswith(expected), r.stderr[-2000:]
+
+
 def test_out_of_memory_is_one_line_with_the_knobs():
   """XLA's failed allocation becomes a UserError that names the stage, the
   request and the config keys that reduce it; other errors pass through."""

@@ -29,6 +29,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 
 from dastc_jax import errors  # pylint: disable=g-import-not-at-top
+from dastc_jax import flag_errors  # pylint: disable=g-import-not-at-top
 from dastc_jax.flow import generate  # pylint: disable=g-import-not-at-top
 from dastc_jax.flow import raft  # pylint: disable=g-import-not-at-top
 from dastc_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
@@ -133,4 +134,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(errors.report_user_errors(main))
+  app.run(errors.report_user_errors(main), flags_parser=flag_errors.parse)
