@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import SegformerConfig
-from transformers import SegformerModel
 
 from configs import gta5
 from configs import gta5_vit
@@ -23,7 +21,7 @@ from dastc_jax.models import mit
 from dastc_jax.ops import image as image_ops
 from dastc_jax.ops import masking
 from dastc_jax.runtime import validation
-from tests import test_mit
+from tests import test_vit
 from tests import torch_daformer
 from tests import torch_helpers
 from tests import torch_hrda
@@ -48,24 +46,12 @@ def test_eval_forward_matches_the_pytorch_restatement():
   c = _vit_hrda_config()
   mc = c.model
   spec = mit.VARIANTS[mc.mit_variant]
-  torch.manual_seed(0)
-  hf = SegformerModel(
-      SegformerConfig(
-          hidden_sizes=list(spec.dims),
-          depths=list(spec.depths),
-          num_attention_heads=list(spec.heads),
-          sr_ratios=list(spec.sr_ratios),
-          drop_path_rate=0.0,
-      )
-  ).eval()
-  test_mit.use_mmseg_epsilons(hf)
-  head = torch_daformer.DAFormerHead(
-      spec.dims, mc.num_classes, mc.head_features, tuple(mc.daformer_dilations)
-  ).eval()
+  # transformers' MiT and the restated DAFormer head (random BatchNorm
+  # statistics), as in the video model's test, plus the attention head.
+  hf, head, _, sd = test_vit._torch_parts(mc)  # pylint: disable=protected-access
   att = torch_daformer.DAFormerHead(
       spec.dims, mc.num_classes, mc.hrda.attention_features, fusion='conv'
   ).eval()
-  torch_helpers.randomize_batchnorm(head, 1)
   torch_helpers.randomize_batchnorm(att, 2)
   model = models.build_model(mc, nnx.Rngs(0))
   np_sd = lambda m: {
@@ -73,11 +59,8 @@ def test_eval_forward_matches_the_pytorch_restatement():
       for k, v in m.state_dict().items()
       if not k.endswith('num_batches_tracked')
   }
-  enc = test_mit.hf_to_mmseg({k: v.numpy() for k, v in hf.state_dict().items()})
-  convert.load_by_names(
-      model.backbone, {'model.' + k: v for k, v in enc.items()}, prefix='model.'
-  )
-  convert.load_by_names(model.head, np_sd(head))
+  convert.load_by_names(model.backbone, sd, prefix='model.')
+  convert.load_by_names(model.head, sd, prefix='decoder.')
   used = convert.load_by_names(model.scale_attention, np_sd(att))
   assert sorted(used) == sorted(np_sd(att))
 
