@@ -124,6 +124,18 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   c.train.num_steps += 10
   assert workdir_lib.check_and_write_config(c, workdir) == ['train.num_steps']
   assert (tmp_path / 'b/run/config.2.json').exists()
+  # metrics.jsonl on a bucket: rewritten (no append), both rows kept.
+  from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
+
+  for step in (1, 2):
+    metrics_file.MetricsFile(workdir / 'metrics.jsonl').write_scalars(
+        step, {'loss/dastc': 0.5 * step}
+    )
+  rows = (tmp_path / 'b/run/metrics.jsonl').read_text().splitlines()
+  assert [json.loads(r) for r in rows] == [
+      {'step': 1, 'loss/dastc': 0.5},
+      {'step': 2, 'loss/dastc': 1.0},
+  ]
   # A checkpoint step folder on the bucket.
   (tmp_path / 'b/run/checkpoints/900/state').mkdir(parents=True)
   root, step = checkpointing.resolve('.', 'gs://b/run/checkpoints/900')

@@ -8,6 +8,7 @@ libraries in processes that only import the package.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping
 
 from clu import metric_writers
@@ -18,21 +19,22 @@ from dastc_jax import paths
 
 class MetricsFile(metric_writers.MetricWriter):
   """Scalars as JSON lines (``{"step": N, "tag": value, ...}``), appended
-  at every write (a resumed run appends to the same file; on storage
-  without appends the file is rewritten)."""
+  at every write (a resumed run appends to the same file). Object stores
+  (``gs://...``) have no append: there the file is rewritten atomically."""
 
   def __init__(self, path: epath.Path):
     self._path = epath.Path(path)
+    self._local = '://' not in os.fspath(self._path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
     line = json.dumps(row, sort_keys=True) + '\n'
-    try:
-      with self._path.open('a') as f:
+    if self._local:
+      with open(os.fspath(self._path), 'a') as f:
         f.write(line)
-    except (OSError, NotImplementedError, ValueError):
-      old = self._path.read_text() if self._path.exists() else ''
-      paths.write_atomic(self._path, old + line)
+      return
+    old = self._path.read_text() if self._path.exists() else ''
+    paths.write_atomic(self._path, old + line)
 
   def write_summaries(self, step, values, metadata=None):
     del step, values, metadata
