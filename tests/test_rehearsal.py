@@ -18,7 +18,10 @@ def test_documented_commands_run_on_the_rehearsal_world(tmp_path, monkeypatch):
   monkeypatch.setenv(
       'JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir
   )
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
+  monkeypatch.setenv(
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+      str(jax.config.jax_persistent_cache_min_compile_time_secs),
+  )
   monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   monkeypatch.setenv('XLA_FLAGS', '')
   work, out = tmp_path / 'r', tmp_path / 'rehearsal.md'
