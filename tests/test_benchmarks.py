@@ -468,3 +468,61 @@ def test_logged_scalars_are_averaged_per_run(tmp_path):
   assert np.isnan(got['absent'])
   text = logged.table({'dastc': [{'a': 1.0}, {'a': 3.0}]}, ['a'])
   assert '| dastc | 2.000 ± 1.414 (1.000, 3.000) |' in text
+
+
+def test_half_size_variant_halves_every_crop_and_the_detail_crop():
+  from dastc_jax.benchmarks import memory  # pylint: disable=g-import-not-at-top
+
+  full = memory._config('gta5_hrda', 'float32')  # pylint: disable=protected-access
+  half = memory._config('gta5_hrda', 'half_size')  # pylint: disable=protected-access
+  assert memory._sizes(full)['source'] == (1024, 1024)  # pylint: disable=protected-access
+  assert memory._sizes(half) == {  # pylint: disable=protected-access
+      'batch': 2,
+      'source': (512, 512),
+      'target': (512, 512),
+  }
+  assert tuple(full.model.hrda.detail_crop) == (512, 512)
+  assert tuple(half.model.hrda.detail_crop) == (256, 256)
+  single = memory._config('gta5_vit', 'half_size')  # pylint: disable=protected-access
+  assert memory._sizes(single)['target'] == (256, 256)  # pylint: disable=protected-access
+
+
+def test_mit_ops_report_sums_blocks_times_depth():
+  from dastc_jax.benchmarks import mit_ops  # pylint: disable=g-import-not-at-top
+
+  rows = [
+      {
+          'stage': 1,
+          'depth': 3,
+          'tokens': 8,
+          'dim': 4,
+          'part': 'block',
+          'jax_ms': 2.0,
+          'torch_ms': 1.0,
+          'ratio': 2.0,
+      },
+      {
+          'stage': 1,
+          'depth': 3,
+          'tokens': 8,
+          'dim': 4,
+          'part': 'gelu',
+          'jax_ms': 9.0,
+          'torch_ms': 9.0,
+          'ratio': 1.0,
+      },
+      {
+          'stage': 2,
+          'depth': 40,
+          'tokens': 2,
+          'dim': 8,
+          'part': 'block',
+          'jax_ms': 1.0,
+          'torch_ms': 2.0,
+          'ratio': 0.5,
+      },
+  ]
+  text = mit_ops.report(rows, 'cmd', 'info')
+  # Blocks only: JAX 2*3 + 1*40 = 46 ms, PyTorch 1*3 + 2*40 = 83 ms.
+  assert 'JAX 46 ms, PyTorch 83 ms, ratio 0.55' in text
+  assert '| 2 (40, 2, 8) | block | 1.00 | 2.00 | 0.50 | 40 | 80 |' in text
