@@ -383,7 +383,9 @@ def step_section(results: list[dict[str, Any]]) -> str:
       'arguments, outputs, temporaries and peak (arguments + outputs - '
       "donated + temporaries); RSS is the process's peak resident memory. "
       'Step seconds: each timed step, after compiling; on the CPU rows, 2 '
-      'cores.',
+      "cores. `half_size` rows halve every crop (and HRDA's detail crop) "
+      'where the configured size does not fit this machine; compare them '
+      'with each other.',
       '',
       '| config | variant: scan, remat, dtype | model | source / target '
       '(batch) | device | compile s | args GB | outputs GB | temps GB | '
