@@ -114,7 +114,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # XLA:CPU flags by the config's frame size, before the backend starts.
-  xla_flags = xla_cpu.set_defaults(pixels=xla_cpu.train_pixels(FLAGS.config))
+  xla_flags = xla_cpu.set_defaults(
+      pixels=xla_cpu.train_pixels(FLAGS.config),
+      model=FLAGS.config.model.name,
+  )
   log_filter.install()
   distributed.initialize_if_requested()
   logging.info(

@@ -20,6 +20,7 @@ from transformers import SegformerConfig
 from transformers import SegformerModel
 
 from dastc_jax import convert
+from dastc_jax.models import layers
 from dastc_jax.models import mit
 
 torch.set_num_threads(1)
@@ -229,3 +230,22 @@ def test_initialisation_follows_mmseg_and_mmcv():
   assert float(np.abs(e['kernel']).max()) <= bound
   np.testing.assert_allclose(std(e['kernel']), bound / np.sqrt(3), rtol=0.06)
   assert 0 < float(np.abs(e['bias']).max()) <= bound
+
+
+def test_gelu_is_the_exact_gelu_and_its_gradient():
+  x = jnp.linspace(-9.0, 9.0, 20001, dtype=jnp.float32)
+  ours = layers.gelu(x)
+  ref = jax.nn.gelu(x, approximate=False)  # the erfc form
+  # 1 + erf cancels in the far negative tail (x < -5, GELU > -1e-6): the
+  # forms differ there by float32 rounding of 1, under 1e-6 absolute.
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+  d_ours = jax.vmap(jax.grad(layers.gelu))(x)
+  d_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+  np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-6)
+  # PyTorch's exact GELU on the same points.
+  np.testing.assert_allclose(
+      ours,
+      torch.nn.functional.gelu(torch.from_numpy(np.asarray(x))).numpy(),
+      rtol=1e-6,
+      atol=1e-6,
+  )

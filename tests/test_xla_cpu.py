@@ -43,6 +43,11 @@ def test_the_fusion_flag_is_chosen_by_the_training_frame_size():
   assert xla_cpu.set_defaults({}, pixels=256 * 512) == flag
   assert xla_cpu.set_defaults({}, pixels=720 * 1280) == ''
   assert xla_cpu.set_defaults({'XLA_FLAGS': '--a=1'}, pixels=None) == '--a=1'
+  # ...and by the model: the ResNet models get it, the transformers not.
+  for name in ('accel_deeplabv2', 'deeplabv2'):
+    assert xla_cpu.set_defaults({}, pixels=72 * 128, model=name) == flag
+  for name in ('accel_daformer', 'daformer'):
+    assert xla_cpu.set_defaults({}, pixels=72 * 128, model=name) == ''
 
 
 def test_strip_defaults_restores_the_user_flags():

@@ -239,10 +239,13 @@ sys.path.insert(0, {repo!r})
 from dastc_jax.runtime import host_malloc
 from dastc_jax.benchmarks import memory
 from dastc_jax.runtime import xla_cpu
-pixels = xla_cpu.train_pixels(memory._config({name!r}, {variant!r}))
+config = memory._config({name!r}, {variant!r})
+pixels = xla_cpu.train_pixels(config)
 host_malloc.configure(pixels=pixels)  # as main.py sets it
 force = memory.VARIANTS[{variant!r}].get('_eltwise', False)
-xla_cpu.set_defaults(pixels=0 if force else pixels)
+xla_cpu.set_defaults(
+    pixels=0 if force else pixels, model=None if force else config.model.name
+)
 print('RESULT', json.dumps(memory.measure({name!r}, {variant!r}, {steps})))
 """
 

@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
   # As `python -m dastc_jax.main` sets itself up for this frame size
   # (XLA reads its flags when the first computation starts the backend).
   host_malloc.configure(pixels=hw[0] * hw[1])
-  xla_cpu.set_defaults(pixels=hw[0] * hw[1])
+  xla_cpu.set_defaults(pixels=hw[0] * hw[1], model='daformer')
   rows = run(a.variant, hw, a.frames, a.reps)
   import torch  # pylint: disable=g-import-not-at-top
 

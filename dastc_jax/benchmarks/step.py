@@ -343,11 +343,12 @@ def build_torch_step(
 _CHILD = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
+_MODEL_NAMES = {{'vit': 'accel_daformer', 'accel': 'accel_deeplabv2'}}
 from dastc_jax.runtime import host_malloc
 malloc = host_malloc.configure()
 if {framework!r} == 'jax':
   from dastc_jax.runtime import xla_cpu
-  xla_cpu.set_defaults()
+  xla_cpu.set_defaults(model=_MODEL_NAMES[{model!r}])
 import resource
 from dastc_jax.benchmarks import step as b
 c = b._config({batch}, 'float32', model={model!r}, mit_variant={mit!r})
@@ -559,7 +560,12 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     variants = {'source_only': ({}, {})}
     if args['malloc_row']:
       variants['jax_glibc'] = {'DASTC_MALLOC_DEFAULTS': '0'}, {}
-    if args['xla_default_fusion']:
+    if args['xla_default_fusion'] and args['model'] == 'vit':
+      # The transformer runs without xla_cpu's flag: the row with it.
+      variants['xla_eltwise'] = {
+          'XLA_FLAGS': ' '.join(xla_cpu.DEFAULT_FLAGS)
+      }, {}
+    elif args['xla_default_fusion']:
       variants['xla_default'] = {'DASTC_XLA_CPU_DEFAULTS': '0'}, {}
     if args['conv_wgrad_row']:
       # XLA's backward conv for the kernel gradients.
@@ -619,6 +625,11 @@ _ROWS = (
         'xla_default',
         "JAX, XLA:CPU's default fusion "
         '(`DASTC_XLA_CPU_DEFAULTS=0`, child process)',
+    ),
+    (
+        'xla_eltwise',
+        'JAX with `--xla_cpu_experimental_ynn_fusion_type=+eltwise` (what '
+        'the ResNet models get at this size; child process)',
     ),
     (
         'conv_wgrad',
@@ -850,6 +861,8 @@ def main(argv, f, malloc: str):
 if __name__ == '__main__':
   # Before any thread allocates and before the CPU backend starts.
   _malloc = host_malloc.configure()
-  xla_cpu.set_defaults()
+  xla_cpu.set_defaults(
+      model='accel_daformer' if '--model=vit' in sys.argv else None
+  )
   _flags = _define_flags()
   app.run(lambda argv: main(argv, _flags, _malloc))

@@ -201,6 +201,17 @@ KERNEL_GRADS = ('auto', 'conv', 'im2col')
 AUTO_IM2COL_MAX_BYTES = 64 * 2**20
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), written with ``erf`` as PyTorch computes it.
+
+  ``jax.nn.gelu(approximate=False)`` writes it with ``erfc``, which XLA:CPU
+  evaluates 4-6x slower than ``erf`` (benchmarks/mit_ops.md); the two agree
+  to float32 rounding (tests/test_mit.py).
+  """
+  half = np.asarray(0.5, x.dtype)
+  return half * x * (1 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
 def _shifted_sum(
     xp: jax.Array,
     w: jax.Array,

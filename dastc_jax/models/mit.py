@@ -182,7 +182,7 @@ class MixFFN(nnx.Module):
     self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+    return self.fc2(layers.gelu(self.dwconv(self.fc1(x))))
 
 
 def drop_path(

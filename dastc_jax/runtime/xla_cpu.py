@@ -18,6 +18,11 @@ sizes the flag multiplies the DA-STC step's temporaries by 2.4
 training frame has more than :data:`ELTWISE_MAX_PIXELS` pixels (the real
 configs: 512x1024 and up) does not get it (:func:`train_pixels`).
 
+It is also chosen per model: the transformers (MiT encoder, DAFormer head)
+have no BatchNorm chains to gain from it, and their blocks run slower with
+it (the MiT-B5 block at 128x256: 1.3-1.5x; benchmarks/mit_ops.md and
+docs/performance.md), so :func:`set_defaults` leaves them without it.
+
 The flags are read when the CPU backend starts, so :func:`set_defaults`
 must run before the first JAX computation. It only appends flags that the
 user's ``XLA_FLAGS`` does not already set, and they only affect the CPU
@@ -55,7 +60,9 @@ def train_pixels(config: ml_collections.ConfigDict) -> int | None:
 
 
 def set_defaults(
-    environ: dict[str, str] | None = None, pixels: int | None = 0
+    environ: dict[str, str] | None = None,
+    pixels: int | None = 0,
+    model: str | None = None,
 ) -> str:
   """Appends :data:`DEFAULT_FLAGS` to ``XLA_FLAGS`` unless already set.
 
@@ -66,6 +73,8 @@ def set_defaults(
       evaluation and prediction run frames of the same sizes); above
       :data:`ELTWISE_MAX_PIXELS`, or None (unknown), nothing is appended.
       0: small, or no config (the flow command, benchmarks).
+    model: ``config.model.name``; a transformer (``models.TRANSFORMERS``)
+      gets nothing. None: no config (the flag applies by size alone).
 
   Returns:
     The resulting ``XLA_FLAGS`` value.
@@ -76,6 +85,11 @@ def set_defaults(
     return current
   if pixels is None or pixels > ELTWISE_MAX_PIXELS:
     return current
+  if model is not None:
+    from dastc_jax import models  # pylint: disable=g-import-not-at-top
+
+    if model in models.TRANSFORMERS:
+      return current
   present = {f.split('=')[0] for f in current.split()}
   extra = [f for f in DEFAULT_FLAGS if f.split('=')[0] not in present]
   value = ' '.join([current] + extra).strip() if extra else current
