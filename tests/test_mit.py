@@ -249,3 +249,28 @@ def test_gelu_is_the_exact_gelu_and_its_gradient():
       rtol=1e-6,
       atol=1e-6,
   )
+
+
+@pytest.mark.parametrize('hw', [(8, 12), (9, 14)])  # whole and cut patches
+def test_patch_conv_is_the_strided_convolution_and_its_gradients(hw):
+  conv = nnx.Conv(6, 5, (2, 2), strides=2, padding='VALID', rngs=nnx.Rngs(0))
+  conv.bias[...] = jnp.arange(5.0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, *hw, 6)))
+  x = x.astype(jnp.float32)
+  graphdef, state = nnx.split(conv)
+
+  def loss(state, x, patches):
+    m = nnx.merge(graphdef, state)
+    out = mit._patch_conv(m, x, 2) if patches else m(x)  # pylint: disable=protected-access
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, got), g_got = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+      state, x, True
+  )
+  (_, want), g_want = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+      state, x, False
+  )
+  assert got.shape == want.shape == (2, hw[0] // 2, hw[1] // 2, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -128,6 +128,22 @@ class OverlapPatchEmbed(nnx.Module):
     return self.norm(self.proj(x))  # [B, H/s, W/s, D]
 
 
+def _patch_conv(conv: nnx.Conv, x: jax.Array, s: int) -> jax.Array:
+  """``conv`` (kernel s x s, stride s, no padding) as one matmul over
+  non-overlapping s x s patches: the same values, and a forward and backward
+  pass of plain matmuls (XLA:CPU's convolution kernel gradient took 5% of
+  the MiT-B5 step; docs/performance.md). Rows and columns past the last
+  whole patch are dropped, as the strided convolution drops them."""
+  b, h, w, c = x.shape
+  hs, ws = h // s, w // s
+  dtype = conv.dtype or x.dtype
+  kernel = conv.kernel[...].astype(dtype)  # [s, s, C, D]
+  x = x[:, : hs * s, : ws * s].astype(dtype)
+  patches = x.reshape(b, hs, s, ws, s, c).transpose(0, 1, 3, 2, 4, 5)
+  out = patches.reshape(b, hs, ws, s * s * c) @ kernel.reshape(s * s * c, -1)
+  return out + conv.bias[...].astype(dtype)  # [B, H/s, W/s, D]
+
+
 class Attention(nnx.Module):
   """Multi-head attention whose keys/values come from a reduced map."""
 
@@ -147,7 +163,9 @@ class Attention(nnx.Module):
     b, h, w, c = x.shape
     d = c // self.heads
     q = self.q(x).reshape(b, h * w, self.heads, d)
-    y = self.norm(self.sr(x)) if self.sr_ratio > 1 else x
+    y = x
+    if self.sr_ratio > 1:
+      y = self.norm(_patch_conv(self.sr, x, self.sr_ratio))  # [B, h, w, C]
     m = y.shape[1] * y.shape[2]
     kv = self.kv(y).reshape(b, m, 2, self.heads, d)  # first C: keys
     logits = jnp.einsum('bnhd,bmhd->bhnm', q, kv[:, :, 0]) * d**-0.5
