@@ -526,3 +526,25 @@ def test_mit_ops_report_sums_blocks_times_depth():
   # Blocks only: JAX 2*3 + 1*40 = 46 ms, PyTorch 1*3 + 2*40 = 83 ms.
   assert 'JAX 46 ms, PyTorch 83 ms, ratio 0.55' in text
   assert '| 2 (40, 2, 8) | block | 1.00 | 2.00 | 0.50 | 40 | 80 |' in text
+
+
+def test_profile_step_groups_operations_by_their_source():
+  from dastc_jax.benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+
+  hlo = (
+      '  %fusion.1 = f32[2]{0} fusion(%a), kind=kLoop, metadata={op_name='
+      '"jit(run)/transpose(jvp())/while/body/closed_call/dot_general"}\n'
+      '  %fusion.2 = f32[2]{0} fusion(%a), metadata={op_name='
+      '"jit(run)/jvp()/conv_general_dilated"}\n'
+      '  %add.3 = f32[2]{0} add(%a, %b), metadata={op_name="jit(run)/add"}\n'
+      '  %copy.4 = f32[2]{0} copy(%a)\n'
+  )
+  sources = profile_step.op_sources(hlo)
+  assert set(sources) == {'fusion.1', 'fusion.2', 'add.3'}
+  times = {'fusion.1': 5e8, 'fusion.2': 3e8, 'add.3': 1e8, 'copy.4': 1e8}
+  text = profile_step.report({'times': times, 'sources': sources}, 'c', 'i')
+  assert '| encoder blocks (scan) | 50.0% |' in text
+  assert '| forward/backward outside the blocks | 30.0% |' in text
+  assert '| optimizer and metrics | 10.0% |' in text
+  assert '| no source | 10.0% |' in text
+  assert 'Summed operation time per step (all threads): 1.00 s.' in text
