@@ -6,7 +6,8 @@
 Compiles the step of ``benchmarks/step.py`` (same config, sizes and CPU
 settings), runs it under ``jax.profiler`` and sums the time of every XLA
 operation the trace records on the compute threads, grouped by what the
-operation's source (its ``op_name``) says it belongs to:
+operation's source (its ``op_name``) says it belongs to (XLA:CPU's threads
+only, ``tf_XLA*`` in the trace):
 
 * ``encoder blocks (scan)``: inside the scanned transformer/ResNet blocks,
   forward and backward;
@@ -98,6 +99,8 @@ def profile(model: str, hw: tuple[int, int], steps: int) -> dict:
     data = jax.profiler.ProfileData.from_file(path)
     for plane in data.planes:
       for line in plane.lines:
+        if not line.name.startswith('tf_XLA'):
+          continue  # Python and profiler threads: XLA's are tf_XLA*
         for ev in line.events:
           if ev.name.startswith(_SKIP) or any(s in ev.name for s in _SKIP):
             continue
