@@ -205,7 +205,7 @@ def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x), written with ``erf`` as PyTorch computes it.
 
   ``jax.nn.gelu(approximate=False)`` writes it with ``erfc``, which XLA:CPU
-  evaluates 4-6x slower than ``erf`` (benchmarks/mit_ops.md); the two agree
+  evaluates 4-6x slower than ``erf`` (docs/vit.md); the two agree
   to float32 rounding (tests/test_mit.py).
   """
   half = np.asarray(0.5, x.dtype)

@@ -19,9 +19,10 @@ training frame has more than :data:`ELTWISE_MAX_PIXELS` pixels (the real
 configs: 512x1024 and up) does not get it (:func:`train_pixels`).
 
 It is also chosen per model: the transformers (MiT encoder, DAFormer head)
-have no BatchNorm chains to gain from it, and their blocks run slower with
-it (the MiT-B5 block at 128x256: 1.3-1.5x; benchmarks/mit_ops.md and
-docs/performance.md), so :func:`set_defaults` leaves them without it.
+have no BatchNorm chains to gain from it and run slower with it (the
+MiT-B5 source-only step at 128x256: JAX without / with it 0.92-0.94,
+paired medians, benchmarks/step_vit.md; its exact GELU was 6x slower with
+it), so :func:`set_defaults` leaves them without it.
 
 The flags are read when the CPU backend starts, so :func:`set_defaults`
 must run before the first JAX computation. It only appends flags that the
