@@ -36,6 +36,7 @@ def domain(
     label_size: str = 'image',
     scale: tuple[float, float] = (1.0, 1.0),
     crop_size: tuple[int, int] | None = None,
+    pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> ml_collections.ConfigDict:
   """A prepared dataset split and how its clips are resized and augmented.
 
@@ -51,6 +52,10 @@ def domain(
       (evaluation at the label's full resolution).
     scale: ``(low, high)`` random rescale of the clip (training only).
     crop_size: ``(H, W)`` random crop of the clip (training only).
+    pseudo_margins: ``(top, bottom, left, right)`` pixels at the borders of
+      the (resized, rescaled) target frame whose pseudo-labels are ignored
+      wherever the crop includes them (HRDA's ``crop_pseudo_margins``:
+      the ego vehicle and rectification borders); training target only.
   """
   return ml_collections.ConfigDict(
       dict(
@@ -61,6 +66,7 @@ def domain(
           label_size=label_size,
           scale=scale,
           crop_size=crop_size,
+          pseudo_margins=pseudo_margins,
           # False reproduces the reference bug: flipped flows keep their dx
           # sign.
           flip_negate_dx=True,
@@ -547,7 +553,15 @@ def hrda_config(
   }.get(source, (1520, 2560))
   target = 'cityscapes_seq' if video else 'cityscapes'
   c.data.source = domain(source, 'train', hr_source, crop_size=(1024, 1024))
-  c.data.target = domain(target, 'train', (1024, 2048), crop_size=(1024, 1024))
+  # HRDA's pseudo-label margins on the 2048x1024 Cityscapes frame: the top
+  # 30 rows, the bottom 240 (the ego vehicle) and 30 columns at each side.
+  c.data.target = domain(
+      target,
+      'train',
+      (1024, 2048),
+      crop_size=(1024, 1024),
+      pseudo_margins=(30, 240, 30, 30),
+  )
   c.data.target_val = domain(target, 'val', (1024, 2048), label_size='native')
   if video and 'source_val' in c.data:
     c.data.source_val = domain(source, 'val', hr_source)
@@ -582,6 +596,7 @@ def hrda_config(
       c.eval.slide_window = (32, 48)
       c.eval.slide_stride = (16, 24)
     tiny_vit(c)
+    c.data.target.pseudo_margins = (2, 6, 2, 2)
     h.detail_crop = (16, 24)
     h.attention_features = 16
     m.block_size = 16

@@ -291,6 +291,37 @@ def test_random_scale_crop_is_one_window_for_the_whole_clip():
     )
 
 
+def test_pseudo_margins_mark_the_crop_window_of_the_frame_borders():
+  h, w = 16, 24
+  yy, xx = np.mgrid[0:h, 0:w]
+  ex = {
+      'frames': np.zeros((2, h, w, 3), np.uint8),
+      'flow': np.stack([xx, yy], -1).astype(np.float32),
+  }
+  margins = (2, 5, 3, 1)  # top, bottom, left, right
+  full = np.zeros((h, w), np.uint8)
+  full[2 : h - 5, 3 : w - 1] = 1
+  whole = transforms.RandomScaleCrop(pseudo_margins=margins).random_map(
+      ex, np.random.default_rng(0)
+  )
+  np.testing.assert_array_equal(whole['pl_valid'], full)
+  for seed in range(5):
+    out = transforms.RandomScaleCrop(
+        crop_size=(8, 10), pseudo_margins=margins
+    ).random_map(ex, np.random.default_rng(seed))
+    c0, r0 = int(out['flow'][0, 0, 0]), int(out['flow'][0, 0, 1])
+    np.testing.assert_array_equal(
+        out['pl_valid'], full[r0 : r0 + 8, c0 : c0 + 10]
+    )
+    flipped = transforms.hflip(out)
+    np.testing.assert_array_equal(flipped['pl_valid'], out['pl_valid'][:, ::-1])
+  # No margins, no key.
+  plain = transforms.RandomScaleCrop(crop_size=(8, 10)).random_map(
+      ex, np.random.default_rng(0)
+  )
+  assert 'pl_valid' not in plain
+
+
 # ------------------------------------------------------------- bad input
 def _prepare_error(dataset, root, data_dir, match, **kw):
   with pytest.raises(io.DataError, match=match) as e:

@@ -309,7 +309,8 @@ def test_deeplab_model_trains_and_evaluates_with_detail_loss():
 def test_hrda_smoke_config_trains_dastc_with_mic(world_cache, tmp_path):
   """``configs/gta5_hrda.py:smoke``: one source-only step, then DA-STC
   steps with HRDA (detail loss in every term) and MIC on the masked target,
-  quality-weighted pseudo-labels; evaluation slides the detail windows."""
+  quality-weighted pseudo-labels ignored in the frame's margins; evaluation
+  slides the detail windows."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from configs import gta5_hrda  # pylint: disable=g-import-not-at-top
@@ -330,7 +331,11 @@ def test_hrda_smoke_config_trains_dastc_with_mic(world_cache, tmp_path):
     assert json.load(f)['step'] == 3
   from dastc_jax.benchmarks import logged  # pylint: disable=g-import-not-at-top
 
-  means = logged.run_means(workdir, ('loss_mic', 'pl_quality', 'loss_tgt_mix'))
-  for key in ('loss_mic', 'pl_quality', 'loss_tgt_mix'):
+  keys = ('loss_mic', 'pl_quality', 'loss_tgt_mix', 'pl_margin_share')
+  means = logged.run_means(workdir, keys)
+  for key in keys:
     assert np.isfinite(means[key]), key
   assert means['pl_quality'] == 1.0 and means['loss_mic'] > 0
+  # HRDA's pseudo-label margins reach the step: part of the crops lies in
+  # them (margins 2, 6, 2, 2 px of the smoke target frame).
+  assert 0 < means['pl_margin_share'] < 0.5

@@ -169,3 +169,21 @@ def test_mirrored_flow_negates_dx():
       ),
       [[[2, 1, 0], [5, 4, 3]]],
   )
+
+
+def test_labels_outside_the_margins_are_ignored_on_every_grid():
+  valid = np.zeros((2, 8, 12), np.uint8)
+  valid[:, 2:6, 3:12] = 1  # margins: top 2, bottom 2, left 3
+  valid[1] = 1  # the second clip's crop sees no margin
+  pl = {
+      'label_t': jnp.full((2, 8, 12), 4, jnp.int32),
+      'label_lo': jnp.full((2, 4, 6), 4, jnp.int32),
+      'conf_lo': jnp.ones((2, 4, 6)),
+  }
+  out = pseudo_labels.ignore_outside(pl, jnp.asarray(valid))
+  want_t = np.where(valid > 0, 4, 255)
+  np.testing.assert_array_equal(out['label_t'], want_t)
+  # The 4x6 grid samples the frame at its cells' centres (rows 1, 3, 5, 7;
+  # columns 1, 3, ..., 11).
+  np.testing.assert_array_equal(out['label_lo'], want_t[:, 1::2, 1::2])
+  np.testing.assert_array_equal(out['conf_lo'], pl['conf_lo'])

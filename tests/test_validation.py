@@ -148,3 +148,23 @@ def test_kept_labels_control_needs_the_feature_swap():
       errors.ConfigError, match="feature_swap_labels='kept'.*'blend'"
   ):
     validation.check_config(c)
+
+
+def test_pseudo_margins_are_checked():
+  c = _config()
+  c.data.target.pseudo_margins = (1, 2, 3)
+  with pytest.raises(
+      errors.ConfigError, match='config.data.target.pseudo_margins='
+  ):
+    validation.check_config(c)
+  c = _config()
+  c.data.target.pseudo_margins = (1, -2, 0, 0)
+  with pytest.raises(errors.ConfigError, match='expected four'):
+    validation.check_config(c)
+  c = _config()
+  c.data.source.pseudo_margins = (1, 1, 0, 0)
+  with pytest.raises(errors.ConfigError, match='only the training target'):
+    validation.check_config(c)
+  c = _config()
+  c.data.target.pseudo_margins = (1, 2, 0, 0)
+  validation.check_config(c)

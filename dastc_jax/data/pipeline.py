@@ -213,12 +213,14 @@ def _augment(ds, dcfg: ml_collections.ConfigDict, per_axis_flow_scale: bool):
           per_axis_flow_scale=per_axis_flow_scale,
       )
   )
-  if tuple(dcfg.scale) != (1.0, 1.0) or dcfg.crop_size:
+  margins = tuple(dcfg.get('pseudo_margins') or (0, 0, 0, 0))
+  if tuple(dcfg.scale) != (1.0, 1.0) or dcfg.crop_size or any(margins):
     ds = ds.random_map(
         transforms.RandomScaleCrop(
             scale=tuple(dcfg.scale),
             crop_size=tuple(dcfg.crop_size) if dcfg.crop_size else None,
             per_axis_flow_scale=per_axis_flow_scale,
+            pseudo_margins=margins,
         )
     )
   if dcfg.flip:

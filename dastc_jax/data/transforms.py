@@ -169,6 +169,8 @@ def hflip(ex: dict[str, Any]) -> dict[str, Any]:
     ex['labels'] = np.ascontiguousarray(ex['labels'][:, :, ::-1])
   if 'label' in ex:
     ex['label'] = np.ascontiguousarray(ex['label'][:, ::-1])
+  if 'pl_valid' in ex:
+    ex['pl_valid'] = np.ascontiguousarray(ex['pl_valid'][:, ::-1])
   for key in FLOW_KEYS:
     if key in ex:
       f = ex[key][:, ::-1].copy()
@@ -213,11 +215,16 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     scale: ``(low, high)`` of the uniform scale factor.
     crop_size: ``(H, W)`` window; None keeps the whole (scaled) image.
     per_axis_flow_scale: see ``resize_flow_np``.
+    pseudo_margins: ``(top, bottom, left, right)`` borders of the scaled
+      image whose pseudo-labels are not trusted; when any is positive the
+      example gets ``pl_valid`` ``[H, W]`` uint8 (0 inside a margin) of the
+      crop window.
   """
 
   scale: tuple[float, float] = (1.0, 1.0)
   crop_size: tuple[int, int] | None = None
   per_axis_flow_scale: bool = False
+  pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0)
 
   def random_map(
       self, ex: dict[str, Any], rng: np.random.Generator
@@ -229,10 +236,15 @@ class RandomScaleCrop(grain.transforms.RandomMap):
           image_size=(round(h * s), round(w * s)),
           per_axis_flow_scale=self.per_axis_flow_scale,
       ).map(ex)
+    h, w = ex['frames'].shape[1:3]
+    if any(self.pseudo_margins):
+      top, bottom, left, right = self.pseudo_margins
+      valid = np.zeros((h, w), np.uint8)
+      valid[top : max(h - bottom, top), left : max(w - right, left)] = 1
+      ex = {**ex, 'pl_valid': valid}
     if self.crop_size is None:
       return ex
     ch, cw = self.crop_size
-    h, w = ex['frames'].shape[1:3]
     if ch > h or cw > w:
       raise ValueError(
           f'Crop {ch}x{cw} is larger than the (scaled) image '
@@ -254,6 +266,10 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     if 'label' in ex:
       ex['label'] = np.ascontiguousarray(
           ex['label'][r0 : r0 + ch, c0 : c0 + cw]
+      )
+    if 'pl_valid' in ex:
+      ex['pl_valid'] = np.ascontiguousarray(
+          ex['pl_valid'][r0 : r0 + ch, c0 : c0 + cw]
       )
     return ex
 

@@ -586,6 +586,8 @@ def make_dastc_step(
     )
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
+    if 'pl_valid' in tgt:  # data.target.pseudo_margins
+      pl_loss = pseudo_labels.ignore_outside(pl_loss, tgt['pl_valid'])
     # Per-clip weight of the pseudo-labelled losses ([B]; None: 1).
     pl_w = (
         pseudo_labels.quality(pl, d.pl_quality_threshold)
@@ -728,6 +730,8 @@ def make_dastc_step(
     }
     if pl_w is not None:
       metrics['pl_quality'] = jnp.mean(pl_w)
+    if 'pl_valid' in tgt:  # share of the crop inside the margins
+      metrics['pl_margin_share'] = 1.0 - jnp.mean(tgt['pl_valid'] > 0)
     if 'label' in tgt:  # monitoring only: never used by a loss
       metrics.update(
           pseudo_label_metrics(pl['label_t'], tgt['label'], class_names)

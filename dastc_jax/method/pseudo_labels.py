@@ -167,3 +167,22 @@ def ignore_unconfident(
       continue
     out[label] = jnp.where(pl[conf] >= threshold, pl[label], 255)
   return out
+
+
+def ignore_outside(
+    pl: dict[str, jax.Array], valid: jax.Array
+) -> dict[str, jax.Array]:
+  """Sets pseudo-labels outside ``valid`` ``[B, H, W]`` (nonzero: trusted,
+  on the target frame's grid) to 255, on every label grid (nearest
+  sample of ``valid`` at each grid's pixel centres): HRDA's pseudo-label
+  margins."""
+  out = dict(pl)
+  for label in ('label_lo', 'label_aux_lo', 'label_t', 'label_t1'):
+    if label not in pl:
+      continue
+    h, w = pl[label].shape[-2:]
+    rows = (jnp.arange(h) + 0.5) * valid.shape[1] / h
+    cols = (jnp.arange(w) + 0.5) * valid.shape[2] / w
+    keep = valid[:, rows.astype(jnp.int32)][:, :, cols.astype(jnp.int32)]
+    out[label] = jnp.where(keep > 0, pl[label], 255)
+  return out

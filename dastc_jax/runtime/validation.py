@@ -235,6 +235,19 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
           f'config.data.{key}.crop_size={tuple(crop)} is larger than '
           f'config.data.{key}.image_size={tuple(size)} (H, W).'
       )
+    margins = tuple(d.get('pseudo_margins') or (0, 0, 0, 0))
+    if len(margins) != 4 or any(
+        not isinstance(m, int) or m < 0 for m in margins
+    ):
+      raise errors.ConfigError(
+          f'config.data.{key}.pseudo_margins={margins}; expected four '
+          'pixel counts >= 0 (top, bottom, left, right).'
+      )
+    if any(margins) and key != 'target':
+      raise errors.ConfigError(
+          f'config.data.{key}.pseudo_margins={margins}: only the training '
+          'target (config.data.target) has pseudo-labels.'
+      )
   for split in config.eval.splits:
     if split not in config.data or split not in DOMAINS:
       raise errors.ConfigError(
