@@ -124,6 +124,17 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   c.train.num_steps += 10
   assert workdir_lib.check_and_write_config(c, workdir) == ['train.num_steps']
   assert (tmp_path / 'b/run/config.2.json').exists()
+  # A run started before pseudo_margins existed resumes with zero margins
+  # (what it trained with), not with others.
+  last = tmp_path / 'b/run/config.2.json'  # what a resume compares with
+  cfg = json.loads(last.read_text())
+  del cfg['data']['target']['pseudo_margins']
+  last.write_text(json.dumps(cfg))
+  assert workdir_lib.check_and_write_config(c, workdir) == []
+  c.data.target.pseudo_margins = (4, 4, 0, 0)
+  with pytest.raises(errors.ConfigError, match='pseudo_margins'):
+    workdir_lib.check_and_write_config(c, workdir)
+  c.data.target.pseudo_margins = (0, 0, 0, 0)
   # metrics.jsonl on a bucket: rewritten (no append), both rows kept.
   from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
 

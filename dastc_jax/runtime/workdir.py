@@ -49,11 +49,14 @@ def _flat(config_json: str) -> dict[str, object]:
 
 
 def _added_and_off(key: str, new: dict[str, object]) -> bool:
-  """A multi-resolution key absent from an older run's config, with the
-  section off (the run was single-resolution)."""
-  return (
-      key.startswith('model.hrda.') and new.get('model.hrda.enabled') is False
-  )
+  """A key absent from an older run's config whose value now does what the
+  older code did: a multi-resolution key with the section off, or pseudo-
+  label margins of zero."""
+  if key.startswith('model.hrda.'):
+    return new.get('model.hrda.enabled') is False
+  if key.endswith('.pseudo_margins'):
+    return not any(new.get(key) or ())
+  return False
 
 
 def check_and_write_config(
