@@ -2,10 +2,15 @@
 
 import os
 
-# Must run before jax is imported anywhere.
+# Must run before jax is imported anywhere. The simulated devices share 2
+# cores with the other test worker: a device thread can fall behind its
+# peers by more than XLA:CPU's 40 s before a collective, which XLA ends with
+# an abort ("Termination timeout ... exceeded"); they get 10 minutes.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '')
     + ' --xla_force_host_platform_device_count=8'
+    + ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
+    + ' --xla_cpu_collective_timeout_seconds=600'
 )
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
