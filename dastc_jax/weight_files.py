@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -61,7 +62,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         'install torch), or convert it to .safetensors first.'
     ) from e
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with warnings.catch_warnings():
+      # PyTorch warns about what it finds in a damaged file (an unknown
+      # pickle protocol...) before failing; the error below says it once.
+      warnings.simplefilter('ignore')
+      obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # truncated zip, bad pickle, unsafe globals...
     msg = str(e).splitlines()[0]
     if 'weights_only' in msg or 'Weights only load failed' in msg:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +193,9 @@ def test_weight_file_errors_say_what_to_do(tmp_path):
   conversion command; a garbage weight file is reported without PyTorch's
   advice to load it unsafely."""
   garbage = tmp_path / 'model.pth'
-  garbage.write_bytes(os.urandom(1000))
+  # A pickle header of an unknown protocol (78), on which PyTorch warns
+  # before it fails, then noise.
+  garbage.write_bytes(b'\x80\x4e' + np.random.default_rng(0).bytes(1000))
   r = _main(
       '--config=configs/synthetic.py:smoke',
       f'--workdir={tmp_path / "run"}',
