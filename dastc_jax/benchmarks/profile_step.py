@@ -36,9 +36,6 @@ import jax
 from dastc_jax.benchmarks import provenance
 from dastc_jax.benchmarks import step as step_bench
 from dastc_jax.runtime import host_malloc
-from dastc_jax.runtime import sharding as sharding_lib
-from dastc_jax.runtime import state as state_lib
-from dastc_jax.runtime import steps as step_lib
 from dastc_jax.runtime import xla_cpu
 
 _SKIP = ('end:', 'Thunk', 'Await', 'Threadpool')
@@ -68,32 +65,16 @@ def op_sources(hlo_text: str) -> dict[str, str]:
 def profile(model: str, hw: tuple[int, int], steps: int) -> dict:
   """Compiles and profiles ``steps`` steps; returns times per operation."""
   c = step_bench._config(1, 'float32', model=model)  # pylint: disable=protected-access
-  c.method = 'source_only'
-  mesh = step_bench._mesh(1)  # pylint: disable=protected-access
-  data = sharding_lib.data_sharding(mesh)
-  graphdef, state, tx = state_lib.create_train_state(c)
-  st_sh = sharding_lib.state_shardings(state, mesh)
-  fn = jax.jit(
-      step_lib.make_train_step(c, graphdef, tx),
-      in_shardings=(st_sh, data),
-      out_shardings=(st_sh, sharding_lib.replicated(mesh)),
-      donate_argnums=0,
-  )
-  batch = sharding_lib.shard_batch(
-      step_bench.fake_batch(c, 1, hw, hw, dastc=False), data
-  )
-  state = jax.device_put(state, st_sh)
-  compiled = fn.lower(state, batch).compile()
-  sources = op_sources(compiled.as_text())
-  for _ in range(2):  # warm-up
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
+  # The step exactly as benchmarks/step.py builds and times it (one
+  # warm-up step included).
+  one, _ = step_bench.build_jax_step(c, 'source_only', hw, hw)
+  sources = op_sources(one.compiled.as_text())
+  one()  # a second warm-up step
   times = collections.Counter()
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     for _ in range(steps):
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
+      one()
     jax.profiler.stop_trace()
     path = glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
@@ -102,7 +83,7 @@ def profile(model: str, hw: tuple[int, int], steps: int) -> dict:
         if not line.name.startswith('tf_XLA'):
           continue  # Python and profiler threads: XLA's are tf_XLA*
         for ev in line.events:
-          if ev.name.startswith(_SKIP) or any(s in ev.name for s in _SKIP):
+          if any(s in ev.name for s in _SKIP):
             continue
           times[ev.name] += ev.duration_ns / steps
   return {'times': dict(times), 'sources': sources}

@@ -181,6 +181,7 @@ def build_jax_step(
     return time.perf_counter() - t
 
   one()  # warm-up
+  one.compiled = compiled  # for profile_step.py (its optimised HLO)
   return one, {
       'compile_s': compile_s,
       'flops': float((cost or {}).get('flops', float('nan'))),
