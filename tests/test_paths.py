@@ -129,12 +129,17 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   last = tmp_path / 'b/run/config.2.json'  # what a resume compares with
   cfg = json.loads(last.read_text())
   del cfg['data']['target']['pseudo_margins']
+  del cfg['dastc']['mic']  # and before MIC existed: resumes with it off
   last.write_text(json.dumps(cfg))
   assert workdir_lib.check_and_write_config(c, workdir) == []
   c.data.target.pseudo_margins = (4, 4, 0, 0)
   with pytest.raises(errors.ConfigError, match='pseudo_margins'):
     workdir_lib.check_and_write_config(c, workdir)
   c.data.target.pseudo_margins = (0, 0, 0, 0)
+  c.dastc.mic.enabled = True
+  with pytest.raises(errors.ConfigError, match=r'dastc\.mic\.enabled'):
+    workdir_lib.check_and_write_config(c, workdir)
+  c.dastc.mic.enabled = False
   # metrics.jsonl on a bucket: rewritten (no append), both rows kept.
   from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
 
