@@ -11,6 +11,7 @@ import pytest
 import scipy.ndimage
 
 from configs import common
+from dastc_jax.data import transforms
 from dastc_jax.data.synthetic import scene as scn
 from dastc_jax.data.synthetic import style as sty
 from dastc_jax.data.synthetic import world as synthetic
@@ -83,6 +84,52 @@ def test_flow_with_moving_objects_only_misses_true_occlusions(seed):
   interior, agree, _ = _interior_match(cur, prev[29], cur.flows[29])
   # Moving cars and people disocclude a little background between frames.
   assert agree[interior].mean() > 0.99
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2, 3])
+def test_scale_crop_flip_of_a_clip_matches_the_world_rendered_larger(seed):
+  """The training crop (rescale x1.5, crop, flip) of a 96x160 render and its
+  exact flow equals, at the same window, the same scene rendered at 144x240
+  with its own exact flow: labels and flows are cut at one place and the
+  flow's magnitudes are scaled (not scaling them is 8x further off)."""
+  rng = np.random.default_rng(seed)
+  t, s = 30, 1.5
+  cam = scn.sample_camera(rng, 96, 160, z0=0.0)
+  scene = scn.sample_scene(rng, 0.0, cam.position(t)[1] + scn.ZFAR, (0, t))
+  scene = dataclasses.replace(scene, billboards=[], fences=([], []))
+  small = scn.render(scene, cam, t, (t - 1,))
+  big_cam = dataclasses.replace(
+      cam, height=144, width=240, focal=cam.focal * s, horizon=cam.horizon * s
+  )
+  big = scn.render(scene, big_cam, t, (t - 1,))
+  clip = {
+      'frames': np.zeros((1, 96, 160, 3), np.uint8),
+      'labels': small.sem[None].astype(np.uint8),
+      'flow': small.flows[t - 1].astype(np.float32),
+  }
+  out = transforms.RandomScaleCrop(scale=(s, s), crop_size=(64, 96))
+  out = out.random_map(clip, np.random.default_rng(seed))
+  out = transforms.RandomFlip(p=1.0).random_map(out, np.random.default_rng(0))
+  # The reference: the large render flipped (dx negated), at the window
+  # where the transformed labels agree best with its classes.
+  ref_sem = big.sem[:, ::-1]
+  ref_flow = big.flows[t - 1][:, ::-1] * np.array([-1.0, 1.0])
+  agree = {
+      (r, c): (ref_sem[r : r + 64, c : c + 96] == out['labels'][0]).mean()
+      for r in range(144 - 64 + 1)
+      for c in range(240 - 96 + 1)
+  }
+  (r0, c0), best = max(agree.items(), key=lambda kv: kv[1])
+  assert best > 0.97
+  ref = ref_flow[r0 : r0 + 64, c0 : c0 + 96]
+  err = np.linalg.norm(out['flow'] - ref, axis=-1)
+  unscaled = np.linalg.norm(out['flow'] / s - ref, axis=-1)
+  # What is left is the align-corners resampling of flows (the reference's
+  # convention) against the renderer's pixel centres: about 1/4 px of
+  # position at the window's far edge, times the flow's gradient.
+  assert np.median(err) < 0.15
+  assert np.percentile(err, 90) < 0.03 * np.abs(ref).max()
+  assert np.percentile(unscaled, 90) > 8 * np.percentile(err, 90)
 
 
 def test_target_style_differs_from_source_for_the_same_scene():
