@@ -47,9 +47,13 @@ def test_head_from_tps_predicts_what_tps_predicts():
   assert not report.missing_initialised  # nothing is left untrained
   assert 'layer6.conv2d_list.0.weight' in report.converted
   assert not any(k.startswith('layer7.') for k in report.converted)
-  model = tc._flax_model(mc, params, stats)  # pylint: disable=protected-access
   frames, flow = tc._inputs()  # pylint: disable=protected-access
-  out = model.clip(jnp.asarray(frames), jnp.asarray(flow), train=False)
+
+  def fused(p):  # jitted below: eagerly it compiles ~300 primitives
+    m = tc._flax_model(mc, p, stats)  # pylint: disable=protected-access
+    return m.clip(jnp.asarray(frames), jnp.asarray(flow), train=False)['pred']
+
+  out = {'pred': jax.jit(fused)(params)}
   with torch.no_grad():
     pred, _ = tm(
         tc._nchw(frames[:, 0]),
@@ -70,12 +74,9 @@ def test_head_from_tps_predicts_what_tps_predicts():
   assert np.count_nonzero(extra[..., c:]) > 0.9 * extra[..., c:].size
 
   # ...and the zero classifier rows get a gradient from them.
-  def loss(p):
-    m = tc._flax_model(mc, p, stats)  # pylint: disable=protected-access
-    o = m.clip(jnp.asarray(frames), jnp.asarray(flow), train=False)
-    return jnp.sum(jnp.tanh(o['pred']))
-
-  grad = np.asarray(jax.grad(loss)(params)['head']['classifier']['kernel'])
+  loss = lambda p: jnp.sum(jnp.tanh(fused(p)))
+  grad = jax.jit(jax.grad(loss))(params)['head']['classifier']['kernel']
+  grad = np.asarray(grad)
   assert np.abs(grad[0, 0, c:]).max() > 0
 
 
@@ -106,18 +107,23 @@ def test_pseudo_labels_of_the_first_step_are_the_tps_models():
   rgb = rng.integers(0, 256, (1, 3, h, w, 3), dtype=np.uint8)
   x = jnp.asarray(image_ops.normalize(rgb))  # frames t, t-1, t-2
   zero = jnp.zeros((1, h, w, 2), jnp.float32)
-  pl, teacher, _, _ = dastc_step._pseudo_labels(  # pylint: disable=protected-access
-      c,
-      graphdef,
-      None,
-      state,
-      x,
-      {'flow': zero, 'flow_t1_t2': zero},
-      (h, w),
-      0,
-      jax.random.key(0),
-      jax.random.key(1),
-  )
+  # Jitted: eagerly it compiles ~150 primitives one by one.
+  pl, teacher = jax.jit(
+      lambda state, x: dastc_step._pseudo_labels(  # pylint: disable=protected-access
+          c,
+          graphdef,
+          None,
+          state,
+          x,
+          {'flow': zero, 'flow_t1_t2': zero},
+          (h, w),
+          0,
+          jax.random.key(0),
+          jax.random.key(1),
+      )[
+          :2
+      ]
+  )(state, x)
   assert jax.tree.all(
       jax.tree.map(
           lambda a, b: bool(jnp.array_equal(a, b)), teacher['params'], params
