@@ -40,29 +40,26 @@ def _flag_error_line(e: Exception, argv: list[str]) -> str:
   """One line for a bad ``--config`` variant or override (or any other
   flag error: its first line)."""
   chain = _chain(e)
-  hinted = next(
-      (
-          x
-          for x in chain
-          if isinstance(x, KeyError) and 'Did you mean' in str(x.args[0])
-      ),
-      None,
-  )
-  if hinted is not None:
-    lines = str(hinted.args[0]).strip().splitlines()
+  missing = next((x for x in chain if isinstance(x, KeyError)), None)
+  if missing is not None and missing.args:
+    lines = str(missing.args[0]).strip().splitlines()
     key = lines[0].strip('\'"')
     flag = next(
         (
             a.split('=')[0]
             for a in argv
-            if a.startswith('--config.') and key in a
+            if a.startswith('--config.')
+            and key in a.split('=')[0].split('.')[1:]
         ),
-        '--config.*',
+        None,
     )
-    return (
-        f'{flag}: the config has no key {key!r}. {" ".join(lines[1:])} '
-        '(configs/common.py declares every key)'
-    )
+    if flag is not None:
+      hint = ' '.join(lines[1:])
+      return (
+          f'{flag}: the config has no key {key!r}.'
+          + (f' {hint}' if hint else '')
+          + ' (configs/common.py declares every key)'
+      )
   variant = next(
       (
           x
