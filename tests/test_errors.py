@@ -23,6 +23,89 @@ def _main(*args):
 
 
 @pytest.mark.parametrize(
+    'override,expected',
+    [
+        (
+            (
+                '--config.data.synthetic.enabled=False',
+                '--config.data.data_dir={tmp}/nothing_here',
+            ),
+            'is not prepared in',
+        ),
+        (
+            ('--config.dastc.feature_layer=layer9',),
+            'config.dastc.feature_layer',
+        ),
+        (
+            ('--config.train.source_only_steps=0',),
+            'config.train.source_only_steps (a head warm-up',
+        ),
+        (('--config.dastc.strong_aug.enabled=False',), 'sees no perturbation'),
+        (
+            ('--config.data.data_dir={tmp}/tfds',),
+            'has no effect: config.data.synthetic.enabled=True',
+        ),
+    ],
+)
+@pytest.mark.integration
+def test_user_errors_print_one_line_and_exit_2(tmp_path, override, expected):
+  args = [a.format(tmp=tmp_path) for a in override]
+  r = _main(
+      '--config=configs/synthetic.py:smoke',
+      f'--workdir={tmp_path / "run"}',
+      *args,
+  )
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  last = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert last and expected in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    'config,extra,expected',
+    [
+        (
+            'configs/synthetc.py',
+            (),
+            "error: --config: no such file 'configs/synthetc.py'; configs has",
+        ),
+        (
+            'configs/synthetic.py:smok',
+            (),
+            "error: --config: Unknown config variant(s) ['smok']",
+        ),
+        (
+            'configs/synthetic.py:smoke',
+            ('--config.train.num_step=3',),
+            "error: --config.train.num_step: the config has no key 'num_step'."
+            ' Did you mean "num_steps" instead of "num_step"?',
+        ),
+        (  # no near key: the flag and the key are still named
+            'configs/synthetic.py:smoke',
+            ('--config.train.nonexistent=3',),
+            'error: --config.train.nonexistent: the config has no key'
+            " 'nonexistent'. (configs/common.py declares every key)",
+        ),
+        (
+            'configs/synthetic.py:smoke',
+            ('--config.train.num_steps=abc',),
+            'error: --config.train.num_steps=abc: invalid literal',
+        ),
+    ],
+)
+@pytest.mark.integration
+def test_flag_errors_print_one_line_and_exit_2(
+    tmp_path, config, extra, expected
+):
+  """A mistyped config path, variant or override: one line, exit 2."""
+  r = _main(f'--config={config}', f'--workdir={tmp_path / "run"}', *extra)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+  lines = [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+  assert len(lines) == 1 and lines[0].startswith(expected), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
     'module,args,expected',
     [
         (
