@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dastc_jax.benchmarks import provenance
+
 REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
@@ -319,7 +321,8 @@ def report(rows: list[dict], cmd: str) -> str:
       '',
       f'Command: `{cmd}`',
       '',
-      f'Date: {time.strftime("%Y-%m-%d")}. Smoke DA-STC config (tiny '
+      f'Date: {time.strftime("%Y-%m-%d")}, commit {provenance.commit()}. '
+      'Smoke DA-STC config (tiny '
       'model, tiny synthetic world), 5 steps, checkpoints every 2 steps '
       '(and at the end), 2-core CPU with 8 simulated devices (the test '
       "suite's JAX setup: fast compiles, XLA's default CPU fusion), "

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from dastc_jax.benchmarks import provenance
 from dastc_jax.runtime import host_malloc
 from dastc_jax.runtime import xla_cpu
 
@@ -285,7 +286,7 @@ def _report(
       '',
       f'Machine: {platform.processor() or platform.machine()}, '
       f'{os.cpu_count()} CPU cores, JAX {jax.__version__} on '
-      f'{jax.devices()[0].platform}.',
+      f'{jax.devices()[0].platform}; commit {provenance.commit()}.',
       '',
       '## End-point error on the synthetic world',
       '',

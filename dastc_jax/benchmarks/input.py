@@ -40,6 +40,7 @@ from PIL import Image
 
 from configs import common
 from configs import viper as viper_config
+from dastc_jax.benchmarks import provenance
 from dastc_jax.data.datasets import layouts
 from dastc_jax.data.datasets import prepare
 from dastc_jax.data import pipeline
@@ -267,7 +268,7 @@ def report(res: dict[str, Any], command: str) -> str:
       '',
       f'Machine: {res["cpu_count"]} CPU cores ({res["machine"]}); train '
       f'step on {res["device"]} with the `{res["model"]}` model. Date: '
-      f'{time.strftime("%Y-%m-%d")}.',
+      f'{time.strftime("%Y-%m-%d")}, commit {provenance.commit()}.',
       '',
       'Paired DA-STC stream of `configs/viper.py` at batch 1: VIPER '
       '1080x1920 JPEG -> 720x1280, Cityscapes-Seq 1024x2048 PNG -> 512x1024, '

@@ -22,6 +22,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dastc_jax.benchmarks import provenance
 from dastc_jax import train
 from dastc_jax.benchmarks import adaptation
 from dastc_jax.data import labels as labels_lib
@@ -132,7 +133,7 @@ def main(argv):
   text = [
       f'# Warm-start pseudo-labels: {FLAGS.world} world, seed '
       f'{FLAGS.seed}\n',
-      f'Command: `{cmd}`\n',
+      f'Command: `{cmd}` (commit {provenance.commit()})\n',
       f'Teacher = the histogram-matched source-only warm start, on '
       f'{FLAGS.batches} target training batches of 4 clips (frame t, '
       'cross-frame labels), against the held-out target labels.\n',

@@ -43,6 +43,7 @@ import numpy as np
 
 from configs import viper as viper_config
 from configs import viper_vit as viper_vit_config
+from dastc_jax.benchmarks import provenance
 from dastc_jax.benchmarks import memory
 from dastc_jax.models import mit
 from dastc_jax.runtime import host_malloc
@@ -513,6 +514,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
       'dtype': dtype,
       'batch': args['batch'],
       'date': time.strftime('%Y-%m-%d'),
+      'commit': provenance.commit(),
       'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'host_malloc': args.get('host_malloc', 'not called'),
@@ -653,7 +655,8 @@ def report(res: dict[str, Any], command: str) -> str:
       '',
       f'Hardware: {res["device"]} ({res["platform"]}; '
       f'{res["cpu_count"]} CPU cores), jax {res["jax"]}, '
-      f'{res["date"]}. {res.get("model", "ACCEL-DeepLabv2-ResNet-101")}, batch '
+      f'{res["date"]}, commit {res.get("commit", "unknown")}. '
+      f'{res.get("model", "ACCEL-DeepLabv2-ResNet-101")}, batch '
       f'{res["batch"]}, source {res["src_hw"][0]}x{res["src_hw"][1]}, '
       f'target {res["tgt_hw"][0]}x{res["tgt_hw"][1]}, {res["dtype"]}.',
       '',
