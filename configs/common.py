@@ -294,6 +294,10 @@ def dastc_config() -> ml_collections.ConfigDict:
           # Pseudo-labels below this probability are ignored by the losses
           # (0: the reference's hard labels on every pixel).
           pl_threshold=0.0,
+          # Class-balanced selection (CBST): per class, keep this portion of
+          # its pseudo-labelled pixels in the batch, the most confident; the
+          # rest are ignored by the losses (0: off, the reference).
+          pl_class_balanced=0.0,
           # 'quality': DAFormer's weighting. Each target clip's pseudo-label
           # losses (consistency, target-context mix) are weighted by the
           # share of its pixels whose teacher probability reaches

@@ -272,8 +272,9 @@ def test_ablations_share_the_batchnorm_running_averages(smoke_config):
 def test_quality_weighting_scales_the_pseudo_label_losses(world_cache):
   """``pl_weighting='quality'``: a threshold no probability reaches
   weights the consistency and target-context losses to zero and leaves the
-  source losses (weight 1 equals the plain loss: tests/test_losses.py).
-  On the image-domain step (the weighting is the same code for clips), whose
+  source losses (weight 1 equals the plain loss: tests/test_losses.py);
+  class-balanced selection keeps about half the labels. On the image-domain
+  step (the weighting is the same code for clips), whose
   plain program the test above has compiled."""
   from configs import gta5  # pylint: disable=g-import-not-at-top
 
@@ -291,10 +292,15 @@ def test_quality_weighting_scales_the_pseudo_label_losses(world_cache):
     c2 = c.copy_and_resolve_references()
     c2.dastc.pl_weighting = weighting
     c2.dastc.pl_quality_threshold = threshold
+    # The weighted run also selects class-balanced (CBST) labels: half of
+    # each class's pixels stay (one compiled program for both options).
+    c2.dastc.pl_class_balanced = 0.5 if weighting == 'quality' else 0.0
     run, init = _step_fn(c2, root, 1)
     out[name] = run(init, batch)[1]
   assert float(out['none']['pl_quality']) == 0.0
   assert 'pl_quality' not in out['plain']
+  assert 0.4 <= float(out['none']['pl_kept']) <= 0.6
+  assert 'pl_kept' not in out['plain']
   assert float(out['plain']['loss_cons']) > 0.1
   assert float(out['none']['loss_cons']) == 0.0
   assert float(out['none']['loss_tgt_mix']) == 0.0

@@ -130,6 +130,7 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   cfg = json.loads(last.read_text())
   del cfg['data']['target']['pseudo_margins']
   del cfg['dastc']['mic']  # and before MIC existed: resumes with it off
+  del cfg['dastc']['pl_class_balanced']  # and before CBST selection
   last.write_text(json.dumps(cfg))
   assert workdir_lib.check_and_write_config(c, workdir) == []
   c.data.target.pseudo_margins = (4, 4, 0, 0)

@@ -187,3 +187,29 @@ def test_labels_outside_the_margins_are_ignored_on_every_grid():
   # columns 1, 3, ..., 11).
   np.testing.assert_array_equal(out['label_lo'], want_t[:, 1::2, 1::2])
   np.testing.assert_array_equal(out['conf_lo'], pl['conf_lo'])
+
+
+def test_class_balanced_selection_keeps_each_classes_most_confident_part():
+  """CBST's per-class quantile: half of every class survives (its most
+  confident half), also a small class the large one outranks everywhere;
+  ignored pixels stay ignored; portion 0 changes nothing."""
+  rng = np.random.default_rng(0)
+  lab = np.zeros((2, 8, 8), np.uint8)  # class 0: large, confident
+  conf = rng.uniform(0.9, 1.0, (2, 8, 8)).astype(np.float32)
+  lab[:, :2, :4] = 3  # class 3: 16 pixels, all less confident
+  conf[:, :2, :4] = rng.uniform(0.3, 0.5, (2, 2, 4))
+  lab[0, 7, 7] = 255  # already ignored (a margin)
+  pl = {'label_lo': jnp.asarray(lab), 'conf_lo': jnp.asarray(conf)}
+  out = np.asarray(pseudo_labels.keep_class_top(pl, 0.5, 5)['label_lo'])
+  for c in (0, 3):
+    have = (lab == c).sum()
+    kept = (out == c).sum()
+    assert kept in (have // 2, (have + 1) // 2), (c, kept, have)
+    # The kept ones are the most confident of their class.
+    assert conf[out == c].min() >= conf[(lab == c) & (out == 255)].max()
+  assert out[0, 7, 7] == 255
+  # A global threshold that keeps as many pixels drops class 3 entirely.
+  t = np.quantile(conf[lab != 255], 1 - (out != 255).mean())
+  assert not ((lab == 3) & (conf >= t)).any()
+  same = pseudo_labels.keep_class_top(pl, 0.0, 5)
+  assert same['label_lo'] is pl['label_lo']

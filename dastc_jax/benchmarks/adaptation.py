@@ -235,6 +235,19 @@ VARIANTS: dict[str, tuple[Change, str]] = {
         ),
         'hm',
     ),
+    # Class-balanced pseudo-label selection (CBST's final portion, 0.5).
+    'class_balanced': (_dastc(**{'dastc.pl_class_balanced': 0.5}), 'hm'),
+    'pseudo_label_only_class_balanced': (
+        _dastc(
+            **{
+                'dastc.image_fusion': False,
+                'dastc.feature_fusion': False,
+                'dastc.alignment.kind': 'none',
+                'dastc.pl_class_balanced': 0.5,
+            }
+        ),
+        'hm',
+    ),
     'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
     # Weight 1.0: the pull's gradient per unit of cosine is 1, the
     # contrastive's (unsaturated) up to 1/tau = 10 at its weight 0.1.

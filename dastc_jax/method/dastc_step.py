@@ -586,6 +586,9 @@ def make_dastc_step(
     )
     # Labels used by the losses; the carried T' masks use the raw ones.
     pl_loss = pseudo_labels.ignore_unconfident(pl, d.pl_threshold)
+    pl_loss = pseudo_labels.keep_class_top(
+        pl_loss, d.pl_class_balanced, config.model.num_classes
+    )
     if 'pl_valid' in tgt:  # data.target.pseudo_margins
       pl_loss = pseudo_labels.ignore_outside(pl_loss, tgt['pl_valid'])
     # Per-clip weight of the pseudo-labelled losses ([B]; None: 1).
@@ -730,6 +733,8 @@ def make_dastc_step(
     }
     if pl_w is not None:
       metrics['pl_quality'] = jnp.mean(pl_w)
+    if d.pl_class_balanced > 0:  # share of frame t's labels kept
+      metrics['pl_kept'] = jnp.mean(pl_loss['label_lo'] != 255)
     if 'pl_valid' in tgt:  # share of the crop inside the margins
       metrics['pl_margin_share'] = 1.0 - jnp.mean(tgt['pl_valid'] > 0)
     if 'label' in tgt:  # monitoring only: never used by a loss

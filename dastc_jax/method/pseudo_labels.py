@@ -169,6 +169,46 @@ def ignore_unconfident(
   return out
 
 
+def keep_class_top(
+    pl: dict[str, jax.Array], portion: float, num_classes: int
+) -> dict[str, jax.Array]:
+  """Class-balanced selection (CBST, Zou et al. 2018): per class, keeps the
+  ``portion`` of its pseudo-labelled pixels in the batch with the highest
+  teacher probability and sets the rest to 255, on every label grid.
+
+  A global threshold lets the large classes keep their uncertain pixels
+  (often a small class they swallow) while a small class predicted with
+  lower confidence loses all of its own; a per-class quantile keeps the
+  most confident part of every class. ``portion`` 0 (or 1) changes nothing.
+  """
+  if portion <= 0 or portion >= 1:
+    return pl
+  out = dict(pl)
+  classes = jnp.arange(num_classes)
+  for label, conf in (
+      ('label_lo', 'conf_lo'),
+      ('label_aux_lo', 'conf_aux_lo'),
+      ('label_t', 'conf_t'),
+      ('label_t1', 'conf_t1'),
+  ):
+    if label not in pl:
+      continue
+    lab = pl[label]
+    cf = pl[conf].astype(jnp.float32)
+    valid = lab != 255
+
+    def threshold(c, lab=lab, cf=cf, valid=valid):
+      vals = jnp.where(valid & (lab == c), cf, jnp.nan).ravel()
+      return jnp.nanquantile(vals, 1.0 - portion)  # NaN: class absent
+
+    thr = jax.vmap(threshold)(classes)  # [C]
+    keep = valid & (
+        cf >= thr[jnp.clip(lab.astype(jnp.int32), 0, num_classes - 1)]
+    )
+    out[label] = jnp.where(keep, lab, 255).astype(lab.dtype)
+  return out
+
+
 def ignore_outside(
     pl: dict[str, jax.Array], valid: jax.Array
 ) -> dict[str, jax.Array]:

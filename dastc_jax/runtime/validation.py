@@ -117,6 +117,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     'dastc.confidence': (0, 1),
     'dastc.pl_threshold': (0, 1),
     'dastc.pl_quality_threshold': (0, 1),
+    'dastc.pl_class_balanced': (0, 1),
     'dastc.prior_momentum': (0, 1),
     'dastc.num_source_classes': (0, None),
     'dastc.num_target_classes': (0, None),

@@ -51,13 +51,16 @@ def _flat(config_json: str) -> dict[str, object]:
 def _added_and_off(key: str, new: dict[str, object]) -> bool:
   """A key absent from an older run's config whose value now does what the
   older code did: a multi-resolution or masked-consistency key with its
-  section off, or pseudo-label margins of zero."""
+  section off, pseudo-label margins of zero or no class-balanced
+  selection."""
   if key.startswith('model.hrda.'):
     return new.get('model.hrda.enabled') is False
   if key.startswith('dastc.mic.'):
     return new.get('dastc.mic.enabled') is False
   if key.endswith('.pseudo_margins'):
     return not any(new.get(key) or ())
+  if key == 'dastc.pl_class_balanced':
+    return not new.get(key)
   return False
 
 
