@@ -86,7 +86,7 @@ def test_table_reports_mean_std_and_paired_differences():
 
 
 def test_unknown_variant_is_refused():
-  with pytest.raises(KeyError):
+  with pytest.raises(KeyError, match='no_such_variant'):
     adaptation.run_config(0, 'no_such_variant', 'hm', '/w')
 
 

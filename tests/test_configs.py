@@ -101,7 +101,13 @@ def test_strong_clip_differs_from_the_clean_clip(name, variant):
   )
   clean = np.asarray(image_ops.normalize(rgb))
   if a.wrap_normalized_bug:  # the released range: [0, 1], not normalised
+    wrapped = np.mod(np.trunc(clean * 255), 256) / 255  # the wrap alone
     assert strong.min() >= 0 and strong.max() <= 1 and clean.min() < -50
+    if not a.enabled:
+      np.testing.assert_allclose(strong, wrapped, atol=1e-6)
+    else:  # and the perturbation on top of it
+      moved = np.abs(strong - wrapped).reshape(n, -1).mean(-1) > 1 / 255
+      assert moved.any()
     return
   changed = np.abs(strong - clean).reshape(n, -1).mean(-1) > 1.0
   # Each clip is left as it is with probability (1 - p_blur)(1 - p_jitter)

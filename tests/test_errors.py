@@ -188,9 +188,10 @@ def test_out_of_memory_is_one_line_with_the_knobs():
       ValueError('not memory'),
       jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: quota'),
   ):
-    with pytest.raises(type(other)):
+    with pytest.raises(type(other)) as e:
       with oom.reported('training'):
         raise other
+    assert e.value is other  # passed on as it was
 
 
 @pytest.mark.integration

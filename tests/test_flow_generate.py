@@ -14,6 +14,7 @@ import pytest
 import torch
 from torchvision.models import optical_flow as tv_flow
 
+from dastc_jax import errors
 from dastc_jax import paths
 from dastc_jax.data.datasets import prepare
 from dastc_jax.flow import estimate
@@ -62,6 +63,7 @@ def test_jobs_are_the_reference_files(tiny_world, dataset, split):
   )
   splits, dirs = generate.default_splits_and_dirs(dataset, manual, [split], {})
   jobs = generate.list_jobs(dataset, manual, split, dirs[split])
+  assert jobs
   assert sorted(os.path.basename(j.output) for j in jobs) == _names(dirs[split])
   for job in jobs:  # frame t's number is in the name, then frame s's
     name = os.path.basename(job.output)
@@ -213,7 +215,7 @@ def test_bad_input_names_the_file(tiny_world, estimator, tmp_path):
     f.write(open(original, 'rb').read())
   with open(frames[-1], 'r+b') as f:
     f.truncate(50)
-  with pytest.raises(Exception, match=os.path.basename(frames[-1])):
+  with pytest.raises(errors.UserError, match=os.path.basename(frames[-1])):
     generate.run(
         'viper',
         str(root),
@@ -269,7 +271,7 @@ def test_a_missing_frame_is_named(tiny_world, tmp_path):
       )
   )[0]
   os.remove(gone)
-  with pytest.raises(Exception, match=os.path.basename(gone)):
+  with pytest.raises(errors.UserError, match=os.path.basename(gone)):
     generate.list_jobs('cityscapes_seq', root, 'train', str(tmp_path / 'f'))
 
 

@@ -47,6 +47,7 @@ def test_paired_batches_shapes_and_dtypes(smoke_config, tiny_data):
   k = c.dastc.num_rare_classes
   assert src['rare_frames'].shape == (4, k, h, w, 3)
   assert src['rare_labels'].shape == (4, k, h, w)
+  assert (src['rare_classes'] >= 0).any()  # some patch was found
   for b in range(4):
     for j in range(k):
       cls = src['rare_classes'][b, j]

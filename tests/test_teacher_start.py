@@ -218,7 +218,7 @@ def test_every_real_config_starts_with_a_trained_labeller(name):
   c = module.get_config()
   if c.train.source_only_steps == 0:
     assert c.model.name in ('accel_deeplabv2',) and c.dastc.teacher == 'ema'
-    with pytest.raises(errors.ConfigError):
+    with pytest.raises(errors.ConfigError, match='init_from|frozen_teacher'):
       teacher_start.check(c)  # the user must give the TPS weights
   else:
     teacher_start.check(c)
