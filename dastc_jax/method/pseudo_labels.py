@@ -35,6 +35,15 @@ from dastc_jax.ops import warp as warp_ops
 TEACHERS = ('ema', 'reference')
 
 
+# The pseudo-label grids the losses read, each with its teacher probability.
+LABEL_GRIDS = (
+    ('label_lo', 'conf_lo'),
+    ('label_aux_lo', 'conf_aux_lo'),
+    ('label_t', 'conf_t'),
+    ('label_t1', 'conf_t1'),
+)
+
+
 def ema_update(teacher: Any, student: Any, decay: float | jax.Array) -> Any:
   """``decay * teacher + (1 - decay) * student`` leaf by leaf."""
   return jax.tree.map(
@@ -157,12 +166,7 @@ def ignore_unconfident(
   if threshold <= 0:
     return pl
   out = dict(pl)
-  for label, conf in (
-      ('label_lo', 'conf_lo'),
-      ('label_aux_lo', 'conf_aux_lo'),
-      ('label_t', 'conf_t'),
-      ('label_t1', 'conf_t1'),
-  ):
+  for label, conf in LABEL_GRIDS:
     if label not in pl:
       continue
     out[label] = jnp.where(pl[conf] >= threshold, pl[label], 255)
@@ -185,12 +189,7 @@ def keep_class_top(
     return pl
   out = dict(pl)
   classes = jnp.arange(num_classes)
-  for label, conf in (
-      ('label_lo', 'conf_lo'),
-      ('label_aux_lo', 'conf_aux_lo'),
-      ('label_t', 'conf_t'),
-      ('label_t1', 'conf_t1'),
-  ):
+  for label, conf in LABEL_GRIDS:
     if label not in pl:
       continue
     lab = pl[label]
@@ -217,7 +216,7 @@ def ignore_outside(
   sample of ``valid`` at each grid's pixel centres): HRDA's pseudo-label
   margins."""
   out = dict(pl)
-  for label in ('label_lo', 'label_aux_lo', 'label_t', 'label_t1'):
+  for label, _ in LABEL_GRIDS:
     if label not in pl:
       continue
     h, w = pl[label].shape[-2:]
