@@ -213,3 +213,28 @@ def test_class_balanced_selection_keeps_each_classes_most_confident_part():
   assert not ((lab == 3) & (conf >= t)).any()
   same = pseudo_labels.keep_class_top(pl, 0.0, 5)
   assert same['label_lo'] is pl['label_lo']
+
+
+def test_class_balanced_thresholds_are_numpys_per_class_quantiles():
+  """The one-sort selection keeps exactly the pixels at or above numpy's
+  (linear) quantile of their class, on random labels with ignored pixels
+  and an absent class."""
+  rng = np.random.default_rng(1)
+  lab = rng.integers(0, 6, (3, 9, 17)).astype(np.uint8)  # class 6 absent
+  lab[rng.uniform(size=lab.shape) < 0.2] = 255
+  conf = rng.uniform(0, 1, lab.shape).astype(np.float32)
+  for portion in (0.3, 0.5, 0.9):
+    got = np.asarray(
+        pseudo_labels.keep_class_top(
+            {'label_t': jnp.asarray(lab), 'conf_t': jnp.asarray(conf)},
+            portion,
+            7,
+        )['label_t']
+    )
+    want = np.full_like(lab, 255)
+    for c in range(7):
+      m = lab == c
+      if m.any():
+        t = np.quantile(conf[m], 1 - portion)
+        want[m & (conf >= t)] = c
+    np.testing.assert_array_equal(got, want)

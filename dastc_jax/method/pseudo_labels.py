@@ -188,19 +188,28 @@ def keep_class_top(
   if portion <= 0 or portion >= 1:
     return pl
   out = dict(pl)
-  classes = jnp.arange(num_classes)
   for label, conf in LABEL_GRIDS:
     if label not in pl:
       continue
     lab = pl[label]
     cf = pl[conf].astype(jnp.float32)
     valid = lab != 255
-
-    def threshold(c, lab=lab, cf=cf, valid=valid):
-      vals = jnp.where(valid & (lab == c), cf, jnp.nan).ravel()
-      return jnp.nanquantile(vals, 1.0 - portion)  # NaN: class absent
-
-    thr = jax.vmap(threshold)(classes)  # [C]
+    cls = jnp.where(valid, lab.astype(jnp.int32), num_classes).ravel()
+    # One sort of all pixels by (class, probability); class c's values are
+    # then sorted[start_c : start_c + n_c] (invalid pixels last).
+    order = jnp.lexsort((cf.ravel(), cls))
+    sorted_cf = cf.ravel()[order]
+    n = jnp.bincount(cls, length=num_classes + 1)[:num_classes]  # [C]
+    start = jnp.cumsum(n) - n
+    # The linear-interpolated (1 - portion) quantile of each class, as
+    # numpy's default; classes without pixels are never compared.
+    q = (1.0 - portion) * jnp.maximum(n - 1, 0).astype(jnp.float32)
+    lo = jnp.floor(q).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    last = sorted_cf.shape[0] - 1
+    v_lo = sorted_cf[jnp.minimum(start + lo, last)]
+    v_hi = sorted_cf[jnp.minimum(start + hi, last)]
+    thr = v_lo + (q - lo) * (v_hi - v_lo)  # [C]
     keep = valid & (
         cf >= thr[jnp.clip(lab.astype(jnp.int32), 0, num_classes - 1)]
     )
