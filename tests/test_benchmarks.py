@@ -68,6 +68,28 @@ def test_every_variant_continues_from_its_warm_start():
   assert 'reference_teacher' not in adaptation.DEFAULT_VARIANTS['video']
   assert configs['dastc'].data.histogram_match
   assert not configs['no_histogram_match'].data.histogram_match
+  # The paper's DA-STC and its ablations, without the demo recipe's
+  # class-balanced selection (the `class_balanced` variants have it).
+  assert configs['dastc'].dastc.pl_class_balanced == 0.0
+  assert configs['no_alignment'].dastc.pl_class_balanced == 0.0
+  assert configs['class_balanced'].dastc.pl_class_balanced == 0.5
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+
+  cb = synthetic.get_config().dastc.pl_class_balanced
+  assert configs['class_balanced'].dastc.pl_class_balanced == cb
+  # --size_scale=2 trains at the world's rendered size.
+  assert configs['dastc'].data.target.image_size == (64, 128)
+  flags = adaptation.FLAGS
+  old = flags.size_scale
+  flags.size_scale = 2
+  try:
+    c = adaptation.run_config(0, 'no_alignment', 'hm', '/w/seed0/warm_hm')
+  finally:
+    flags.size_scale = old
+  assert c.data.source.image_size == (144, 256)
+  assert c.data.source_val.image_size == (144, 256)
+  assert c.data.target.image_size == (128, 256)
+  assert c.data.target_val.image_size == (128, 256)
 
 
 def test_table_reports_mean_std_and_paired_differences():

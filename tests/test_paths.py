@@ -132,6 +132,11 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   del cfg['dastc']['mic']  # and before MIC existed: resumes with it off
   del cfg['dastc']['pl_class_balanced']  # and before CBST selection
   last.write_text(json.dumps(cfg))
+  # The demo recipe selects class-balanced since; a run from before that
+  # resumes without it (what it trained with), not with it.
+  with pytest.raises(errors.ConfigError, match=r'pl_class_balanced=None'):
+    workdir_lib.check_and_write_config(c, workdir)
+  c.dastc.pl_class_balanced = 0.0
   assert workdir_lib.check_and_write_config(c, workdir) == []
   c.data.target.pseudo_margins = (4, 4, 0, 0)
   with pytest.raises(errors.ConfigError, match='pseudo_margins'):
