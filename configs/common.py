@@ -56,6 +56,12 @@ def domain(
       the (resized, rescaled) target frame whose pseudo-labels are ignored
       wherever the crop includes them (HRDA's ``crop_pseudo_margins``:
       the ego vehicle and rectification borders); training target only.
+
+  The returned section also holds ``cat_max_ratio`` (1: off; below 1 a crop
+  in which one class covers that share of frame t's labels is redrawn, up
+  to 10 times; training source only) and ``rare_class_sampling``
+  (DAFormer's RCS, off: ``temperature``, ``min_pixels``,
+  ``min_crop_ratio``; training source only; docs/method.md).
   """
   return ml_collections.ConfigDict(
       dict(
@@ -67,6 +73,14 @@ def domain(
           scale=scale,
           crop_size=crop_size,
           pseudo_margins=pseudo_margins,
+          cat_max_ratio=1.0,
+          # DAFormer's values; HRDA raises min_crop_ratio to 2.0.
+          rare_class_sampling=dict(
+              enabled=False,
+              temperature=0.01,
+              min_pixels=3000,
+              min_crop_ratio=0.5,
+          ),
           # False reproduces the reference bug: flipped flows keep their dx
           # sign.
           flip_negate_dx=True,
@@ -538,8 +552,10 @@ def hrda_config(
   resolution with HRDA (a 0.5-scale context pass over the 1024x1024 crop,
   a 512x512 detail crop, class-wise scale attention, detail loss 0.1) and
   MIC (64-px blocks, ratio 0.7, weight 1), DACS's quality-weighted
-  pseudo-labels (threshold 0.968) and EMA 0.999, plus DA-STC's image-level
-  fusion and alignment. The released configs resize GTA5 to 2560x1440 and
+  pseudo-labels (threshold 0.968) and EMA 0.999, for images DAFormer's
+  rare-class sampling (min crop ratio 2.0) and crops without a dominant
+  class (0.75) of the source, plus DA-STC's image-level fusion and
+  alignment. The released configs resize GTA5 to 2560x1440 and
   Cityscapes to 2048x1024; docs/method.md ("HRDA and MIC") lists what is
   not reproduced. ``:smoke``: the tiny MiT on the synthetic world with a
   16x24 detail crop and 16-px MIC blocks, 2 steps."""
@@ -585,6 +601,16 @@ def hrda_config(
   m.ratio = 0.7
   m.weight = 1.0
   m.augment.blur_reference_width = 2048  # sigma in pixels of the frame
+  if not video:
+    # The released image configs: crops without a dominant class, and
+    # rare-class sampling with HRDA's min_crop_ratio (2.0 for the 1024x1024
+    # crop at twice the resolution, DAFormer 0.5).
+    c.data.source.cat_max_ratio = 0.75
+    rcs = c.data.source.rare_class_sampling
+    rcs.enabled = True
+    rcs.temperature = 0.01
+    rcs.min_pixels = 3000
+    rcs.min_crop_ratio = 2.0
   c.dastc.pl_weighting = 'quality'
   c.dastc.pl_quality_threshold = 0.968
   c.dastc.ema_decay = 0.999
@@ -597,6 +623,12 @@ def hrda_config(
       c.data.source.crop_size = c.data.target.crop_size = (32, 48)
     else:
       smoke_images(c)
+      c.data.source.cat_max_ratio = 0.75
+      rcs = c.data.source.rare_class_sampling
+      rcs.enabled = True
+      # The tiny world's frames hold a few hundred pixels of a class.
+      rcs.min_pixels = 0
+      rcs.min_crop_ratio = 2.0
       c.eval.slide_window = (32, 48)
       c.eval.slide_stride = (16, 24)
     tiny_vit(c)

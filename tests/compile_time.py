@@ -3,6 +3,7 @@
     python -m tests.compile_time cnn            # configs/synthetic.py:smoke
     python -m tests.compile_time vit --devices=4 --bfloat16
     python -m tests.compile_time cnn --devices=4 --fsdp=4 --metrics
+    python -m tests.compile_time vit --set=model.scan_blocks=False
 
 Builds the ``:smoke`` config's DA-STC step (``train.source_only_steps=0``)
 with the test suite's JAX settings (8 simulated CPU devices,
@@ -16,6 +17,7 @@ Used for ``benchmarks/test_suite.md``.
 """
 
 import argparse
+import ast
 import os
 import tempfile
 import time
@@ -57,6 +59,13 @@ def main() -> None:
       default=os.path.join(tempfile.gettempdir(), 'dastc_compile_time_world'),
       help='where the tiny synthetic world is generated once',
   )
+  parser.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help='config override, e.g. model.scan_blocks=False (repeatable)',
+  )
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
   jax.config.update('jax_disable_most_optimizations', True)
@@ -75,6 +84,13 @@ def main() -> None:
   c.train.source_only_steps = 0
   if args.bfloat16:
     c.model.dtype = 'bfloat16'
+  for item in args.set:
+    key, value = item.split('=', 1)
+    *path, leaf = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[leaf] = ast.literal_eval(value)
   root = train.resolve_data_root(c)
   batch = next(
       iter(

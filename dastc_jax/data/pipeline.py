@@ -2,15 +2,18 @@
 
 Per host, each domain is a ``tfds.data_source`` (ArrayRecord, random
 access) -> ``[process_index::process_count]`` slice -> seeded shuffle (a new
-order each epoch) -> infinite repeat -> decode -> resize / random scale and
-crop / flip (the same on every frame, label and flow of a clip). The two
-domains are zipped into one random-access dataset, batched and turned into
-one checkpointable iterator, whose state goes into every checkpoint.
+order each epoch) -> infinite repeat -> decode (or, with rare-class
+sampling, a seeded draw of class then record from the whole split) ->
+resize / random scale and crop / flip (the same on every frame, label and
+flow of a clip). The two domains are zipped into one random-access
+dataset, batched and turned into one checkpointable iterator, whose state
+goes into every checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterator
 
 from absl import logging
@@ -25,6 +28,7 @@ from dastc_jax.data.datasets import builders
 from dastc_jax.data.datasets import prepared as prepare
 from dastc_jax.data import io
 from dastc_jax.data import labels
+from dastc_jax.data import rare_class_sampling as rcs_lib
 from dastc_jax.data import rare_index as rare_lib
 from dastc_jax.data import transforms
 
@@ -175,6 +179,20 @@ def decoder(
   )
 
 
+def _train_id_histograms(
+    spec: builders.Spec, data_dir: str, split: str, class_set: str
+) -> np.ndarray:
+  """``[N, 256]`` frame-t label pixel counts per record, in the train ids of
+  ``class_set`` (from the statistics preparation wrote)."""
+  _, hist = builders.load_stats(data_dir, spec, split)
+  if spec.label_space == 'cityscapes_ids':
+    lut = labels.CITYSCAPES_MAPS[class_set]
+    counts = np.zeros((hist.shape[0], 256), np.int64)
+    np.add.at(counts, (slice(None), lut), hist)
+    hist = counts
+  return hist
+
+
 def source_rare_index(
     spec: builders.Spec, data_dir: str, split: str, class_set: str
 ) -> rare_lib.RareIndex:
@@ -184,15 +202,39 @@ def source_rare_index(
         f'The fusion pastes need a labelled source; '
         f'{spec.name} is a target dataset.'
     )
-  _, hist = builders.load_stats(data_dir, spec, split)
-  if spec.label_space == 'cityscapes_ids':
-    lut = labels.CITYSCAPES_MAPS[class_set]
-    counts = np.zeros((hist.shape[0], 256), np.int64)
-    np.add.at(counts, (slice(None), lut), hist)
-    hist = counts
+  hist = _train_id_histograms(spec, data_dir, split, class_set)
   return rare_lib.from_histograms(
       hist, labels.RARE_CLASSES[class_set], RARE_MIN_PIXELS
   )
+
+
+def rare_class_table(
+    spec: builders.Spec,
+    data_dir: str,
+    dcfg: ml_collections.ConfigDict,
+    class_set: str,
+    section: str = 'config.data.source',
+) -> rcs_lib.RareClassTable:
+  """What rare-class sampling draws from in a labelled split."""
+  if not spec.source:
+    raise errors.ConfigError(
+        f'{section}.rare_class_sampling needs a labelled source; '
+        f'{spec.name} is a target dataset.'
+    )
+  rcs = dcfg.rare_class_sampling
+  hist = _train_id_histograms(spec, data_dir, dcfg.split, class_set)
+  try:
+    return rcs_lib.build_table(
+        hist,
+        labels.CLASS_SETS[class_set].num_classes,
+        rcs.temperature,
+        rcs.min_pixels,
+        where=f'{spec.name} {dcfg.split}',
+    )
+  except ValueError as e:
+    raise errors.ConfigError(
+        f'{section}.rare_class_sampling.min_pixels={rcs.min_pixels}: {e}'
+    ) from None
 
 
 def native_size(
@@ -206,6 +248,7 @@ def native_size(
 
 
 def _augment(ds, dcfg: ml_collections.ConfigDict, per_axis_flow_scale: bool):
+  rcs = dcfg.rare_class_sampling
   ds = ds.map(
       transforms.Resize(
           image_size=tuple(dcfg.image_size) if dcfg.image_size else None,
@@ -214,13 +257,25 @@ def _augment(ds, dcfg: ml_collections.ConfigDict, per_axis_flow_scale: bool):
       )
   )
   margins = tuple(dcfg.get('pseudo_margins') or (0, 0, 0, 0))
-  if tuple(dcfg.scale) != (1.0, 1.0) or dcfg.crop_size or any(margins):
+  if (
+      tuple(dcfg.scale) != (1.0, 1.0)
+      or dcfg.crop_size
+      or any(margins)
+      or rcs.enabled
+  ):
     ds = ds.random_map(
         transforms.RandomScaleCrop(
             scale=tuple(dcfg.scale),
             crop_size=tuple(dcfg.crop_size) if dcfg.crop_size else None,
             per_axis_flow_scale=per_axis_flow_scale,
             pseudo_margins=margins,
+            cat_max_ratio=float(dcfg.cat_max_ratio),
+            # DAFormer checks the crop only when min_crop_ratio > 0.
+            rcs_min_pixels=(
+                rcs.min_pixels * rcs.min_crop_ratio
+                if rcs.enabled and rcs.min_crop_ratio > 0
+                else -1.0
+            ),
         )
     )
   if dcfg.flip:
@@ -267,9 +322,19 @@ def domain_dataset(
   """
   spec, source = data_source(dcfg, data_dir, section, on_error=on_error)
   decode = decoder(spec, dcfg.split, class_set, with_label=with_label)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.seed(seed).shuffle().repeat()
-  ds = _augment(ds.map(decode), dcfg, per_axis_flow_scale)
+  if dcfg.rare_class_sampling.enabled:
+    # Every host draws from the whole split, with its own random stream.
+    table = rare_class_table(spec, data_dir, dcfg, class_set, section)
+    host_seed = int(
+        np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
+    )
+    ds = grain.MapDataset.range(sys.maxsize).seed(host_seed)
+    ds = ds.random_map(rcs_lib.PickRareClass(table))
+    ds = ds.map(rcs_lib.FetchPicked(source=source, decode=decode))
+  else:
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.seed(seed).shuffle().repeat().map(decode)
+  ds = _augment(ds, dcfg, per_axis_flow_scale)
   if fusion is not None:
     # Patches need frame t and its label only: the other features of those
     # records are not decoded.

@@ -219,16 +219,49 @@ class RandomScaleCrop(grain.transforms.RandomMap):
       image whose pseudo-labels are not trusted; when any is positive the
       example gets ``pl_valid`` ``[H, W]`` uint8 (0 inside a margin) of the
       crop window.
+    cat_max_ratio: below 1, a crop window in which one class covers this
+      share or more of frame t's labelled pixels (or which has a single
+      class) is redrawn, up to ``tries`` times (mmseg's ``RandomCrop``).
+    rcs_min_pixels: with an ``rcs_class`` in the example (rare-class
+      sampling) and this >= 0, the whole draw (scale and crop) is repeated,
+      up to ``tries`` times, until frame t's crop has more than this many
+      pixels of that class; the last draw is kept either way.
+    tries: redraws of the two rules above.
   """
 
   scale: tuple[float, float] = (1.0, 1.0)
   crop_size: tuple[int, int] | None = None
   per_axis_flow_scale: bool = False
   pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0)
+  cat_max_ratio: float = 1.0
+  rcs_min_pixels: float = -1.0
+  tries: int = 10
 
   def random_map(
       self, ex: dict[str, Any], rng: np.random.Generator
   ) -> dict[str, Any]:
+    ex = dict(ex)
+    rcs_class = ex.pop('rcs_class', None)
+    out = self._draw(ex, rng)
+    if rcs_class is not None and self.rcs_min_pixels >= 0:
+      for _ in range(self.tries):
+        if np.count_nonzero(out['labels'][0] == rcs_class) > (
+            self.rcs_min_pixels
+        ):
+          break
+        out = self._draw(ex, rng)
+    return out
+
+  def _window(
+      self, h: int, w: int, rng: np.random.Generator
+  ) -> tuple[int, int]:
+    ch, cw = self.crop_size
+    return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+
+  def _draw(
+      self, ex: dict[str, Any], rng: np.random.Generator
+  ) -> dict[str, Any]:
+    """One scale and crop of ``ex``."""
     h, w = ex['frames'].shape[1:3]
     s = float(rng.uniform(*self.scale))
     if s != 1.0:
@@ -251,7 +284,14 @@ class RandomScaleCrop(grain.transforms.RandomMap):
           f'{h}x{w}; lower crop_size or raise the minimum '
           'scale.'
       )
-    r0, c0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    r0, c0 = self._window(h, w, rng)
+    if self.cat_max_ratio < 1.0 and 'labels' in ex:
+      for _ in range(self.tries):
+        if _no_dominant_class(
+            ex['labels'][0, r0 : r0 + ch, c0 : c0 + cw], self.cat_max_ratio
+        ):
+          break
+        r0, c0 = self._window(h, w, rng)
     ex = dict(ex)
     ex['frames'] = np.ascontiguousarray(
         ex['frames'][:, r0 : r0 + ch, c0 : c0 + cw]
@@ -272,6 +312,14 @@ class RandomScaleCrop(grain.transforms.RandomMap):
           ex['pl_valid'][r0 : r0 + ch, c0 : c0 + cw]
       )
     return ex
+
+
+def _no_dominant_class(label: np.ndarray, max_ratio: float) -> bool:
+  """More than one labelled class, none with ``max_ratio`` of the labelled
+  pixels or more (255 does not count)."""
+  counts = np.bincount(label.ravel(), minlength=256)[:255]
+  counts = counts[counts > 0]
+  return counts.size > 1 and counts.max() / counts.sum() < max_ratio
 
 
 @dataclasses.dataclass

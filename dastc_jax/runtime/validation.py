@@ -249,12 +249,44 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
           f'config.data.{key}.pseudo_margins={margins}: only the training '
           'target (config.data.target) has pseudo-labels.'
       )
+    _check_source_sampling(d, key)
   for split in config.eval.splits:
     if split not in config.data or split not in DOMAINS:
       raise errors.ConfigError(
           f'config.eval.splits names {split!r}, which is '
           'not a data section of config.data.'
       )
+
+
+def _check_source_sampling(d: ml_collections.ConfigDict, key: str) -> None:
+  """``cat_max_ratio`` and ``rare_class_sampling`` read the labels of the
+  training source's crops."""
+  ratio = d.cat_max_ratio
+  if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    raise errors.ConfigError(
+        f'config.data.{key}.cat_max_ratio={ratio!r}; expected a share in '
+        '(0, 1] (1: off).'
+    )
+  if ratio < 1 and key != 'source':
+    raise errors.ConfigError(
+        f'config.data.{key}.cat_max_ratio={ratio}: only the training source '
+        '(config.data.source) has labels to choose crops by.'
+    )
+  rcs = d.rare_class_sampling
+  if not rcs.enabled:
+    return
+  if key != 'source':
+    raise errors.ConfigError(
+        f'config.data.{key}.rare_class_sampling.enabled=True: only the '
+        'training source (config.data.source) is sampled by class.'
+    )
+  if not rcs.temperature > 0 or rcs.min_pixels < 0 or rcs.min_crop_ratio < 0:
+    raise errors.ConfigError(
+        f'config.data.{key}.rare_class_sampling: temperature='
+        f'{rcs.temperature}, min_pixels={rcs.min_pixels}, min_crop_ratio='
+        f'{rcs.min_crop_ratio}; expected temperature > 0 and the others '
+        '>= 0.'
+    )
 
 
 def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
