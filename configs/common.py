@@ -395,6 +395,12 @@ def dastc_config() -> ml_collections.ConfigDict:
                   wrap_normalized_bug=False,
               ),
           ),
+          # ImageNet feature distance (DAFormer's FD; the HRDA image
+          # configs): the student's last encoder stage pulled towards that
+          # of the encoder as it started (the ImageNet weights), at the
+          # feature cells whose pixels are at least min_ratio one of
+          # `classes` (names of the class set); weight x FD, 0: off.
+          feature_distance=dict(weight=0.0, classes=(), min_ratio=0.75),
           alignment=dict(
               # 'contrastive'; 'cosine' (intra-class pull only); 'mmd'
               # (reference); 'none'
@@ -558,7 +564,9 @@ def hrda_config(
   alignment. The released configs resize GTA5 to 2560x1440 and
   Cityscapes to 2048x1024; docs/method.md ("HRDA and MIC") lists what is
   not reproduced. ``:smoke``: the tiny MiT on the synthetic world with a
-  16x24 detail crop and 16-px MIC blocks, 2 steps."""
+  16x24 detail crop and 16-px MIC blocks (images: a 64x64 source crop of
+  the upsampled world, rare-class sampling from every record holding the
+  class), 2 steps."""
   args = parse_arg(arg)
   c = base.get_config()
   vit(c, image=not video)
@@ -611,6 +619,13 @@ def hrda_config(
     rcs.temperature = 0.01
     rcs.min_pixels = 3000
     rcs.min_crop_ratio = 2.0
+    # DAFormer's feature distance on the "thing" classes.
+    fd = c.dastc.feature_distance
+    fd.weight = 0.005
+    # SYNTHIA has no truck and no train.
+    missing = {'synthia16': ('truck', 'train')}.get(c.data.class_set, ())
+    fd.classes = tuple(k for k in THING_CLASSES if k not in missing)
+    fd.min_ratio = 0.75
   c.dastc.pl_weighting = 'quality'
   c.dastc.pl_quality_threshold = 0.968
   c.dastc.ema_decay = 0.999
@@ -623,6 +638,11 @@ def hrda_config(
       c.data.source.crop_size = c.data.target.crop_size = (32, 48)
     else:
       smoke_images(c)
+      # A source crop whose context pass (32x32) tiles MiT's last stage in
+      # whole cells, as the feature distance needs (the tiny world is
+      # upsampled).
+      c.data.source.image_size = (64, 96)
+      c.data.source.crop_size = (64, 64)
       c.data.source.cat_max_ratio = 0.75
       rcs = c.data.source.rare_class_sampling
       rcs.enabled = True
@@ -637,6 +657,21 @@ def hrda_config(
     h.attention_features = 16
     m.block_size = 16
   return c
+
+
+# DAFormer's feature-distance classes (Cityscapes train ids 6, 7, 11-18).
+THING_CLASSES = (
+    'light',
+    'sign',
+    'person',
+    'rider',
+    'car',
+    'truck',
+    'bus',
+    'train',
+    'motorcycle',
+    'bicycle',
+)
 
 
 def tiny_vit(c: ml_collections.ConfigDict) -> None:

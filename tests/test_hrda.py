@@ -315,8 +315,9 @@ def test_hrda_smoke_config_trains_dastc_with_mic(world_cache, tmp_path):
   """``configs/gta5_hrda.py:smoke`` without its source-only step (HRDA's
   source-only training is the DeepLab test's above): three DA-STC steps
   with HRDA (detail loss in every term) and MIC on the masked target,
-  quality-weighted pseudo-labels ignored in the frame's margins; evaluation
-  slides the detail windows."""
+  quality-weighted pseudo-labels ignored in the frame's margins, rare-class
+  sampling and the ImageNet feature distance; evaluation slides the detail
+  windows."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from configs import gta5_hrda  # pylint: disable=g-import-not-at-top
@@ -339,7 +340,14 @@ def test_hrda_smoke_config_trains_dastc_with_mic(world_cache, tmp_path):
     assert json.load(f)['step'] == 3
   from dastc_jax.benchmarks import logged  # pylint: disable=g-import-not-at-top
 
-  keys = ('loss_mic', 'pl_quality', 'loss_tgt_mix', 'pl_margin_share')
+  keys = (
+      'loss_mic',
+      'pl_quality',
+      'loss_tgt_mix',
+      'pl_margin_share',
+      'loss_fd',
+      'fd_cells',
+  )
   means = logged.run_means(workdir, keys)
   for key in keys:
     assert np.isfinite(means[key]), key
@@ -347,3 +355,6 @@ def test_hrda_smoke_config_trains_dastc_with_mic(world_cache, tmp_path):
   # HRDA's pseudo-label margins reach the step: part of the crops lies in
   # them (margins 2, 6, 2, 2 px of the smoke target frame).
   assert 0 < means['pl_margin_share'] < 0.5
+  # The feature distance runs (its classes rarely fill a 64x64 cell of the
+  # tiny world: tests/test_feature_distance.py checks its values).
+  assert means['loss_fd'] >= 0 and 0 <= means['fd_cells'] <= 1

@@ -40,6 +40,7 @@ import optax
 
 from dastc_jax import errors
 from dastc_jax.method import alignment
+from dastc_jax.method import feature_distance as fd_lib
 from dastc_jax.method import fusion
 from dastc_jax.method import losses
 from dastc_jax.method import pseudo_labels
@@ -556,6 +557,8 @@ def make_dastc_step(
   ce_up = losses.upsampled_cross_entropy
   # CE of the fused scores (plus a multi-resolution model's detail term).
   seg = losses.segmentation_loss(config.model)
+  fd = d.feature_distance
+  fd_ids = tuple(class_names.index(k) for k in fd.classes)
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -638,6 +641,17 @@ def make_dastc_step(
           ),
       )
 
+    if fd.weight:
+      # The frozen start encoder's view of source frame t (no gradient).
+      ref = state.imagenet_encoder
+      ref_stats = dict(stats0)
+      if ref['batch_stats']:
+        ref_stats['backbone'] = ref['batch_stats']
+      ref_model = nnx.merge(
+          graphdef, {**state.params, 'backbone': ref['params']}, ref_stats
+      )
+      ref_enc = jax.lax.stop_gradient(ref_model.reference_encoding(x_src[:, 0]))
+
     def loss_fn(params):
       model = nnx.merge(graphdef, params, stats0)
       keys = jax.random.split(k_drop, 4)
@@ -653,6 +667,16 @@ def make_dastc_step(
       fixed_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       terms = {'loss_src': l_src, 'loss_cons': l_cons}
       total = l_src + lam * l_cons
+      if fd.weight:
+        terms['loss_fd'], terms['fd_cells'] = fd_lib.feature_distance(
+            out_s['enc'],
+            ref_enc,
+            y_src[:, 0],
+            fd_ids,
+            fd.min_ratio,
+            config.model.num_classes,
+        )
+        total += fd.weight * terms['loss_fd']
       if d.image_fusion:
         out_sm, out_tm = model.mixed_pair(
             clip_sm,

@@ -21,6 +21,10 @@ class TrainState:
   ``teacher`` and ``carried`` exist for DA-STC only (None otherwise):
   the teacher's ``params``/``batch_stats``, and the previous iteration's
   source and target clips that the fusion pastes from (batch-sharded).
+  ``imagenet_encoder`` (DA-STC with ``dastc.feature_distance.weight > 0``)
+  holds the backbone's ``params``/``batch_stats`` as the run started
+  (after ``train.init_from``): the frozen reference of the feature
+  distance.
   """
 
   step: jax.Array  # int32 scalar
@@ -30,6 +34,7 @@ class TrainState:
   rng: jax.Array  # uint32 key data; step keys: fold_in(wrap(rng), step)
   teacher: Any = None
   carried: Any = None
+  imagenet_encoder: Any = None
 
 
 def empty_carried(

@@ -293,8 +293,9 @@ def combine(
 
   Returns the per-frame outputs of the model (``logits`` fused, ``aux`` the
   same array: HRDA has no auxiliary head, ``feat`` the context pass's
-  pre-logit feature) plus ``context``, ``attention`` and, in training,
-  ``detail`` and ``detail_box`` for the detail loss.
+  pre-logit feature, ``enc`` its last encoder stage) plus ``context``,
+  ``attention`` and, in training, ``detail`` and ``detail_box`` for the
+  detail loss.
   """
   att = jax.nn.sigmoid(
       model.attention(
@@ -314,6 +315,7 @@ def combine(
       'logits': fused,
       'aux': fused,
       'feat': ctx['feat'],
+      'enc': context_feats[model.backbone.STAGES[-1]],
       'context': ctx['logits'],
       'attention': att,
   }

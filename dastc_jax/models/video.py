@@ -116,8 +116,9 @@ class FlowFusionModel(nnx.Module):
 
     Returns:
       dict with ``logits``/``aux`` ``[B, h, w, C]`` and ``feat``
-      ``[B, h, w, F]`` at the output stride (multi-resolution models add
-      the entries of ``hrda.combine``).
+      ``[B, h, w, F]`` at the output stride, ``enc`` the backbone's last
+      stage (the context pass's for multi-resolution models, which add the
+      entries of ``hrda.combine``).
     """
     if self.hrda is not None:
       return hrda.forward(
@@ -125,7 +126,18 @@ class FlowFusionModel(nnx.Module):
       )
     k_backbone, k_head = self._keys(dropout_key if train else None)
     feats = self.encode(x, train, k_backbone)
-    return self.heads(feats, train=train, dropout_key=k_head)
+    out = self.heads(feats, train=train, dropout_key=k_head)
+    return {**out, 'enc': feats[self.backbone.STAGES[-1]]}
+
+  def reference_encoding(self, x: jax.Array) -> jax.Array:
+    """The backbone's last stage of ``x`` ``[B, H, W, 3]`` in evaluation
+    mode, at the context scale for a multi-resolution model: what the
+    feature distance compares the student's ``enc`` with."""
+    if self.hrda is not None:
+      x = hrda.resize_half_pixel(
+          x, hrda.context_size(x.shape[1:3], self.hrda.context_scale)
+      )
+    return self.encode(x, False, None)[self.backbone.STAGES[-1]]
 
   def fuse(
       self,
@@ -168,7 +180,7 @@ class FlowFusionModel(nnx.Module):
 
   def _outputs(self, cur, key, flow, out_size, lt_mask):
     # The multi-resolution model's detail scores and box (detail loss).
-    extra = {k: cur[k] for k in ('detail', 'detail_box') if k in cur}
+    extra = {k: cur[k] for k in ('detail', 'detail_box', 'enc') if k in cur}
     if key is None:  # single frame: the scores are the current frame's
       up = (
           (lambda x: warp_ops.resize_bilinear(x, out_size))

@@ -87,7 +87,7 @@ def _initial_state(
   # one program per parameter shape).
   opt_state = jax.jit(tx.init)(params)
   rng = jax.random.key_data(jax.random.key(config.seed + 1))
-  teacher = carried = None
+  teacher = carried = imagenet = None
   if config.method == 'dastc':
     frozen = frozen_teacher_model(config)
     if frozen is None:
@@ -99,6 +99,7 @@ def _initial_state(
           ml_collections.ConfigDict({'model': frozen}), config.seed
       )
       teacher = {'params': t_params, 'batch_stats': t_stats}
+    imagenet = _encoder_copy(config, params, stats)
     carried = empty_carried(
         sizes['batch'],
         sizes['source'],
@@ -114,6 +115,20 @@ def _initial_state(
       rng=rng,
       teacher=teacher,
       carried=carried,
+      imagenet_encoder=imagenet,
+  )
+
+
+def _encoder_copy(
+    config: ml_collections.ConfigDict, params: Any, stats: Any
+) -> dict[str, Any] | None:
+  """Own copies of the backbone's weights for the feature distance (None
+  when it is off)."""
+  if config.method != 'dastc' or not config.dastc.feature_distance.weight:
+    return None
+  return jax.tree.map(
+      jnp.copy,
+      {'params': params['backbone'], 'batch_stats': stats.get('backbone', {})},
   )
 
 
@@ -196,7 +211,15 @@ def init_from_checkpoint(
   teacher = state.teacher
   if teacher is not None and frozen_teacher_model(config) is None:
     teacher = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': stats})
-  return state.replace(params=params, batch_stats=stats, teacher=teacher)
+  imagenet = state.imagenet_encoder
+  if imagenet is not None:  # the loaded (ImageNet) backbone
+    imagenet = _encoder_copy(config, params, stats)
+  return state.replace(
+      params=params,
+      batch_stats=stats,
+      teacher=teacher,
+      imagenet_encoder=imagenet,
+  )
 
 
 def load_frozen_teacher(

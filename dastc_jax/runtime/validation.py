@@ -289,6 +289,40 @@ def _check_source_sampling(d: ml_collections.ConfigDict, key: str) -> None:
     )
 
 
+def _check_feature_distance(
+    config: ml_collections.ConfigDict, cs: labels_lib.ClassSet
+) -> None:
+  """``dastc.feature_distance``: class names of the class set, a share, and
+  an encoder whose last stage tiles the input in whole cells."""
+  fd = config.dastc.feature_distance
+  if not isinstance(fd.weight, (int, float)) or fd.weight < 0:
+    raise errors.ConfigError(
+        f'config.dastc.feature_distance.weight={fd.weight!r}; expected a '
+        'number >= 0 (0: off).'
+    )
+  if not fd.weight:
+    return
+  unknown = [k for k in fd.classes if k not in cs.classes]
+  if unknown or not fd.classes:
+    raise errors.ConfigError(
+        f'config.dastc.feature_distance.classes={tuple(fd.classes)}: '
+        f'expected names of {cs.name} classes {cs.classes}'
+        + (f'; unknown: {unknown}.' if unknown else '.')
+    )
+  if not 0 < fd.min_ratio <= 1:
+    raise errors.ConfigError(
+        f'config.dastc.feature_distance.min_ratio={fd.min_ratio}; expected '
+        'a share in (0, 1].'
+    )
+  if config.model.name not in models.TRANSFORMERS:
+    raise errors.ConfigError(
+        f'config.dastc.feature_distance.weight={fd.weight} needs a MiT '
+        f'encoder ({", ".join(models.TRANSFORMERS)}); config.model.name='
+        f"{config.model.name!r} (the Caffe ResNet's last stage does not "
+        'tile the input in whole cells).'
+    )
+
+
 def _check_frozen_teacher(config: ml_collections.ConfigDict) -> None:
   """``dastc.frozen_teacher``: a separately trained model for the frozen
   phase of the 'reference' teacher, of the student's clip length."""
@@ -425,6 +459,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.data.class_set={cs.name!r} has {cs.num_classes} classes.'
     )
   _check_domains(config)
+  _check_feature_distance(config, cs)
   if config.data.synthetic.enabled and config.data.data_dir:
     raise errors.ConfigError(
         f'config.data.data_dir={config.data.data_dir!r} has no effect: '
