@@ -63,7 +63,15 @@ from dastc_jax import paths
 from dastc_jax import weight_files
 from dastc_jax.runtime import checkpointing
 
-LAYOUTS = ('auto', 'accel', 'caffe', 'torchvision', 'mit', 'quadmix_vit')
+LAYOUTS = (
+    'auto',
+    'accel',
+    'caffe',
+    'torchvision',
+    'mit',
+    'quadmix_vit',
+    'hrda',
+)
 # Keys each layout drops silently (not part of any of our models).
 _IGNORED = {
     'accel': (r'.*num_batches_tracked$',),
@@ -101,6 +109,10 @@ class Report:
 def detect_layout(keys: Sequence[str]) -> str:
   """The layout (``LAYOUTS``) of a state_dict, from its keys."""
   keys = set(keys)
+  if any(
+      k.endswith('decode_head.scale_attention.conv_seg.weight') for k in keys
+  ):
+    return 'hrda'
   if 'patch_embed1.proj.weight' in keys:
     return 'mit'
   if 'model.patch_embed1.proj.weight' in keys:
@@ -226,7 +238,7 @@ def convert_state_dict(
     )
   if layout == 'auto':
     layout = detect_layout(list(sd))
-  if layout in ('mit', 'quadmix_vit'):
+  if layout in ('mit', 'quadmix_vit', 'hrda'):
     return convert_transformer(
         sd,
         model_config,
@@ -512,10 +524,15 @@ def convert_transformer(
 ) -> tuple[dict[str, Any], dict[str, Any], Report]:
   """ImageNet MiT (``mit``: ``patch_embed1...``, its ``head.*`` ImageNet
   classifier dropped; the DAFormer head and ``sf_layer`` keep this config's
-  initialisation) or a released QuadMix-ViT video model (``quadmix_vit``:
-  ``model.*`` encoder, ``decoder.*`` head and ``decoder.sf_layer``) into a
-  transformer config (``model.name`` ``accel_daformer`` / ``daformer``).
-  Keys matching ``allow_unexpected`` (e.g. an EMA copy) are ignored."""
+  initialisation), a released QuadMix-ViT video model (``quadmix_vit``:
+  ``model.*`` encoder, ``decoder.*`` head and ``decoder.sf_layer``) or a
+  released HRDA / MIC model (``hrda``: mmseg's ``HRDAEncoderDecoder``,
+  ``backbone.*``, ``decode_head.head.*`` and
+  ``decode_head.scale_attention.*``, under ``model.`` in a UDA checkpoint,
+  whose ``ema_model.*`` and ``imnet_model.*`` copies are left out) into a
+  transformer config (``model.name`` ``accel_daformer`` / ``daformer``;
+  ``hrda`` needs ``model.hrda.enabled``). Keys matching
+  ``allow_unexpected`` (e.g. an EMA copy) are ignored."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dastc_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -527,15 +544,40 @@ def convert_transformer(
     )
   model = models.build_model(model_config, nnx.Rngs(params=seed))
   sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
+  # HRDA: the student of a UDA checkpoint, or a plain segmentor.
+  pre = 'model.' if any(k.startswith('model.decode_head.') for k in sd) else ''
   ignored = sorted(
       k
       for k in sd
       if (layout == 'mit' and k.startswith('head.'))
+      or (
+          layout == 'hrda'
+          and pre
+          and k.startswith(('ema_model.', 'imnet_model.'))
+      )
       or any(re.match(p, k) for p in allow_unexpected)
   )
   used = set(ignored)
   kept, notes = [], []
-  if layout == 'mit':
+  if layout == 'hrda':
+    if getattr(model, 'scale_attention', None) is None:
+      raise ConversionError(
+          f'{source} holds a multi-resolution (HRDA) model; '
+          'config.model.hrda.enabled is False (use an *_hrda.py config).'
+      )
+    for part, prefix in (
+        (model.backbone, 'backbone.'),
+        (model.head, 'decode_head.head.'),
+        (model.scale_attention, 'decode_head.scale_attention.'),
+    ):
+      used |= set(load_by_names(part, sd, prefix=pre + prefix, source=source))
+    if hasattr(model, 'sf_layer'):
+      kept = ['sf_layer/']
+      notes.append(
+          'HRDA image model into a video config: sf_layer keeps this '
+          "config's initialisation."
+      )
+  elif layout == 'mit':
     used |= set(load_by_names(model.backbone, sd, source=source))
     kept = ['head/', 'sf_layer/'] if hasattr(model, 'sf_layer') else ['head/']
     notes.append(

@@ -38,57 +38,95 @@ def _vit_hrda_config(crop=(32, 32)):
   return c
 
 
-def test_eval_forward_matches_the_pytorch_restatement():
-  """Context pass at half resolution, detail windows sliding with half
-  overlap, class-wise attention: the fused scores of the whole tiny
-  MiT + DAFormer model against PyTorch (transformers' MiT, the restated
-  DAFormer head and attention head) with the same weights."""
-  c = _vit_hrda_config()
-  mc = c.model
+def _np_sd(m):
+  return {
+      k: v.numpy()
+      for k, v in m.state_dict().items()
+      if not k.endswith('num_batches_tracked')
+  }
+
+
+def _torch_hrda(mc):
+  """transformers' MiT, the restated DAFormer head and attention head
+  (random BatchNorm statistics): ``(scores(img), state_dict)``, the state
+  dict in the released ``HRDAEncoderDecoder`` names of a UDA checkpoint."""
   spec = mit.VARIANTS[mc.mit_variant]
-  # transformers' MiT and the restated DAFormer head (random BatchNorm
-  # statistics), as in the video model's test, plus the attention head.
   hf, head, _, sd = test_vit._torch_parts(mc)  # pylint: disable=protected-access
   att = torch_daformer.DAFormerHead(
       spec.dims, mc.num_classes, mc.hrda.attention_features, fusion='conv'
   ).eval()
   torch_helpers.randomize_batchnorm(att, 2)
-  model = models.build_model(mc, nnx.Rngs(0))
-  np_sd = lambda m: {
-      k: v.numpy()
-      for k, v in m.state_dict().items()
-      if not k.endswith('num_batches_tracked')
-  }
-  convert.load_by_names(model.backbone, sd, prefix='model.')
-  convert.load_by_names(model.head, sd, prefix='decoder.')
-  used = convert.load_by_names(model.scale_attention, np_sd(att))
-  assert sorted(used) == sorted(np_sd(att))
+  released = {}
+  for k, v in sd.items():
+    if k.startswith('model.'):
+      released['model.backbone.' + k[len('model.') :]] = v
+    elif not k.startswith('decoder.sf_layer'):
+      released['model.decode_head.head.' + k[len('decoder.') :]] = v
+  for k, v in _np_sd(att).items():
+    released['model.decode_head.scale_attention.' + k] = v
+
+  def scores_of(h):
+    return lambda x: h(list(hf(x, output_hidden_states=True).hidden_states))[0]
+
+  def scores(img):
+    with torch.no_grad():
+      return torch_hrda.encode_decode(
+          scores_of(head), scores_of(att), img, (32, 32), os=4
+      )
+
+  return scores, released
+
+
+def _torch_input(rgb):
+  mean = np.asarray(mit.IMAGENET_MEAN_RGB, np.float32)
+  std = np.asarray(mit.IMAGENET_STD_RGB, np.float32)
+  return torch.from_numpy(
+      np.ascontiguousarray(
+          np.moveaxis((rgb[:, 0].astype(np.float32) - mean) / std, -1, 1)
+      )
+  )
+
+
+def test_released_checkpoint_converts_and_eval_forward_matches_pytorch():
+  """A released HRDA / MIC checkpoint (mmseg's ``HRDAEncoderDecoder`` under
+  ``model.``, with the EMA and ImageNet copies a UDA checkpoint holds)
+  converts with the documented command's function, and the converted
+  model's evaluation forward (context pass at half resolution, detail
+  windows sliding with half overlap, class-wise attention) gives the fused
+  scores of the PyTorch restatement with the same weights."""
+  c = _vit_hrda_config()
+  mc = c.model
+  torch_scores, released = _torch_hrda(mc)
+  uda = dict(released)
+  for k, v in released.items():
+    uda['ema_model.' + k[len('model.') :]] = v
+  uda['imnet_model.backbone.patch_embed1.proj.weight'] = released[
+      'model.backbone.patch_embed1.proj.weight'
+  ]
+  assert convert.detect_layout(list(uda)) == 'hrda'
+  params, stats, report = convert.convert_state_dict(uda, mc, source='m.pth')
+  assert report.layout == 'hrda' and not report.missing_initialised
+  assert sorted(report.converted) == sorted(
+      k for k in released if not k.endswith('num_batches_tracked')
+  )
+  assert all(k.startswith(('ema_model.', 'imnet')) for k in report.ignored)
+  graphdef = nnx.graphdef(models.build_model(mc, nnx.Rngs(0)))
+  model = nnx.merge(graphdef, params, stats)
 
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (2, 1, 64, 96, 3), dtype=np.uint8)
   out = jax.jit(lambda m, f: m.clip(f, None, train=False))(
       model, image_ops.normalize(jnp.asarray(rgb))
   )
-  mean = np.asarray(mit.IMAGENET_MEAN_RGB, np.float32)
-  std = np.asarray(mit.IMAGENET_STD_RGB, np.float32)
-  img = torch.from_numpy(
-      np.ascontiguousarray(
-          np.moveaxis((rgb[:, 0].astype(np.float32) - mean) / std, -1, 1)
-      )
-  )
-
-  def scores_of(h):
-    return lambda x: h(list(hf(x, output_hidden_states=True).hidden_states))[0]
-
-  with torch.no_grad():
-    want = torch_hrda.encode_decode(
-        scores_of(head), scores_of(att), img, (32, 32), os=4
-    )
-  want = np.moveaxis(want.numpy(), 1, -1)
+  want = np.moveaxis(torch_scores(_torch_input(rgb)).numpy(), 1, -1)
   got = np.asarray(out['pred'])
   assert got.shape == want.shape == (2, 16, 24, mc.num_classes)
   rel = np.abs(got - want).max() / np.abs(want).max()
   assert rel < 1e-4, rel
+  # The same file into a single-scale config is refused with the reason.
+  c.model.hrda.enabled = False
+  with pytest.raises(convert.ConversionError, match='hrda.enabled is False'):
+    convert.convert_state_dict(uda, c.model, source='m.pth')
 
 
 def test_training_fusion_and_loss_match_the_pytorch_restatement():
