@@ -160,7 +160,7 @@ def test_rare_class_crop_is_redrawn_until_it_holds_the_class():
   assert abs(hit - want) < 4 * np.sqrt(want * (1 - want) / n)
 
 
-def test_rcs_stream_is_deterministic_resumes_and_favours_rare_classes(
+def test_rcs_stream_is_deterministic_resumes_and_follows_the_table(
     smoke_config, tiny_data
 ):
   c = smoke_config
