@@ -131,6 +131,12 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   del cfg['data']['target']['pseudo_margins']
   del cfg['dastc']['mic']  # and before MIC existed: resumes with it off
   del cfg['dastc']['pl_class_balanced']  # and before CBST selection
+  # ...and before rare-class sampling, cat_max_ratio and the feature
+  # distance: resumes with them off.
+  del cfg['dastc']['feature_distance']
+  for dom in cfg['data'].values():
+    if isinstance(dom, dict) and 'cat_max_ratio' in dom:
+      del dom['cat_max_ratio'], dom['rare_class_sampling']
   last.write_text(json.dumps(cfg))
   # The demo recipe selects class-balanced since; a run from before that
   # resumes without it (what it trained with), not with it.
@@ -146,6 +152,20 @@ def test_workdir_files_on_a_bucket(bucket, tmp_path):
   with pytest.raises(errors.ConfigError, match=r'dastc\.mic\.enabled'):
     workdir_lib.check_and_write_config(c, workdir)
   c.dastc.mic.enabled = False
+  for key, on, off in (
+      ('data.source.rare_class_sampling.enabled', True, False),
+      ('data.source.cat_max_ratio', 0.75, 1.0),
+      ('dastc.feature_distance.weight', 0.005, 0.0),
+  ):
+    *path, leaf = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[leaf] = on
+    with pytest.raises(errors.ConfigError, match=key.replace('.', r'\.')):
+      workdir_lib.check_and_write_config(c, workdir)
+    node[leaf] = off
+  assert workdir_lib.check_and_write_config(c, workdir) == []
   # metrics.jsonl on a bucket: rewritten (no append), both rows kept.
   from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
 

@@ -51,8 +51,15 @@ def _flat(config_json: str) -> dict[str, object]:
 def _added_and_off(key: str, new: dict[str, object]) -> bool:
   """A key absent from an older run's config whose value now does what the
   older code did: a multi-resolution or masked-consistency key with its
-  section off, pseudo-label margins of zero or no class-balanced
-  selection."""
+  section off, pseudo-label margins of zero, no class-balanced
+  selection, source crops without the class rules, no feature distance."""
+  if '.rare_class_sampling.' in key:
+    section = key[: key.index('.rare_class_sampling.')]
+    return new.get(f'{section}.rare_class_sampling.enabled') is False
+  if key.endswith('.cat_max_ratio'):
+    return new.get(key) == 1.0
+  if key.startswith('dastc.feature_distance.'):
+    return not new.get('dastc.feature_distance.weight')
   if key.startswith('model.hrda.'):
     return new.get('model.hrda.enabled') is False
   if key.startswith('dastc.mic.'):
