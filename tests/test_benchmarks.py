@@ -550,6 +550,40 @@ def test_mit_ops_report_sums_blocks_times_depth():
   assert '| 2 (40, 2, 8) | block | 1.00 | 2.00 | 0.50 | 40 | 80 |' in text
 
 
+def test_head_ops_rows_and_the_heads_remainder():
+  from dastc_jax.benchmarks import head_ops  # pylint: disable=g-import-not-at-top
+
+  assert head_ops.parts((1, 6, 12)) == (
+      'head',
+      'head_forward',
+      'aspp_1x1',
+      'aspp_sep_d6',
+      'aspp_sep_d12',
+      'bottleneck',
+      'adamw',
+  )
+  row = lambda part, j, t, note='': {
+      'part': part,
+      'note': note,
+      'jax_ms': j,
+      'torch_ms': t,
+      'ratio': j / t,
+  }
+  rows = [
+      row('head', 100.0, 60.0),
+      row('head_forward', 20.0, 10.0),
+      row('aspp_1x1', 10.0, 5.0),
+      row('aspp_sep_d6', 20.0, 10.0),
+      row('bottleneck', 30.0, 30.0),
+      row('adamw', 8.0, 8.0, '85.0M parameters'),
+  ]
+  text = head_ops.report(rows, 'cmd', 'info')
+  assert '| adamw (85.0M parameters) | 8.0 | 8.0 | 1.00 |' in text
+  # The head minus aspp_1x1, aspp_sep_d6 and bottleneck: 100 - 60 = 40 ms
+  # in JAX, 60 - 45 = 15 ms in PyTorch (head_forward is not a part of it).
+  assert 'JAX 40 ms, PyTorch 15 ms.' in text
+
+
 def test_profile_step_groups_operations_by_their_source():
   from dastc_jax.benchmarks import profile_step  # pylint: disable=g-import-not-at-top
 
