@@ -4,6 +4,7 @@ statistics, eval mode)."""
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -40,6 +41,49 @@ def test_head_matches_the_pytorch_restatement():
     want = np.moveaxis(want.numpy(), 1, -1)
     assert got.shape == want.shape
     assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_head_gradients_in_training_match_the_pytorch_restatement():
+  """Training mode (batch statistics), no dropout: the gradients of the
+  four encoder maps and of the bottleneck kernel match PyTorch's (the
+  backward pass includes ``layers.materialise_grad``)."""
+  dims, classes, embed = (8, 12, 20, 24), 5, 16
+  torch.manual_seed(0)
+  tm = torch_daformer.DAFormerHead(dims, classes, embed).train()
+  tm.dropout = torch.nn.Identity()
+  head = daformer.DAFormerHead(dims, classes, embed=embed, rngs=nnx.Rngs(0))
+  sd = {
+      k: v.numpy()
+      for k, v in tm.state_dict().items()
+      if not k.endswith('num_batches_tracked')
+  }
+  convert.load_by_names(head, sd)
+  rng = np.random.default_rng(1)
+  feats = [
+      rng.normal(size=(2, h, w, c)).astype(np.float32)
+      for (h, w), c in zip(((8, 12), (4, 6), (2, 3), (1, 2)), dims)
+  ]
+  cot = rng.normal(size=(2, 8, 12, classes)).astype(np.float32)
+  tf = [
+      torch.from_numpy(np.moveaxis(f, -1, 1).copy()).requires_grad_()
+      for f in feats
+  ]
+  (
+      tm(tf)[0] * torch.from_numpy(np.moveaxis(cot, -1, 1).copy())
+  ).sum().backward()
+  graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+
+  def loss(p, f):
+    m = nnx.merge(graphdef, p, rest, copy=True)
+    return jnp.sum(m(f, train=True)[0] * cot)
+
+  dp, df = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, feats)
+  for got, want in zip(df, tf):
+    want = np.moveaxis(want.grad.numpy(), 1, -1)
+    assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+  want = tm.fuse_layer.bottleneck.conv.weight.grad.numpy().transpose(2, 3, 1, 0)
+  got = np.asarray(dp['fuse_layer']['bottleneck']['conv']['kernel'][...])
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
 def test_half_pixel_resize_matches_torch_interpolate():

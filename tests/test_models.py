@@ -590,3 +590,16 @@ def test_depthwise_conv_gradient_keeps_no_copy_per_tap(
   assert depthwise_temps[f'written{dilation}'] <= bound
   # the bound tells the two apart
   assert depthwise_temps[f'autodiff{dilation}'] > bound
+
+
+def test_materialise_grad_is_the_identity_with_its_gradient_in_one_buffer():
+  x = jnp.arange(24.0).reshape(2, 3, 4)
+  g = jnp.full((2, 3, 4), 0.5).at[0, 0, 0].set(jnp.nan)  # a NaN first
+  out, vjp = jax.vjp(layers.materialise_grad, x)
+  np.testing.assert_array_equal(out, x)
+  np.testing.assert_array_equal(vjp(g)[0], g)  # NaN passes through too
+  # On CPU the backward pass holds the conditional that keeps XLA from
+  # fusing the gradient into (and recomputing it in) each consumer (for a
+  # gradient XLA cannot fold to a constant).
+  f = jax.jit(jax.grad(lambda x: jnp.sum(layers.materialise_grad(x * x) * x)))
+  assert 'conditional' in f.lower(x).compile().as_text()

@@ -263,7 +263,9 @@ class DAFormerHead(nnx.Module):
         resize_half_pixel(layer(f), hw)
         for layer, f in zip(self.embed_layers, feats)
     ]
-    feat = self.fuse_layer(jnp.concatenate(embedded, axis=-1), train)
+    # [B, H/4, W/4, 4 * embed]; its gradient computed once (on CPU).
+    fused = layers.materialise_grad(jnp.concatenate(embedded, axis=-1))
+    feat = self.fuse_layer(fused, train)
     x = layers.channel_dropout(
         feat, self.dropout, dropout_key if train else None
     )
