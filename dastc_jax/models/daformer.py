@@ -61,6 +61,16 @@ class ConvModule(nnx.Module):
           dtype=dtype,
           rngs=rngs,
       )
+    elif kernel == 1:
+      self.conv = layers.Conv(
+          cin,
+          cout,
+          1,
+          use_bias=False,
+          kernel_init=_KAIMING_FAN_OUT,
+          dtype=dtype or jnp.float32,
+          rngs=rngs,
+      )
     else:
       self.conv = nnx.Conv(
           cin,
