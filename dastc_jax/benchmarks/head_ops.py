@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -44,12 +42,10 @@ import numpy as np
 import optax
 
 from configs import viper_vit as viper_vit_config
-from dastc_jax.benchmarks import provenance
+from dastc_jax.benchmarks import mit_ops
 from dastc_jax.models import daformer
 from dastc_jax.models import mit
-from dastc_jax.runtime import host_malloc
 from dastc_jax.runtime import state as state_lib
-from dastc_jax.runtime import xla_cpu
 
 Runner = Callable[[], float]
 
@@ -239,18 +235,11 @@ def run(variant: str, hw: tuple[int, int], reps: int, classes: int):
       args = (part, feats, x, embed, dilations, classes, spec.dims)
       jax_one, torch_one = jax_runner(*args), torch_runner(*args)
       note = ''
-    times = {'jax': [], 'torch': []}
-    for _ in range(reps):
-      times['jax'].append(jax_one())
-      times['torch'].append(torch_one())
-    ratios = [a / b for a, b in zip(times['jax'], times['torch'])]
     rows.append(
         {
             'part': part,
             'note': note,
-            'jax_ms': 1e3 * statistics.median(times['jax']),
-            'torch_ms': 1e3 * statistics.median(times['torch']),
-            'ratio': statistics.median(ratios),
+            **mit_ops.alternate(jax_one, torch_one, reps),
         }
     )
     print(json.dumps(rows[-1]), flush=True)
@@ -303,27 +292,16 @@ def main(argv: list[str]) -> None:
   p.add_argument('--output', required=True, help='markdown report')
   a = p.parse_args(argv)
   hw = tuple(int(v) for v in a.size.split(','))
-  # As `python -m dastc_jax.main` sets itself up for this frame size
-  # (XLA reads its flags when the first computation starts the backend).
-  host_malloc.configure(pixels=hw[0] * hw[1])
-  xla_cpu.set_defaults(pixels=hw[0] * hw[1], model='daformer')
+  mit_ops.setup_cpu(hw)
   rows = run(a.variant, hw, a.reps, a.classes)
-  import torch  # pylint: disable=g-import-not-at-top
-
   info = (
       f'MiT-{a.variant.upper()} feature maps of one {hw[0]}x{hw[1]} image, '
       f'{a.classes} classes, float32, {a.reps} calls of each, alternated; '
-      f'{os.cpu_count()} CPU cores; jax {jax.__version__}, torch '
-      f'{torch.__version__}; code at {provenance.commit()}; XLA_FLAGS '
-      f'`{os.environ.get("XLA_FLAGS", "")}`.'
+      f'{mit_ops.versions()}'
   )
   command = 'python -m dastc_jax.benchmarks.head_ops ' + ' '.join(argv)
   text = report(rows, command, info)
-  print(text)
-  with open(a.output, 'w') as f:
-    f.write(text)
-  with open(os.path.splitext(a.output)[0] + '.json', 'w') as f:
-    json.dump({'command': command, 'info': info, 'rows': rows}, f, indent=1)
+  mit_ops.save(a.output, text, {'command': command, 'info': info, 'rows': rows})
 
 
 if __name__ == '__main__':

@@ -151,12 +151,6 @@ def run(variant: str, hw: tuple[int, int], frames: int, reps: int):
     hidden = dim * spec.mlp_ratio
     for part in PARTS:
       args = (part, dim, heads, sr, hidden, frames, h, w)
-      runners = {'jax': jax_runner(*args), 'torch': torch_runner(*args)}
-      times = {k: [] for k in runners}
-      for _ in range(reps):
-        for k, one in runners.items():
-          times[k].append(one())
-      ratios = [a / b for a, b in zip(times['jax'], times['torch'])]
       rows.append(
           {
               'stage': stage + 1,
@@ -164,13 +158,28 @@ def run(variant: str, hw: tuple[int, int], frames: int, reps: int):
               'tokens': h * w,
               'dim': dim,
               'part': part,
-              'jax_ms': 1e3 * statistics.median(times['jax']),
-              'torch_ms': 1e3 * statistics.median(times['torch']),
-              'ratio': statistics.median(ratios),
+              **alternate(jax_runner(*args), torch_runner(*args), reps),
           }
       )
       print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def alternate(
+    jax_one: Callable[[], float], torch_one: Callable[[], float], reps: int
+) -> dict[str, float]:
+  """``reps`` calls of each, one of each in turn: the median ms of each and
+  the median of the paired JAX / PyTorch ratios."""
+  times = {'jax': [], 'torch': []}
+  for _ in range(reps):
+    times['jax'].append(jax_one())
+    times['torch'].append(torch_one())
+  ratios = [a / b for a, b in zip(times['jax'], times['torch'])]
+  return {
+      'jax_ms': 1e3 * statistics.median(times['jax']),
+      'torch_ms': 1e3 * statistics.median(times['torch']),
+      'ratio': statistics.median(ratios),
+  }
 
 
 def report(rows: list[dict[str, Any]], command: str, info: str) -> str:
@@ -205,6 +214,35 @@ def report(rows: list[dict[str, Any]], command: str, info: str) -> str:
   return '\n'.join(lines)
 
 
+def setup_cpu(hw: tuple[int, int]) -> None:
+  """The host allocator and XLA:CPU settings ``python -m dastc_jax.main``
+  uses for a transformer at this frame size (XLA reads its flags when the
+  first computation starts the backend, so call this first)."""
+  host_malloc.configure(pixels=hw[0] * hw[1])
+  xla_cpu.set_defaults(pixels=hw[0] * hw[1], model='daformer')
+
+
+def versions() -> str:
+  """CPU count, jax and torch releases, the code's commit, XLA_FLAGS."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  return (
+      f'{os.cpu_count()} CPU cores; jax {jax.__version__}, torch '
+      f'{torch.__version__}; code at {provenance.commit()}; XLA_FLAGS '
+      f'`{os.environ.get("XLA_FLAGS", "")}`.'
+  )
+
+
+def save(output: str, text: str, raw: dict[str, Any]) -> None:
+  """Prints ``text``, writes it to ``output`` and ``raw`` to the .json
+  beside it."""
+  print(text)
+  with open(output, 'w') as f:
+    f.write(text)
+  with open(os.path.splitext(output)[0] + '.json', 'w') as f:
+    json.dump(raw, f, indent=1)
+
+
 def main(argv: list[str]) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--variant', default='b5')
@@ -214,26 +252,15 @@ def main(argv: list[str]) -> None:
   p.add_argument('--output', required=True, help='markdown report')
   a = p.parse_args(argv)
   hw = tuple(int(v) for v in a.size.split(','))
-  # As `python -m dastc_jax.main` sets itself up for this frame size
-  # (XLA reads its flags when the first computation starts the backend).
-  host_malloc.configure(pixels=hw[0] * hw[1])
-  xla_cpu.set_defaults(pixels=hw[0] * hw[1], model='daformer')
+  setup_cpu(hw)
   rows = run(a.variant, hw, a.frames, a.reps)
-  import torch  # pylint: disable=g-import-not-at-top
-
   info = (
       f'MiT-{a.variant.upper()}, {a.frames} images of {hw[0]}x{hw[1]}, '
-      f'float32, {a.reps} calls of each, alternated; {os.cpu_count()} CPU '
-      f'cores; jax {jax.__version__}, torch {torch.__version__}; code at '
-      f'{provenance.commit()}; XLA_FLAGS `{os.environ.get("XLA_FLAGS", "")}`.'
+      f'float32, {a.reps} calls of each, alternated; {versions()}'
   )
   command = 'python -m dastc_jax.benchmarks.mit_ops ' + ' '.join(argv)
   text = report(rows, command, info)
-  print(text)
-  with open(a.output, 'w') as f:
-    f.write(text)
-  with open(os.path.splitext(a.output)[0] + '.json', 'w') as f:
-    json.dump({'command': command, 'info': info, 'rows': rows}, f, indent=1)
+  save(a.output, text, {'command': command, 'info': info, 'rows': rows})
 
 
 if __name__ == '__main__':
