@@ -61,7 +61,7 @@ class ConvModule(nnx.Module):
           dtype=dtype,
           rngs=rngs,
       )
-    elif kernel == 1:
+    elif kernel == 1:  # a matmul: XLA:CPU's 1x1 convolution is slower
       self.conv = layers.Conv(
           cin,
           cout,

@@ -224,10 +224,10 @@ def materialise_grad(x: jax.Array) -> jax.Array:
   resizes' backward pass), every consumer re-evaluated the whole
   expression in a transposed, unvectorised loop: 180 ms of the head's
   forward + backward pass against PyTorch's 19 ms at 128x256
-  (benchmarks/head_ops.md). On CPU the backward pass hands the gradient
-  through a conditional whose predicate XLA cannot evaluate (it is always
-  true), and a conditional's result is a buffer of its own, so it is
-  computed once. Elsewhere, and in the forward pass, it is the identity.
+  (benchmarks/head_ops_before_materialise.md). On CPU the backward pass
+  hands the gradient through a conditional whose predicate XLA cannot
+  evaluate (it is always true), and a conditional's result is a buffer of
+  its own, so it is computed once. Elsewhere, and in the forward pass, it is the identity.
   """
   return x
 
