@@ -227,7 +227,8 @@ def materialise_grad(x: jax.Array) -> jax.Array:
   (benchmarks/head_ops_before_materialise.md). On CPU the backward pass
   hands the gradient through a conditional whose predicate XLA cannot
   evaluate (it is always true), and a conditional's result is a buffer of
-  its own, so it is computed once. Elsewhere, and in the forward pass, it is the identity.
+  its own, so it is computed once. Elsewhere, and in the forward pass, it
+  is the identity.
   """
   return x
 
