@@ -305,6 +305,91 @@ def test_transformer_run_configs_and_folders():
     flags.model, flags.domain, flags.workdir = old
 
 
+def test_multiresolution_run_configs():
+  """``--model=mit_b0_hrda``: the MiT-B0 transformer inside HRDA on frames
+  twice the single-scale size, whose 0.5 context pass sees what the
+  single-scale model sees, with a detail crop of half the frame; the MIC
+  variants add only MIC (8-px blocks) to the run they extend. Every run
+  (warm start and variant, video and image) passes validation."""
+  from dastc_jax.models import hrda  # pylint: disable=g-import-not-at-top
+  from dastc_jax.runtime import validation  # pylint: disable=g-import-not-at-top
+
+  flags = adaptation.FLAGS
+  old = flags.model, flags.domain, flags.workdir
+  variants = ('pseudo_label_only', 'dastc', 'pseudo_label_only_mic', 'mic')
+  try:
+    flags.workdir = '/w'
+    for domain in ('video', 'image'):
+      flags.domain = domain
+      flags.model = 'mit_b0'
+      single = adaptation.run_config(0, 'dastc', 'hm', '/w')
+      mic_single = adaptation.run_config(0, 'mic', 'hm', '/w')
+      validation.check_config(mic_single)
+      assert not single.model.hrda.enabled and mic_single.dastc.mic.enabled
+      flags.model = 'mit_b0_hrda'
+      assert adaptation.seed_dir(0) == f'/w/default-{domain}-mit-b0-hrda/seed0'
+      runs = {None: adaptation.run_config(0, None, 'hm', '/w')}
+      runs.update(
+          {v: adaptation.run_config(0, v, 'hm', '/w') for v in variants}
+      )
+      for v, c in runs.items():
+        validation.check_config(c)
+        h = c.model.hrda
+        assert h.enabled and h.context_scale == 0.5, v
+        assert c.model.mit_variant == 'b0', v
+        for split in ('source', 'target', 'target_val'):
+          single_hw = tuple(single.data[split].image_size)
+          hw = tuple(c.data[split].image_size)
+          assert hw == (2 * single_hw[0], 2 * single_hw[1]), (v, split)
+          assert hrda.context_size(hw, 0.5) == single_hw, (v, split)
+        assert tuple(c.data.target.image_size) == (128, 256)
+        assert tuple(h.detail_crop) == (64, 128), v
+        assert c.dastc.mic.enabled == bool(v and v.endswith('mic')), v
+      for v in ('pseudo_label_only', 'dastc'):
+        base, mic = (
+            runs[v].to_dict(),
+            runs['mic' if v == 'dastc' else v + '_mic'].to_dict(),
+        )
+        assert (
+            mic['dastc']['mic']['block_size'],
+            mic['dastc']['mic']['ratio'],
+        ) == (
+            8,
+            0.7,
+        )
+        mic['dastc']['mic'] = base['dastc']['mic']
+        assert mic == base, v
+  finally:
+    flags.model, flags.domain, flags.workdir = old
+
+
+def test_class_table_averages_seeds_and_names_empty_classes():
+  table = adaptation.class_table(
+      {
+          'warm start (hm)': {
+              0: {'road': 50.0, 'pole': 0.0, 'sign': 0.0, 'train': None},
+              1: {'road': 60.0, 'pole': None, 'sign': 0.0, 'train': None},
+          },
+          'dastc': {
+              0: {'road': 70.0, 'pole': 1.0, 'sign': 0.0, 'train': None},
+              1: {'road': 80.0, 'pole': 2.0, 'sign': 0.0, 'train': None},
+          },
+          'unfinished': {0: {'road': 1.0, 'pole': 1.0, 'sign': 1.0}},
+      },
+      [0, 1],
+  )
+  assert table.splitlines()[:4] == [
+      '| class | warm start (hm) | dastc |',
+      '|---|---:|---:|',
+      '| road | 55.0 | 75.0 |',
+      '| pole | 0.0 | 1.5 |',
+  ]
+  # A class without a score on a seed is averaged over the others.
+  assert table.endswith(
+      '0.0 in every run: sign.\n\nNot in the evaluated labels: train.'
+  )
+
+
 def test_prototype_helpers():
   """Per-class means, nearest-prototype classification by cosine among the
   classes present, and label sampling at the centres of a coarser grid."""

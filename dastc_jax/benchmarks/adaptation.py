@@ -42,6 +42,16 @@ world's GTA5-layout source and Cityscapes-layout target (19 classes) with
 ``--model=mit_b0`` swaps the demo's DeepLabv2-ResNet for the transformer
 (MiT-B0 encoder, DAFormer head; the ACCEL-style video model, or the image
 model with ``--domain=image``), from scratch with the demo's optimizer.
+``--model=mit_b0_hrda`` is the same transformer inside HRDA: it reads the
+frames at twice the single-scale size (the world's rendered size at
+``--size_scale=1``), segments them downscaled by 0.5 (the single-scale
+model's input) for context and in a detail crop of half the frame's height
+and width at full resolution, fused by the learned scale attention; the
+detail pass slides over the frame for evaluation and pseudo-labels. The
+variants ``mic`` and ``pseudo_label_only_mic`` add MIC (8-px blocks, ratio
+0.7, weight 1: the released 64-px blocks at the world's 1/8 of Cityscapes'
+frame size) to ``dastc`` and ``pseudo_label_only``; docs/benchmarks.md has
+the multi-resolution comparison's protocol.
 
 Each run is an ordinary training run in
 ``{workdir}/{world}-{domain}[-mit-b0]/seed{S}/{variant}`` (resumable;
@@ -89,10 +99,12 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     'model',
     'deeplab',
-    ['deeplab', 'mit_b0'],
+    ['deeplab', 'mit_b0', 'mit_b0_hrda'],
     "'deeplab': the demo's small DeepLabv2-ResNet (ACCEL for "
     "video); 'mit_b0': the transformer (MiT-B0 + DAFormer "
-    'head, ACCEL-style video model) from scratch.',
+    "head, ACCEL-style video model) from scratch; 'mit_b0_hrda': "
+    'the same inside HRDA, on frames twice the size (a 0.5 context pass '
+    'and a detail crop of half the frame).',
 )
 flags.DEFINE_string(
     'output',
@@ -160,20 +172,23 @@ def _method(name: str, **changes) -> Change:
   return apply
 
 
+_PSEUDO_LABEL_ONLY = {
+    'dastc.image_fusion': False,
+    'dastc.feature_fusion': False,
+    'dastc.alignment.kind': 'none',
+}
+_MIC = {
+    'dastc.mic.enabled': True,
+    'dastc.mic.block_size': 8,
+    'dastc.mic.ratio': 0.7,
+    'dastc.mic.weight': 1.0,
+}
+
 # name -> (change, warm start: 'hm' or 'plain').
 VARIANTS: dict[str, tuple[Change, str]] = {
     'source_only': (_method('source_only'), 'plain'),
     'source_only_hm': (_method('source_only_hm'), 'hm'),
-    'pseudo_label_only': (
-        _dastc(
-            **{
-                'dastc.image_fusion': False,
-                'dastc.feature_fusion': False,
-                'dastc.alignment.kind': 'none',
-            }
-        ),
-        'hm',
-    ),
+    'pseudo_label_only': (_dastc(**_PSEUDO_LABEL_ONLY), 'hm'),
     'dastc': (_dastc(), 'hm'),
     'no_image_fusion': (
         _dastc(**{'dastc.image_fusion': False, 'dastc.feature_fusion': False}),
@@ -239,29 +254,21 @@ VARIANTS: dict[str, tuple[Change, str]] = {
     # DAFormer's quality-weighted pseudo-label losses.
     'quality_weighting': (_dastc(**{'dastc.pl_weighting': 'quality'}), 'hm'),
     'pseudo_label_only_quality_weighting': (
-        _dastc(
-            **{
-                'dastc.image_fusion': False,
-                'dastc.feature_fusion': False,
-                'dastc.alignment.kind': 'none',
-                'dastc.pl_weighting': 'quality',
-            }
-        ),
+        _dastc(**_PSEUDO_LABEL_ONLY, **{'dastc.pl_weighting': 'quality'}),
         'hm',
     ),
     # Class-balanced pseudo-label selection (CBST's final portion, 0.5).
     'class_balanced': (_dastc(**{'dastc.pl_class_balanced': 0.5}), 'hm'),
     'pseudo_label_only_class_balanced': (
-        _dastc(
-            **{
-                'dastc.image_fusion': False,
-                'dastc.feature_fusion': False,
-                'dastc.alignment.kind': 'none',
-                'dastc.pl_class_balanced': 0.5,
-            }
-        ),
+        _dastc(**_PSEUDO_LABEL_ONLY, **{'dastc.pl_class_balanced': 0.5}),
         'hm',
     ),
+    # MIC: the target's block-masked copy against the teacher's labels of
+    # the whole frame. The released 64-px blocks on Cityscapes frames
+    # 2048 (HRDA) or 1024 (DAFormer) wide; the world's frames are 1/8 of
+    # those, so 8 px, whatever the model's input size.
+    'mic': (_dastc(**_MIC), 'hm'),
+    'pseudo_label_only_mic': (_dastc(**_PSEUDO_LABEL_ONLY, **_MIC), 'hm'),
     'alignment_weight_1': (_dastc(**{'dastc.alignment.weight': 1.0}), 'hm'),
     # Weight 1.0: the pull's gradient per unit of cosine is 1, the
     # contrastive's (unsaturated) up to 1/tau = 10 at its weight 0.1.
@@ -273,12 +280,7 @@ VARIANTS: dict[str, tuple[Change, str]] = {
     ),
     'pseudo_label_only_no_distribution_alignment': (
         _dastc(
-            **{
-                'dastc.image_fusion': False,
-                'dastc.feature_fusion': False,
-                'dastc.alignment.kind': 'none',
-                'dastc.pl_distribution_alignment': False,
-            }
+            **_PSEUDO_LABEL_ONLY, **{'dastc.pl_distribution_alignment': False}
         ),
         'hm',
     ),
@@ -327,6 +329,24 @@ def _mit_b0(c: ml_collections.ConfigDict) -> None:
   c.optim.no_weight_decay = ('norm',)
 
 
+def _hrda(c: ml_collections.ConfigDict) -> None:
+  """HRDA around the model, on frames already doubled by the caller: a
+  0.5-scale context pass (the single-scale input), a detail crop of half
+  the target frame's height and width (offsets in multiples of 8), the
+  released loss weight, class-wise attention and a sliding detail pass for
+  evaluation and pseudo-labels. The world has no ego vehicle, so no
+  pseudo-label margins."""
+  h = c.model.hrda
+  h.enabled = True
+  h.context_scale = 0.5
+  h.crop_divisible = 8
+  height, width = c.data.target.image_size
+  h.detail_crop = (height // 2 // 8 * 8, width // 2 // 8 * 8)
+  h.detail_loss_weight = 0.1
+  h.classwise_attention = True
+  h.slide_detail = True
+
+
 def run_config(
     seed: int, variant: str | None, warm: str, warm_dir: str
 ) -> ml_collections.ConfigDict:
@@ -339,12 +359,16 @@ def run_config(
   c.data.synthetic.shift = FLAGS.world
   if FLAGS.domain == 'image':
     _image_domain(c)
-  if FLAGS.model == 'mit_b0':
+  if FLAGS.model in ('mit_b0', 'mit_b0_hrda'):
     _mit_b0(c)
+  hrda = FLAGS.model == 'mit_b0_hrda'
+  scale = FLAGS.size_scale * (2 if hrda else 1)
   for split in ('source', 'source_val', 'target', 'target_val'):
     if split in c.data:
       h, w = c.data[split].image_size
-      c.data[split].image_size = (h * FLAGS.size_scale, w * FLAGS.size_scale)
+      c.data[split].image_size = (h * scale, w * scale)
+  if hrda:
+    _hrda(c)
   c.seed = seed
   c.train.batch_size = (
       FLAGS.warm_batch_size if variant is None else FLAGS.batch_size
@@ -382,21 +406,23 @@ def seed_dir(seed: int) -> str:
 
 def _run(
     config: ml_collections.ConfigDict, workdir: str
-) -> tuple[float, float | None]:
+) -> tuple[float | None, float | None, dict[str, float] | None]:
   """Trains (or reuses a finished run); returns (target-val mIoU, training
-  minutes, or None for a reused run)."""
+  minutes or None for a reused run, per-class IoU); None for the scores of
+  an unfinished run under ``--report_only``."""
   final = os.path.join(
       workdir, 'eval', f'step_{config.train.num_steps}', 'results.json'
   )
   minutes = None
   if not os.path.exists(final):
     if FLAGS.report_only:
-      return None, None
+      return None, None, None
     start = time.time()
     train.train_and_evaluate(config, workdir)
     minutes = (time.time() - start) / 60
   with open(final) as f:
-    return json.load(f)['splits']['target_val']['miou'], minutes
+    scores = json.load(f)['splits']['target_val']
+  return scores['miou'], minutes, scores['iou']
 
 
 def _fmt(vals: np.ndarray) -> str:
@@ -436,6 +462,45 @@ def table(
   return '\n'.join(rows)
 
 
+def class_table(
+    per_class: dict[str, dict[int, dict[str, float | None]]], seeds: list[int]
+) -> str:
+  """Markdown: per class (rows), each run's IoU averaged over ``seeds``.
+  Classes at 0.0 in every run, and classes without a score (absent from
+  the evaluated labels: IoU None), are named below the table instead."""
+  runs = [r for r in per_class if all(s in per_class[r] for s in seeds)]
+  if not runs or not seeds:
+    return ''
+  classes = list(per_class[runs[0]][seeds[0]])
+
+  def mean(r, k):
+    v = [per_class[r][s][k] for s in seeds if per_class[r][s][k] is not None]
+    return float(np.mean(v)) if v else None
+
+  means = {r: {k: mean(r, k) for k in classes} for r in runs}
+  absent = [k for k in classes if all(means[r][k] is None for r in runs)]
+  zero = [
+      k
+      for k in classes
+      if k not in absent and all(not means[r][k] for r in runs)
+  ]
+  rows = [
+      '| class | ' + ' | '.join(runs) + ' |',
+      '|---|' + '---:|' * len(runs),
+  ]
+  for k in classes:
+    if k not in zero and k not in absent:
+      cells = (
+          '-' if means[r][k] is None else f'{means[r][k]:.1f}' for r in runs
+      )
+      rows.append(f'| {k} | ' + ' | '.join(cells) + ' |')
+  if zero:
+    rows.append(f'\n0.0 in every run: {", ".join(zero)}.')
+  if absent:
+    rows.append(f'\nNot in the evaluated labels: {", ".join(absent)}.')
+  return '\n'.join(rows)
+
+
 def main(argv):
   del argv
   log_filter.install()
@@ -461,26 +526,29 @@ def main(argv):
   results = {f'warm start ({w})': {} for w in warms}
   results.update({v: {} for v in variants})
   minutes = {k: [] for k in results}
+  per_class = {k: {} for k in results}
   start = time.time()
   for seed in seeds:
     base = seed_dir(seed)
     warm_dirs = {w: os.path.join(base, f'warm_{w}') for w in warms}
     for w, wdir in warm_dirs.items():
-      miou, mins = _run(run_config(seed, None, w, wdir), wdir)
+      miou, mins, iou = _run(run_config(seed, None, w, wdir), wdir)
       if miou is None:
         continue
       results[f'warm start ({w})'][seed] = miou
+      per_class[f'warm start ({w})'][seed] = iou
       if mins is not None:
         minutes[f'warm start ({w})'].append(mins)
       logging.info('seed %d warm start (%s): target mIoU %.1f', seed, w, miou)
     for v in variants:
       wdir = warm_dirs[VARIANTS[v][1]]
-      miou, mins = _run(
+      miou, mins, iou = _run(
           run_config(seed, v, VARIANTS[v][1], wdir), os.path.join(base, v)
       )
       if miou is None:
         continue
       results[v][seed] = miou
+      per_class[v][seed] = iou
       if mins is not None:
         minutes[v].append(mins)
       logging.info(
@@ -539,7 +607,9 @@ def main(argv):
       'dastc" counts the seeds where dastc is better. Wall time '
       f'{total:.0f} min on this machine, code at commit '
       f'{provenance.commit()}.{note}{partial}\n\n'
-      f'{table(results, seeds, minutes)}\n'
+      f'{table(results, seeds, minutes)}\n\n'
+      f'Per class, IoU (%) averaged over the seeds:\n\n'
+      f'{class_table(per_class, seeds)}\n'
   )
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -552,6 +622,7 @@ def main(argv):
             'minutes': total,
             'run_minutes': minutes,
             'results': results,
+            'per_class': per_class,
         },
         f,
         indent=2,
