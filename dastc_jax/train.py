@@ -157,9 +157,6 @@ def train_and_evaluate(
   Returns:
     ``{split: mIoU}`` of the final evaluation, in %.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-
   check_config(config)
   workdir = paths.resolve(workdir)
   ckpt_dir = workdir / 'checkpoints'
@@ -222,6 +219,11 @@ def train_and_evaluate(
   eval_step = _jit_eval_step(config, graphdef, state_sharding, repl, data)
 
   # Scalars to TensorBoard and metrics.jsonl (process 0), not the console.
+  # (clu's TensorBoard writer imports TensorFlow, about 2.5 s: only once
+  # the config and the data have been checked, so that a bad one is
+  # reported without that wait.)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   from dastc_jax.runtime import metrics_file  # pylint: disable=g-import-not-at-top
 
   if jax.process_index() == 0:
