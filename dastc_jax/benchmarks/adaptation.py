@@ -54,7 +54,7 @@ frame size) to ``dastc`` and ``pseudo_label_only``; docs/benchmarks.md has
 the multi-resolution comparison's protocol.
 
 Each run is an ordinary training run in
-``{workdir}/{world}-{domain}[-mit-b0]/seed{S}/{variant}`` (resumable;
+``{workdir}/{world}-{domain}[-mit-b0[-hrda]]/seed{S}/{variant}`` (resumable;
 finished runs are reused). The report (``--output``, markdown plus a JSON
 beside it) has target-val mIoU of the last checkpoint (mean +- std over
 seeds, per seed), the paired per-seed difference to ``dastc`` and the
