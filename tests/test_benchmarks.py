@@ -179,6 +179,7 @@ def test_step_benchmark_batch_and_report():
       },
       'torch_malloc': {'step_s': 1.5, 'times': [1.5, 1.5]},
       'xla_default': {'step_s': 2.5, 'times': [2.5, 2.5]},
+      'unrolled': {'step_s': 1.8, 'times': [1.8, 2.0]},
       'host_malloc': 'applied',
       'weak': {1: 1.0, 2: 1.25},
   }
@@ -203,6 +204,9 @@ def test_step_benchmark_batch_and_report():
   ) in md
   assert "| JAX, XLA:CPU's default fusion" in md
   assert '| 2.500 | 0.80 | 0.82 (0.81-0.83; 0.80-0.84, 2 pairs) |' in md
+  # The MiT blocks unrolled: 2.0/1.8 (step_s), pairs 2.0/1.8 and 2.1/2.0.
+  assert '| JAX, MiT blocks unrolled: no scan' in md
+  assert '| 1.800 | 1.11 | 1.08 (1.07-1.10; 1.05-1.11, 2 pairs) |' in md
   assert '| 2 | 1.25 | 0.80 |' in md
 
 

@@ -573,6 +573,10 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     if args['conv_wgrad_row']:
       # XLA's backward conv for the kernel gradients.
       variants['conv_wgrad'] = {}, {'model.conv_kernel_grad': 'conv'}
+    if args['unrolled_row'] and args['model'] == 'vit':
+      # The blocks one after another, each keeping its activations for the
+      # backward pass (no scan, no recomputation, no stacked parameters).
+      variants['unrolled'] = {}, {'model.scan_blocks': False}
     for name, (env, overrides) in variants.items():
       proc = StepProcess('jax', args['batch'], src_hw, env, overrides, **which)
       rows[name] = proc, {**proc.info, 'process': 'separate'}
@@ -638,6 +642,12 @@ _ROWS = (
         'conv_wgrad',
         "JAX, XLA's backward convolution for the 3x3/7x7 kernel "
         "gradients (`model.conv_kernel_grad='conv'`)",
+    ),
+    (
+        'unrolled',
+        'JAX, MiT blocks unrolled: no scan, no recomputation in the '
+        'backward pass, no stacked parameters (`model.scan_blocks=False`, '
+        'which the MiT-B5 configs do not use: models/scan.py)',
     ),
 )
 
@@ -807,6 +817,12 @@ def _define_flags():
           'conv_wgrad_row',
           True,
           "CPU: also time the source-only step with conv_kernel_grad='conv'.",
+      ),
+      'unrolled_row': flags.DEFINE_bool(
+          'unrolled_row',
+          True,
+          '--model=vit on CPU: also time the source-only step with the '
+          'MiT blocks unrolled (model.scan_blocks=False).',
       ),
       'xla_default_fusion': flags.DEFINE_bool(
           'xla_default_fusion',
