@@ -189,6 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
           # per block (same values, same parameter layout; less memory, one
           # more forward of those blocks). See docs/performance.md.
           scan_blocks=False,
+          # With scan_blocks: recompute the scanned body in the backward pass
+          # (True) or keep every iteration's activations (False: faster,
+          # more memory; benchmarks/step_vit.md, benchmarks/memory.md).
+          scan_recompute=True,
           daformer_dilations=(1, 6, 12, 18),
           # Multi-resolution training and inference (HRDA, image models): a
           # context pass over the whole input at context_scale and a detail

@@ -33,6 +33,7 @@ def _cfg(**kw):
       stride_in_1x1=True,
       remat=False,
       scan_blocks=False,
+      scan_recompute=True,
   )
   c.update(kw)
   return ml_collections.ConfigDict(c)

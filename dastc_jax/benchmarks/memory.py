@@ -24,9 +24,10 @@ batch of the config's sizes, and records:
 Variants (``VARIANTS``): ``float32`` (the config as it is), ``bfloat16``
 (``model.dtype``), ``remat`` (``model.remat``: each encoder block
 recomputed in the backward pass),
-``remat_bfloat16``, and ``unrolled``/``scan`` (``model.scan_blocks``, alone
-or with ``_remat``). On an accelerator the same command gives the device's
-figures.
+``remat_bfloat16``, ``unrolled``/``scan`` (``model.scan_blocks``, alone
+or with ``_remat``), and ``scan_keep`` (the scan without recomputing its
+body, ``model.scan_recompute=False``). On an accelerator the same
+command gives the device's figures.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ VARIANTS = {
     'unrolled_remat': {'model.scan_blocks': False, 'model.remat': True},
     'scan': {'model.scan_blocks': True},
     'scan_remat': {'model.scan_blocks': True, 'model.remat': True},
+    # The scan keeping its iterations' activations (no recomputation).
+    'scan_keep': {'model.scan_blocks': True, 'model.scan_recompute': False},
     # The CPU speed choices as taken at 128x256 (im2col kernel gradients
     # everywhere and the YNNPACK elementwise fusion), at the real size.
     'im2col_eltwise': {'model.conv_kernel_grad': 'im2col', '_eltwise': True},

@@ -577,6 +577,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
       # The blocks one after another, each keeping its activations for the
       # backward pass (no scan, no recomputation, no stacked parameters).
       variants['unrolled'] = {}, {'model.scan_blocks': False}
+      # The scan as configured, keeping its activations.
+      variants['scan_keep'] = {}, {'model.scan_recompute': False}
     for name, (env, overrides) in variants.items():
       proc = StepProcess('jax', args['batch'], src_hw, env, overrides, **which)
       rows[name] = proc, {**proc.info, 'process': 'separate'}
@@ -648,6 +650,11 @@ _ROWS = (
         'JAX, MiT blocks unrolled: no scan, no recomputation in the '
         'backward pass, no stacked parameters (`model.scan_blocks=False`, '
         'which the MiT-B5 configs do not use: models/scan.py)',
+    ),
+    (
+        'scan_keep',
+        'JAX, MiT blocks scanned but not recomputed in the backward pass '
+        '(`model.scan_recompute=False`)',
     ),
 )
 
@@ -822,7 +829,8 @@ def _define_flags():
           'unrolled_row',
           True,
           '--model=vit on CPU: also time the source-only step with the '
-          'MiT blocks unrolled (model.scan_blocks=False).',
+          'MiT blocks unrolled (model.scan_blocks=False) and scanned '
+          'without recomputation (model.scan_recompute=False).',
       ),
       'xla_default_fusion': flags.DEFINE_bool(
           'xla_default_fusion',

@@ -55,6 +55,7 @@ class AccelDeepLab(video.FlowFusionModel):
         kernel_grad=kernel_grad,
         remat=config.remat,
         scan_blocks=config.scan_blocks,
+        scan_recompute=config.scan_recompute,
         dtype=dtype,
         rngs=rngs,
     )

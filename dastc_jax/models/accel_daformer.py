@@ -48,6 +48,7 @@ class AccelDAFormer(video.FlowFusionModel):
         caffe_input=True,
         remat=config.remat,
         scan_blocks=config.scan_blocks,
+        scan_recompute=config.scan_recompute,
         dtype=dtype,
         rngs=rngs,
     )

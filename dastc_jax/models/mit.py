@@ -288,6 +288,7 @@ class MiT(nnx.Module):
       caffe_input: bool = False,
       remat: bool = False,
       scan_blocks: bool = False,
+      scan_recompute: bool = True,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
@@ -299,8 +300,10 @@ class MiT(nnx.Module):
     # Recompute each block's activations in the backward pass instead of
     # keeping them (memory for compute; same values).
     self.remat = remat
-    # Run each stage's blocks as one scan (models/scan.py).
+    # Run each stage's blocks as one scan (models/scan.py), recomputing its
+    # body in the backward pass or not.
     self.scan_blocks = scan_blocks
+    self.scan_recompute = scan_recompute
     self.out_features = dict(zip(self.STAGES, spec.dims))
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
@@ -376,7 +379,11 @@ class MiT(nnx.Module):
             jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32),
         )
         x = scan.scan_blocks(
-            list(blocks), x, lambda b, h, kr: b(h, kr[0], rate=kr[1]), per_block
+            list(blocks),
+            x,
+            lambda b, h, kr: b(h, kr[0], rate=kr[1]),
+            per_block,
+            recompute=self.scan_recompute,
         )
       else:
         for j, block in enumerate(blocks):

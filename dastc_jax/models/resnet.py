@@ -110,6 +110,7 @@ class ResNetDeepLab(nnx.Module):
       kernel_grad: str = 'auto',
       remat: bool = False,
       scan_blocks: bool = False,
+      scan_recompute: bool = True,
   ):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
@@ -157,8 +158,10 @@ class ResNetDeepLab(nnx.Module):
     # Recompute each bottleneck's activations in the backward pass instead
     # of keeping them (memory for compute; same values).
     self.remat = remat
-    # Run the identical blocks after each stage's first as one scan.
+    # Run the identical blocks after each stage's first as one scan,
+    # recomputing its body in the backward pass or not.
     self.scan_blocks = scan_blocks
+    self.scan_recompute = scan_recompute
 
   def stem(self, x: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, 3] normalised BGR -> [B, H/4, W/4, width] (ceil)
@@ -173,7 +176,12 @@ class ResNetDeepLab(nnx.Module):
     if self.scan_blocks and len(blocks) > 2:
       first = blocks[0]
       x = _remat_block(first, x, train) if self.remat else first(x, train)
-      return scan.scan_blocks(list(blocks)[1:], x, lambda b, h, _: b(h, train))
+      return scan.scan_blocks(
+          list(blocks)[1:],
+          x,
+          lambda b, h, _: b(h, train),
+          recompute=self.scan_recompute,
+      )
     for block in blocks:
       x = _remat_block(block, x, train) if self.remat else block(x, train)
     return x

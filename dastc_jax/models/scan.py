@@ -11,13 +11,18 @@ change): it stacks the blocks' states inside the step, scans one merged
 block over them, and writes the updated BatchNorm statistics back. The
 arithmetic is the same as the unrolled loop.
 
-The scanned body is always recomputed in the backward pass (``jax.checkpoint``,
-as ``model.remat`` does): a scan keeps every residual of every iteration
-stacked, and XLA cannot drop or fuse them across iterations as it does in an
-unrolled loop. Measured on the DA-STC steps at their real sizes
-(benchmarks/memory.md): without the recomputation the VIPER CNN step needed
-35.8 GB where the unrolled step needs 24.0 GB, and the transformer step
-117 GB where the recomputing scan needs 42.3 GB.
+By default (``model.scan_recompute``) the scanned body is recomputed in the
+backward pass (``jax.checkpoint``, as ``model.remat`` does): a scan keeps
+every residual of every iteration stacked, and XLA cannot drop or fuse them
+across iterations as it does in an unrolled loop. Measured on the DA-STC
+steps at their real sizes (benchmarks/memory.md): without the recomputation
+the VIPER CNN step needed 35.8 GB where the unrolled step needs 24.0 GB, and
+the transformer step 117 GB where the recomputing scan needed 42.3 GB (both
+transformer figures before the depthwise convolutions' backward pass kept
+one copy of their input instead of nine; the recomputing scan now needs
+16.9 GB). The recomputation is what makes the transformer's scanned step
+slow on the CPU (benchmarks/step_vit.md), so it can be turned off where
+memory allows.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def scan_blocks(
     x: jax.Array,
     apply: Callable[[nnx.Module, jax.Array, Any], jax.Array],
     per_block: Any = None,
+    recompute: bool = True,
 ) -> jax.Array:
   """``x`` through ``blocks`` in order, as one scan over their states.
 
@@ -44,6 +50,8 @@ def scan_blocks(
     apply: ``apply(block, x, per_block_i) -> x``.
     per_block: a pytree whose leaves have a leading axis of
       ``len(blocks)`` (e.g. random keys, drop-path rates), or None.
+    recompute: recompute the body in the backward pass (``jax.checkpoint``)
+      instead of keeping every iteration's activations.
 
   Returns:
     The last block's output. The blocks' ``nnx.BatchStat`` variables hold
@@ -53,13 +61,14 @@ def scan_blocks(
   states = [nnx.split(b)[1] for b in blocks]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-  @jax.checkpoint
   def body(carry, inputs):
     state, extra = inputs
     block = nnx.merge(graphdef, state)
     y = apply(block, carry, extra)
     return y, nnx.state(block, nnx.BatchStat)
 
+  if recompute:
+    body = jax.checkpoint(body)
   x, stats = jax.lax.scan(body, x, (stacked, per_block))
   for i, block in enumerate(blocks):
     nnx.update(block, jax.tree.map(lambda a, i=i: a[i], stats))

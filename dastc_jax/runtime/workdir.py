@@ -19,7 +19,12 @@ from dastc_jax import paths
 FROZEN_KEYS = ('model.', 'data.class_set', 'method')
 # model.* keys that change speed, not the function: a run may resume under
 # another value.
-RESUMABLE_KEYS = ('model.conv_kernel_grad', 'model.remat', 'model.scan_blocks')
+RESUMABLE_KEYS = (
+    'model.conv_kernel_grad',
+    'model.remat',
+    'model.scan_blocks',
+    'model.scan_recompute',
+)
 # Keys that do not change what is trained: length, logging, checkpointing,
 # evaluation, input threads, devices, where things are. Any other difference
 # on resume stops the run unless it is allowed (``--allow_config_change``).
