@@ -193,6 +193,10 @@ def base_config() -> ml_collections.ConfigDict:
           # (True) or keep every iteration's activations (False: faster,
           # more memory; benchmarks/step_vit.md, benchmarks/memory.md).
           scan_recompute=True,
+          # With scan_blocks: scan only runs of at least this many identical
+          # blocks (shorter stages run unrolled; MiT-B5's stages have 3, 6,
+          # 40 and 3 blocks, ResNet-101's 2, 3, 22 and 2 after each first).
+          scan_min_blocks=2,
           daformer_dilations=(1, 6, 12, 18),
           # Multi-resolution training and inference (HRDA, image models): a
           # context pass over the whole input at context_scale and a detail

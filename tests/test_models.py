@@ -34,6 +34,7 @@ def _cfg(**kw):
       remat=False,
       scan_blocks=False,
       scan_recompute=True,
+      scan_min_blocks=2,
   )
   c.update(kw)
   return ml_collections.ConfigDict(c)

@@ -129,3 +129,23 @@ def test_mit_stage_scan_equals_the_unrolled_loop():
       abs(float(compiled[True](state, jax.random.key(5))[0]) - float(ref[0]))
       > 1e-3
   )
+
+
+def test_scan_min_blocks_picks_the_stages_to_scan():
+  """``model.scan_min_blocks``: only runs of at least that many identical
+  blocks become a scan (one ``while`` loop each in the program); shorter
+  stages run unrolled. MiT-B0 has 2 blocks per stage."""
+  x = jnp.zeros((1, 32, 48, 3))
+
+  def loops(min_blocks):
+    model = mit.MiT(
+        mit.VARIANTS['b0'],
+        scan_blocks=True,
+        scan_min_blocks=min_blocks,
+        rngs=nnx.Rngs(0),
+    )
+    graphdef, state = nnx.split(model)
+    text = jax.jit(lambda st: nnx.merge(graphdef, st)(x)).lower(state).as_text()
+    return text.count('stablehlo.while')
+
+  assert loops(2) == 4 and loops(3) == 0

@@ -55,6 +55,8 @@ VARIANTS = {
     'scan_remat': {'model.scan_blocks': True, 'model.remat': True},
     # The scan keeping its iterations' activations (no recomputation).
     'scan_keep': {'model.scan_blocks': True, 'model.scan_recompute': False},
+    # Only stages of 7 or more blocks scanned (MiT-B5: the third).
+    'scan_stage3': {'model.scan_blocks': True, 'model.scan_min_blocks': 7},
     # The CPU speed choices as taken at 128x256 (im2col kernel gradients
     # everywhere and the YNNPACK elementwise fusion), at the real size.
     'im2col_eltwise': {'model.conv_kernel_grad': 'im2col', '_eltwise': True},

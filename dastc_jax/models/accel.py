@@ -56,6 +56,7 @@ class AccelDeepLab(video.FlowFusionModel):
         remat=config.remat,
         scan_blocks=config.scan_blocks,
         scan_recompute=config.scan_recompute,
+        scan_min_blocks=config.scan_min_blocks,
         dtype=dtype,
         rngs=rngs,
     )

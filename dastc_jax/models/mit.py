@@ -289,6 +289,7 @@ class MiT(nnx.Module):
       remat: bool = False,
       scan_blocks: bool = False,
       scan_recompute: bool = True,
+      scan_min_blocks: int = 2,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
@@ -304,6 +305,7 @@ class MiT(nnx.Module):
     # body in the backward pass or not.
     self.scan_blocks = scan_blocks
     self.scan_recompute = scan_recompute
+    self.scan_min_blocks = scan_min_blocks
     self.out_features = dict(zip(self.STAGES, spec.dims))
     cin, k = 3, 0
     for i, (dim, depth) in enumerate(zip(spec.dims, spec.depths)):
@@ -373,7 +375,7 @@ class MiT(nnx.Module):
       x = getattr(self, f'patch_embed{i + 1}')(x)
       offset = sum(depths[:i])
       blocks = getattr(self, f'block{i + 1}')
-      if self.scan_blocks and len(blocks) > 1:
+      if self.scan_blocks and len(blocks) >= self.scan_min_blocks:
         per_block = (
             None if rng is None else key_array[offset : offset + len(blocks)],
             jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32),

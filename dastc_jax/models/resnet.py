@@ -111,6 +111,7 @@ class ResNetDeepLab(nnx.Module):
       remat: bool = False,
       scan_blocks: bool = False,
       scan_recompute: bool = True,
+      scan_min_blocks: int = 2,
   ):
     if len(blocks) != 4:
       raise ValueError(f'model.layers must have 4 entries, got {blocks}')
@@ -162,6 +163,7 @@ class ResNetDeepLab(nnx.Module):
     # recomputing its body in the backward pass or not.
     self.scan_blocks = scan_blocks
     self.scan_recompute = scan_recompute
+    self.scan_min_blocks = scan_min_blocks
 
   def stem(self, x: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, 3] normalised BGR -> [B, H/4, W/4, width] (ceil)
@@ -173,7 +175,7 @@ class ResNetDeepLab(nnx.Module):
     if name == 'stem':
       return self.stem(x, train)
     blocks = getattr(self, name)
-    if self.scan_blocks and len(blocks) > 2:
+    if self.scan_blocks and len(blocks) - 1 >= self.scan_min_blocks:
       first = blocks[0]
       x = _remat_block(first, x, train) if self.remat else first(x, train)
       return scan.scan_blocks(

@@ -24,6 +24,7 @@ RESUMABLE_KEYS = (
     'model.remat',
     'model.scan_blocks',
     'model.scan_recompute',
+    'model.scan_min_blocks',
 )
 # Keys that do not change what is trained: length, logging, checkpointing,
 # evaluation, input threads, devices, where things are. Any other difference
