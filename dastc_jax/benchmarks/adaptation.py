@@ -330,21 +330,17 @@ def _mit_b0(c: ml_collections.ConfigDict) -> None:
 
 
 def _hrda(c: ml_collections.ConfigDict) -> None:
-  """HRDA around the model, on frames already doubled by the caller: a
-  0.5-scale context pass (the single-scale input), a detail crop of half
-  the target frame's height and width (offsets in multiples of 8), the
-  released loss weight, class-wise attention and a sliding detail pass for
-  evaluation and pseudo-labels. The world has no ego vehicle, so no
-  pseudo-label margins."""
+  """HRDA around the model, on frames already doubled by the caller, with
+  the config's released defaults (0.5-scale context pass, i.e. the
+  single-scale input; detail loss 0.1; class-wise attention; sliding
+  detail pass for evaluation and pseudo-labels) and a detail crop of half
+  the target frame's height and width, in multiples of ``crop_divisible``.
+  The world has no ego vehicle, so no pseudo-label margins."""
   h = c.model.hrda
   h.enabled = True
-  h.context_scale = 0.5
-  h.crop_divisible = 8
   height, width = c.data.target.image_size
-  h.detail_crop = (height // 2 // 8 * 8, width // 2 // 8 * 8)
-  h.detail_loss_weight = 0.1
-  h.classwise_attention = True
-  h.slide_detail = True
+  d = h.crop_divisible
+  h.detail_crop = (height // 2 // d * d, width // 2 // d * d)
 
 
 def run_config(
