@@ -84,6 +84,8 @@ def test_every_variant_continues_from_its_warm_start():
   flags.size_scale = 2
   try:
     c = adaptation.run_config(0, 'no_alignment', 'hm', '/w/seed0/warm_hm')
+    # Reports (adaptation's and prototypes') print the flag in the command.
+    assert adaptation.model_flag() == '--size_scale=2 '
   finally:
     flags.size_scale = old
   assert c.data.source.image_size == (144, 256)

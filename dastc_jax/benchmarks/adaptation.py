@@ -385,8 +385,12 @@ def run_config(
 
 
 def model_flag() -> str:
-  """``'--model=... '`` for a report's command (empty for the default)."""
-  return '' if FLAGS.model == 'deeplab' else f'--model={FLAGS.model} '
+  """``'--model=... --size_scale=... '`` for a report's command: the flags
+  that choose what is trained, each left out at its default."""
+  flag = '' if FLAGS.model == 'deeplab' else f'--model={FLAGS.model} '
+  if FLAGS.size_scale != 1:
+    flag += f'--size_scale={FLAGS.size_scale} '
+  return flag
 
 
 def seed_dir(seed: int) -> str:
@@ -573,8 +577,6 @@ def main(argv):
       f'--warm_batch_size={FLAGS.warm_batch_size} '
       f'--batch_size={FLAGS.batch_size}'
   )
-  if FLAGS.size_scale != 1:
-    cmd += f' --size_scale={FLAGS.size_scale}'
   if FLAGS.variants:
     cmd += f' --variants={",".join(variants)}'
   if FLAGS.output:
