@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices, parsed absl flags, shared fixtures."""
 
 import os
+import sys
 
 # Must run before jax is imported anywhere. The simulated devices share 2
 # cores with the other test worker: a device thread can fall behind its
@@ -23,6 +24,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from absl import flags  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
+
+# torch's dynamo (which transformers imports) imports triton whenever the
+# package is installed, and triton loaded into a process that already holds
+# TensorFlow (clu brings it in the train tests) segfaults it. The tests run
+# PyTorch eagerly on the CPU, which needs no triton: a None entry makes its
+# import fail cleanly, so torch treats it as absent.
+sys.modules.setdefault('triton', None)
 
 # grain reads absl flags in workers (google/grain#1355).
 flags.FLAGS.mark_as_parsed()

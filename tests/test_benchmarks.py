@@ -215,7 +215,10 @@ def test_step_benchmark_batch_and_report():
 def test_step_benchmark_vit_rows_build_both_frameworks():
   """``--model=vit``: the transformer video model's config, and its PyTorch
   eager baseline (transformers' MiT + the restated DAFormer head + the flow
-  fusion, AdamW) builds and runs a training step."""
+  fusion, AdamW) builds and runs a training step, also in a process that
+  already loaded TensorFlow (as a test worker that ran the train tests has:
+  triton imported after it segfaulted the process; conftest.py)."""
+  import tensorflow  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   from dastc_jax.benchmarks import step as step_bench  # pylint: disable=g-import-not-at-top
 
   c = step_bench._config(1, 'float32', model='vit', mit_variant='tiny')  # pylint: disable=protected-access
