@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -698,3 +699,32 @@ def test_profile_step_groups_operations_by_their_source():
   assert '| optimizer and metrics | 10.0% |' in text
   assert '| no source | 10.0% |' in text
   assert 'Summed operation time per step (all threads): 1.00 s.' in text
+
+
+def test_report_only_without_finished_runs_is_an_error(tmp_path):
+  """``--report_only`` over seeds with no finished runs says so and leaves
+  the report file alone instead of writing a table of NaNs."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+
+  output = tmp_path / 'report.md'
+  output.write_text('earlier report')
+  cache = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  try:
+    with flagsaver.flagsaver(
+        world='hard',
+        workdir=str(tmp_path / 'runs'),
+        seeds=['4'],
+        variants=['dastc'],
+        report_only=True,
+        output=str(output),
+    ):
+      with pytest.raises(app.UsageError, match='hard-video: nothing'):
+        adaptation.main([])
+  finally:
+    jax.config.update('jax_compilation_cache_dir', cache[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', cache[1])
+  assert output.read_text() == 'earlier report'

@@ -560,6 +560,12 @@ def main(argv):
       )
   total = (time.time() - start) / 60
   complete = [s for s in seeds if all(s in r for r in results.values())]
+  if not complete:
+    raise app.UsageError(
+        f'No seed of {seeds} has all its runs finished under '
+        f'{os.path.dirname(seed_dir(seeds[0]))}: nothing to report, '
+        f'{output} is left as it was.'
+    )
   partial = ''
   if complete != seeds:
     partial = (
