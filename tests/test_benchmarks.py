@@ -431,6 +431,13 @@ def test_prototype_helpers():
   pred = np.array([18, 3, 3], np.uint8)
   # IoU 0.5 for class 18 and for class 3 (the only classes present).
   assert prototypes._miou(pred, label, cs) == 50.0  # pylint: disable=protected-access
+  # A statistic a run does not have (nothing logged) is '-', not 'nan'.
+  cols = [('a', 'a', '{:.1f}'), ('b', 'b', '{:.1f}')]
+  nan = float('nan')
+  text = prototypes.table(
+      {'v': [{'a': 1.0, 'b': nan}, {'a': 3.0, 'b': nan}]}, cols
+  )
+  assert text.splitlines()[-1] == '| v | 2.0 ± 1.4 | - |'
 
 
 def test_alignment_diagnostics_see_what_uncentred_cosines_hide():

@@ -391,6 +391,9 @@ def table(results: dict[str, list[dict[str, float]]], columns=COLUMNS) -> str:
     cells = []
     for key, _, fmt in columns:
       v = np.array([r[key] for r in per_seed], np.float64)
+      if np.isnan(v).all():  # e.g. no logged alignment in a run without it
+        cells.append('-')
+        continue
       cell = fmt.format(v.mean())
       if len(v) > 1:
         cell += ' ± ' + fmt.format(v.std(ddof=1))
